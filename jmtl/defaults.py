@@ -36,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_eval_examples = 0  # per task; 0 = all
   c.data.doc_stride = 64  # SQuAD windows
   c.data.bad_rows = "error"  # error | skip
-  c.data.split_seed = 0  # seed of deterministic train/dev/test splits of unsplit data
+  c.data.split_seed = 0  # seed of deterministic train/validation/test splits of unsplit data
+  c.data.eval_split = "validation"  # split evaluated during and after training
 
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
