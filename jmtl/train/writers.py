@@ -1,0 +1,102 @@
+"""Metric writers: `metrics.jsonl`, TensorBoard events, and a progress display.
+
+`metrics.jsonl` holds one JSON object per line: `{"step": int, "split": "train"|"eval", ...}`.
+On resume, lines for steps after the restored checkpoint are dropped first, so the file reads as
+one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Mapping
+
+import tqdm
+
+
+def _clean(v: float | int) -> float | int | None:
+  """JSON has no NaN/inf: write them as null (the step is still recorded)."""
+  if isinstance(v, float) and not math.isfinite(v):
+    return None
+  return v
+
+
+class MetricWriter:
+  """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tb`)."""
+
+  def __init__(self, workdir: str | os.PathLike[str], *, tensorboard: bool = True):
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+
+  def truncate_after(self, step: int) -> None:
+    """Drops lines with `step` > `step` (left by a run killed after its last checkpoint)."""
+    if not self.path.exists():
+      return
+    kept = [line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = self.path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+    row = {"step": int(step), "split": split}
+    row.update({k: _clean(float(v)) for k, v in metrics.items()})
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in metrics.items():
+        if math.isfinite(float(v)):
+          self._tb.add_scalar(f"{split}/{k}" if split == "eval" else k, float(v), step)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """A tqdm bar on a terminal, plain periodic lines otherwise (mode: auto|bar|lines|none)."""
+
+  def __init__(self, total: int, initial: int, mode: str = "auto"):
+    if mode == "auto":
+      mode = "bar" if sys.stderr.isatty() else "lines"
+    self.mode, self.total = mode, total
+    self._bar = None
+    self._t0, self._s0 = time.time(), initial
+    if mode == "bar":
+      self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+  def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    if self.mode == "none":
+      return
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+      self._bar.refresh()
+      return
+    done = step - self._s0
+    elapsed = time.time() - self._t0
+    eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+    print(f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tokens/s  "
+          f"ETA {_fmt_seconds(eta)}", flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _fmt_seconds(s: float) -> str:
+  if not math.isfinite(s):
+    return "?"
+  s = int(s)
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
