@@ -1,0 +1,157 @@
+"""The `jmtl` command line.
+
+  jmtl train  --config configs/x.py --workdir DIR [--config.a.b=value ...]
+  jmtl eval   --config configs/x.py --workdir DIR
+  jmtl data   --config configs/x.py                 (record counts per task and split)
+  jmtl bench  step|data|optimizer --config configs/x.py [--json] [--out FILE]
+
+A user mistake (bad flag, config key, value, path or data file) prints one line
+`jmtl: error: ...` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from jmtl.config import ConfigError
+
+COMMANDS = ("train", "eval", "data", "bench")
+BENCHES = ("step", "data", "optimizer")
+USAGE = ("usage: jmtl {train,eval,data,bench} --config FILE [--workdir DIR] "
+         "[--config.KEY=VALUE ...]\n       jmtl bench {step,data,optimizer} --config FILE "
+         "[--json] [--out FILE]")
+
+
+
+def _make_flags() -> tuple[flags.FlagValues, flags.FlagHolder]:
+  """A fresh flag set per parse, so `run` can be called more than once in one process."""
+  fv = flags.FlagValues()
+  config = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+                                           flag_values=fv, lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, predictions).",
+                      flag_values=fv)
+  flags.DEFINE_bool("json", False, "bench: print the result as JSON.", flag_values=fv)
+  flags.DEFINE_string("out", None, "bench: also write the JSON result to this file.",
+                      flag_values=fv)
+  return fv, config
+
+
+class UsageError(ConfigError):
+  pass
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+  for i, a in enumerate(argv):
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+  return None
+
+
+def _explain_override_error(argv: Sequence[str], err: Exception) -> str:
+  """Names the `--config.KEY` override that failed to apply."""
+  from jmtl.config import load_config_file
+  from jmtl.config import _flatten  # pylint: disable=protected-access
+  path = _config_path(argv)
+  keys = set(_flatten(load_config_file(path))) if path else set()
+  for a in argv:
+    if a.startswith("--config."):
+      key = a[len("--config."):].split("=", 1)[0]
+      if key not in keys and not any(k.startswith(key + ".") for k in keys):
+        return f"config key {key!r} is unknown (from {a})"
+  return f"bad --config override: {str(err).splitlines()[0]}"
+
+
+def parse(argv: Sequence[str]):
+  """Parses `jmtl CMD [SUB] flags...`; returns (command, subcommand, config, flag values)."""
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    raise UsageError(USAGE)
+  cmd, rest = argv[1], list(argv[2:])
+  if cmd not in COMMANDS:
+    raise UsageError(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
+  sub = None
+  if cmd == "bench":
+    if not rest or rest[0] not in BENCHES:
+      raise UsageError(f"jmtl bench needs one of: {', '.join(BENCHES)}")
+    sub, rest = rest[0], rest[1:]
+  path = _config_path(rest)
+  if path is None:
+    raise UsageError("--config FILE is required")
+  from jmtl.config import load_config_file
+  load_config_file(path)  # file errors reported in one line before absl sees the file
+  fv, config_holder = _make_flags()
+  try:
+    fv([argv[0]] + rest)
+  except flags.Error as e:
+    raise UsageError(str(e).splitlines()[0]) from e
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(_explain_override_error(rest, e)) from e
+  if cmd in ("train", "eval") and not fv.workdir:
+    raise UsageError(f"jmtl {cmd} needs --workdir DIR")
+  return cmd, sub, config_holder.value, fv
+
+
+def _bench(sub: str, config) -> dict:
+  if sub == "step":
+    from jmtl.bench.step import bench_step
+    return bench_step(config)
+  if sub == "data":
+    from jmtl.bench.data import bench_data
+    return bench_data(config)
+  from jmtl.bench.optimizer import bench_optimizer
+  return bench_optimizer(config)
+
+
+def run(argv: Sequence[str]) -> int:
+  cmd, sub, config, fv = parse(argv)
+  import jax
+  from jmtl import config as config_lib
+
+  config = config_lib.validate(config, device_count=jax.device_count(),
+                               check_files=cmd != "bench")
+  if cmd == "train":
+    from jmtl.train.loop import train
+    train(config, fv.workdir)
+  elif cmd == "eval":
+    from jmtl.train.loop import evaluate_checkpoint
+    result = evaluate_checkpoint(config, fv.workdir)
+    print(json.dumps(result, indent=2, sort_keys=True))
+  elif cmd == "data":
+    from jmtl.data.report import describe
+    print(describe(config))
+  else:
+    result = _bench(sub, config)
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if fv.out:
+      pathlib.Path(fv.out).write_text(text + "\n")
+    if fv.json:
+      print(text)
+    else:
+      for k, v in result.items():
+        print(f"{k:>28}: {v}")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  logging.set_verbosity(logging.WARNING)
+  try:
+    code = run(argv)
+  except ConfigError as e:
+    print(f"jmtl: error: {e}", file=sys.stderr)
+    code = 2
+  except KeyboardInterrupt:
+    code = 130
+  sys.exit(code)
+
+
+if __name__ == "__main__":
+  main()
