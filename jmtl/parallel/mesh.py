@@ -1,0 +1,52 @@
+"""Device meshes from the config: axes ("data", "fsdp", "tensor"), all `AxisType.Auto`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Resolves the axis sizes: at most one -1, which takes the remaining devices.
+
+  The product of the resolved sizes must equal `num_devices`; otherwise a ValueError names
+  `mesh.data/fsdp/tensor`, the sizes and the device count.
+  """
+  sizes = tuple(int(s) for s in sizes)
+  names = "/".join(MESH_AXES[: len(sizes)]) if len(sizes) <= len(MESH_AXES) else "axes"
+  where = f"mesh.{names}={sizes}"
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"{where}: sizes must be positive or -1 (got {sizes}).")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"{where}: at most one axis may be -1 (got {sizes}).")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(
+          f"{where}: the fixed sizes multiply to {known}, which does not divide the "
+          f"{num_devices} available devices.")
+    sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f"{where}: the sizes multiply to {math.prod(sizes)} but there are {num_devices} "
+        "devices; the product must equal the device count (use -1 for one axis to take "
+        "the remaining devices).")
+  return sizes
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the ("data", "fsdp", "tensor") mesh from `config.mesh` over `devices` (default: all).
+
+  Every axis is `AxisType.Auto` (the compiler propagates shardings, as with classic pjit).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("make_mesh: no devices given.")
+  sizes = mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), len(devices))
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
