@@ -21,6 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from jmtl.config import ConfigError
+from jmtl.train import NonFiniteError
 
 COMMANDS = ("train", "eval", "data", "bench")
 BENCHES = ("step", "data", "optimizer")
@@ -110,6 +111,29 @@ def _bench(sub: str, config) -> dict:
   return bench_optimizer(config)
 
 
+def describe_data(config) -> str:
+  """Record counts per task and split, and the first training record of each task."""
+  from jmtl import tasks as task_registry
+  from jmtl.data import sources
+  lines = []
+  for name in config.tasks:
+    task = task_registry.get_task(name)
+    counts = []
+    first = None
+    for split in ("train", "validation", "test"):
+      try:
+        records = sources.load_records(task, split, config.data)
+      except KeyError:
+        continue  # the task has no such split
+      counts.append(f"{split} {len(records)}")
+      if split == "train" and records:
+        first = records[0]
+    lines.append(f"{name} ({task.kind}): " + ", ".join(counts))
+    if first is not None:
+      lines.append("  first train record: " + json.dumps(first, ensure_ascii=False)[:300])
+  return "\n".join(lines)
+
+
 def run(argv: Sequence[str]) -> int:
   cmd, sub, config, fv = parse(argv)
   import jax
@@ -125,8 +149,7 @@ def run(argv: Sequence[str]) -> int:
     result = evaluate_checkpoint(config, fv.workdir)
     print(json.dumps(result, indent=2, sort_keys=True))
   elif cmd == "data":
-    from jmtl.data.report import describe
-    print(describe(config))
+    print(describe_data(config))
   else:
     result = _bench(sub, config)
     text = json.dumps(result, indent=2, sort_keys=True)
@@ -148,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   except ConfigError as e:
     print(f"jmtl: error: {e}", file=sys.stderr)
     code = 2
+  except NonFiniteError as e:
+    print(f"jmtl: {e}", file=sys.stderr)
+    code = 3
   except KeyboardInterrupt:
     code = 130
   sys.exit(code)

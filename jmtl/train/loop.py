@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -35,15 +34,12 @@ from jmtl.model import decoding
 from jmtl.model.multitask import HeadSpec
 from jmtl.parallel import mesh as mesh_lib
 from jmtl.parallel import sharding as sharding_lib
+from jmtl.train import NonFiniteError
 from jmtl.train import checkpoint as checkpoint_lib
 from jmtl.train import evaluate as evaluate_lib
 from jmtl.train import state as state_lib
 from jmtl.train import step as step_lib
 from jmtl.train import writers
-
-
-class NonFiniteError(RuntimeError):
-  """Training produced a non-finite loss or gradient with train.on_nonfinite = 'halt'."""
 
 
 class _StopRequest:
@@ -259,5 +255,3 @@ def load_metrics(workdir: str | os.PathLike[str]) -> list[dict]:
   path = pathlib.Path(workdir) / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-__all__ = ["train", "evaluate_checkpoint", "load_metrics", "NonFiniteError", "np"]

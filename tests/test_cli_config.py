@@ -1,0 +1,133 @@
+"""Bad configs, overrides and paths: each gives one line `jmtl: error: ...` and exit code 2."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jmtl import cli
+from jmtl import config as config_lib
+from jmtl.defaults import base_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny_sst2.py"
+
+
+def _error_line(capsys, argv) -> str:
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["jmtl", *argv])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith("jmtl: error: ")
+  assert "Traceback" not in err[0]
+  return err[0]
+
+
+def _write(tmp_path, body: str) -> str:
+  p = tmp_path / "cfg.py"
+  p.write_text(body)
+  return str(p)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--config.train.stpes=5", "'train.stpes' is unknown"),
+    ("--config.train.steps=abc", "train.steps"),
+    ("--config.tasks=('nope',)", "unknown task 'nope'"),
+    ("--config.optim.name=adamx", "'optim.name' = 'adamx' is not one of"),
+    ("--config.model.trunk=gru", "'model.trunk' = 'gru' is not one of: transformer, bilstm"),
+    ("--config.data.mixture=random", "'data.mixture'"),
+    ("--config.train.on_nonfinite=ignore", "'train.on_nonfinite'"),
+    ("--config.train.steps=-3", "'train.steps' = -3 must be >= 1"),
+    ("--config.model.heads=3", "'model.heads' = 3 must divide model.d_model"),
+    ("--config.mesh.data=3", "does not match"),
+    ("--config.mesh.tensor=0", "'mesh.tensor' = 0"),
+    ("--config.data.tokenizer=/nonexistent/tok.json", "'data.tokenizer': file not found"),
+    ("--config.model.dropout=1.5", "'model.dropout' = 1.5 must be in [0, 1)"),
+    ("--config.data.max_len=1024", "exceeds model.max_len"),
+])
+def test_bad_override(capsys, tmp_path, override, needle):
+  line = _error_line(capsys, ["train", "--config", str(TINY), "--workdir", str(tmp_path), override])
+  assert needle in line, line
+
+
+def test_missing_config_file(capsys, tmp_path):
+  line = _error_line(capsys, ["train", "--config", str(tmp_path / "nope.py"), "--workdir", "w"])
+  assert "file not found" in line and "nope.py" in line
+
+
+def test_config_file_sets_unknown_key(capsys, tmp_path):
+  path = _write(tmp_path, "from jmtl.defaults import base_config\n"
+                "def get_config():\n  c = base_config()\n  c.unlock()\n  c.train.stpes = 3\n  return c\n")
+  assert "'train.stpes' is unknown" in _error_line(capsys, ["train", "--config", path, "--workdir", "w"])
+
+
+def test_config_file_without_get_config(capsys, tmp_path):
+  path = _write(tmp_path, "x = 1\n")
+  assert "defines no get_config()" in _error_line(capsys, ["train", "--config", path, "--workdir", "w"])
+
+
+def test_config_file_that_raises(capsys, tmp_path):
+  path = _write(tmp_path, "def get_config():\n  raise RuntimeError('boom')\n")
+  line = _error_line(capsys, ["train", "--config", path, "--workdir", "w"])
+  assert "get_config() failed: RuntimeError: boom" in line
+
+
+def test_missing_data_file(capsys, tmp_path):
+  line = _error_line(capsys, ["train", "--config", str(TINY), "--workdir", str(tmp_path / "w"),
+                              f"--config.data.dir={tmp_path}"])
+  assert "task 'sst2': data file not found" in line and str(tmp_path) in line
+
+
+def test_missing_workdir_and_unknown_command(capsys):
+  assert "needs --workdir" in _error_line(capsys, ["train", "--config", str(TINY)])
+  assert "unknown command 'trian'" in _error_line(capsys, ["trian", "--config", str(TINY)])
+  assert "unknown" in _error_line(capsys, ["train", "--config", str(TINY), "--wrkdir", "x"])
+
+
+def test_eval_without_checkpoints(capsys, tmp_path):
+  line = _error_line(capsys, ["eval", "--config", str(TINY), "--workdir", str(tmp_path)])
+  assert "no checkpoints/ directory" in line
+
+
+def test_explicit_rates_must_match_tasks():
+  cfg = base_config()
+  cfg.tasks = ("sst2", "mrpc")
+  cfg.data.mixture = "explicit"
+  cfg.data.rates = {"sst2": 1.0}
+  with pytest.raises(config_lib.ConfigError, match=r"'data.rates'.*missing \['mrpc'\]"):
+    config_lib.validate(cfg, check_files=False)
+
+
+def test_rule_with_unknown_mesh_axis():
+  cfg = base_config()
+  cfg.mesh.rules = (("embed", "model"),)
+  with pytest.raises(config_lib.ConfigError, match="names mesh axis 'model'"):
+    config_lib.validate(cfg, check_files=False)
+
+
+def test_batch_must_divide_data_shards():
+  cfg = base_config()
+  cfg.data.batch_size = 12
+  with pytest.raises(config_lib.ConfigError, match="divisible by mesh data x fsdp = 8"):
+    config_lib.validate(cfg, device_count=8, check_files=False)
+
+
+def test_good_config_validates_and_completes():
+  cfg = config_lib.load_config_file(TINY)
+  out = config_lib.validate(cfg, device_count=8, check_files=False)
+  assert out.train.steps == cfg.train.steps
+  assert set(config_lib._flatten(out)) == set(config_lib._flatten(base_config()))
+
+
+def test_subprocess_exit_code_and_single_line(tmp_path):
+  """The installed console entry point: exit 2, one stderr line, no traceback."""
+  env = dict(os.environ)
+  proc = subprocess.run([sys.executable, "-m", "jmtl.cli", "train", "--config", str(TINY),
+                         "--workdir", str(tmp_path), "--config.optim.name=adamx"],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("jmtl: error:"), proc.stderr
