@@ -241,9 +241,10 @@ def check_mesh(cfg: ml_collections.ConfigDict, device_count: int) -> None:
                       f"{device_count} available devices")
   data_shards = (device_count // fixed if sizes["data"] == -1 else sizes["data"]) * (
       device_count // fixed if sizes["fsdp"] == -1 else sizes["fsdp"])
-  if cfg.data.batch_size % data_shards:
-    raise ConfigError(f"config key 'data.batch_size' = {cfg.data.batch_size} must be divisible by "
-                      f"mesh data x fsdp = {data_shards}")
+  for key in ("data.batch_size", "eval.batch_size"):
+    if _get(cfg, key) % data_shards:
+      raise ConfigError(f"config key {key!r} = {_get(cfg, key)} must be divisible by "
+                        f"mesh data x fsdp = {data_shards}")
 
 
 def validate(cfg: ml_collections.ConfigDict, *, device_count: int | None = None,

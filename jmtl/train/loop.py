@@ -92,8 +92,8 @@ def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh):
   flat, rows = {}, {}
   for es in eval_sets:
     name = es.task.name
-    forward = lambda b, name=name: predict(state.params, state.rest,
-                                           sharding_lib.shard_batch(b, mesh), name)
+    forward = lambda b, name=name: predict(state.params, state.rest, _global(b, mesh, config),
+                                           name)
     generate = None
     if es.task.kind == "seq2seq":
       if model is None:
@@ -122,6 +122,15 @@ def _write_outputs(workdir: pathlib.Path, metrics: dict, rows: dict, step: int) 
   predictions_lib.write_json_atomic(workdir / "eval.json", {"step": step, **metrics})
   for name, task_rows in rows.items():
     predictions_lib.write_predictions(workdir / "predictions" / f"{name}.jsonl", task_rows)
+
+
+def _global(batch: dict, mesh, config) -> dict:
+  """Host batch -> arrays the jitted functions take. One process: numpy as is (jit shards it by
+  its in_shardings); several processes: each holds its rows of one global array."""
+  if jax.process_count() == 1:
+    return batch
+  sh = sharding_lib.batch_sharding(mesh, tuple(tuple(r) for r in config.mesh.rules))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, x), batch)
 
 
 def _tokens(batch: dict) -> int:
@@ -168,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
   stopped = False
   with _StopRequest() as stop:
     for step in range(start + 1, total + 1):
-      batch = sharding_lib.shard_batch(next(data_iter), mesh)
+      batch = _global(next(data_iter), mesh, config)
       tokens += _tokens(batch)
       state, m = train_step(state, batch, jnp.float32(meta["val_metric"]),
                             jnp.int32(meta["val_count"]))
