@@ -1,0 +1,5 @@
+"""Optimizers as Optax transformations: our adaptive ones, the baselines, schedules."""
+
+from jmtl.optim.registry import ADAPTIVE, NAMES, build, eval_params, state_follows_params
+
+__all__ = ["ADAPTIVE", "NAMES", "build", "eval_params", "state_follows_params"]

@@ -1,0 +1,177 @@
+"""Optimizers by name: `build(optim_cfg, total_steps)` for the trainer and studies.
+
+Every optimizer returned by `build`:
+  * is an `optax.GradientTransformationExtraArgs` whose `update` accepts (and, unless it adapts
+    to the metric, ignores) `val_metric` and `val_count`;
+  * uses the warmup + decay schedule of `jmtl.optim.schedules` (schedule-free: warmup only);
+  * clips gradients to global norm `grad_clip` first (0 = off);
+  * has an `init` whose parameter-shaped state leaves follow the parameters' sharding when run
+    under `jax.jit` (each such leaf is tied to its parameter through a no-op `where`).
+
+Schedule-free AdamW evaluates at different parameters than it trains: before evaluation or
+saving a model for inference, call `eval_params(opt_state, params)` (a wrapper around
+`optax.contrib.schedule_free_eval_params`; the identity for every other optimizer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jmtl.optim import jmtl_adaptive as jmtl_adaptive_lib
+from jmtl.optim import paper_adaptive as paper_adaptive_lib
+from jmtl.optim import schedules
+
+Builder = Callable[[Any, int], optax.GradientTransformation]
+
+
+def _sched(cfg: Any, total_steps: int) -> optax.Schedule:
+  return schedules.build_schedule(cfg, total_steps)
+
+
+def _sgd(cfg, total_steps):
+  return optax.sgd(_sched(cfg, total_steps))
+
+
+def _momentum(cfg, total_steps):
+  return optax.sgd(_sched(cfg, total_steps), momentum=float(cfg["momentum"]))
+
+
+def _nesterov(cfg, total_steps):
+  return optax.sgd(_sched(cfg, total_steps), momentum=float(cfg["momentum"]), nesterov=True)
+
+
+def _adagrad(cfg, total_steps):
+  return optax.adagrad(_sched(cfg, total_steps), eps=float(cfg["eps"]))
+
+
+def _rmsprop(cfg, total_steps):
+  # decay of the squared-gradient average = b2.
+  return optax.rmsprop(_sched(cfg, total_steps), decay=float(cfg["b2"]), eps=float(cfg["eps"]))
+
+
+def _adam(cfg, total_steps):
+  return optax.adam(_sched(cfg, total_steps), b1=float(cfg["b1"]), b2=float(cfg["b2"]),
+                    eps=float(cfg["eps"]))
+
+
+def _adamw(cfg, total_steps):
+  return optax.adamw(_sched(cfg, total_steps), b1=float(cfg["b1"]), b2=float(cfg["b2"]),
+                     eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"]))
+
+
+def _lion(cfg, total_steps):
+  return optax.lion(_sched(cfg, total_steps), b1=float(cfg["b1"]), b2=float(cfg["b2"]),
+                    weight_decay=float(cfg["weight_decay"]))
+
+
+def _lamb(cfg, total_steps):
+  return optax.lamb(_sched(cfg, total_steps), b1=float(cfg["b1"]), b2=float(cfg["b2"]),
+                    eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"]))
+
+
+def _adafactor(cfg, total_steps):
+  wd = float(cfg["weight_decay"])
+  return optax.adafactor(_sched(cfg, total_steps), weight_decay_rate=wd or None)
+
+
+def _schedule_free_adamw(cfg, total_steps):
+  schedules.check_total_steps(total_steps)
+  warmup = int(cfg["warmup_steps"])
+  return optax.contrib.schedule_free_adamw(
+      float(cfg["lr"]), warmup_steps=warmup or None, b1=float(cfg["b1"]), b2=float(cfg["b2"]),
+      eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"]))
+
+
+# name -> (builder, clips gradients itself)
+_OPTIMIZERS: dict[str, tuple[Builder, bool]] = {
+    "sgd": (_sgd, False),
+    "momentum": (_momentum, False),
+    "nesterov": (_nesterov, False),
+    "adagrad": (_adagrad, False),
+    "rmsprop": (_rmsprop, False),
+    "adam": (_adam, False),
+    "adamw": (_adamw, False),
+    "lion": (_lion, False),
+    "lamb": (_lamb, False),
+    "adafactor": (_adafactor, False),
+    "schedule_free_adamw": (_schedule_free_adamw, False),
+    "paper_adaptive": (paper_adaptive_lib.from_config, True),
+    "jmtl_adaptive": (jmtl_adaptive_lib.from_config, True),
+}
+NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
+ADAPTIVE: tuple[str, ...] = ("paper_adaptive", "jmtl_adaptive")
+
+
+def build(optim_cfg: Any, total_steps: int) -> optax.GradientTransformationExtraArgs:
+  """The optimizer `optim_cfg["name"]` configured from the `optim` config section."""
+  name = _get(optim_cfg, "name")
+  if name not in _OPTIMIZERS:
+    raise KeyError(f"unknown optimizer optim.name={name!r}; known: {', '.join(NAMES)}")
+  schedules.check_total_steps(total_steps)
+  builder, clips_itself = _OPTIMIZERS[name]
+  try:
+    tx = builder(optim_cfg, int(total_steps))
+  except KeyError as e:
+    raise KeyError(f"optim config for {name!r} lacks key {e}") from None
+  if name not in ADAPTIVE:
+    tx = _drop_extra_args(tx)
+  grad_clip = float(_get(optim_cfg, "grad_clip"))
+  if grad_clip < 0:
+    raise ValueError(f"optim.grad_clip must be >= 0, got {grad_clip}")
+  if grad_clip > 0 and not clips_itself:
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+  return state_follows_params(optax.with_extra_args_support(tx))
+
+
+def _get(cfg: Any, key: str) -> Any:
+  try:
+    return cfg[key]
+  except KeyError:
+    raise KeyError(f"optim config lacks key optim.{key}") from None
+
+
+def _drop_extra_args(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`tx` with an `update` that accepts and ignores `val_metric`, `val_count` and the like."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    return tx.update(updates, state, params)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def _tie(state_leaf: Any, param: Any) -> Any:
+  """`state_leaf` unchanged, but data-dependent on `param` so it inherits its sharding."""
+  if not hasattr(state_leaf, "shape") or state_leaf.shape != jnp.shape(param):
+    return state_leaf
+  never = jnp.zeros(state_leaf.shape, bool)
+  return jnp.where(never, jnp.asarray(param).astype(state_leaf.dtype), state_leaf)
+
+
+def state_follows_params(
+    tx: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
+  """`tx` whose `init` ties every parameter-shaped state leaf to its parameter.
+
+  Under `jax.jit(tx.init)` with sharded parameters, XLA's sharding propagation then gives
+  each such leaf its parameter's sharding (a plain `zeros_like` would not).
+  """
+
+  def init_fn(params):
+    state = tx.init(params)
+    return optax.tree_map_params(tx, _tie, state, params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)
+
+
+def eval_params(opt_state: Any, params: Any) -> Any:
+  """Parameters to evaluate with: schedule-free's averaged point, else `params` unchanged."""
+  is_sf = lambda x: isinstance(x, optax.contrib.ScheduleFreeState)
+  for node in jax.tree.leaves(opt_state, is_leaf=is_sf):
+    if is_sf(node):
+      return optax.contrib.schedule_free_eval_params(node, params)
+  return params
