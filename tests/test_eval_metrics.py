@@ -96,6 +96,8 @@ def test_correlations_hand_and_degenerate():
   assert M.pearson([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
   assert M.spearman([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
   assert M.pearson([1.0], [1.0]) == 0.0
+  assert M.pearson([float("nan"), 1.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
+  assert M.spearman([float("nan"), 1.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
   assert M.compute(["pearson", "spearman"], [], []) == {"pearson": 0.0, "spearman": 0.0}
 
 

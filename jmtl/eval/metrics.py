@@ -6,7 +6,8 @@ Degenerate inputs never crash:
 - an empty list of examples gives 0.0 for every metric;
 - F1 with no true positives gives 0.0 (as scikit-learn with `zero_division=0`);
 - MCC with a constant prediction or a constant label gives 0.0 (as scikit-learn);
-- Pearson/Spearman with a constant prediction or reference (zero variance) gives 0.0.
+- Pearson/Spearman with a constant prediction or reference (zero variance), fewer than two
+  examples, or a non-finite value (NaN/inf, e.g. from a diverged model) give 0.0.
 Mismatched lengths of predictions and references raise ValueError.
 """
 
@@ -103,7 +104,7 @@ def mcc(predictions: Sequence[int], references: Sequence[int]) -> float:
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-  if x.size < 2:
+  if x.size < 2 or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
     return 0.0
   xc, yc = x - x.mean(), y - y.mean()
   denom = np.sqrt((xc @ xc) * (yc @ yc))
@@ -136,7 +137,7 @@ def spearman(predictions: Sequence[float], references: Sequence[float]) -> float
   """Spearman's rho x 100: Pearson's r of the average ranks; 0 when either is constant."""
   _check_lengths(predictions, references)
   x, y = _float_values(predictions, "predictions"), _float_values(references, "references")
-  if not x.size:
+  if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
     return 0.0
   return 100.0 * _pearson(_average_ranks(x), _average_ranks(y))
 
