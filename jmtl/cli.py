@@ -1,4 +1,4 @@
-"""The `jmtl` command line.
+"""The `jmtl` command line (absl flags; `--config.KEY=VALUE` overrides typed by the defaults).
 
   jmtl train  --config configs/x.py --workdir DIR [--config.a.b=value ...]
   jmtl eval   --config configs/x.py --workdir DIR
@@ -11,14 +11,16 @@ A user mistake (bad flag, config key, value, path or data file) prints one line
 
 from __future__ import annotations
 
+import ast
 import json
 import pathlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+import ml_collections
 
 from jmtl.config import ConfigError
 from jmtl.train import NonFiniteError
@@ -31,44 +33,59 @@ USAGE = ("usage: jmtl {train,eval,data,bench} --config FILE [--workdir DIR] "
 
 
 
-def _make_flags() -> tuple[flags.FlagValues, flags.FlagHolder]:
+def _make_flags() -> flags.FlagValues:
   """A fresh flag set per parse, so `run` can be called more than once in one process."""
   fv = flags.FlagValues()
-  config = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
-                                           flag_values=fv, lock_config=True)
+  flags.DEFINE_string("config", None, "Config file (defines get_config()).", flag_values=fv)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, predictions).",
                       flag_values=fv)
   flags.DEFINE_bool("json", False, "bench: print the result as JSON.", flag_values=fv)
   flags.DEFINE_string("out", None, "bench: also write the JSON result to this file.",
                       flag_values=fv)
-  return fv, config
+  return fv
 
 
 class UsageError(ConfigError):
   pass
 
 
-def _config_path(argv: Sequence[str]) -> str | None:
-  for i, a in enumerate(argv):
-    if a == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-    if a.startswith("--config="):
-      return a.split("=", 1)[1]
-  return None
+def _parse_value(key: str, default: Any, text: str) -> Any:
+  """Parses an override by the type of the value it replaces (bool, int, float, str, tuple)."""
+  try:
+    if isinstance(default, bool):
+      low = text.lower()
+      if low not in ("true", "false", "1", "0"):
+        raise ValueError("expected true or false")
+      return low in ("true", "1")
+    if isinstance(default, int):
+      return int(text)
+    if isinstance(default, float):
+      return float(text)
+    if isinstance(default, str):
+      return text
+    value = ast.literal_eval(text)
+    if isinstance(default, (tuple, list)) and isinstance(value, str):
+      value = (value,)
+    return value
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f"config key {key!r}: cannot parse {text!r} as "
+                      f"{type(default).__name__} ({e})") from e
 
 
-def _explain_override_error(argv: Sequence[str], err: Exception) -> str:
-  """Names the `--config.KEY` override that failed to apply."""
-  from jmtl.config import load_config_file
-  from jmtl.config import _flatten  # pylint: disable=protected-access
-  path = _config_path(argv)
-  keys = set(_flatten(load_config_file(path))) if path else set()
-  for a in argv:
-    if a.startswith("--config."):
-      key = a[len("--config."):].split("=", 1)[0]
-      if key not in keys and not any(k.startswith(key + ".") for k in keys):
-        return f"config key {key!r} is unknown (from {a})"
-  return f"bad --config override: {str(err).splitlines()[0]}"
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  """Applies `--config.a.b=value` overrides in order; an unknown key is a ConfigError."""
+  for arg in overrides:
+    if "=" not in arg:
+      raise ConfigError(f"override {arg!r} needs the form --config.KEY=VALUE")
+    key, text = arg[len("--config."):].split("=", 1)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ConfigError(f"config key {key!r} is unknown (from {arg})")
+    with node.unlocked():
+      node[leaf] = _parse_value(key, node[leaf], text)
 
 
 def parse(argv: Sequence[str]):
@@ -83,21 +100,20 @@ def parse(argv: Sequence[str]):
     if not rest or rest[0] not in BENCHES:
       raise UsageError(f"jmtl bench needs one of: {', '.join(BENCHES)}")
     sub, rest = rest[0], rest[1:]
-  path = _config_path(rest)
-  if path is None:
-    raise UsageError("--config FILE is required")
-  from jmtl.config import load_config_file
-  load_config_file(path)  # file errors reported in one line before absl sees the file
-  fv, config_holder = _make_flags()
+  overrides = [a for a in rest if a.startswith("--config.")]
+  fv = _make_flags()
   try:
-    fv([argv[0]] + rest)
+    fv([argv[0]] + [a for a in rest if not a.startswith("--config.")])
   except flags.Error as e:
     raise UsageError(str(e).splitlines()[0]) from e
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    raise ConfigError(_explain_override_error(rest, e)) from e
+  if not fv.config:
+    raise UsageError("--config FILE is required")
   if cmd in ("train", "eval") and not fv.workdir:
     raise UsageError(f"jmtl {cmd} needs --workdir DIR")
-  return cmd, sub, config_holder.value, fv
+  from jmtl.config import load_config_file
+  config = load_config_file(fv.config)
+  apply_overrides(config, overrides)
+  return cmd, sub, config, fv
 
 
 def _bench(sub: str, config) -> dict:
@@ -139,6 +155,8 @@ def run(argv: Sequence[str]) -> int:
   import jax
   from jmtl import config as config_lib
 
+  if cmd == "eval" and not (pathlib.Path(fv.workdir) / "checkpoints").is_dir():
+    raise ConfigError(f"--workdir {fv.workdir}: no checkpoints/ directory (train first)")
   config = config_lib.validate(config, device_count=jax.device_count(),
                                check_files=cmd != "bench")
   if cmd == "train":

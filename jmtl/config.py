@@ -270,7 +270,7 @@ def _check_registries(cfg: ml_collections.ConfigDict) -> None:
     if name not in task_registry.TASKS:
       raise ConfigError(f"config key 'tasks': unknown task {name!r}; known tasks: "
                         f"{', '.join(sorted(task_registry.TASKS))}")
-  known = optim.names()
+  known = sorted(optim.NAMES)
   if cfg.optim.name not in known:
     raise ConfigError(f"config key 'optim.name' = {cfg.optim.name!r} is not one of: {', '.join(known)}")
 
@@ -291,8 +291,7 @@ def _check_files(cfg: ml_collections.ConfigDict) -> None:
   for name in cfg.tasks:
     missing = sources.check_task_files(task_registry.get_task(name), cfg.data)
     if missing:
-      raise ConfigError(f"task {name!r}: data file not found: {missing[0]} (set data.dir or "
-                        f"JMTL_DATA_DIR to the data root)")
+      raise ConfigError(f"task {name!r}: data file not found: {missing[0]}")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

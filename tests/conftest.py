@@ -9,13 +9,16 @@ import pathlib
 
 import pytest
 
+_GUESS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+if "JMTL_DATA_DIR" not in os.environ and _GUESS.is_dir():
+  os.environ["JMTL_DATA_DIR"] = str(_GUESS)  # the checkout's sibling shared/data, as in CI
+
 
 def _data_root() -> pathlib.Path | None:
   root = os.environ.get("JMTL_DATA_DIR")
   if root:
-    return pathlib.Path(root)
-  guess = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-  return guess if guess.is_dir() else None
+    return pathlib.Path(root).resolve()
+  return None
 
 
 @pytest.fixture(scope="session")

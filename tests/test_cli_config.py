@@ -84,7 +84,8 @@ def test_missing_data_file(capsys, tmp_path):
 def test_missing_workdir_and_unknown_command(capsys):
   assert "needs --workdir" in _error_line(capsys, ["train", "--config", str(TINY)])
   assert "unknown command 'trian'" in _error_line(capsys, ["trian", "--config", str(TINY)])
-  assert "unknown" in _error_line(capsys, ["train", "--config", str(TINY), "--wrkdir", "x"])
+  assert "unknown command line flag 'wrkdir'" in _error_line(
+      capsys, ["train", "--config", str(TINY), "--wrkdir", "x"]).lower()
 
 
 def test_eval_without_checkpoints(capsys, tmp_path):
