@@ -62,7 +62,8 @@ def test_run_writes_documented_files(reference):
   ev = json.loads((reference / "eval.json").read_text())
   assert 0.0 <= ev["sst2/accuracy"] <= 100.0
   preds = [json.loads(l) for l in (reference / "predictions/sst2.jsonl").read_text().splitlines()]
-  assert len(preds) == 64 and preds[0]["id"] == "0"
+  ids = [p["id"] for p in preds]
+  assert len(preds) == 64 and len(set(ids)) == 64 and all(i.isdigit() for i in ids)
   acc = 100.0 * sum(p["prediction"] == p["reference"] for p in preds) / len(preds)
   assert abs(acc - ev["sst2/accuracy"]) < 1e-6
   assert len(_losses(reference)) == 16

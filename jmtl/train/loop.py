@@ -9,6 +9,7 @@ data iterator position and the validation value fed to adaptive optimizers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -63,11 +64,23 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _user_data_errors():
+  """Bad data files (missing, malformed row at file:line) are user errors: one line, exit 2."""
+  try:
+    yield
+  except (FileNotFoundError, ValueError) as e:
+    if isinstance(e, config_lib.ConfigError):
+      raise
+    raise config_lib.ConfigError(str(e)) from e
+
+
 def _prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   """Everything both `train` and `evaluate_checkpoint` need: mesh, tasks, tokenizer, state."""
   mesh = mesh_lib.make_mesh(config.mesh)
   tasks = [task_registry.get_task(name) for name in config.tasks]
-  tokenizer = tokenizer_lib.build_tokenizer(config, tasks, str(workdir))
+  with _user_data_errors():
+    tokenizer = tokenizer_lib.build_tokenizer(config, tasks, str(workdir))
   head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
   tx = optim.build(config.optim, config.train.steps)
   state, graphdef, shardings = state_lib.create_train_state(
@@ -78,10 +91,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
 def _eval_sets(config, tasks, tokenizer) -> list[evaluate_lib.EvalSet]:
   out = []
   for task in tasks:
-    records = sources.load_records(task, config.data.eval_split, config.data)
-    if config.data.max_eval_examples:
-      records = records[:config.data.max_eval_examples]
-    batches, meta = pipeline.eval_batches(task, records, tokenizer, config)
+    with _user_data_errors():
+      records = sources.load_records(task, config.data.eval_split, config.data)
+      batches, meta = pipeline.eval_batches(task, records, tokenizer, config)
     out.append(evaluate_lib.EvalSet(task, records, batches, meta))
   return out
 
@@ -151,9 +163,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
   train_step = step_lib.make_train_step(graphdef, tx, {t.name: t.kind for t in tasks}, config,
                                         shardings, mesh)
   predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
-  data_iter = pipeline.train_iterator(config, tasks, tokenizer,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+  with _user_data_errors():
+    data_iter = pipeline.train_iterator(config, tasks, tokenizer,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
   eval_sets = _eval_sets(config, tasks, tokenizer)
   writer = writers.MetricWriter(workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
