@@ -1,0 +1,205 @@
+"""grain input pipelines: per-task MapDataset streams, task mixtures, eval batches.
+
+Per task: records -> seeded shuffle, reshuffled every epoch -> this process's slice
+(`[process_index::process_count]`) -> featurize -> batch (pad to the smallest
+`data.length_buckets` entry that fits the longest row, capped by the task's max length).
+Batch k of a task is random access (`stream[k]`), so the iterator state is just the step and
+the number of batches taken per task (JSON), and a restored iterator replays the same stream.
+
+Mixtures (T5/SeqIO): rate_t proportional to n_t ("proportional"), to n_t^(1/T)
+("temperature"), equal ("uniform") or `data.rates` ("explicit"), normalised to sum 1.
+`data.mixing="task_per_batch"`: step s draws one task with these rates from an RNG seeded by
+(seed, s). `"mixed"`: every step holds every task with rows from `rows_per_task`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from jmtl.data import sources
+from jmtl.data.features import Featurizer
+from jmtl.tasks.base import Task, get_task
+
+_STATE_VERSION = 1
+
+
+def mixture_rates(data_cfg: Any, sizes: Mapping[str, int]) -> dict[str, float]:
+  """Normalised mixing rate per task from `data.mixture` and the train sizes n_t."""
+  names = list(sizes)
+  mixture = data_cfg.mixture
+  if mixture == "proportional":
+    raw = [float(sizes[t]) for t in names]
+  elif mixture == "temperature":
+    raw = [float(sizes[t]) ** (1.0 / float(data_cfg.temperature)) for t in names]
+  elif mixture == "uniform":
+    raw = [1.0] * len(names)
+  elif mixture == "explicit":
+    rates = data_cfg.rates
+    missing = [t for t in names if t not in rates]
+    if missing:
+      raise KeyError(f"data.rates has no rate for tasks {missing} (data.mixture='explicit')")
+    raw = [float(rates[t]) for t in names]
+  else:
+    raise ValueError(f"data.mixture must be proportional, temperature, uniform or explicit, "
+                     f"got {mixture!r}")
+  if any(r < 0 for r in raw) or sum(raw) <= 0:
+    raise ValueError(f"mixture rates must be >= 0 with a positive sum, got {dict(zip(names, raw))}")
+  total = sum(raw)
+  return {t: r / total for t, r in zip(names, raw)}
+
+
+def rows_per_task(rates: Mapping[str, float], batch_size: int) -> dict[str, int]:
+  """Rows per task summing to `batch_size`, each >= 1: floor(rate * B), the leftover rows to the
+  largest remainders (ties: task order), then every task at 0 takes one row from the task
+  with the most rows (ties: task order)."""
+  names = list(rates)
+  if batch_size < len(names):
+    raise ValueError(f"batch of {batch_size} rows cannot hold {len(names)} tasks")
+  ideal = [rates[t] * batch_size for t in names]
+  rows = [int(np.floor(x)) for x in ideal]
+  order = sorted(range(len(names)), key=lambda i: (-(ideal[i] - rows[i]), i))
+  for i in order[:batch_size - sum(rows)]:
+    rows[i] += 1
+  for i in range(len(names)):
+    if rows[i] == 0:
+      donor = max(range(len(names)), key=lambda j: (rows[j], -j))
+      rows[donor] -= 1
+      rows[i] = 1
+  return dict(zip(names, rows))
+
+
+def _task_seed(seed: int, name: str) -> int:
+  return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+class _TaskStream:
+  """One task's infinite, epoch-reshuffled, process-sliced stream of padded batches."""
+
+  def __init__(self, task: Task, records: list[dict], featurizer: Featurizer, rows: int,
+               seed: int, process_index: int, process_count: int):
+    self.task, self.rows, self.featurizer = task, rows, featurizer
+    if not records:
+      raise ValueError(f"task {task.name!r}: no training records")
+    if task.kind == "span_qa":
+      # Windows per question are only known after tokenizing, so features are built up front.
+      items = [f for i, r in enumerate(records) for f in featurizer(r, i)]
+      for j, f in enumerate(items):
+        f["index"] = j
+      ds = grain.MapDataset.source(items)
+      featurize = lambda f: f  # noqa: E731
+    else:
+      ds = grain.MapDataset.source(records).map_with_index(lambda i, r: (i, r))
+      featurize = lambda ir: featurizer(ir[1], ir[0])[0]  # noqa: E731
+    self.size = len(ds)
+    ds = ds.shuffle(seed=_task_seed(seed, task.name)).repeat()
+    ds = ds[process_index::process_count].map(featurize)
+    self.batches = ds.batch(rows, drop_remainder=False, batch_fn=featurizer.collate)
+
+  def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+    return self.batches[k]
+
+
+class TrainIterator:
+  """Yields `{task: task_batch}` forever; `get_state()`/`set_state()` (JSON) restore the exact
+  stream."""
+
+  def __init__(self, config: Any, tasks: Sequence[Task | str], tokenizer: Any, *,
+               process_index: int = 0, process_count: int = 1,
+               records: Mapping[str, list[dict]] | None = None):
+    data = config.data
+    self.tasks = [get_task(t) for t in tasks]
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if data.batch_size % process_count:
+      raise ValueError(f"data.batch_size = {data.batch_size} is not divisible by the "
+                       f"process count {process_count}")
+    local = data.batch_size // process_count
+    self.seed = int(config.seed)
+    self.mixing = data.mixing
+    if self.mixing not in ("task_per_batch", "mixed"):
+      raise ValueError(f"data.mixing must be 'task_per_batch' or 'mixed', got {self.mixing!r}")
+    recs = {t.name: (records[t.name] if records is not None else
+                     sources.load_records(t, "train", data)) for t in self.tasks}
+    self.rates = mixture_rates(data, {t.name: len(recs[t.name]) for t in self.tasks})
+    if self.mixing == "mixed":
+      rows = rows_per_task(self.rates, local)
+    else:
+      rows = {t.name: local for t in self.tasks}
+    self.rows = rows
+    self.streams = {
+        t.name: _TaskStream(t, recs[t.name], Featurizer(t, tokenizer, data), rows[t.name],
+                            self.seed, process_index, process_count)
+        for t in self.tasks}
+    self._names = [t.name for t in self.tasks]
+    self._p = np.array([self.rates[n] for n in self._names])
+    self.step = 0
+    self.taken = dict.fromkeys(self._names, 0)
+
+  def task_for_step(self, step: int) -> str:
+    """The task of step `step` under task_per_batch mixing (same on every process)."""
+    rng = np.random.default_rng([self.seed, step, 0x6A6D746C])
+    return self._names[int(rng.choice(len(self._names), p=self._p))]
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> dict[str, dict[str, np.ndarray]]:
+    names = self._names if self.mixing == "mixed" else [self.task_for_step(self.step)]
+    out = {}
+    for name in names:
+      out[name] = self.streams[name][self.taken[name]]
+      self.taken[name] += 1
+    self.step += 1
+    return out
+
+  def get_state(self) -> dict:
+    return {"version": _STATE_VERSION, "step": self.step, "taken": dict(self.taken)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if state.get("version") != _STATE_VERSION:
+      raise ValueError(f"data iterator state version {state.get('version')!r} != "
+                       f"{_STATE_VERSION}")
+    taken = dict(state["taken"])
+    if sorted(taken) != sorted(self._names):
+      raise ValueError(f"data iterator state is for tasks {sorted(taken)}, this run has "
+                       f"{sorted(self._names)}")
+    self.step = int(state["step"])
+    self.taken = {n: int(taken[n]) for n in self._names}
+
+
+def train_iterator(config: Any, tasks: Sequence[Task | str], tokenizer: Any, *,
+                   process_index: int = 0, process_count: int = 1,
+                   records: Mapping[str, list[dict]] | None = None) -> TrainIterator:
+  """The training stream (see the module docstring); `records` overrides loading train splits."""
+  return TrainIterator(config, tasks, tokenizer, process_index=process_index,
+                       process_count=process_count, records=records)
+
+
+def eval_batches(task: Task | str, records: Sequence[dict], tokenizer: Any, config: Any
+                 ) -> tuple[list[dict[str, np.ndarray]], list[dict]]:
+  """All of `records` as batches of `eval.batch_size` rows (the last padded with rows of
+  example_weight 0 and index -1) and `features_meta` (docs/architecture.md). span_qa batches
+  all have the task's max length; other kinds are bucketed."""
+  task = get_task(task)
+  featurizer = Featurizer(task, tokenizer, config.data)
+  rows = int(config.eval.batch_size)
+  feats = [f for i, r in enumerate(records) for f in featurizer(r, i)]
+  meta: list[dict] = []
+  if task.kind == "span_qa":
+    L = featurizer.max_len
+    for j, f in enumerate(feats):
+      f["index"] = j
+      meta.append({"example_id": f["id"], "offsets": f["offsets"] + [None] * (L - len(f["offsets"]))})
+  else:
+    meta = [{"example_id": f["id"]} for f in feats]
+  batches = []
+  for s in range(0, len(feats), rows):
+    chunk = feats[s:s + rows]
+    length = featurizer.max_len if task.kind == "span_qa" else None
+    batches.append(featurizer.collate(chunk, rows=rows, length=length))
+  return batches, meta
