@@ -144,26 +144,39 @@ def _drop_extra_args(tx: optax.GradientTransformation) -> optax.GradientTransfor
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
-def _tie(state_leaf: Any, param: Any) -> Any:
-  """`state_leaf` unchanged, but data-dependent on `param` so it inherits its sharding."""
-  if not hasattr(state_leaf, "shape") or state_leaf.shape != jnp.shape(param):
+def _tie(state_leaf: Any, source: Any) -> Any:
+  """`state_leaf` unchanged, but data-dependent on `source` so it inherits its sharding.
+
+  `source` is the matching parameter (same shape) or a scalar taken from a parameter; a
+  scalar source places the leaf replicated on the parameters' devices instead of device 0.
+  """
+  if not hasattr(state_leaf, "shape") or not hasattr(state_leaf, "dtype"):
     return state_leaf
+  source = jnp.asarray(source)
+  if source.shape != state_leaf.shape and source.ndim:
+    source = jnp.ravel(source)[0]
   never = jnp.zeros(state_leaf.shape, bool)
-  return jnp.where(never, jnp.asarray(param).astype(state_leaf.dtype), state_leaf)
+  return jnp.where(never, source.astype(state_leaf.dtype), state_leaf)
 
 
 def state_follows_params(
     tx: optax.GradientTransformationExtraArgs,
 ) -> optax.GradientTransformationExtraArgs:
-  """`tx` whose `init` ties every parameter-shaped state leaf to its parameter.
+  """`tx` whose `init` ties its state to the parameters (a no-op `where`).
 
-  Under `jax.jit(tx.init)` with sharded parameters, XLA's sharding propagation then gives
-  each such leaf its parameter's sharding (a plain `zeros_like` would not).
+  Under `jax.jit(tx.init)` with sharded parameters, XLA's sharding propagation then gives each
+  parameter-shaped leaf its parameter's sharding (a plain `zeros_like` would not) and every
+  other leaf (counts, factored moments) a replicated sharding on the same devices.
   """
 
   def init_fn(params):
     state = tx.init(params)
-    return optax.tree_map_params(tx, _tie, state, params)
+    leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "shape")]
+    if not leaves:
+      return state
+    anchor = jnp.ravel(min(leaves, key=lambda x: x.size))[0]
+    return optax.tree_map_params(tx, _tie, state, params,
+                                 transform_non_params=lambda s: _tie(s, anchor))
 
   return optax.GradientTransformationExtraArgs(init_fn, tx.update)
 
