@@ -1,0 +1,374 @@
+"""`jmtl report optim`: tables and curves from a finished `jmtl sweep` directory.
+
+Everything is measured at each optimizer's best learning rate (from `sweep.json`) over all seeds:
+
+* final dev metrics as mean ± sample std (ddof=1) over seeds, one table per metric;
+* steps-to-target: target = `sweep.target_fraction` × the highest mean final selection score of
+  any optimizer; per seed, the first eval step whose selection score is >= target; the mean is
+  over the seeds that reached it (`k/n` shows how many), the ratio divides by the reference
+  optimizer's mean (`sweep.reference`, tuned AdamW by default) and is given only when every seed
+  of both reached the target;
+* the ablation of `jmtl_adaptive`'s switches against the full configuration (same lr, seeds);
+* PNG curves: train loss and dev selection score vs step (mean over seeds), dev score vs lr.
+
+Writes `comparison.md`, `report.json`, `sweep.json` (a copy) and the PNGs into `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jmtl.eval import predictions as predictions_lib
+from jmtl.study import sweep as sweep_lib
+
+# The metrics reported by the optimizer paper (arXiv 2412.04718), shown first when present.
+PAPER_METRICS = ("sst2/accuracy", "mrpc/f1", "mrpc/accuracy", "squad/exact_match", "squad/f1")
+SCORE = "score"  # the selection score's key in the tables
+LOSS_SMOOTH = 5  # train-loss curves: trailing mean over this many logged points
+FILES = ("comparison.md", "report.json", "sweep.json", "loss_curves.png", "dev_curves.png",
+         "lr_sensitivity.png")
+
+
+def load_sweep(sweep_dir: str | os.PathLike[str]) -> dict:
+  """Reads `<sweep_dir>/sweep.json`; a clear error when it is missing or malformed."""
+  path = pathlib.Path(sweep_dir) / "sweep.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: run `jmtl sweep` with --workdir {sweep_dir} first")
+  try:
+    data = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  for key in ("runs", "best", "select_keys", "sweep"):
+    if key not in data:
+      raise ValueError(f"{path}: missing key {key!r}")
+  return data
+
+
+def read_metrics(run_dir: pathlib.Path) -> list[dict]:
+  """The rows of `<run_dir>/metrics.jsonl`; ValueError naming the file and line when one is bad."""
+  path = run_dir / "metrics.jsonl"
+  if not path.is_file():
+    return []
+  rows = []
+  for i, line in enumerate(path.read_text().splitlines(), 1):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
+  return rows
+
+
+def steps_to_target(points: Sequence[tuple[int, float]], target: float) -> int | None:
+  """First step (in step order) whose value is >= target; None when none reaches it."""
+  for step, value in sorted(points):
+    if value is not None and math.isfinite(value) and value >= target:
+      return int(step)
+  return None
+
+
+def mean_curve(curves: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
+  """Mean over curves at the steps every curve has (non-finite points dropped first)."""
+  maps = [{int(s): float(v) for s, v in c if v is not None and math.isfinite(v)} for c in curves]
+  if not maps:
+    return []
+  common = sorted(set.intersection(*(set(m) for m in maps)))
+  return [(s, float(np.mean([m[s] for m in maps]))) for s in common]
+
+
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+  """y_i = mean(values[max(0, i - window + 1) : i + 1])."""
+  out = []
+  for i in range(len(values)):
+    out.append(float(np.mean(values[max(0, i - window + 1):i + 1])))
+  return out
+
+
+def fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
+  """'mean ± std' with `digits` decimals; '—' when there is no value."""
+  if mean is None:
+    return "—"
+  return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _best_runs(data: dict, optimizer: str, variant: str = "") -> list[dict]:
+  best = data["best"][sweep_lib.ABLATION_OPTIMIZER if variant else optimizer]["lr"]
+  return [r for r in data["runs"]
+          if r["optimizer"] == optimizer and r["variant"] == variant and r["lr"] == best
+          and r["status"] == "ok"]
+
+
+def _metric_keys(data: dict) -> list[str]:
+  present = set()
+  for r in data["runs"]:
+    present.update(k for k, v in r["metrics"].items() if k != "step" and "/" in k
+                   and isinstance(v, (int, float)))
+  paper = [k for k in PAPER_METRICS if k in present]
+  return [SCORE] + paper + sorted(present - set(paper))
+
+
+def _value(run: dict, key: str, select_keys: Sequence[str]) -> float | None:
+  if key == SCORE:
+    return run["score"]
+  v = run["metrics"].get(key)
+  return float(v) if v is not None else None
+
+
+def _stats(runs: Sequence[dict], key: str, select_keys: Sequence[str]) -> dict:
+  values = [_value(r, key, select_keys) for r in runs]
+  values = [v for v in values if v is not None and math.isfinite(v)]
+  mean, std = sweep_lib.mean_std(values)
+  return {"mean": mean, "std": std, "values": values, "n": len(values)}
+
+
+def _score_curve(rows: Sequence[dict], keys: Sequence[str]) -> list[tuple[int, float]]:
+  return [(r["step"], sweep_lib.score(r, keys)) for r in rows if r.get("split") == "eval"]
+
+
+def _loss_curve(rows: Sequence[dict]) -> list[tuple[int, float]]:
+  return [(r["step"], r["train/loss"]) for r in rows
+          if r.get("split") == "train" and r.get("train/loss") is not None]
+
+
+def _group_label(optimizer: str, variant: str) -> str:
+  return f"{optimizer} {variant}" if variant else optimizer
+
+
+def report_optim(sweep_dir: str | os.PathLike[str],
+                 out_dir: str | os.PathLike[str] | None = None) -> dict:
+  """Writes the study report for `sweep_dir` into `out_dir` (default `<sweep_dir>/report`)."""
+  sweep_dir = pathlib.Path(sweep_dir)
+  out = pathlib.Path(out_dir) if out_dir else sweep_dir / "report"
+  out.mkdir(parents=True, exist_ok=True)
+  data = load_sweep(sweep_dir)
+  keys = data["select_keys"]
+  s = data["sweep"]
+  optimizers = list(s["optimizers"])
+  metric_keys = _metric_keys(data)
+
+  groups = [(name, "") for name in optimizers]
+  groups += [(sweep_lib.ABLATION_OPTIMIZER, f"no_{sw}") for sw in s.get("ablation", ())
+             if any(r["variant"] == f"no_{sw}" for r in data["runs"])]
+  runs = {g: _best_runs(data, *g) for g in groups}
+  curves = {}
+  for g, rs in runs.items():
+    rows = [read_metrics(sweep_dir / r["dir"]) for r in rs]
+    curves[g] = {"loss": mean_curve([_loss_curve(x) for x in rows]),
+                 "score": mean_curve([_score_curve(x, keys) for x in rows]),
+                 "score_per_seed": [_score_curve(x, keys) for x in rows]}
+
+  metrics = {k: {_group_label(*g): {"lr": runs[g][0]["lr"] if runs[g] else None,
+                                    **_stats(runs[g], k, keys)} for g in groups}
+             for k in metric_keys}
+
+  finals = [metrics[SCORE][name]["mean"] for name in optimizers
+            if metrics[SCORE][name]["mean"] is not None]
+  target = float(s["target_fraction"]) * max(finals) if finals else None
+  stt = {}
+  for g in groups:
+    per_seed = [steps_to_target(c, target) for c in curves[g]["score_per_seed"]] if finals else []
+    reached = [x for x in per_seed if x is not None]
+    stt[_group_label(*g)] = {"per_seed": per_seed, "reached": len(reached), "n": len(per_seed),
+                             "mean": float(np.mean(reached)) if reached else None}
+  ref = stt.get(s["reference"])
+  for v in stt.values():
+    ok = (ref and v["n"] and v["reached"] == v["n"] and ref["n"] and ref["reached"] == ref["n"]
+          and ref["mean"])
+    v["ratio_to_reference"] = v["mean"] / ref["mean"] if ok else None
+
+  ablation = None
+  if len(groups) > len(optimizers):
+    full = metrics[SCORE][sweep_lib.ABLATION_OPTIMIZER]["mean"]
+    ablation = {}
+    for g in [(sweep_lib.ABLATION_OPTIMIZER, "")] + groups[len(optimizers):]:
+      label = _group_label(*g)
+      m = metrics[SCORE][label]["mean"]
+      ablation[label] = {"score": metrics[SCORE][label],
+                         "delta_vs_full": (m - full) if m is not None and full is not None else None}
+
+  files = _plots(data, optimizers, curves, out)
+  report = {
+      "select_keys": keys, "target_fraction": s["target_fraction"], "target": target,
+      "reference": s["reference"], "best": data["best"], "metrics": metrics,
+      "steps_to_target": stt, "ablation": ablation,
+      "curves": {_group_label(*g): {"loss": c["loss"], "score": c["score"]}
+                 for g, c in curves.items()},
+      "files": ["comparison.md", "report.json", "sweep.json"] + files,
+  }
+  (out / "comparison.md").write_text(_markdown(data, report, optimizers, metric_keys))
+  predictions_lib.write_json_atomic(out / "report.json", report)
+  if (sweep_dir / "sweep.json").resolve() != (out / "sweep.json").resolve():
+    shutil.copyfile(sweep_dir / "sweep.json", out / "sweep.json")
+  return report
+
+
+def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list[str]) -> str:
+  s = data["sweep"]
+  keys = report["select_keys"]
+  score_name = keys[0] if len(keys) == 1 else "mean of " + ", ".join(keys)
+  lines = [
+      "# Optimizer study",
+      "",
+      f"Tasks: {', '.join(data.get('tasks', []))}; {data.get('steps')} steps, evaluation every "
+      f"{data.get('eval_every')} steps on the `{data.get('eval_split')}` split; seeds "
+      f"{', '.join(str(x) for x in s['seeds'])}; {s['lr_points']} learning rates per optimizer "
+      f"(ratio {s['lr_ratio']}). Selection score (dev): {score_name}. Each optimizer is shown at "
+      "the learning rate with the best mean selection score over seeds; values are mean ± sample "
+      "std (ddof=1) over seeds, in percent.",
+      "",
+      "## Learning-rate grid and selection",
+      "",
+      "| optimizer | grid | best lr | selection score at best lr | note |",
+      "|---|---|---|---|---|",
+  ]
+  for name in optimizers:
+    b = data["best"][name]
+    grid = data["grids"][name] if "grids" in data else []
+    note = ""
+    if b["lr"] is None:
+      note = "every lr diverged on some seed"
+    elif grid and b["lr"] in (grid[0], grid[-1]):
+      note = "best lr at the edge of the grid"
+    diverged = sum(v["diverged"] for v in b["by_lr"].values())
+    if diverged:
+      note = (note + "; " if note else "") + f"{diverged} diverged run(s)"
+    lr = sweep_lib.format_lr(b["lr"]) if b["lr"] is not None else "—"
+    lines.append(f"| {name} | {', '.join(sweep_lib.format_lr(x) for x in grid)} | {lr} | "
+                 f"{fmt(b['score_mean'], b['score_std'])} | {note} |")
+
+  for k in metric_keys:
+    title = f"selection score ({score_name})" if k == SCORE else k
+    lines += ["", f"## {title}", "", "| optimizer | lr | mean ± std | per seed |", "|---|---|---|---|"]
+    for name in optimizers:
+      m = report["metrics"][k][name]
+      lr = sweep_lib.format_lr(m["lr"]) if m["lr"] is not None else "—"
+      seeds = ", ".join(f"{v:.2f}" for v in m["values"])
+      lines.append(f"| {name} | {lr} | {fmt(m['mean'], m['std'])} | {seeds} |")
+
+  t = report["target"]
+  lines += ["", "## Steps to target", "",
+            f"Target: {s['target_fraction']} × best mean final selection score = "
+            f"{t:.2f}." if t is not None else "No finished run: no target.",
+            f"Ratio = mean steps / mean steps of `{report['reference']}` (lower is faster; "
+            "given only when every seed of both reached the target).", "",
+            "| optimizer | reached | mean steps | ratio to " + report["reference"] + " | per seed |",
+            "|---|---|---|---|---|"]
+  for label, v in report["steps_to_target"].items():
+    if label not in optimizers:
+      continue
+    lines.append(_stt_row(label, v))
+
+  if report["ablation"]:
+    lines += ["", f"## Ablation of {sweep_lib.ABLATION_OPTIMIZER}", "",
+              "Each switch turned off alone from the full configuration, at the full "
+              "configuration's best learning rate, same seeds.", "",
+              "| variant | selection score | Δ vs full | "
+              + " | ".join(k for k in metric_keys if k != SCORE) + " | steps to target |",
+              "|---|---|---|" + "---|" * (len(metric_keys) - 1) + "---|"]
+    for label, a in report["ablation"].items():
+      d = a["delta_vs_full"]
+      cells = [fmt(report["metrics"][k][label]["mean"], report["metrics"][k][label]["std"])
+               for k in metric_keys if k != SCORE]
+      v = report["steps_to_target"][label]
+      st = f"{v['mean']:.1f} ({v['reached']}/{v['n']})" if v["mean"] is not None else \
+          f"— (0/{v['n']})"
+      name = "full" if label == sweep_lib.ABLATION_OPTIMIZER else label.split(" ", 1)[1]
+      lines.append(f"| {name} | {fmt(a['score']['mean'], a['score']['std'])} | "
+                   f"{'—' if d is None else f'{d:+.2f}'} | " + " | ".join(cells) + f" | {st} |")
+
+  lines += ["", "## Figures", ""]
+  for f in report["files"]:
+    if f.endswith(".png"):
+      lines.append(f"![{f[:-4]}]({f})")
+  return "\n".join(lines) + "\n"
+
+
+def _stt_row(label: str, v: dict) -> str:
+  mean = f"{v['mean']:.1f}" if v["mean"] is not None else "—"
+  ratio = f"{v['ratio_to_reference']:.2f}" if v["ratio_to_reference"] is not None else "—"
+  seeds = ", ".join("—" if x is None else str(x) for x in v["per_seed"])
+  return f"| {label} | {v['reached']}/{v['n']} | {mean} | {ratio} | {seeds} |"
+
+
+def _plots(data: dict, optimizers: list[str], curves: Mapping[tuple[str, str], dict],
+           out: pathlib.Path) -> list[str]:
+  """Writes the PNGs; returns their file names."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  colours = plt.get_cmap("tab10")
+  style = {name: {"color": colours(i % 10), "lw": 2.4 if name in ("paper_adaptive", "jmtl_adaptive")
+                  else 1.4, "ls": "-" if i < 10 else "--"} for i, name in enumerate(optimizers)}
+  keys = data["select_keys"]
+  score_name = keys[0] if len(keys) == 1 else "mean(" + ", ".join(keys) + ")"
+
+  def label(name):
+    lr = data["best"][name]["lr"]
+    return f"{name} (lr {sweep_lib.format_lr(lr)})" if lr is not None else name
+
+  files = []
+  fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+  for name in optimizers:
+    c = curves[(name, "")]["loss"]
+    if c:
+      steps, vals = zip(*c)
+      ax.plot(steps, trailing_mean(vals, LOSS_SMOOTH), label=label(name), **style[name])
+  ax.set_xlabel("step")
+  ax.set_ylabel(f"train loss (mean over seeds, trailing mean of {LOSS_SMOOTH} logs)")
+  ax.set_title("Train loss at each optimizer's best learning rate")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "loss_curves.png")
+  plt.close(fig)
+  files.append("loss_curves.png")
+
+  fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+  for name in optimizers:
+    c = curves[(name, "")]["score"]
+    if c:
+      steps, vals = zip(*c)
+      ax.plot(steps, vals, marker="o", ms=3, label=label(name), **style[name])
+  ax.set_xlabel("step")
+  ax.set_ylabel("dev selection score (mean over seeds)")
+  ax.set_title(f"Dev {score_name} at each optimizer's best learning rate", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "dev_curves.png")
+  plt.close(fig)
+  files.append("dev_curves.png")
+
+  fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+  for name in optimizers:
+    table = data["best"][name]["by_lr"]
+    pts = [(float(lr), v["mean"]) for lr, v in table.items() if v["mean"] is not None]
+    if pts:
+      pts.sort()
+      xs, ys = zip(*pts)
+      ax.plot(xs, ys, marker="o", label=name, **style[name])
+      bad = [(float(lr), v["mean"]) for lr, v in table.items()
+             if v["mean"] is not None and v["diverged"]]
+      if bad:
+        ax.scatter(*zip(*bad), marker="x", s=120, color="black", zorder=5)
+  ax.set_xscale("log")
+  ax.set_xlabel("learning rate")
+  ax.set_ylabel("final dev selection score (mean over finished seeds)")
+  ax.set_title(f"Learning-rate sensitivity; score = {score_name}; x = some seed diverged",
+               fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "lr_sensitivity.png")
+  plt.close(fig)
+  files.append("lr_sensitivity.png")
+  return files

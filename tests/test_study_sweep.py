@@ -1,0 +1,245 @@
+"""The optimizer sweep and its report, driven by a synthetic trainer with known optima.
+
+The fake trainer's final SST-2 accuracy is `peak[opt] - 5 * |log_3(lr / best[opt])| + 2 * seed`
+(minus a fixed penalty per ablated switch), MRPC F1 = accuracy - 10, so every expected number
+below is worked out by hand from those formulas.
+"""
+
+import json
+import math
+import pathlib
+
+import pytest
+
+from jmtl import config as config_lib
+from jmtl.defaults import base_config
+from jmtl.study import report as report_lib
+from jmtl.study import sweep as sweep_lib
+from jmtl.train import NonFiniteError
+
+PEAK = {"sgd": 70.0, "adamw": 80.0, "jmtl_adaptive": 84.0}
+BEST = {"sgd": 0.3, "adamw": 0.003, "jmtl_adaptive": 0.001}
+REACH = {"sgd": 90, "adamw": 50, "jmtl_adaptive": 30}  # step where the dev curve saturates
+ABLATION_PENALTY = {"belief": 1.0, "cautious": 2.0, "metric_schedule": 3.0}
+STEPS, EVAL_EVERY = 100, 2
+
+
+class FakeTrainer:
+  """Same signature as `jmtl.train.loop.train`; writes metrics.jsonl and eval.json."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, cfg, run_dir):
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    o = cfg.optim
+    self.calls.append((o.name, o.lr, cfg.seed))
+    if o.name == "sgd" and math.isclose(o.lr, 0.3) and cfg.seed == 1:
+      raise NonFiniteError("non-finite loss at step 7")
+    acc = PEAK[o.name] - 5 * abs(round(math.log(o.lr / BEST[o.name], 3))) + 2 * cfg.seed
+    if o.name == "jmtl_adaptive":
+      acc -= sum(p for sw, p in ABLATION_PENALTY.items() if not o[sw])
+    rows = []
+    for step in range(1, cfg.train.steps + 1):
+      if step % cfg.train.log_every == 0:
+        rows.append({"step": step, "split": "train",
+                     "train/loss": 2 * math.exp(-step / REACH[o.name]) + 0.1 * cfg.seed})
+      if step % cfg.train.eval_every == 0:
+        frac = min(1.0, step / REACH[o.name])
+        rows.append({"step": step, "split": "eval", "sst2/accuracy": acc * frac,
+                     "mrpc/f1": (acc - 10) * frac, "mrpc/accuracy": (acc - 5) * frac})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = {"step": cfg.train.steps, "sst2/accuracy": acc, "mrpc/f1": acc - 10,
+             "mrpc/accuracy": acc - 5}
+    (run_dir / "eval.json").write_text(json.dumps(final))
+    return final
+
+
+def study_config():
+  c = base_config()
+  c.tasks = ("sst2", "mrpc")
+  c.train.steps = STEPS
+  c.train.eval_every = EVAL_EVERY
+  c.train.log_every = 2
+  c.sweep.optimizers = ("sgd", "adamw", "jmtl_adaptive")
+  c.sweep.target_fraction = 0.9
+  return c
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("sweep")
+  trainer = FakeTrainer()
+  result = sweep_lib.run_sweep(study_config(), workdir, train_fn=trainer, share_tokenizer=False,
+                               check_files=False)
+  return workdir, trainer, result
+
+
+def test_lr_grid_is_log_spaced_around_the_centre():
+  assert sweep_lib.lr_grid(1e-3, 4, 3.0) == [0.000333, 0.001, 0.003, 0.009]
+  assert sweep_lib.lr_grid(0.01, 5, 10.0) == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+  with pytest.raises(ValueError, match="centre"):
+    sweep_lib.lr_grid(0.0, 4, 3.0)
+
+
+def test_run_config_sets_optimizer_lr_seed_overrides_and_ablation():
+  c = study_config()
+  c.sweep.overrides = (("adamw", "optim.schedule", "constant"), ("adamw", "optim.lr", 5.0))
+  cfg = sweep_lib.run_config(c, sweep_lib.Run("adamw", 0.003, 2))
+  assert (cfg.optim.name, cfg.optim.lr, cfg.seed, cfg.optim.schedule) == (
+      "adamw", 0.003, 2, "constant")
+  other = sweep_lib.run_config(c, sweep_lib.Run("sgd", 0.1, 0))
+  assert other.optim.schedule == "linear"  # overrides are per optimizer
+  assert c.optim.name == "adamw" and c.seed == 0  # the study config is not mutated
+  ab = sweep_lib.run_config(c, sweep_lib.Run("jmtl_adaptive", 1e-3, 0, "no_cautious"))
+  assert ab.optim.cautious is False and ab.optim.belief is True
+  c.optim.update_clip = 1.0
+  ab = sweep_lib.run_config(c, sweep_lib.Run("jmtl_adaptive", 1e-3, 0, "no_update_clip"))
+  assert ab.optim.update_clip == 0.0
+  assert sweep_lib.Run("jmtl_adaptive", 1e-3, 1, "no_belief").relpath == \
+      "ablation/no_belief/lr0.001/seed1"
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lr_points", 3, "sweep.lr_points"),
+    ("seeds", (0, 1), "sweep.seeds"),
+    ("seeds", (0, 0, 1), "sweep.seeds"),
+    ("optimizers", ("adamw", "nosuch"), "unknown optimizer 'nosuch'"),
+    ("lr_centres", (("adamw", 1e-3),), "no centre for 'sgd'"),
+    ("ablation", ("trust_ratio",), "already off"),
+    ("ablation", ("wings",), "unknown switch"),
+    ("reference", "adam", "sweep.reference"),
+    ("select_metric", "cola/mcc", "sweep.select_metric"),
+    ("overrides", (("adamw", "optim.nosuch", 1),), "unknown key 'optim.nosuch'"),
+    ("overrides", (("adamw", "optim.schedule", 3),), "optim.schedule"),
+])
+def test_bad_sweep_config_names_the_key(key, value, match):
+  c = study_config()
+  c.sweep[key] = value
+  with pytest.raises(config_lib.ConfigError, match=match):
+    sweep_lib.check_sweep_config(c)
+    sweep_lib.run_config(c, sweep_lib.Run("adamw", 1e-3, 0))
+
+
+def test_ablation_needs_jmtl_adaptive():
+  c = study_config()
+  c.sweep.optimizers = ("sgd", "adamw")
+  with pytest.raises(config_lib.ConfigError, match="jmtl_adaptive"):
+    sweep_lib.check_sweep_config(c)
+
+
+def test_select_best_hand_example():
+  rec = lambda lr, s: {"optimizer": "adam", "variant": "", "lr": lr, "score": s}
+  records = [rec(0.1, 50.0), rec(0.1, 60.0), rec(0.1, 70.0),  # mean 60, std 10
+             rec(0.3, 90.0), rec(0.3, None), rec(0.3, 95.0),  # diverged seed: not eligible
+             rec(0.01, 62.0), rec(0.01, 58.0), rec(0.01, 60.0),  # mean 60 too: tie -> smaller lr
+             rec(0.03, 59.0), rec(0.03, 59.0), rec(0.03, 59.0)]
+  best = sweep_lib.select_best(records, "adam")
+  assert best["lr"] == 0.01
+  assert best["score_mean"] == pytest.approx(60.0)
+  assert best["score_std"] == pytest.approx(2.0)  # sqrt(((2)^2 + (-2)^2 + 0) / 2)
+  assert best["by_lr"]["0.1"]["std"] == pytest.approx(10.0)
+  assert best["by_lr"]["0.3"] == {"mean": 92.5, "std": pytest.approx(math.sqrt(12.5)), "n": 3,
+                                  "diverged": 1}
+  assert sweep_lib.select_best([rec(0.1, None)] * 3, "adam")["lr"] is None
+
+
+def test_score_is_mean_of_keys_and_nan_when_missing():
+  assert sweep_lib.score({"a/x": 80.0, "b/y": 70.0}, ["a/x", "b/y"]) == 75.0
+  assert math.isnan(sweep_lib.score({"a/x": 80.0, "b/y": None}, ["a/x", "b/y"]))
+  assert math.isnan(sweep_lib.score({"a/x": 80.0}, ["a/x", "b/y"]))
+  assert sweep_lib.primary_metric_keys(["sst2", "mrpc", "squad"]) == [
+      "sst2/accuracy", "mrpc/f1", "squad/exact_match"]
+
+
+def test_sweep_runs_grid_then_ablation_and_selects_best(swept):
+  workdir, trainer, result = swept
+  # 3 optimizers x 4 lrs x 3 seeds + 3 switches x 3 seeds.
+  assert len(trainer.calls) == 36 + 9
+  assert trainer.calls[-9:] == [("jmtl_adaptive", 0.001, s) for s in (0, 1, 2)] * 3
+  best = result["best"]
+  assert best["adamw"]["lr"] == 0.003 and best["jmtl_adaptive"]["lr"] == 0.001
+  # sgd's 0.3 diverged on seed 1; 0.1 and 0.9 tie at 65 -> the smaller.
+  assert best["sgd"]["lr"] == 0.1
+  # adamw at 0.003: accuracies 80, 82, 84 -> score (acc + acc - 10) / 2 = 75, 77, 79.
+  assert best["adamw"]["score_mean"] == pytest.approx(77.0)
+  assert best["adamw"]["score_std"] == pytest.approx(2.0)
+  saved = json.loads((workdir / "sweep.json").read_text())
+  assert saved["select_keys"] == ["sst2/accuracy", "mrpc/f1"]
+  assert len(saved["runs"]) == 45
+  diverged = [r for r in saved["runs"] if r["status"] == "diverged"]
+  assert [(r["optimizer"], r["lr"], r["seed"]) for r in diverged] == [("sgd", 0.3, 1)]
+  run = next(r for r in saved["runs"] if r["dir"] == "adamw/lr0.009/seed2")
+  assert run["metrics"]["sst2/accuracy"] == pytest.approx(80 - 5 * 1 + 4)
+  assert (workdir / "ablation/no_metric_schedule/lr0.001/seed2/eval.json").is_file()
+
+
+def test_sweep_resumes_without_retraining(swept, tmp_path):
+  workdir, _, first = swept
+  import shutil
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy)
+  (copy / "adamw/lr0.001/seed1/eval.json").unlink()
+  trainer = FakeTrainer()
+  again = sweep_lib.run_sweep(study_config(), copy, train_fn=trainer, share_tokenizer=False,
+                              check_files=False)
+  assert trainer.calls == [("adamw", 0.001, 1)]  # diverged runs are not retried either
+  assert again["best"] == first["best"]
+
+
+def test_report_tables_steps_to_target_and_pngs(swept, tmp_path):
+  workdir, _, _ = swept
+  out = tmp_path / "report"
+  rep = report_lib.report_optim(workdir, out)
+  # jmtl_adaptive final scores 79, 81, 83 -> highest mean 81; target = 0.9 * 81 = 72.9.
+  assert rep["target"] == pytest.approx(72.9)
+  stt = rep["steps_to_target"]
+  # adamw score(step) = final * step / 50 on even steps: 75 -> 50, 77 -> 48, 79 -> 48.
+  assert stt["adamw"]["per_seed"] == [50, 48, 48]
+  assert stt["adamw"]["mean"] == pytest.approx(146 / 3)
+  # jmtl_adaptive (reach 30): 79 -> 28, 81 -> 28 (27.0 is odd), 83 -> 28.
+  assert stt["jmtl_adaptive"]["per_seed"] == [28, 28, 28]
+  assert stt["jmtl_adaptive"]["ratio_to_reference"] == pytest.approx(28 / (146 / 3))
+  # sgd at 0.1: scores 60, 62, 64 never reach 72.9.
+  assert stt["sgd"]["reached"] == 0 and stt["sgd"]["ratio_to_reference"] is None
+  m = rep["metrics"]["mrpc/f1"]["adamw"]
+  assert (m["mean"], m["std"], m["values"]) == (72.0, 2.0, [70.0, 72.0, 74.0])
+  ab = rep["ablation"]
+  assert ab["jmtl_adaptive no_belief"]["delta_vs_full"] == pytest.approx(-1.0)
+  assert ab["jmtl_adaptive no_metric_schedule"]["delta_vs_full"] == pytest.approx(-3.0)
+
+  md = (out / "comparison.md").read_text()
+  assert "| adamw | 0.003 | 72.00 ± 2.00 | 70.00, 72.00, 74.00 |" in md
+  assert "## sst2/accuracy" in md and "## mrpc/accuracy" in md
+  assert "| jmtl_adaptive | 3/3 | 28.0 | 0.58 |" in md
+  assert "| no_cautious | 79.00 ± 2.00 | -2.00 |" in md
+  assert "| sgd | 0.0333, 0.1, 0.3, 0.9 | 0.1 | 62.00 ± 2.00 | 1 diverged run(s) |" in md
+  assert "edge of the grid" not in md  # every best lr is inside its grid here
+  for name in ("loss_curves.png", "dev_curves.png", "lr_sensitivity.png"):
+    data = (out / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+  saved = json.loads((out / "report.json").read_text())
+  assert saved["steps_to_target"]["adamw"]["per_seed"] == [50, 48, 48]
+  assert (out / "sweep.json").is_file()
+  # Mean loss curve at step 2 for adamw: 2 exp(-2/50) + 0.1 * mean(seed) = 2 exp(-0.04) + 0.1.
+  step2 = dict(map(tuple, saved["curves"]["adamw"]["loss"]))[2]
+  assert step2 == pytest.approx(2 * math.exp(-0.04) + 0.1)
+
+
+def test_report_helpers_hand_examples():
+  pts = [(10, 50.0), (20, 71.0), (30, 69.0), (40, 80.0)]
+  assert report_lib.steps_to_target(pts, 70.0) == 20
+  assert report_lib.steps_to_target(pts, 80.0) == 40
+  assert report_lib.steps_to_target(pts, 80.5) is None
+  assert report_lib.steps_to_target([(20, 75.0), (10, float("nan"))], 70.0) == 20
+  assert report_lib.mean_curve([[(1, 1.0), (2, 3.0)], [(1, 3.0), (2, 5.0), (3, 9.0)]]) == [
+      (1, 2.0), (2, 4.0)]
+  assert report_lib.trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+  assert report_lib.fmt(82.0, 2.0) == "82.00 ± 2.00"
+  assert report_lib.fmt(None, None) == "—"
+
+
+def test_report_without_sweep_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="sweep.json"):
+    report_lib.report_optim(tmp_path, tmp_path / "out")
