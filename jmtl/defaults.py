@@ -134,4 +134,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.no_repeat_ngram = 0
   c.eval.n_best = 20  # SQuAD span candidates per feature
   c.eval.max_answer_len = 30  # SQuAD, in tokens
+
+  # ---------------------------------------------------------------- optimizer study (`jmtl sweep`)
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.optimizers = ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw",
+                        "paper_adaptive", "jmtl_adaptive")
+  # (optimizer, centre lr) pairs; grid = centre * lr_ratio ** (k - (lr_points - 1) // 2)
+  c.sweep.lr_centres = (
+      ("sgd", 0.1), ("momentum", 0.01), ("nesterov", 0.01), ("adagrad", 0.01),
+      ("rmsprop", 3e-4), ("adam", 1e-3), ("adamw", 1e-3), ("lion", 1e-4), ("lamb", 3e-3),
+      ("adafactor", 1e-2), ("schedule_free_adamw", 1e-3), ("paper_adaptive", 1e-3),
+      ("jmtl_adaptive", 1e-3),
+  )
+  c.sweep.lr_points = 4  # learning rates per optimizer (>= 4)
+  c.sweep.lr_ratio = 3.0  # ratio of neighbouring grid points (> 1)
+  c.sweep.seeds = (0, 1, 2)  # values of `seed`, >= 3
+  c.sweep.select_metric = ""  # "<task>/<metric>"; "" = mean over tasks of each first metric
+  # (optimizer, "section.key", value) triples applied to that optimizer's runs only
+  c.sweep.overrides = ()
+  # jmtl_adaptive switches turned off one at a time at its best lr; () = no ablation
+  c.sweep.ablation = ("belief", "cautious", "metric_schedule")
+  c.sweep.target_fraction = 0.95  # steps-to-target: fraction of the best mean final score
+  c.sweep.reference = "adamw"  # steps-to-target ratios are relative to this optimizer
   return c
