@@ -2,7 +2,8 @@
 
 Per task: records -> seeded shuffle, reshuffled every epoch -> this process's slice
 (`[process_index::process_count]`) -> featurize -> batch (pad to the smallest
-`data.length_buckets` entry that fits the longest row, capped by the task's max length).
+`data.length_buckets` entry that fits the longest row, capped by the task's max length; with
+more than one process, to the task's max length so that all processes agree on shapes).
 Batch k of a task is random access (`stream[k]`), so the iterator state is just the step and
 the number of batches taken per task (JSON), and a restored iterator replays the same stream.
 
@@ -14,6 +15,7 @@ Mixtures (T5/SeqIO): rate_t proportional to n_t ("proportional"), to n_t^(1/T)
 
 from __future__ import annotations
 
+import sys
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -73,6 +75,40 @@ def rows_per_task(rates: Mapping[str, float], batch_size: int) -> dict[str, int]
   return dict(zip(names, rows))
 
 
+class EpochShuffle(grain.MapDataset):
+  """Infinite stream over a finite parent: element i is parent[perm_e[i mod n]] with
+  e = i // n and perm_e = numpy permutation seeded by (seed, e), so every epoch is a fresh
+  permutation. (Permutations are cached per epoch; grain's per-index shuffle costs ~2 ms an
+  element here.)"""
+
+  def __init__(self, parent: grain.MapDataset, seed: int):
+    super().__init__(parent)
+    self._seed, self._n, self._cache = int(seed), len(parent), {}
+    if self._n == 0:
+      raise ValueError("cannot shuffle an empty dataset")
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"EpochShuffle(seed={self._seed})"
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    perm = self._cache.get(epoch)
+    if perm is None:
+      if len(self._cache) >= 4:
+        self._cache.pop(min(self._cache))
+      perm = np.random.default_rng([self._seed, epoch]).permutation(self._n)
+      self._cache[epoch] = perm
+    return perm
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, pos = divmod(int(index), self._n)
+    return self._parents[0][int(self._perm(epoch)[pos])]
+
+
 def _task_seed(seed: int, name: str) -> int:
   return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
 
@@ -93,12 +129,16 @@ class _TaskStream:
       ds = grain.MapDataset.source(items)
       featurize = lambda f: f  # noqa: E731
     else:
-      ds = grain.MapDataset.source(records).map_with_index(lambda i, r: (i, r))
-      featurize = lambda ir: featurizer(ir[1], ir[0])[0]  # noqa: E731
+      ds = grain.MapDataset.range(len(records))
+      featurize = lambda i: featurizer(records[i], i)[0]  # noqa: E731
     self.size = len(ds)
-    ds = ds.shuffle(seed=_task_seed(seed, task.name)).repeat()
+    ds = EpochShuffle(ds, _task_seed(seed, task.name))
     ds = ds[process_index::process_count].map(featurize)
-    self.batches = ds.batch(rows, drop_remainder=False, batch_fn=featurizer.collate)
+    # With several processes each sees only its rows, so all pad to the task's max length
+    # (every process must produce the same shapes for one step).
+    length = featurizer.max_len if process_count > 1 else None
+    collate = lambda feats: featurizer.collate(feats, length=length)  # noqa: E731
+    self.batches = ds.batch(rows, drop_remainder=False, batch_fn=collate)
 
   def __getitem__(self, k: int) -> dict[str, np.ndarray]:
     return self.batches[k]

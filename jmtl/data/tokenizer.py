@@ -64,7 +64,8 @@ class Tokenizer:
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Iterable[int]) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+    keep = [int(i) for i in ids if int(i) not in self.special_ids]
+    return self._tok.decode(keep, skip_special_tokens=True)
 
   def id_to_token(self, i: int) -> str | None:
     return self._tok.id_to_token(int(i))
@@ -91,6 +92,7 @@ class Tokenizer:
                                                                t.endswith("]")))
     model = models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")
     tok = _bert_pipeline(tokenizers.Tokenizer(model), lowercase)
+    tok.add_special_tokens([t for t in SPECIALS if t in vocab])
     return cls(_with_post_processor(tok))
 
 
