@@ -1,0 +1,135 @@
+"""The jitted, sharded train step and the jitted forward used by evaluation."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jmtl.parallel import sharding as sharding_lib
+from jmtl.train.state import TrainState
+
+Batch = Mapping[str, Mapping[str, Any]]
+LossFn = Callable[..., tuple[jax.Array, Any]]
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """True when every floating-point element of `tree` is finite."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+  """Elementwise `new if ok else old` over matching pytrees (rng keys included)."""
+  return jax.tree.map(lambda n, o: jax.lax.select(ok, n, o), new, old)
+
+
+def _default_task_loss() -> LossFn:
+  from jmtl.model.losses import task_loss  # pylint: disable=import-outside-toplevel
+  return task_loss
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    task_kinds: Mapping[str, str], config: Any, state_shardings: TrainState,
+                    mesh: Mesh, *, task_loss: LossFn | None = None
+                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Returns `step_fn(state, batch, val_metric, val_count) -> (state, metrics)`.
+
+  loss = sum over the tasks t in `batch` of task_loss(kind_t, model(batch[t], task=t,
+  deterministic=False, rngs=Rngs(dropout=fold_in(state.rng, state.step))), batch[t]).
+  Label smoothing (`config.model.decoder.label_smoothing`) applies to seq2seq tasks only.
+  Update: `tx.update(grads, opt_state, params, val_metric=, val_count=)`, then apply_updates.
+
+  Non-finite rule: when the loss, any gradient or any updated parameter is not finite, params,
+  rest and opt_state are returned unchanged (the optimizer's own step count does not advance)
+  but `state.step` still advances by one, so it always counts batches consumed (data position,
+  dropout key, logging); metrics then report `nonfinite = skipped = 1`. The trainer decides
+  from those whether to halt or go on (`config.train.on_nonfinite`).
+
+  Metrics: `train/loss`, `train/<task>/loss`, `grad_norm` (global L2 norm of the gradients),
+  `nonfinite`, `skipped`. The jitted function is `step_fn.jitted` (in/out shardings from
+  `state_shardings` and the `batch` rule, state donated); `step_fn` adds shape checks and
+  casts `val_metric` to float32 and `val_count` to int32 so the cache key never changes;
+  `step_fn.trace_count()` says how many times the step was traced (compiled).
+  """
+  tx = optax.with_extra_args_support(tx)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  smoothing = float(config.model.decoder.label_smoothing)
+  kinds = dict(task_kinds)
+  loss_of = task_loss if task_loss is not None else _default_task_loss()
+  batch_sh = sharding_lib.batch_sharding(mesh, rules)
+  rep = sharding_lib.replicated(mesh)
+
+  traces = [0]
+
+  def step(state: TrainState, batch: Batch, val_metric: jax.Array, val_count: jax.Array):
+    traces[0] += 1  # Python side effect: runs once per trace (= per compilation)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+      dropout_key = jax.random.fold_in(state.rng, state.step)
+
+      def loss_fn(params):
+        model = nnx.merge(graphdef, params, state.rest)
+        rngs = nnx.Rngs(dropout=dropout_key)
+        per_task = {}
+        for name in sorted(batch):
+          outputs = model(batch[name], task=name, deterministic=False, rngs=rngs)
+          ls = smoothing if kinds[name] == "seq2seq" else 0.0
+          per_task[name], _ = loss_of(kinds[name], outputs, batch[name], ls)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        return sum(per_task.values()), (per_task, rest)
+
+      (loss, (per_task, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                     val_metric=val_metric, val_count=val_count)
+      params = optax.apply_updates(state.params, updates)
+      ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+      new_state = state.replace(
+          step=state.step + 1,
+          params=_keep_if(ok, params, state.params),
+          rest=_keep_if(ok, rest, state.rest),
+          opt_state=_keep_if(ok, opt_state, state.opt_state))
+      bad = jnp.logical_not(ok).astype(jnp.int32)
+      metrics = {"train/loss": loss, "grad_norm": optax.tree.norm(grads),
+                 "nonfinite": bad, "skipped": bad}
+      metrics.update({f"train/{t}/loss": v for t, v in per_task.items()})
+      return new_state, metrics
+
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sh, rep, rep),
+                   out_shardings=(state_shardings, rep), donate_argnums=0)
+
+  def step_fn(state: TrainState, batch: Batch, val_metric: Any = 0.0, val_count: Any = 0):
+    unknown = sorted(set(batch) - set(kinds))
+    if unknown:
+      raise KeyError(f"batch has tasks {unknown} that are not in task_kinds {sorted(kinds)}.")
+    sharding_lib.check_batch(batch, mesh, rules)
+    return jitted(state, batch, jnp.asarray(val_metric, jnp.float32),
+                  jnp.asarray(val_count, jnp.int32))
+
+  step_fn.jitted = jitted  # type: ignore[attr-defined]
+  step_fn.trace_count = lambda: traces[0]  # type: ignore[attr-defined]
+  return step_fn
+
+
+def make_predict_fn(graphdef: nnx.GraphDef, config: Any, state_shardings: TrainState,
+                    mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
+  """Returns jitted `fn(params, rest, task_batch, task) -> outputs` (deterministic forward).
+
+  `task` is static (one compilation per task and batch shape); the batch is sharded by the
+  `batch` rule, parameters as in `state_shardings`.
+  """
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  batch_sh = sharding_lib.batch_sharding(mesh, rules)
+
+  def predict(params: nnx.State, rest: nnx.State, task_batch: Mapping[str, Any], task: str):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+      model = nnx.merge(graphdef, params, rest)
+      return model(task_batch, task=task, deterministic=True, rngs=None)
+
+  return jax.jit(predict, static_argnums=3,
+                 in_shardings=(state_shardings.params, state_shardings.rest, batch_sh))
