@@ -118,9 +118,8 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, kind: str = "wordp
   texts = list(texts)
   normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                           strip_accents=None, lowercase=lowercase)
-  alphabet = set()
-  for text in texts:
-    alphabet.update(normalizer.normalize_str(text))
+  # BertNormalizer works char by char, so normalizing each distinct char gives the alphabet.
+  alphabet = set("".join(normalizer.normalize_str(c) for c in set("".join(texts))))
   continuation = [f"##{c}" for c in sorted(alphabet) if not c.isspace()]
   specials = list(SPECIALS) + continuation
   if kind == "wordpiece":

@@ -1,0 +1,1 @@
+"""Data: sources (records), tokenizer, features and grain pipelines."""
