@@ -139,6 +139,10 @@ def test_missing_files_and_unknown_names(tmp_path):
   assert sources.check_task_files("rte", _cfg(tmp_path), ["validation"]) == [
       str(tmp_path / "glue" / "RTE" / "dev.tsv")]
   assert sources.check_task_files("bbc_topic", _cfg(tmp_path)) == []
+  assert sources.check_task_files("cola", _cfg(tmp_path, eval_split="test")) == [
+      str(tmp_path / "glue" / "CoLA" / f) for f in ("train.tsv", "test.tsv")]
+  assert sources.check_task_files("squad_dev", _cfg(tmp_path)) == [
+      str(tmp_path / "squad" / "dev-v1.1.json")]
   with pytest.raises(KeyError, match="known tasks: .*sst2"):
     tasks.get_task("sst3")
   with pytest.raises(KeyError, match="no split 'dev'"):

@@ -75,10 +75,14 @@ def source_path(spec: Any, data_cfg: Any) -> pathlib.Path:
 
 def check_task_files(task: Task | str, data_cfg: Any,
                      splits: Sequence[str] | None = None) -> list[str]:
-  """Paths (or packages) that `task` needs for `splits` (default: all) and that are missing."""
+  """Paths (or packages) that `task` needs for `splits` and that are missing. Default splits:
+  those of "train" and `data.eval_split` that the task declares (what a run reads)."""
   task = tasks_base.get_task(task)
+  if splits is None:
+    wanted = ("train", cfg_get(data_cfg, "eval_split", "validation"))
+    splits = [s for s in dict.fromkeys(wanted) if s in task.splits]
   missing: list[str] = []
-  for split in (splits if splits is not None else list(task.splits)):
+  for split in splits:
     spec = task.tfds[split] if _use_tfds(task, split, data_cfg) else _spec(task, split)
     try:
       path = source_path(spec, data_cfg)
