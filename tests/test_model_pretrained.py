@@ -2,7 +2,6 @@
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -117,20 +116,64 @@ def test_config_errors_name_the_problem(tmp_path):
     pretrained.bert_model_config(tmp_path)
 
 
-@needs_minilm
+def _tiny_checkpoint(path, drop=()):
+  """A random 1-layer BERT checkpoint in Hugging Face layout (vocab 50, d 16, 2 heads, ff 32)."""
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(0)
+  d, ff, vocab = 16, 32, 50
+  shapes = {"embeddings.word_embeddings.weight": (vocab, d),
+            "embeddings.position_embeddings.weight": (64, d),
+            "embeddings.token_type_embeddings.weight": (2, d),
+            "embeddings.LayerNorm.weight": (d,), "embeddings.LayerNorm.bias": (d,)}
+  p = "encoder.layer.0."
+  for name in ("query", "key", "value"):
+    shapes[p + f"attention.self.{name}.weight"] = (d, d)
+    shapes[p + f"attention.self.{name}.bias"] = (d,)
+  shapes.update({p + "attention.output.dense.weight": (d, d), p + "attention.output.dense.bias": (d,),
+                 p + "attention.output.LayerNorm.weight": (d,),
+                 p + "attention.output.LayerNorm.bias": (d,),
+                 p + "intermediate.dense.weight": (ff, d), p + "intermediate.dense.bias": (ff,),
+                 p + "output.dense.weight": (d, ff), p + "output.dense.bias": (d,),
+                 p + "output.LayerNorm.weight": (d,), p + "output.LayerNorm.bias": (d,)})
+  tensors = {"bert." + k: rng.normal(0, 0.5, s).astype(np.float32)
+             for k, s in shapes.items() if k not in drop}
+  save_file(tensors, str(path / "model.safetensors"))
+  config = {"num_hidden_layers": 1, "hidden_size": d, "num_attention_heads": 2,
+            "intermediate_size": ff, "max_position_embeddings": 64, "type_vocab_size": 2,
+            "layer_norm_eps": 1e-12, "vocab_size": vocab, "hidden_act": "gelu"}
+  (path / "config.json").write_text(json.dumps(config))
+  return tensors, config
+
+
+def test_tiny_checkpoint_round_trip(tmp_path):
+  tensors, config = _tiny_checkpoint(tmp_path)
+  cfg, vocab = _trunk_cfg(tmp_path)
+  trunk = TransformerTrunk(cfg, vocab, rngs=nnx.Rngs(0))
+  pretrained.load_bert_into_trunk(trunk, tmp_path)
+  ids = np.array([[2, 7, 9, 3, 0], [4, 5, 6, 8, 3]], np.int32)
+  types = np.array([[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], np.int32)
+  mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], np.int32)
+  ours = np.asarray(trunk(ids, types, mask, deterministic=True))
+  raw = {k.removeprefix("bert."): v for k, v in tensors.items()}
+  ref = _numpy_bert(raw, config, ids, types, mask.astype(np.float64))
+  np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=1e-4, rtol=1e-4)
+
+
 def test_shape_mismatch_and_missing_tensor_raise(tmp_path):
-  cfg, vocab = _trunk_cfg(CKPT)
-  cfg.layers = 1
-  small = TransformerTrunk(cfg, 100, rngs=nnx.Rngs(0))  # wrong vocab size
+  _tiny_checkpoint(tmp_path)
+  cfg, _ = _trunk_cfg(tmp_path)
+  wrong_vocab = TransformerTrunk(cfg, 60, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="embeddings.word_embeddings.weight"):
-    pretrained.load_bert_into_trunk(small, CKPT)
-  from safetensors.numpy import load_file, save_file
-  tensors = load_file(str(CKPT / "model.safetensors"))
-  del tensors["encoder.layer.0.attention.self.key.bias"]
-  tensors = {k: v for k, v in tensors.items() if not k.startswith("encoder.layer.") or
-             k.startswith("encoder.layer.0.")}
-  save_file(tensors, str(tmp_path / "model.safetensors"))
-  shutil.copy(CKPT / "config.json", tmp_path / "config.json")
-  one_layer = TransformerTrunk(cfg, vocab, rngs=nnx.Rngs(0))
+    pretrained.load_bert_into_trunk(wrong_vocab, tmp_path)
+  cfg.d_ff = 48
+  wrong_ff = TransformerTrunk(cfg, 50, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="intermediate.dense.weight"):
+    pretrained.load_bert_into_trunk(wrong_ff, tmp_path)
+  _tiny_checkpoint(tmp_path, drop=("encoder.layer.0.attention.self.key.bias",))
+  cfg.d_ff = 32
+  trunk = TransformerTrunk(cfg, 50, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="attention.self.key.bias"):
-    pretrained.load_bert_into_trunk(one_layer, tmp_path)
+    pretrained.load_bert_into_trunk(trunk, tmp_path)
+  cfg.norm = "pre"
+  with pytest.raises(ValueError, match="norm"):
+    pretrained.load_bert_into_trunk(TransformerTrunk(cfg, 50, rngs=nnx.Rngs(0)), tmp_path)

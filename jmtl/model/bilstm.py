@@ -1,6 +1,6 @@
 """Bi-LSTM + additive attention trunk: the classic pre-transformer baseline.
 
-x = dropout(word + token_type embeddings)
+x = dropout(LayerNorm(word + token_type embeddings))   (unit-scale LSTM inputs)
 h = [lstm_fwd(x); lstm_bwd(x)] per layer (backward runs over each row's real tokens only,
     using seq_lengths = sum(attention_mask), so right padding never enters it)
 attention (additive, Bahdanau-style pooling): e_j = v . tanh(W h_j + b), alpha = softmax over real j,
@@ -51,6 +51,8 @@ class BiLSTMTrunk(nnx.Module):
     self.type_embedding = nnx.Embed(
         cfg_get(cfg, "type_vocab_size"), d, dtype=self.dtype, param_dtype=jnp.float32,
         embedding_init=layers.param_init(init, (None, "embed")), rngs=rngs)
+    self.embed_norm = layers.LayerNorm(d, eps=cfg_get(cfg, "layer_norm_eps"), dtype=self.dtype,
+                                       rngs=rngs)
     self.dropout = nnx.Dropout(cfg_get(cfg, "dropout"))
     self.lstms = nnx.List([
         nnx.Bidirectional(
@@ -70,7 +72,7 @@ class BiLSTMTrunk(nnx.Module):
     require_rngs(deterministic, rngs)
     x = (layers.embed_lookup(self.token_embedding, input_ids, self.dtype)
          + layers.embed_lookup(self.type_embedding, segment_ids, self.dtype))
-    x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+    x = self.dropout(self.embed_norm(x), deterministic=deterministic, rngs=rngs)
     lengths = jnp.sum(attention_mask > 0, axis=-1).astype(jnp.int32)
     batch = input_ids.shape[0]
     zeros = jnp.zeros((batch, self.lstm_hidden), self.dtype)

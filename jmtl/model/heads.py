@@ -65,7 +65,7 @@ class SpanHead(nnx.Module):
   def __call__(self, hidden: jax.Array, attention_mask: jax.Array,
                context_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits = self.qa_outputs(hidden).astype(jnp.float32)  # [B, L, 2]
-    allowed = (context_mask > 0) & (attention_mask > 0)
-    allowed = allowed.at[:, 0].set(True)
+    first = jnp.arange(hidden.shape[1])[None, :] == 0
+    allowed = ((jnp.asarray(context_mask) > 0) & (jnp.asarray(attention_mask) > 0)) | first
     logits = jnp.where(allowed[..., None], logits, layers.NEG_INF)
     return logits[..., 0], logits[..., 1]
