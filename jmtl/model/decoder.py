@@ -1,0 +1,292 @@
+"""Seq2seq head: a transformer decoder over the trunk's states (summarization).
+
+Each block is causal self-attention, cross-attention to the encoder states and a feed-forward
+layer, with residual connections and LayerNorm placed by `model.norm` ("post": BERT,
+x = LN(x + f(x)); "pre": x = x + f(LN(x)) and a final LN). Decoder positions are a learned table
+of `model.max_len` rows. With `decoder.tie_embeddings` the trunk's token embedding embeds the
+decoder inputs and gives the output logits (`embedding.attend(h)`); otherwise the head owns both.
+
+Besides the teacher-forced `__call__`, the head exposes the incremental interface used by
+`jmtl.model.decoding`: `init_cache` (cross-attention K/V computed once, an empty self-attention
+K/V buffer) and `decode_step` (one token per sequence, K/V appended at the step's position).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+# (static, dynamic): static = per-layer cross K/V + encoder mask, dynamic = per-layer self K/V.
+StaticCache = dict[str, Any]
+SelfCache = list[tuple[Array, Array]]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _dtype(name: str) -> jnp.dtype:
+  if name not in _DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+  return _DTYPES[name]
+
+
+def _linear(d_in: int, d_out: int, axes: tuple[str, str], dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  """Dense layer whose kernel has logical axes `axes` and whose bias has `(axes[1],)`."""
+  return nnx.Linear(
+      d_in, d_out, dtype=dtype,
+      kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+      rngs=rngs)
+
+
+def _layer_norm(d: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      d, epsilon=eps, dtype=dtype,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+      rngs=rngs)
+
+
+def _attention_weights(q: Array, k: Array, mask: Array) -> Array:
+  """softmax(q k^T / sqrt(d_head)) over keys, in float32; `mask` [B,T,S] (True = may attend)."""
+  scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+  scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head attention with separate q/k/v/out projections (d_model = heads * d_head)."""
+
+  def __init__(self, d_model: int, heads: int, attention_dropout: float, dtype, *,
+               rngs: nnx.Rngs):
+    if d_model % heads:
+      raise ValueError(f"d_model={d_model} is not divisible by decoder.heads={heads}")
+    self.heads = heads
+    self.d_head = d_model // heads
+    self.dtype = dtype
+    self.query = _linear(d_model, d_model, ("embed", "heads"), dtype, rngs)
+    self.key = _linear(d_model, d_model, ("embed", "heads"), dtype, rngs)
+    self.value = _linear(d_model, d_model, ("embed", "heads"), dtype, rngs)
+    self.out = _linear(d_model, d_model, ("heads", "embed"), dtype, rngs)
+    self.dropout = nnx.Dropout(attention_dropout)
+
+  def _split(self, x: Array) -> Array:
+    return x.reshape(*x.shape[:-1], self.heads, self.d_head)
+
+  def project_kv(self, x: Array) -> tuple[Array, Array]:
+    """Keys and values [B,S,H,Dh] of `x` [B,S,D]."""
+    return self._split(self.key(x)), self._split(self.value(x))
+
+  def attend(self, x: Array, k: Array, v: Array, mask: Array, *, deterministic: bool,
+             rngs: nnx.Rngs | None) -> Array:
+    """Attention of queries from `x` [B,T,D] over `k`/`v` [B,S,H,Dh]; mask [B,T,S] -> [B,T,D]."""
+    q = self._split(self.query(x))
+    w = _attention_weights(q, k, mask)
+    w = self.dropout(w, deterministic=deterministic, rngs=rngs)
+    o = jnp.einsum("bhts,bshd->bthd", w.astype(v.dtype), v)
+    return self.out(o.reshape(*o.shape[:2], -1))
+
+
+class FeedForward(nnx.Module):
+  """gelu: W2 gelu(W1 x) (exact erf gelu); swiglu: W2 (silu(Wg x) * W1 x)."""
+
+  def __init__(self, d_model: int, d_ff: int, activation: str, dtype, *, rngs: nnx.Rngs):
+    if activation not in ("gelu", "swiglu"):
+      raise ValueError(f"model.activation must be 'gelu' or 'swiglu', got {activation!r}")
+    self.activation = activation
+    self.up = _linear(d_model, d_ff, ("embed", "mlp"), dtype, rngs)
+    self.gate = (_linear(d_model, d_ff, ("embed", "mlp"), dtype, rngs)
+                 if activation == "swiglu" else None)
+    self.down = _linear(d_ff, d_model, ("mlp", "embed"), dtype, rngs)
+
+  def __call__(self, x: Array) -> Array:
+    if self.gate is None:
+      h = jax.nn.gelu(self.up(x), approximate=False)
+    else:
+      h = jax.nn.silu(self.gate(x)) * self.up(x)
+    return self.down(h)
+
+
+class DecoderBlock(nnx.Module):
+  """Causal self-attention, cross-attention, FFN; each a residual branch with dropout."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, dec, dtype = cfg.d_model, cfg.decoder, _dtype(cfg.dtype)
+    if cfg.norm not in ("post", "pre"):
+      raise ValueError(f"model.norm must be 'post' or 'pre', got {cfg.norm!r}")
+    self.pre_norm = cfg.norm == "pre"
+    self.self_attn = MultiHeadAttention(d, dec.heads, cfg.attention_dropout, dtype, rngs=rngs)
+    self.cross_attn = MultiHeadAttention(d, dec.heads, cfg.attention_dropout, dtype, rngs=rngs)
+    self.ffn = FeedForward(d, dec.d_ff, cfg.activation, dtype, rngs=rngs)
+    self.norm_self = _layer_norm(d, cfg.layer_norm_eps, dtype, rngs)
+    self.norm_cross = _layer_norm(d, cfg.layer_norm_eps, dtype, rngs)
+    self.norm_ffn = _layer_norm(d, cfg.layer_norm_eps, dtype, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def _residual(self, x: Array, norm: nnx.LayerNorm, f, deterministic: bool,
+                rngs: nnx.Rngs | None) -> Array:
+    if self.pre_norm:
+      return x + self.dropout(f(norm(x)), deterministic=deterministic, rngs=rngs)
+    return norm(x + self.dropout(f(x), deterministic=deterministic, rngs=rngs))
+
+  def __call__(self, x: Array, kv_fn: Callable[[Array], tuple[Array, Array]],
+               self_mask: Array, cross_kv: tuple[Array, Array], cross_mask: Array, *,
+               deterministic: bool, rngs: nnx.Rngs | None) -> tuple[Array, tuple[Array, Array]]:
+    """One block on `x` [B,T,D]. `kv_fn` maps the (normed) self-attention input to the keys
+    and values to attend over: its own K/V (teacher forcing) or the cache with this step's K/V
+    written in. Returns (x, those K/V)."""
+    kv = None
+
+    def self_branch(h):
+      nonlocal kv
+      kv = kv_fn(h)
+      return self.self_attn.attend(h, *kv, self_mask, deterministic=deterministic, rngs=rngs)
+
+    x = self._residual(x, self.norm_self, self_branch, deterministic, rngs)
+    x = self._residual(
+        x, self.norm_cross,
+        lambda h: self.cross_attn.attend(h, *cross_kv, cross_mask, deterministic=deterministic,
+                                         rngs=rngs),
+        deterministic, rngs)
+    x = self._residual(x, self.norm_ffn, self.ffn, deterministic, rngs)
+    return x, kv
+
+
+class Seq2SeqHead(nnx.Module):
+  """Transformer decoder head: logits[b,t] = P(y_t | y_<t, encoder states) before softmax."""
+
+  def __init__(self, model_cfg, vocab_size: int, *, rngs: nnx.Rngs):
+    dec = model_cfg.decoder
+    if vocab_size <= 0:
+      raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if dec.layers <= 0:
+      raise ValueError(f"model.decoder.layers must be positive, got {dec.layers}")
+    d, dtype = model_cfg.d_model, _dtype(model_cfg.dtype)
+    self.vocab_size = vocab_size
+    self.d_model = d
+    self.max_len = model_cfg.max_len
+    self.tie_embeddings = bool(dec.tie_embeddings)
+    self.pre_norm = model_cfg.norm == "pre"
+    self.dtype = dtype
+    self.positions = nnx.Embed(
+        model_cfg.max_len, d, dtype=dtype,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("length", "embed")),
+        rngs=rngs)
+    if self.tie_embeddings:
+      self.token_embedding = None
+      self.output = None
+    else:
+      self.token_embedding = nnx.Embed(
+          vocab_size, d, dtype=dtype,
+          embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
+          rngs=rngs)
+      self.output = nnx.Linear(
+          d, vocab_size, use_bias=False, dtype=dtype,
+          kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed", "vocab")),
+          rngs=rngs)
+    # Post-norm normalises the embedding sum (as BERT); pre-norm normalises the last block.
+    self.norm = _layer_norm(d, model_cfg.layer_norm_eps, dtype, rngs)
+    self.dropout = nnx.Dropout(model_cfg.dropout)
+    self.blocks = nnx.List([DecoderBlock(model_cfg, rngs=rngs) for _ in range(dec.layers)])
+
+  # ------------------------------------------------------------------ helpers
+  def _check_embedding(self, embedding: nnx.Embed | None) -> nnx.Embed:
+    if not self.tie_embeddings:
+      return self.token_embedding  # the caller's embedding is not used when untied
+    if embedding is None:
+      raise ValueError("decoder.tie_embeddings=True needs the trunk's token embedding "
+                       "(embedding=None was given)")
+    if (embedding.num_embeddings, embedding.features) != (self.vocab_size, self.d_model):
+      raise ValueError(
+          f"tied embedding has shape ({embedding.num_embeddings}, {embedding.features}); "
+          f"the head expects (vocab_size={self.vocab_size}, d_model={self.d_model})")
+    return embedding
+
+  def _embed(self, ids: Array, positions: Array, table: nnx.Embed, *, deterministic: bool,
+             rngs: nnx.Rngs | None) -> Array:
+    x = table(ids).astype(self.dtype) + self.positions(positions).astype(self.dtype)
+    if not self.pre_norm:
+      x = self.norm(x)
+    return self.dropout(x, deterministic=deterministic, rngs=rngs)
+
+  def _logits(self, x: Array, table: nnx.Embed) -> Array:
+    if self.pre_norm:
+      x = self.norm(x)
+    logits = table.attend(x) if self.tie_embeddings else self.output(x)
+    return logits.astype(jnp.float32)
+
+  @staticmethod
+  def _check_rngs(deterministic: bool, rngs: nnx.Rngs | None) -> None:
+    if not deterministic and rngs is None:
+      raise ValueError("Seq2SeqHead: deterministic=False needs rngs (a 'dropout' stream)")
+
+  # ------------------------------------------------------------------ teacher forcing
+  def __call__(self, encoder_states: Array, encoder_mask: Array, decoder_input_ids: Array, *,
+               embedding: nnx.Embed | None = None, deterministic: bool,
+               rngs: nnx.Rngs | None = None) -> Array:
+    """Teacher-forced logits [B,T,V] float32 for decoder inputs [B,T] (BOS + target[:-1]).
+
+    encoder_states [B,L,D]; encoder_mask [B,L] (1 = real token). Position t attends to decoder
+    positions <= t and to real encoder positions.
+    """
+    self._check_rngs(deterministic, rngs)
+    table = self._check_embedding(embedding)
+    b, t = decoder_input_ids.shape
+    if t > self.max_len:
+      raise ValueError(f"decoder length {t} exceeds model.max_len={self.max_len}")
+    x = self._embed(decoder_input_ids, jnp.arange(t)[None, :], table,
+                    deterministic=deterministic, rngs=rngs)
+    enc = encoder_states.astype(self.dtype)
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
+    cross_mask = jnp.broadcast_to(encoder_mask.astype(bool)[:, None, :], (b, t, enc.shape[1]))
+    for block in self.blocks:
+      cross_kv = block.cross_attn.project_kv(enc)
+      x, _ = block(x, block.self_attn.project_kv, causal, cross_kv, cross_mask, deterministic=deterministic,
+                   rngs=rngs)
+    return self._logits(x, table)
+
+  # ------------------------------------------------------------------ incremental decoding
+  def init_cache(self, encoder_states: Array, encoder_mask: Array, max_len: int
+                 ) -> tuple[StaticCache, SelfCache]:
+    """Cross-attention K/V of every layer (computed once) and an empty self-attention K/V
+    buffer [B,max_len,H,Dh] per layer."""
+    if max_len > self.max_len:
+      raise ValueError(f"max decode length {max_len} exceeds model.max_len={self.max_len}")
+    enc = encoder_states.astype(self.dtype)
+    b = enc.shape[0]
+    static = {"cross_kv": [blk.cross_attn.project_kv(enc) for blk in self.blocks],
+              "encoder_mask": encoder_mask.astype(bool)}
+    dynamic = []
+    for blk in self.blocks:
+      shape = (b, max_len, blk.self_attn.heads, blk.self_attn.d_head)
+      dynamic.append((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)))
+    return static, dynamic
+
+  def decode_step(self, static: StaticCache, cache: SelfCache, token_ids: Array,
+                  position: Array, *, embedding: nnx.Embed | None = None
+                  ) -> tuple[Array, SelfCache]:
+    """Logits [B,V] float32 for the next token after `token_ids` [B] at `position` (a scalar,
+    same for all rows); writes this position's self-attention K/V into `cache`."""
+    table = self._check_embedding(embedding)
+    x = self._embed(token_ids[:, None], jnp.reshape(position, (1, 1)), table,
+                    deterministic=True, rngs=None)
+    b, max_len = token_ids.shape[0], cache[0][0].shape[1]
+    self_mask = jnp.broadcast_to((jnp.arange(max_len) <= position)[None, None, :],
+                                 (b, 1, max_len))
+    cross_mask = static["encoder_mask"][:, None, :]
+    new_cache = []
+    for blk, (ck, cv), cross_kv in zip(self.blocks, cache, static["cross_kv"]):
+
+      def append(h, blk=blk, ck=ck, cv=cv):
+        k, v = blk.self_attn.project_kv(h)
+        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), position, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), position, axis=1)
+        return k, v
+
+      x, kv = blk(x, append, self_mask, cross_kv, cross_mask, deterministic=True, rngs=None)
+      new_cache.append(kv)
+    return self._logits(x, table)[:, 0], new_cache
