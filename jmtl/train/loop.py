@@ -174,18 +174,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
   # Bookkeeping that must survive a restart, saved as the checkpoint's `meta` item.
   meta = {"val_metric": 0.0, "val_count": 0, "skipped": 0}
   start = ckpt.latest_step() or 0
+  writer.truncate_after(start)  # drop lines a killed run logged after its last checkpoint
   if start:
     abstract = checkpoint_lib.abstract_like(state, shardings)
     state, data_state, meta = ckpt.restore(start, abstract)
     data_iter.set_state(data_state)
-    writer.truncate_after(start)
     logging.info("resumed from step %d", start)
     print(f"resumed from checkpoint at step {start}", flush=True)
 
   total = config.train.steps
   progress = writers.Progress(total, start, config.train.progress)
   pending: list[tuple[int, Any]] = []  # device metrics since the last log, fetched together
-  tokens, t_last = 0, time.time()
+  tokens, t_last, paused = 0, time.time(), 0.0  # paused: eval/checkpoint time, not step time
   final_metrics: dict[str, float] = {}
   stopped = False
   with _StopRequest() as stop:
@@ -217,8 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
             meta["skipped"] += 1
             logging.warning("step %d: non-finite loss or gradient%s; update skipped", s, where)
         now = time.time()
-        tps = tokens / max(now - t_last, 1e-9)
-        tokens, t_last = 0, now
+        tps = tokens / max(now - t_last - paused, 1e-9)
+        tokens, t_last, paused = 0, now, 0.0
         row = {k: float(v) for k, v in fetched[-1][1].items()
                if k.startswith("train/") or k == "grad_norm"}
         row["train/tokens_per_s"] = tps
@@ -226,6 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
         writer.write(step, "train", row)
         progress.update(step, row["train/loss"], tps)
 
+      t_pause = time.time()
       if (config.train.eval_every and step % config.train.eval_every == 0) or last:
         metrics, rows = _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh)
         writer.write(step, "eval", metrics)
@@ -237,6 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
 
       if step % config.train.checkpoint_every == 0 or last or stop.signal is not None:
         ckpt.save(step, state, data_iter.get_state(), meta)
+      paused += time.time() - t_pause
       if stop.signal is not None:
         print(f"received signal {stop.signal}: saved checkpoint at step {step}, exiting",
               flush=True)
