@@ -11,7 +11,7 @@ from jmtl.defaults import base_config
 from jmtl.optim import NAMES, build, eval_params
 
 SPECS = {"w": P("data", "fsdp"), "emb": P(None, "fsdp"), "b": P("fsdp"), "gain": P()}
-SHAPES = {"w": (8, 16), "emb": (128, 256), "b": (16,), "gain": ()}
+SHAPES = {"w": (8, 16), "emb": (256, 256), "b": (16,), "gain": ()}  # emb: sampled cautious count
 
 
 def _cfg(name, **kw):

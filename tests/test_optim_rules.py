@@ -187,3 +187,28 @@ def test_paper_adaptive_raise_after():
 ], ids=["default", "cautious_adam", "belief_lamb", "all", "adamw_updclip"])
 def test_jmtl_adaptive_matches_numpy(switches):
   _check(_cfg("jmtl_adaptive", **switches), switches)
+
+
+def test_cautious_count_sampled_for_large_tensors():
+  """Tensors with >= 65536 elements estimate the mask count from every 16th last-axis entry."""
+  from jmtl.optim.jmtl_adaptive import scale_by_adaptive_moments
+  rng = np.random.default_rng(3)
+  b1, b2, eps = 0.9, 0.99, 1e-6
+  tx = scale_by_adaptive_moments(b1, b2, eps, belief=True, cautious=True)
+  shape = (128, 512)  # 65536 elements, last axis a multiple of 16
+  p = {"w": jnp.zeros(shape, jnp.float32)}
+  state = tx.init(p)
+  m = np.zeros(shape)
+  s = np.zeros(shape)
+  step = jax.jit(tx.update)
+  for t in range(3):
+    g = rng.normal(size=shape)
+    u_got, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
+    m = b1 * m + (1 - b1) * g
+    s = b2 * s + (1 - b2) * (g - m) ** 2 + eps
+    u = (m / (1 - b1 ** (t + 1))) / (np.sqrt(s / (1 - b2 ** (t + 1))) + eps)
+    mask = (u * g > 0).astype(np.float64)
+    c_est = 16 * mask[:, ::16].sum()
+    assert abs(c_est - mask.sum()) / mask.size < 0.02  # the estimate is close to the count
+    expected = u * mask * (mask.size / (c_est + 1.0))
+    np.testing.assert_allclose(np.asarray(u_got["w"]), expected, rtol=1e-5, atol=1e-6)
