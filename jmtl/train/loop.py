@@ -32,6 +32,7 @@ from jmtl.data import sources
 from jmtl.data import tokenizer as tokenizer_lib
 from jmtl.eval import predictions as predictions_lib
 from jmtl.model import decoding
+from jmtl.model import pretrained
 from jmtl.model.multitask import HeadSpec
 from jmtl.parallel import mesh as mesh_lib
 from jmtl.parallel import sharding as sharding_lib
@@ -85,7 +86,31 @@ def _prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   tx = optim.build(config.optim, config.train.steps)
   state, graphdef, shardings = state_lib.create_train_state(
       config, head_specs, tokenizer.vocab_size, tx, mesh)
+  if config.model.init_from:
+    state = _init_from_pretrained(config, tokenizer, state, graphdef, shardings, tx)
   return mesh, tasks, tokenizer, tx, state, graphdef, shardings
+
+
+def _init_from_pretrained(config, tokenizer, state, graphdef, shardings, tx):
+  """Loads a BERT-family checkpoint into the trunk; the checkpoint's architecture must match."""
+  path = config.model.init_from
+  want = pretrained.bert_model_config(path)
+  vocab = want.pop("vocab_size")
+  for key, value in want.items():
+    if config.model[key] != value:
+      raise config_lib.ConfigError(f"config key 'model.{key}' = {config.model[key]!r} does not "
+                                   f"match the checkpoint in {path} ({value!r})")
+  if tokenizer.vocab_size != vocab:
+    raise config_lib.ConfigError(
+        f"config key 'data.tokenizer': vocabulary of {tokenizer.vocab_size} tokens does not match "
+        f"the checkpoint in {path} ({vocab}); use its vocab.txt")
+  model = nnx.merge(graphdef, state.params, state.rest)
+  pretrained.load_bert_into_trunk(model.trunk, path)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  params = jax.device_put(params, shardings.params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  return state.replace(params=params, rest=jax.device_put(rest, shardings.rest),
+                       opt_state=opt_state)
 
 
 def _eval_sets(config, tasks, tokenizer) -> list[evaluate_lib.EvalSet]:
