@@ -29,17 +29,19 @@ def _cfg(**kw):
 
 
 def _random_head(seed, cls=Seq2SeqHead, vocab=V, **kw):
-  """A head with O(1) random weights, so next-token distributions are far from uniform."""
-  with nnx.use_eager_sharding(False):
-    head = cls(_cfg(**kw), vocab, rngs=nnx.Rngs(seed))
-    emb = nnx.Embed(vocab, D, rngs=nnx.Rngs(seed + 1))
-  for i, module in enumerate((head, emb)):
-    state = nnx.state(module, nnx.Param)
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(1000 * seed + i), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    nnx.update(module, jax.tree.unflatten(tree, leaves))
-  return head, emb
+  """A head and tied embedding with O(1) random weights (numpy RNG: no per-shape compiles),
+  so next-token distributions are far from uniform."""
+  cfg = _cfg(**kw)
+  gdef, state = nnx.split(nnx.eval_shape(
+      lambda: (cls(cfg, vocab, rngs=nnx.Rngs(0)), nnx.Embed(vocab, D, rngs=nnx.Rngs(0)))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    noise = 0.3 * rng.normal(size=x.shape)
+    scale = "['scale']" in jax.tree_util.keystr(path)  # LayerNorm scales around 1
+    return jnp.asarray(noise + (1.0 if scale else 0.0), x.dtype)
+
+  return nnx.merge(gdef, jax.tree.map_with_path(fill, state))
 
 
 def _encoder(seed, b=B, length=L):
@@ -121,6 +123,7 @@ def test_outputs_after_eos_are_pad_and_padding_is_ignored():
   seen_eos = 0
   for seed in range(3):
     head, emb = _random_head(seed)
+    emb.embedding[...] = emb.embedding[...].at[EOS].multiply(3.0)  # EOS more often
     enc, mask = _encoder(seed)
     args = dict(embedding=emb, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=T)
     for out in (decoding.greedy_decode(head, enc, mask, **args),
@@ -242,6 +245,7 @@ def test_hand_built_case_beam_beats_greedy():
   table[BOS, b, [EOS, a, b]] = np.log([0.9, 0.05, 0.05])   # after b: almost surely EOS
   table[a, :, [EOS, a, b]] = np.log(1 / 3)
   table[b, :, [EOS, a, b]] = np.log(1 / 3)
+  table[:, EOS, a] = 0.0  # after EOS the model would go on with a: the output must not
   # greedy: a, EOS (p = 0.6 * 0.34 = 0.204); best: b, EOS (p = 0.4 * 0.9 = 0.36).
   np.testing.assert_array_equal(_search_table(table, max_len=4), [a, EOS, PAD, PAD])
   np.testing.assert_array_equal(
@@ -255,6 +259,7 @@ def test_hand_built_case_length_penalty_prefers_longer():
   table = np.full((5, 5, 5), np.log(1e-6))
   table[BOS, BOS, [EOS, a]] = np.log([0.55, 0.45])  # stop now (0.55) or say a (0.45)
   table[BOS, a, EOS] = np.log(0.999)                 # then stop
+  table[:, EOS, a] = 0.0
   # alpha=0: [EOS] (0.55 > 0.45); alpha=2: log(.55)/1 = -0.598 < log(.4496)/(7/6)^2 = -0.588.
   np.testing.assert_array_equal(
       _search_table(table, max_len=4, beam_size=2, length_penalty=0.0), [EOS, PAD, PAD, PAD])
@@ -395,3 +400,28 @@ def test_generate_encodes_and_dispatches():
   with pytest.raises(ValueError, match="beam_size"):
     cfg.beam_size = 0
     decoding.generate(model, batch, "dialogsum", eval_cfg=cfg, **args)
+
+
+def test_greedy_under_a_mesh_with_sharded_parameters():
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = base_config().mesh.rules
+  table = dict(rules)
+  enc, mask = _encoder(3, b=3)  # 3 rows over data x fsdp = 4 devices: uneven on purpose
+  args = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=T)
+  head, emb = _random_head(8)
+  want = decoding.greedy_decode(head, enc, mask, embedding=emb, **args)
+
+  def place(var):  # logical names -> mesh axes by the rules table; no names: replicated
+    names = var.get_metadata().get("out_sharding", ())
+    spec = jax.sharding.PartitionSpec(*(table[n] for n in names))
+    return var.replace(jax.device_put(var.get_value(), jax.sharding.NamedSharding(mesh, spec)))
+
+  for module in (head, emb):
+    state = nnx.state(module, nnx.Param)
+    nnx.update(module, jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  assert head.blocks[0].ffn.wi.kernel.get_value().sharding.spec == jax.sharding.PartitionSpec(
+      "fsdp", "tensor")
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    got = decoding.greedy_decode(head, enc, mask, embedding=emb, **args)
+  np.testing.assert_array_equal(got, want)

@@ -13,125 +13,85 @@ K/V buffer) and `decode_step` (one token per sequence, K/V appended at the step'
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jmtl.model import layers
+from jmtl.model.layers import constrain
+
 Array = jax.Array
-# (static, dynamic): static = per-layer cross K/V + encoder mask, dynamic = per-layer self K/V.
+# init_cache returns (static, cache): static = per-layer cross-attention K/V and the encoder
+# mask (fixed for the whole decode); cache = per-layer self-attention K/V buffers.
 StaticCache = dict[str, Any]
 SelfCache = list[tuple[Array, Array]]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _dtype(name: str) -> jnp.dtype:
-  if name not in _DTYPES:
-    raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
-  return _DTYPES[name]
-
-
-def _linear(d_in: int, d_out: int, axes: tuple[str, str], dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  """Dense layer whose kernel has logical axes `axes` and whose bias has `(axes[1],)`."""
-  return nnx.Linear(
-      d_in, d_out, dtype=dtype,
-      kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
-      rngs=rngs)
-
-
-def _layer_norm(d: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(
-      d, epsilon=eps, dtype=dtype,
-      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
-      rngs=rngs)
+HIDDEN = ("batch", "length", "embed")
+HEADS = ("batch", "length", "heads", "kv")
 
 
 def _attention_weights(q: Array, k: Array, mask: Array) -> Array:
   """softmax(q k^T / sqrt(d_head)) over keys, in float32; `mask` [B,T,S] (True = may attend)."""
-  scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-  scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(q.shape[-1])
+  scores = jnp.where(mask[:, None, :, :], scores, layers.NEG_INF)
   return jax.nn.softmax(scores, axis=-1)
 
 
 class MultiHeadAttention(nnx.Module):
-  """Multi-head attention with separate q/k/v/out projections (d_model = heads * d_head)."""
+  """Multi-head attention, queries from one sequence, keys/values given (self or cross)."""
 
   def __init__(self, d_model: int, heads: int, attention_dropout: float, dtype, *,
                rngs: nnx.Rngs):
     if d_model % heads:
-      raise ValueError(f"d_model={d_model} is not divisible by decoder.heads={heads}")
+      raise ValueError(f"model.d_model={d_model} is not divisible by "
+                       f"model.decoder.heads={heads}")
     self.heads = heads
     self.d_head = d_model // heads
-    self.dtype = dtype
-    self.query = _linear(d_model, d_model, ("embed", "heads"), dtype, rngs)
-    self.key = _linear(d_model, d_model, ("embed", "heads"), dtype, rngs)
-    self.value = _linear(d_model, d_model, ("embed", "heads"), dtype, rngs)
-    self.out = _linear(d_model, d_model, ("heads", "embed"), dtype, rngs)
+    shape, names = (heads, self.d_head), ("embed", "heads", "kv")
+    self.query = layers.Dense(d_model, shape, names, dtype=dtype, rngs=rngs)
+    self.key = layers.Dense(d_model, shape, names, dtype=dtype, rngs=rngs)
+    self.value = layers.Dense(d_model, shape, names, dtype=dtype, rngs=rngs)
+    self.out = layers.Dense(shape, d_model, ("heads", "kv", "embed"), dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(attention_dropout)
-
-  def _split(self, x: Array) -> Array:
-    return x.reshape(*x.shape[:-1], self.heads, self.d_head)
 
   def project_kv(self, x: Array) -> tuple[Array, Array]:
     """Keys and values [B,S,H,Dh] of `x` [B,S,D]."""
-    return self._split(self.key(x)), self._split(self.value(x))
+    return constrain(self.key(x), HEADS), constrain(self.value(x), HEADS)
 
   def attend(self, x: Array, k: Array, v: Array, mask: Array, *, deterministic: bool,
              rngs: nnx.Rngs | None) -> Array:
     """Attention of queries from `x` [B,T,D] over `k`/`v` [B,S,H,Dh]; mask [B,T,S] -> [B,T,D]."""
-    q = self._split(self.query(x))
+    q = constrain(self.query(x), HEADS)
     w = _attention_weights(q, k, mask)
     w = self.dropout(w, deterministic=deterministic, rngs=rngs)
-    o = jnp.einsum("bhts,bshd->bthd", w.astype(v.dtype), v)
-    return self.out(o.reshape(*o.shape[:2], -1))
-
-
-class FeedForward(nnx.Module):
-  """gelu: W2 gelu(W1 x) (exact erf gelu); swiglu: W2 (silu(Wg x) * W1 x)."""
-
-  def __init__(self, d_model: int, d_ff: int, activation: str, dtype, *, rngs: nnx.Rngs):
-    if activation not in ("gelu", "swiglu"):
-      raise ValueError(f"model.activation must be 'gelu' or 'swiglu', got {activation!r}")
-    self.activation = activation
-    self.up = _linear(d_model, d_ff, ("embed", "mlp"), dtype, rngs)
-    self.gate = (_linear(d_model, d_ff, ("embed", "mlp"), dtype, rngs)
-                 if activation == "swiglu" else None)
-    self.down = _linear(d_ff, d_model, ("mlp", "embed"), dtype, rngs)
-
-  def __call__(self, x: Array) -> Array:
-    if self.gate is None:
-      h = jax.nn.gelu(self.up(x), approximate=False)
-    else:
-      h = jax.nn.silu(self.gate(x)) * self.up(x)
-    return self.down(h)
+    return self.out(constrain(jnp.einsum("bhts,bshd->bthd", w.astype(v.dtype), v), HEADS))
 
 
 class DecoderBlock(nnx.Module):
   """Causal self-attention, cross-attention, FFN; each a residual branch with dropout."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
-    d, dec, dtype = cfg.d_model, cfg.decoder, _dtype(cfg.dtype)
-    if cfg.norm not in ("post", "pre"):
-      raise ValueError(f"model.norm must be 'post' or 'pre', got {cfg.norm!r}")
-    self.pre_norm = cfg.norm == "pre"
+    d, dec, dtype = cfg.d_model, cfg.decoder, layers.compute_dtype(cfg)
+    self.pre_norm = layers.cfg_choice(cfg, "norm", ("post", "pre")) == "pre"
     self.self_attn = MultiHeadAttention(d, dec.heads, cfg.attention_dropout, dtype, rngs=rngs)
     self.cross_attn = MultiHeadAttention(d, dec.heads, cfg.attention_dropout, dtype, rngs=rngs)
-    self.ffn = FeedForward(d, dec.d_ff, cfg.activation, dtype, rngs=rngs)
-    self.norm_self = _layer_norm(d, cfg.layer_norm_eps, dtype, rngs)
-    self.norm_cross = _layer_norm(d, cfg.layer_norm_eps, dtype, rngs)
-    self.norm_ffn = _layer_norm(d, cfg.layer_norm_eps, dtype, rngs)
+    self.ffn = layers.FeedForward(d, dec.d_ff, activation=cfg.activation, dtype=dtype, rngs=rngs)
+    eps = cfg.layer_norm_eps
+    self.norm_self = layers.LayerNorm(d, eps=eps, dtype=dtype, rngs=rngs)
+    self.norm_cross = layers.LayerNorm(d, eps=eps, dtype=dtype, rngs=rngs)
+    self.norm_ffn = layers.LayerNorm(d, eps=eps, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def _residual(self, x: Array, norm: nnx.LayerNorm, f, deterministic: bool,
+  def _residual(self, x: Array, norm: layers.LayerNorm, f, deterministic: bool,
                 rngs: nnx.Rngs | None) -> Array:
     if self.pre_norm:
-      return x + self.dropout(f(norm(x)), deterministic=deterministic, rngs=rngs)
-    return norm(x + self.dropout(f(x), deterministic=deterministic, rngs=rngs))
+      x = x + self.dropout(f(norm(x)), deterministic=deterministic, rngs=rngs)
+    else:
+      x = norm(x + self.dropout(f(x), deterministic=deterministic, rngs=rngs))
+    return constrain(x, HIDDEN)
 
   def __call__(self, x: Array, kv_fn: Callable[[Array], tuple[Array, Array]],
                self_mask: Array, cross_kv: tuple[Array, Array], cross_mask: Array, *,
@@ -165,31 +125,28 @@ class Seq2SeqHead(nnx.Module):
       raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     if dec.layers <= 0:
       raise ValueError(f"model.decoder.layers must be positive, got {dec.layers}")
-    d, dtype = model_cfg.d_model, _dtype(model_cfg.dtype)
+    d, dtype = model_cfg.d_model, layers.compute_dtype(model_cfg)
     self.vocab_size = vocab_size
     self.d_model = d
     self.max_len = model_cfg.max_len
     self.tie_embeddings = bool(dec.tie_embeddings)
-    self.pre_norm = model_cfg.norm == "pre"
+    self.pre_norm = layers.cfg_choice(model_cfg, "norm", ("post", "pre")) == "pre"
     self.dtype = dtype
+    init = layers.kernel_init()
     self.positions = nnx.Embed(
         model_cfg.max_len, d, dtype=dtype,
-        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("length", "embed")),
-        rngs=rngs)
+        embedding_init=layers.param_init(init, ("length", "embed")), rngs=rngs)
     if self.tie_embeddings:
-      self.token_embedding = None
-      self.output = None
+      self.token_embedding = nnx.data(None)
+      self.output = nnx.data(None)
     else:
       self.token_embedding = nnx.Embed(
           vocab_size, d, dtype=dtype,
-          embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
-          rngs=rngs)
-      self.output = nnx.Linear(
-          d, vocab_size, use_bias=False, dtype=dtype,
-          kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed", "vocab")),
-          rngs=rngs)
+          embedding_init=layers.param_init(init, ("vocab", "embed")), rngs=rngs)
+      self.output = layers.Dense(d, vocab_size, ("embed", "vocab"), dtype=dtype, use_bias=False,
+                                 rngs=rngs)
     # Post-norm normalises the embedding sum (as BERT); pre-norm normalises the last block.
-    self.norm = _layer_norm(d, model_cfg.layer_norm_eps, dtype, rngs)
+    self.norm = layers.LayerNorm(d, eps=model_cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(model_cfg.dropout)
     self.blocks = nnx.List([DecoderBlock(model_cfg, rngs=rngs) for _ in range(dec.layers)])
 
@@ -208,16 +165,18 @@ class Seq2SeqHead(nnx.Module):
 
   def _embed(self, ids: Array, positions: Array, table: nnx.Embed, *, deterministic: bool,
              rngs: nnx.Rngs | None) -> Array:
-    x = table(ids).astype(self.dtype) + self.positions(positions).astype(self.dtype)
+    x = (layers.embed_lookup(table, ids, jnp.float32)
+         + jnp.take(self.positions.embedding[...], positions, axis=0))
     if not self.pre_norm:
       x = self.norm(x)
-    return self.dropout(x, deterministic=deterministic, rngs=rngs)
+    x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+    return constrain(x.astype(self.dtype), HIDDEN)
 
   def _logits(self, x: Array, table: nnx.Embed) -> Array:
     if self.pre_norm:
       x = self.norm(x)
     logits = table.attend(x) if self.tie_embeddings else self.output(x)
-    return logits.astype(jnp.float32)
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
   @staticmethod
   def _check_rngs(deterministic: bool, rngs: nnx.Rngs | None) -> None:
@@ -245,8 +204,8 @@ class Seq2SeqHead(nnx.Module):
     cross_mask = jnp.broadcast_to(encoder_mask.astype(bool)[:, None, :], (b, t, enc.shape[1]))
     for block in self.blocks:
       cross_kv = block.cross_attn.project_kv(enc)
-      x, _ = block(x, block.self_attn.project_kv, causal, cross_kv, cross_mask, deterministic=deterministic,
-                   rngs=rngs)
+      x, _ = block(x, block.self_attn.project_kv, causal, cross_kv, cross_mask,
+                   deterministic=deterministic, rngs=rngs)
     return self._logits(x, table)
 
   # ------------------------------------------------------------------ incremental decoding
