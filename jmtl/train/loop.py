@@ -125,16 +125,16 @@ def _eval_sets(config, tasks, tokenizer) -> list[evaluate_lib.EvalSet]:
 
 def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh):
   """Evaluates every task; returns flat `<task>/<metric>` metrics and prediction rows per task."""
+  params = optim.eval_params(state.opt_state, state.params)  # schedule-free: averaged point
   model = None
   flat, rows = {}, {}
   for es in eval_sets:
     name = es.task.name
-    forward = lambda b, name=name: predict(state.params, state.rest, _global(b, mesh, config),
-                                           name)
+    forward = lambda b, name=name: predict(params, state.rest, _global(b, mesh, config), name)
     generate = None
     if es.task.kind == "seq2seq":
       if model is None:
-        model = nnx.merge(graphdef, state.params, state.rest)
+        model = nnx.merge(graphdef, params, state.rest)
       generate = lambda b, name=name: decoding.generate(
           model, b, name, eval_cfg=config.eval, bos_id=tokenizer.bos_id,
           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
