@@ -257,14 +257,21 @@ def test_hand_built_case_beam_beats_greedy():
 def test_hand_built_case_length_penalty_prefers_longer():
   a = 3
   table = np.full((5, 5, 5), np.log(1e-6))
-  table[BOS, BOS, [EOS, a]] = np.log([0.55, 0.45])  # stop now (0.55) or say a (0.45)
-  table[BOS, a, EOS] = np.log(0.999)                 # then stop
-  table[:, EOS, a] = 0.0
-  # alpha=0: [EOS] (0.55 > 0.45); alpha=2: log(.55)/1 = -0.598 < log(.4496)/(7/6)^2 = -0.588.
+  table[BOS, BOS, [EOS, a]] = np.log([0.55, 0.40])  # stop now (0.55) or say a (0.40)
+  table[BOS, a, a] = np.log(0.999)                   # then a again
+  table[a, a, EOS] = np.log(0.999)                   # then stop
+  table[:, EOS, a] = 0.0  # after EOS the model would go on with a: the output must not
+  # Scores: [EOS] log(.55)/lp(1) = -0.598; [a, a, EOS] log(.3996)/lp(3) = -0.917/lp(3), which
+  # is -0.917 for alpha=0 and -0.516 for alpha=2 ((8/6)^2 = 1.778).
   np.testing.assert_array_equal(
       _search_table(table, max_len=4, beam_size=2, length_penalty=0.0), [EOS, PAD, PAD, PAD])
   np.testing.assert_array_equal(
-      _search_table(table, max_len=4, beam_size=2, length_penalty=2.0), [a, EOS, PAD, PAD])
+      _search_table(table, max_len=4, beam_size=2, length_penalty=2.0), [a, a, EOS, PAD])
+  # beam_size=1: [EOS] finishes at once, but the alive [a] (-0.916) can still reach
+  # -0.916 / lp(4) = -0.407 > -0.598, so the search must go on; greedy stops at EOS.
+  np.testing.assert_array_equal(
+      _search_table(table, max_len=4, beam_size=1, length_penalty=2.0), [a, a, EOS, PAD])
+  np.testing.assert_array_equal(_search_table(table, max_len=4), [EOS, PAD, PAD, PAD])
 
 
 def _brute_force(table, max_len, alpha, n):
