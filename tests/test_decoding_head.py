@@ -81,9 +81,10 @@ def test_parameter_counts_tied_vs_untied(activation):
 
 
 def test_logical_axis_names():
-  # Built for real without a mesh: parameters only record their logical axis names.
-  head = Seq2SeqHead(_cfg(decoder_tie_embeddings=False), V, rngs=nnx.Rngs(0))
-  assert np.isfinite(np.asarray(head.blocks[0].self_attn.query.kernel.get_value())).all()
+  # Without a mesh, parameters only record their logical axis names (abstract build: the
+  # names do not depend on the values; test_built_sharded_under_mesh_with_rules builds for real).
+  head = nnx.eval_shape(lambda: Seq2SeqHead(_cfg(decoder_tie_embeddings=False), V,
+                                            rngs=nnx.Rngs(0)))
   specs = nnx.get_partition_spec(nnx.state(head, nnx.Param))
   blk = specs["blocks"][0]
   assert blk["self_attn"]["query"]["kernel"].get_value() == P("embed", "heads", "kv")

@@ -432,3 +432,20 @@ def test_greedy_under_a_mesh_with_sharded_parameters():
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     got = decoding.greedy_decode(head, enc, mask, embedding=emb, **args)
   np.testing.assert_array_equal(got, want)
+
+
+def test_bad_arguments_raise_clear_errors():
+  head, emb = _random_head(0)
+  enc, mask = _encoder(0)
+  args = dict(embedding=emb, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+  with pytest.raises(ValueError, match="max_len"):
+    decoding.greedy_decode(head, enc, mask, max_len=MAXLEN + 1, **args)
+  with pytest.raises(ValueError, match="max_len"):
+    decoding.greedy_decode(head, enc, mask, max_len=0, **args)
+  with pytest.raises(ValueError, match="encoder_mask"):
+    decoding.greedy_decode(head, enc, mask[:, :3], max_len=T, **args)
+  with pytest.raises(ValueError, match="beam_size"):
+    decoding.beam_search(head, enc, mask, max_len=T, beam_size=0, length_penalty=0.6, **args)
+  with pytest.raises(ValueError, match="no_repeat_ngram"):
+    decoding.beam_search(head, enc, mask, max_len=T, beam_size=2, length_penalty=0.6,
+                         no_repeat_ngram=-1, **args)
