@@ -283,6 +283,16 @@ def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
           "seconds": info.get("seconds"), "metrics": metrics}
 
 
+def _use_compilation_cache(path: pathlib.Path) -> None:
+  """Seeds of one (optimizer, lr) compile to the same programs: keep them on disk and reuse them
+  (unless the user already chose a cache directory)."""
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _clear_compile_caches() -> None:
   """Each run jits new functions; dropping old executables keeps a long sweep's memory flat."""
   import jax
@@ -316,6 +326,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
   check_sweep_config(config)
   if train_fn is None:
     from jmtl.train.loop import train as train_fn
+    _use_compilation_cache(workdir / "jax_cache")
   if share_tokenizer and not config.data.tokenizer:
     with config.unlocked():
       config.data.tokenizer = _shared_tokenizer(config, workdir)
