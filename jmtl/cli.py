@@ -4,6 +4,8 @@
   jmtl eval   --config configs/x.py --workdir DIR
   jmtl data   --config configs/x.py                 (record counts per task and split)
   jmtl bench  step|data|optimizer --config configs/x.py [--json] [--out FILE]
+  jmtl sweep  --config configs/optim_study.py --workdir DIR   (optimizer x lr x seed study)
+  jmtl report optim --workdir DIR [--out DIR]                 (tables, ablation, loss curves)
 
 A user mistake (bad flag, config key, value, path or data file) prints one line
 `jmtl: error: ...` and exits with code 2.
@@ -25,11 +27,12 @@ import ml_collections
 from jmtl.config import ConfigError
 from jmtl.train import NonFiniteError
 
-COMMANDS = ("train", "eval", "data", "bench")
+COMMANDS = ("train", "eval", "data", "bench", "sweep", "report")
 BENCHES = ("step", "data", "optimizer")
-USAGE = ("usage: jmtl {train,eval,data,bench} --config FILE [--workdir DIR] "
+REPORTS = ("optim",)
+USAGE = ("usage: jmtl {train,eval,data,sweep} --config FILE [--workdir DIR] "
          "[--config.KEY=VALUE ...]\n       jmtl bench {step,data,optimizer} --config FILE "
-         "[--json] [--out FILE]")
+         "[--json] [--out FILE]\n       jmtl report optim --workdir DIR [--out DIR]")
 
 
 
@@ -40,7 +43,7 @@ def _make_flags() -> flags.FlagValues:
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, predictions).",
                       flag_values=fv)
   flags.DEFINE_bool("json", False, "bench: print the result as JSON.", flag_values=fv)
-  flags.DEFINE_string("out", None, "bench: also write the JSON result to this file.",
+  flags.DEFINE_string("out", None, "bench: also write the JSON here; report: output directory.",
                       flag_values=fv)
   return fv
 
@@ -96,9 +99,10 @@ def parse(argv: Sequence[str]):
   if cmd not in COMMANDS:
     raise UsageError(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
   sub = None
-  if cmd == "bench":
-    if not rest or rest[0] not in BENCHES:
-      raise UsageError(f"jmtl bench needs one of: {', '.join(BENCHES)}")
+  if cmd in ("bench", "report"):
+    choices = BENCHES if cmd == "bench" else REPORTS
+    if not rest or rest[0] not in choices:
+      raise UsageError(f"jmtl {cmd} needs one of: {', '.join(choices)}")
     sub, rest = rest[0], rest[1:]
   overrides = [a for a in rest if a.startswith("--config.")]
   fv = _make_flags()
@@ -106,10 +110,12 @@ def parse(argv: Sequence[str]):
     fv([argv[0]] + [a for a in rest if not a.startswith("--config.")])
   except flags.Error as e:
     raise UsageError(str(e).splitlines()[0]) from e
+  if cmd in ("train", "eval", "sweep", "report") and not fv.workdir:
+    raise UsageError(f"jmtl {cmd} needs --workdir DIR")
+  if cmd == "report":
+    return cmd, sub, None, fv
   if not fv.config:
     raise UsageError("--config FILE is required")
-  if cmd in ("train", "eval") and not fv.workdir:
-    raise UsageError(f"jmtl {cmd} needs --workdir DIR")
   from jmtl.config import load_config_file
   config = load_config_file(fv.config)
   apply_overrides(config, overrides)
@@ -152,6 +158,13 @@ def describe_data(config) -> str:
 
 def run(argv: Sequence[str]) -> int:
   cmd, sub, config, fv = parse(argv)
+  if cmd == "report":
+    from jmtl.study.report import report_optim
+    if not pathlib.Path(fv.workdir, "sweep.json").is_file():
+      raise ConfigError(f"--workdir {fv.workdir}: no sweep.json (run jmtl sweep first)")
+    result = report_optim(fv.workdir, fv.out or fv.workdir)
+    print(json.dumps(result, indent=2, sort_keys=True, default=str)[:4000])
+    return 0
   import jax
   from jmtl import config as config_lib
 
@@ -168,6 +181,10 @@ def run(argv: Sequence[str]) -> int:
     print(json.dumps(result, indent=2, sort_keys=True))
   elif cmd == "data":
     print(describe_data(config))
+  elif cmd == "sweep":
+    from jmtl.study.sweep import run_sweep
+    result = run_sweep(config, fv.workdir)
+    print(json.dumps(result, indent=2, sort_keys=True, default=str)[:4000])
   else:
     result = _bench(sub, config)
     text = json.dumps(result, indent=2, sort_keys=True)

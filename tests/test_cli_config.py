@@ -132,3 +132,8 @@ def test_subprocess_exit_code_and_single_line(tmp_path):
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("jmtl: error:"), proc.stderr
+
+
+def test_report_without_sweep(capsys, tmp_path):
+  assert "no sweep.json" in _error_line(capsys, ["report", "optim", "--workdir", str(tmp_path)])
+  assert "jmtl report needs one of: optim" in _error_line(capsys, ["report", "--workdir", "x"])
