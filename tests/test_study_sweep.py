@@ -53,6 +53,7 @@ class FakeTrainer:
     final = {"step": cfg.train.steps, "sst2/accuracy": acc, "mrpc/f1": acc - 10,
              "mrpc/accuracy": acc - 5}
     (run_dir / "eval.json").write_text(json.dumps(final))
+    (run_dir / "config.json").write_text(config_lib.to_json(cfg))
     return final
 
 
@@ -186,6 +187,17 @@ def test_sweep_resumes_without_retraining(swept, tmp_path):
                               check_files=False)
   assert trainer.calls == [("adamw", 0.001, 1)]  # diverged runs are not retried either
   assert again["best"] == first["best"]
+
+
+def test_resume_refuses_results_of_another_config(swept, tmp_path):
+  workdir, _, _ = swept
+  import shutil
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy)
+  c = study_config()
+  c.model.layers = 3
+  with pytest.raises(ValueError, match="different config.*model.layers"):
+    sweep_lib.run_sweep(c, copy, train_fn=FakeTrainer(), share_tokenizer=False, check_files=False)
 
 
 def test_report_tables_steps_to_target_and_pngs(swept, tmp_path):

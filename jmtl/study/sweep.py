@@ -272,6 +272,7 @@ def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
     predictions_lib.write_json_atomic(info_path, info)
     _clear_compile_caches()
   else:
+    _check_same_config(cfg, run_dir)
     print(f"[sweep] {run.relpath}: done before, skipped", flush=True)
   metrics = {}
   if info.get("status") != "diverged":
@@ -281,6 +282,30 @@ def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
   return {"optimizer": run.optimizer, "variant": run.variant, "lr": run.lr, "seed": run.seed,
           "dir": run.relpath, "status": info.get("status", "ok"),
           "seconds": info.get("seconds"), "metrics": metrics}
+
+
+def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> None:
+  """A finished run is reused only if its `config.json` (written by the trainer) matches."""
+  path = run_dir / "config.json"
+  if not path.exists():
+    return
+  saved = _read_json(path)
+  expected = json.loads(config_lib.to_json(cfg))
+  diff = sorted(k for k in set(_flat(saved)) | set(_flat(expected))
+                if _flat(saved).get(k) != _flat(expected).get(k))
+  if diff:
+    raise ValueError(f"{run_dir} holds a run of a different config (first differing key "
+                     f"{diff[0]!r}); use a fresh --workdir or delete that run directory")
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def _use_compilation_cache(path: pathlib.Path) -> None:
