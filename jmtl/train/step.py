@@ -118,10 +118,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 def make_predict_fn(graphdef: nnx.GraphDef, config: Any, state_shardings: TrainState,
                     mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
-  """Returns jitted `fn(params, rest, task_batch, task) -> outputs` (deterministic forward).
+  """Returns `fn(params, rest, task_batch, task) -> outputs`, the jitted deterministic forward.
 
   `task` is static (one compilation per task and batch shape); the batch is sharded by the
-  `batch` rule, parameters as in `state_shardings`.
+  `batch` rule (its rows must be a multiple of the batch shards: ValueError otherwise),
+  parameters as in `state_shardings`. The jitted function is `fn.jitted`.
   """
   rules = tuple(tuple(r) for r in config.mesh.rules)
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
@@ -131,5 +132,13 @@ def make_predict_fn(graphdef: nnx.GraphDef, config: Any, state_shardings: TrainS
       model = nnx.merge(graphdef, params, rest)
       return model(task_batch, task=task, deterministic=True, rngs=None)
 
-  return jax.jit(predict, static_argnums=3,
-                 in_shardings=(state_shardings.params, state_shardings.rest, batch_sh))
+  jitted = jax.jit(predict, static_argnums=3,
+                   in_shardings=(state_shardings.params, state_shardings.rest, batch_sh))
+
+  def predict_fn(params: nnx.State, rest: nnx.State, task_batch: Mapping[str, Any],
+                 task: str) -> dict[str, jax.Array]:
+    sharding_lib.check_batch({task: task_batch}, mesh, rules)
+    return jitted(params, rest, task_batch, task)
+
+  predict_fn.jitted = jitted  # type: ignore[attr-defined]
+  return predict_fn
