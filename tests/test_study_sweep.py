@@ -198,6 +198,11 @@ def test_resume_refuses_results_of_another_config(swept, tmp_path):
   c.model.layers = 3
   with pytest.raises(ValueError, match="different config.*model.layers"):
     sweep_lib.run_sweep(c, copy, train_fn=FakeTrainer(), share_tokenizer=False, check_files=False)
+  c = study_config()
+  c.sweep.target_fraction = 0.5  # the sweep section does not change a run: results are reused
+  trainer = FakeTrainer()
+  sweep_lib.run_sweep(c, copy, train_fn=trainer, share_tokenizer=False, check_files=False)
+  assert trainer.calls == []
 
 
 def test_report_tables_steps_to_target_and_pngs(swept, tmp_path):

@@ -285,14 +285,15 @@ def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
 
 
 def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> None:
-  """A finished run is reused only if its `config.json` (written by the trainer) matches."""
+  """A finished run is reused only if its `config.json` (written by the trainer) matches, apart
+  from the `sweep` section, which does not change a run."""
   path = run_dir / "config.json"
   if not path.exists():
     return
-  saved = _read_json(path)
-  expected = json.loads(config_lib.to_json(cfg))
-  diff = sorted(k for k in set(_flat(saved)) | set(_flat(expected))
-                if _flat(saved).get(k) != _flat(expected).get(k))
+  saved = {k: v for k, v in _flat(_read_json(path)).items() if not k.startswith("sweep.")}
+  expected = {k: v for k, v in _flat(json.loads(config_lib.to_json(cfg))).items()
+              if not k.startswith("sweep.")}
+  diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
   if diff:
     raise ValueError(f"{run_dir} holds a run of a different config (first differing key "
                      f"{diff[0]!r}); use a fresh --workdir or delete that run directory")
