@@ -49,7 +49,8 @@ class FakeTrainer:
         frac = min(1.0, step / REACH[o.name])
         rows.append({"step": step, "split": "eval", "sst2/accuracy": acc * frac,
                      "mrpc/f1": (acc - 10) * frac, "mrpc/accuracy": (acc - 5) * frac})
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with (run_dir / "metrics.jsonl").open("a") as f:  # appends, as the real trainer does
+      f.write("".join(json.dumps(r) + "\n" for r in rows))
     final = {"step": cfg.train.steps, "sst2/accuracy": acc, "mrpc/f1": acc - 10,
              "mrpc/accuracy": acc - 5}
     (run_dir / "eval.json").write_text(json.dumps(final))
@@ -181,12 +182,15 @@ def test_sweep_resumes_without_retraining(swept, tmp_path):
   import shutil
   copy = tmp_path / "w"
   shutil.copytree(workdir, copy)
-  (copy / "adamw/lr0.001/seed1/eval.json").unlink()
+  (copy / "adamw/lr0.001/seed1/eval.json").unlink()  # as if killed before finishing
+  stale = copy / "adamw/lr0.001/seed1/metrics.jsonl"
+  stale.write_text(stale.read_text() + json.dumps({"step": 999, "split": "train"}) + "\n")
   trainer = FakeTrainer()
   again = sweep_lib.run_sweep(study_config(), copy, train_fn=trainer, share_tokenizer=False,
                               check_files=False)
   assert trainer.calls == [("adamw", 0.001, 1)]  # diverged runs are not retried either
   assert again["best"] == first["best"]
+  assert '"step": 999' not in stale.read_text()  # restarted from scratch: stale lines dropped
 
 
 def test_resume_refuses_results_of_another_config(swept, tmp_path):

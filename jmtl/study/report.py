@@ -234,7 +234,7 @@ def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list
     grid = data["grids"][name] if "grids" in data else []
     note = ""
     if b["lr"] is None:
-      note = "every lr diverged on some seed"
+      note = "every lr diverged on some seed" if b["by_lr"] else "no finished runs"
     elif grid and b["lr"] in (grid[0], grid[-1]):
       note = "best lr at the edge of the grid"
     diverged = sum(v["diverged"] for v in b["by_lr"].values())

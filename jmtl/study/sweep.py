@@ -263,6 +263,7 @@ def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
   info = _read_json(info_path) if info_path.exists() else {}
   if not eval_path.exists() and info.get("status") != "diverged":
     print(f"[sweep] {run.relpath}: training", flush=True)
+    _drop_stale_metrics(run_dir)
     start = time.time()
     try:
       train_fn(cfg, run_dir)
@@ -282,6 +283,14 @@ def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
   return {"optimizer": run.optimizer, "variant": run.variant, "lr": run.lr, "seed": run.seed,
           "dir": run.relpath, "status": info.get("status", "ok"),
           "seconds": info.get("seconds"), "metrics": metrics}
+
+
+def _drop_stale_metrics(run_dir: pathlib.Path) -> None:
+  """A run killed before its first checkpoint restarts from step 0, and the trainer appends to
+  `metrics.jsonl`: drop the stale lines first (with a checkpoint the trainer truncates them)."""
+  ckpt = run_dir / "checkpoints"
+  if not (ckpt.is_dir() and any(ckpt.iterdir())):
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> None:
