@@ -227,9 +227,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
         pending = []
         for s, ms in fetched:
           if float(ms["nonfinite"]):
-            bad = [k.split("/")[1] for k, v in ms.items()
-                   if k.startswith("train/") and k.count("/") == 2 and not math.isfinite(float(v))]
-            where = f" (task {', '.join(bad)})" if bad else ""
+            in_batch = {k.split("/")[1]: float(v) for k, v in ms.items()
+                        if k.startswith("train/") and k.endswith("/loss") and k.count("/") == 2}
+            bad = [t for t, v in in_batch.items() if not math.isfinite(v)] or list(in_batch)
+            where = f" (task {', '.join(bad)})"
             if config.train.on_nonfinite == "halt":
               kept = ckpt.latest_step()
               ckpt.close()
