@@ -137,3 +137,25 @@ def test_half_written_checkpoint_is_ignored(reference, tmp_path, data_dir):
   out = _run(_cmd(workdir), _env(data_dir))
   assert "resumed from checkpoint at step 15" in out.stdout
   assert _losses(workdir) == pytest.approx(_losses(reference), rel=1e-6)
+
+
+def test_sigterm_saves_then_resumes(reference, tmp_path, data_dir):
+  """TPU VM preemption sends SIGTERM: the run saves a checkpoint at the current step and exits."""
+  env = _env(data_dir)
+  proc = subprocess.Popen(_cmd(tmp_path), env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  t0 = time.time()
+  while _logged_steps(tmp_path) < 4 and time.time() - t0 < 300:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM
+  line = next(l for l in out.splitlines() if l.startswith("received signal"))
+  saved = int(line.split("at step ")[1].split(",")[0])
+  steps = {int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()}
+  assert saved in steps and saved < 16
+  resumed = _run(_cmd(tmp_path), env)
+  assert f"resumed from checkpoint at step {saved}" in resumed.stdout
+  ref, got = _losses(reference), _losses(tmp_path)
+  for step in ref:
+    assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), step
