@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.decoder.d_ff = 1024
   c.model.decoder.tie_embeddings = True
   c.model.decoder.label_smoothing = 0.1
+  c.model.decoder.copy = False  # pointer-generator copy from the source (See et al. 2017)
 
   # ---------------------------------------------------------------- optimizer
   c.optim = ml_collections.ConfigDict()

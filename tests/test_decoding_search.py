@@ -24,7 +24,7 @@ def _cfg(**kw):
   # test_decoding_head.py.
   c.decoder.layers, c.decoder.heads, c.decoder.d_ff = 1, 4, 48
   for k, v in kw.items():
-    setattr(c.decoder if k == "tie_embeddings" else c, k, v)
+    setattr(c.decoder if k in ("tie_embeddings", "copy") else c, k, v)
   return c
 
 
@@ -52,8 +52,15 @@ def _encoder(seed, b=B, length=L):
 
 
 @nnx.jit
-def _full_logits(head, enc, mask, ids, emb):
-  return head(enc, mask, ids, embedding=emb, deterministic=True)
+def _full_logits(head, enc, mask, ids, emb, src=None):
+  return head(enc, mask, ids, embedding=emb, source_ids=src, deterministic=True)
+
+
+def _source(seed, mask, b=B, length=L):
+  """Source token ids [B,L] for copying heads: tokens 3.. at real positions (repeats likely
+  with V=7), PAD elsewhere."""
+  ids = jax.random.randint(jax.random.key(seed + 100), (b, length), 3, V)
+  return jnp.where(mask == 1, ids, PAD).astype(jnp.int32)
 
 
 def _log_softmax(x):
@@ -89,7 +96,7 @@ def _has_repeat(seq, n):
   return len(grams) != len(set(grams))
 
 
-def _naive_greedy(head, emb, enc, mask, max_len):
+def _naive_greedy(head, emb, enc, mask, max_len, src=None):
   """Re-runs the full decoder on the whole prefix at every step (the prefix is right-padded to
   a fixed length, which causal attention cannot see, so there is one compiled program)."""
   b = enc.shape[0]
@@ -98,7 +105,7 @@ def _naive_greedy(head, emb, enc, mask, max_len):
   out = np.full((b, max_len), PAD, np.int32)
   done = np.zeros(b, bool)
   for t in range(max_len):
-    logits = np.asarray(_full_logits(head, enc, mask, jnp.asarray(ids), emb))[:, t]
+    logits = np.asarray(_full_logits(head, enc, mask, jnp.asarray(ids), emb, src))[:, t]
     nxt = np.where(done, PAD, logits.argmax(-1))
     out[:, t] = nxt
     done |= nxt == EOS
@@ -107,14 +114,15 @@ def _naive_greedy(head, emb, enc, mask, max_len):
   return out
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cached_greedy_equals_naive_greedy(seed):
-  head, emb = _random_head(seed)
+@pytest.mark.parametrize("seed,copy", [(0, False), (1, False), (2, False), (1, True)])
+def test_cached_greedy_equals_naive_greedy(seed, copy):
+  head, emb = _random_head(seed, copy=copy)
   enc, mask = _encoder(seed + 10)
+  src = _source(seed, mask) if copy else None
   assert (np.asarray(mask) == 0).any()  # some encoder positions are padding
   got = np.asarray(decoding.greedy_decode(head, enc, mask, embedding=emb, bos_id=BOS,
-                                          eos_id=EOS, pad_id=PAD, max_len=T))
-  want = _naive_greedy(head, emb, enc, mask, T)
+                                          eos_id=EOS, pad_id=PAD, max_len=T, source_ids=src))
+  want = _naive_greedy(head, emb, enc, mask, T, src)
   assert got.dtype == np.int32 and got.shape == (B, T)
   np.testing.assert_array_equal(got, want)
 
@@ -159,7 +167,7 @@ def test_beam_one_equals_greedy_and_beam_scores_at_least_greedy(seed):
           >= _scores(head, emb, enc, mask, greedy, 1.0) - 1e-5).all()
 
 
-def _naive_beam(head, emb, enc, mask, *, k, alpha, max_len, n=0):
+def _naive_beam(head, emb, enc, mask, *, k, alpha, max_len, n=0, src=None):
   """Beam search by re-running the full decoder on every hypothesis, one row at a time.
 
   Same rules as `decoding.beam_search`: keep the best 2k extensions; EOS ones ranked < k (all
@@ -178,7 +186,8 @@ def _naive_beam(head, emb, enc, mask, *, k, alpha, max_len, n=0):
       for i, (h, _) in enumerate(alive):
         ids[i, :t + 1] = (BOS,) + h
       logits = _full_logits(head, jnp.repeat(enc[b:b + 1], k, 0),
-                            jnp.repeat(mask[b:b + 1], k, 0), jnp.asarray(ids), emb)
+                            jnp.repeat(mask[b:b + 1], k, 0), jnp.asarray(ids), emb,
+                            None if src is None else jnp.repeat(src[b:b + 1], k, 0))
       logp = _log_softmax(logits[:len(alive), t])
       cands = []
       for (h, s), lp_row in zip(alive, logp):
@@ -198,14 +207,16 @@ def _naive_beam(head, emb, enc, mask, *, k, alpha, max_len, n=0):
   return np.array(out)
 
 
-@pytest.mark.parametrize("seed,alpha,n", [(3, 0.6, 0), (4, 1.0, 2)])
-def test_beam_equals_naive_beam_without_cache(seed, alpha, n):
-  head, emb = _random_head(seed)
+@pytest.mark.parametrize("seed,alpha,n,copy", [(3, 0.6, 0, False), (4, 1.0, 2, False),
+                                                (5, 0.6, 2, True)])
+def test_beam_equals_naive_beam_without_cache(seed, alpha, n, copy):
+  head, emb = _random_head(seed, copy=copy)
   enc, mask = _encoder(seed)
+  src = _source(seed, mask) if copy else None
   got = decoding.beam_search(head, enc, mask, embedding=emb, bos_id=BOS, eos_id=EOS,
                              pad_id=PAD, max_len=T, beam_size=3, length_penalty=alpha,
-                             no_repeat_ngram=n)
-  want = _naive_beam(head, emb, enc, mask, k=3, alpha=alpha, max_len=T, n=n)
+                             no_repeat_ngram=n, source_ids=src)
+  want = _naive_beam(head, emb, enc, mask, k=3, alpha=alpha, max_len=T, n=n, src=src)
   np.testing.assert_array_equal(got, want)
 
 
@@ -382,8 +393,9 @@ class _Model(nnx.Module):
     self.heads = nnx.Dict({"dialogsum": head})
 
 
-def test_generate_encodes_and_dispatches():
-  head, emb = _random_head(6)
+@pytest.mark.parametrize("copy", [False, True])
+def test_generate_encodes_and_dispatches(copy):
+  head, emb = _random_head(6, copy=copy)
   model = _Model(head, emb)
   ids = np.array([[3, 4, 5, 6, 3, 0, 0], [6, 5, 4, 0, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3],
                   [4, 6, 0, 0, 0, 0, 0]], np.int32)
@@ -396,12 +408,14 @@ def test_generate_encodes_and_dispatches():
   args = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD)
   out = decoding.generate(model, batch, "dialogsum", eval_cfg=cfg, **args)
   assert isinstance(out, np.ndarray) and out.shape == (B, T)
+  # A copying head must get the batch's input_ids as its source ids.
+  ref = dict(args, source_ids=jnp.asarray(ids) if copy else None)
   np.testing.assert_array_equal(out, decoding.greedy_decode(head, enc, mask, embedding=emb,
-                                                            max_len=T, **args))
+                                                            max_len=T, **ref))
   cfg.beam_size, cfg.length_penalty = 3, 0.8
   out = decoding.generate(model, batch, "dialogsum", eval_cfg=cfg, **args)
   np.testing.assert_array_equal(out, decoding.beam_search(
-      head, enc, mask, embedding=emb, max_len=T, beam_size=3, length_penalty=0.8, **args))
+      head, enc, mask, embedding=emb, max_len=T, beam_size=3, length_penalty=0.8, **ref))
   with pytest.raises(KeyError, match="dialogsum"):
     decoding.generate(model, batch, "cnn", eval_cfg=cfg, **args)
   with pytest.raises(ValueError, match="beam_size"):
@@ -409,19 +423,21 @@ def test_generate_encodes_and_dispatches():
     decoding.generate(model, batch, "dialogsum", eval_cfg=cfg, **args)
 
 
-def test_greedy_under_a_mesh_with_sharded_parameters():
+@pytest.mark.parametrize("copy", [False, True])
+def test_greedy_under_a_mesh_with_sharded_parameters(copy):
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   rules = base_config().mesh.rules
   table = dict(rules)
   enc, mask = _encoder(3, b=3)  # 3 rows over data x fsdp = 4 devices: uneven on purpose
-  args = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=T)
-  head, emb = _random_head(8)
+  args = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=T,
+              source_ids=_source(3, mask, b=3) if copy else None)
+  head, emb = _random_head(8, copy=copy)
   want = decoding.greedy_decode(head, enc, mask, embedding=emb, **args)
 
   def place(var):  # logical names -> mesh axes by the rules table; no names: replicated
     names = var.get_metadata().get("out_sharding", ())
-    spec = jax.sharding.PartitionSpec(*(table[n] for n in names))
+    spec = jax.sharding.PartitionSpec(*(table[n] if n else None for n in names))
     return var.replace(jax.device_put(var.get_value(), jax.sharding.NamedSharding(mesh, spec)))
 
   for module in (head, emb):

@@ -9,6 +9,14 @@ decoder inputs and gives the output logits (`embedding.attend(h)`); otherwise th
 Besides the teacher-forced `__call__`, the head exposes the incremental interface used by
 `jmtl.model.decoding`: `init_cache` (cross-attention K/V computed once, an empty self-attention
 K/V buffer) and `decode_step` (one token per sequence, K/V appended at the step's position).
+
+With `decoder.copy` (pointer-generator, See et al. 2017) the head mixes generating and copying:
+p(w) = p_gen * softmax(logits)(w) + (1 - p_gen) * sum_{i: src_i = w} a_i, with a the last
+layer's cross-attention (mean over heads, padding masked) and
+p_gen = sigmoid(w . [h_t; context_t; x_t] + b) (h_t: final decoder state, context_t: the last
+layer's cross-attention output, x_t: the decoder input embedding). The head then returns
+log(p + COPY_EPS) as its "logits"; log_softmax of them is log p up to COPY_EPS, so losses and
+search treat them like ordinary logits. The source token ids come in as `source_ids`.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ StaticCache = dict[str, Any]
 SelfCache = list[tuple[Array, Array]]
 HIDDEN = ("batch", "length", "embed")
 HEADS = ("batch", "length", "heads", "kv")
+COPY_EPS = 1e-9  # added to p(w) before the log when copying
 
 
 def _attention_weights(q: Array, k: Array, mask: Array) -> Array:
@@ -62,12 +71,15 @@ class MultiHeadAttention(nnx.Module):
     return constrain(self.key(x), HEADS), constrain(self.value(x), HEADS)
 
   def attend(self, x: Array, k: Array, v: Array, mask: Array, *, deterministic: bool,
-             rngs: nnx.Rngs | None) -> Array:
-    """Attention of queries from `x` [B,T,D] over `k`/`v` [B,S,H,Dh]; mask [B,T,S] -> [B,T,D]."""
+             rngs: nnx.Rngs | None) -> tuple[Array, Array]:
+    """Attention of queries from `x` [B,T,D] over `k`/`v` [B,S,H,Dh]; mask [B,T,S].
+
+    Returns the output [B,T,D] and the attention weights before dropout [B,H,T,S] float32."""
     q = constrain(self.query(x), HEADS)
-    w = _attention_weights(q, k, mask)
-    w = self.dropout(w, deterministic=deterministic, rngs=rngs)
-    return self.out(constrain(jnp.einsum("bhts,bshd->bthd", w.astype(v.dtype), v), HEADS))
+    weights = _attention_weights(q, k, mask)
+    w = self.dropout(weights, deterministic=deterministic, rngs=rngs)
+    out = self.out(constrain(jnp.einsum("bhts,bshd->bthd", w.astype(v.dtype), v), HEADS))
+    return out, weights
 
 
 class DecoderBlock(nnx.Module):
@@ -95,25 +107,30 @@ class DecoderBlock(nnx.Module):
 
   def __call__(self, x: Array, kv_fn: Callable[[Array], tuple[Array, Array]],
                self_mask: Array, cross_kv: tuple[Array, Array], cross_mask: Array, *,
-               deterministic: bool, rngs: nnx.Rngs | None) -> tuple[Array, tuple[Array, Array]]:
+               deterministic: bool, rngs: nnx.Rngs | None
+               ) -> tuple[Array, tuple[Array, Array], tuple[Array, Array]]:
     """One block on `x` [B,T,D]. `kv_fn` maps the (normed) self-attention input to the keys
     and values to attend over: its own K/V (teacher forcing) or the cache with this step's K/V
-    written in. Returns (x, those K/V)."""
-    kv = None
+    written in. Returns (x, those K/V, (cross-attention weights [B,H,T,S] before dropout,
+    cross-attention output [B,T,D]))."""
+    kv, cross = None, None
 
     def self_branch(h):
       nonlocal kv
       kv = kv_fn(h)
-      return self.self_attn.attend(h, *kv, self_mask, deterministic=deterministic, rngs=rngs)
+      return self.self_attn.attend(h, *kv, self_mask, deterministic=deterministic, rngs=rngs)[0]
+
+    def cross_branch(h):
+      nonlocal cross
+      out, weights = self.cross_attn.attend(h, *cross_kv, cross_mask,
+                                            deterministic=deterministic, rngs=rngs)
+      cross = (weights, out)
+      return out
 
     x = self._residual(x, self.norm_self, self_branch, deterministic, rngs)
-    x = self._residual(
-        x, self.norm_cross,
-        lambda h: self.cross_attn.attend(h, *cross_kv, cross_mask, deterministic=deterministic,
-                                         rngs=rngs),
-        deterministic, rngs)
+    x = self._residual(x, self.norm_cross, cross_branch, deterministic, rngs)
     x = self._residual(x, self.norm_ffn, self.ffn, deterministic, rngs)
-    return x, kv
+    return x, kv, cross
 
 
 class Seq2SeqHead(nnx.Module):
@@ -149,6 +166,13 @@ class Seq2SeqHead(nnx.Module):
     self.norm = layers.LayerNorm(d, eps=model_cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(model_cfg.dropout)
     self.blocks = nnx.List([DecoderBlock(model_cfg, rngs=rngs) for _ in range(dec.layers)])
+    self.use_copy = bool(dec.get("copy", False))  # configs saved before the key: off
+    if self.use_copy:
+      # p_gen = sigmoid(sum_{j,d} W[j,d] [h; context; x][j,d] + b): one logit per position.
+      self.copy_gate = layers.Dense((3, d), 1, (None, "embed", None), dtype=jnp.float32,
+                                    rngs=rngs)
+    else:
+      self.copy_gate = nnx.data(None)
 
   # ------------------------------------------------------------------ helpers
   def _check_embedding(self, embedding: nnx.Embed | None) -> nnx.Embed:
@@ -172,11 +196,40 @@ class Seq2SeqHead(nnx.Module):
     x = self.dropout(x, deterministic=deterministic, rngs=rngs)
     return constrain(x.astype(self.dtype), HIDDEN)
 
-  def _logits(self, x: Array, table: nnx.Embed) -> Array:
+  def _logits(self, x: Array, table: nnx.Embed) -> tuple[Array, Array]:
+    """(vocabulary logits [B,T,V] float32, the final state h they are computed from)."""
     if self.pre_norm:
       x = self.norm(x)
     logits = table.attend(x) if self.tie_embeddings else self.output(x)
-    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab")), x
+
+  def _check_source(self, source_ids: Array | None, encoder_mask: Array) -> None:
+    if not self.use_copy:
+      return
+    if source_ids is None:
+      raise ValueError("decoder.copy=True needs the source token ids (source_ids=None was "
+                       "given; pass the batch's input_ids)")
+    if tuple(source_ids.shape) != tuple(encoder_mask.shape):
+      raise ValueError(f"source_ids shape {tuple(source_ids.shape)} does not match "
+                       f"encoder_mask [B,L]={tuple(encoder_mask.shape)}")
+
+  def _output(self, x: Array, x0: Array, cross: tuple[Array, Array],
+              source_ids: Array | None, table: nnx.Embed) -> Array:
+    """The head's "logits" [B,T,V] float32: vocabulary logits, or log p_final when copying.
+
+    x: last block output; x0: decoder input embedding; cross: the last block's cross-attention
+    (weights [B,H,T,S], output [B,T,D])."""
+    logits, h = self._logits(x, table)
+    if not self.use_copy:
+      return logits
+    weights, context = cross
+    attn = jnp.mean(weights, axis=1)  # [B,T,S], zero on padding, rows sum to 1
+    feats = jnp.stack([h.astype(jnp.float32), context.astype(jnp.float32),
+                       x0.astype(jnp.float32)], axis=-2)  # [B,T,3,D]
+    p_gen = jax.nn.sigmoid(self.copy_gate(feats))  # [B,T,1]
+    p_copy = copy_distribution(attn * (1.0 - p_gen), source_ids, self.vocab_size)
+    p = p_gen * jax.nn.softmax(logits, axis=-1) + p_copy
+    return constrain(jnp.log(p + COPY_EPS), ("batch", "length", "vocab"))
 
   @staticmethod
   def _check_rngs(deterministic: bool, rngs: nnx.Rngs | None) -> None:
@@ -185,40 +238,46 @@ class Seq2SeqHead(nnx.Module):
 
   # ------------------------------------------------------------------ teacher forcing
   def __call__(self, encoder_states: Array, encoder_mask: Array, decoder_input_ids: Array, *,
-               embedding: nnx.Embed | None = None, deterministic: bool,
-               rngs: nnx.Rngs | None = None) -> Array:
+               embedding: nnx.Embed | None = None, source_ids: Array | None = None,
+               deterministic: bool, rngs: nnx.Rngs | None = None) -> Array:
     """Teacher-forced logits [B,T,V] float32 for decoder inputs [B,T] (BOS + target[:-1]).
 
-    encoder_states [B,L,D]; encoder_mask [B,L] (1 = real token). Position t attends to decoder
-    positions <= t and to real encoder positions.
+    encoder_states [B,L,D]; encoder_mask [B,L] (1 = real token); source_ids [B,L] the source
+    tokens (needed with decoder.copy, else ignored). Position t attends to decoder positions
+    <= t and to real encoder positions.
     """
     self._check_rngs(deterministic, rngs)
     table = self._check_embedding(embedding)
+    self._check_source(source_ids, encoder_mask)
     b, t = decoder_input_ids.shape
     if t > self.max_len:
       raise ValueError(f"decoder length {t} exceeds model.max_len={self.max_len}")
-    x = self._embed(decoder_input_ids, jnp.arange(t)[None, :], table,
-                    deterministic=deterministic, rngs=rngs)
+    x0 = x = self._embed(decoder_input_ids, jnp.arange(t)[None, :], table,
+                         deterministic=deterministic, rngs=rngs)
     enc = encoder_states.astype(self.dtype)
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
     cross_mask = jnp.broadcast_to(encoder_mask.astype(bool)[:, None, :], (b, t, enc.shape[1]))
     for block in self.blocks:
       cross_kv = block.cross_attn.project_kv(enc)
-      x, _ = block(x, block.self_attn.project_kv, causal, cross_kv, cross_mask,
-                   deterministic=deterministic, rngs=rngs)
-    return self._logits(x, table)
+      x, _, cross = block(x, block.self_attn.project_kv, causal, cross_kv, cross_mask,
+                          deterministic=deterministic, rngs=rngs)
+    return self._output(x, x0, cross, source_ids, table)
 
   # ------------------------------------------------------------------ incremental decoding
-  def init_cache(self, encoder_states: Array, encoder_mask: Array, max_len: int
-                 ) -> tuple[StaticCache, SelfCache]:
-    """Cross-attention K/V of every layer (computed once) and an empty self-attention K/V
-    buffer [B,max_len,H,Dh] per layer."""
+  def init_cache(self, encoder_states: Array, encoder_mask: Array, max_len: int, *,
+                 source_ids: Array | None = None) -> tuple[StaticCache, SelfCache]:
+    """Cross-attention K/V of every layer (computed once), the encoder mask and (with
+    decoder.copy) the source ids [B,L]; an empty self-attention K/V buffer [B,max_len,H,Dh]
+    per layer."""
     if max_len > self.max_len:
       raise ValueError(f"max decode length {max_len} exceeds model.max_len={self.max_len}")
+    self._check_source(source_ids, encoder_mask)
     enc = encoder_states.astype(self.dtype)
     b = enc.shape[0]
     static = {"cross_kv": [blk.cross_attn.project_kv(enc) for blk in self.blocks],
               "encoder_mask": encoder_mask.astype(bool)}
+    if self.use_copy:
+      static["source_ids"] = jnp.asarray(source_ids, jnp.int32)
     dynamic = []
     for blk in self.blocks:
       shape = (b, max_len, blk.self_attn.heads, blk.self_attn.d_head)
@@ -231,8 +290,8 @@ class Seq2SeqHead(nnx.Module):
     """Logits [B,V] float32 for the next token after `token_ids` [B] at `position` (a scalar,
     same for all rows); writes this position's self-attention K/V into `cache`."""
     table = self._check_embedding(embedding)
-    x = self._embed(token_ids[:, None], jnp.reshape(position, (1, 1)), table,
-                    deterministic=True, rngs=None)
+    x0 = x = self._embed(token_ids[:, None], jnp.reshape(position, (1, 1)), table,
+                         deterministic=True, rngs=None)
     b, max_len = token_ids.shape[0], cache[0][0].shape[1]
     self_mask = jnp.broadcast_to((jnp.arange(max_len) <= position)[None, None, :],
                                  (b, 1, max_len))
@@ -246,6 +305,21 @@ class Seq2SeqHead(nnx.Module):
         v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), position, axis=1)
         return k, v
 
-      x, kv = blk(x, append, self_mask, cross_kv, cross_mask, deterministic=True, rngs=None)
+      x, kv, cross = blk(x, append, self_mask, cross_kv, cross_mask, deterministic=True,
+                         rngs=None)
       new_cache.append(kv)
-    return self._logits(x, table)[:, 0], new_cache
+    out = self._output(x, x0, cross, static.get("source_ids"), table)
+    return out[:, 0], new_cache
+
+
+def copy_distribution(weights: Array, source_ids: Array, vocab_size: int) -> Array:
+  """p[b,t,w] = sum_{s: source_ids[b,s] = w} weights[b,t,s] -> [B,T,V] float32.
+
+  A scatter-add per batch row (vmapped, so the batch axis stays a batching dimension that
+  shards like the rest of the batch); no [B,S,V] one-hot is built."""
+
+  def row(w, src):  # w [T,S], src [S]
+    return jnp.zeros((w.shape[0], vocab_size), jnp.float32).at[:, src].add(w)
+
+  out = jax.vmap(row)(weights.astype(jnp.float32), source_ids.astype(jnp.int32))
+  return constrain(out, ("batch", "length", "vocab"))

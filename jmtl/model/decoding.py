@@ -1,8 +1,9 @@
 """Batched, jitted decoding for the seq2seq head: greedy and beam search with a K/V cache.
 
 Both decoders drive the head through its incremental interface (see `Seq2SeqHead`):
-`head.init_cache(encoder_states, encoder_mask, max_len) -> (static, cache)` computes the
-cross-attention K/V once; `head.decode_step(static, cache, token_ids, position, embedding=...)
+`head.init_cache(encoder_states, encoder_mask, max_len[, source_ids=...]) -> (static, cache)`
+computes the cross-attention K/V once (`source_ids`, the source tokens [B,L], is passed only
+when given: a copying head needs it); `head.decode_step(static, cache, token_ids, position, embedding=...)
 -> (logits [N,V], cache)` appends one position of self-attention K/V. Every leaf of `cache` has
 the sequence (or sequence*beam) axis first, so beam search reorders it with one gather.
 
@@ -54,6 +55,12 @@ def _split(head: nnx.Module, embedding: nnx.Module | None):
   return (head_def, emb_def), (head_state, emb_state)
 
 
+def _init_cache(head, encoder_states, encoder_mask, max_len, source_ids):
+  if source_ids is None:
+    return head.init_cache(encoder_states, encoder_mask, max_len)
+  return head.init_cache(encoder_states, encoder_mask, max_len, source_ids=source_ids)
+
+
 def _merge(graphdefs, states):
   head = nnx.merge(graphdefs[0], states[0])
   embedding = None if graphdefs[1] is None else nnx.merge(graphdefs[1], states[1])
@@ -80,10 +87,10 @@ def ngram_ban(seqs: Array, t: Array, n: int, vocab_size: int) -> Array:
 # ---------------------------------------------------------------------------- greedy
 @functools.partial(jax.jit, static_argnames=("graphdefs", "bos_id", "eos_id", "pad_id",
                                              "max_len", "no_repeat_ngram"))
-def _greedy(graphdefs, states, encoder_states, encoder_mask, *, bos_id: int, eos_id: int,
+def _greedy(graphdefs, states, encoder_states, encoder_mask, source_ids, *, bos_id: int, eos_id: int,
             pad_id: int, max_len: int, no_repeat_ngram: int) -> Array:
   head, embedding = _merge(graphdefs, states)
-  static, cache = head.init_cache(encoder_states, encoder_mask, max_len)
+  static, cache = _init_cache(head, encoder_states, encoder_mask, max_len, source_ids)
   batch = encoder_states.shape[0]
 
   def cond(carry):
@@ -107,12 +114,14 @@ def _greedy(graphdefs, states, encoder_states, encoder_mask, *, bos_id: int, eos
 
 def greedy_decode(head: nnx.Module, encoder_states: Array, encoder_mask: Array, *,
                   embedding: nnx.Embed | None, bos_id: int, eos_id: int, pad_id: int,
-                  max_len: int, no_repeat_ngram: int = 0) -> Array:
+                  max_len: int, no_repeat_ngram: int = 0, source_ids: Array | None = None
+                  ) -> Array:
   """Greedy decoding: y_t = argmax_w P(w | y_<t, x). Returns int32 [B, max_len] (EOS kept,
-  pad after it). `no_repeat_ngram` > 0 bans tokens that would repeat an n-gram."""
+  pad after it). `no_repeat_ngram` > 0 bans tokens that would repeat an n-gram.
+  `source_ids` [B,L]: the source tokens, for a copying head."""
   _check_args(encoder_states, encoder_mask, max_len, no_repeat_ngram)
   graphdefs, states = _split(head, embedding)
-  return _greedy(graphdefs, states, encoder_states, encoder_mask, bos_id=int(bos_id),
+  return _greedy(graphdefs, states, encoder_states, encoder_mask, source_ids, bos_id=int(bos_id),
                  eos_id=int(eos_id), pad_id=int(pad_id), max_len=int(max_len),
                  no_repeat_ngram=int(no_repeat_ngram))
 
@@ -120,11 +129,11 @@ def greedy_decode(head: nnx.Module, encoder_states: Array, encoder_mask: Array, 
 # ---------------------------------------------------------------------------- beam search
 @functools.partial(jax.jit, static_argnames=("graphdefs", "bos_id", "eos_id", "pad_id",
                                              "max_len", "beam_size", "no_repeat_ngram"))
-def _beam(graphdefs, states, encoder_states, encoder_mask, alpha, *, bos_id: int, eos_id: int,
+def _beam(graphdefs, states, encoder_states, encoder_mask, source_ids, alpha, *, bos_id: int, eos_id: int,
           pad_id: int, max_len: int, beam_size: int, no_repeat_ngram: int) -> Array:
   head, embedding = _merge(graphdefs, states)
   k, batch = beam_size, encoder_states.shape[0]
-  static, cache = head.init_cache(encoder_states, encoder_mask, max_len)
+  static, cache = _init_cache(head, encoder_states, encoder_mask, max_len, source_ids)
   static, cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), (static, cache))
   max_penalty_len = jnp.float32(max_len)
 
@@ -179,7 +188,7 @@ def _beam(graphdefs, states, encoder_states, encoder_mask, alpha, *, bos_id: int
 def beam_search(head: nnx.Module, encoder_states: Array, encoder_mask: Array, *,
                 embedding: nnx.Embed | None, bos_id: int, eos_id: int, pad_id: int,
                 max_len: int, beam_size: int, length_penalty: float,
-                no_repeat_ngram: int = 0) -> Array:
+                no_repeat_ngram: int = 0, source_ids: Array | None = None) -> Array:
   """Beam search; returns the best finished hypothesis per row, int32 [B, max_len].
 
   Each step extends the `beam_size` alive hypotheses by every token and keeps the best
@@ -188,12 +197,14 @@ def beam_search(head: nnx.Module, encoder_states: Array, encoder_mask: Array, *,
   `max_len` all alive hypotheses finish. A row stops when no alive hypothesis can still beat
   its worst kept finished one. With beam_size=1 and length_penalty=0 this is greedy decoding.
   `no_repeat_ngram` = n > 0 bans any n-gram already generated in the hypothesis.
+  `source_ids` [B,L]: the source tokens, for a copying head.
   """
   _check_args(encoder_states, encoder_mask, max_len, no_repeat_ngram)
   if beam_size < 1:
     raise ValueError(f"beam_size (eval.beam_size) must be >= 1, got {beam_size}")
   graphdefs, states = _split(head, embedding)
-  return _beam(graphdefs, states, encoder_states, encoder_mask, jnp.float32(length_penalty),
+  return _beam(graphdefs, states, encoder_states, encoder_mask, source_ids,
+               jnp.float32(length_penalty),
                bos_id=int(bos_id), eos_id=int(eos_id), pad_id=int(pad_id),
                max_len=int(max_len), beam_size=int(beam_size),
                no_repeat_ngram=int(no_repeat_ngram))
@@ -210,7 +221,8 @@ def generate(model: Any, task_batch: dict[str, Any], task: str, *, eval_cfg, bos
              eos_id: int, pad_id: int) -> np.ndarray:
   """Encodes a seq2seq batch once with `model.trunk`, then decodes with `model.heads[task]`:
   greedy when eval_cfg.beam_size == 1, else beam search (eval_cfg.length_penalty,
-  max_decode_len, no_repeat_ngram). Returns int32 [B, eval_cfg.max_decode_len] (see module doc).
+  max_decode_len, no_repeat_ngram). A copying head (`head.use_copy`) gets the batch's
+  input_ids as its source ids. Returns int32 [B, eval_cfg.max_decode_len] (see module doc).
   """
   if task not in model.heads:
     raise KeyError(f"model has no head for task {task!r} (heads: {sorted(model.heads)})")
@@ -223,7 +235,9 @@ def generate(model: Any, task_batch: dict[str, Any], task: str, *, eval_cfg, bos
   hidden = _encode(trunk_def, trunk_state, jnp.asarray(task_batch["input_ids"]),
                    jnp.asarray(task_batch["segment_ids"]), mask)
   embedding = model.trunk.token_embedding if head.tie_embeddings else None
-  common = dict(embedding=embedding, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+  source_ids = (jnp.asarray(task_batch["input_ids"], jnp.int32)
+                if getattr(head, "use_copy", False) else None)
+  common = dict(embedding=embedding, source_ids=source_ids, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
                 max_len=eval_cfg.max_decode_len, no_repeat_ngram=eval_cfg.no_repeat_ngram)
   if eval_cfg.beam_size == 1:
     out = greedy_decode(head, hidden, mask, **common)

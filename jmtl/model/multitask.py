@@ -104,5 +104,6 @@ class MultiTaskModel(nnx.Module):
       start, end = head(hidden, mask, task_batch["context_mask"])
       return {"start_logits": start, "end_logits": end}
     logits = head(hidden, mask, task_batch["decoder_input_ids"],
-                  embedding=self.trunk.token_embedding, deterministic=deterministic, rngs=rngs)
+                  embedding=self.trunk.token_embedding, source_ids=task_batch["input_ids"],
+                  deterministic=deterministic, rngs=rngs)
     return {"logits": logits}
