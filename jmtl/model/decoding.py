@@ -3,7 +3,8 @@
 Both decoders drive the head through its incremental interface (see `Seq2SeqHead`):
 `head.init_cache(encoder_states, encoder_mask, max_len[, source_ids=...]) -> (static, cache)`
 computes the cross-attention K/V once (`source_ids`, the source tokens [B,L], is passed only
-when given: a copying head needs it); `head.decode_step(static, cache, token_ids, position, embedding=...)
+when given: a copying head needs it);
+`head.decode_step(static, cache, token_ids, position, embedding=...)
 -> (logits [N,V], cache)` appends one position of self-attention K/V. Every leaf of `cache` has
 the sequence (or sequence*beam) axis first, so beam search reorders it with one gather.
 
@@ -87,8 +88,8 @@ def ngram_ban(seqs: Array, t: Array, n: int, vocab_size: int) -> Array:
 # ---------------------------------------------------------------------------- greedy
 @functools.partial(jax.jit, static_argnames=("graphdefs", "bos_id", "eos_id", "pad_id",
                                              "max_len", "no_repeat_ngram"))
-def _greedy(graphdefs, states, encoder_states, encoder_mask, source_ids, *, bos_id: int, eos_id: int,
-            pad_id: int, max_len: int, no_repeat_ngram: int) -> Array:
+def _greedy(graphdefs, states, encoder_states, encoder_mask, source_ids, *, bos_id: int,
+            eos_id: int, pad_id: int, max_len: int, no_repeat_ngram: int) -> Array:
   head, embedding = _merge(graphdefs, states)
   static, cache = _init_cache(head, encoder_states, encoder_mask, max_len, source_ids)
   batch = encoder_states.shape[0]
@@ -121,16 +122,17 @@ def greedy_decode(head: nnx.Module, encoder_states: Array, encoder_mask: Array, 
   `source_ids` [B,L]: the source tokens, for a copying head."""
   _check_args(encoder_states, encoder_mask, max_len, no_repeat_ngram)
   graphdefs, states = _split(head, embedding)
-  return _greedy(graphdefs, states, encoder_states, encoder_mask, source_ids, bos_id=int(bos_id),
-                 eos_id=int(eos_id), pad_id=int(pad_id), max_len=int(max_len),
+  return _greedy(graphdefs, states, encoder_states, encoder_mask, source_ids,
+                 bos_id=int(bos_id), eos_id=int(eos_id), pad_id=int(pad_id), max_len=int(max_len),
                  no_repeat_ngram=int(no_repeat_ngram))
 
 
 # ---------------------------------------------------------------------------- beam search
 @functools.partial(jax.jit, static_argnames=("graphdefs", "bos_id", "eos_id", "pad_id",
                                              "max_len", "beam_size", "no_repeat_ngram"))
-def _beam(graphdefs, states, encoder_states, encoder_mask, source_ids, alpha, *, bos_id: int, eos_id: int,
-          pad_id: int, max_len: int, beam_size: int, no_repeat_ngram: int) -> Array:
+def _beam(graphdefs, states, encoder_states, encoder_mask, source_ids, alpha, *, bos_id: int,
+          eos_id: int, pad_id: int, max_len: int, beam_size: int, no_repeat_ngram: int
+          ) -> Array:
   head, embedding = _merge(graphdefs, states)
   k, batch = beam_size, encoder_states.shape[0]
   static, cache = _init_cache(head, encoder_states, encoder_mask, max_len, source_ids)
@@ -237,8 +239,9 @@ def generate(model: Any, task_batch: dict[str, Any], task: str, *, eval_cfg, bos
   embedding = model.trunk.token_embedding if head.tie_embeddings else None
   source_ids = (jnp.asarray(task_batch["input_ids"], jnp.int32)
                 if getattr(head, "use_copy", False) else None)
-  common = dict(embedding=embedding, source_ids=source_ids, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-                max_len=eval_cfg.max_decode_len, no_repeat_ngram=eval_cfg.no_repeat_ngram)
+  common = dict(embedding=embedding, source_ids=source_ids, bos_id=bos_id, eos_id=eos_id,
+                pad_id=pad_id, max_len=eval_cfg.max_decode_len,
+                no_repeat_ngram=eval_cfg.no_repeat_ngram)
   if eval_cfg.beam_size == 1:
     out = greedy_decode(head, hidden, mask, **common)
   else:
