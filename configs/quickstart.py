@@ -32,8 +32,9 @@ def get_config():
   c.model.decoder.heads = 4
   c.model.decoder.d_ff = 512
   c.model.decoder.label_smoothing = 0.1
+  c.model.decoder.copy = True  # pointer-generator: headlines reuse the article's words
   c.optim.name = "adamw"
-  c.optim.lr = 1e-3
+  c.optim.lr = 2e-3
   c.optim.warmup_steps = 50
   c.optim.schedule = "linear"
   c.train.steps = 400
@@ -43,5 +44,5 @@ def get_config():
   c.eval.batch_size = 64
   c.eval.beam_size = 4
   c.eval.max_decode_len = 16
-  c.eval.no_repeat_ngram = 2
+  c.eval.no_repeat_ngram = 1  # a headline repeats no token (copying otherwise stutters)
   return c
