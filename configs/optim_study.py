@@ -39,8 +39,10 @@ def get_config():
   c.train.keep_checkpoints = 1
   c.train.progress = "none"
   c.eval.batch_size = 128
-  c.sweep.optimizers = ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw",
-                        "paper_adaptive", "jmtl_adaptive")
+  # The paper's baselines (SGD, Momentum, AdaGrad, RMSProp, Adam) with AdamW (weight decay 0.01)
+  # standing in for Adam, and our two. Add "adam" here to run it too (the sweep resumes).
+  c.sweep.optimizers = ("sgd", "momentum", "adagrad", "rmsprop", "adamw", "paper_adaptive",
+                        "jmtl_adaptive")
   # The adaptive optimizers bring their own metric-driven decay: no linear decay under it.
   c.sweep.overrides = (("paper_adaptive", "optim.schedule", "constant"),
                        ("jmtl_adaptive", "optim.schedule", "constant"))
