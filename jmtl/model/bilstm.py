@@ -53,7 +53,7 @@ class BiLSTMTrunk(nnx.Module):
         embedding_init=layers.param_init(init, (None, "embed")), rngs=rngs)
     self.embed_norm = layers.LayerNorm(d, eps=cfg_get(cfg, "layer_norm_eps"), dtype=self.dtype,
                                        rngs=rngs)
-    self.dropout = nnx.Dropout(cfg_get(cfg, "dropout"))
+    self.dropout = layers.Dropout(cfg_get(cfg, "dropout"))
     self.lstms = nnx.List([
         nnx.Bidirectional(
             _lstm(d if i == 0 else 2 * hidden, hidden, "embed" if i == 0 else "kv",

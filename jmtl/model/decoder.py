@@ -64,7 +64,7 @@ class MultiHeadAttention(nnx.Module):
     self.key = layers.Dense(d_model, shape, names, dtype=dtype, rngs=rngs)
     self.value = layers.Dense(d_model, shape, names, dtype=dtype, rngs=rngs)
     self.out = layers.Dense(shape, d_model, ("heads", "kv", "embed"), dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(attention_dropout)
+    self.dropout = layers.Dropout(attention_dropout)
 
   def project_kv(self, x: Array) -> tuple[Array, Array]:
     """Keys and values [B,S,H,Dh] of `x` [B,S,D]."""
@@ -95,7 +95,7 @@ class DecoderBlock(nnx.Module):
     self.norm_self = layers.LayerNorm(d, eps=eps, dtype=dtype, rngs=rngs)
     self.norm_cross = layers.LayerNorm(d, eps=eps, dtype=dtype, rngs=rngs)
     self.norm_ffn = layers.LayerNorm(d, eps=eps, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout)
+    self.dropout = layers.Dropout(cfg.dropout)
 
   def _residual(self, x: Array, norm: layers.LayerNorm, f, deterministic: bool,
                 rngs: nnx.Rngs | None) -> Array:
@@ -164,7 +164,7 @@ class Seq2SeqHead(nnx.Module):
                                  rngs=rngs)
     # Post-norm normalises the embedding sum (as BERT); pre-norm normalises the last block.
     self.norm = layers.LayerNorm(d, eps=model_cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(model_cfg.dropout)
+    self.dropout = layers.Dropout(model_cfg.dropout)
     self.blocks = nnx.List([DecoderBlock(model_cfg, rngs=rngs) for _ in range(dec.layers)])
     self.use_copy = bool(dec.get("copy", False))  # configs saved before the key: off
     if self.use_copy:

@@ -41,7 +41,7 @@ class ClassificationHead(nnx.Module):
                                  rngs=rngs)
     else:
       self.pooler = nnx.data(None)
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = layers.Dropout(dropout)
     self.classifier = layers.Dense(hidden_size, num_labels, ("embed", "labels"), dtype=dtype,
                                    rngs=rngs)
 

@@ -182,6 +182,34 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+class Dropout(nnx.Module):
+  """Inverted dropout whose keep decisions come from 8-bit random numbers.
+
+  One 32-bit draw gives four decisions (threefry bits are the costly part of dropout on CPU):
+  keep where u8 >= t with t = round(rate * 256), survivors scaled by 256 / (256 - t), so
+  E[output] = x exactly. The effective rate is t / 256 (the rate quantised to 1/256; 0.1 ->
+  0.1016). Bits are drawn in x's shape (last axis packed by 4), so masks do not depend on the
+  mesh. Called as nnx.Dropout: `drop(x, deterministic=..., rngs=nnx.Rngs(dropout=key))`.
+  """
+
+  def __init__(self, rate: float):
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    self.threshold = int(round(rate * 256))
+
+  def __call__(self, x: jax.Array, *, deterministic: bool,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    if deterministic or self.threshold == 0:
+      return x
+    if rngs is None:
+      raise ValueError("dropout with deterministic=False needs rngs=nnx.Rngs(dropout=key)")
+    last = x.shape[-1]
+    words = jax.random.bits(rngs.dropout(), (*x.shape[:-1], -(-last // 4)), jnp.uint32)
+    u8 = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(*x.shape[:-1], -1)[..., :last]
+    scale = jnp.asarray(256.0 / (256 - self.threshold), x.dtype)
+    return jnp.where(u8 >= self.threshold, x * scale, jnp.zeros((), x.dtype))
+
+
 def gelu_exact(x: jax.Array) -> jax.Array:
   """gelu(x) = x * 0.5 * (1 + erf(x / sqrt(2))) (BERT's exact form)."""
   return jax.nn.gelu(x, approximate=False)
@@ -228,7 +256,7 @@ class SelfAttention(nnx.Module):
     self.key = Dense(d_model, shape, qkv_names, dtype=dtype, rngs=rngs)
     self.value = Dense(d_model, shape, qkv_names, dtype=dtype, rngs=rngs)
     self.out = Dense(shape, d_model, ("heads", "kv", "embed"), dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(attention_dropout)
+    self.dropout = Dropout(attention_dropout)
 
   def __call__(self, x: jax.Array, attention_mask: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -42,7 +42,7 @@ class EncoderLayer(nnx.Module):
     self.ffn = layers.FeedForward(d, cfg_get(cfg, "d_ff"), activation=cfg_get(cfg, "activation"),
                                   dtype=dtype, rngs=rngs)
     self.ffn_norm = layers.LayerNorm(d, eps=eps, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg_get(cfg, "dropout"))
+    self.dropout = layers.Dropout(cfg_get(cfg, "dropout"))
 
   def __call__(self, x: jax.Array, attention_mask: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> jax.Array:
@@ -97,7 +97,7 @@ class TransformerTrunk(nnx.Module):
     eps = cfg_get(cfg, "layer_norm_eps")
     # post-LN normalises the embeddings (BERT); pre-LN normalises after the last layer.
     self.embed_norm = layers.LayerNorm(d, eps=eps, dtype=self.dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg_get(cfg, "dropout"))
+    self.dropout = layers.Dropout(cfg_get(cfg, "dropout"))
     self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(n_layers)])
 
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, attention_mask: jax.Array,
