@@ -84,3 +84,18 @@ def test_build_tokenizer_needs_a_train_split(data_dir):
   cfg.data.dir = str(data_dir)
   with pytest.raises(ValueError, match="'squad_dev' has no train split"):
     tok_lib.build_tokenizer(cfg, ["squad_dev"], None)
+
+
+def test_tokenizer_json_with_padding_and_truncation_is_not_padded(tmp_path):
+  """A tokenizer.json exported with fixed-length padding and truncation (as sentence-transformers
+  ships MiniLM's) must still encode to the bare token ids: the featurizers pad and truncate."""
+  tok = tok_lib.Tokenizer.load(VOCAB)
+  backend = tok.backend
+  backend.enable_padding(length=16, pad_id=0, pad_token="[PAD]")
+  backend.enable_truncation(max_length=3)
+  path = tmp_path / "tokenizer.json"
+  backend.save(str(path))
+  loaded = tok_lib.Tokenizer.load(path)
+  assert loaded.encode("The CATS sat.") == [5, 6, 12, 7, 13]
+  ids, offsets = loaded.encode_with_offsets("the cats")
+  assert ids == [5, 6, 12] and offsets == [(0, 3), (4, 7), (7, 8)]

@@ -83,9 +83,15 @@ class Tokenizer:
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     if path.suffix == ".json":
       try:
-        return cls(tokenizers.Tokenizer.from_file(str(path)))
+        tok = tokenizers.Tokenizer.from_file(str(path))
       except Exception as e:  # tokenizers raises plain Exception on a bad file
         raise ValueError(f"{path}: not a tokenizers JSON file ({e})") from None
+      # Files exported with a model (e.g. sentence-transformers) often enable padding to a fixed
+      # length and truncation; jmtl's featurizers truncate and pad themselves, and pad ids
+      # counted as tokens would corrupt masks, pooling and answer offsets.
+      tok.no_padding()
+      tok.no_truncation()
+      return cls(tok)
     vocab = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
     if lowercase is None:
       lowercase = not any(t != t.lower() for t in vocab if not (t.startswith("[") and
