@@ -58,6 +58,7 @@ _RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.max_eval_examples", lambda v: v >= 0, ">= 0"),
     ("data.temperature", lambda v: v > 0, "> 0"),
     ("model.layers", lambda v: v >= 1, ">= 1"),
+    ("model.init_layers", lambda v: v >= 0, ">= 0"),
     ("model.d_model", lambda v: v >= 1, ">= 1"),
     ("model.heads", lambda v: v >= 1, ">= 1"),
     ("model.d_ff", lambda v: v >= 1, ">= 1"),
@@ -176,6 +177,12 @@ def check_values(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("config key 'tasks' is empty: name at least one task")
   if len(set(cfg.tasks)) != len(cfg.tasks):
     raise ConfigError(f"config key 'tasks' names a task twice: {list(cfg.tasks)}")
+  if cfg.model.init_layers and not cfg.model.init_from:
+    raise ConfigError("config key 'model.init_layers' is set but model.init_from is empty")
+  if cfg.model.init_layers and cfg.model.init_layers != cfg.model.layers:
+    raise ConfigError(f"config key 'model.init_layers' = {cfg.model.init_layers} must equal "
+                      f"model.layers = {cfg.model.layers} (the trunk gets the checkpoint's "
+                      f"first init_layers layers)")
   if cfg.model.d_model % cfg.model.heads:
     raise ConfigError(
         f"config key 'model.heads' = {cfg.model.heads} must divide model.d_model = {cfg.model.d_model}")

@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.model.pooling = "first"  # first | mean (classification heads)
   c.model.init_from = ""  # directory of a BERT-family checkpoint (model.safetensors + config.json)
+  c.model.init_layers = 0  # load only the checkpoint's first N encoder layers (= model.layers); 0 = all
   c.model.lstm_hidden = 256  # bilstm trunk: hidden size per direction
   c.model.lstm_layers = 1
   c.model.decoder = ml_collections.ConfigDict()

@@ -53,3 +53,31 @@ def test_init_from_architecture_mismatch_is_a_config_error(tmp_path, data_dir):
   cfg.model.d_ff = 1024
   with pytest.raises(config_lib.ConfigError, match=r"'model.d_ff' = 1024 does not match"):
     loop._prepare(cfg, tmp_path)
+
+
+def test_init_layers_loads_the_first_checkpoint_layers(tmp_path, data_dir):
+  ckpt = _minilm()
+  cfg = _config(ckpt)
+  cfg.model.layers = cfg.model.init_layers = 2
+  _, _, _, _, state, _, _ = loop._prepare(cfg, tmp_path)
+  raw = safetensors.numpy.load_file(str(ckpt / "model.safetensors"))
+  raw = {k.removeprefix("bert."): v for k, v in raw.items()}
+  flat = [np.asarray(v) for _, v in nnx.to_flat_state(state.params)]
+  for i in range(2):  # both loaded layers hold the checkpoint's layers 0 and 1
+    q = raw[f"encoder.layer.{i}.attention.self.query.weight"]
+    assert any(v.size == q.size and np.allclose(v.reshape(384, 384), q.T) for v in flat)
+  q2 = raw["encoder.layer.2.attention.self.query.weight"]
+  assert not any(v.size == q2.size and np.allclose(v.reshape(384, 384), q2.T) for v in flat)
+
+
+@pytest.mark.parametrize("layers,init_layers,match", [
+    (3, 2, r"'model.init_layers' = 2 must equal model.layers = 3"),
+    (8, 8, r"'model.init_layers' = 8: the checkpoint .* has only 6 encoder layers"),
+])
+def test_init_layers_errors(tmp_path, data_dir, layers, init_layers, match):
+  ckpt = _minilm()
+  cfg = _config(ckpt)
+  cfg.model.layers, cfg.model.init_layers = layers, init_layers
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(cfg, device_count=8)
+    loop._prepare(cfg, tmp_path)

@@ -90,8 +90,13 @@ def _assign(var: nnx.Variable, value: np.ndarray, name: str) -> None:
   var.set_value(new)
 
 
-def load_bert_into_trunk(trunk: TransformerTrunk, ckpt_dir: str | os.PathLike) -> None:
+def load_bert_into_trunk(trunk: TransformerTrunk, ckpt_dir: str | os.PathLike, *,
+                         first_layers: bool = False) -> None:
   """Overwrites every trunk parameter with the checkpoint's (in place).
+
+  The checkpoint must have as many encoder layers as the trunk, or, with `first_layers`, at
+  least as many: its layers 0 .. len(trunk.layers) - 1 are loaded (a shallower model keeping
+  the pretrained embeddings and lower layers, as DistilBERT-style students do).
 
   The trunk may be abstract (from `nnx.eval_shape`), which skips a throw-away random init.
 
@@ -138,7 +143,7 @@ def load_bert_into_trunk(trunk: TransformerTrunk, ckpt_dir: str | os.PathLike) -
           "embeddings.token_type_embeddings.weight")
   norm(trunk.embed_norm, "embeddings.LayerNorm")
   n_ckpt = len({k.split(".")[2] for k in tensors if k.startswith("encoder.layer.")})
-  if n_ckpt != len(trunk.layers):
+  if n_ckpt < len(trunk.layers) or (n_ckpt != len(trunk.layers) and not first_layers):
     raise ValueError(f"checkpoint has {n_ckpt} encoder layers, the trunk has {len(trunk.layers)}")
   for i, layer in enumerate(trunk.layers):
     p = f"encoder.layer.{i}."

@@ -92,10 +92,17 @@ def _prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
 
 
 def _init_from_pretrained(config, tokenizer, state, graphdef, shardings, tx):
-  """Loads a BERT-family checkpoint into the trunk; the checkpoint's architecture must match."""
+  """Loads a BERT-family checkpoint into the trunk; the checkpoint's architecture must match
+  (with `model.init_layers = N`: its first N encoder layers, and model.layers must be N)."""
   path = config.model.init_from
   want = pretrained.bert_model_config(path)
   vocab = want.pop("vocab_size")
+  n = config.model.init_layers
+  if n:
+    if n > want["layers"]:
+      raise config_lib.ConfigError(f"config key 'model.init_layers' = {n}: the checkpoint in "
+                                   f"{path} has only {want['layers']} encoder layers")
+    want["layers"] = n
   for key, value in want.items():
     if config.model[key] != value:
       raise config_lib.ConfigError(f"config key 'model.{key}' = {config.model[key]!r} does not "
@@ -105,7 +112,7 @@ def _init_from_pretrained(config, tokenizer, state, graphdef, shardings, tx):
         f"config key 'data.tokenizer': vocabulary of {tokenizer.vocab_size} tokens does not match "
         f"the checkpoint in {path} ({vocab}); use its vocab.txt")
   model = nnx.merge(graphdef, state.params, state.rest)
-  pretrained.load_bert_into_trunk(model.trunk, path)
+  pretrained.load_bert_into_trunk(model.trunk, path, first_layers=bool(n))
   _, params, rest = nnx.split(model, nnx.Param, ...)
   params = jax.device_put(params, shardings.params)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
