@@ -1,0 +1,184 @@
+"""FedOpt rounds over the `site` mesh axis against numpy references (FedAvg, Adam, adaptive)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType
+
+from jmtl import federated as fed
+from jmtl import optim
+from jmtl.defaults import base_config
+
+D, B = 5, 8  # features, rows per local batch
+
+
+def _mesh(shape, names):
+  n = int(np.prod(shape))
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
+                       devices=jax.devices()[:n])
+
+
+def _data(sites, steps, logistic=False, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(sites, steps, B, D))
+  w_true = rng.normal(size=D)
+  z = x @ w_true + 0.3 * rng.normal(size=(sites, steps, B))
+  y = (z > 0).astype(np.float64) if logistic else z
+  return {"x": x.astype(np.float32), "y": y.astype(np.float32)}
+
+
+def _jax_loss(logistic):
+  def loss(p, b):
+    z = b["x"] @ p["w"] + p["b"]
+    if logistic:
+      return jnp.mean(jax.nn.softplus(z) - b["y"] * z)
+    return 0.5 * jnp.mean(jnp.square(z - b["y"]))
+  return loss
+
+
+def _np_grad(p, x, y, logistic):
+  """Gradient of the mean loss over the rows of one batch (float64)."""
+  z = x @ p["w"] + p["b"]
+  r = 1.0 / (1.0 + np.exp(-z)) - y if logistic else z - y
+  return {"w": x.T @ r / len(y), "b": np.mean(r)}
+
+
+def _np_delta(p, data, weights, lr, logistic=False):
+  """Pseudo-gradient: weighted mean over sites of x - x_k after local SGD."""
+  x, y = data["x"].astype(np.float64), data["y"].astype(np.float64)
+  num = {k: 0.0 for k in p}
+  for s in range(x.shape[0]):
+    q = dict(p)
+    for t in range(x.shape[1]):
+      g = _np_grad(q, x[s, t], y[s, t], logistic)
+      q = {k: q[k] - lr * g[k] for k in q}
+    num = {k: num[k] + weights[s] * (p[k] - q[k]) for k in p}
+  return {k: v / np.sum(weights) for k, v in num.items()}
+
+
+def _zeros():
+  return {"w": np.zeros(D), "b": np.zeros(())}
+
+
+def _as_jax(p):
+  return {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+
+
+def _close(state, ref, tol=1e-5):
+  for k in ref:
+    np.testing.assert_allclose(np.asarray(state.params[k]), ref[k], atol=tol, rtol=tol)
+
+
+def _fedavg_matches(mesh, sites, logistic, rounds, steps=3, lr=0.2):
+  data = _data(sites, steps, logistic)
+  weights = np.arange(sites, dtype=np.float64) % 3  # includes zero-weight sites
+  tx = optax.sgd(1.0)
+  state = fed.init(_as_jax(_zeros()), tx)
+  round_fn = fed.make_round(_jax_loss(logistic), tx, mesh, local_steps=steps, client_lr=lr)
+  ref = _zeros()
+  for r in range(rounds):
+    # A plain optax server optimizer ignores the extra args.
+    state, metrics = round_fn(state, data, weights, val_metric=0.0, val_count=r)
+    delta = _np_delta(ref, data, weights, lr, logistic)
+    ref = {k: ref[k] - delta[k] for k in ref}
+    _close(state, ref)
+  assert int(state.round) == rounds
+  assert metrics["site_loss"].shape == (sites,)
+  return state
+
+
+def test_fedavg_equals_numpy_local_sgd_then_weighted_mean():
+  state = _fedavg_matches(_mesh((4,), ("site",)), 4, logistic=False, rounds=3)
+  assert float(jnp.abs(state.params["w"]).sum()) > 0.1  # it moved
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_registry_adam_server_equals_numpy_adam_on_pseudo_gradient(name):
+  cfg = base_config().optim
+  cfg.name, cfg.lr, cfg.grad_clip = name, 0.05, 0.0
+  cfg.schedule = "constant" if name == "adam" else "linear"  # adamw: lr * (1 - t / T)
+  cfg.weight_decay = 0.1 if name == "adamw" else 0.0
+  rounds, steps, lr = 3, 2, 0.1
+  tx = optim.build(cfg, total_steps=rounds)
+  mesh = _mesh((4,), ("site",))
+  data, weights = _data(4, steps, seed=1), np.array([3.0, 1.0, 2.0, 5.0])
+  state = fed.init(_as_jax(_zeros()), tx)
+  round_fn = fed.make_round(_jax_loss(False), tx, mesh, local_steps=steps, client_lr=lr)
+  ref, m, v = _zeros(), _zeros(), _zeros()
+  b1, b2, eps = cfg.b1, cfg.b2, cfg.eps
+  for t in range(rounds):
+    state, _ = round_fn(state, data, weights, val_metric=1.0, val_count=t + 1)
+    g = _np_delta(ref, data, weights, lr)
+    lr_t = cfg.lr * (1.0 if name == "adam" else 1.0 - t / rounds)
+    for k in ref:
+      m[k] = b1 * m[k] + (1 - b1) * g[k]
+      v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+      u = (m[k] / (1 - b1 ** (t + 1))) / (np.sqrt(v[k] / (1 - b2 ** (t + 1))) + eps)
+      ref[k] = ref[k] - lr_t * (u + cfg.weight_decay * ref[k])
+    _close(state, ref)
+
+
+@pytest.mark.parametrize("name", ["paper_adaptive", "jmtl_adaptive"])
+def test_adaptive_server_optimizers_learn_and_react_to_the_metric(name):
+  cfg = base_config().optim
+  cfg.name, cfg.lr, cfg.schedule = name, 0.1, "constant"
+  cfg.plateau_patience, cfg.plateau_factor = 2, 0.5
+  rounds, steps = 6, 2
+  tx = optim.build(cfg, total_steps=20)
+  mesh = _mesh((4,), ("site",))
+  data, weights = _data(4, steps, seed=2), np.array([1.0, 2.0, 3.0, 4.0])
+  round_fn = fed.make_round(_jax_loss(False), tx, mesh, local_steps=steps, client_lr=0.1)
+  scale = lambda s: float(optim.find_metric_schedule_state(s.opt_state).plateau.scale)
+
+  # An improving metric (minus the round's loss): the loss goes down, the scale stays 1.
+  state, losses = fed.init(_as_jax(_zeros()), tx), []
+  for r in range(rounds):
+    metric = -losses[-1] if losses else -1e3
+    state, metrics = round_fn(state, data, weights, val_metric=metric, val_count=r + 1)
+    losses.append(float(metrics["loss"]))
+    assert scale(state) == 1.0
+  assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.6 * losses[0], losses
+
+  # A worsening scripted metric: patience 2 halves the server lr scale every 2 bad rounds;
+  # a repeated val_count is not a new validation.
+  state, got = fed.init(_as_jax(_zeros()), tx), []
+  for count, metric in [(1, 0.9), (2, 0.8), (3, 0.7), (3, 0.1), (4, 0.6), (5, 0.5)]:
+    state, _ = round_fn(state, data, weights, val_metric=metric, val_count=count)
+    got.append(scale(state))
+  assert got == [1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
+
+
+def test_eight_sites_on_eight_devices():
+  _fedavg_matches(_mesh((8,), ("site",)), 8, logistic=True, rounds=2)
+
+
+def test_four_sites_on_a_site_by_data_mesh():
+  state = _fedavg_matches(_mesh((4, 2), ("site", "data")), 4, logistic=True, rounds=2)
+  assert state.params["w"].sharding.mesh.shape == {"site": 4, "data": 2}
+
+
+def test_bad_inputs_raise_value_error():
+  tx = optax.sgd(1.0)
+  mesh = _mesh((8,), ("site",))
+  loss = _jax_loss(False)
+  round_fn = fed.make_round(loss, tx, mesh, local_steps=2, client_lr=0.1)
+  state = fed.init(_as_jax(_zeros()), tx)
+  data = _data(8, 2)
+  with pytest.raises(ValueError, match="all zero"):
+    round_fn(state, data, np.zeros(8))
+  with pytest.raises(ValueError, match=">= 0"):
+    round_fn(state, data, -np.ones(8))
+  with pytest.raises(ValueError, match="sites=8"):
+    round_fn(state, _data(4, 2), np.ones(8))
+  with pytest.raises(ValueError, match="local_steps=2"):
+    round_fn(state, _data(8, 3), np.ones(8))
+  with pytest.raises(ValueError, match=r"expected \(8,\)"):
+    round_fn(state, data, np.ones(4))
+  with pytest.raises(ValueError, match="'site' axis"):
+    fed.make_round(loss, tx, _mesh((8,), ("data",)), local_steps=2, client_lr=0.1)
+  with pytest.raises(ValueError, match="outermost"):
+    fed.make_round(loss, tx, _mesh((2, 4), ("data", "site")), local_steps=2, client_lr=0.1)
+  with pytest.raises(ValueError, match="local_steps"):
+    fed.make_round(loss, tx, mesh, local_steps=0, client_lr=0.1)
