@@ -115,6 +115,7 @@ def test_run_config_sets_optimizer_lr_seed_overrides_and_ablation():
     ("select_metric", "cola/mcc", "sweep.select_metric"),
     ("overrides", (("adamw", "optim.nosuch", 1),), "unknown key 'optim.nosuch'"),
     ("overrides", (("adamw", "optim.schedule", 3),), "optim.schedule"),
+    ("overrides", (("adamx", "optim.schedule", "constant"),), "known optimizer"),
 ])
 def test_bad_sweep_config_names_the_key(key, value, match):
   c = study_config()
@@ -122,6 +123,14 @@ def test_bad_sweep_config_names_the_key(key, value, match):
   with pytest.raises(config_lib.ConfigError, match=match):
     sweep_lib.check_sweep_config(c)
     sweep_lib.run_config(c, sweep_lib.Run("adamw", 1e-3, 0))
+
+
+def test_overrides_may_name_an_optimizer_outside_the_sweep():
+  c = study_config()
+  c.sweep.optimizers, c.sweep.ablation = ("sgd", "adamw"), ()
+  c.sweep.overrides = (("jmtl_adaptive", "optim.schedule", "constant"),)
+  sweep_lib.check_sweep_config(c)  # a subset of a study's optimizers keeps the study's overrides
+  assert sweep_lib.run_config(c, sweep_lib.Run("sgd", 0.1, 0)).optim.schedule == "linear"
 
 
 def test_ablation_needs_jmtl_adaptive():

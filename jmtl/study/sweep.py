@@ -151,10 +151,12 @@ def check_sweep_config(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(f"config key 'sweep.select_metric' = {s.select_metric!r} names a "
                                  f"task not in tasks {list(config.tasks)}")
   for i, item in enumerate(s.overrides):
-    if len(item) != 3 or item[0] not in s.optimizers or not isinstance(item[1], str):
+    # An entry may name an optimizer that is not in this sweep (e.g. a sweep over a subset of
+    # the study's optimizers): it then applies to no run.
+    if len(item) != 3 or item[0] not in optim.NAMES or not isinstance(item[1], str):
       raise config_lib.ConfigError(
-          f"config key 'sweep.overrides': entry {i} = {item!r} must be (optimizer in "
-          f"sweep.optimizers, 'section.key', value)")
+          f"config key 'sweep.overrides': entry {i} = {item!r} must be (known optimizer, "
+          f"'section.key', value)")
   if s.ablation:
     if ABLATION_OPTIMIZER not in s.optimizers:
       raise config_lib.ConfigError(f"config key 'sweep.ablation' needs {ABLATION_OPTIMIZER!r} in "
