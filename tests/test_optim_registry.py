@@ -143,3 +143,18 @@ def test_bad_values():
     build(_cfg("jmtl_adaptive", update_clip=-1.0), 10)
   with pytest.raises(KeyError, match="optim.name"):
     build({"lr": 1.0}, 10)
+
+
+def test_clip_by_global_norm_matches_the_rule_and_optax():
+  from jmtl.optim import clipping
+  g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[12.0]])}  # ||g|| = 13
+  out, _ = clipping.clip_by_global_norm(6.5).update(g, optax.EmptyState())
+  np.testing.assert_allclose(out["a"], [1.5, 2.0], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], [[6.0]], rtol=1e-6)
+  ref, _ = optax.clip_by_global_norm(6.5).update(g, optax.EmptyState())
+  for k in g:
+    np.testing.assert_allclose(out[k], ref[k], rtol=1e-6)
+  same, _ = clipping.clip_by_global_norm(20.0).update(g, optax.EmptyState())  # below the norm
+  np.testing.assert_array_equal(same["a"], g["a"])
+  zero, _ = clipping.clip_by_global_norm(1.0).update({"a": jnp.zeros(3)}, optax.EmptyState())
+  np.testing.assert_array_equal(zero["a"], np.zeros(3))

@@ -27,8 +27,8 @@ Update rule, for step `t = 0, 1, ...` (gradient `g`, parameters `w`; per paramet
 
 Implementation notes (XLA:CPU is memory-bandwidth bound here: cost ~ full passes over the
 parameter-sized arrays):
-  * Step 1 multiplies by one scalar, so XLA fuses it into the moment updates instead of writing
-    a clipped copy of the gradients (as `optax.clip_by_global_norm`'s select / divide does).
+  * Step 1 multiplies by one scalar (`jmtl.optim.clipping`), so XLA fuses it into the moment
+    updates instead of writing a clipped copy of the gradients.
   * Step 3's count must be known before u is written. An exact count is a separate reduction
     over the whole tensor (about 1.6x the whole update on a BERT-sized tree); every 16th slice
     of the first axis is contiguous memory, so the estimate reads 1/16 of g and m. Splitting the
@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jmtl.optim import clipping
 from jmtl.optim import plateau as plateau_lib
 from jmtl.optim import schedules
 
@@ -127,17 +128,6 @@ def _mask_count(mask: jax.Array) -> jax.Array:
   return jnp.sum(sample, dtype=jnp.float32) * (mask.size / sample.size)
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """Step 1: g * min(1, max_norm / ||g||_global), one scalar multiply (state: EmptyState)."""
-
-  def update_fn(updates, state, params=None):
-    del params
-    scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))  # norm 0 -> inf -> 1
-    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
 def jmtl_adaptive(
     learning_rate: optax.Schedule,
     *,
@@ -160,7 +150,7 @@ def jmtl_adaptive(
     raise ValueError(f"optim.update_clip must be >= 0, got {update_clip}")
   parts = []
   if grad_clip > 0:
-    parts.append(clip_by_global_norm(grad_clip))
+    parts.append(clipping.clip_by_global_norm(grad_clip))
   parts.append(scale_by_adaptive_moments(b1, b2, eps, belief=belief, cautious=cautious))
   if weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay))

@@ -21,6 +21,7 @@ from typing import Any
 
 import optax
 
+from jmtl.optim import clipping
 from jmtl.optim import plateau as plateau_lib
 from jmtl.optim import schedules
 
@@ -40,7 +41,7 @@ def paper_adaptive(
   schedules.check_total_steps(total_steps)
   parts = []
   if grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(grad_clip))
+    parts.append(clipping.clip_by_global_norm(grad_clip))
   parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
   if weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay))

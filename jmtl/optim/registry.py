@@ -4,7 +4,7 @@ Every optimizer returned by `build`:
   * is an `optax.GradientTransformationExtraArgs` whose `update` accepts (and, unless it adapts
     to the metric, ignores) `val_metric` and `val_count`;
   * uses the warmup + decay schedule of `jmtl.optim.schedules` (schedule-free: warmup only);
-  * clips gradients to global norm `grad_clip` first (0 = off);
+  * clips gradients to global norm `grad_clip` first (0 = off; `jmtl.optim.clipping`);
   * has an `init` whose parameter-shaped state leaves follow the parameters' sharding when run
     under `jax.jit` (each such leaf is tied to its parameter through a no-op `where`).
 
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jmtl.optim import clipping
 from jmtl.optim import jmtl_adaptive as jmtl_adaptive_lib
 from jmtl.optim import paper_adaptive as paper_adaptive_lib
 from jmtl.optim import schedules
@@ -123,7 +124,7 @@ def build(optim_cfg: Any, total_steps: int) -> optax.GradientTransformationExtra
   if grad_clip < 0:
     raise ValueError(f"optim.grad_clip must be >= 0, got {grad_clip}")
   if grad_clip > 0 and not clips_itself:
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+    tx = optax.chain(clipping.clip_by_global_norm(grad_clip), tx)
   return state_follows_params(optax.with_extra_args_support(tx))
 
 
