@@ -71,6 +71,7 @@ _RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.grad_clip", lambda v: v >= 0, ">= 0"),
+    ("optim.belief_eps", lambda v: v >= 0, ">= 0"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
     ("eval.beam_size", lambda v: v >= 1, ">= 1"),
     ("eval.max_decode_len", lambda v: v >= 1, ">= 1"),

@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.late_decay_rate = 0.1  # lr multiplier reached at the last step
   # jmtl_adaptive component switches
   c.optim.belief = True  # AdaBelief second moment
+  c.optim.belief_eps = 1e-16  # added to the belief second moment each step (AdaBelief's eps)
   c.optim.cautious = True  # mask updates whose sign disagrees with the gradient
   c.optim.trust_ratio = False  # LAMB layer-wise trust ratio
   c.optim.update_clip = 0.0  # clip each update element to [-c, c]; 0 = off

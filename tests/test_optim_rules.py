@@ -25,7 +25,7 @@ def _cfg(name, **kw):
   c.schedule = "linear"
   c.end_lr_factor = 0.0
   c.weight_decay = 0.1
-  c.b1, c.b2, c.eps = 0.9, 0.99, 1e-6
+  c.b1, c.b2, c.eps, c.belief_eps = 0.9, 0.99, 1e-6, 1e-7
   c.grad_clip = 3.0
   c.plateau_patience = 1
   c.plateau_factor = 0.5
@@ -118,7 +118,7 @@ def _ref_run(c, params, grads, *, belief, cautious, trust_ratio, update_clip, me
     for k in w:
       m[k] = c.b1 * m[k] + (1 - c.b1) * g[k]
       if belief:
-        s[k] = c.b2 * s[k] + (1 - c.b2) * (g[k] - m[k]) ** 2 + c.eps
+        s[k] = c.b2 * s[k] + (1 - c.b2) * (g[k] - m[k]) ** 2 + c.belief_eps
       else:
         s[k] = c.b2 * s[k] + (1 - c.b2) * g[k] ** 2
       u = (m[k] / (1 - c.b1 ** (t + 1))) / (np.sqrt(s[k] / (1 - c.b2 ** (t + 1))) + c.eps)

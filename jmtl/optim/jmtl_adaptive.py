@@ -11,7 +11,7 @@ Update rule, for step `t = 0, 1, ...` (gradient `g`, parameters `w`; per paramet
 
   1. g <- g * min(1, grad_clip / ||g||_global)                  (if grad_clip > 0)
   2. m <- b1 * m + (1 - b1) * g
-     belief:      s <- b2 * s + (1 - b2) * (g - m)**2 + eps     (uses the new m)
+     belief:      s <- b2 * s + (1 - b2) * (g - m)**2 + belief_eps   (uses the new m)
      otherwise:   s <- b2 * s + (1 - b2) * g**2
      u <- (m / (1 - b1**(t+1))) / (sqrt(s / (1 - b2**(t+1))) + eps)
   3. cautious:    mask = [u * g > 0],  act = [g != 0]  (elements that have a gradient)
@@ -38,8 +38,13 @@ parameter-sized arrays):
     first axis as (k, 16) keeps the sample local to each shard when the first axis is sharded
     (shard sizes multiples of 16). The sampled c / a estimates the agreeing fraction of the
     whole tensor (standard error <= 0.5 / sqrt(sampled active elements)).
+  * belief_eps is added to s at every step, so after bias correction it contributes
+    belief_eps / (1 - b2) to the squared denominator: with Adam's eps = 1e-8 that is a floor of
+    sqrt(1e-5) ~ 3e-3, ten times the per-element gradient of a fine-tuned BERT (global norm ~1
+    over ~1e7 weights), which would shrink every update ~10x. Hence AdaBelief's (and
+    `optax.adabelief`'s) 1e-16 by default, a separate key from the outer `eps`.
   * With belief, the state stores s without its accumulated eps,
-    s' = s - eps * (1 - b2**(t+1)) / (1 - b2), and adds that scalar back in step 2. Same rule,
+    s' = s - belief_eps * (1 - b2**(t+1)) / (1 - b2), and adds that scalar back in step 2. Same rule,
     but the per-element update has no broadcast constant, so XLA fuses the moment updates as it
     does for Adam.
 """
@@ -71,6 +76,7 @@ def scale_by_adaptive_moments(
     eps: float = 1e-8,
     *,
     belief: bool = True,
+    belief_eps: float = 1e-16,
     cautious: bool = True,
 ) -> optax.GradientTransformation:
   """Steps 2-3 of the module docstring: (AdaBelief or Adam) direction, optional cautious mask."""
@@ -90,7 +96,7 @@ def scale_by_adaptive_moments(
     c2 = 1.0 - jnp.power(jnp.float32(b2), count.astype(jnp.float32))
 
     # Accumulated eps of the belief rule: eps * (b2**t + ... + 1) = eps * c2 / (1 - b2).
-    acc = eps * c2 / (1.0 - b2) if belief else 0.0
+    acc = belief_eps * c2 / (1.0 - b2) if belief else 0.0
 
     def leaf(g, m, s):
       g32 = g.astype(m.dtype)
@@ -142,6 +148,7 @@ def jmtl_adaptive(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    belief_eps: float = 1e-16,
     weight_decay: float = 0.01,
     grad_clip: float = 0.0,
     belief: bool = True,
@@ -158,7 +165,8 @@ def jmtl_adaptive(
   parts = []
   if grad_clip > 0:
     parts.append(clipping.clip_by_global_norm(grad_clip))
-  parts.append(scale_by_adaptive_moments(b1, b2, eps, belief=belief, cautious=cautious))
+  parts.append(scale_by_adaptive_moments(b1, b2, eps, belief=belief, belief_eps=belief_eps,
+                                         cautious=cautious))
   if weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay))
   if trust_ratio:
@@ -180,6 +188,7 @@ def from_config(cfg: Any, total_steps: int) -> optax.GradientTransformationExtra
       b1=float(cfg["b1"]),
       b2=float(cfg["b2"]),
       eps=float(cfg["eps"]),
+      belief_eps=float(cfg["belief_eps"]),
       weight_decay=float(cfg["weight_decay"]),
       grad_clip=float(cfg["grad_clip"]),
       belief=bool(cfg["belief"]),
