@@ -216,6 +216,18 @@ def test_resume_refuses_results_of_another_config(swept, tmp_path):
   trainer = FakeTrainer()
   sweep_lib.run_sweep(c, copy, train_fn=trainer, share_tokenizer=False, check_files=False)
   assert trainer.calls == []
+  # A run written before a key existed: the key counts at its default, and only at it.
+  saved = copy / "sgd/lr0.1/seed0/config.json"
+  cfg = json.loads(saved.read_text())
+  del cfg["optim"]["belief_eps"]
+  saved.write_text(json.dumps(cfg))
+  sweep_lib.run_sweep(study_config(), copy, train_fn=trainer, share_tokenizer=False,
+                      check_files=False)
+  assert trainer.calls == []
+  c = study_config()
+  c.optim.belief_eps = 1e-8
+  with pytest.raises(ValueError, match="different config.*optim.belief_eps"):
+    sweep_lib.run_sweep(c, copy, train_fn=FakeTrainer(), share_tokenizer=False, check_files=False)
 
 
 def test_report_tables_steps_to_target_and_pngs(swept, tmp_path):
