@@ -44,9 +44,9 @@ parameter-sized arrays):
     over ~1e7 weights), which would shrink every update ~10x. Hence AdaBelief's (and
     `optax.adabelief`'s) 1e-16 by default, a separate key from the outer `eps`.
   * With belief, the state stores s without its accumulated eps,
-    s' = s - belief_eps * (1 - b2**(t+1)) / (1 - b2), and adds that scalar back in step 2. Same rule,
-    but the per-element update has no broadcast constant, so XLA fuses the moment updates as it
-    does for Adam.
+    s' = s - belief_eps * (1 - b2**(t+1)) / (1 - b2), and adds that scalar back in step 2.
+    Same rule, but the per-element update has no broadcast constant, so XLA fuses the moment
+    updates as it does for Adam.
 """
 
 from __future__ import annotations
