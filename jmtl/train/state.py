@@ -38,7 +38,9 @@ def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int,
 
   `jax.eval_shape` of the init gives the abstract state and its logical axes; their
   NamedShardings (`tree_shardings`) become the `out_shardings` of the jitted init, so every
-  device materialises only its own shards. Returns (state, graphdef, state_shardings).
+  device materialises only its own shards. Optimizer state leaves with their parameter's shape
+  (moments) take that parameter's sharding; every other leaf (counts, Adafactor's factored row
+  and column statistics) is replicated. Returns (state, graphdef, state_shardings).
   """
   tx = optax.with_extra_args_support(tx)
   graphdefs: list[nnx.GraphDef] = []
@@ -55,9 +57,21 @@ def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int,
   # divisibility fallback of `jmtl.parallel.sharding` applies and merges stay constraint-free.
   with nnx.use_eager_sharding(False), jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
     abstract = jax.eval_shape(init)
-    shardings = sharding_lib.tree_shardings(abstract, mesh, rules, strict=strict)
+    shardings = _state_shardings(abstract, tx, mesh, rules, strict)
     state = jax.jit(init, out_shardings=shardings)()
   return state, graphdefs[-1], shardings
+
+
+def _state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh: Mesh,
+                     rules: sharding_lib.Rules, strict: bool) -> TrainState:
+  """NamedShardings for `abstract` (see `init_train_state` for the optimizer state rule)."""
+  rep = sharding_lib.replicated(mesh)
+  params = sharding_lib.tree_shardings(abstract.params, mesh, rules, strict=strict)
+  rest = sharding_lib.tree_shardings(abstract.rest, mesh, rules, strict=strict)
+  like_param = lambda s, p, sharding: sharding if s.shape == p.shape else rep
+  opt_state = optax.tree_map_params(tx, like_param, abstract.opt_state, abstract.params, params,
+                                    transform_non_params=lambda s: rep)
+  return TrainState(step=rep, params=params, rest=rest, opt_state=opt_state, rng=rep)
 
 
 def create_train_state(config: Any, head_specs: Mapping[str, Any], vocab_size: int,
