@@ -1,8 +1,8 @@
 """The optimizer sweep and its report, driven by a synthetic trainer with known optima.
 
 The fake trainer's final SST-2 accuracy is `peak[opt] - 5 * |log_3(lr / best[opt])| + 2 * seed`
-(minus a fixed penalty per ablated switch), MRPC F1 = accuracy - 10, so every expected number
-below is worked out by hand from those formulas.
+(plus a fixed change per switch toggled from its default), MRPC F1 = accuracy - 10, so every
+expected number below is worked out by hand from those formulas.
 """
 
 import json
@@ -20,7 +20,9 @@ from jmtl.train import NonFiniteError
 PEAK = {"sgd": 70.0, "adamw": 80.0, "jmtl_adaptive": 84.0}
 BEST = {"sgd": 0.3, "adamw": 0.003, "jmtl_adaptive": 0.001}
 REACH = {"sgd": 90, "adamw": 50, "jmtl_adaptive": 30}  # step where the dev curve saturates
-ABLATION_PENALTY = {"belief": 1.0, "cautious": 2.0, "metric_schedule": 3.0}
+# accuracy change when a switch differs from its default (belief off, the others on)
+ABLATION_EFFECT = {"belief": -1.0, "cautious": -2.0, "metric_schedule": -3.0}
+DEFAULTS = base_config().optim
 STEPS, EVAL_EVERY = 100, 2
 
 
@@ -39,7 +41,7 @@ class FakeTrainer:
       raise NonFiniteError("non-finite loss at step 7")
     acc = PEAK[o.name] - 5 * abs(round(math.log(o.lr / BEST[o.name], 3))) + 2 * cfg.seed
     if o.name == "jmtl_adaptive":
-      acc -= sum(p for sw, p in ABLATION_PENALTY.items() if not o[sw])
+      acc += sum(d for sw, d in ABLATION_EFFECT.items() if o[sw] != DEFAULTS[sw])
     rows = []
     for step in range(1, cfg.train.steps + 1):
       if step % cfg.train.log_every == 0:
@@ -95,7 +97,11 @@ def test_run_config_sets_optimizer_lr_seed_overrides_and_ablation():
   assert other.optim.schedule == "linear"  # overrides are per optimizer
   assert c.optim.name == "adamw" and c.seed == 0  # the study config is not mutated
   ab = sweep_lib.run_config(c, sweep_lib.Run("jmtl_adaptive", 1e-3, 0, "no_cautious"))
-  assert ab.optim.cautious is False and ab.optim.belief is True
+  assert ab.optim.cautious is False and ab.optim.belief is False
+  ab = sweep_lib.run_config(c, sweep_lib.Run("jmtl_adaptive", 1e-3, 0, "with_belief"))
+  assert ab.optim.belief is True and ab.optim.cautious is True
+  assert [sweep_lib.ablation_variant(c, sw) for sw in ("belief", "cautious", "trust_ratio")] == [
+      "with_belief", "no_cautious", "with_trust_ratio"]
   c.optim.update_clip = 1.0
   ab = sweep_lib.run_config(c, sweep_lib.Run("jmtl_adaptive", 1e-3, 0, "no_update_clip"))
   assert ab.optim.update_clip == 0.0
@@ -109,7 +115,7 @@ def test_run_config_sets_optimizer_lr_seed_overrides_and_ablation():
     ("seeds", (0, 0, 1), "sweep.seeds"),
     ("optimizers", ("adamw", "nosuch"), "unknown optimizer 'nosuch'"),
     ("lr_centres", (("adamw", 1e-3),), "no centre for 'sgd'"),
-    ("ablation", ("trust_ratio",), "already off"),
+    ("ablation", ("update_clip",), "no value to turn on"),
     ("ablation", ("wings",), "unknown switch"),
     ("reference", "adam", "sweep.reference"),
     ("select_metric", "cola/mcc", "sweep.select_metric"),
@@ -184,6 +190,7 @@ def test_sweep_runs_grid_then_ablation_and_selects_best(swept):
   run = next(r for r in saved["runs"] if r["dir"] == "adamw/lr0.009/seed2")
   assert run["metrics"]["sst2/accuracy"] == pytest.approx(80 - 5 * 1 + 4)
   assert (workdir / "ablation/no_metric_schedule/lr0.001/seed2/eval.json").is_file()
+  assert (workdir / "ablation/with_belief/lr0.001/seed0/eval.json").is_file()
 
 
 def test_sweep_resumes_without_retraining(swept, tmp_path):
@@ -248,7 +255,7 @@ def test_report_tables_steps_to_target_and_pngs(swept, tmp_path):
   m = rep["metrics"]["mrpc/f1"]["adamw"]
   assert (m["mean"], m["std"], m["values"]) == (72.0, 2.0, [70.0, 72.0, 74.0])
   ab = rep["ablation"]
-  assert ab["jmtl_adaptive no_belief"]["delta_vs_full"] == pytest.approx(-1.0)
+  assert ab["jmtl_adaptive with_belief"]["delta_vs_full"] == pytest.approx(-1.0)
   assert ab["jmtl_adaptive no_metric_schedule"]["delta_vs_full"] == pytest.approx(-3.0)
 
   md = (out / "comparison.md").read_text()

@@ -155,8 +155,9 @@ def report_optim(sweep_dir: str | os.PathLike[str],
   metric_keys = _metric_keys(data)
 
   groups = [(name, "") for name in optimizers]
-  groups += [(sweep_lib.ABLATION_OPTIMIZER, f"no_{sw}") for sw in s.get("ablation", ())
-             if any(r["variant"] == f"no_{sw}" for r in data["runs"])]
+  variants = {r["variant"] for r in data["runs"]}
+  groups += [(sweep_lib.ABLATION_OPTIMIZER, f"{how}_{sw}") for sw in s.get("ablation", ())
+             for how in ("no", "with") if f"{how}_{sw}" in variants]
   runs = {g: _best_runs(data, *g) for g in groups}
   curves = {}
   for g, rs in runs.items():
@@ -268,8 +269,9 @@ def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list
 
   if report["ablation"]:
     lines += ["", f"## Ablation of {sweep_lib.ABLATION_OPTIMIZER}", "",
-              "Each switch turned off alone from the full configuration, at the full "
-              "configuration's best learning rate, same seeds.", "",
+              "Each switch toggled alone from the full configuration (no_X: turned off, "
+              "with_X: turned on), at the full configuration's best learning rate, same seeds.",
+              "",
               "| variant | selection score | Δ vs full | "
               + " | ".join(k for k in metric_keys if k != SCORE) + " | steps to target |",
               "|---|---|---|" + "---|" * (len(metric_keys) - 1) + "---|"]

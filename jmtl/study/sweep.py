@@ -8,8 +8,9 @@ For each optimizer in `sweep.optimizers`, every learning rate of its own log-spa
 of `sweep.seeds`, each run in `<W>/<optimizer>/lr<lr>/seed<seed>/`. An optimizer's best learning
 rate maximises the mean over seeds of the selection score on the dev split (`data.eval_split`);
 a learning rate where any seed diverged is not eligible. Then each `sweep.ablation` switch of
-`jmtl_adaptive` is turned off alone at its best learning rate, in
-`<W>/ablation/no_<switch>/lr<lr>/seed<seed>/`. Runs are sequential; a run whose `eval.json`
+`jmtl_adaptive` is toggled alone at its best learning rate: a switch that is on in the full
+configuration is turned off (`<W>/ablation/no_<switch>/lr<lr>/seed<seed>/`), one that is off is
+turned on (`<W>/ablation/with_<switch>/...`). Runs are sequential; a run whose `eval.json`
 (or divergence record) exists is skipped, so an interrupted sweep resumes where it stopped.
 `<W>/sweep.json` holds every run's final metrics and the selection.
 """
@@ -47,7 +48,8 @@ MIN_SEEDS = 3
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One training run of the sweep; `variant` is "" for the grid, "no_<switch>" for ablations."""
+  """One training run of the sweep; `variant` is "" for the grid, "no_<switch>" or
+  "with_<switch>" for ablations."""
 
   optimizer: str
   lr: float
@@ -166,10 +168,11 @@ def check_sweep_config(config: ml_collections.ConfigDict) -> None:
       if sw not in SWITCHES:
         raise config_lib.ConfigError(f"config key 'sweep.ablation': unknown switch {sw!r}; "
                                      f"known: {', '.join(SWITCHES)}")
-      if not full.optim[sw]:
+      if sw == "update_clip" and not full.optim[sw]:
         raise config_lib.ConfigError(
-            f"config key 'sweep.ablation': switch {sw!r} is already off in the full "
-            f"{ABLATION_OPTIMIZER} configuration (optim.{sw} = {full.optim[sw]!r})")
+            "config key 'sweep.ablation': switch 'update_clip' is off in the full "
+            f"{ABLATION_OPTIMIZER} configuration (optim.update_clip = 0) and has no value to "
+            "turn on; set optim.update_clip > 0 to ablate it")
 
 
 def _set(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
@@ -198,8 +201,9 @@ def run_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.Co
         _set(cfg, key, value)
     cfg.optim.lr = float(run.lr)  # after overrides: the grid owns the learning rate
     if run.variant:
-      switch = run.variant.removeprefix("no_")
-      cfg.optim[switch] = 0.0 if switch == "update_clip" else False
+      on = run.variant.startswith("with_")
+      switch = run.variant.removeprefix("with_" if on else "no_")
+      cfg.optim[switch] = on if switch != "update_clip" else 0.0
   return cfg
 
 
@@ -212,9 +216,16 @@ def grid_runs(config: ml_collections.ConfigDict) -> list[Run]:
           for seed in config.sweep.seeds]
 
 
+def ablation_variant(config: ml_collections.ConfigDict, switch: str) -> str:
+  """The ablation variant of `switch`: `no_<switch>` if it is on in the full jmtl_adaptive
+  configuration, else `with_<switch>`."""
+  full = run_config(config, Run(ABLATION_OPTIMIZER, 1.0, config.sweep.seeds[0]))
+  return f"no_{switch}" if full.optim[switch] else f"with_{switch}"
+
+
 def ablation_runs(config: ml_collections.ConfigDict, best_lr: float) -> list[Run]:
-  """Each `sweep.ablation` switch off alone, at jmtl_adaptive's best lr, every seed."""
-  return [Run(ABLATION_OPTIMIZER, best_lr, seed, f"no_{sw}")
+  """Each `sweep.ablation` switch toggled alone, at jmtl_adaptive's best lr, every seed."""
+  return [Run(ABLATION_OPTIMIZER, best_lr, seed, ablation_variant(config, sw))
           for sw in config.sweep.ablation for seed in config.sweep.seeds]
 
 
