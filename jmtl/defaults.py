@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.late_decay_start = 0.8  # fraction of training after which exponential decay starts
   c.optim.late_decay_rate = 0.1  # lr multiplier reached at the last step
   # jmtl_adaptive component switches
-  c.optim.belief = True  # AdaBelief second moment
+  c.optim.belief = False  # AdaBelief second moment (off: no gain in the optimizer study, +8 % time)
   c.optim.belief_eps = 1e-16  # added to the belief second moment each step (AdaBelief's eps)
   c.optim.cautious = True  # mask updates whose sign disagrees with the gradient
   c.optim.trust_ratio = False  # LAMB layer-wise trust ratio

@@ -65,10 +65,10 @@ def _ref_late(t, c):
 
 
 def _ref_sum(x):
-  """c or a of the cautious rescale: exact below 65536 elements, else the sum of every 16th row."""
+  """c or a of the cautious rescale: exact below 65536 elements, else the sum of every 64th row."""
   if x.size < 65536 or x.ndim == 0:
     return x.sum()
-  return x[::16].sum()
+  return x[::64].sum()
 
 
 def _ref_rescale(mask, g):
@@ -195,6 +195,7 @@ def test_paper_adaptive_raise_after():
 
 
 SWITCHES = [
+    dict(belief=False, cautious=True, trust_ratio=False, update_clip=0.0, metric_schedule=True),
     dict(belief=True, cautious=True, trust_ratio=False, update_clip=0.0, metric_schedule=True),
     dict(belief=False, cautious=True, trust_ratio=False, update_clip=0.0, metric_schedule=False),
     dict(belief=True, cautious=False, trust_ratio=True, update_clip=0.0, metric_schedule=True),
@@ -204,14 +205,15 @@ SWITCHES = [
 
 
 @pytest.mark.parametrize("switches", SWITCHES,
-                         ids=["default", "cautious_adam", "belief_lamb", "all", "adamw_updclip"])
+                         ids=["default", "belief", "cautious_adam", "belief_lamb", "all",
+                              "adamw_updclip"])
 def test_jmtl_adaptive_matches_numpy(switches):
   _check(_cfg("jmtl_adaptive", **switches), switches)
 
 
 def test_jmtl_adaptive_large_tensors_sample_the_count():
-  """n >= 65536: c and a from every 16th first-axis slice (rows a multiple of 16 or not)."""
-  shapes = {"w": (128, 512), "v": (100, 700), "b": (8,)}
+  """n >= 65536: c and a from every 64th first-axis slice (rows a multiple of 64 or not)."""
+  shapes = {"w": (256, 512), "v": (100, 700), "b": (8,)}
   # Small weights, so float32 resolves the per-step change of every one of the many entries.
   _check(_cfg("jmtl_adaptive"), SWITCHES[0], shapes, w_scale=0.05)
   # The sampled fraction c / a is an estimate: close to the exact one, yet not equal to it.
@@ -220,11 +222,14 @@ def test_jmtl_adaptive_large_tensors_sample_the_count():
     mask = (rng.normal(size=shape) > 0.3).astype(np.float64)
     if mask.size >= 65536:
       ones = np.ones_like(mask)
-      assert abs(_ref_sum(mask) / _ref_sum(ones) - mask.mean()) < 0.02
+      n, p = _ref_sum(ones), mask.mean()
+      # within 3 standard errors of a binomial sample of n elements
+      assert abs(_ref_sum(mask) / n - p) < 3 * np.sqrt(p * (1 - p) / n)
       assert _ref_sum(mask) / _ref_sum(ones) != mask.mean()
 
 
-@pytest.mark.parametrize("rows", [(0, 16, 32), (1, 2, 3), (5,)], ids=["sampled", "unsampled", "one"])
+@pytest.mark.parametrize("rows", [(0, 64, 128), (1, 2, 3), (5,)],
+                         ids=["sampled", "unsampled", "one"])
 def test_cautious_does_not_amplify_sparse_embedding_rows(rows):
   """A batch touches 3 of 4096 rows of an embedding table: the update of those rows keeps
   Adam's size (|u| = 1 at step 0), instead of C-AdamW's n / c ~ 1000x."""
