@@ -231,9 +231,16 @@ def test_resume_refuses_results_of_another_config(swept, tmp_path):
   sweep_lib.run_sweep(study_config(), copy, train_fn=trainer, share_tokenizer=False,
                       check_files=False)
   assert trainer.calls == []
+  # optim keys only jmtl_adaptive reads do not change the other optimizers' runs ...
+  c = study_config()
+  c.sweep.optimizers, c.sweep.ablation = ("sgd", "adamw"), ()
+  c.optim.belief_eps, c.optim.cautious = 1e-8, False
+  sweep_lib.run_sweep(c, copy, train_fn=trainer, share_tokenizer=False, check_files=False)
+  assert trainer.calls == []
+  # ... but they do change jmtl_adaptive's.
   c = study_config()
   c.optim.belief_eps = 1e-8
-  with pytest.raises(ValueError, match="different config.*optim.belief_eps"):
+  with pytest.raises(ValueError, match="jmtl_adaptive.*different config.*optim.belief_eps"):
     sweep_lib.run_sweep(c, copy, train_fn=FakeTrainer(), share_tokenizer=False, check_files=False)
 
 

@@ -105,6 +105,11 @@ _OPTIMIZERS: dict[str, tuple[Builder, bool]] = {
 }
 NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
 ADAPTIVE: tuple[str, ...] = ("paper_adaptive", "jmtl_adaptive")
+# `optim` keys read by one optimizer only: they do not change a run of any other optimizer.
+OWN_KEYS: dict[str, tuple[str, ...]] = {
+    "jmtl_adaptive": ("belief", "belief_eps", "cautious", "trust_ratio", "update_clip",
+                      "metric_schedule"),
+}
 
 
 def build(optim_cfg: Any, total_steps: int) -> optax.GradientTransformationExtraArgs:

@@ -308,7 +308,8 @@ def _drop_stale_metrics(run_dir: pathlib.Path) -> None:
 
 def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> None:
   """A finished run is reused only if its `config.json` (written by the trainer) matches, apart
-  from the `sweep` section, which does not change a run. A key missing from `config.json` (one
+  from the `sweep` section and the `optim` keys that only another optimizer reads
+  (`optim.OWN_KEYS`), neither of which changes the run. A key missing from `config.json` (one
   added to jmtl after the run) counts at its default, as it does when a run resumes."""
   path = run_dir / "config.json"
   if not path.exists():
@@ -316,9 +317,11 @@ def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) ->
   from jmtl import defaults
   with_defaults = _flat(json.loads(config_lib.to_json(defaults.base_config())))
   with_defaults.update(_flat(_read_json(path)))
-  saved = {k: v for k, v in with_defaults.items() if not k.startswith("sweep.")}
-  expected = {k: v for k, v in _flat(json.loads(config_lib.to_json(cfg))).items()
-              if not k.startswith("sweep.")}
+  ignored = {f"optim.{k}" for name, keys in optim.OWN_KEYS.items() if name != cfg.optim.name
+             for k in keys}
+  keep = lambda k: not k.startswith("sweep.") and k not in ignored
+  saved = {k: v for k, v in with_defaults.items() if keep(k)}
+  expected = {k: v for k, v in _flat(json.loads(config_lib.to_json(cfg))).items() if keep(k)}
   diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
   if diff:
     raise ValueError(f"{run_dir} holds a run of a different config (first differing key "
