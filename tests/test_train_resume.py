@@ -69,6 +69,18 @@ def test_run_writes_documented_files(reference):
   assert len(_losses(reference)) == 16
 
 
+def test_train_lines_are_window_means(reference, tmp_path, data_dir):
+  """log_every=4: each train line holds the mean over its 4 steps of the per-step losses the
+  reference run (log_every=1, same seed and data) logged."""
+  _run(_cmd(tmp_path, "--config.train.log_every=4"), _env(data_dir))
+  ref, got = _losses(reference), _losses(tmp_path)
+  assert sorted(got) == [4, 8, 12, 16]
+  for step, value in got.items():
+    want = sum(ref[s] for s in range(step - 3, step + 1)) / 4
+    assert value == pytest.approx(want, rel=1e-5), step
+  assert got[4] != pytest.approx(ref[4], rel=1e-3)  # not the last step's loss alone
+
+
 def _kill_when(proc, predicate, timeout=300):
   t0 = time.time()
   while time.time() - t0 < timeout:

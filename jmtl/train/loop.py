@@ -252,8 +252,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
         now = time.time()
         tps = tokens / max(now - t_last - paused, 1e-9)
         tokens, t_last, paused = 0, now, 0.0
-        row = {k: float(v) for k, v in fetched[-1][1].items()
-               if k.startswith("train/") or k == "grad_norm"}
+        row = writers.window_means([{k: float(v) for k, v in ms.items()
+                                     if k.startswith("train/") or k == "grad_norm"}
+                                    for _, ms in fetched])
         row["train/tokens_per_s"] = tps
         row["train/skipped_steps"] = meta["skipped"]
         writer.write(step, "train", row)

@@ -1,6 +1,7 @@
 """Metric writers: `metrics.jsonl`, TensorBoard events, and a progress display.
 
-`metrics.jsonl` holds one JSON object per line: `{"step": int, "split": "train"|"eval", ...}`.
+`metrics.jsonl` holds one JSON object per line: `{"step": int, "split": "train"|"eval", ...}`;
+a train line holds the means over the steps since the previous one (`window_means`).
 On resume, lines for steps after the restored checkpoint are dropped first, so the file reads as
 one uninterrupted run.
 """
@@ -13,7 +14,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import tqdm
 
@@ -23,6 +24,21 @@ def _clean(v: float | int) -> float | int | None:
   if isinstance(v, float) and not math.isfinite(v):
     return None
   return v
+
+
+def window_means(steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
+  """Mean of each key over the steps of one logging window that have it with a finite value.
+
+  A step logs only the tasks in its batch, so `train/<task>/loss` is that task's mean over
+  the window's steps that trained it. Non-finite values (skipped updates) are left out; a key
+  with no finite value keeps its last value (so a window of bad steps still shows as bad).
+  """
+  out: dict[str, float] = {}
+  for key in dict.fromkeys(k for m in steps for k in m):
+    values = [float(m[key]) for m in steps if key in m]
+    finite = [v for v in values if math.isfinite(v)]
+    out[key] = math.fsum(finite) / len(finite) if finite else values[-1]
+  return out
 
 
 class MetricWriter:
