@@ -299,3 +299,19 @@ def test_report_helpers_hand_examples():
 def test_report_without_sweep_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="sweep.json"):
     report_lib.report_optim(tmp_path, tmp_path / "out")
+
+
+def test_task_loss_curves_pool_seeds_per_evaluation_interval():
+  seed0 = [{"step": 2, "split": "train", "train/a/loss": 4.0},
+           {"step": 4, "split": "train", "train/b/loss": 1.0},
+           {"step": 4, "split": "eval"},
+           {"step": 6, "split": "train", "train/a/loss": 2.0, "train/b/loss": None},
+           {"step": 8, "split": "eval"}]
+  seed1 = [{"step": 2, "split": "train", "train/a/loss": 6.0, "train/loss": 9.0},
+           {"step": 4, "split": "eval"},
+           {"step": 8, "split": "train", "train/b/loss": 3.0, "train/a/loss": float("nan")},
+           {"step": 8, "split": "eval"}]
+  assert report_lib.task_loss_curves([seed0, seed1]) == {
+      "a": [(4, 5.0), (8, 2.0)],  # (4 + 6) / 2; the NaN is left out
+      "b": [(4, 1.0), (8, 3.0)],
+  }

@@ -9,7 +9,8 @@ Everything is measured at each optimizer's best learning rate (from `sweep.json`
   optimizer's mean (`sweep.reference`, tuned AdamW by default) and is given only when every seed
   of both reached the target;
 * the ablation of `jmtl_adaptive`'s switches against the full configuration (same lr, seeds);
-* PNG curves: train loss and dev selection score vs step (mean over seeds), dev score vs lr.
+* PNG curves: train loss vs step (one panel per task when there are several:
+  `task_loss_curves`), dev selection score vs step (mean over seeds), dev score vs lr.
 
 Writes `comparison.md`, `report.json`, `sweep.json` (a copy) and the PNGs into `out_dir`.
 """
@@ -138,6 +139,31 @@ def _loss_curve(rows: Sequence[dict]) -> list[tuple[int, float]]:
           if r.get("split") == "train" and r.get("train/loss") is not None]
 
 
+def task_loss_curves(runs_rows: Sequence[Sequence[dict]]) -> dict[str, list[tuple[int, float]]]:
+  """Per task, the mean of every logged `train/<task>/loss` of the runs (seeds) in each
+  interval between dev evaluations, (e_{i-1}, e_i], plotted at e_i.
+
+  With one task per batch a train line holds only the tasks its window trained, at steps that
+  differ between seeds; pooling the lines of all seeds per evaluation interval gives each task
+  a curve on a common step grid.
+  """
+  evals = sorted({int(r["step"]) for rows in runs_rows for r in rows if r.get("split") == "eval"})
+  pooled: dict[str, dict[int, list[float]]] = {}
+  for rows in runs_rows:
+    for r in rows:
+      if r.get("split") != "train":
+        continue
+      end = next((e for e in evals if e >= int(r["step"])), None)
+      for k, v in r.items():
+        parts = k.split("/")
+        if end is None or len(parts) != 3 or parts[0] != "train" or parts[2] != "loss":
+          continue
+        if v is not None and math.isfinite(v):
+          pooled.setdefault(parts[1], {}).setdefault(end, []).append(float(v))
+  return {task: [(e, float(np.mean(vs))) for e, vs in sorted(bins.items())]
+          for task, bins in sorted(pooled.items())}
+
+
 def _group_label(optimizer: str, variant: str) -> str:
   return f"{optimizer} {variant}" if variant else optimizer
 
@@ -163,6 +189,7 @@ def report_optim(sweep_dir: str | os.PathLike[str],
   for g, rs in runs.items():
     rows = [read_metrics(sweep_dir / r["dir"]) for r in rs]
     curves[g] = {"loss": mean_curve([_loss_curve(x) for x in rows]),
+                 "task_loss": task_loss_curves(rows),
                  "score": mean_curve([_score_curve(x, keys) for x in rows]),
                  "score_per_seed": [_score_curve(x, keys) for x in rows]}
 
@@ -200,8 +227,8 @@ def report_optim(sweep_dir: str | os.PathLike[str],
       "select_keys": keys, "target_fraction": s["target_fraction"], "target": target,
       "reference": s["reference"], "best": data["best"], "metrics": metrics,
       "steps_to_target": stt, "ablation": ablation,
-      "curves": {_group_label(*g): {"loss": c["loss"], "score": c["score"]}
-                 for g, c in curves.items()},
+      "curves": {_group_label(*g): {"loss": c["loss"], "task_loss": c["task_loss"],
+                                    "score": c["score"]} for g, c in curves.items()},
       "files": ["comparison.md", "report.json", "sweep.json"] + files,
   }
   (out / "comparison.md").write_text(_markdown(data, report, optimizers, metric_keys))
@@ -318,17 +345,34 @@ def _plots(data: dict, optimizers: list[str], curves: Mapping[tuple[str, str], d
     return f"{name} (lr {sweep_lib.format_lr(lr)})" if lr is not None else name
 
   files = []
-  fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-  for name in optimizers:
-    c = curves[(name, "")]["loss"]
-    if c:
-      steps, vals = zip(*c)
-      ax.plot(steps, trailing_mean(vals, LOSS_SMOOTH), label=label(name), **style[name])
-  ax.set_xlabel("step")
-  ax.set_ylabel(f"train loss (mean over seeds, trailing mean of {LOSS_SMOOTH} logs)")
-  ax.set_title("Train loss at each optimizer's best learning rate")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  tasks = sorted({t for name in optimizers for t in curves[(name, "")]["task_loss"]})
+  if len(tasks) > 1:  # one panel per task: a task's loss is not comparable with another's
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.6), dpi=110,
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+      for name in optimizers:
+        c = curves[(name, "")]["task_loss"].get(task)
+        if c:
+          steps, vals = zip(*c)
+          ax.plot(steps, vals, marker="o", ms=3, label=label(name), **style[name])
+      ax.set_title(f"{task}")
+      ax.set_xlabel("step (end of each interval between evaluations)")
+      ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("train loss (mean of the logged values per interval, all seeds)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Train loss per task at each optimizer's best learning rate")
+  else:
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for name in optimizers:
+      c = curves[(name, "")]["loss"]
+      if c:
+        steps, vals = zip(*c)
+        ax.plot(steps, trailing_mean(vals, LOSS_SMOOTH), label=label(name), **style[name])
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"train loss (mean over seeds, trailing mean of {LOSS_SMOOTH} logs)")
+    ax.set_title("Train loss at each optimizer's best learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out / "loss_curves.png")
   plt.close(fig)
