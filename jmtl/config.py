@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.pooling": ("first", "mean"),
     "optim.schedule": ("constant", "linear", "cosine", "exponential"),
+    "optim.weight_decay_mask": ("all", "matrices"),
     "train.on_nonfinite": ("halt", "skip"),
     "train.progress": ("auto", "bar", "lines", "none"),
 }

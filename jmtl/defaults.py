@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.end_lr_factor = 0.0  # final lr = lr * end_lr_factor
   c.optim.decay_rate = 0.1  # exponential schedule: lr * decay_rate^(t / decay_steps)
   c.optim.weight_decay = 0.01
+  # which parameters decay: all | matrices (ndim >= 2: kernels, embeddings; not biases or
+  # LayerNorm scales / offsets, the usual BERT fine-tuning rule)
+  c.optim.weight_decay_mask = "all"
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8

@@ -158,3 +158,45 @@ def test_clip_by_global_norm_matches_the_rule_and_optax():
   np.testing.assert_array_equal(same["a"], g["a"])
   zero, _ = clipping.clip_by_global_norm(1.0).update({"a": jnp.zeros(3)}, optax.EmptyState())
   np.testing.assert_array_equal(zero["a"], np.zeros(3))
+
+
+DECAYING = ("adamw", "lion", "lamb", "adafactor", "schedule_free_adamw", "paper_adaptive",
+            "jmtl_adaptive")
+
+
+@pytest.mark.parametrize("name", DECAYING)
+@pytest.mark.parametrize("mask", ["all", "matrices"])
+def test_weight_decay_mask(name, mask):
+  """With zero gradients only weight decay moves a parameter: under "matrices" the kernel
+  (ndim 2) moves and the bias and scalar (ndim < 2) stay exactly where they are."""
+  c = _cfg(name, weight_decay=0.1, weight_decay_mask=mask, warmup_steps=0, schedule="constant",
+           lr=0.1)
+  tx = build(c, 10)
+  params = {"kernel": jnp.full((4, 3), 2.0), "bias": jnp.full((3,), 2.0), "gain": jnp.float32(2.0)}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  state = tx.init(params)
+  p = params
+  for _ in range(2):
+    u, state = tx.update(grads, state, p, val_metric=0.0, val_count=0)
+    p = optax.apply_updates(p, u)
+  p = eval_params(state, p)
+  assert np.all(np.asarray(p["kernel"]) < 2.0), name
+  for k in ("bias", "gain"):
+    moved = np.asarray(p[k]) != 2.0
+    assert np.all(moved) if mask == "all" else not np.any(moved), (name, mask, k, p[k])
+
+
+def test_weight_decay_mask_on_nnx_params():
+  from flax import nnx
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  model.bias.set_value(jnp.ones((2,)))  # non-zero, so decay would move it
+  _, params = nnx.split(model, nnx.Param)
+  tx = build(_cfg("adamw", weight_decay=0.5, weight_decay_mask="matrices", warmup_steps=0), 10)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  u, _ = tx.update(grads, tx.init(params), params)
+  assert np.all(np.asarray(u["kernel"][...]) != 0) and np.all(np.asarray(u["bias"][...]) == 0)
+
+
+def test_bad_weight_decay_mask_names_the_key():
+  with pytest.raises(ValueError, match="optim.weight_decay_mask.*'some'"):
+    build(_cfg("adamw", weight_decay_mask="some"), 10)

@@ -22,7 +22,7 @@ Update rule, for step `t = 0, 1, ...` (gradient `g`, parameters `w`; per paramet
                   fraction taken over elements that have a gradient: C-AdamW's n / c would
                   amplify the few rows of an embedding table a batch touches by ~1 / (their
                   fraction), ~100x for a 30k vocabulary. r is at most 10.)
-  4. u <- u + weight_decay * w                                   (decoupled)
+  4. u <- u + weight_decay * w      (decoupled; where the mask of optim.weight_decay_mask is on)
   5. trust_ratio: u <- u * ||w|| / ||u||   (1 when either norm is 0; per tensor)
   6. update_clip: u <- clip(u, -update_clip, update_clip)        (if update_clip > 0)
   7. lr_t = lr * factor(t) * (scale_t * late(t) if metric_schedule else 1)
@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import optax
 
 from jmtl.optim import clipping
+from jmtl.optim import masks
 from jmtl.optim import plateau as plateau_lib
 from jmtl.optim import schedules
 
@@ -156,6 +157,7 @@ def jmtl_adaptive(
     eps: float = 1e-8,
     belief_eps: float = 1e-16,
     weight_decay: float = 0.01,
+    decay_mask: Any = None,
     grad_clip: float = 0.0,
     belief: bool = False,
     cautious: bool = True,
@@ -174,7 +176,7 @@ def jmtl_adaptive(
   parts.append(scale_by_adaptive_moments(b1, b2, eps, belief=belief, belief_eps=belief_eps,
                                          cautious=cautious))
   if weight_decay:
-    parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
   if trust_ratio:
     parts.append(optax.scale_by_trust_ratio())
   if update_clip > 0:
@@ -196,6 +198,7 @@ def from_config(cfg: Any, total_steps: int) -> optax.GradientTransformationExtra
       eps=float(cfg["eps"]),
       belief_eps=float(cfg["belief_eps"]),
       weight_decay=float(cfg["weight_decay"]),
+      decay_mask=masks.decay_mask(cfg),
       grad_clip=float(cfg["grad_clip"]),
       belief=bool(cfg["belief"]),
       cautious=bool(cfg["cautious"]),

@@ -5,6 +5,8 @@ Every optimizer returned by `build`:
     to the metric, ignores) `val_metric` and `val_count`;
   * uses the warmup + decay schedule of `jmtl.optim.schedules` (schedule-free: warmup only);
   * clips gradients to global norm `grad_clip` first (0 = off; `jmtl.optim.clipping`);
+  * decays the parameters `optim.weight_decay_mask` selects, if it has weight decay
+    (`jmtl.optim.masks`);
   * has an `init` whose parameter-shaped state leaves follow the parameters' sharding when run
     under `jax.jit` (each such leaf is tied to its parameter through a no-op `where`).
 
@@ -23,6 +25,7 @@ import optax
 
 from jmtl.optim import clipping
 from jmtl.optim import jmtl_adaptive as jmtl_adaptive_lib
+from jmtl.optim import masks
 from jmtl.optim import paper_adaptive as paper_adaptive_lib
 from jmtl.optim import schedules
 
@@ -61,30 +64,44 @@ def _adam(cfg, total_steps):
 
 def _adamw(cfg, total_steps):
   return optax.adamw(_sched(cfg, total_steps), b1=float(cfg["b1"]), b2=float(cfg["b2"]),
-                     eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"]))
+                     eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"]),
+                     mask=masks.decay_mask(cfg))
 
 
 def _lion(cfg, total_steps):
   return optax.lion(_sched(cfg, total_steps), b1=float(cfg["b1"]), b2=float(cfg["b2"]),
-                    weight_decay=float(cfg["weight_decay"]))
+                    weight_decay=float(cfg["weight_decay"]), mask=masks.decay_mask(cfg))
 
 
 def _lamb(cfg, total_steps):
   return optax.lamb(_sched(cfg, total_steps), b1=float(cfg["b1"]), b2=float(cfg["b2"]),
-                    eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"]))
+                    eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"]),
+                    mask=masks.decay_mask(cfg))
 
 
 def _adafactor(cfg, total_steps):
   wd = float(cfg["weight_decay"])
-  return optax.adafactor(_sched(cfg, total_steps), weight_decay_rate=wd or None)
+  return optax.adafactor(_sched(cfg, total_steps), weight_decay_rate=wd or None,
+                         weight_decay_mask=masks.decay_mask(cfg))
 
 
 def _schedule_free_adamw(cfg, total_steps):
   schedules.check_total_steps(total_steps)
   warmup = int(cfg["warmup_steps"])
-  return optax.contrib.schedule_free_adamw(
-      float(cfg["lr"]), warmup_steps=warmup or None, b1=float(cfg["b1"]), b2=float(cfg["b2"]),
-      eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"]))
+  mask = masks.decay_mask(cfg)
+  if mask is None:
+    return optax.contrib.schedule_free_adamw(
+        float(cfg["lr"]), warmup_steps=warmup or None, b1=float(cfg["b1"]), b2=float(cfg["b2"]),
+        eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"]))
+  # optax.contrib.schedule_free_adamw has no mask: the same construction (schedule_free around
+  # an AdamW with b1 = 0), with the mask on the AdamW.
+  lr = float(cfg["lr"])
+  if warmup:
+    lr = optax.warmup_constant_schedule(0.0, lr, warmup)
+  return optax.contrib.schedule_free(
+      optax.adamw(lr, b1=0.0, b2=float(cfg["b2"]), eps=float(cfg["eps"]),
+                  weight_decay=float(cfg["weight_decay"]), mask=mask),
+      learning_rate=lr, b1=float(cfg["b1"]))
 
 
 # name -> (builder, clips gradients itself)
