@@ -128,7 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.on_nonfinite = "halt"  # halt | skip
-  c.train.val_metric = ""  # "<task>/<metric>" fed to adaptive optimizers; "" = first task's first metric
+  # score fed to the metric-driven optimizers after each evaluation: "mean" = mean over tasks of
+  # each task's first metric; "<task>/<metric>" = that metric; "" = the first task's first metric
+  c.train.val_metric = "mean"
   c.train.progress = "auto"  # auto | bar | lines | none
 
   # ---------------------------------------------------------------- evaluation

@@ -235,6 +235,7 @@ def test_resume_refuses_results_of_another_config(swept, tmp_path):
   c = study_config()
   c.sweep.optimizers, c.sweep.ablation = ("sgd", "adamw"), ()
   c.optim.belief_eps, c.optim.cautious = 1e-8, False
+  c.train.val_metric, c.optim.plateau_patience = "sst2/accuracy", 7  # metric-driven ones only
   sweep_lib.run_sweep(c, copy, train_fn=trainer, share_tokenizer=False, check_files=False)
   assert trainer.calls == []
   # ... but they do change jmtl_adaptive's.

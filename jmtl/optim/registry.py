@@ -122,10 +122,16 @@ _OPTIMIZERS: dict[str, tuple[Builder, bool]] = {
 }
 NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
 ADAPTIVE: tuple[str, ...] = ("paper_adaptive", "jmtl_adaptive")
-# `optim` keys read by one optimizer only: they do not change a run of any other optimizer.
+# Config keys read only by some optimizers: they do not change a run of any other optimizer.
+_METRIC_KEYS = ("train.val_metric", "optim.plateau_patience", "optim.plateau_factor",
+                "optim.plateau_min_delta", "optim.raise_after", "optim.raise_factor",
+                "optim.min_scale", "optim.max_scale", "optim.late_decay_start",
+                "optim.late_decay_rate")
 OWN_KEYS: dict[str, tuple[str, ...]] = {
-    "jmtl_adaptive": ("belief", "belief_eps", "cautious", "trust_ratio", "update_clip",
-                      "metric_schedule"),
+    "paper_adaptive": _METRIC_KEYS,
+    "jmtl_adaptive": _METRIC_KEYS + ("optim.belief", "optim.belief_eps", "optim.cautious",
+                                     "optim.trust_ratio", "optim.update_clip",
+                                     "optim.metric_schedule"),
 }
 
 

@@ -308,8 +308,8 @@ def _drop_stale_metrics(run_dir: pathlib.Path) -> None:
 
 def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> None:
   """A finished run is reused only if its `config.json` (written by the trainer) matches, apart
-  from the `sweep` section and the `optim` keys that only another optimizer reads
-  (`optim.OWN_KEYS`), neither of which changes the run. A key missing from `config.json` (one
+  from the `sweep` section and the keys that only other optimizers read (`optim.OWN_KEYS`),
+  neither of which changes the run. A key missing from `config.json` (one
   added to jmtl after the run) counts at its default, as it does when a run resumes."""
   path = run_dir / "config.json"
   if not path.exists():
@@ -317,8 +317,8 @@ def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) ->
   from jmtl import defaults
   with_defaults = _flat(json.loads(config_lib.to_json(defaults.base_config())))
   with_defaults.update(_flat(_read_json(path)))
-  ignored = {f"optim.{k}" for name, keys in optim.OWN_KEYS.items() if name != cfg.optim.name
-             for k in keys}
+  ignored = ({k for keys in optim.OWN_KEYS.values() for k in keys}
+             - set(optim.OWN_KEYS.get(cfg.optim.name, ())))
   keep = lambda k: not k.startswith("sweep.") and k not in ignored
   saved = {k: v for k, v in with_defaults.items() if keep(k)}
   expected = {k: v for k, v in _flat(json.loads(config_lib.to_json(cfg))).items() if keep(k)}

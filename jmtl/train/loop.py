@@ -151,15 +151,25 @@ def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh):
   return flat, rows
 
 
-def _val_key(config, tasks, metrics: dict[str, float]) -> str:
-  if config.train.val_metric:
-    if config.train.val_metric not in metrics:
-      raise config_lib.ConfigError(
-          f"config key 'train.val_metric' = {config.train.val_metric!r} is not an eval metric; "
-          f"available: {', '.join(sorted(metrics))}")
-    return config.train.val_metric
-  prefix = tasks[0].name + "/"
+def _first_metric(task, metrics: dict[str, float]) -> str:
+  prefix = task.name + "/"
   return next(k for k in metrics if k.startswith(prefix) and not k.startswith(prefix + "lead_"))
+
+
+def _val_metric(config, tasks, metrics: dict[str, float]) -> float:
+  """The score the metric-driven optimizers see (`train.val_metric`): "mean" = the mean over
+  tasks of each task's first metric, "<task>/<metric>" = that metric, "" = the first task's
+  first metric."""
+  name = config.train.val_metric
+  if name == "mean":
+    return sum(float(metrics[_first_metric(t, metrics)]) for t in tasks) / len(tasks)
+  if name:
+    if name not in metrics:
+      raise config_lib.ConfigError(
+          f"config key 'train.val_metric' = {name!r} is not an eval metric; "
+          f"available: mean, {', '.join(sorted(metrics))}")
+    return float(metrics[name])
+  return float(metrics[_first_metric(tasks[0], metrics)])
 
 
 def _write_outputs(workdir: pathlib.Path, metrics: dict, rows: dict, step: int) -> None:
@@ -264,8 +274,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
       if (config.train.eval_every and step % config.train.eval_every == 0) or last:
         metrics, rows = _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh)
         writer.write(step, "eval", metrics)
-        key = _val_key(config, tasks, metrics)
-        meta["val_metric"], meta["val_count"] = float(metrics[key]), meta["val_count"] + 1
+        meta["val_metric"] = _val_metric(config, tasks, metrics)
+        meta["val_count"] += 1
         if last:
           final_metrics = metrics
           _write_outputs(workdir, metrics, rows, step)
