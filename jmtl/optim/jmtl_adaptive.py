@@ -38,8 +38,8 @@ parameter-sized arrays):
     (`jmtl bench optimizer`: every 16th cost about 3x more than every 64th). Splitting
     the first axis as (k, 64) keeps the sample local to each shard when the first axis is
     sharded (shard sizes multiples of 64). The sampled c / a estimates the agreeing fraction
-    of the whole tensor (standard error <= 0.5 / sqrt(sampled active elements): <= 1 % for a
-    384 x 384 kernel, 6 sampled rows). Counts are int32 sums (exact).
+    of the whole tensor (standard error <= 0.5 / sqrt(sampled active elements): about 1 % for
+    a 384 x 384 kernel, 6 sampled rows of 384). Counts are int32 sums (exact).
   * belief reads one more parameter-sized array per step than Adam's g**2 (the new m, in the
     s update; XLA:CPU writes m, s and u in three separate loop fusions); the optimizer study's
     ablation found no gain from it on fine-tuning, so it is off by default.
