@@ -59,9 +59,9 @@ def get_config():
   # Lion's sign update wants ~10x less than AdamW (Chen et al. 2023); LAMB and Adafactor scale
   # their updates by the parameter norm / RMS, so their rates are relative and larger.
   # AdaGrad's and Lion's first grids (centres 3e-3 and 3e-5) had their best rate at the top
-  # edge, so their centres moved up one grid step (the three shared points were reused).
-  c.sweep.lr_centres = (("sgd", 0.1), ("momentum", 0.01), ("nesterov", 0.01), ("adagrad", 9e-3),
-                        ("rmsprop", 1e-4), ("adam", 3e-4), ("adamw", 3e-4), ("lion", 9e-5),
+  # edge, twice, so their centres moved up two grid steps (shared points were reused).
+  c.sweep.lr_centres = (("sgd", 0.1), ("momentum", 0.01), ("nesterov", 0.01), ("adagrad", 2.7e-2),
+                        ("rmsprop", 1e-4), ("adam", 3e-4), ("adamw", 3e-4), ("lion", 2.7e-4),
                         ("lamb", 3e-3), ("adafactor", 3e-3), ("schedule_free_adamw", 3e-4),
                         ("paper_adaptive", 3e-4), ("jmtl_adaptive", 3e-4))
   c.sweep.seeds = (0, 1, 2)

@@ -34,8 +34,10 @@ parameter-sized arrays):
     updates instead of writing a clipped copy of the gradients.
   * Step 3's counts must be known before u is written. Exact counts are a separate reduction
     over the whole tensor (about 2x the whole update on a BERT-sized tree on XLA:CPU); every
-    64th slice of the first axis is contiguous memory, so the sample reads 1/64 of g and m
-    (`jmtl bench optimizer`: every 16th cost about 3x more than every 64th). Splitting
+    64th slice of the first axis is contiguous memory, so the sample reads 1/64 of g and m.
+    Measured on the 21M-parameter bench tree without clipping (XLA:CPU, 2 runs each), update
+    time / optax.adamw: 1.23-1.24 sampling every 16th row, 1.09-1.19 every 64th, 1.09-1.10
+    with no count at all (the floor: the mask reads g once more than Adam does). Splitting
     the first axis as (k, 64) keeps the sample local to each shard when the first axis is
     sharded (shard sizes multiples of 64). The sampled c / a estimates the agreeing fraction
     of the whole tensor (standard error <= 0.5 / sqrt(sampled active elements): about 1 % for
