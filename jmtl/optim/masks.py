@@ -15,7 +15,7 @@ def decay_mask(cfg: Any) -> Callable[[Any], Any] | None:
   where `ndim >= 2` (kernels, embeddings) and False for vectors and scalars (biases, LayerNorm
   scales and offsets), the usual rule for fine-tuning BERT-type models.
   """
-  kind = cfg["weight_decay_mask"] if "weight_decay_mask" in cfg else "all"
+  kind = cfg["weight_decay_mask"]
   if kind == "all":
     return None
   if kind == "matrices":
