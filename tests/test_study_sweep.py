@@ -13,6 +13,7 @@ import pytest
 
 from jmtl import config as config_lib
 from jmtl.defaults import base_config
+from jmtl.eval import metrics as metrics_lib
 from jmtl.study import report as report_lib
 from jmtl.study import sweep as sweep_lib
 from jmtl.train import NonFiniteError
@@ -166,7 +167,7 @@ def test_score_is_mean_of_keys_and_nan_when_missing():
   assert sweep_lib.score({"a/x": 80.0, "b/y": 70.0}, ["a/x", "b/y"]) == 75.0
   assert math.isnan(sweep_lib.score({"a/x": 80.0, "b/y": None}, ["a/x", "b/y"]))
   assert math.isnan(sweep_lib.score({"a/x": 80.0}, ["a/x", "b/y"]))
-  assert sweep_lib.primary_metric_keys(["sst2", "mrpc", "squad"]) == [
+  assert metrics_lib.primary_metric_keys(["sst2", "mrpc", "squad"]) == [
       "sst2/accuracy", "mrpc/f1", "squad/exact_match"]
 
 

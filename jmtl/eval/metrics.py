@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from rouge_score import rouge_scorer
 
+from jmtl import tasks as task_registry
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _CLASS_METRICS = ("accuracy", "f1", "mcc")
 _CORR_METRICS = ("pearson", "spearman")
@@ -29,6 +31,15 @@ _SQUAD_METRICS = ("exact_match", "squad_f1")
 METRIC_NAMES = _CLASS_METRICS + _CORR_METRICS + ROUGE_TYPES + _SQUAD_METRICS
 # Output key of each metric: its name, except SQuAD's F1, reported as "f1" (`squad/f1`).
 OUTPUT_KEYS = {name: name for name in METRIC_NAMES} | {"squad_f1": "f1"}
+
+
+def primary_metric_keys(task_names: Sequence[str]) -> list[str]:
+  """`<task>/<first metric>` for each task (output names, e.g. squad_f1 -> f1)."""
+  keys = []
+  for name in task_names:
+    first = task_registry.get_task(name).metrics[0]
+    keys.append(f"{name}/{OUTPUT_KEYS.get(first, first)}")
+  return keys
 
 
 def _check_lengths(predictions: Sequence[Any], references: Sequence[Any]) -> None:

@@ -77,20 +77,11 @@ def lr_grid(centre: float, points: int, ratio: float) -> list[float]:
   return [float(format_lr(centre * ratio ** (k - offset))) for k in range(points)]
 
 
-def primary_metric_keys(task_names: Sequence[str]) -> list[str]:
-  """`<task>/<first metric>` for each task (output names, e.g. squad_f1 -> f1)."""
-  keys = []
-  for name in task_names:
-    first = task_registry.get_task(name).metrics[0]
-    keys.append(f"{name}/{metrics_lib.OUTPUT_KEYS.get(first, first)}")
-  return keys
-
-
 def selection_keys(config: ml_collections.ConfigDict) -> list[str]:
   """Metric keys averaged into the selection score (`sweep.select_metric`, or every task's first)."""
   if config.sweep.select_metric:
     return [config.sweep.select_metric]
-  return primary_metric_keys(config.tasks)
+  return metrics_lib.primary_metric_keys(config.tasks)
 
 
 def score(metrics: Mapping[str, Any], keys: Sequence[str]) -> float:

@@ -30,6 +30,7 @@ from jmtl import tasks as task_registry
 from jmtl.data import pipeline
 from jmtl.data import sources
 from jmtl.data import tokenizer as tokenizer_lib
+from jmtl.eval import metrics as metrics_lib
 from jmtl.eval import predictions as predictions_lib
 from jmtl.model import decoding
 from jmtl.model import pretrained
@@ -151,25 +152,21 @@ def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh):
   return flat, rows
 
 
-def _first_metric(task, metrics: dict[str, float]) -> str:
-  prefix = task.name + "/"
-  return next(k for k in metrics if k.startswith(prefix) and not k.startswith(prefix + "lead_"))
-
-
 def _val_metric(config, tasks, metrics: dict[str, float]) -> float:
   """The score the metric-driven optimizers see (`train.val_metric`): "mean" = the mean over
   tasks of each task's first metric, "<task>/<metric>" = that metric, "" = the first task's
   first metric."""
   name = config.train.val_metric
+  firsts = metrics_lib.primary_metric_keys([t.name for t in tasks])
   if name == "mean":
-    return sum(float(metrics[_first_metric(t, metrics)]) for t in tasks) / len(tasks)
+    return sum(float(metrics[k]) for k in firsts) / len(firsts)
   if name:
     if name not in metrics:
       raise config_lib.ConfigError(
           f"config key 'train.val_metric' = {name!r} is not an eval metric; "
           f"available: mean, {', '.join(sorted(metrics))}")
     return float(metrics[name])
-  return float(metrics[_first_metric(tasks[0], metrics)])
+  return float(metrics[firsts[0]])
 
 
 def _write_outputs(workdir: pathlib.Path, metrics: dict, rows: dict, step: int) -> None:
