@@ -91,3 +91,17 @@ def test_from_config_and_validation():
     plateau.PlateauConfig(min_scale=0.5, max_scale=0.1)
   with pytest.raises(ValueError, match="plateau_patience"):
     plateau.PlateauConfig(patience=0)
+
+
+def test_config_keys_are_the_keys_from_config_reads():
+  from jmtl.defaults import base_config
+  from jmtl.optim.plateau import PlateauConfig
+
+  class Recorder(dict):
+    def __getitem__(self, k):
+      read.append(k)
+      return dict.__getitem__(self, k)
+
+  read = []
+  PlateauConfig.from_config(Recorder(base_config().optim.to_dict()))
+  assert tuple(read) == PlateauConfig.CONFIG_KEYS

@@ -61,6 +61,10 @@ class PlateauConfig:
       if not ok:
         raise ValueError(f"optim.{key} must be {rule}, got {value!r}")
 
+  # the `optim` keys `from_config` reads
+  CONFIG_KEYS = ("plateau_patience", "plateau_factor", "plateau_min_delta", "raise_after",
+                 "raise_factor", "min_scale", "max_scale", "late_decay_start", "late_decay_rate")
+
   @classmethod
   def from_config(cls, cfg: Any) -> "PlateauConfig":
     """Reads the `optim.plateau_*`, `raise_*`, `*_scale` and `late_decay_*` keys."""

@@ -27,6 +27,7 @@ from jmtl.optim import clipping
 from jmtl.optim import jmtl_adaptive as jmtl_adaptive_lib
 from jmtl.optim import masks
 from jmtl.optim import paper_adaptive as paper_adaptive_lib
+from jmtl.optim import plateau as plateau_lib
 from jmtl.optim import schedules
 
 Builder = Callable[[Any, int], optax.GradientTransformation]
@@ -123,10 +124,8 @@ _OPTIMIZERS: dict[str, tuple[Builder, bool]] = {
 NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
 ADAPTIVE: tuple[str, ...] = ("paper_adaptive", "jmtl_adaptive")
 # Config keys read only by some optimizers: they do not change a run of any other optimizer.
-_METRIC_KEYS = ("train.val_metric", "optim.plateau_patience", "optim.plateau_factor",
-                "optim.plateau_min_delta", "optim.raise_after", "optim.raise_factor",
-                "optim.min_scale", "optim.max_scale", "optim.late_decay_start",
-                "optim.late_decay_rate")
+_METRIC_KEYS = ("train.val_metric",) + tuple(
+    f"optim.{k}" for k in plateau_lib.PlateauConfig.CONFIG_KEYS)
 OWN_KEYS: dict[str, tuple[str, ...]] = {
     "paper_adaptive": _METRIC_KEYS,
     "jmtl_adaptive": _METRIC_KEYS + ("optim.belief", "optim.belief_eps", "optim.cautious",
