@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.belief = False  # AdaBelief second moment (off: no gain in the optimizer study, +8 % time)
   c.optim.belief_eps = 1e-16  # added to the belief second moment each step (AdaBelief's eps)
   c.optim.cautious = True  # mask updates whose sign disagrees with the gradient
+  c.optim.block_nu = True  # one second moment per output neuron of each kernel (Adam-mini)
   c.optim.trust_ratio = False  # LAMB layer-wise trust ratio
   c.optim.update_clip = 0.0  # clip each update element to [-c, c]; 0 = off
   c.optim.metric_schedule = True  # use the plateau / late-decay logic
@@ -161,7 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (optimizer, "section.key", value) triples applied to that optimizer's runs only
   c.sweep.overrides = ()
   # jmtl_adaptive switches turned off one at a time at its best lr; () = no ablation
-  c.sweep.ablation = ("belief", "cautious", "metric_schedule")
+  c.sweep.ablation = ("belief", "cautious", "block_nu", "metric_schedule")
   c.sweep.target_fraction = 0.95  # steps-to-target: fraction of the best mean final score
   c.sweep.reference = "adamw"  # steps-to-target ratios are relative to this optimizer
   return c

@@ -38,9 +38,14 @@ def _cfg(name, **kw):
   return c
 
 
+# "w" is a matrix that is not a kernel (per-element s even with block_nu); the two kernels
+# (inputs first, outputs last) share s per output neuron with block_nu.
+SHAPES = {"w": (4, 5), "dense/kernel": (4, 5), "attn/kernel": (3, 2, 4), "b": (5,), "s": ()}
+
+
 def _data(shapes=None, w_scale=1.0):
   rng = np.random.default_rng(0)
-  shapes = shapes or {"w": (4, 5), "b": (5,), "s": ()}
+  shapes = shapes or SHAPES
   params = {k: rng.normal(size=v) * w_scale for k, v in shapes.items()}
   grads = [{k: rng.normal(size=np.shape(v)) * 1.5 for k, v in params.items()} for _ in range(T)]
   return params, grads
@@ -101,10 +106,15 @@ class _RefPlateau:
     self.scale = min(max(self.scale, c.min_scale), c.max_scale)
 
 
-def _ref_run(c, params, grads, *, belief, cautious, trust_ratio, update_clip, metric_schedule):
+def _ref_is_kernel(name, x):
+  return name.split("/")[-1] == "kernel" and np.ndim(x) >= 2
+
+
+def _ref_run(c, params, grads, *, belief, cautious, trust_ratio, update_clip, metric_schedule,
+             block_nu=False):
   w = {k: np.array(v, np.float64) for k, v in params.items()}
   m = {k: np.zeros_like(v) for k, v in w.items()}
-  s = {k: np.zeros_like(v) for k, v in w.items()}
+  s = {k: np.zeros_like(v) for k, v in w.items()}  # block_nu: broadcast, every row alike
   plat = _RefPlateau(c)
   out = []
   for t in range(T):
@@ -118,10 +128,11 @@ def _ref_run(c, params, grads, *, belief, cautious, trust_ratio, update_clip, me
       lr *= plat.scale * _ref_late(t, c)
     for k in w:
       m[k] = c.b1 * m[k] + (1 - c.b1) * g[k]
-      if belief:
-        s[k] = c.b2 * s[k] + (1 - c.b2) * (g[k] - m[k]) ** 2 + c.belief_eps
-      else:
-        s[k] = c.b2 * s[k] + (1 - c.b2) * g[k] ** 2
+      sq = (g[k] - m[k]) ** 2 if belief else g[k] ** 2
+      if block_nu and _ref_is_kernel(k, w[k]):
+        # mean over the input axes of each output neuron (the last axis)
+        sq = np.broadcast_to(sq.reshape(-1, sq.shape[-1]).mean(axis=0), sq.shape)
+      s[k] = c.b2 * s[k] + (1 - c.b2) * sq + (c.belief_eps if belief else 0.0)
       u = (m[k] / (1 - c.b1 ** (t + 1))) / (np.sqrt(s[k] / (1 - c.b2 ** (t + 1))) + c.eps)
       if cautious:
         mask = (u * g[k] > 0).astype(np.float64)
@@ -171,7 +182,7 @@ def _check(c, switches, shapes=None, w_scale=1.0):
 
 
 PAPER = dict(belief=False, cautious=False, trust_ratio=False, update_clip=0.0,
-             metric_schedule=True)
+             metric_schedule=True, block_nu=False)
 
 
 def test_paper_adaptive_matches_numpy():
@@ -195,18 +206,26 @@ def test_paper_adaptive_raise_after():
 
 
 SWITCHES = [
-    dict(belief=False, cautious=True, trust_ratio=False, update_clip=0.0, metric_schedule=True),
-    dict(belief=True, cautious=True, trust_ratio=False, update_clip=0.0, metric_schedule=True),
-    dict(belief=False, cautious=True, trust_ratio=False, update_clip=0.0, metric_schedule=False),
-    dict(belief=True, cautious=False, trust_ratio=True, update_clip=0.0, metric_schedule=True),
-    dict(belief=True, cautious=True, trust_ratio=True, update_clip=0.5, metric_schedule=True),
-    dict(belief=False, cautious=False, trust_ratio=False, update_clip=0.8, metric_schedule=False),
+    dict(belief=False, cautious=True, block_nu=True, trust_ratio=False, update_clip=0.0,
+         metric_schedule=True),
+    dict(belief=True, cautious=True, block_nu=False, trust_ratio=False, update_clip=0.0,
+         metric_schedule=True),
+    dict(belief=False, cautious=True, block_nu=False, trust_ratio=False, update_clip=0.0,
+         metric_schedule=False),
+    dict(belief=True, cautious=False, block_nu=True, trust_ratio=True, update_clip=0.0,
+         metric_schedule=True),
+    dict(belief=True, cautious=True, block_nu=True, trust_ratio=True, update_clip=0.5,
+         metric_schedule=True),
+    dict(belief=False, cautious=False, block_nu=False, trust_ratio=False, update_clip=0.8,
+         metric_schedule=False),
+    dict(belief=False, cautious=False, block_nu=True, trust_ratio=False, update_clip=0.0,
+         metric_schedule=False),
 ]
 
 
 @pytest.mark.parametrize("switches", SWITCHES,
-                         ids=["default", "belief", "cautious_adam", "belief_lamb", "all",
-                              "adamw_updclip"])
+                         ids=["default", "belief", "cautious_adam", "belief_block_lamb", "all",
+                              "adamw_updclip", "adam_mini"])
 def test_jmtl_adaptive_matches_numpy(switches):
   _check(_cfg("jmtl_adaptive", **switches), switches)
 
@@ -242,3 +261,28 @@ def test_cautious_does_not_amplify_sparse_embedding_rows(rows):
   np.testing.assert_allclose(np.abs(u[list(rows)]), 1.0, rtol=1e-4)
   assert np.count_nonzero(u) == len(rows) * 32
 
+
+
+def test_block_nu_shares_s_per_output_neuron_of_the_model_kernels():
+  """On the model's own parameter tree: every dense kernel gets s of shape (1, ..., outputs);
+  embeddings, biases and norm parameters keep one s per element."""
+  from flax import nnx
+  from jmtl.model.multitask import HeadSpec, MultiTaskModel
+  from jmtl.optim.jmtl_adaptive import scale_by_adaptive_moments
+  c = base_config()
+  model = MultiTaskModel(c.model, 50, {"sst2": HeadSpec("classification", 2),
+                                       "squad": HeadSpec("span_qa", 0)}, rngs=nnx.Rngs(0))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  state = scale_by_adaptive_moments(block_nu=True).init(params)
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  nu = jax.tree.leaves(state.nu)
+  assert len(leaves) == len(nu)
+  kernels = 0
+  for (path, p), s in zip(leaves, nu):
+    name = jax.tree_util.keystr(path)
+    if "['kernel']" in name:
+      kernels += 1
+      assert s.shape == (1,) * (p.ndim - 1) + p.shape[-1:], name
+    else:
+      assert s.shape == p.shape, name
+  assert kernels >= 6 * c.model.layers  # q, k, v, out, wi, wo per layer (+ heads)

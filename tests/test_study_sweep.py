@@ -22,7 +22,7 @@ PEAK = {"sgd": 70.0, "adamw": 80.0, "jmtl_adaptive": 84.0}
 BEST = {"sgd": 0.3, "adamw": 0.003, "jmtl_adaptive": 0.001}
 REACH = {"sgd": 90, "adamw": 50, "jmtl_adaptive": 30}  # step where the dev curve saturates
 # accuracy change when a switch differs from its default (belief off, the others on)
-ABLATION_EFFECT = {"belief": -1.0, "cautious": -2.0, "metric_schedule": -3.0}
+ABLATION_EFFECT = {"belief": -1.0, "cautious": -2.0, "block_nu": -0.5, "metric_schedule": -3.0}
 DEFAULTS = base_config().optim
 STEPS, EVAL_EVERY = 100, 2
 
@@ -173,9 +173,9 @@ def test_score_is_mean_of_keys_and_nan_when_missing():
 
 def test_sweep_runs_grid_then_ablation_and_selects_best(swept):
   workdir, trainer, result = swept
-  # 3 optimizers x 4 lrs x 3 seeds + 3 switches x 3 seeds.
-  assert len(trainer.calls) == 36 + 9
-  assert trainer.calls[-9:] == [("jmtl_adaptive", 0.001, s) for s in (0, 1, 2)] * 3
+  # 3 optimizers x 4 lrs x 3 seeds + 4 switches x 3 seeds.
+  assert len(trainer.calls) == 36 + 12
+  assert trainer.calls[-12:] == [("jmtl_adaptive", 0.001, s) for s in (0, 1, 2)] * 4
   best = result["best"]
   assert best["adamw"]["lr"] == 0.003 and best["jmtl_adaptive"]["lr"] == 0.001
   # sgd's 0.3 diverged on seed 1; 0.1 and 0.9 tie at 65 -> the smaller.
@@ -185,13 +185,14 @@ def test_sweep_runs_grid_then_ablation_and_selects_best(swept):
   assert best["adamw"]["score_std"] == pytest.approx(2.0)
   saved = json.loads((workdir / "sweep.json").read_text())
   assert saved["select_keys"] == ["sst2/accuracy", "mrpc/f1"]
-  assert len(saved["runs"]) == 45
+  assert len(saved["runs"]) == 48
   diverged = [r for r in saved["runs"] if r["status"] == "diverged"]
   assert [(r["optimizer"], r["lr"], r["seed"]) for r in diverged] == [("sgd", 0.3, 1)]
   run = next(r for r in saved["runs"] if r["dir"] == "adamw/lr0.009/seed2")
   assert run["metrics"]["sst2/accuracy"] == pytest.approx(80 - 5 * 1 + 4)
   assert (workdir / "ablation/no_metric_schedule/lr0.001/seed2/eval.json").is_file()
   assert (workdir / "ablation/with_belief/lr0.001/seed0/eval.json").is_file()
+  assert (workdir / "ablation/no_block_nu/lr0.001/seed1/eval.json").is_file()
 
 
 def test_sweep_resumes_without_retraining(swept, tmp_path):
@@ -263,6 +264,14 @@ def test_report_tables_steps_to_target_and_pngs(swept, tmp_path):
   assert stt["sgd"]["reached"] == 0 and stt["sgd"]["ratio_to_reference"] is None
   m = rep["metrics"]["mrpc/f1"]["adamw"]
   assert (m["mean"], m["std"], m["values"]) == (72.0, 2.0, [70.0, 72.0, 74.0])
+  # Paired by seed: scores acc - 5 with acc = peak + 2 seed at the best lr, so jmtl_adaptive is
+  # 84 - 80 = 4 ahead of adamw on every seed and sgd (0.1: 70 - 5) 15 behind.
+  paired = rep["paired_vs_reference"]
+  assert paired["jmtl_adaptive"]["per_seed"] == {"0": pytest.approx(4.0), "1": pytest.approx(4.0),
+                                                 "2": pytest.approx(4.0)}
+  assert (paired["jmtl_adaptive"]["ahead"], paired["jmtl_adaptive"]["n"]) == (3, 3)
+  assert paired["sgd"]["mean"] == pytest.approx(-15.0) and paired["sgd"]["ahead"] == 0
+  assert paired["jmtl_adaptive no_cautious"]["mean"] == pytest.approx(2.0)
   ab = rep["ablation"]
   assert ab["jmtl_adaptive with_belief"]["delta_vs_full"] == pytest.approx(-1.0)
   assert ab["jmtl_adaptive no_metric_schedule"]["delta_vs_full"] == pytest.approx(-3.0)
@@ -272,6 +281,7 @@ def test_report_tables_steps_to_target_and_pngs(swept, tmp_path):
   assert "## sst2/accuracy" in md and "## mrpc/accuracy" in md
   assert "| jmtl_adaptive | 3/3 | 28.0 | 0.58 |" in md
   assert "| no_cautious | 79.00 ± 2.00 | -2.00 |" in md
+  assert "| jmtl_adaptive | +4.00 ± 0.00 | 3/3 | +4.00, +4.00, +4.00 |" in md
   assert "| sgd | 0.0333, 0.1, 0.3, 0.9 | 0.1 | 62.00 ± 2.00 | 1 diverged run(s) |" in md
   assert "edge of the grid" not in md  # every best lr is inside its grid here
   for name in ("loss_curves.png", "dev_curves.png", "lr_sensitivity.png"):
@@ -295,6 +305,12 @@ def test_report_helpers_hand_examples():
       (1, 2.0), (2, 4.0)]
   assert report_lib.trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
   assert report_lib.fmt(82.0, 2.0) == "82.00 ± 2.00"
+  # Only seeds present in both count: seed 1 (70 - 72) and seed 2 (75 - 71).
+  runs = [{"seed": s, "score": v} for s, v in ((0, 60.0), (1, 70.0), (2, 75.0))]
+  ref = [{"seed": s, "score": v} for s, v in ((1, 72.0), (2, 71.0), (3, 99.0))]
+  p = report_lib.paired_differences(runs, ref, report_lib.SCORE, [])
+  assert p["per_seed"] == {"1": -2.0, "2": 4.0} and (p["ahead"], p["n"]) == (1, 2)
+  assert p["mean"] == pytest.approx(1.0) and p["std"] == pytest.approx(math.sqrt(18.0))
   assert report_lib.fmt(None, None) == "—"
 
 

@@ -40,7 +40,7 @@ from jmtl.train import NonFiniteError
 TrainFn = Callable[[ml_collections.ConfigDict, pathlib.Path], Mapping[str, float]]
 
 ABLATION_OPTIMIZER = "jmtl_adaptive"
-SWITCHES = ("belief", "cautious", "trust_ratio", "update_clip", "metric_schedule")
+SWITCHES = ("belief", "cautious", "block_nu", "trust_ratio", "update_clip", "metric_schedule")
 RUN_INFO = "run_info.json"  # written by the sweep next to the trainer's files
 MIN_LR_POINTS = 4
 MIN_SEEDS = 3
