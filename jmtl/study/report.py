@@ -8,6 +8,9 @@ Everything is measured at each optimizer's best learning rate (from `sweep.json`
   over the seeds that reached it (`k/n` shows how many), the ratio divides by the reference
   optimizer's mean (`sweep.reference`, tuned AdamW by default) and is given only when every seed
   of both reached the target;
+* paired by seed against the reference: per seed (same head initialisation and batch order),
+  the optimizer's selection score minus the reference's; mean ± sample std of the differences
+  and the number of seeds where the optimizer is ahead;
 * the ablation of `jmtl_adaptive`'s switches against the full configuration (same lr, seeds);
 * PNG curves: train loss vs step (one panel per task when there are several:
   `task_loss_curves`), dev selection score vs step (mean over seeds), dev score vs lr.
@@ -130,6 +133,21 @@ def _stats(runs: Sequence[dict], key: str, select_keys: Sequence[str]) -> dict:
   return {"mean": mean, "std": std, "values": values, "n": len(values)}
 
 
+def paired_differences(runs: Sequence[dict], ref_runs: Sequence[dict], key: str,
+                       select_keys: Sequence[str]) -> dict:
+  """Per seed present in both: value(run) - value(ref run); mean ± sample std of those
+  differences, and `ahead` = how many are > 0 (of `n`)."""
+  ref = {r["seed"]: _value(r, key, select_keys) for r in ref_runs}
+  diffs = {}
+  for r in runs:
+    a, b = _value(r, key, select_keys), ref.get(r["seed"])
+    if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
+      diffs[r["seed"]] = a - b
+  mean, std = sweep_lib.mean_std(list(diffs.values()))
+  return {"per_seed": {str(k): v for k, v in sorted(diffs.items())}, "mean": mean, "std": std,
+          "ahead": sum(1 for v in diffs.values() if v > 0), "n": len(diffs)}
+
+
 def _score_curve(rows: Sequence[dict], keys: Sequence[str]) -> list[tuple[int, float]]:
   return [(r["step"], sweep_lib.score(r, keys)) for r in rows if r.get("split") == "eval"]
 
@@ -212,6 +230,10 @@ def report_optim(sweep_dir: str | os.PathLike[str],
           and ref["mean"])
     v["ratio_to_reference"] = v["mean"] / ref["mean"] if ok else None
 
+  ref_group = (s["reference"], "")
+  paired = {_group_label(*g): paired_differences(runs[g], runs.get(ref_group, []), SCORE, keys)
+            for g in groups} if ref_group in runs else {}
+
   ablation = None
   if len(groups) > len(optimizers):
     full = metrics[SCORE][sweep_lib.ABLATION_OPTIMIZER]["mean"]
@@ -226,7 +248,7 @@ def report_optim(sweep_dir: str | os.PathLike[str],
   report = {
       "select_keys": keys, "target_fraction": s["target_fraction"], "target": target,
       "reference": s["reference"], "best": data["best"], "metrics": metrics,
-      "steps_to_target": stt, "ablation": ablation,
+      "steps_to_target": stt, "paired_vs_reference": paired, "ablation": ablation,
       "curves": {_group_label(*g): {"loss": c["loss"], "task_loss": c["task_loss"],
                                     "score": c["score"]} for g, c in curves.items()},
       "files": ["comparison.md", "report.json", "sweep.json"] + files,
@@ -293,6 +315,19 @@ def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list
     if label not in optimizers:
       continue
     lines.append(_stt_row(label, v))
+
+  if report["paired_vs_reference"]:
+    ref = report["reference"]
+    lines += ["", f"## Paired by seed against {ref}", "",
+              f"Per seed (same head initialisation and batch order): selection score minus "
+              f"`{ref}`'s; mean ± sample std of the differences; ahead = seeds where it is higher.",
+              "", "| optimizer | Δ score | ahead | per seed |", "|---|---|---|---|"]
+    for label, v in report["paired_vs_reference"].items():
+      if label == ref:
+        continue
+      seeds = ", ".join(f"{x:+.2f}" for x in v["per_seed"].values())
+      delta = "—" if v["mean"] is None else f"{v['mean']:+.2f} ± {v['std']:.2f}"
+      lines.append(f"| {label} | {delta} | {v['ahead']}/{v['n']} | {seeds} |")
 
   if report["ablation"]:
     lines += ["", f"## Ablation of {sweep_lib.ABLATION_OPTIMIZER}", "",
