@@ -1,17 +1,19 @@
-"""The study config: valid, a fair grid (>= 4 log-spaced rates per optimizer, >= 3 seeds)."""
+"""The study configs: valid, a fair grid (>= 4 log-spaced rates per optimizer, >= 3 seeds)."""
 
 import pathlib
 
 import numpy as np
+import pytest
 
 from jmtl import config as config_lib
 from jmtl.study import sweep as sweep_lib
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "optim_study.py"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_optim_study_config_is_valid_and_fair():
-  cfg = config_lib.validate(config_lib.load_config_file(CONFIG), device_count=1,
+@pytest.mark.parametrize("name", ["optim_study.py", "optim_study_long.py"])
+def test_optim_study_config_is_valid_and_fair(name):
+  cfg = config_lib.validate(config_lib.load_config_file(CONFIGS / name), device_count=1,
                             check_files=False)
   sweep_lib.check_sweep_config(cfg)
   runs = sweep_lib.grid_runs(cfg)
@@ -30,3 +32,15 @@ def test_optim_study_config_is_valid_and_fair():
     ref.pop("optim"), ref.pop("seed")
     assert rc == ref
   assert base == config_lib.to_json(cfg)  # run_config does not mutate the study config
+
+
+def test_long_study_changes_only_the_budget_of_the_study():
+  """The follow-up keeps model, tasks, data and shared optimizer settings of the 48-step study."""
+  short = config_lib.load_config_file(CONFIGS / "optim_study.py").to_dict()
+  long = config_lib.load_config_file(CONFIGS / "optim_study_long.py").to_dict()
+  changed = {f"{sec}.{k}" for sec in short if isinstance(short[sec], dict)
+             for k in short[sec] if short[sec][k] != long[sec][k]}
+  assert changed == {"train.steps", "train.eval_every", "train.log_every",
+                     "train.checkpoint_every", "optim.warmup_steps", "data.max_eval_examples",
+                     "sweep.optimizers", "sweep.lr_centres", "sweep.lr_ratio", "sweep.ablation"}
+  assert long["model"] == short["model"] and long["tasks"] == short["tasks"]
