@@ -41,9 +41,9 @@ parameter-sized arrays):
   * Step 3's counts must be known before u is written. Exact counts are a separate reduction
     over the whole tensor (about 2x the whole update on a BERT-sized tree on XLA:CPU); every
     64th slice of the first axis is contiguous memory, so the sample reads 1/64 of g and m.
-    Measured on the 21M-parameter bench tree without clipping, block_nu off (XLA:CPU, 2 runs each), update
-    time / optax.adamw: 1.23-1.24 sampling every 16th row, 1.09-1.19 every 64th, 1.09-1.10
-    with no count at all (the floor: the mask reads g once more than Adam does). Splitting
+    Measured on the 21M-parameter bench tree without clipping or block_nu (XLA:CPU, 2 runs
+    each), update time / optax.adamw: 1.23-1.24 sampling every 16th row, 1.09-1.19 every
+    64th, 1.09-1.10 with no count at all (the mask reads g once more than Adam does). Splitting
     the first axis as (k, 64) keeps the sample local to each shard when the first axis is
     sharded (shard sizes multiples of 64). The sampled c / a estimates the agreeing fraction
     of the whole tensor (standard error <= 0.5 / sqrt(sampled active elements): about 1 % for
@@ -156,7 +156,7 @@ def is_kernel(path: Any, leaf: Any) -> bool:
   last "/"-separated part of that key). Flax kernels hold the input axes first, outputs last."""
   if jnp.ndim(leaf) < 2:
     return False
-  names = [str(_key_name(k)) for k in path if isinstance(k, jax.tree_util.DictKey)]
+  names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
   return bool(names) and names[-1].split("/")[-1] == "kernel"
 
 
@@ -182,13 +182,6 @@ def _sample_sum(x: jax.Array) -> jax.Array:
   else:
     sample = x[::CAUTIOUS_STRIDE]
   return jnp.sum(sample, dtype=jnp.int32).astype(jnp.float32)
-
-
-def _key_name(key: Any) -> Any:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return getattr(key, attr)
-  return key
 
 
 def jmtl_adaptive(

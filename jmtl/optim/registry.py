@@ -128,8 +128,8 @@ _METRIC_KEYS = ("train.val_metric",) + tuple(
     f"optim.{k}" for k in plateau_lib.PlateauConfig.CONFIG_KEYS)
 OWN_KEYS: dict[str, tuple[str, ...]] = {
     "paper_adaptive": _METRIC_KEYS,
-    "jmtl_adaptive": _METRIC_KEYS + ("optim.belief", "optim.belief_eps", "optim.cautious", "optim.block_nu",
-                                     "optim.trust_ratio", "optim.update_clip",
+    "jmtl_adaptive": _METRIC_KEYS + ("optim.belief", "optim.belief_eps", "optim.cautious",
+                                     "optim.block_nu", "optim.trust_ratio", "optim.update_clip",
                                      "optim.metric_schedule"),
 }
 

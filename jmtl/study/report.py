@@ -320,7 +320,8 @@ def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list
     ref = report["reference"]
     lines += ["", f"## Paired by seed against {ref}", "",
               f"Per seed (same head initialisation and batch order): selection score minus "
-              f"`{ref}`'s; mean ± sample std of the differences; ahead = seeds where it is higher.",
+              f"`{ref}`'s; mean ± sample std of the differences; ahead = seeds where it is "
+              "higher.",
               "", "| optimizer | Δ score | ahead | per seed |", "|---|---|---|---|"]
     for label, v in report["paired_vs_reference"].items():
       if label == ref:
