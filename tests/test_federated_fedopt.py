@@ -150,6 +150,32 @@ def test_adaptive_server_optimizers_learn_and_react_to_the_metric(name):
   assert got == [1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
 
 
+def test_jmtl_adaptive_server_shares_the_kernel_second_moment_per_output():
+  """With block_nu (the default) on a tree with a dense kernel: the server state holds one
+  second moment per output, and the rounds still fit the regression."""
+  cfg = base_config().optim
+  cfg.name, cfg.lr, cfg.schedule = "jmtl_adaptive", 0.1, "constant"
+  assert cfg.block_nu
+  tx = optim.build(cfg, total_steps=20)
+
+  def loss(p, b):
+    z = b["x"] @ p["dense"]["kernel"] + p["dense"]["bias"]  # (B, 2): both outputs fit y
+    return 0.5 * jnp.mean(jnp.square(z - b["y"][..., None]))
+
+  mesh = _mesh((4,), ("site",))
+  data, weights = _data(4, 2, seed=2), np.array([1.0, 2.0, 3.0, 4.0])
+  round_fn = fed.make_round(loss, tx, mesh, local_steps=2, client_lr=0.1)
+  params = {"dense": {"kernel": jnp.zeros((D, 2)), "bias": jnp.zeros((2,))}}
+  state, losses = fed.init(params, tx), []
+  for r in range(6):
+    state, metrics = round_fn(state, data, weights, val_metric=-float(r), val_count=r + 1)
+    losses.append(float(metrics["loss"]))
+  nu_shapes = sorted(x.shape for x in jax.tree.leaves(state.opt_state)
+                     if hasattr(x, "shape") and x.ndim >= 1 and x.size <= 2 * D)
+  assert (1, 2) in nu_shapes  # the kernel's second moment: one per output
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
 def test_eight_sites_on_eight_devices():
   _fedavg_matches(_mesh((8,), ("site",)), 8, logistic=True, rounds=2)
 
