@@ -292,9 +292,15 @@ def test_bad_batch_errors(runs):
     run.step_fn(run.state, small, 0.0, 0)
 
 
+def _broadcast_of(shape, param_shapes):
+  return any(len(shape) == len(q) and shape != q and all(a in (1, b) for a, b in zip(shape, q))
+             for q in param_shapes)
+
+
 def _state_leaves_follow_params(state, name):
   """Every optimizer state leaf with its parameter's shape has its parameter's sharding; the
-  rest (counts, factored statistics) is replicated on the same mesh."""
+  rest (counts, factored statistics) is replicated on the same mesh, except statistics
+  broadcast over some axes of a parameter (checked by the block_nu test below)."""
   params = jax.tree.leaves(state.params)
   by_shape = {}
   for p in params:
@@ -305,7 +311,7 @@ def _state_leaves_follow_params(state, name):
     if leaf.shape in by_shape and leaf.ndim:
       assert leaf.sharding.spec in by_shape[leaf.shape], (name, leaf.shape, leaf.sharding.spec)
       matched += leaf.sharding.spec != P()
-    else:
+    elif not (name == "jmtl_adaptive" and _broadcast_of(leaf.shape, by_shape)):
       assert leaf.sharding.spec == P(), (name, leaf.shape, leaf.sharding.spec)
   return matched
 
@@ -339,3 +345,28 @@ def test_adafactor_trains_sharded():
                                                 jax.tree.leaves(before))]
   assert max(moved) > 0
   _state_leaves_follow_params(state, "adafactor")
+
+
+def test_block_nu_second_moment_is_sharded_like_its_kernel():
+  """jmtl_adaptive's per-neuron second moment (1, ..., outputs) keeps its kernel's mesh axes on
+  the output axis (fsdp 4 x tensor 2: kernels are split on both)."""
+  cfg = config(1, 4, 2)
+  cfg.optim.name = "jmtl_adaptive"
+  assert cfg.optim.block_nu
+  _, state, _, _, step_fn, tx = build(cfg)
+  for i in range(2):  # the sharded step keeps the layout and trains
+    state, m = step_fn(state, make_batch(i), 0.0, i)
+    assert np.isfinite(float(m["train/loss"])) and int(m["skipped"]) == 0
+  pairs = []
+  optax.tree_map_params(tx, lambda s, p: pairs.append((s, p)) or s, state.opt_state,
+                        state.params, transform_non_params=lambda s: s)
+  blocks = [(s, p) for s, p in pairs if s.shape != p.shape]
+  assert blocks, "no per-neuron second moment found"
+  split_outputs = 0
+  for s, p in blocks:
+    assert s.shape == (1,) * (p.ndim - 1) + p.shape[-1:], (s.shape, p.shape)
+    spec = tuple(p.sharding.spec) + (None,) * (p.ndim - len(p.sharding.spec))
+    assert tuple(s.sharding.spec) + (None,) * (s.ndim - len(s.sharding.spec)) == \
+        (None,) * (p.ndim - 1) + spec[-1:], (s.sharding.spec, p.sharding.spec)
+    split_outputs += spec[-1] is not None
+  assert split_outputs > 0  # some kernels are split on their output axis, and so is their s

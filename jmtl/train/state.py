@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jmtl.parallel import sharding as sharding_lib
 
@@ -39,8 +40,10 @@ def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int,
   `jax.eval_shape` of the init gives the abstract state and its logical axes; their
   NamedShardings (`tree_shardings`) become the `out_shardings` of the jitted init, so every
   device materialises only its own shards. Optimizer state leaves with their parameter's shape
-  (moments) take that parameter's sharding; every other leaf (counts, Adafactor's factored row
-  and column statistics) is replicated. Returns (state, graphdef, state_shardings).
+  (moments) take that parameter's sharding, leaves broadcast over some of its axes (block_nu's
+  per-neuron second moment) its sharding on the other axes, and every other leaf (counts,
+  Adafactor's factored row and column statistics) is replicated (`like_param`). Returns
+  (state, graphdef, state_shardings).
   """
   tx = optax.with_extra_args_support(tx)
   graphdefs: list[nnx.GraphDef] = []
@@ -68,10 +71,30 @@ def _state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mes
   rep = sharding_lib.replicated(mesh)
   params = sharding_lib.tree_shardings(abstract.params, mesh, rules, strict=strict)
   rest = sharding_lib.tree_shardings(abstract.rest, mesh, rules, strict=strict)
-  like_param = lambda s, p, sharding: sharding if s.shape == p.shape else rep
-  opt_state = optax.tree_map_params(tx, like_param, abstract.opt_state, abstract.params, params,
+  opt_state = optax.tree_map_params(tx, lambda s, p, sh: like_param(s.shape, p.shape, sh, mesh),
+                                    abstract.opt_state, abstract.params, params,
                                     transform_non_params=lambda s: rep)
   return TrainState(step=rep, params=params, rest=rest, opt_state=opt_state, rng=rep)
+
+
+def like_param(shape: tuple[int, ...], param_shape: tuple[int, ...],
+               param_sharding: NamedSharding, mesh: Mesh) -> NamedSharding:
+  """The sharding of an optimizer-state leaf of `shape` kept for a parameter.
+
+  Same shape: the parameter's sharding. Same rank with every axis either the parameter's size
+  or 1 (a statistic broadcast over some axes, e.g. one second moment per output neuron): the
+  parameter's mesh axes on the kept axes, none on the size-1 ones. Anything else (Adafactor's
+  factored rows / columns, counts): replicated.
+  """
+  if tuple(shape) == tuple(param_shape):
+    return param_sharding
+  if len(shape) == len(param_shape) and all(a in (1, b) for a, b in zip(shape, param_shape)):
+    spec = tuple(param_sharding.spec) + (None,) * (len(shape) - len(param_sharding.spec))
+    kept = [ax if a == b else None for ax, a, b in zip(spec, shape, param_shape)]
+    while kept and kept[-1] is None:  # P(None, None) is written P()
+      kept.pop()
+    return NamedSharding(mesh, P(*kept))
+  return sharding_lib.replicated(mesh)
 
 
 def create_train_state(config: Any, head_specs: Mapping[str, Any], vocab_size: int,
