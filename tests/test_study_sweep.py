@@ -209,6 +209,37 @@ def test_sweep_resumes_without_retraining(swept, tmp_path):
   assert trainer.calls == [("adamw", 0.001, 1)]  # diverged runs are not retried either
   assert again["best"] == first["best"]
   assert '"step": 999' not in stale.read_text()  # restarted from scratch: stale lines dropped
+  assert again["reused_other_code"] == []
+
+
+def test_reused_runs_of_other_code_are_named(swept, tmp_path, capsys):
+  """run_info.json records the code digest; a run trained by other code is reused but named
+  on the console and in sweep.json (runs from before the stamp have none and are not named)."""
+  workdir, _, first = swept
+  import shutil
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy)
+  digest = sweep_lib.code_digest()
+  assert len(digest) == 12 and int(digest, 16) >= 0
+  info_path = copy / "adamw/lr0.001/seed2/run_info.json"
+  info = json.loads(info_path.read_text())
+  assert info["code"] == digest  # written by the first sweep
+  info["code"] = "0123456789ab"
+  info_path.write_text(json.dumps(info))
+  unstamped = copy / "sgd/lr0.1/seed0/run_info.json"
+  old = json.loads(unstamped.read_text())
+  del old["code"]
+  unstamped.write_text(json.dumps(old))
+  trainer = FakeTrainer()
+  again = sweep_lib.run_sweep(study_config(), copy, train_fn=trainer, share_tokenizer=False,
+                              check_files=False)
+  assert trainer.calls == [] and again["best"] == first["best"]
+  assert again["reused_other_code"] == ["adamw/lr0.001/seed2"]
+  out = capsys.readouterr().out
+  assert "adamw/lr0.001/seed2: done before, skipped (trained by other jmtl code: 0123456789ab" in out
+  assert "1 reused run(s) were trained by other jmtl code" in out
+  assert json.loads((copy / "sweep.json").read_text())["reused_other_code"] == [
+      "adamw/lr0.001/seed2"]
 
 
 def test_resume_refuses_results_of_another_config(swept, tmp_path):

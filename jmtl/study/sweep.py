@@ -13,12 +13,18 @@ configuration is turned off (`<W>/ablation/no_<switch>/lr<lr>/seed<seed>/`), one
 turned on (`<W>/ablation/with_<switch>/...`). Runs are sequential; a run whose `eval.json`
 (or divergence record) exists is skipped, so an interrupted sweep resumes where it stopped.
 `<W>/sweep.json` holds every run's final metrics and the selection.
+
+Each run's `run_info.json` records `code`, a digest of the jmtl sources that trained it
+(`code_digest`). A finished run is reused only if its config matches (`_check_same_config`);
+one trained by other code is still reused, but named on the console and listed in
+sweep.json's `reused_other_code`, since a config match cannot show that the code behaves alike.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -260,9 +266,20 @@ def _read_json(path: pathlib.Path) -> dict:
     raise ValueError(f"cannot read {path}: {e}") from e
 
 
+def code_digest() -> str:
+  """First 12 hex digits of sha256 over every `*.py` file of the jmtl package (relative path
+  and bytes, in path order)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  h = hashlib.sha256()
+  for path in sorted(root.rglob("*.py")):
+    h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+  return h.hexdigest()[:12]
+
+
 def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
-             train_fn: TrainFn) -> dict:
-  """Trains `run` unless its results exist; returns its record for sweep.json."""
+             train_fn: TrainFn, code: str = "") -> dict:
+  """Trains `run` unless its results exist; returns its record for sweep.json (with
+  `other_code` True when a reused run was trained by code other than `code`)."""
   eval_path, info_path = run_dir / "eval.json", run_dir / RUN_INFO
   info = _read_json(info_path) if info_path.exists() else {}
   if not eval_path.exists() and info.get("status") != "diverged":
@@ -274,11 +291,16 @@ def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
       info = {"status": "ok", "seconds": time.time() - start}
     except NonFiniteError as e:
       info = {"status": "diverged", "seconds": time.time() - start, "error": str(e)}
+    info["code"] = code
     predictions_lib.write_json_atomic(info_path, info)
     _clear_compile_caches()
+    other_code = False
   else:
     _check_same_config(cfg, run_dir)
-    print(f"[sweep] {run.relpath}: done before, skipped", flush=True)
+    other_code = bool(code and info.get("code") and info["code"] != code)
+    note = (f" (trained by other jmtl code: {info['code']}, now {code}; delete the directory "
+            "to redo it)") if other_code else ""
+    print(f"[sweep] {run.relpath}: done before, skipped{note}", flush=True)
   metrics = {}
   if info.get("status") != "diverged":
     if not eval_path.exists():
@@ -286,7 +308,7 @@ def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
     metrics = _read_json(eval_path)
   return {"optimizer": run.optimizer, "variant": run.variant, "lr": run.lr, "seed": run.seed,
           "dir": run.relpath, "status": info.get("status", "ok"),
-          "seconds": info.get("seconds"), "metrics": metrics}
+          "seconds": info.get("seconds"), "metrics": metrics, "other_code": other_code}
 
 
 def _drop_stale_metrics(run_dir: pathlib.Path) -> None:
@@ -377,6 +399,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
     with config.unlocked():
       config.data.tokenizer = _shared_tokenizer(config, workdir)
 
+  code = code_digest()
   runs = grid_runs(config)
   # Check every run's config before the first one starts.
   cfgs = {run: config_lib.validate(run_config(config, run), device_count=jax.device_count(),
@@ -386,7 +409,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
   records = []
   for i, run in enumerate(runs):
     print(f"[sweep] run {i + 1}/{len(runs)}", flush=True)
-    records.append(_record(_execute(run, cfgs[run], workdir / run.relpath, train_fn), keys))
+    records.append(_record(_execute(run, cfgs[run], workdir / run.relpath, train_fn, code),
+                           keys))
     result = _summary(config, keys, records, {})
     predictions_lib.write_json_atomic(workdir / "sweep.json", result)
 
@@ -399,9 +423,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
       for run in ablation_runs(config, lr):
         cfg = config_lib.validate(run_config(config, run), device_count=jax.device_count(),
                                   check_files=False)
-        records.append(_record(_execute(run, cfg, workdir / run.relpath, train_fn), keys))
+        records.append(_record(_execute(run, cfg, workdir / run.relpath, train_fn, code),
+                               keys))
         result = _summary(config, keys, records, best)
         predictions_lib.write_json_atomic(workdir / "sweep.json", result)
+  if result["reused_other_code"]:
+    print(f"[sweep] {len(result['reused_other_code'])} reused run(s) were trained by other jmtl "
+          "code (listed in sweep.json's reused_other_code)", flush=True)
   return result
 
 
@@ -425,5 +453,6 @@ def _summary(config: ml_collections.ConfigDict, keys: Sequence[str], records: li
       "grids": {name: lr_grid(centres[name], config.sweep.lr_points, config.sweep.lr_ratio)
                 for name in config.sweep.optimizers},
       "best": best,
+      "reused_other_code": [r["dir"] for r in records if r.get("other_code")],
       "runs": records,
   }
