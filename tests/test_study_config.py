@@ -42,5 +42,6 @@ def test_long_study_changes_only_the_budget_of_the_study():
              for k in short[sec] if short[sec][k] != long[sec][k]}
   assert changed == {"train.steps", "train.eval_every", "train.log_every",
                      "train.checkpoint_every", "optim.warmup_steps", "data.max_eval_examples",
-                     "sweep.optimizers", "sweep.lr_centres", "sweep.lr_ratio", "sweep.ablation"}
+                     "sweep.optimizers", "sweep.lr_centres", "sweep.lr_points", "sweep.lr_ratio",
+                     "sweep.ablation"}
   assert long["model"] == short["model"] and long["tasks"] == short["tasks"]
