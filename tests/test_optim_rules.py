@@ -205,27 +205,22 @@ def test_paper_adaptive_raise_after():
     VALS = old
 
 
-SWITCHES = [
-    dict(belief=False, cautious=True, block_nu=True, trust_ratio=False, update_clip=0.0,
-         metric_schedule=True),
-    dict(belief=True, cautious=True, block_nu=False, trust_ratio=False, update_clip=0.0,
-         metric_schedule=True),
-    dict(belief=False, cautious=True, block_nu=False, trust_ratio=False, update_clip=0.0,
-         metric_schedule=False),
-    dict(belief=True, cautious=False, block_nu=True, trust_ratio=True, update_clip=0.0,
-         metric_schedule=True),
-    dict(belief=True, cautious=True, block_nu=True, trust_ratio=True, update_clip=0.5,
-         metric_schedule=True),
-    dict(belief=False, cautious=False, block_nu=False, trust_ratio=False, update_clip=0.8,
-         metric_schedule=False),
-    dict(belief=False, cautious=False, block_nu=True, trust_ratio=False, update_clip=0.0,
-         metric_schedule=False),
-]
+# jmtl_adaptive's defaults; each case below changes some of them.
+DEFAULT = dict(belief=False, cautious=True, block_nu=True, trust_ratio=False, update_clip=0.0,
+               metric_schedule=True)
+CASES = {
+    "default": {},
+    "belief": dict(belief=True, block_nu=False),
+    "cautious_adam": dict(block_nu=False, metric_schedule=False),
+    "belief_block_lamb": dict(belief=True, cautious=False, trust_ratio=True),
+    "all": dict(belief=True, trust_ratio=True, update_clip=0.5),
+    "adamw_updclip": dict(cautious=False, block_nu=False, update_clip=0.8, metric_schedule=False),
+    "adam_mini": dict(cautious=False, metric_schedule=False),
+}
+SWITCHES = [{**DEFAULT, **change} for change in CASES.values()]
 
 
-@pytest.mark.parametrize("switches", SWITCHES,
-                         ids=["default", "belief", "cautious_adam", "belief_block_lamb", "all",
-                              "adamw_updclip", "adam_mini"])
+@pytest.mark.parametrize("switches", SWITCHES, ids=list(CASES))
 def test_jmtl_adaptive_matches_numpy(switches):
   _check(_cfg("jmtl_adaptive", **switches), switches)
 
