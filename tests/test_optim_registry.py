@@ -200,3 +200,23 @@ def test_weight_decay_mask_on_nnx_params():
 def test_bad_weight_decay_mask_names_the_key():
   with pytest.raises(ValueError, match="optim.weight_decay_mask.*'some'"):
     build(_cfg("adamw", weight_decay_mask="some"), 10)
+
+
+def test_block_nu_state_sharded_on_the_output_axis():
+  """block_nu's per-neuron second moment (shape (1, ..., outputs)) keeps the kernel's mesh axis
+  on its output axis when the init is jitted without explicit shardings (federated `fed.init`)."""
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+  specs = {"dense": {"kernel": P("data", "fsdp")}, "attn": {"kernel": P("data", None, "fsdp")},
+           "bias": P("fsdp")}
+  shapes = {"dense": {"kernel": (8, 16)}, "attn": {"kernel": (4, 6, 8)}, "bias": (16,)}
+  params = jax.tree.map(lambda s, sp: jax.device_put(jnp.ones(s), NamedSharding(mesh, sp)),
+                        shapes, specs, is_leaf=lambda x: isinstance(x, tuple))
+  state = jax.jit(build(_cfg("jmtl_adaptive", block_nu=True), total_steps=10).init)(params)
+  nu = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "nu"))
+        if hasattr(s, "nu")][0].nu
+  assert nu["dense"]["kernel"].shape == (1, 16)
+  assert nu["attn"]["kernel"].shape == (1, 1, 8)
+  assert nu["dense"]["kernel"].sharding.is_equivalent_to(NamedSharding(mesh, P(None, "fsdp")), 2)
+  assert nu["attn"]["kernel"].sharding.is_equivalent_to(
+      NamedSharding(mesh, P(None, None, "fsdp")), 3)
+  assert nu["bias"].sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp")), 1)

@@ -8,7 +8,8 @@ Every optimizer returned by `build`:
   * decays the parameters `optim.weight_decay_mask` selects, if it has weight decay
     (`jmtl.optim.masks`);
   * has an `init` whose parameter-shaped state leaves follow the parameters' sharding when run
-    under `jax.jit` (each such leaf is tied to its parameter through a no-op `where`).
+    under `jax.jit` (each such leaf is tied to its parameter through a no-op `where`), as in
+    `jmtl.train.state.like_param`.
 
 Schedule-free AdamW evaluates at different parameters than it trains: before evaluation or
 saving a model for inference, call `eval_params(opt_state, params)` (a wrapper around
@@ -175,14 +176,23 @@ def _drop_extra_args(tx: optax.GradientTransformation) -> optax.GradientTransfor
 def _tie(state_leaf: Any, source: Any) -> Any:
   """`state_leaf` unchanged, but data-dependent on `source` so it inherits its sharding.
 
-  `source` is the matching parameter (same shape) or a scalar taken from a parameter; a
-  scalar source places the leaf replicated on the parameters' devices instead of device 0.
+  `source` is the matching parameter or a scalar taken from a parameter. Same shape: the leaf
+  gets the parameter's sharding. A leaf broadcast over some of the parameter's axes (same rank,
+  size 1 there, e.g. block_nu's one second moment per output neuron) is tied to the parameter
+  summed over those axes, so it keeps the parameter's sharding on the other axes (the rule of
+  `jmtl.train.state.like_param`). Anything else is tied to a scalar: replicated on the
+  parameters' devices instead of placed on device 0.
   """
   if not hasattr(state_leaf, "shape") or not hasattr(state_leaf, "dtype"):
     return state_leaf
   source = jnp.asarray(source)
-  if source.shape != state_leaf.shape and source.ndim:
-    source = jnp.ravel(source)[0]
+  shape = tuple(state_leaf.shape)
+  if source.shape != shape and source.ndim:
+    if len(shape) == source.ndim and all(a in (1, b) for a, b in zip(shape, source.shape)):
+      source = jnp.sum(source, axis=tuple(i for i, (a, b) in enumerate(zip(shape, source.shape))
+                                          if a != b), keepdims=True)
+    else:
+      source = jnp.ravel(source)[0]
   never = jnp.zeros(state_leaf.shape, bool)
   return jnp.where(never, source.astype(state_leaf.dtype), state_leaf)
 
@@ -193,8 +203,9 @@ def state_follows_params(
   """`tx` whose `init` ties its state to the parameters (a no-op `where`).
 
   Under `jax.jit(tx.init)` with sharded parameters, XLA's sharding propagation then gives each
-  parameter-shaped leaf its parameter's sharding (a plain `zeros_like` would not) and every
-  other leaf (counts, factored moments) a replicated sharding on the same devices.
+  parameter-shaped leaf its parameter's sharding (a plain `zeros_like` would not), each leaf
+  broadcast over some parameter axes that sharding on its other axes, and every other leaf
+  (counts, factored moments) a replicated sharding on the same devices.
   """
 
   def init_fn(params):
