@@ -343,6 +343,8 @@ def test_report_helpers_hand_examples():
   assert p["per_seed"] == {"1": -2.0, "2": 4.0} and (p["ahead"], p["n"]) == (1, 2)
   assert p["mean"] == pytest.approx(1.0) and p["std"] == pytest.approx(math.sqrt(18.0))
   assert report_lib.fmt(None, None) == "—"
+  assert [report_lib.signed(x) for x in (-0.004, 0.0, -0.006, 1.234)] == [
+      "+0.00", "+0.00", "-0.01", "+1.23"]
 
 
 def test_report_without_sweep_is_a_clear_error(tmp_path):

@@ -103,6 +103,11 @@ def fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
   return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def signed(x: float, digits: int = 2) -> str:
+  """`x` with its sign to `digits` decimals; a value that rounds to zero prints as +0.00."""
+  return f"{round(x, digits) + 0.0:+.{digits}f}"
+
+
 def _best_runs(data: dict, optimizer: str, variant: str = "") -> list[dict]:
   best = data["best"][sweep_lib.ABLATION_OPTIMIZER if variant else optimizer]["lr"]
   return [r for r in data["runs"]
@@ -326,8 +331,8 @@ def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list
     for label, v in report["paired_vs_reference"].items():
       if label == ref:
         continue
-      seeds = ", ".join(f"{x:+.2f}" for x in v["per_seed"].values())
-      delta = "—" if v["mean"] is None else f"{v['mean']:+.2f} ± {v['std']:.2f}"
+      seeds = ", ".join(signed(x) for x in v["per_seed"].values())
+      delta = "—" if v["mean"] is None else f"{signed(v['mean'])} ± {v['std']:.2f}"
       lines.append(f"| {label} | {delta} | {v['ahead']}/{v['n']} | {seeds} |")
 
   if report["ablation"]:
@@ -347,7 +352,7 @@ def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list
           f"— (0/{v['n']})"
       name = "full" if label == sweep_lib.ABLATION_OPTIMIZER else label.split(" ", 1)[1]
       lines.append(f"| {name} | {fmt(a['score']['mean'], a['score']['std'])} | "
-                   f"{'—' if d is None else f'{d:+.2f}'} | " + " | ".join(cells) + f" | {st} |")
+                   f"{'—' if d is None else signed(d)} | " + " | ".join(cells) + f" | {st} |")
 
   lines += ["", "## Figures", ""]
   for f in report["files"]:
