@@ -312,7 +312,7 @@ def test_report_tables_steps_to_target_and_pngs(swept, tmp_path):
   assert "## sst2/accuracy" in md and "## mrpc/accuracy" in md
   assert "| jmtl_adaptive | 3/3 | 28.0 | 0.58 |" in md
   assert "| no_cautious | 79.00 ± 2.00 | -2.00 |" in md
-  assert "| jmtl_adaptive | +4.00 ± 0.00 | 3/3 | +4.00, +4.00, +4.00 |" in md
+  assert "| jmtl_adaptive | +4.00 ± 0.00 | [+4.00, +4.00] | 3/3 | +4.00, +4.00, +4.00 |" in md
   assert "| sgd | 0.0333, 0.1, 0.3, 0.9 | 0.1 | 62.00 ± 2.00 | 1 diverged run(s) |" in md
   assert "edge of the grid" not in md  # every best lr is inside its grid here
   for name in ("loss_curves.png", "dev_curves.png", "lr_sensitivity.png"):
@@ -342,6 +342,16 @@ def test_report_helpers_hand_examples():
   p = report_lib.paired_differences(runs, ref, report_lib.SCORE, [])
   assert p["per_seed"] == {"1": -2.0, "2": 4.0} and (p["ahead"], p["n"]) == (1, 2)
   assert p["mean"] == pytest.approx(1.0) and p["std"] == pytest.approx(math.sqrt(18.0))
+  # 95 % CI: mean ± t(0.975, df) * std / sqrt(n); t from a printed table: 12.706 (df 1).
+  assert p["ci95"] == pytest.approx([1.0 - 12.706 * 3.0, 1.0 + 12.706 * 3.0], abs=2e-3)
+  # Three seeds, differences 1, 2, 6: mean 3, std sqrt(7), t(0.975, 2) = 4.303.
+  p3 = report_lib.paired_differences(
+      [{"seed": s, "score": v} for s, v in enumerate((11.0, 12.0, 16.0))],
+      [{"seed": s, "score": 10.0} for s in range(3)], report_lib.SCORE, [])
+  half = 4.303 * math.sqrt(7.0) / math.sqrt(3.0)
+  assert p3["ci95"] == pytest.approx([3.0 - half, 3.0 + half], abs=2e-3)
+  one = report_lib.paired_differences(runs[:2], ref, report_lib.SCORE, [])
+  assert one["n"] == 1 and one["ci95"] is None
   assert report_lib.fmt(None, None) == "—"
   assert [report_lib.signed(x) for x in (-0.004, 0.0, -0.006, 1.234)] == [
       "+0.00", "+0.00", "-0.01", "+1.23"]

@@ -9,7 +9,8 @@ Everything is measured at each optimizer's best learning rate (from `sweep.json`
   optimizer's mean (`sweep.reference`, tuned AdamW by default) and is given only when every seed
   of both reached the target;
 * paired by seed against the reference: per seed (same head initialisation and batch order),
-  the optimizer's selection score minus the reference's; mean ± sample std of the differences
+  the optimizer's selection score minus the reference's; mean ± sample std of the differences,
+  their 95 % confidence interval (Student's t: mean ± t(0.975, n-1) · std / sqrt(n), n >= 2)
   and the number of seeds where the optimizer is ahead;
 * the ablation of `jmtl_adaptive`'s switches against the full configuration (same lr, seeds);
 * PNG curves: train loss vs step (one panel per task when there are several:
@@ -29,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
 from jmtl.eval import predictions as predictions_lib
 from jmtl.study import sweep as sweep_lib
@@ -141,7 +143,8 @@ def _stats(runs: Sequence[dict], key: str, select_keys: Sequence[str]) -> dict:
 def paired_differences(runs: Sequence[dict], ref_runs: Sequence[dict], key: str,
                        select_keys: Sequence[str]) -> dict:
   """Per seed present in both: value(run) - value(ref run); mean ± sample std of those
-  differences, and `ahead` = how many are > 0 (of `n`)."""
+  differences, `ci95` = mean ± t(0.975, n-1) · std / sqrt(n) (None below 2 seeds), and
+  `ahead` = how many are > 0 (of `n`)."""
   ref = {r["seed"]: _value(r, key, select_keys) for r in ref_runs}
   diffs = {}
   for r in runs:
@@ -149,8 +152,12 @@ def paired_differences(runs: Sequence[dict], ref_runs: Sequence[dict], key: str,
     if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
       diffs[r["seed"]] = a - b
   mean, std = sweep_lib.mean_std(list(diffs.values()))
+  ci95 = None
+  if len(diffs) >= 2:
+    half = float(scipy.stats.t.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(len(diffs))
+    ci95 = [mean - half, mean + half]
   return {"per_seed": {str(k): v for k, v in sorted(diffs.items())}, "mean": mean, "std": std,
-          "ahead": sum(1 for v in diffs.values() if v > 0), "n": len(diffs)}
+          "ci95": ci95, "ahead": sum(1 for v in diffs.values() if v > 0), "n": len(diffs)}
 
 
 def _score_curve(rows: Sequence[dict], keys: Sequence[str]) -> list[tuple[int, float]]:
@@ -325,15 +332,16 @@ def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list
     ref = report["reference"]
     lines += ["", f"## Paired by seed against {ref}", "",
               f"Per seed (same head initialisation and batch order): selection score minus "
-              f"`{ref}`'s; mean ± sample std of the differences; ahead = seeds where it is "
-              "higher.",
-              "", "| optimizer | Δ score | ahead | per seed |", "|---|---|---|---|"]
+              f"`{ref}`'s; mean ± sample std of the differences, their 95 % confidence "
+              "interval (Student's t over seeds); ahead = seeds where it is higher.",
+              "", "| optimizer | Δ score | 95 % CI | ahead | per seed |", "|---|---|---|---|---|"]
     for label, v in report["paired_vs_reference"].items():
       if label == ref:
         continue
       seeds = ", ".join(signed(x) for x in v["per_seed"].values())
       delta = "—" if v["mean"] is None else f"{signed(v['mean'])} ± {v['std']:.2f}"
-      lines.append(f"| {label} | {delta} | {v['ahead']}/{v['n']} | {seeds} |")
+      ci = "—" if v.get("ci95") is None else f"[{signed(v['ci95'][0])}, {signed(v['ci95'][1])}]"
+      lines.append(f"| {label} | {delta} | {ci} | {v['ahead']}/{v['n']} | {seeds} |")
 
   if report["ablation"]:
     lines += ["", f"## Ablation of {sweep_lib.ABLATION_OPTIMIZER}", "",
