@@ -163,6 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sweep.overrides = ()
   # jmtl_adaptive switches turned off one at a time at its best lr; () = no ablation
   c.sweep.ablation = ("belief", "cautious", "block_nu", "metric_schedule")
+  # fresh seeds (not in `seeds`, >= 2) run again at each optimizer's best lr; () = none
+  c.sweep.confirm_seeds = ()
   c.sweep.target_fraction = 0.95  # steps-to-target: fraction of the best mean final score
   c.sweep.reference = "adamw"  # steps-to-target ratios are relative to this optimizer
   return c

@@ -123,6 +123,9 @@ def test_run_config_sets_optimizer_lr_seed_overrides_and_ablation():
     ("overrides", (("adamw", "optim.nosuch", 1),), "unknown key 'optim.nosuch'"),
     ("overrides", (("adamw", "optim.schedule", 3),), "optim.schedule"),
     ("overrides", (("adamx", "optim.schedule", "constant"),), "known optimizer"),
+    ("confirm_seeds", (5,), "sweep.confirm_seeds.*>= 2 distinct"),
+    ("confirm_seeds", (5, 5), "sweep.confirm_seeds.*>= 2 distinct"),
+    ("confirm_seeds", (2, 5), "sweep.confirm_seeds.*must be fresh"),
 ])
 def test_bad_sweep_config_names_the_key(key, value, match):
   c = study_config()
@@ -324,6 +327,45 @@ def test_report_tables_steps_to_target_and_pngs(swept, tmp_path):
   # Mean loss curve at step 2 for adamw: 2 exp(-2/50) + 0.1 * mean(seed) = 2 exp(-0.04) + 0.1.
   step2 = dict(map(tuple, saved["curves"]["adamw"]["loss"]))[2]
   assert step2 == pytest.approx(2 * math.exp(-0.04) + 0.1)
+
+
+def test_confirmation_on_fresh_seeds_at_the_best_lr(tmp_path):
+  """confirm_seeds: every optimizer again at its best lr with new seeds, after the grid; the
+  selection ignores them; the report scores them against the grid's target."""
+  c = study_config()
+  c.sweep.ablation = ()
+  c.sweep.confirm_seeds = (5, 7)
+  trainer = FakeTrainer()
+  result = sweep_lib.run_sweep(c, tmp_path, train_fn=trainer, share_tokenizer=False,
+                               check_files=False)
+  assert len(trainer.calls) == 36 + 6
+  assert trainer.calls[-6:] == [("sgd", 0.1, 5), ("sgd", 0.1, 7), ("adamw", 0.003, 5),
+                                ("adamw", 0.003, 7), ("jmtl_adaptive", 0.001, 5),
+                                ("jmtl_adaptive", 0.001, 7)]
+  assert (tmp_path / "confirm/adamw/lr0.003/seed7/eval.json").is_file()
+  # The confirmation runs score higher (2 * seed) but do not enter the selection.
+  assert result["best"]["adamw"]["score_mean"] == pytest.approx(77.0)
+  again = FakeTrainer()
+  sweep_lib.run_sweep(c, tmp_path, train_fn=again, share_tokenizer=False, check_files=False)
+  assert again.calls == []
+
+  rep = report_lib.report_optim(tmp_path, tmp_path / "report")
+  conf = rep["confirmation"]
+  # Scores (acc + acc - 10) / 2 = acc - 5, acc = peak + 2 seed: adamw 85, 89; jmtl 89, 93.
+  assert conf["adamw"]["score"]["values"] == [85.0, 89.0]
+  assert conf["jmtl_adaptive"]["seeds"] == [5, 7]
+  p = conf["jmtl_adaptive"]["paired_vs_reference"]
+  assert p["per_seed"] == {"5": 4.0, "7": 4.0} and p["ci95"] == [4.0, 4.0]
+  # Target from the grid seeds: 0.9 * 81 = 72.9. score(step) = final * step / reach on even
+  # steps: adamw 85 * s / 50 >= 72.9 at s = 44, 89 -> 42; jmtl_adaptive (reach 30) 89 -> 26,
+  # 93 -> 24.
+  assert conf["adamw"]["steps_to_target"]["per_seed"] == [44, 42]
+  assert conf["jmtl_adaptive"]["steps_to_target"]["per_seed"] == [26, 24]
+  assert conf["jmtl_adaptive"]["steps_to_target"]["ratio_to_reference"] == pytest.approx(25 / 43)
+  md = (tmp_path / "report/comparison.md").read_text()
+  assert "## Confirmation on fresh seeds" in md
+  assert ("| jmtl_adaptive | 0.001 | 5, 7 | 91.00 ± 2.83 | 89.00, 93.00 | +4.00 ± 0.00 | "
+          "[+4.00, +4.00] | 2/2 | 25.0 (2/2) | 0.58 |") in md
 
 
 def test_report_helpers_hand_examples():

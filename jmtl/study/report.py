@@ -13,6 +13,9 @@ Everything is measured at each optimizer's best learning rate (from `sweep.json`
   their 95 % confidence interval (Student's t: mean ± t(0.975, n-1) · std / sqrt(n), n >= 2)
   and the number of seeds where the optimizer is ahead;
 * the ablation of `jmtl_adaptive`'s switches against the full configuration (same lr, seeds);
+* with `sweep.confirm_seeds`: each optimizer's score at its best lr on those fresh seeds (mean
+  ± std, paired differences against the reference with their 95 % CI, steps to the same
+  target), free of the optimism of selecting the lr on the seeds that score it;
 * PNG curves: train loss vs step (one panel per task when there are several:
   `task_loss_curves`), dev selection score vs step (mean over seeds), dev score vs lr.
 
@@ -111,7 +114,9 @@ def signed(x: float, digits: int = 2) -> str:
 
 
 def _best_runs(data: dict, optimizer: str, variant: str = "") -> list[dict]:
-  best = data["best"][sweep_lib.ABLATION_OPTIMIZER if variant else optimizer]["lr"]
+  """Finished runs of (optimizer, variant) at the best lr (an ablation's: jmtl_adaptive's)."""
+  ablation = variant and variant != sweep_lib.CONFIRM
+  best = data["best"][sweep_lib.ABLATION_OPTIMIZER if ablation else optimizer]["lr"]
   return [r for r in data["runs"]
           if r["optimizer"] == optimizer and r["variant"] == variant and r["lr"] == best
           and r["status"] == "ok"]
@@ -256,11 +261,13 @@ def report_optim(sweep_dir: str | os.PathLike[str],
       ablation[label] = {"score": metrics[SCORE][label],
                          "delta_vs_full": (m - full) if m is not None and full is not None else None}
 
+  confirmation = _confirmation(data, sweep_dir, optimizers, keys, target, s["reference"])
   files = _plots(data, optimizers, curves, out)
   report = {
       "select_keys": keys, "target_fraction": s["target_fraction"], "target": target,
       "reference": s["reference"], "best": data["best"], "metrics": metrics,
       "steps_to_target": stt, "paired_vs_reference": paired, "ablation": ablation,
+      "confirmation": confirmation,
       "curves": {_group_label(*g): {"loss": c["loss"], "task_loss": c["task_loss"],
                                     "score": c["score"]} for g, c in curves.items()},
       "files": ["comparison.md", "report.json", "sweep.json"] + files,
@@ -270,6 +277,35 @@ def report_optim(sweep_dir: str | os.PathLike[str],
   if (sweep_dir / "sweep.json").resolve() != (out / "sweep.json").resolve():
     shutil.copyfile(sweep_dir / "sweep.json", out / "sweep.json")
   return report
+
+
+def _confirmation(data: dict, sweep_dir: pathlib.Path, optimizers: Sequence[str],
+                  keys: Sequence[str], target: float | None, reference: str) -> dict:
+  """Per optimizer with confirmation runs at its best lr: their scores, paired differences
+  against the reference's confirmation runs, and steps to the (selection seeds') target."""
+  runs = {name: _best_runs(data, name, sweep_lib.CONFIRM) for name in optimizers}
+  runs = {name: rs for name, rs in runs.items() if rs}
+  out = {}
+  for name, rs in runs.items():
+    per_seed = []
+    if target is not None:
+      per_seed = [steps_to_target(_score_curve(read_metrics(sweep_dir / r["dir"]), keys), target)
+                  for r in rs]
+    reached = [x for x in per_seed if x is not None]
+    out[name] = {"lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs],
+                 "score": _stats(rs, SCORE, keys),
+                 "paired_vs_reference": (paired_differences(rs, runs[reference], SCORE, keys)
+                                         if reference in runs else None),
+                 "steps_to_target": {"per_seed": per_seed, "reached": len(reached),
+                                     "n": len(per_seed),
+                                     "mean": float(np.mean(reached)) if reached else None}}
+  ref = out.get(reference, {}).get("steps_to_target")
+  for v in out.values():
+    st = v["steps_to_target"]
+    ok = (ref and st["n"] and st["reached"] == st["n"] and ref["n"]
+          and ref["reached"] == ref["n"] and ref["mean"])
+    st["ratio_to_reference"] = st["mean"] / ref["mean"] if ok else None
+  return out
 
 
 def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list[str]) -> str:
@@ -361,6 +397,31 @@ def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list
       name = "full" if label == sweep_lib.ABLATION_OPTIMIZER else label.split(" ", 1)[1]
       lines.append(f"| {name} | {fmt(a['score']['mean'], a['score']['std'])} | "
                    f"{'—' if d is None else signed(d)} | " + " | ".join(cells) + f" | {st} |")
+
+  if report["confirmation"]:
+    ref = report["reference"]
+    lines += ["", "## Confirmation on fresh seeds", "",
+              "Each optimizer again at its best learning rate, with seeds that took no part in "
+              "choosing it (`sweep.confirm_seeds`): selection score (mean ± sample std), paired "
+              f"by seed against `{ref}` (Δ, 95 % CI, seeds ahead), steps to the same target "
+              f"and their ratio to `{ref}`'s.", "",
+              "| optimizer | lr | seeds | selection score | per seed | Δ vs " + ref
+              + " | 95 % CI | ahead | steps to target | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in report["confirmation"].items():
+      sc, p, st = v["score"], v["paired_vs_reference"], v["steps_to_target"]
+      delta = ci = ahead = "—"
+      if p and name != ref and p["mean"] is not None:
+        delta, ahead = f"{signed(p['mean'])} ± {p['std']:.2f}", f"{p['ahead']}/{p['n']}"
+        if p["ci95"] is not None:
+          ci = f"[{signed(p['ci95'][0])}, {signed(p['ci95'][1])}]"
+      steps = (f"{st['mean']:.1f} ({st['reached']}/{st['n']})" if st["mean"] is not None
+               else f"— (0/{st['n']})")
+      ratio = f"{st['ratio_to_reference']:.2f}" if st["ratio_to_reference"] is not None else "—"
+      lines.append(f"| {name} | {sweep_lib.format_lr(v['lr'])} | "
+                   f"{', '.join(str(x) for x in v['seeds'])} | {fmt(sc['mean'], sc['std'])} | "
+                   f"{', '.join(f'{x:.2f}' for x in sc['values'])} | {delta} | {ci} | {ahead} | "
+                   f"{steps} | {ratio} |")
 
   lines += ["", "## Figures", ""]
   for f in report["files"]:

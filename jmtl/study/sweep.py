@@ -10,7 +10,10 @@ rate maximises the mean over seeds of the selection score on the dev split (`dat
 a learning rate where any seed diverged is not eligible. Then each `sweep.ablation` switch of
 `jmtl_adaptive` is toggled alone at its best learning rate: a switch that is on in the full
 configuration is turned off (`<W>/ablation/no_<switch>/lr<lr>/seed<seed>/`), one that is off is
-turned on (`<W>/ablation/with_<switch>/...`). Runs are sequential; a run whose `eval.json`
+turned on (`<W>/ablation/with_<switch>/...`). With `sweep.confirm_seeds`, each optimizer is
+then trained again at its best learning rate with those fresh seeds
+(`<W>/confirm/<optimizer>/lr<lr>/seed<seed>/`): scores that did not take part in choosing the
+learning rate, free of the selection's optimism. Runs are sequential; a run whose `eval.json`
 (or divergence record) exists is skipped, so an interrupted sweep resumes where it stopped.
 `<W>/sweep.json` holds every run's final metrics and the selection.
 
@@ -50,12 +53,13 @@ SWITCHES = ("belief", "cautious", "block_nu", "trust_ratio", "update_clip", "met
 RUN_INFO = "run_info.json"  # written by the sweep next to the trainer's files
 MIN_LR_POINTS = 4
 MIN_SEEDS = 3
+CONFIRM = "confirm"  # the variant of the fresh-seed confirmation runs
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One training run of the sweep; `variant` is "" for the grid, "no_<switch>" or
-  "with_<switch>" for ablations."""
+  "with_<switch>" for ablations, "confirm" for the fresh-seed confirmation."""
 
   optimizer: str
   lr: float
@@ -64,7 +68,10 @@ class Run:
 
   @property
   def relpath(self) -> str:
-    group = f"ablation/{self.variant}" if self.variant else self.optimizer
+    if self.variant == CONFIRM:
+      group = f"confirm/{self.optimizer}"
+    else:
+      group = f"ablation/{self.variant}" if self.variant else self.optimizer
     return f"{group}/lr{format_lr(self.lr)}/seed{self.seed}"
 
 
@@ -137,6 +144,15 @@ def check_sweep_config(config: ml_collections.ConfigDict) -> None:
       isinstance(x, int) and not isinstance(x, bool) for x in seeds):
     raise config_lib.ConfigError(
         f"config key 'sweep.seeds' = {seeds!r} must be >= {MIN_SEEDS} distinct ints")
+  confirm = list(s.confirm_seeds)
+  if confirm and (len(confirm) < 2 or len(set(confirm)) != len(confirm) or not all(
+      isinstance(x, int) and not isinstance(x, bool) for x in confirm)):
+    raise config_lib.ConfigError(
+        f"config key 'sweep.confirm_seeds' = {confirm!r} must be () or >= 2 distinct ints")
+  if set(confirm) & set(seeds):
+    raise config_lib.ConfigError(
+        f"config key 'sweep.confirm_seeds' = {confirm!r} shares seeds with sweep.seeds "
+        f"{seeds!r}: confirmation seeds must be fresh")
   if not 0 < s.target_fraction <= 1:
     raise config_lib.ConfigError(
         f"config key 'sweep.target_fraction' = {s.target_fraction} must be in (0, 1]")
@@ -197,7 +213,7 @@ def run_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.Co
       if name == run.optimizer:
         _set(cfg, key, value)
     cfg.optim.lr = float(run.lr)  # after overrides: the grid owns the learning rate
-    if run.variant:
+    if run.variant and run.variant != CONFIRM:
       on = run.variant.startswith("with_")
       switch = run.variant.removeprefix("with_" if on else "no_")
       cfg.optim[switch] = on if switch != "update_clip" else 0.0
@@ -224,6 +240,13 @@ def ablation_runs(config: ml_collections.ConfigDict, best_lr: float) -> list[Run
   """Each `sweep.ablation` switch toggled alone, at jmtl_adaptive's best lr, every seed."""
   return [Run(ABLATION_OPTIMIZER, best_lr, seed, ablation_variant(config, sw))
           for sw in config.sweep.ablation for seed in config.sweep.seeds]
+
+
+def confirm_runs(config: ml_collections.ConfigDict,
+                 best: Mapping[str, Mapping[str, Any]]) -> list[Run]:
+  """Each optimizer with an eligible best lr, at that lr, with every `sweep.confirm_seeds`."""
+  return [Run(name, best[name]["lr"], seed, CONFIRM) for name in config.sweep.optimizers
+          if best[name]["lr"] is not None for seed in config.sweep.confirm_seeds]
 
 
 def select_best(records: Sequence[Mapping[str, Any]], optimizer: str) -> dict[str, Any]:
@@ -381,7 +404,8 @@ def _shared_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
               train_fn: TrainFn | None = None, share_tokenizer: bool = True,
               check_files: bool = True) -> dict:
-  """Runs the grid, selects each optimizer's best lr, runs the ablation; writes `<W>/sweep.json`.
+  """Runs the grid, selects each optimizer's best lr, runs the ablation and the fresh-seed
+  confirmation; writes `<W>/sweep.json`.
 
   `train_fn(config, run_dir)` defaults to `jmtl.train.loop.train`. With `share_tokenizer` and no
   `data.tokenizer` set, one tokenizer is trained first and used by every run. Returns the
@@ -427,6 +451,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
                                keys))
         result = _summary(config, keys, records, best)
         predictions_lib.write_json_atomic(workdir / "sweep.json", result)
+  if config.sweep.confirm_seeds:
+    for run in confirm_runs(config, best):
+      cfg = config_lib.validate(run_config(config, run), device_count=jax.device_count(),
+                                check_files=False)
+      records.append(_record(_execute(run, cfg, workdir / run.relpath, train_fn, code), keys))
+      result = _summary(config, keys, records, best)
+      predictions_lib.write_json_atomic(workdir / "sweep.json", result)
   if result["reused_other_code"]:
     print(f"[sweep] {len(result['reused_other_code'])} reused run(s) were trained by other jmtl "
           "code (listed in sweep.json's reused_other_code)", flush=True)
