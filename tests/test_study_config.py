@@ -43,5 +43,5 @@ def test_long_study_changes_only_the_budget_of_the_study():
   assert changed == {"train.steps", "train.eval_every", "train.log_every",
                      "train.checkpoint_every", "optim.warmup_steps", "data.max_eval_examples",
                      "sweep.optimizers", "sweep.lr_centres", "sweep.lr_points", "sweep.lr_ratio",
-                     "sweep.ablation"}
+                     "sweep.ablation", "sweep.confirm_seeds"}
   assert long["model"] == short["model"] and long["tasks"] == short["tasks"]
