@@ -235,17 +235,10 @@ def report_optim(sweep_dir: str | os.PathLike[str],
   finals = [metrics[SCORE][name]["mean"] for name in optimizers
             if metrics[SCORE][name]["mean"] is not None]
   target = float(s["target_fraction"]) * max(finals) if finals else None
-  stt = {}
-  for g in groups:
-    per_seed = [steps_to_target(c, target) for c in curves[g]["score_per_seed"]] if finals else []
-    reached = [x for x in per_seed if x is not None]
-    stt[_group_label(*g)] = {"per_seed": per_seed, "reached": len(reached), "n": len(per_seed),
-                             "mean": float(np.mean(reached)) if reached else None}
-  ref = stt.get(s["reference"])
-  for v in stt.values():
-    ok = (ref and v["n"] and v["reached"] == v["n"] and ref["n"] and ref["reached"] == ref["n"]
-          and ref["mean"])
-    v["ratio_to_reference"] = v["mean"] / ref["mean"] if ok else None
+  stt = {_group_label(*g): _stt_summary(
+      [steps_to_target(c, target) for c in curves[g]["score_per_seed"]] if finals else [])
+         for g in groups}
+  _add_ratios(stt, s["reference"])
 
   ref_group = (s["reference"], "")
   paired = {_group_label(*g): paired_differences(runs[g], runs.get(ref_group, []), SCORE, keys)
@@ -285,27 +278,35 @@ def _confirmation(data: dict, sweep_dir: pathlib.Path, optimizers: Sequence[str]
   against the reference's confirmation runs, and steps to the (selection seeds') target."""
   runs = {name: _best_runs(data, name, sweep_lib.CONFIRM) for name in optimizers}
   runs = {name: rs for name, rs in runs.items() if rs}
-  out = {}
+  out, stt = {}, {}
   for name, rs in runs.items():
-    per_seed = []
-    if target is not None:
-      per_seed = [steps_to_target(_score_curve(read_metrics(sweep_dir / r["dir"]), keys), target)
-                  for r in rs]
-    reached = [x for x in per_seed if x is not None]
+    stt[name] = _stt_summary(
+        [steps_to_target(_score_curve(read_metrics(sweep_dir / r["dir"]), keys), target)
+         for r in rs] if target is not None else [])
     out[name] = {"lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs],
                  "score": _stats(rs, SCORE, keys),
                  "paired_vs_reference": (paired_differences(rs, runs[reference], SCORE, keys)
                                          if reference in runs else None),
-                 "steps_to_target": {"per_seed": per_seed, "reached": len(reached),
-                                     "n": len(per_seed),
-                                     "mean": float(np.mean(reached)) if reached else None}}
-  ref = out.get(reference, {}).get("steps_to_target")
-  for v in out.values():
-    st = v["steps_to_target"]
-    ok = (ref and st["n"] and st["reached"] == st["n"] and ref["n"]
-          and ref["reached"] == ref["n"] and ref["mean"])
-    st["ratio_to_reference"] = st["mean"] / ref["mean"] if ok else None
+                 "steps_to_target": stt[name]}
+  _add_ratios(stt, reference)
   return out
+
+
+def _stt_summary(per_seed: list[int | None]) -> dict:
+  """Steps to target of one group: per seed, how many reached it, mean over those that did."""
+  reached = [x for x in per_seed if x is not None]
+  return {"per_seed": per_seed, "reached": len(reached), "n": len(per_seed),
+          "mean": float(np.mean(reached)) if reached else None}
+
+
+def _add_ratios(stt: dict[str, dict], reference: str) -> None:
+  """Sets each group's `ratio_to_reference` = mean / the reference's mean, only when every seed
+  of both reached the target (else None)."""
+  ref = stt.get(reference)
+  for v in stt.values():
+    ok = (ref and v["n"] and v["reached"] == v["n"] and ref["n"] and ref["reached"] == ref["n"]
+          and ref["mean"])
+    v["ratio_to_reference"] = v["mean"] / ref["mean"] if ok else None
 
 
 def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list[str]) -> str:
