@@ -11,7 +11,8 @@ from jmtl.study import sweep as sweep_lib
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["optim_study.py", "optim_study_long.py"])
+@pytest.mark.parametrize("name", ["optim_study.py", "optim_study_long.py",
+                                  "optim_study_long_linear.py"])
 def test_optim_study_config_is_valid_and_fair(name):
   cfg = config_lib.validate(config_lib.load_config_file(CONFIGS / name), device_count=1,
                             check_files=False)
@@ -45,3 +46,22 @@ def test_long_study_changes_only_the_budget_of_the_study():
                      "sweep.optimizers", "sweep.lr_centres", "sweep.lr_points", "sweep.lr_ratio",
                      "sweep.ablation", "sweep.confirm_seeds"}
   assert long["model"] == short["model"] and long["tasks"] == short["tasks"]
+
+
+def test_linear_variant_changes_only_jmtl_adaptive_schedule():
+  long = config_lib.load_config_file(CONFIGS / "optim_study_long.py")
+  lin = config_lib.load_config_file(CONFIGS / "optim_study_long_linear.py")
+  a, b = long.to_dict(), lin.to_dict()
+  changed = {f"{sec}.{k}" for sec in a if isinstance(a[sec], dict) for k in a[sec]
+             if a[sec][k] != b[sec][k]}
+  assert changed == {"sweep.overrides", "sweep.confirm_seeds"}
+  for name in ("adamw", "jmtl_adaptive"):
+    run = sweep_lib.Run(name, 3e-4, 0)
+    assert sweep_lib.run_config(lin, run).optim.schedule == "linear"
+  assert sweep_lib.run_config(long, sweep_lib.Run("jmtl_adaptive", 3e-4, 0)).optim.schedule == \
+      "constant"
+  # AdamW's runs are the same runs (the sweep section does not change a run).
+  adamw = [sweep_lib.run_config(c, sweep_lib.Run("adamw", 3e-4, 0)).to_dict() for c in (long, lin)]
+  for a in adamw:
+    del a["sweep"]
+  assert adamw[0] == adamw[1]
