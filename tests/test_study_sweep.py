@@ -212,7 +212,7 @@ def test_sweep_resumes_without_retraining(swept, tmp_path):
   assert trainer.calls == [("adamw", 0.001, 1)]  # diverged runs are not retried either
   assert again["best"] == first["best"]
   assert '"step": 999' not in stale.read_text()  # restarted from scratch: stale lines dropped
-  assert again["reused_other_code"] == []
+  assert again["reused_other_code"] == [] and again["assumed_defaults"] == {}
 
 
 def test_reused_runs_of_other_code_are_named(swept, tmp_path, capsys):
@@ -245,7 +245,7 @@ def test_reused_runs_of_other_code_are_named(swept, tmp_path, capsys):
       "adamw/lr0.001/seed2"]
 
 
-def test_resume_refuses_results_of_another_config(swept, tmp_path):
+def test_resume_refuses_results_of_another_config(swept, tmp_path, capsys):
   workdir, _, _ = swept
   import shutil
   copy = tmp_path / "w"
@@ -259,14 +259,19 @@ def test_resume_refuses_results_of_another_config(swept, tmp_path):
   trainer = FakeTrainer()
   sweep_lib.run_sweep(c, copy, train_fn=trainer, share_tokenizer=False, check_files=False)
   assert trainer.calls == []
-  # A run written before a key existed: the key counts at its default, and only at it.
+  # A run written before a key existed: the key counts at its default, and only at it. The
+  # reuse names the key (console, sweep.json) unless the run's optimizer does not read it.
   saved = copy / "sgd/lr0.1/seed0/config.json"
   cfg = json.loads(saved.read_text())
-  del cfg["optim"]["belief_eps"]
+  del cfg["optim"]["belief_eps"], cfg["train"]["on_nonfinite"]
   saved.write_text(json.dumps(cfg))
-  sweep_lib.run_sweep(study_config(), copy, train_fn=trainer, share_tokenizer=False,
-                      check_files=False)
+  capsys.readouterr()
+  result = sweep_lib.run_sweep(study_config(), copy, train_fn=trainer, share_tokenizer=False,
+                               check_files=False)
   assert trainer.calls == []
+  assert result["assumed_defaults"] == {"sgd/lr0.1/seed0": ["train.on_nonfinite"]}
+  assert ("sgd/lr0.1/seed0: done before, skipped (its config.json lacks train.on_nonfinite: "
+          "taken at the default") in capsys.readouterr().out
   # optim keys only jmtl_adaptive reads do not change the other optimizers' runs ...
   c = study_config()
   c.sweep.optimizers, c.sweep.ablation = ("sgd", "adamw"), ()

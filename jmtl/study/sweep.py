@@ -21,6 +21,9 @@ Each run's `run_info.json` records `code`, a digest of the jmtl sources that tra
 (`code_digest`). A finished run is reused only if its config matches (`_check_same_config`);
 one trained by other code is still reused, but named on the console and listed in
 sweep.json's `reused_other_code`, since a config match cannot show that the code behaves alike.
+Keys missing from a reused run's `config.json` (added to jmtl after it ran) are taken at their
+defaults; they are named on the console and in sweep.json's `assumed_defaults`, since a new
+key's default may change what the code does (delete the directory to redo the run).
 """
 
 from __future__ import annotations
@@ -302,7 +305,8 @@ def code_digest() -> str:
 def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
              train_fn: TrainFn, code: str = "") -> dict:
   """Trains `run` unless its results exist; returns its record for sweep.json (with
-  `other_code` True when a reused run was trained by code other than `code`)."""
+  `other_code` True when a reused run was trained by code other than `code`, and
+  `assumed_defaults` the compared keys its config.json lacks)."""
   eval_path, info_path = run_dir / "eval.json", run_dir / RUN_INFO
   info = _read_json(info_path) if info_path.exists() else {}
   if not eval_path.exists() and info.get("status") != "diverged":
@@ -317,12 +321,15 @@ def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
     info["code"] = code
     predictions_lib.write_json_atomic(info_path, info)
     _clear_compile_caches()
-    other_code = False
+    other_code, assumed = False, []
   else:
-    _check_same_config(cfg, run_dir)
+    assumed = _check_same_config(cfg, run_dir)
     other_code = bool(code and info.get("code") and info["code"] != code)
     note = (f" (trained by other jmtl code: {info['code']}, now {code}; delete the directory "
             "to redo it)") if other_code else ""
+    if assumed:
+      note += (f" (its config.json lacks {', '.join(assumed)}: taken at the default; delete the "
+               "directory to redo it if that default changes the run)")
     print(f"[sweep] {run.relpath}: done before, skipped{note}", flush=True)
   metrics = {}
   if info.get("status") != "diverged":
@@ -331,7 +338,8 @@ def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
     metrics = _read_json(eval_path)
   return {"optimizer": run.optimizer, "variant": run.variant, "lr": run.lr, "seed": run.seed,
           "dir": run.relpath, "status": info.get("status", "ok"),
-          "seconds": info.get("seconds"), "metrics": metrics, "other_code": other_code}
+          "seconds": info.get("seconds"), "metrics": metrics, "other_code": other_code,
+          "assumed_defaults": assumed}
 
 
 def _drop_stale_metrics(run_dir: pathlib.Path) -> None:
@@ -342,17 +350,20 @@ def _drop_stale_metrics(run_dir: pathlib.Path) -> None:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> None:
+def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> list[str]:
   """A finished run is reused only if its `config.json` (written by the trainer) matches, apart
   from the `sweep` section and the keys that only other optimizers read (`optim.OWN_KEYS`),
   neither of which changes the run. A key missing from `config.json` (one
-  added to jmtl after the run) counts at its default, as it does when a run resumes."""
+  added to jmtl after the run) counts at its default, as it does when a run resumes. Returns
+  those missing keys (of the ones compared)."""
   path = run_dir / "config.json"
   if not path.exists():
-    return
+    return []
   from jmtl import defaults
   with_defaults = _flat(json.loads(config_lib.to_json(defaults.base_config())))
-  with_defaults.update(_flat(_read_json(path)))
+  saved_keys = _flat(_read_json(path))
+  missing = sorted(set(with_defaults) - set(saved_keys))
+  with_defaults.update(saved_keys)
   ignored = ({k for keys in optim.OWN_KEYS.values() for k in keys}
              - set(optim.OWN_KEYS.get(cfg.optim.name, ())))
   keep = lambda k: not k.startswith("sweep.") and k not in ignored
@@ -362,6 +373,7 @@ def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) ->
   if diff:
     raise ValueError(f"{run_dir} holds a run of a different config (first differing key "
                      f"{diff[0]!r}); use a fresh --workdir or delete that run directory")
+  return [k for k in missing if keep(k)]
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -485,5 +497,7 @@ def _summary(config: ml_collections.ConfigDict, keys: Sequence[str], records: li
                 for name in config.sweep.optimizers},
       "best": best,
       "reused_other_code": [r["dir"] for r in records if r.get("other_code")],
+      "assumed_defaults": {r["dir"]: r["assumed_defaults"] for r in records
+                           if r.get("assumed_defaults")},
       "runs": records,
   }
