@@ -9,20 +9,13 @@ rates on 6 fresh seeds. No ablation: it is the 48-step study's. See
 docs/results/optim_study_long/README.md for the commands and the measured time.
 """
 
-import importlib.util
 import pathlib
 
-
-def _base_study():
-  path = pathlib.Path(__file__).with_name("optim_study.py")
-  spec = importlib.util.spec_from_file_location("optim_study", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from jmtl import config as config_lib
 
 
 def get_config():
-  c = _base_study()
+  c = config_lib.load_config_file(pathlib.Path(__file__).with_name("optim_study.py"))
   c.train.steps = 192
   c.train.eval_every = 32
   c.train.log_every = 8

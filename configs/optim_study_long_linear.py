@@ -7,20 +7,13 @@ metric schedule on top (lr_t = linear(t) * scale_t * late(t)). AdamW's runs are 
 No confirmation seeds. See docs/results/optim_study_long/linear_decay/.
 """
 
-import importlib.util
 import pathlib
 
-
-def _long_study():
-  path = pathlib.Path(__file__).with_name("optim_study_long.py")
-  spec = importlib.util.spec_from_file_location("optim_study_long", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from jmtl import config as config_lib
 
 
 def get_config():
-  c = _long_study()
+  c = config_lib.load_config_file(pathlib.Path(__file__).with_name("optim_study_long.py"))
   c.sweep.overrides = (("paper_adaptive", "optim.schedule", "constant"),)
   c.sweep.confirm_seeds = ()
   return c
