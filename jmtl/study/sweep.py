@@ -451,25 +451,20 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
     predictions_lib.write_json_atomic(workdir / "sweep.json", result)
 
   best = result["best"]
+  after = []  # with the lr selection frozen: the ablation, then the fresh-seed confirmation
   if config.sweep.ablation:
     lr = best[ABLATION_OPTIMIZER]["lr"]
     if lr is None:
       print(f"[sweep] no eligible lr for {ABLATION_OPTIMIZER}: ablation skipped", flush=True)
     else:
-      for run in ablation_runs(config, lr):
-        cfg = config_lib.validate(run_config(config, run), device_count=jax.device_count(),
-                                  check_files=False)
-        records.append(_record(_execute(run, cfg, workdir / run.relpath, train_fn, code),
-                               keys))
-        result = _summary(config, keys, records, best)
-        predictions_lib.write_json_atomic(workdir / "sweep.json", result)
-  if config.sweep.confirm_seeds:
-    for run in confirm_runs(config, best):
-      cfg = config_lib.validate(run_config(config, run), device_count=jax.device_count(),
-                                check_files=False)
-      records.append(_record(_execute(run, cfg, workdir / run.relpath, train_fn, code), keys))
-      result = _summary(config, keys, records, best)
-      predictions_lib.write_json_atomic(workdir / "sweep.json", result)
+      after += ablation_runs(config, lr)
+  after += confirm_runs(config, best)
+  for run in after:
+    cfg = config_lib.validate(run_config(config, run), device_count=jax.device_count(),
+                              check_files=False)
+    records.append(_record(_execute(run, cfg, workdir / run.relpath, train_fn, code), keys))
+    result = _summary(config, keys, records, best)
+    predictions_lib.write_json_atomic(workdir / "sweep.json", result)
   if result["reused_other_code"]:
     print(f"[sweep] {len(result['reused_other_code'])} reused run(s) were trained by other jmtl "
           "code (listed in sweep.json's reused_other_code)", flush=True)
