@@ -173,6 +173,17 @@ def _drop_extra_args(tx: optax.GradientTransformation) -> optax.GradientTransfor
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
+def broadcast_axes(shape: tuple[int, ...],
+                   param_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+  """The axes over which a state leaf of `shape` is broadcast against its parameter: same rank,
+  every axis the parameter's size or 1 (e.g. block_nu's (1, ..., outputs)); the size-1 axes
+  where the parameter's is larger. None when `shape` is not such a statistic."""
+  shape, param_shape = tuple(shape), tuple(param_shape)
+  if len(shape) != len(param_shape) or not all(a in (1, b) for a, b in zip(shape, param_shape)):
+    return None
+  return tuple(i for i, (a, b) in enumerate(zip(shape, param_shape)) if a != b)
+
+
 def _tie(state_leaf: Any, source: Any) -> Any:
   """`state_leaf` unchanged, but data-dependent on `source` so it inherits its sharding.
 
@@ -186,11 +197,10 @@ def _tie(state_leaf: Any, source: Any) -> Any:
   if not hasattr(state_leaf, "shape") or not hasattr(state_leaf, "dtype"):
     return state_leaf
   source = jnp.asarray(source)
-  shape = tuple(state_leaf.shape)
-  if source.shape != shape and source.ndim:
-    if len(shape) == source.ndim and all(a in (1, b) for a, b in zip(shape, source.shape)):
-      source = jnp.sum(source, axis=tuple(i for i, (a, b) in enumerate(zip(shape, source.shape))
-                                          if a != b), keepdims=True)
+  if source.shape != state_leaf.shape and source.ndim:
+    axes = broadcast_axes(state_leaf.shape, source.shape)
+    if axes is not None:
+      source = jnp.sum(source, axis=axes, keepdims=True)
     else:
       source = jnp.ravel(source)[0]
   never = jnp.zeros(state_leaf.shape, bool)

@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jmtl import optim
 from jmtl.parallel import sharding as sharding_lib
 
 
@@ -88,9 +89,10 @@ def like_param(shape: tuple[int, ...], param_shape: tuple[int, ...],
   """
   if tuple(shape) == tuple(param_shape):
     return param_sharding
-  if len(shape) == len(param_shape) and all(a in (1, b) for a, b in zip(shape, param_shape)):
+  axes = optim.broadcast_axes(shape, param_shape)
+  if axes is not None:
     spec = tuple(param_sharding.spec) + (None,) * (len(shape) - len(param_sharding.spec))
-    kept = [ax if a == b else None for ax, a, b in zip(spec, shape, param_shape)]
+    kept = [None if i in axes else ax for i, ax in enumerate(spec)]
     while kept and kept[-1] is None:  # P(None, None) is written P()
       kept.pop()
     return NamedSharding(mesh, P(*kept))
