@@ -96,8 +96,13 @@ def test_correlations_hand_and_degenerate():
   assert M.pearson([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
   assert M.spearman([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
   assert M.pearson([1.0], [1.0]) == 0.0
-  assert M.pearson([float("nan"), 1.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
-  assert M.spearman([float("nan"), 1.0, 2.0], [1.0, 2.0, 3.0]) == 0.0
+  # A non-finite value has no score: an error naming the metric, never 0.0 or NaN.
+  with pytest.raises(ValueError, match="pearson: 1 non-finite prediction"):
+    M.pearson([float("nan"), 1.0, 2.0], [1.0, 2.0, 3.0])
+  with pytest.raises(ValueError, match="spearman: 1 non-finite prediction"):
+    M.spearman([float("nan"), 1.0, 2.0], [1.0, 2.0, 3.0])
+  with pytest.raises(ValueError, match="pearson: 1 non-finite reference"):
+    M.pearson([1.0, 2.0, 3.0], [1.0, float("-inf"), 3.0])
   assert M.compute(["pearson", "spearman"], [], []) == {"pearson": 0.0, "spearman": 0.0}
 
 

@@ -6,9 +6,17 @@ Degenerate inputs never crash:
 - an empty list of examples gives 0.0 for every metric;
 - F1 with no true positives gives 0.0 (as scikit-learn with `zero_division=0`);
 - MCC with a constant prediction or a constant label gives 0.0 (as scikit-learn);
-- Pearson/Spearman with a constant prediction or reference (zero variance), fewer than two
-  examples, or a non-finite value (NaN/inf, e.g. from a diverged model) give 0.0.
-Mismatched lengths of predictions and references raise ValueError.
+- Pearson/Spearman with a constant prediction or reference (zero variance) or fewer than two
+  examples give 0.0.
+Inputs that cannot be scored honestly raise ValueError naming the metric, never a number:
+- mismatched lengths of predictions and references;
+- a non-finite (NaN/inf) prediction or reference for Pearson/Spearman (e.g. from a diverged
+  model, or an unlabelled STS-B test row): a NaN must never turn into a score that a
+  metric-driven optimizer reads as `val_metric` (`jmtl.train.evaluate` reports such a task's
+  metrics as NaN before they reach here);
+- non-integer (including NaN) class labels for accuracy/F1/MCC;
+- an empty gold-answer list for SQuAD EM/F1 (`jmtl.train.evaluate` leaves unanswerable
+  questions out of the score).
 """
 
 from __future__ import annotations
@@ -114,8 +122,17 @@ def mcc(predictions: Sequence[int], references: Sequence[int]) -> float:
 # ------------------------------------------------------------------ regression
 
 
+def _check_finite(metric: str, x: np.ndarray, y: np.ndarray) -> None:
+  """Raises ValueError naming `metric` if a prediction or reference is NaN/inf."""
+  for what, arr in (("prediction", x), ("reference", y)):
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+      raise ValueError(f"{metric}: {bad.size} non-finite {what}(s) (NaN/inf), first at index "
+                       f"{int(bad[0])}; a non-finite value has no {metric} score")
+
+
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-  if x.size < 2 or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+  if x.size < 2:
     return 0.0
   xc, yc = x - x.mean(), y - y.mean()
   denom = np.sqrt((xc @ xc) * (yc @ yc))
@@ -138,18 +155,24 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def pearson(predictions: Sequence[float], references: Sequence[float]) -> float:
-  """Pearson's r x 100: cov(x, y) / (std(x) std(y)); 0 when either has zero variance."""
+  """Pearson's r x 100: cov(x, y) / (std(x) std(y)); 0 when either has zero variance.
+
+  Raises ValueError on a non-finite prediction or reference.
+  """
   _check_lengths(predictions, references)
   x, y = _float_values(predictions, "predictions"), _float_values(references, "references")
+  _check_finite("pearson", x, y)
   return 100.0 * _pearson(x, y)
 
 
 def spearman(predictions: Sequence[float], references: Sequence[float]) -> float:
-  """Spearman's rho x 100: Pearson's r of the average ranks; 0 when either is constant."""
+  """Spearman's rho x 100: Pearson's r of the average ranks; 0 when either is constant.
+
+  Raises ValueError on a non-finite prediction or reference.
+  """
   _check_lengths(predictions, references)
   x, y = _float_values(predictions, "predictions"), _float_values(references, "references")
-  if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-    return 0.0
+  _check_finite("spearman", x, y)
   return 100.0 * _pearson(_average_ranks(x), _average_ranks(y))
 
 
@@ -284,6 +307,8 @@ def compute(metric_names: Sequence[str], predictions: Sequence[Any],
 
   accuracy/f1/mcc take int labels, pearson/spearman floats, rouge* strings against a string or
   a list of strings per example, exact_match/squad_f1 strings against a list of gold answers.
+  Raises ValueError (naming the metric) on inputs with no honest score, e.g. a NaN
+  prediction for pearson/spearman (see the module docstring).
   """
   if isinstance(metric_names, str):
     metric_names = [metric_names]
