@@ -6,14 +6,19 @@
   jmtl bench  step|data|optimizer --config configs/x.py [--json] [--out FILE]
   jmtl sweep  --config configs/optim_study.py --workdir DIR   (optimizer x lr x seed study)
   jmtl report optim --workdir DIR [--out DIR]                 (tables, ablation, loss curves)
+  jmtl --help | jmtl CMD --help | jmtl --version
 
-A user mistake (bad flag, config key, value, path or data file) prints one line
-`jmtl: error: ...` and exits with code 2.
+Every command with a config runs `jmtl.preflight.run` before any work. Never a traceback for a
+mistake: a user mistake (bad flag, config key, value, path or data file) prints one line
+`jmtl: error: ...` and exits with code 2; an environment failure (disk full, I/O error) prints
+one line `jmtl: error: <what> (<path>)` and exits with code 1.
 """
 
 from __future__ import annotations
 
 import ast
+import errno
+import importlib.metadata
 import json
 import pathlib
 import sys
@@ -30,10 +35,42 @@ from jmtl.train import NonFiniteError
 COMMANDS = ("train", "eval", "data", "bench", "sweep", "report")
 BENCHES = ("step", "data", "optimizer")
 REPORTS = ("optim",)
-USAGE = ("usage: jmtl {train,eval,data,sweep} --config FILE [--workdir DIR] "
-         "[--config.KEY=VALUE ...]\n       jmtl bench {step,data,optimizer} --config FILE "
-         "[--json] [--out FILE]\n       jmtl report optim --workdir DIR [--out DIR]")
-
+COMMAND_USAGE = {
+    "train": "jmtl train --config FILE --workdir DIR [--config.KEY=VALUE ...]",
+    "eval": "jmtl eval --config FILE --workdir DIR [--config.KEY=VALUE ...]",
+    "data": "jmtl data --config FILE [--config.KEY=VALUE ...]",
+    "bench": "jmtl bench {step,data,optimizer} --config FILE [--json] [--out FILE] "
+             "[--config.KEY=VALUE ...]",
+    "sweep": "jmtl sweep --config FILE --workdir DIR [--config.KEY=VALUE ...]",
+    "report": "jmtl report optim --workdir DIR [--out DIR]",
+}
+COMMAND_HELP = {
+    "train": "Train; resumes from the latest checkpoint in --workdir.",
+    "eval": "Evaluate the latest checkpoint in --workdir; writes eval.json and predictions/.",
+    "data": "Record counts per task and split, and a first training record (checks your data).",
+    "bench": "Benchmarks: train-step speed (step), input pipeline (data), optimizer updates "
+             "(optimizer).",
+    "sweep": "The optimizer study: optimizers x learning rates x seeds; writes sweep.json.",
+    "report": "Tables, ablation and loss curves of a finished sweep.",
+}
+_COMMAND_FLAGS = {
+    "train": ("config", "workdir"), "eval": ("config", "workdir"), "data": ("config",),
+    "bench": ("config", "json", "out"), "sweep": ("config", "workdir"),
+    "report": ("workdir", "out"),
+}
+_FLAG_HELP = (
+    ("--config FILE", "config file defining get_config() (see configs/, jmtl/defaults.py)"),
+    ("--workdir DIR", "run directory (checkpoints, metrics, predictions)"),
+    ("--json", "bench: print the result as JSON"),
+    ("--out FILE|DIR", "bench: also write the JSON here; report: output directory"),
+)
+USAGE = "usage: " + "\n       ".join(COMMAND_USAGE[c] for c in COMMANDS)
+HELP = "\n".join([
+    USAGE, "", "commands:", *(f"  {c:<8} {COMMAND_HELP[c]}" for c in COMMANDS), "",
+    "Any config key can be overridden: --config.train.steps=100, --config.tasks=sst2,mrpc,",
+    "--config.data.length_buckets=64 (a one-element tuple). jmtl/defaults.py lists every key.",
+    "jmtl CMD --help: the flags of CMD. jmtl --version: the installed version.",
+    "Exit codes: 0 done, 1 environment failure, 2 user mistake, 3 non-finite loss."])
 
 
 def _make_flags() -> flags.FlagValues:
@@ -52,27 +89,45 @@ class UsageError(ConfigError):
   pass
 
 
+def _tuple_items(text: str) -> tuple[str, ...]:
+  """A bare word list `a,b` (not a Python literal) as a tuple of strings."""
+  return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _parse_value(key: str, default: Any, text: str) -> Any:
-  """Parses an override by the type of the value it replaces (bool, int, float, str, tuple)."""
-  try:
-    if isinstance(default, bool):
-      low = text.lower()
-      if low not in ("true", "false", "1", "0"):
-        raise ValueError("expected true or false")
-      return low in ("true", "1")
-    if isinstance(default, int):
+  """Parses an override by the type of the value it replaces (bool, int, float, str, tuple,
+  dict). A tuple key takes a Python tuple literal, one element (`64` or `(32)`, which Python
+  reads as an int, both mean a one-element tuple) or bare words `a,b`. Raises ConfigError naming
+  the key and the expected type; never leaks a parser object."""
+  if isinstance(default, bool):
+    low = text.strip().lower()
+    if low not in ("true", "false", "1", "0"):
+      raise ConfigError(f"config key {key!r}: cannot parse {text!r} as bool (true or false)")
+    return low in ("true", "1")
+  if isinstance(default, int):
+    try:
       return int(text)
-    if isinstance(default, float):
+    except ValueError:
+      raise ConfigError(f"config key {key!r}: cannot parse {text!r} as int") from None
+  if isinstance(default, float):
+    try:
       return float(text)
-    if isinstance(default, str):
-      return text
+    except ValueError:
+      raise ConfigError(f"config key {key!r}: cannot parse {text!r} as float") from None
+  if isinstance(default, str):
+    return text
+  try:
     value = ast.literal_eval(text)
-    if isinstance(default, (tuple, list)) and isinstance(value, str):
-      value = (value,)
-    return value
-  except (ValueError, SyntaxError) as e:
-    raise ConfigError(f"config key {key!r}: cannot parse {text!r} as "
-                      f"{type(default).__name__} ({e})") from e
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    if isinstance(default, (tuple, list)) and text.strip() and not set(text) & set("()[]{}'\""):
+      return _tuple_items(text)  # bare words: sst2 or sst2,mrpc
+    kind = "tuple" if isinstance(default, (tuple, list)) else "dict"
+    raise ConfigError(f"config key {key!r}: cannot parse {text!r} as a {kind} literal") from None
+  if isinstance(default, (tuple, list)):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  if not isinstance(value, dict):
+    raise ConfigError(f"config key {key!r}: {text!r} is not a dict literal ({{name: value}})")
+  return value
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -87,17 +142,53 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
       node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
       raise ConfigError(f"config key {key!r} is unknown (from {arg})")
+    value = _parse_value(key, node[leaf], text)
     with node.unlocked():
-      node[leaf] = _parse_value(key, node[leaf], text)
+      try:
+        node[leaf] = value
+      except (TypeError, ValueError) as e:  # ConfigDict's own type lock
+        raise ConfigError(f"config key {key!r}: cannot set {value!r} ({e})") from None
+
+
+def _version() -> str:
+  """`jmtl <version>` of the installed distribution."""
+  try:
+    return f"jmtl {importlib.metadata.version('jmtl')}"
+  except importlib.metadata.PackageNotFoundError:
+    return "jmtl (not installed)"
+
+
+class _Exit(Exception):
+  """Print `text` to stdout and exit 0 (help, version)."""
+
+  def __init__(self, text: str):
+    super().__init__(text)
+    self.text = text
+
+
+def _command_help(cmd: str) -> str:
+  """Usage of one command and the flags it takes."""
+  flags_text = [f"  {name:<18} {text}" for name, text in _FLAG_HELP
+                if name.split()[0].lstrip("-") in _COMMAND_FLAGS[cmd]]
+  return "\n".join([f"usage: {COMMAND_USAGE[cmd]}", "", COMMAND_HELP[cmd], "", "flags:",
+                    *flags_text])
 
 
 def parse(argv: Sequence[str]):
-  """Parses `jmtl CMD [SUB] flags...`; returns (command, subcommand, config, flag values)."""
-  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
-    raise UsageError(USAGE)
+  """Parses `jmtl CMD [SUB] flags...`; returns (command, subcommand, config, flag values).
+
+  Raises UsageError (exit 2) on a user mistake, and _Exit (exit 0) for --help / --version."""
+  if len(argv) >= 2 and argv[1] in ("-h", "--help", "help"):
+    raise _Exit(HELP)
+  if len(argv) >= 2 and argv[1] == "--version":
+    raise _Exit(_version())
+  if len(argv) < 2:
+    raise UsageError(f"no command; commands: {', '.join(COMMANDS)} (jmtl --help)")
   cmd, rest = argv[1], list(argv[2:])
   if cmd not in COMMANDS:
     raise UsageError(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
+  if any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
+    raise _Exit(_command_help(cmd))
   sub = None
   if cmd in ("bench", "report"):
     choices = BENCHES if cmd == "bench" else REPORTS
@@ -134,7 +225,10 @@ def _bench(sub: str, config) -> dict:
 
 
 def describe_data(config) -> str:
-  """Record counts per task and split, and the first training record of each task."""
+  """Record counts per task and split, and the first training record of each task.
+
+  A split the task declares whose file is absent shows as "<split>: not present" (e.g. GLUE
+  test files, which are optional). A malformed row raises ConfigError naming file:line."""
   from jmtl import tasks as task_registry
   from jmtl.data import sources
   lines = []
@@ -143,10 +237,17 @@ def describe_data(config) -> str:
     counts = []
     first = None
     for split in ("train", "validation", "test"):
+      if split not in task.splits and not (task.tfds and split in task.tfds):
+        continue  # the task has no such split
+      if sources.check_task_files(task, config.data, [split]):
+        counts.append(f"{split}: not present")
+        continue
       try:
         records = sources.load_records(task, split, config.data)
       except KeyError:
-        continue  # the task has no such split
+        continue
+      except ValueError as e:  # a malformed row or file: "<file>:<line>: <reason>"
+        raise ConfigError(f"task {name!r} split {split!r}: {e}") from e
       counts.append(f"{split} {len(records)}")
       if split == "train" and records:
         first = records[0]
@@ -157,6 +258,8 @@ def describe_data(config) -> str:
 
 
 def run(argv: Sequence[str]) -> int:
+  """Runs one command line; returns the exit code. User mistakes raise ConfigError, checked by
+  `jmtl.preflight.run` before any work."""
   cmd, sub, config, fv = parse(argv)
   if cmd == "report":
     from jmtl.study.report import report_optim
@@ -165,13 +268,9 @@ def run(argv: Sequence[str]) -> int:
     result = report_optim(fv.workdir, fv.out or fv.workdir)
     print(json.dumps(result, indent=2, sort_keys=True, default=str)[:4000])
     return 0
-  import jax
-  from jmtl import config as config_lib
+  from jmtl import preflight
 
-  if cmd == "eval" and not (pathlib.Path(fv.workdir) / "checkpoints").is_dir():
-    raise ConfigError(f"--workdir {fv.workdir}: no checkpoints/ directory (train first)")
-  config = config_lib.validate(config, device_count=jax.device_count(),
-                               check_files=cmd != "bench")
+  config = preflight.run(config, cmd, fv.workdir if cmd in ("train", "eval", "sweep") else None)
   if cmd == "train":
     from jmtl.train.loop import train
     train(config, fv.workdir)
@@ -198,20 +297,50 @@ def run(argv: Sequence[str]) -> int:
   return 0
 
 
+# errno values that mean the machine, not the command line, is at fault (exit 1).
+_ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EIO", "ENOMEM", "EROFS", "EMFILE", "ENFILE",
+                                "ETIMEDOUT", "ECONNRESET", "EAGAIN") if hasattr(errno, n))
+
+
+def os_error_line(e: OSError) -> tuple[str, int]:
+  """(`<what> (<path>)`, exit code) for an OSError: 1 for environment failures (disk full, I/O
+  error, read-only file system, ...), 2 for what the user named (missing file, permission,
+  a file where a directory belongs, ...)."""
+  what = e.strerror or str(e) or type(e).__name__
+  paths = [p for p in (e.filename, e.filename2) if p]
+  line = f"{what} ({' -> '.join(map(str, paths))})" if paths else what
+  return line, 1 if e.errno in _ENVIRONMENT_ERRNOS or e.errno is None else 2
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+  """The `jmtl` entry point: never a traceback for a user or environment error.
+
+  Exit codes: 0 done (also --help, --version); 1 environment failure (disk full, I/O error);
+  2 user mistake (flag, config key, value, path, data file); 3 non-finite loss; 130 interrupt."""
   argv = list(sys.argv if argv is None else argv)
   logging.set_verbosity(logging.WARNING)
   try:
     code = run(argv)
+  except _Exit as e:
+    print(e.text)
+    code = 0
   except ConfigError as e:
-    print(f"jmtl: error: {e}", file=sys.stderr)
+    print(f"jmtl: error: {_one_line(str(e))}", file=sys.stderr)
     code = 2
   except NonFiniteError as e:
-    print(f"jmtl: {e}", file=sys.stderr)
+    print(f"jmtl: {_one_line(str(e))}", file=sys.stderr)
     code = 3
+  except OSError as e:  # PermissionError, IsADirectoryError, NotADirectoryError, ENOSPC, ...
+    line, code = os_error_line(e)
+    print(f"jmtl: error: {_one_line(line)}", file=sys.stderr)
   except KeyboardInterrupt:
     code = 130
   sys.exit(code)
+
+
+def _one_line(text: str) -> str:
+  return " ".join(text.split("\n")).strip()
 
 
 if __name__ == "__main__":

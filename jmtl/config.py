@@ -1,9 +1,11 @@
-"""Loading and validating configs.
+"""Loading and validating configs against the key declarations of `jmtl.defaults.KEYS`.
 
 A config is a Python file defining `get_config()` that returns an `ml_collections.ConfigDict`,
-usually `jmtl.defaults.base_config()` with some values changed. `validate` checks every key
-against the defaults before any work starts and raises `ConfigError` with one line naming the
-bad key (and the allowed values where there is a list).
+usually `jmtl.defaults.base_config()` with some values changed. Every key is declared once in
+`jmtl/defaults.py` (type, default, choices or range, meaning); `validate` checks a config against
+those declarations (plus, when asked, the device count, the registries and the data files) and
+raises `ConfigError` with one line naming the bad key and what it allows. `jmtl.preflight` runs
+this and the checks that need more than the config before any command does work.
 """
 
 from __future__ import annotations
@@ -12,71 +14,18 @@ import importlib.util
 import json
 import os
 import pathlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
+from jmtl.defaults import KEYS
+from jmtl.defaults import MESH_AXES
 from jmtl.defaults import base_config
 
 
 class ConfigError(ValueError):
   """A user mistake in a config, an override, a path or the environment (exit code 2)."""
-
-
-# Keys whose value must be one of a fixed list.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.tokenizer_kind": ("wordpiece", "bpe"),
-    "data.mixture": ("proportional", "temperature", "uniform", "explicit"),
-    "data.mixing": ("task_per_batch", "mixed"),
-    "data.bad_rows": ("error", "skip"),
-    "data.eval_split": ("train", "validation", "test"),
-    "model.trunk": ("transformer", "bilstm"),
-    "model.norm": ("post", "pre"),
-    "model.positions": ("learned", "rope"),
-    "model.activation": ("gelu", "swiglu"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.pooling": ("first", "mean"),
-    "optim.schedule": ("constant", "linear", "cosine", "exponential"),
-    "optim.weight_decay_mask": ("all", "matrices"),
-    "train.on_nonfinite": ("halt", "skip"),
-    "train.progress": ("auto", "bar", "lines", "none"),
-}
-
-# (key, predicate, description) checked on values after the type check.
-_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("train.steps", lambda v: v >= 1, ">= 1"),
-    ("train.log_every", lambda v: v >= 1, ">= 1"),
-    ("train.eval_every", lambda v: v >= 0, ">= 0"),
-    ("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
-    ("train.keep_checkpoints", lambda v: v >= 1, ">= 1"),
-    ("data.batch_size", lambda v: v >= 1, ">= 1"),
-    ("data.vocab_size", lambda v: v >= 100, ">= 100"),
-    ("data.max_len", lambda v: v >= 8, ">= 8"),
-    ("data.max_target_len", lambda v: v >= 2, ">= 2"),
-    ("data.doc_stride", lambda v: v >= 1, ">= 1"),
-    ("data.max_train_examples", lambda v: v >= 0, ">= 0"),
-    ("data.max_eval_examples", lambda v: v >= 0, ">= 0"),
-    ("data.temperature", lambda v: v > 0, "> 0"),
-    ("model.layers", lambda v: v >= 1, ">= 1"),
-    ("model.init_layers", lambda v: v >= 0, ">= 0"),
-    ("model.d_model", lambda v: v >= 1, ">= 1"),
-    ("model.heads", lambda v: v >= 1, ">= 1"),
-    ("model.d_ff", lambda v: v >= 1, ">= 1"),
-    ("model.dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    ("model.attention_dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    ("model.decoder.layers", lambda v: v >= 1, ">= 1"),
-    ("model.decoder.heads", lambda v: v >= 1, ">= 1"),
-    ("model.decoder.label_smoothing", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    ("optim.lr", lambda v: v > 0, "> 0"),
-    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
-    ("optim.grad_clip", lambda v: v >= 0, ">= 0"),
-    ("optim.belief_eps", lambda v: v >= 0, ">= 0"),
-    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
-    ("eval.beam_size", lambda v: v >= 1, ">= 1"),
-    ("eval.max_decode_len", lambda v: v >= 1, ">= 1"),
-)
 
 
 def load_config_file(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
@@ -116,18 +65,19 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _FREE_DICTS = frozenset({"data.rates"})
 
 
-def _type_ok(default: Any, value: Any) -> bool:
-  if isinstance(default, bool):
+def _type_ok(key_type: type, value: Any) -> bool:
+  """Whether `value` fits a key of `key_type` (a float key takes an int; a tuple key a list)."""
+  if key_type is bool:
     return isinstance(value, bool)
-  if isinstance(default, int):
+  if key_type is int:
     return isinstance(value, int) and not isinstance(value, bool)
-  if isinstance(default, float):
+  if key_type is float:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if isinstance(default, str):
+  if key_type is str:
     return isinstance(value, str)
-  if isinstance(default, (tuple, list)):
+  if key_type is tuple:
     return isinstance(value, (tuple, list))
-  if isinstance(default, (ml_collections.ConfigDict, dict)):
+  if key_type is dict:
     return isinstance(value, (ml_collections.ConfigDict, dict))
   return True
 
@@ -136,19 +86,25 @@ def _type_name(v: Any) -> str:
   return {bool: "bool", int: "int", float: "float", str: "str"}.get(type(v), type(v).__name__)
 
 
+def show(value: Any) -> str:
+  """A config value on one line (a ConfigDict as a plain dict, not YAML)."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return repr(value)
+
+
 def check_keys_and_types(cfg: ml_collections.ConfigDict) -> None:
-  """Every key must exist in the defaults, with a value of the default's type."""
-  defaults = _flatten(base_config())
-  given = _flatten(cfg)
-  for key, value in given.items():
-    if key not in defaults:
+  """Every key must be declared in `jmtl.defaults.KEYS`, with a value of its type."""
+  for key, value in _flatten(cfg).items():
+    if key not in KEYS:
       parent = key.rsplit(".", 1)[0] if "." in key else ""
-      siblings = sorted(k for k in defaults if k.rsplit(".", 1)[0] == parent) if parent else []
-      hint = f" (known keys under {parent}: {', '.join(s.rsplit('.', 1)[1] for s in siblings)})" if siblings else ""
+      siblings = [k.rsplit(".", 1)[1] for k in KEYS if parent and k.rsplit(".", 1)[0] == parent]
+      hint = f" (known keys under {parent}: {', '.join(siblings)})" if siblings else ""
       raise ConfigError(f"config key {key!r} is unknown{hint}")
-    if not _type_ok(defaults[key], value):
-      raise ConfigError(
-          f"config key {key!r} must be {_type_name(defaults[key])}, got {value!r} ({_type_name(value)})")
+    key_type = KEYS[key].type
+    if not _type_ok(key_type, value):
+      raise ConfigError(f"config key {key!r} must be {key_type.__name__}, got {show(value)} "
+                        f"({_type_name(value)})")
 
 
 def _get(cfg: ml_collections.ConfigDict, key: str) -> Any:
@@ -165,74 +121,38 @@ def complete(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return out
 
 
+def _holds(predicate: Any, *args: Any) -> bool:
+  """A declared predicate's verdict; one that raises (e.g. max() of ()) counts as broken."""
+  try:
+    return bool(predicate(*args))
+  except (TypeError, ValueError, KeyError, AttributeError):
+    return False
+
+
 def check_values(cfg: ml_collections.ConfigDict) -> None:
-  """Choices, ranges and cross-key rules that need no registry, devices or files."""
-  for key, allowed in CHOICES.items():
+  """Choices, ranges and cross-key rules of `jmtl.defaults.KEYS` (no registry, devices, files).
+
+  Every key's own choices and range are checked before any cross-key rule, so a rule only
+  ever sees values that are individually valid. Raises ConfigError naming the first bad key.
+  """
+  for key, decl in KEYS.items():
     value = _get(cfg, key)
-    if value not in allowed:
-      raise ConfigError(f"config key {key!r} = {value!r} is not one of: {', '.join(allowed)}")
-  for key, ok, desc in _RANGES:
+    if decl.choices is not None and value not in decl.choices:
+      raise ConfigError(f"config key {key!r} = {show(value)} is not one of: "
+                        f"{', '.join(map(str, decl.choices))}")
+    if decl.check is not None and not _holds(decl.check[0], value):
+      raise ConfigError(f"config key {key!r} = {show(value)} must be {decl.check[1]}")
+  for key, decl in KEYS.items():
     value = _get(cfg, key)
-    if not ok(value):
-      raise ConfigError(f"config key {key!r} = {value!r} must be {desc}")
-  if not cfg.tasks:
-    raise ConfigError("config key 'tasks' is empty: name at least one task")
-  if len(set(cfg.tasks)) != len(cfg.tasks):
-    raise ConfigError(f"config key 'tasks' names a task twice: {list(cfg.tasks)}")
-  if cfg.model.init_layers and not cfg.model.init_from:
-    raise ConfigError("config key 'model.init_layers' is set but model.init_from is empty")
-  if cfg.model.init_layers and cfg.model.init_layers != cfg.model.layers:
-    raise ConfigError(f"config key 'model.init_layers' = {cfg.model.init_layers} must equal "
-                      f"model.layers = {cfg.model.layers} (the trunk gets the checkpoint's "
-                      f"first init_layers layers)")
-  if cfg.model.d_model % cfg.model.heads:
-    raise ConfigError(
-        f"config key 'model.heads' = {cfg.model.heads} must divide model.d_model = {cfg.model.d_model}")
-  if cfg.model.d_model % cfg.model.decoder.heads:
-    raise ConfigError(f"config key 'model.decoder.heads' = {cfg.model.decoder.heads} must divide "
-                      f"model.d_model = {cfg.model.d_model}")
-  if cfg.model.positions == "learned" and cfg.data.max_len > cfg.model.max_len:
-    raise ConfigError(f"config key 'data.max_len' = {cfg.data.max_len} exceeds model.max_len = "
-                      f"{cfg.model.max_len} (the learned position table)")
-  buckets = tuple(cfg.data.length_buckets)
-  if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
-    raise ConfigError(f"config key 'data.length_buckets' = {buckets!r} must be positive ints")
-  if max(buckets) < cfg.data.max_len:
-    raise ConfigError(f"config key 'data.length_buckets' = {buckets!r}: the largest bucket must be "
-                      f">= data.max_len = {cfg.data.max_len}")
-  if cfg.data.mixture == "explicit":
-    missing = [t for t in cfg.tasks if t not in cfg.data.rates]
-    extra = [t for t in cfg.data.rates if t not in cfg.tasks]
-    if missing or extra:
-      raise ConfigError(f"config key 'data.rates' must give a rate for exactly the tasks "
-                        f"{list(cfg.tasks)} (missing {missing}, extra {extra})")
-    for t, r in cfg.data.rates.items():
-      if not isinstance(r, (int, float)) or r <= 0:
-        raise ConfigError(f"config key 'data.rates.{t}' = {r!r} must be a number > 0")
-  if cfg.data.mixing == "mixed" and cfg.data.batch_size < len(cfg.tasks):
-    raise ConfigError(f"config key 'data.batch_size' = {cfg.data.batch_size} must be >= the number "
-                      f"of tasks ({len(cfg.tasks)}) with data.mixing = 'mixed'")
-  _check_rules(cfg.mesh.rules)
-
-
-_MESH_AXES = ("data", "fsdp", "tensor")
-
-
-def _check_rules(rules: Iterable[Any]) -> None:
-  for rule in rules:
-    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
-      raise ConfigError(f"config key 'mesh.rules': entry {rule!r} must be (logical_name, mesh_axes)")
-    axes = rule[1]
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    for a in names:
-      if a not in _MESH_AXES:
-        raise ConfigError(f"config key 'mesh.rules': rule {rule!r} names mesh axis {a!r}; "
-                          f"known axes: {', '.join(_MESH_AXES)}")
+    for predicate, text in decl.rules:
+      if not _holds(predicate, value, cfg):
+        text = text(cfg) if callable(text) else text.format(c=cfg)
+        raise ConfigError(f"config key {key!r} = {show(value)} {text}")
 
 
 def check_mesh(cfg: ml_collections.ConfigDict, device_count: int) -> None:
   """The mesh (with -1 filled in) must use exactly the available devices."""
-  sizes = {a: cfg.mesh[a] for a in _MESH_AXES}
+  sizes = {a: cfg.mesh[a] for a in MESH_AXES}
   if list(sizes.values()).count(-1) > 1:
     raise ConfigError(f"config keys 'mesh.*': at most one axis may be -1, got {sizes}")
   for a, s in sizes.items():

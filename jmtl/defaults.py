@@ -1,170 +1,377 @@
-"""The complete default configuration: every key jmtl knows, with its type and default.
+"""The complete default configuration: every key jmtl knows, each declared exactly once.
 
+Read this file as the list of keys. One `_key(...)` line declares one key with all it needs:
+
+  _key("optim.eps", 1e-8, "Adam epsilon, added to sqrt(nu)", check=gt(0))
+        name         default  meaning (with units)            allowed values
+
+- **type**: the type of the default (bool, int, float, str, tuple, dict). A float key also takes
+  an int; a tuple key takes a tuple or list (`--config.data.length_buckets=64` means `(64,)`).
+- **default**: the value `base_config()` gives.
+- **meaning**: what the key does, with units; the comments of the old file live here.
+- **allowed values**: `choices=(...)` (a fixed list), and/or `check=(predicate, text)` on the
+  value alone (helpers: `ge(x)` ">= x", `gt(x)` "> x", `between(lo, hi)` "in [lo, hi]" with
+  open ends as asked), and/or `rules=((predicate(value, config), text), ...)` for rules across
+  keys (`text` may use `{c.section.key}` for other values, or be a function of the config).
+
+A config that breaks a declaration raises `jmtl.config.ConfigError` with one line
+`config key 'optim.eps' = 0.0 must be > 0`. `jmtl.config.validate` checks types, choices,
+ranges and cross-key rules from `KEYS`; `jmtl.preflight` adds what needs registries, files and
+devices (task names, data files, `model.init_from`, the mesh against the device count).
 Config files under `configs/` start from `base_config()` and change values; a key that is not
-here is an error (see `jmtl.config`).
+here is an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import ml_collections
+
+Check = tuple[Callable[[Any], bool], str]
+Rule = tuple[Callable[[Any, Any], bool], "str | Callable[[Any], str]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key: dotted `name`, `default` (its type is the key's type), `help` (meaning),
+  `choices` (allowed values or None), `check` (predicate on the value, description shown as
+  "must be <description>") and `rules` (predicates on (value, config), each with the text shown
+  after "config key 'k' = v " when it fails)."""
+
+  name: str
+  default: Any
+  help: str
+  choices: tuple[Any, ...] | None = None
+  check: Check | None = None
+  rules: tuple[Rule, ...] = ()
+
+  @property
+  def type(self) -> type:
+    """bool, int, float, str, tuple or dict (the type a value of this key must have)."""
+    d = self.default
+    return dict if isinstance(d, (dict, ml_collections.ConfigDict)) else (
+        tuple if isinstance(d, list) else type(d))
+
+
+KEYS: dict[str, Key] = {}
+
+
+def _key(name: str, default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
+         check: Check | None = None, rules: tuple[Rule, ...] = ()) -> None:
+  if name in KEYS:
+    raise ValueError(f"config key {name!r} declared twice")
+  KEYS[name] = Key(name, default, help, choices, check, rules)
+
+
+# ------------------------------------------------------------------ range helpers
+def ge(lo: float) -> Check:
+  """Value >= lo."""
+  return (lambda v: v >= lo, f">= {lo}")
+
+
+def gt(lo: float) -> Check:
+  """Value > lo."""
+  return (lambda v: v > lo, f"> {lo}")
+
+
+def between(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> Check:
+  """lo <= value <= hi, with either end open (strict) when asked; text like "in (0, 1]"."""
+  def ok(v: Any) -> bool:
+    return (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+  return (ok, f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}")
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(minimum: int, *, at_least: int = 0, distinct: bool = False) -> Check:
+  """A tuple of ints >= minimum, with at least `at_least` entries (and distinct when asked)."""
+  def ok(v: Any) -> bool:
+    return (len(v) >= at_least and all(_is_int(x) and x >= minimum for x in v)
+            and (not distinct or len(set(v)) == len(v)))
+  what = f"{'distinct ' if distinct else ''}ints >= {minimum}"
+  return (ok, f"a tuple of >= {at_least} {what}" if at_least else f"a tuple of {what}")
+
+
+def _strs(*, at_least: int = 0) -> Check:
+  """A tuple of distinct non-empty strings with at least `at_least` entries."""
+  return (lambda v: len(v) >= at_least and len(set(v)) == len(v)
+          and all(isinstance(x, str) and x for x in v),
+          f"a tuple of >= {at_least} distinct names" if at_least else "a tuple of distinct names")
+
+
+def _has_span_qa(c: Any) -> bool:
+  """Whether a task of `c.tasks` reads SQuAD-style windows (unknown names: the registry check
+  reports those)."""
+  from jmtl import tasks  # noqa: PLC0415  (the registry is only needed for this rule)
+  return any(tasks.TASKS[t].kind == "span_qa" for t in c.tasks if t in tasks.TASKS)
+
+
+def _rates_ok(rates: Any) -> bool:
+  return all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0
+             for r in rates.values())
+
+
+def _mesh_rules_ok(rules: Any) -> bool:
+  for rule in rules:
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+      return False
+    axes = rule[1]
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if any(a not in MESH_AXES for a in names):
+      return False
+  return True
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+_MESH_SIZE: Check = (lambda v: v >= 1 or v == -1, "a positive int or -1")
+_UNIT: Check = between(0, 1, open_hi=True)  # probabilities, decay rates: [0, 1)
+
+# ------------------------------------------------------------------ top level
+_key("seed", 0, "PRNG seed of initialisation, dropout and the training data order", check=ge(0))
+_key("tasks", ("sst2",), "task names from the registry (`jmtl.tasks.TASKS`)",
+     check=_strs(at_least=1))
+
+# ------------------------------------------------------------------ data
+_key("data.dir", "", "root of the data files; '' = $JMTL_DATA_DIR")
+_key("data.tfds_dir", "", "TFDS data_dir for tasks read through tfds.data_source; '' = off")
+_key("data.tokenizer", "", "path to tokenizer.json or vocab.txt (UTF-8); '' = train one")
+_key("data.tokenizer_kind", "wordpiece", "kind of tokenizer trained when data.tokenizer is ''",
+     choices=("wordpiece", "bpe"))
+_key("data.vocab_size", 8000, "tokens in a trained tokenizer", check=ge(100))
+_key("data.lowercase", True, "lowercase text in a trained tokenizer")
+_key("data.max_len", 128, "source length limit in tokens (tasks may set a smaller one)",
+     check=ge(8),
+     rules=((lambda v, c: c.model.positions != "learned" or v <= c.model.max_len,
+             "exceeds model.max_len = {c.model.max_len} (the learned position table)"),))
+_key("data.max_target_len", 32, "decoder length limit in tokens for seq2seq tasks", check=ge(2))
+_key("data.length_buckets", (128,),
+     "padding lengths in tokens: each batch is padded to the smallest bucket that fits",
+     check=_ints(1, at_least=1),
+     rules=((lambda v, c: max(v) >= c.data.max_len,
+             "must have a largest bucket >= data.max_len = {c.data.max_len}"),))
+_key("data.batch_size", 32, "global batch in rows per step, all tasks together", check=ge(1),
+     rules=((lambda v, c: c.data.mixing != "mixed" or v >= len(c.tasks),
+             lambda c: f"must be >= the number of tasks ({len(c.tasks)}) with data.mixing = "
+                       f"'mixed'"),))
+_key("data.mixture", "proportional",
+     "task mixing rates: proportional to size, temperature (size^(1/T)), uniform, explicit",
+     choices=("proportional", "temperature", "uniform", "explicit"))
+_key("data.temperature", 2.0, "mixture=temperature: rate ~ size^(1/T)", check=gt(0))
+_key("data.rates", ml_collections.ConfigDict(), "mixture=explicit: {task: rate > 0}",
+     check=(_rates_ok, "a dict {task: number > 0}"),
+     rules=((lambda v, c: c.data.mixture != "explicit" or set(v) == set(c.tasks),
+             lambda c: f"must give a rate for exactly the tasks {list(c.tasks)} (missing "
+                       f"{[t for t in c.tasks if t not in c.data.rates]}, extra "
+                       f"{[t for t in c.data.rates if t not in c.tasks]})"),))
+_key("data.mixing", "task_per_batch",
+     "task_per_batch: each step one task drawn by the rates; mixed: every task in every batch",
+     choices=("task_per_batch", "mixed"))
+_key("data.max_train_examples", 0, "training records per task; 0 = all", check=ge(0))
+_key("data.max_eval_examples", 0, "evaluation records per task; 0 = all", check=ge(0))
+_key("data.doc_stride", 64, "SQuAD windows: tokens between window starts", check=ge(1),
+     rules=((lambda v, c: v < c.data.max_len or not _has_span_qa(c),
+             "must be < data.max_len = {c.data.max_len} (windows would skip context)"),))
+_key("data.bad_rows", "error", "a malformed data row: error (stop, naming file:line) or skip "
+     "(count and log)", choices=("error", "skip"))
+_key("data.split_seed", 0, "seed of deterministic train/validation/test splits of unsplit data",
+     check=ge(0))
+_key("data.eval_split", "validation", "split evaluated during and after training",
+     choices=("train", "validation", "test"))
+
+# ------------------------------------------------------------------ model
+_key("model.trunk", "transformer", "shared trunk: transformer or bilstm (+ attention) baseline",
+     choices=("transformer", "bilstm"))
+_key("model.layers", 4, "trunk encoder layers", check=ge(1))
+_key("model.d_model", 256, "trunk width", check=ge(1))
+_key("model.heads", 4, "attention heads", check=ge(1),
+     rules=((lambda v, c: c.model.d_model % v == 0,
+             "must divide model.d_model = {c.model.d_model}"),))
+_key("model.d_ff", 1024, "feed-forward width", check=ge(1))
+_key("model.dropout", 0.1, "dropout rate", check=_UNIT)
+_key("model.attention_dropout", 0.1, "attention-probability dropout rate", check=_UNIT)
+_key("model.max_len", 512, "size of the learned position table (positions)", check=ge(1))
+_key("model.type_vocab_size", 2, "token-type (segment) embeddings", check=ge(1))
+_key("model.norm", "post", "LayerNorm placement: post (BERT) or pre", choices=("post", "pre"))
+_key("model.positions", "learned", "positions: learned (BERT) or rope",
+     choices=("learned", "rope"))
+_key("model.activation", "gelu", "feed-forward activation: gelu (BERT, exact erf) or swiglu",
+     choices=("gelu", "swiglu"))
+_key("model.layer_norm_eps", 1e-12, "LayerNorm epsilon", check=gt(0))
+_key("model.dtype", "float32", "compute dtype (parameters stay float32)",
+     choices=("float32", "bfloat16"))
+_key("model.pooling", "first", "classification heads pool the first token or the mean",
+     choices=("first", "mean"))
+_key("model.init_from", "",
+     "directory of a BERT-family checkpoint (model.safetensors + config.json); '' = random init")
+_key("model.init_layers", 0,
+     "load only the checkpoint's first N encoder layers (N = model.layers); 0 = all",
+     check=ge(0),
+     rules=((lambda v, c: not v or bool(c.model.init_from),
+             "is set but model.init_from is empty"),
+            (lambda v, c: not v or v == c.model.layers,
+             "must equal model.layers = {c.model.layers} (the trunk gets the checkpoint's first "
+             "init_layers layers)")))
+_key("model.lstm_hidden", 256, "bilstm trunk: hidden size per direction", check=ge(1))
+_key("model.lstm_layers", 1, "bilstm trunk: layers", check=ge(1))
+_key("model.decoder.layers", 2, "summarization decoder layers", check=ge(1))
+_key("model.decoder.heads", 4, "decoder attention heads", check=ge(1),
+     rules=((lambda v, c: c.model.d_model % v == 0,
+             "must divide model.d_model = {c.model.d_model}"),))
+_key("model.decoder.d_ff", 1024, "decoder feed-forward width", check=ge(1))
+_key("model.decoder.tie_embeddings", True, "decoder output projection = the token embedding")
+_key("model.decoder.label_smoothing", 0.1, "label smoothing of the decoder loss", check=_UNIT)
+_key("model.decoder.copy", False, "pointer-generator copy from the source (See et al. 2017)")
+
+# ------------------------------------------------------------------ optimizer
+_key("optim.name", "adamw", "optimizer from the registry (`jmtl.optim.NAMES`)")
+_key("optim.lr", 1e-3, "peak learning rate", check=gt(0))
+_key("optim.warmup_steps", 0, "linear warmup steps", check=ge(0))
+_key("optim.schedule", "linear", "lr decay after warmup",
+     choices=("constant", "linear", "cosine", "exponential"))
+_key("optim.end_lr_factor", 0.0, "final lr = lr * end_lr_factor", check=ge(0))
+_key("optim.decay_rate", 0.1, "exponential schedule: lr * decay_rate^(t / decay_steps)",
+     check=between(0, 1, open_lo=True))
+_key("optim.weight_decay", 0.01, "decoupled weight decay per step (times lr)", check=ge(0))
+_key("optim.weight_decay_mask", "all",
+     "which parameters decay: all, or matrices (ndim >= 2: kernels, embeddings; not biases or "
+     "LayerNorm scales / offsets, the usual BERT fine-tuning rule)", choices=("all", "matrices"))
+_key("optim.b1", 0.9, "first-moment decay", check=_UNIT)
+_key("optim.b2", 0.999, "second-moment decay", check=_UNIT)
+_key("optim.eps", 1e-8, "Adam epsilon, added to sqrt(second moment)", check=gt(0))
+_key("optim.momentum", 0.9, "momentum / nesterov coefficient", check=_UNIT)
+_key("optim.grad_clip", 1.0, "global-norm gradient clip; 0 = off", check=ge(0))
+# paper_adaptive / jmtl_adaptive: metric-driven learning rate
+_key("optim.plateau_patience", 2, "validations without improvement before lowering the lr",
+     check=ge(0))
+_key("optim.plateau_factor", 0.5, "lr multiplier on a plateau",
+     check=between(0, 1, open_lo=True, open_hi=True))
+_key("optim.plateau_min_delta", 0.0, "improvement (metric points) that counts", check=ge(0))
+_key("optim.raise_after", 0,
+     "validations of sustained improvement before raising the lr; 0 = never", check=ge(0))
+_key("optim.raise_factor", 1.1, "lr multiplier on sustained improvement", check=ge(1))
+_key("optim.min_scale", 0.01, "lower bound of the metric-driven lr multiplier", check=gt(0),
+     rules=((lambda v, c: v <= c.optim.max_scale,
+             "must be <= optim.max_scale = {c.optim.max_scale}"),))
+_key("optim.max_scale", 1.0, "upper bound of the metric-driven lr multiplier", check=gt(0))
+_key("optim.late_decay_start", 0.8,
+     "fraction of training after which exponential decay starts", check=between(0, 1))
+_key("optim.late_decay_rate", 0.1, "lr multiplier reached at the last step",
+     check=between(0, 1, open_lo=True))
+# jmtl_adaptive component switches
+_key("optim.belief", False,
+     "AdaBelief second moment (off: no gain in the optimizer study, +8 % time)")
+_key("optim.belief_eps", 1e-16, "added to the belief second moment each step (AdaBelief's eps)",
+     check=ge(0))
+_key("optim.cautious", True, "mask updates whose sign disagrees with the gradient")
+_key("optim.block_nu", True, "one second moment per output neuron of each kernel (Adam-mini)")
+_key("optim.trust_ratio", False, "LAMB layer-wise trust ratio")
+_key("optim.update_clip", 0.0, "clip each update element to [-c, c]; 0 = off", check=ge(0))
+_key("optim.metric_schedule", True, "use the plateau / late-decay logic")
+
+# ------------------------------------------------------------------ mesh
+_key("mesh.data", -1, "data-parallel axis size; -1 takes the remaining devices",
+     check=_MESH_SIZE)
+_key("mesh.fsdp", 1, "fully-sharded axis size; -1 takes the remaining devices", check=_MESH_SIZE)
+_key("mesh.tensor", 1, "tensor-parallel axis size; -1 takes the remaining devices",
+     check=_MESH_SIZE)
+_key("mesh.rules", (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("labels", None),
+), "logical axis -> mesh axes (None = replicated); T5X / MaxText style rules table",
+     check=(_mesh_rules_ok, f"pairs (logical axis, mesh axes or None) over mesh axes "
+                            f"{', '.join(MESH_AXES)}"))
+
+# ------------------------------------------------------------------ training
+_key("train.steps", 1000, "optimizer steps", check=ge(1))
+_key("train.log_every", 50, "steps between train lines of metrics.jsonl", check=ge(1))
+_key("train.eval_every", 500, "steps between evaluations; 0 = only at the end", check=ge(0))
+_key("train.checkpoint_every", 500, "steps between checkpoints", check=ge(1))
+_key("train.keep_checkpoints", 3, "checkpoints kept", check=ge(1))
+_key("train.on_nonfinite", "halt",
+     "non-finite loss: halt (naming step and task) or skip (drop the update, count it)",
+     choices=("halt", "skip"))
+_key("train.val_metric", "mean",
+     "score fed to the metric-driven optimizers after each evaluation: 'mean' = mean over tasks "
+     "of each task's first metric; '<task>/<metric>' = that metric; '' = the first task's first "
+     "metric")
+_key("train.progress", "auto", "progress display", choices=("auto", "bar", "lines", "none"))
+
+# ------------------------------------------------------------------ evaluation
+_key("eval.batch_size", 64, "evaluation rows per batch (global)", check=ge(1))
+_key("eval.beam_size", 1, "beam search width; 1 = greedy", check=ge(1))
+_key("eval.length_penalty", 0.6, "beam length penalty alpha (GNMT)", check=ge(0))
+_key("eval.max_decode_len", 32, "generated tokens at most", check=ge(1))
+_key("eval.no_repeat_ngram", 0, "block repeated n-grams of this size; 0 = off", check=ge(0))
+_key("eval.n_best", 20, "SQuAD span candidates per feature", check=ge(1))
+_key("eval.max_answer_len", 30, "SQuAD answer length limit in tokens", check=ge(1))
+
+# ------------------------------------------------------------------ optimizer study (`jmtl sweep`)
+_key("sweep.optimizers", ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw",
+                          "paper_adaptive", "jmtl_adaptive"),
+     "optimizers compared (registry names)", check=_strs(at_least=1))
+_key("sweep.lr_centres", (
+    ("sgd", 0.1), ("momentum", 0.01), ("nesterov", 0.01), ("adagrad", 0.01),
+    ("rmsprop", 3e-4), ("adam", 1e-3), ("adamw", 1e-3), ("lion", 1e-4), ("lamb", 3e-3),
+    ("adafactor", 1e-2), ("schedule_free_adamw", 1e-3), ("paper_adaptive", 1e-3),
+    ("jmtl_adaptive", 1e-3),
+), "(optimizer, centre lr) pairs; grid = centre * lr_ratio ** (k - (lr_points - 1) // 2)",
+     check=(lambda v: all(isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+                          and isinstance(p[1], (int, float)) and p[1] > 0 for p in v),
+            "(optimizer, lr > 0) pairs"))
+_key("sweep.lr_points", 4, "learning rates per optimizer", check=ge(4))
+_key("sweep.lr_ratio", 3.0, "ratio of neighbouring grid points", check=gt(1))
+_key("sweep.seeds", (0, 1, 2), "values of `seed` run at each grid point",
+     check=_ints(0, at_least=3, distinct=True))
+_key("sweep.select_metric", "", "'<task>/<metric>' ranking runs; '' = mean over tasks of each "
+     "first metric", check=(lambda v: not v or "/" in v, "'' or '<task>/<metric>'"))
+_key("sweep.overrides", (),
+     "(optimizer, 'section.key', value) triples applied to that optimizer's runs only",
+     check=(lambda v: all(isinstance(t, (tuple, list)) and len(t) == 3 for t in v),
+            "(optimizer, 'section.key', value) triples"))
+_key("sweep.ablation", ("belief", "cautious", "block_nu", "metric_schedule"),
+     "jmtl_adaptive switches turned off one at a time at its best lr; () = no ablation",
+     check=_strs())
+_key("sweep.confirm_seeds", (),
+     "fresh seeds (not in sweep.seeds) run again at each optimizer's best lr; () = none",
+     check=(lambda v: not v or _ints(0, at_least=2, distinct=True)[0](v),
+            "() or a tuple of >= 2 distinct ints >= 0"),
+     rules=((lambda v, c: not set(v) & set(c.sweep.seeds),
+             "must share no seed with sweep.seeds = {c.sweep.seeds} (confirmation seeds must "
+             "be fresh)"),))
+_key("sweep.target_fraction", 0.95, "steps-to-target: fraction of the best mean final score",
+     check=between(0, 1, open_lo=True))
+_key("sweep.reference", "adamw", "steps-to-target ratios are relative to this optimizer",
+     rules=((lambda v, c: v in c.sweep.optimizers,
+             lambda c: f"is not in sweep.optimizers {list(c.sweep.optimizers)}"),))
+
+
+def _fresh(value: Any) -> Any:
+  """A new copy of a mutable default (dicts), so configs never share one."""
+  if isinstance(value, (dict, ml_collections.ConfigDict)):
+    return ml_collections.ConfigDict(dict(value))
+  return value
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Returns the default ConfigDict; every key of every config lives here."""
+  """Returns the default ConfigDict built from `KEYS`; every key of every config lives here."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  # Task names from the registry (`jmtl.tasks.TASKS`).
-  c.tasks = ("sst2",)
-
-  # ---------------------------------------------------------------- data
-  c.data = ml_collections.ConfigDict()
-  c.data.dir = ""  # root of the data files; "" = $JMTL_DATA_DIR
-  c.data.tfds_dir = ""  # TFDS data_dir for tasks read through tfds.data_source
-  c.data.tokenizer = ""  # path to tokenizer.json or vocab.txt; "" = train one
-  c.data.tokenizer_kind = "wordpiece"  # wordpiece | bpe (when training one)
-  c.data.vocab_size = 8000
-  c.data.lowercase = True
-  c.data.max_len = 128  # source length limit (tasks may set a smaller one)
-  c.data.max_target_len = 32  # decoder length limit for seq2seq tasks
-  c.data.length_buckets = (128,)  # pad each batch to the smallest bucket that fits
-  c.data.batch_size = 32  # global batch (rows per step, all tasks together)
-  c.data.mixture = "proportional"  # proportional | temperature | uniform | explicit
-  c.data.temperature = 2.0  # for mixture=temperature: rate ~ size^(1/T)
-  c.data.rates = ml_collections.ConfigDict()  # for mixture=explicit: {task: rate}
-  c.data.mixing = "task_per_batch"  # task_per_batch | mixed
-  c.data.max_train_examples = 0  # per task; 0 = all
-  c.data.max_eval_examples = 0  # per task; 0 = all
-  c.data.doc_stride = 64  # SQuAD windows
-  c.data.bad_rows = "error"  # error | skip
-  c.data.split_seed = 0  # seed of deterministic train/validation/test splits of unsplit data
-  c.data.eval_split = "validation"  # split evaluated during and after training
-
-  # ---------------------------------------------------------------- model
-  c.model = ml_collections.ConfigDict()
-  c.model.trunk = "transformer"  # transformer | bilstm
-  c.model.layers = 4
-  c.model.d_model = 256
-  c.model.heads = 4
-  c.model.d_ff = 1024
-  c.model.dropout = 0.1
-  c.model.attention_dropout = 0.1
-  c.model.max_len = 512  # size of the learned position table
-  c.model.type_vocab_size = 2
-  c.model.norm = "post"  # post (BERT) | pre
-  c.model.positions = "learned"  # learned (BERT) | rope
-  c.model.activation = "gelu"  # gelu (BERT, exact erf) | swiglu
-  c.model.layer_norm_eps = 1e-12
-  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
-  c.model.pooling = "first"  # first | mean (classification heads)
-  c.model.init_from = ""  # directory of a BERT-family checkpoint (model.safetensors + config.json)
-  c.model.init_layers = 0  # load only the checkpoint's first N encoder layers (= model.layers); 0 = all
-  c.model.lstm_hidden = 256  # bilstm trunk: hidden size per direction
-  c.model.lstm_layers = 1
-  c.model.decoder = ml_collections.ConfigDict()
-  c.model.decoder.layers = 2
-  c.model.decoder.heads = 4
-  c.model.decoder.d_ff = 1024
-  c.model.decoder.tie_embeddings = True
-  c.model.decoder.label_smoothing = 0.1
-  c.model.decoder.copy = False  # pointer-generator copy from the source (See et al. 2017)
-
-  # ---------------------------------------------------------------- optimizer
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adamw"
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "linear"  # constant | linear | cosine | exponential (decay after warmup)
-  c.optim.end_lr_factor = 0.0  # final lr = lr * end_lr_factor
-  c.optim.decay_rate = 0.1  # exponential schedule: lr * decay_rate^(t / decay_steps)
-  c.optim.weight_decay = 0.01
-  # which parameters decay: all | matrices (ndim >= 2: kernels, embeddings; not biases or
-  # LayerNorm scales / offsets, the usual BERT fine-tuning rule)
-  c.optim.weight_decay_mask = "all"
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.momentum = 0.9
-  c.optim.grad_clip = 1.0  # global-norm clip; 0 = off
-  # paper_adaptive / jmtl_adaptive: metric-driven learning rate
-  c.optim.plateau_patience = 2  # validations without improvement before lowering
-  c.optim.plateau_factor = 0.5  # lr multiplier on a plateau
-  c.optim.plateau_min_delta = 0.0
-  c.optim.raise_after = 0  # validations of sustained improvement before raising (0 = never)
-  c.optim.raise_factor = 1.1
-  c.optim.min_scale = 0.01  # lower bound of the metric-driven lr multiplier
-  c.optim.max_scale = 1.0
-  c.optim.late_decay_start = 0.8  # fraction of training after which exponential decay starts
-  c.optim.late_decay_rate = 0.1  # lr multiplier reached at the last step
-  # jmtl_adaptive component switches
-  c.optim.belief = False  # AdaBelief second moment (off: no gain in the optimizer study, +8 % time)
-  c.optim.belief_eps = 1e-16  # added to the belief second moment each step (AdaBelief's eps)
-  c.optim.cautious = True  # mask updates whose sign disagrees with the gradient
-  c.optim.block_nu = True  # one second moment per output neuron of each kernel (Adam-mini)
-  c.optim.trust_ratio = False  # LAMB layer-wise trust ratio
-  c.optim.update_clip = 0.0  # clip each update element to [-c, c]; 0 = off
-  c.optim.metric_schedule = True  # use the plateau / late-decay logic
-
-  # ---------------------------------------------------------------- mesh
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1 takes the remaining devices
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  # logical axis -> mesh axes (None = replicated); T5X / MaxText style rules table.
-  c.mesh.rules = (
-      ("batch", ("data", "fsdp")),
-      ("length", None),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv", None),
-      ("vocab", "tensor"),
-      ("labels", None),
-  )
-
-  # ---------------------------------------------------------------- training
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 1000
-  c.train.log_every = 50
-  c.train.eval_every = 500  # 0 = only at the end
-  c.train.checkpoint_every = 500
-  c.train.keep_checkpoints = 3
-  c.train.on_nonfinite = "halt"  # halt | skip
-  # score fed to the metric-driven optimizers after each evaluation: "mean" = mean over tasks of
-  # each task's first metric; "<task>/<metric>" = that metric; "" = the first task's first metric
-  c.train.val_metric = "mean"
-  c.train.progress = "auto"  # auto | bar | lines | none
-
-  # ---------------------------------------------------------------- evaluation
-  c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 64
-  c.eval.beam_size = 1  # 1 = greedy
-  c.eval.length_penalty = 0.6
-  c.eval.max_decode_len = 32
-  c.eval.no_repeat_ngram = 0
-  c.eval.n_best = 20  # SQuAD span candidates per feature
-  c.eval.max_answer_len = 30  # SQuAD, in tokens
-
-  # ---------------------------------------------------------------- optimizer study (`jmtl sweep`)
-  c.sweep = ml_collections.ConfigDict()
-  c.sweep.optimizers = ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw",
-                        "paper_adaptive", "jmtl_adaptive")
-  # (optimizer, centre lr) pairs; grid = centre * lr_ratio ** (k - (lr_points - 1) // 2)
-  c.sweep.lr_centres = (
-      ("sgd", 0.1), ("momentum", 0.01), ("nesterov", 0.01), ("adagrad", 0.01),
-      ("rmsprop", 3e-4), ("adam", 1e-3), ("adamw", 1e-3), ("lion", 1e-4), ("lamb", 3e-3),
-      ("adafactor", 1e-2), ("schedule_free_adamw", 1e-3), ("paper_adaptive", 1e-3),
-      ("jmtl_adaptive", 1e-3),
-  )
-  c.sweep.lr_points = 4  # learning rates per optimizer (>= 4)
-  c.sweep.lr_ratio = 3.0  # ratio of neighbouring grid points (> 1)
-  c.sweep.seeds = (0, 1, 2)  # values of `seed`, >= 3
-  c.sweep.select_metric = ""  # "<task>/<metric>"; "" = mean over tasks of each first metric
-  # (optimizer, "section.key", value) triples applied to that optimizer's runs only
-  c.sweep.overrides = ()
-  # jmtl_adaptive switches turned off one at a time at its best lr; () = no ablation
-  c.sweep.ablation = ("belief", "cautious", "block_nu", "metric_schedule")
-  # fresh seeds (not in `seeds`, >= 2) run again at each optimizer's best lr; () = none
-  c.sweep.confirm_seeds = ()
-  c.sweep.target_fraction = 0.95  # steps-to-target: fraction of the best mean final score
-  c.sweep.reference = "adamw"  # steps-to-target ratios are relative to this optimizer
+  for name, key in KEYS.items():
+    *parents, leaf = name.split(".")
+    node = c
+    for part in parents:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[leaf] = _fresh(key.default)
   return c

@@ -105,7 +105,8 @@ def test_explicit_rates_must_match_tasks():
 def test_rule_with_unknown_mesh_axis():
   cfg = base_config()
   cfg.mesh.rules = (("embed", "model"),)
-  with pytest.raises(config_lib.ConfigError, match="names mesh axis 'model'"):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"'mesh.rules' = .*'model'.* must be pairs .* axes data, fsdp, tensor"):
     config_lib.validate(cfg, check_files=False)
 
 
@@ -137,3 +138,81 @@ def test_subprocess_exit_code_and_single_line(tmp_path):
 def test_report_without_sweep(capsys, tmp_path):
   assert "no sweep.json" in _error_line(capsys, ["report", "optim", "--workdir", str(tmp_path)])
   assert "jmtl report needs one of: optim" in _error_line(capsys, ["report", "--workdir", "x"])
+
+
+def _exit(capsys, argv):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["jmtl", *argv])
+  out = capsys.readouterr()
+  return exit_info.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_goes_to_stdout_with_exit_0(capsys, flag):
+  code, out, err = _exit(capsys, [flag])
+  assert (code, err) == (0, "")
+  assert out.startswith("usage: jmtl train") and all(c in out for c in cli.COMMANDS)
+
+
+@pytest.mark.parametrize("cmd, flags", [("train", ("--config", "--workdir")),
+                                        ("bench", ("--config", "--json", "--out")),
+                                        ("data", ("--config",))])
+def test_command_help_lists_its_flags(capsys, cmd, flags):
+  code, out, err = _exit(capsys, [cmd, "--help"])
+  assert (code, err) == (0, "")
+  assert out.startswith(f"usage: jmtl {cmd} ")
+  assert all(f in out for f in flags)
+  assert "--json" not in out if cmd == "train" else True
+
+
+def test_version(capsys):
+  code, out, err = _exit(capsys, ["--version"])
+  assert (code, out, err) == (0, "jmtl 0.1.0\n", "")
+
+
+def test_unknown_command_and_no_command(capsys):
+  assert "unknown command 'trian'" in _error_line(capsys, ["trian"])
+  assert "no command" in _error_line(capsys, [])
+
+
+@pytest.mark.parametrize("key, text, want", [
+    ("data.length_buckets", "64", (64,)),
+    ("data.length_buckets", "(32)", (32,)),
+    ("data.length_buckets", "(32, 64)", (32, 64)),
+    ("tasks", "sst3", ("sst3",)),
+    ("tasks", "sst2,mrpc", ("sst2", "mrpc")),
+    ("tasks", "('sst2', 'mrpc')", ("sst2", "mrpc")),
+    ("sweep.seeds", "[3, 4, 5]", (3, 4, 5)),
+    ("optim.eps", "1e-6", 1e-6),
+    ("data.lowercase", "False", False),
+])
+def test_override_parsing(key, text, want):
+  cfg = base_config()
+  cli.apply_overrides(cfg, [f"--config.{key}={text}"])
+  got = cfg
+  for part in key.split("."):
+    got = got[part]
+  assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--config.train.steps=1e3", "config key 'train.steps': cannot parse '1e3' as int"),
+    ("--config.data.lowercase=maybe", "'data.lowercase': cannot parse 'maybe' as bool"),
+    ("--config.data.rates=3", "config key 'data.rates': '3' is not a dict literal"),
+    ("--config.sweep.lr_centres=((", "config key 'sweep.lr_centres': cannot parse"),
+])
+def test_unparsable_override_is_one_line(capsys, tmp_path, override, needle):
+  line = _error_line(capsys, ["train", "--config", str(TINY), "--workdir", str(tmp_path), override])
+  assert needle in line and "ast." not in line, line
+
+
+def test_every_key_is_declared_with_a_meaning_and_numeric_keys_with_a_range():
+  from jmtl.defaults import KEYS
+  assert set(KEYS) == set(config_lib._flatten(base_config()))
+  for name, key in KEYS.items():
+    assert key.help, name
+    if key.type in (int, float):
+      assert key.check is not None, f"{name} has no range"
+      assert key.check[0](key.default), f"{name}: default {key.default!r} out of its own range"
+    if key.choices is not None:
+      assert key.default in key.choices, name

@@ -1,5 +1,6 @@
 """Sources: real-data row counts, deterministic splits, file-format quirks and bad-row policy."""
 
+import json
 import logging
 import pathlib
 
@@ -176,3 +177,28 @@ def test_registry_metrics():
                                                      "sports", "tech")
   with pytest.raises(ValueError, match="already registered"):
     tasks.register(tasks.get_task("sst2"))
+
+
+def test_blank_lines_in_tsv_are_no_rows(tmp_path):
+  (tmp_path / "t.tsv").write_text("sentence\tlabel\ngood\t1\n\nbad\t0\n\n")
+  task = Task("blank", "classification", 2, ("accuracy",),
+              {"train": TsvSource("t.tsv", "sentence", None, "label", label_values=("0", "1"))})
+  recs = sources.load_records(task, "train", _cfg(tmp_path))  # bad_rows="error": no error
+  assert [(r["id"], r["text_a"], r["label"]) for r in recs] == [("0", "good", 1), ("1", "bad", 0)]
+
+
+def test_squad_question_without_id(tmp_path, caplog):
+  (tmp_path / "squad").mkdir()
+  qas = [{"id": "a", "question": "Q1?", "answers": [{"text": "x", "answer_start": 0}]},
+         {"question": "Q2?", "answers": [{"text": "x", "answer_start": 0}]}]
+  data = {"data": [{"title": "T1", "paragraphs": [{"context": "x y", "qas": qas[:1]}]},
+                   {"title": "T2", "paragraphs": [{"context": "x", "qas": qas[:1]},
+                                                  {"context": "x z", "qas": qas[1:]}]}]}
+  (tmp_path / "squad" / "dev-v1.1.json").write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=r"^squad/dev-v1\.1\.json: question 2 of article 'T2' has no "
+                                       r"id$"):
+    sources.load_records("squad_dev", "validation", _cfg(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    recs = sources.load_records("squad_dev", "validation", _cfg(tmp_path, bad_rows="skip"))
+  assert [(r["id"], r["title"]) for r in recs] == [("a", "T1"), ("a", "T2")]
+  assert "skipped 1 malformed rows" in caplog.text

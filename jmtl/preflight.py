@@ -1,0 +1,206 @@
+"""Everything the config alone can check, run by the CLI before any command does work.
+
+`run(config, command, workdir)` validates and completes the config and builds what needs only
+the config, files and registries, so that a user mistake stops the command in well under a second
+with one `ConfigError` line naming the key, instead of minutes later (or as a traceback):
+
+- types, choices, ranges and cross-key rules declared in `jmtl.defaults.KEYS`;
+- the mesh against `jax.device_count()` (built, no arrays) and its logical-axis rules; global
+  and evaluation batches divisible by the batch shards; with `data.mixing = "mixed"` every task
+  gets a multiple of the batch shards where the config alone fixes the rows (uniform and
+  explicit mixtures), and room for one at least otherwise;
+- the tasks (registry) and the optimizer (`jmtl.optim.build`, no arrays);
+- `train.val_metric` names "mean", "" or "<task>/<metric>" of a task in `tasks`;
+- the data files of the splits a run reads (not for `bench`), `data.tokenizer` loads (a vocab
+  that is not UTF-8 is named), `model.init_from` holds a BERT checkpoint (`config.json` +
+  `model.safetensors`) whose architecture matches `model.*`, `model.init_layers` and the
+  tokenizer's vocabulary;
+- `jmtl sweep`: the `sweep.*` keys (`jmtl.study.sweep.check_sweep_config`);
+- the workdir (`jmtl.train.workdir.preflight`): not a file; `eval` needs its checkpoints.
+
+Layering: this module sits above study/bench/train (it imports them to ask them), below the CLI.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from jmtl import config as config_lib
+from jmtl.config import ConfigError
+
+COMMANDS = ("train", "eval", "data", "sweep", "bench")
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
+
+
+def run(config: ml_collections.ConfigDict, command: str,
+        workdir: str | None) -> ml_collections.ConfigDict:
+  """Checks `config` for `command` (one of COMMANDS) with run directory `workdir` (None for
+  data/bench); returns the config completed with defaults. Raises ConfigError (one line naming
+  the key, path or file) on the first problem; reads files but writes nothing."""
+  import jax  # noqa: PLC0415  (device count; importing jax is the slow part of a preflight)
+
+  if command not in COMMANDS:
+    raise ValueError(f"preflight: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  config = config_lib.validate(config, device_count=jax.device_count(),
+                               check_files=command != "bench")
+  tasks = _tasks(config)
+  _optimizer(config)
+  shards = _mesh(config)
+  _mixed_rows(config, shards)
+  check_val_metric(config.train.val_metric, [t.name for t in tasks])
+  tokenizer = _tokenizer(config) if command != "bench" else None
+  if config.model.init_from:
+    check_init_from(config, tokenizer.vocab_size if tokenizer is not None else None)
+  if command == "sweep":
+    from jmtl.study import sweep  # noqa: PLC0415
+    sweep.check_sweep_config(config)
+  if workdir is not None and command in ("train", "eval", "sweep"):
+    _workdir(config, workdir, command)
+  return config
+
+
+def _tasks(config: ml_collections.ConfigDict) -> list[Any]:
+  from jmtl import tasks as task_registry  # noqa: PLC0415
+  return [task_registry.get_task(name) for name in config.tasks]
+
+
+def _optimizer(config: ml_collections.ConfigDict) -> None:
+  """Builds the optimizer (pure Python, no arrays): a bad optim.* combination fails here."""
+  from jmtl import optim  # noqa: PLC0415
+  try:
+    optim.build(config.optim, config.train.steps)
+  except (KeyError, ValueError, TypeError) as e:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    raise ConfigError(f"config keys 'optim.*' (optim.name = {config.optim.name!r}): {msg}") from e
+
+
+def _mesh(config: ml_collections.ConfigDict) -> int:
+  """Builds the mesh over this process's devices (no arrays); returns the batch shards (product
+  of the mesh axes the 'batch' rule names). Global batch sizes must divide by it."""
+  from jmtl.parallel import mesh as mesh_lib  # noqa: PLC0415
+  from jmtl.parallel import sharding  # noqa: PLC0415
+
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  try:
+    mesh = mesh_lib.make_mesh(config.mesh)
+    shards = sharding.batch_shards(mesh, rules)
+    sharding.rules_table(rules, mesh)
+  except ValueError as e:
+    raise ConfigError(f"config keys 'mesh.*': {e}") from e
+  if "batch" not in dict(rules):
+    raise ConfigError("config key 'mesh.rules' has no rule for the logical axis 'batch'")
+  for key in ("data.batch_size", "eval.batch_size"):
+    value = config_lib._get(config, key)  # noqa: SLF001
+    if value % shards:
+      raise ConfigError(f"config key {key!r} = {value} must be divisible by the {shards} batch "
+                        f"shards (mesh axes of the 'batch' rule)")
+  return shards
+
+
+def _mixed_rows(config: ml_collections.ConfigDict, shards: int) -> None:
+  """data.mixing='mixed': each task's rows of a batch split over the batch shards too. Uniform
+  and explicit mixtures fix the rows from the config; proportional and temperature ones need
+  the train sizes, so only the room for `shards` rows per task is checked for them."""
+  if config.data.mixing != "mixed":
+    return
+  from jmtl.data import pipeline  # noqa: PLC0415
+
+  n = len(config.tasks)
+  batch = config.data.batch_size
+  if batch < n * shards:
+    raise ConfigError(f"config key 'data.batch_size' = {batch} cannot give each of {n} tasks a "
+                      f"multiple of the {shards} batch shards with data.mixing = 'mixed' "
+                      f"(needs >= {n * shards})")
+  if config.data.mixture not in ("uniform", "explicit"):
+    return
+  rates = pipeline.mixture_rates(config.data, dict.fromkeys(config.tasks, 1))
+  rows = pipeline.rows_per_task(rates, batch)
+  bad = {t: r for t, r in rows.items() if r % shards}
+  if bad:
+    raise ConfigError(f"config key 'data.batch_size' = {batch}: with data.mixing = 'mixed' and "
+                      f"data.mixture = {config.data.mixture!r} the tasks get rows {rows}; "
+                      f"{', '.join(bad)} not a multiple of the {shards} batch shards")
+
+
+def metric_names(task_name: str) -> list[str]:
+  """Output metric names of a registered task (e.g. squad: exact_match, f1)."""
+  from jmtl import tasks as task_registry  # noqa: PLC0415
+  from jmtl.eval import metrics as metrics_lib  # noqa: PLC0415
+  return [metrics_lib.OUTPUT_KEYS.get(m, m) for m in task_registry.get_task(task_name).metrics]
+
+
+def check_val_metric(name: str, task_names: list[str]) -> None:
+  """`train.val_metric` must be "mean", "" or "<task>/<metric>" with the task in `tasks` and the
+  metric one the task reports (its registry `metrics`, output names); raises ConfigError."""
+  if name in ("mean", ""):
+    return
+  known = [f"{t}/{m}" for t in task_names for m in metric_names(t)]
+  if name not in known:
+    raise ConfigError(f"config key 'train.val_metric' = {name!r} is not a metric of the tasks; "
+                      f"use mean, '' or one of: {', '.join(known)}")
+
+
+def _tokenizer(config: ml_collections.ConfigDict) -> Any:
+  """Loads `data.tokenizer` when set (a missing, unreadable or non-UTF-8 file is named)."""
+  if not config.data.tokenizer:
+    return None
+  from jmtl.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+  try:
+    return tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config key 'data.tokenizer': {e}") from e
+
+
+def check_init_from(config: ml_collections.ConfigDict, vocab_size: int | None) -> None:
+  """`model.init_from` is a BERT checkpoint directory whose architecture is `model.*` (with
+  `model.init_layers = N`: its first N layers); `vocab_size` (the tokenizer's; None = not known
+  yet) must be the checkpoint's. Raises ConfigError naming the key."""
+  from jmtl.model import pretrained  # noqa: PLC0415
+
+  path = pathlib.Path(config.model.init_from)
+  if not path.is_dir():
+    raise ConfigError(f"config key 'model.init_from': directory not found: {path}")
+  missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+  if missing:
+    raise ConfigError(f"config key 'model.init_from' = {str(path)!r} is not a BERT checkpoint "
+                      f"directory: no {' or '.join(missing)}")
+  try:
+    want = pretrained.bert_model_config(path)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"config key 'model.init_from': {e}") from e
+  vocab = want.pop("vocab_size")
+  n = config.model.init_layers
+  if n:
+    if n > want["layers"]:
+      raise ConfigError(f"config key 'model.init_layers' = {n}: the checkpoint in {path} has "
+                        f"only {want['layers']} encoder layers")
+    want["layers"] = n
+  for key, value in want.items():
+    if config.model[key] != value:
+      raise ConfigError(f"config key 'model.{key}' = {config.model[key]!r} does not match the "
+                        f"checkpoint in {path} ({value!r})")
+  if vocab_size is not None and vocab_size != vocab:
+    raise ConfigError(f"config key 'data.tokenizer': vocabulary of {vocab_size} tokens does not "
+                      f"match the checkpoint in {path} ({vocab}); use its vocab.txt")
+
+
+def _workdir(config: ml_collections.ConfigDict, workdir: str, command: str) -> None:
+  """The run directory: not a file (nor under one); eval needs checkpoints; then the
+  workdir module's own checks (lock, checkpoint compatibility)."""
+  from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
+
+  path = pathlib.Path(workdir)
+  if "://" not in workdir:  # local paths; bucket paths are the workdir module's business
+    for p in (path, *path.parents):
+      if p.exists() and not p.is_dir():
+        where = "" if p == path else f" (under {p}, a file)"
+        raise ConfigError(f"--workdir {workdir} is not a directory{where}")
+      if p.exists():
+        break
+  if command == "eval" and not (path / "checkpoints").is_dir():
+    raise ConfigError(f"--workdir {workdir}: no checkpoints/ directory (train first)")
+  workdir_lib.preflight(config, workdir, command)
+
