@@ -198,7 +198,9 @@ _key("model.max_len", 512, "size of the learned position table (positions)", che
 _key("model.type_vocab_size", 2, "token-type (segment) embeddings", check=ge(1))
 _key("model.norm", "post", "LayerNorm placement: post (BERT) or pre", choices=("post", "pre"))
 _key("model.positions", "learned", "positions: learned (BERT) or rope",
-     choices=("learned", "rope"))
+     choices=("learned", "rope"),
+     rules=((lambda v, c: v != "rope" or (c.model.d_model // c.model.heads) % 2 == 0,
+             "needs an even head size (model.d_model / model.heads)"),))
 _key("model.activation", "gelu", "feed-forward activation: gelu (BERT, exact erf) or swiglu",
      choices=("gelu", "swiglu"))
 _key("model.layer_norm_eps", 1e-12, "LayerNorm epsilon", check=gt(0))
@@ -247,7 +249,7 @@ _key("optim.momentum", 0.9, "momentum / nesterov coefficient", check=_UNIT)
 _key("optim.grad_clip", 1.0, "global-norm gradient clip; 0 = off", check=ge(0))
 # paper_adaptive / jmtl_adaptive: metric-driven learning rate
 _key("optim.plateau_patience", 2, "validations without improvement before lowering the lr",
-     check=ge(0))
+     check=ge(1))
 _key("optim.plateau_factor", 0.5, "lr multiplier on a plateau",
      check=between(0, 1, open_lo=True, open_hi=True))
 _key("optim.plateau_min_delta", 0.0, "improvement (metric points) that counts", check=ge(0))

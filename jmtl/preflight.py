@@ -156,8 +156,9 @@ def _tokenizer(config: ml_collections.ConfigDict) -> Any:
 
 def check_init_from(config: ml_collections.ConfigDict, vocab_size: int | None) -> None:
   """`model.init_from` is a BERT checkpoint directory whose architecture is `model.*` (with
-  `model.init_layers = N`: its first N layers); `vocab_size` (the tokenizer's; None = not known
-  yet) must be the checkpoint's. Raises ConfigError naming the key."""
+  `model.init_layers = N`: its first N layers); `data.tokenizer` must be set (a trained one
+  would number tokens differently) and `vocab_size` (its size; None = not loaded) must be the
+  checkpoint's. Raises ConfigError naming the key."""
   from jmtl.model import pretrained  # noqa: PLC0415
 
   path = pathlib.Path(config.model.init_from)
@@ -182,6 +183,9 @@ def check_init_from(config: ml_collections.ConfigDict, vocab_size: int | None) -
     if config.model[key] != value:
       raise ConfigError(f"config key 'model.{key}' = {config.model[key]!r} does not match the "
                         f"checkpoint in {path} ({value!r})")
+  if not config.data.tokenizer:
+    raise ConfigError(f"config key 'data.tokenizer' is empty: model.init_from needs the "
+                      f"checkpoint's own vocabulary (its vocab.txt or tokenizer.json in {path})")
   if vocab_size is not None and vocab_size != vocab:
     raise ConfigError(f"config key 'data.tokenizer': vocabulary of {vocab_size} tokens does not "
                       f"match the checkpoint in {path} ({vocab}); use its vocab.txt")

@@ -15,6 +15,7 @@ from jmtl.config import load_config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny_sst2.py"
+VOCAB = REPO / "tests" / "fixtures" / "data" / "vocab.txt"  # 20 tokens
 
 
 class _Calls:
@@ -127,7 +128,13 @@ def test_init_from_architecture_mismatch(capsys, tmp_path, work):
                                     "--config.model.d_ff=128", "--config.model.layers=2",
                                     "--config.model.init_layers=2"))
   assert "'model.init_layers' = 2: the checkpoint" in line and "only 1 encoder layers" in line
+  line = _error_line(capsys, _train(tmp_path, f"--config.model.init_from={ckpt}",
+                                    "--config.model.d_ff=128"))
+  assert "'data.tokenizer' is empty: model.init_from needs the checkpoint's own vocabulary" in line
   assert not work.configs
+  code, _, err = _cli(capsys, _train(tmp_path, f"--config.model.init_from={ckpt}",
+                                     "--config.model.d_ff=128", f"--config.data.tokenizer={VOCAB}"))
+  assert code == 0 and len(work.configs) == 1, err  # a matching checkpoint passes
 
 
 def test_non_utf8_vocab(capsys, tmp_path, work):
