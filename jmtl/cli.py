@@ -67,8 +67,8 @@ _FLAG_HELP = (
 USAGE = "usage: " + "\n       ".join(COMMAND_USAGE[c] for c in COMMANDS)
 HELP = "\n".join([
     USAGE, "", "commands:", *(f"  {c:<8} {COMMAND_HELP[c]}" for c in COMMANDS), "",
-    "Any config key can be overridden: --config.train.steps=100, --config.tasks=sst2,mrpc,",
-    "--config.data.length_buckets=64 (a one-element tuple). jmtl/defaults.py lists every key.",
+    "Any config key can be overridden, e.g. --config.train.steps=100 or --config.tasks=sst2,mrpc",
+    "(--config.data.length_buckets=64 is the tuple (64,)). jmtl/defaults.py lists every key.",
     "jmtl CMD --help: the flags of CMD. jmtl --version: the installed version.",
     "Exit codes: 0 done, 1 environment failure, 2 user mistake, 3 non-finite loss."])
 
