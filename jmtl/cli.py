@@ -30,6 +30,7 @@ from absl import logging
 import ml_collections
 
 from jmtl.config import ConfigError
+from jmtl.train import EvalError
 from jmtl.train import NonFiniteError
 
 COMMANDS = ("train", "eval", "data", "bench", "sweep", "report")
@@ -317,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   """The `jmtl` entry point: never a traceback for a user or environment error.
 
   Exit codes: 0 done (also --help, --version); 1 environment failure (disk full, I/O error);
-  2 user mistake (flag, config key, value, path, data file); 3 non-finite loss; 130 interrupt."""
+  2 user mistake (flag, config key, value, path, data file); 3 non-finite loss; 1 a failed
+  evaluation (its checkpoint kept); 128 + N after saving on signal N."""
   argv = list(sys.argv if argv is None else argv)
   logging.set_verbosity(logging.WARNING)
   try:
@@ -331,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   except NonFiniteError as e:
     print(f"jmtl: {_one_line(str(e))}", file=sys.stderr)
     code = 3
+  except EvalError as e:
+    print(f"jmtl: error: {_one_line(str(e))}", file=sys.stderr)
+    code = 1
   except OSError as e:  # PermissionError, IsADirectoryError, NotADirectoryError, ENOSPC, ...
     line, code = os_error_line(e)
     print(f"jmtl: error: {_one_line(line)}", file=sys.stderr)

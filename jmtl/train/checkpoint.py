@@ -2,47 +2,104 @@
 
 Each checkpoint step holds three items: `state` (the TrainState pytree, restored directly onto
 its shardings), `data` (the grain iterator state, JSON) and `meta` (JSON: the optimizer's
-validation feed and counters). Orbax writes a step into a temporary directory and renames it
-when complete, so a save killed half-way is invisible to `latest_step()` and cleaned up on the
-next start.
+validation feed and counters, the unlogged part of the current log window, and the run's
+fingerprint, `jmtl.train.workdir.fingerprint`). Orbax writes a step into a temporary directory
+and renames it when complete, so a save killed half-way is invisible to `latest_step()`; the
+writer (`read_only=False`) removes such leftovers when it starts, a reader never touches them.
+
+Failures are named: a save that fails (now or in the background) raises `CheckpointError`
+naming the step and the directory; `restore_latest` falls back to the previous step, with a
+warning, when the newest one cannot be read.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from jmtl.train import CheckpointError
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 class Checkpointer:
-  """Asynchronous saves, keep the last `keep` steps, restore onto given shardings."""
+  """Asynchronous saves, keep the last `keep` steps, restore onto given shardings.
 
-  def __init__(self, directory: str | os.PathLike[str], *, keep: int):
-    self.directory = pathlib.Path(directory).absolute()
+  `read_only=True` (evaluation, the preflight's look at a workdir) never creates, deletes or
+  cleans anything in `directory`.
+  """
+
+  def __init__(self, directory: str | epath.PathLike, *, keep: int = 1,
+               read_only: bool = False):
+    self.directory = epath.Path(directory)
+    if not self.directory.is_absolute() and "://" not in str(directory):
+      self.directory = epath.Path(self.directory.resolve())
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        enable_async_checkpointing=True,
-        cleanup_tmp_directories=True,
-        create=True,
+        max_to_keep=None if read_only else keep,
+        enable_async_checkpointing=not read_only,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
     )
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=("state", "data", "meta"))
+    self._saving: int | None = None  # step of the save in flight, for error messages
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def committed(self, step: int) -> bool:
+    """Whether `step` is complete on disk (re-reads the directory, not the manager's cache)."""
+    self._mngr.reload()
+    return step in self._mngr.all_steps()
+
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-    """Starts an asynchronous save of `step` (a no-op if that step is already saved)."""
+    """Starts an asynchronous save of `step` (a no-op if that step is already saved).
+
+    Raises CheckpointError when this save cannot start or the previous one failed.
+    """
+    self.check()
     if step in self._mngr.all_steps():
       return
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta),
-    ), force=True)
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta),
+      ), force=True)
+    except Exception as e:  # noqa: BLE001 - any failure here is a failed save of `step`
+      raise CheckpointError(f"checkpoint save at step {step} failed: {_first_line(e)} "
+                            f"({self.directory})") from e
+    self._saving = step
+
+  def check(self) -> None:
+    """Raises CheckpointError if a background save has failed (does not block)."""
+    try:
+      self._mngr.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint save at step {self._saving} failed: {_first_line(e)} "
+                            f"({self.directory})") from e
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are committed; CheckpointError if one failed."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint save at step {self._saving} failed: {_first_line(e)} "
+                            f"({self.directory})") from e
+    self.check()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """Restores `step`; `abstract_state` holds ShapeDtypeStructs carrying the target shardings."""
@@ -53,13 +110,66 @@ class Checkpointer:
     ))
     return restored["state"], restored["data"], restored["meta"]
 
-  def wait(self) -> None:
-    """Blocks until pending asynchronous saves are committed."""
-    self._mngr.wait_until_finished()
+  def restore_meta(self, step: int) -> dict:
+    """Restores only the `meta` item of `step` (cheap: no arrays)."""
+    return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_latest(self, abstract_state: Any, *, check: Callable[[int, dict], None] | None = None
+                     ) -> tuple[int, Any, dict, dict] | None:
+    """Restores the newest step that can be read, newest first; None when there is none.
+
+    A step that fails to restore is reported on stderr (`jmtl: warning: ...` naming the step)
+    and the previous one is tried; unless read-only, the unreadable steps are then deleted so
+    that training can write those steps again. `check(step, meta)` runs on the meta item before
+    the state is read (it raises to refuse the checkpoint: the run's fingerprint). Raises
+    CheckpointError when steps exist but none can be restored.
+    """
+    steps = sorted(self._mngr.all_steps(), reverse=True)
+    bad: list[int] = []
+    failures = []
+    for step in steps:
+      try:
+        meta = self.restore_meta(step)
+      except Exception as e:  # noqa: BLE001 - a corrupt checkpoint: try the previous one
+        failures.append((step, e))
+        bad.append(step)
+        continue
+      if check is not None:
+        check(step, meta)
+      try:
+        state, data, meta = self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001
+        failures.append((step, e))
+        bad.append(step)
+        continue
+      for s, e in failures:
+        print(f"jmtl: warning: checkpoint at step {s} in {self.directory} cannot be restored "
+              f"({_first_line(e)}); resuming from step {step}", file=sys.stderr, flush=True)
+      if not self.read_only:
+        for s in bad:
+          self._mngr.delete(s)
+      return step, state, data, meta
+    if failures:
+      s, e = failures[0]
+      raise CheckpointError(f"no checkpoint in {self.directory} can be restored (step {s}: "
+                            f"{_first_line(e)}; tried steps {steps})")
+    return None
+
+  def read_latest_meta(self) -> tuple[int, dict] | None:
+    """(step, meta) of the newest step whose meta item reads; None when there is none."""
+    for step in sorted(self._mngr.all_steps(), reverse=True):
+      try:
+        return step, self.restore_meta(step)
+      except Exception:  # noqa: BLE001 - restore_latest reports and skips it too
+        continue
+    return None
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for pending saves, then releases the manager; CheckpointError if a save failed."""
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

@@ -1,10 +1,25 @@
 """The training loop: one function you can read top to bottom (big_vision's train.py style).
 
-mesh -> tasks + tokenizer -> model + optimizer state (created sharded) -> data -> resume ->
-for each step: jitted step, log, evaluate, checkpoint -> final eval, predictions, checkpoint.
+lock the workdir -> check an existing checkpoint's fingerprint -> mesh, tasks, tokenizer ->
+model + optimizer state (created sharded) -> data -> resume -> for each step: jitted step,
+check the previous step's metrics, log, checkpoint, evaluate -> final outputs.
 
-Resume is exact: the checkpoint holds the state (parameters, optimizer state, step, RNG), the
-data iterator position and the validation value fed to adaptive optimizers.
+What a run promises (each is tested with injected faults, tests/test_train_faults.py):
+- Resume is exact: a checkpoint holds the state (parameters, optimizer state, step, RNG), the
+  data position, the validation value fed to adaptive optimizers and the unlogged part of the
+  current log window, so a resumed run logs exactly what an uninterrupted one logs, whatever
+  `log_every` and `checkpoint_every` are.
+- A checkpoint is saved before every evaluation, so a failing evaluation loses no training; a
+  run resumed at an evaluation step evaluates again there (the saved validation feed is the
+  one from before that evaluation).
+- Every step's metrics are checked for non-finite values one step later (so the host does not
+  wait on the device) and always before a checkpoint is saved: with
+  `train.on_nonfinite=halt` no checkpoint at or after a bad step exists.
+- SIGTERM/SIGINT (TPU preemption) are read once per step; the run saves that step, waits until
+  the save is committed on disk, says so, and exits 128 + signal. The handlers stay installed
+  until the checkpointer is closed, so a second signal cannot kill a save.
+- A checkpoint from a different run (fingerprint: `jmtl.train.workdir`) is refused before any
+  work; `config.json` is written only after that check.
 """
 
 from __future__ import annotations
@@ -13,15 +28,18 @@ import contextlib
 import json
 import math
 import os
-import pathlib
 import signal
+import sys
 import time
+import traceback
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import tokenizers
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from jmtl import config as config_lib
@@ -37,16 +55,19 @@ from jmtl.model import pretrained
 from jmtl.model.multitask import HeadSpec
 from jmtl.parallel import mesh as mesh_lib
 from jmtl.parallel import sharding as sharding_lib
+from jmtl.train import CheckpointError
+from jmtl.train import EvalError
 from jmtl.train import NonFiniteError
 from jmtl.train import checkpoint as checkpoint_lib
 from jmtl.train import evaluate as evaluate_lib
 from jmtl.train import state as state_lib
 from jmtl.train import step as step_lib
+from jmtl.train import workdir as workdir_lib
 from jmtl.train import writers
 
 
 class _StopRequest:
-  """Turns SIGTERM (TPU VM preemption) and SIGINT into a flag the loop checks each step."""
+  """Turns SIGTERM (TPU VM preemption) and SIGINT into a flag the loop reads once per step."""
 
   def __init__(self):
     self.signal: int | None = None
@@ -59,7 +80,8 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    self.signal = signum
+    if self.signal is None:
+      self.signal = signum
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -77,12 +99,24 @@ def _user_data_errors():
     raise config_lib.ConfigError(str(e)) from e
 
 
-def _prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+def _tokenizer(config, tasks, wd: epath.Path) -> tokenizer_lib.Tokenizer:
+  """`data.tokenizer`, else `W/tokenizer.json` (resume), else one trained on the tasks' train
+  text and written to `W/tokenizer.json` atomically (local or bucket)."""
+  out = wd / tokenizer_lib.TOKENIZER_FILE
+  with _user_data_errors():
+    if not config.data.tokenizer and out.exists():
+      return tokenizer_lib.Tokenizer(tokenizers.Tokenizer.from_str(out.read_text()))
+    tok = tokenizer_lib.build_tokenizer(config, tasks, None)
+  if not out.exists():
+    workdir_lib.write_text_atomic(out, tok.backend.to_str())
+  return tok
+
+
+def _prepare(config: ml_collections.ConfigDict, wd: epath.Path):
   """Everything both `train` and `evaluate_checkpoint` need: mesh, tasks, tokenizer, state."""
   mesh = mesh_lib.make_mesh(config.mesh)
   tasks = [task_registry.get_task(name) for name in config.tasks]
-  with _user_data_errors():
-    tokenizer = tokenizer_lib.build_tokenizer(config, tasks, str(workdir))
+  tokenizer = _tokenizer(config, tasks, wd)
   head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
   tx = optim.build(config.optim, config.train.steps)
   state, graphdef, shardings = state_lib.create_train_state(
@@ -131,12 +165,16 @@ def _eval_sets(config, tasks, tokenizer) -> list[evaluate_lib.EvalSet]:
   return out
 
 
-def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh):
-  """Evaluates every task; returns flat `<task>/<metric>` metrics and prediction rows per task."""
+def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh, *,
+              should_stop=lambda: False):
+  """Evaluates every task; returns flat `<task>/<metric>` metrics and prediction rows per task,
+  or None when `should_stop()` turns true between tasks (a signal arrived)."""
   params = optim.eval_params(state.opt_state, state.params)  # schedule-free: averaged point
   model = None
   flat, rows = {}, {}
   for es in eval_sets:
+    if should_stop():
+      return None
     name = es.task.name
     forward = lambda b, name=name: predict(params, state.rest, _global(b, mesh, config), name)
     generate = None
@@ -155,24 +193,45 @@ def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh):
 def _val_metric(config, tasks, metrics: dict[str, float]) -> float:
   """The score the metric-driven optimizers see (`train.val_metric`): "mean" = the mean over
   tasks of each task's first metric, "<task>/<metric>" = that metric, "" = the first task's
-  first metric."""
+  first metric. NaN when a metric it needs is missing (unlabelled split) or not finite."""
   name = config.train.val_metric
   firsts = metrics_lib.primary_metric_keys([t.name for t in tasks])
-  if name == "mean":
-    return sum(float(metrics[k]) for k in firsts) / len(firsts)
-  if name:
-    if name not in metrics:
-      raise config_lib.ConfigError(
-          f"config key 'train.val_metric' = {name!r} is not an eval metric; "
-          f"available: mean, {', '.join(sorted(metrics))}")
-    return float(metrics[name])
-  return float(metrics[firsts[0]])
+  keys = firsts if name == "mean" else [name] if name else firsts[:1]
+  values = [float(metrics.get(k, math.nan)) for k in keys]
+  return math.fsum(values) / len(values)
 
 
-def _write_outputs(workdir: pathlib.Path, metrics: dict, rows: dict, step: int) -> None:
-  predictions_lib.write_json_atomic(workdir / "eval.json", {"step": step, **metrics})
+def _outputs_names(split: str) -> tuple[str, str]:
+  """(results file, predictions folder): the validation split's are the documented `eval.json`
+  and `predictions/`; another split's carry its name, so they never overwrite those."""
+  if split == "validation":
+    return "eval.json", "predictions"
+  return f"eval_{split}.json", f"predictions_{split}"
+
+
+def _write_outputs(wd: epath.Path, split: str, metrics: dict, rows: dict, step: int) -> None:
+  results, folder = _outputs_names(split)
+  _write_json(wd / results, {"step": step, "split": split, **metrics})
   for name, task_rows in rows.items():
-    predictions_lib.write_predictions(workdir / "predictions" / f"{name}.jsonl", task_rows)
+    _write_jsonl(wd / folder / f"{name}.jsonl", task_rows)
+
+
+def _write_json(p: epath.Path, obj: Any) -> None:
+  if workdir_lib.is_local(p):
+    predictions_lib.write_json_atomic(os.fspath(p), obj)
+    return
+  text = json.dumps(predictions_lib.to_json_value(obj), indent=2, ensure_ascii=False,
+                    allow_nan=False)
+  workdir_lib.write_text_atomic(p, text + "\n")
+
+
+def _write_jsonl(p: epath.Path, rows: list[dict]) -> None:
+  if workdir_lib.is_local(p):
+    predictions_lib.write_predictions(os.fspath(p), rows)
+    return
+  text = "".join(json.dumps(predictions_lib.to_json_value(r), ensure_ascii=False,
+                            allow_nan=False) + "\n" for r in rows)
+  workdir_lib.write_text_atomic(p, text)
 
 
 def _global(batch: dict, mesh, config) -> dict:
@@ -192,131 +251,255 @@ def _tokens(batch: dict) -> int:
   return n
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> dict[str, float]:
-  """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns final eval."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
+def _encode_window(window: list[dict[str, float]]) -> list[dict[str, float | None]]:
+  """Per-step host metrics as JSON (non-finite values as strings, restored by `_decode`)."""
+  return [{k: (v if math.isfinite(v) else repr(v)) for k, v in m.items()} for m in window]
 
-  mesh, tasks, tokenizer, tx, state, graphdef, shardings = _prepare(config, workdir)
+
+def _decode_window(window: list[dict]) -> list[dict[str, float]]:
+  return [{k: float(v) for k, v in m.items()} for m in window]
+
+
+def _record_error(wd: epath.Path, step: int, what: str) -> str:
+  """Appends the current traceback to `W/errors.log`; returns a pointer for the message."""
+  try:
+    with (wd / "errors.log").open("a") as f:
+      f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: {what}\n")
+      f.write(traceback.format_exc())
+    return f"; traceback in {wd / 'errors.log'}"
+  except OSError:
+    return ""
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> dict[str, float]:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns final eval.
+
+  Raises ConfigError (a user mistake: bad data, a checkpoint of another run, workdir in use),
+  NonFiniteError (train.on_nonfinite = halt), CheckpointError (a save or restore failed),
+  EvalError (an evaluation failed; its step is checkpointed), SystemExit(128 + signal) after
+  saving on SIGTERM/SIGINT.
+  """
+  wd = workdir_lib.path(workdir)
+  with workdir_lib.lock(wd, "train"), _StopRequest() as stop:
+    return _train(config, wd, stop)
+
+
+def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
+           ) -> dict[str, float]:
+  ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", keep=config.train.keep_checkpoints)
+  found = ckpt.read_latest_meta()
+  if found is not None:  # refuse another run's checkpoint before any work or any write
+    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+  workdir_lib.write_text_atomic(wd / "config.json", config_lib.to_json(config) + "\n")
+
+  mesh, tasks, tokenizer, tx, state, graphdef, shardings = _prepare(config, wd)
   train_step = step_lib.make_train_step(graphdef, tx, {t.name: t.kind for t in tasks}, config,
                                         shardings, mesh)
   predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
   with _user_data_errors():
+    records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
     data_iter = pipeline.train_iterator(config, tasks, tokenizer,
                                         process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+                                        process_count=jax.process_count(), records=records)
+  fp = workdir_lib.fingerprint(
+      config, data={n: workdir_lib.digest_records(r) for n, r in records.items()},
+      tokenizer=workdir_lib.digest_text(tokenizer.backend.to_str()))
+  del records
   eval_sets = _eval_sets(config, tasks, tokenizer)
-  writer = writers.MetricWriter(workdir)
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+  writer = writers.MetricWriter(wd)
+  progress = None
+
+  def check(step, meta):
+    workdir_lib.check_config(meta, config, workdir=wd, step=step, warn=False)
+    workdir_lib.check_fingerprint(meta, fp, workdir=wd, step=step)
 
   # Bookkeeping that must survive a restart, saved as the checkpoint's `meta` item.
-  meta = {"val_metric": 0.0, "val_count": 0, "skipped": 0}
-  start = ckpt.latest_step() or 0
-  writer.truncate_after(start)  # drop lines a killed run logged after its last checkpoint
-  if start:
-    abstract = checkpoint_lib.abstract_like(state, shardings)
-    state, data_state, meta = ckpt.restore(start, abstract)
+  meta: dict[str, Any] = {"val_metric": 0.0, "val_count": 0, "skipped": 0}
+  window: list[dict[str, float]] = []  # host metrics of the steps since the last train line
+  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state, shardings), check=check)
+  start = 0
+  if restored is not None:
+    start, state, data_state, saved = restored
     data_iter.set_state(data_state)
+    window = _decode_window(saved.pop("window", []))
+    saved.pop("fingerprint", None)
+    meta.update(saved)
     logging.info("resumed from step %d", start)
     print(f"resumed from checkpoint at step {start}", flush=True)
 
   total = config.train.steps
-  progress = writers.Progress(total, start, config.train.progress)
-  pending: list[tuple[int, Any]] = []  # device metrics since the last log, fetched together
-  tokens, t_last, paused = 0, time.time(), 0.0  # paused: eval/checkpoint time, not step time
+  split = config.data.eval_split
+
+  def is_eval_step(step: int) -> bool:
+    return (config.train.eval_every and step % config.train.eval_every == 0) or step == total
+
+  # A checkpoint at an evaluation step was saved before that evaluation: evaluate there again.
+  eval_again = bool(start) and is_eval_step(start)
+  writer.truncate_after(start, eval_before=start if eval_again else None)
+
+  pending: list[tuple[int, Any]] = []  # device metrics not yet fetched
   final_metrics: dict[str, float] = {}
-  stopped = False
-  with _StopRequest() as stop:
+  compile_s: float | None = None
+
+  def drain(keep: int) -> None:
+    """Fetches all but the newest `keep` pending steps' metrics into the window, in order;
+    a non-finite step halts (train.on_nonfinite=halt) or is counted as skipped."""
+    nonlocal pending
+    if len(pending) <= keep:
+      return
+    todo, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+    for s, ms in jax.device_get(todo):
+      host = {k: float(v) for k, v in ms.items()}
+      if host["nonfinite"]:
+        in_batch = {k.split("/")[1]: v for k, v in host.items()
+                    if k.startswith("train/") and k.endswith("/loss") and k.count("/") == 2}
+        bad = [t for t, v in in_batch.items() if not math.isfinite(v)] or list(in_batch)
+        where = f" (task {', '.join(bad)})"
+        if config.train.on_nonfinite == "halt":
+          ckpt.wait()  # earlier (good) saves still in flight are committed first
+          kept = ckpt.latest_step()
+          raise NonFiniteError(
+              f"non-finite loss or gradient at step {s}{where}; stopped "
+              f"(train.on_nonfinite='halt'); last good checkpoint: "
+              f"{'step ' + str(kept) if kept else 'none'} in {ckpt.directory}")
+        meta["skipped"] += 1
+        logging.warning("step %d: non-finite loss or gradient%s; update skipped", s, where)
+      window.append({k: v for k, v in host.items() if k.startswith("train/") or k == "grad_norm"})
+
+  def save(step: int) -> None:
+    ckpt.save(step, state, data_iter.get_state(),
+              {**meta, "window": _encode_window(window), "fingerprint": fp})
+
+  def stop_now(step: int) -> None:
+    """After a signal: the checkpoint of `step` is issued; wait until it is on disk, say so."""
+    ckpt.wait()
+    if not ckpt.committed(step):
+      raise CheckpointError(f"received signal {stop.signal}, but the checkpoint at step {step} "
+                            f"is not on disk (latest: {ckpt.latest_step()}) in {ckpt.directory}")
+    print(f"received signal {stop.signal}: saved checkpoint at step {step}, exiting", flush=True)
+    raise SystemExit(128 + stop.signal)
+
+  def evaluate(step: int) -> None:
+    """Evaluates at `step` (its checkpoint is already issued); feeds the optimizers' score."""
+    nonlocal final_metrics
+    try:
+      out = _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh,
+                      should_stop=lambda: stop.signal is not None)
+    except (config_lib.ConfigError, KeyboardInterrupt):
+      raise
+    except Exception as e:  # noqa: BLE001 - named, with the traceback kept in W/errors.log
+      where = _record_error(wd, step, "evaluation failed")
+      raise EvalError(f"evaluation at step {step} failed: {type(e).__name__}: {e}; the "
+                      f"checkpoint at step {step} is kept, run again to evaluate{where}") from e
+    if out is None:
+      stop_now(step)
+    metrics, rows = out
+    writer.write(step, "eval", metrics)
+    val = _val_metric(config, tasks, metrics)
+    if math.isfinite(val):
+      meta["val_metric"] = val
+      meta["val_count"] += 1
+    elif metrics:
+      logging.warning("step %d: validation score is not finite; not fed to the optimizer", step)
+    if step == total:
+      final_metrics = metrics
+      _write_outputs(wd, split, metrics, rows, step)
+
+  try:
+    if stop.signal is not None:  # a signal during set-up: nothing new to save
+      print(f"received signal {stop.signal} before the first step: nothing to save "
+            f"(latest checkpoint: {start or 'none'}), exiting", flush=True)
+      raise SystemExit(128 + stop.signal)
+    if eval_again:
+      evaluate(start)
+    progress = writers.Progress(total, start, config.train.progress)
+    tokens, t_last, paused = 0, time.time(), 0.0  # paused: eval/checkpoint time, not step time
     for step in range(start + 1, total + 1):
       batch = _global(next(data_iter), mesh, config)
-      tokens += _tokens(batch)
       state, m = train_step(state, batch, jnp.float32(meta["val_metric"]),
                             jnp.int32(meta["val_count"]))
       pending.append((step, m))
+      if compile_s is None:  # this process's first step: compilation + one step, timed apart
+        jax.block_until_ready(m)
+        compile_s = time.time() - t_last
+        tokens, t_last = 0, time.time()
+      else:
+        tokens += _tokens(batch)
+      drain(keep=1)  # the previous step's metrics: the device stays one step ahead
+      ckpt.check()  # a failed background save stops the run now, naming its step
 
-      last = step == total
-      if step % config.train.log_every == 0 or last or stop.signal is not None:
-        fetched = jax.device_get(pending)
-        pending = []
-        for s, ms in fetched:
-          if float(ms["nonfinite"]):
-            in_batch = {k.split("/")[1]: float(v) for k, v in ms.items()
-                        if k.startswith("train/") and k.endswith("/loss") and k.count("/") == 2}
-            bad = [t for t, v in in_batch.items() if not math.isfinite(v)] or list(in_batch)
-            where = f" (task {', '.join(bad)})"
-            if config.train.on_nonfinite == "halt":
-              kept = ckpt.latest_step()
-              ckpt.close()
-              writer.close()
-              progress.close()
-              raise NonFiniteError(
-                  f"non-finite loss or gradient at step {s}{where}; stopped "
-                  f"(train.on_nonfinite='halt'); last good checkpoint: "
-                  f"{'step ' + str(kept) if kept else 'none'} in {ckpt.directory}")
-            meta["skipped"] += 1
-            logging.warning("step %d: non-finite loss or gradient%s; update skipped", s, where)
+      stopping = stop.signal is not None  # the one read of the stop flag for this step
+      do_eval = is_eval_step(step)
+      do_log = step % config.train.log_every == 0 or step == total
+      do_save = step % config.train.checkpoint_every == 0 or do_eval or stopping
+      if do_log or do_save:
+        drain(keep=0)
+      t_pause = time.time()
+      if do_log:
         now = time.time()
         tps = tokens / max(now - t_last - paused, 1e-9)
-        tokens, t_last, paused = 0, now, 0.0
-        row = writers.window_means([{k: float(v) for k, v in ms.items()
-                                     if k.startswith("train/") or k == "grad_norm"}
-                                    for _, ms in fetched])
+        tokens, t_last, paused, t_pause = 0, now, 0.0, now
+        row = writers.window_means(window)
+        window = []
         row["train/tokens_per_s"] = tps
         row["train/skipped_steps"] = meta["skipped"]
+        if compile_s is not None and compile_s >= 0:
+          row["train/compile_s"] = compile_s
+          compile_s = -1.0  # logged once per process
         writer.write(step, "train", row)
         progress.update(step, row["train/loss"], tps)
-
-      t_pause = time.time()
-      if (config.train.eval_every and step % config.train.eval_every == 0) or last:
-        metrics, rows = _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh)
-        writer.write(step, "eval", metrics)
-        meta["val_metric"] = _val_metric(config, tasks, metrics)
-        meta["val_count"] += 1
-        if last:
-          final_metrics = metrics
-          _write_outputs(workdir, metrics, rows, step)
-
-      if step % config.train.checkpoint_every == 0 or last or stop.signal is not None:
-        ckpt.save(step, state, data_iter.get_state(), meta)
+      if do_save:
+        save(step)
+      if stopping:
+        stop_now(step)
+      if do_eval:
+        evaluate(step)
       paused += time.time() - t_pause
-      if stop.signal is not None:
-        print(f"received signal {stop.signal}: saved checkpoint at step {step}, exiting",
-              flush=True)
-        stopped = True
-        break
-
-  progress.close()
-  ckpt.close()
-  writer.close()
-  if stopped:
-    raise SystemExit(128 + stop.signal)
+  finally:
+    if progress is not None:
+      progress.close()
+    writer.close()
+    failure = sys.exc_info()[1]
+    try:
+      ckpt.close()  # waits for pending saves: an error above still leaves them committed
+    except CheckpointError as e:
+      if failure is None:
+        raise
+      print(f"jmtl: warning: {e}", file=sys.stderr, flush=True)
   return final_metrics
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict,
                         workdir: str | os.PathLike[str]) -> dict[str, float]:
-  """Evaluates the latest checkpoint in `workdir`; writes eval.json and predictions/."""
-  workdir = pathlib.Path(workdir)
-  ckpt_dir = workdir / "checkpoints"
+  """Evaluates the latest checkpoint in `workdir`; writes the outputs of `data.eval_split`.
+
+  Reads the checkpoints without touching them (a running job's in-flight save is left alone)
+  and holds the workdir's lock while it writes its outputs.
+  """
+  wd = workdir_lib.path(workdir)
+  ckpt_dir = wd / "checkpoints"
   if not ckpt_dir.is_dir():
-    raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoints/ directory (train first)")
-  mesh, tasks, tokenizer, _, state, graphdef, shardings = _prepare(config, workdir)
-  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
-  step = ckpt.latest_step()
-  if step is None:
-    raise config_lib.ConfigError(f"--workdir {workdir}: no complete checkpoint in {ckpt_dir}")
-  state, _, _ = ckpt.restore(step, checkpoint_lib.abstract_like(state, shardings))
-  ckpt.close()
-  predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
-  metrics, rows = _run_eval(config, _eval_sets(config, tasks, tokenizer), state, graphdef,
-                            predict, tokenizer, mesh)
-  _write_outputs(workdir, metrics, rows, step)
-  return {"step": step, **metrics}
+    raise config_lib.ConfigError(f"--workdir {wd}: no checkpoints/ directory (train first)")
+  with workdir_lib.lock(wd, "eval"):
+    ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
+    found = ckpt.read_latest_meta()
+    if found is None:
+      raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in {ckpt_dir}")
+    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0], warn=False)
+    mesh, tasks, tokenizer, _, state, graphdef, shardings = _prepare(config, wd)
+    restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state, shardings),
+                                   check=lambda s, m: workdir_lib.check_config(
+                                       m, config, workdir=wd, step=s, warn=False))
+    ckpt.close()
+    step, state = restored[0], restored[1]
+    predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
+    metrics, rows = _run_eval(config, _eval_sets(config, tasks, tokenizer), state, graphdef,
+                              predict, tokenizer, mesh)
+    _write_outputs(wd, config.data.eval_split, metrics, rows, step)
+  return {"step": step, "split": config.data.eval_split, **metrics}
 
 
 def load_metrics(workdir: str | os.PathLike[str]) -> list[dict]:
   """Reads `<workdir>/metrics.jsonl`."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
+  path = epath.Path(workdir) / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-

@@ -1,16 +1,284 @@
-"""The run directory: one `etils.epath` path (local or a bucket), an exclusive lock, atomic
-small files, and the check that a checkpoint in it belongs to the config being run."""
+"""The run directory: one `etils.epath` path, an exclusive lock, atomic small files, and the
+check that a checkpoint in it belongs to the run being started.
+
+Paths: every workdir file goes through `etils.epath` (Orbax's own path type), so
+`--workdir gs://bucket/run` writes to the bucket (with `gcsfs` installed) instead of a local
+`./gs:` directory.
+
+Lock: a training or evaluation run holds an exclusive `fcntl` lock on `W/.jmtl.lock` for its
+whole life; a second one in the same workdir stops with one line naming the holder. The
+kernel drops the lock when the process dies (even by SIGKILL), so it never goes stale. Buckets
+have no such lock: there a warning says that the user must keep runs apart.
+
+Fingerprint: each checkpoint's meta item stores what the checkpoint depends on: the resolved
+config (less `RESUMABLE`, the keys a resumed run may change), a SHA-256 of each task's training
+records and of the vocabulary. A run that finds a checkpoint refuses to resume from it unless
+all of these match, naming the differing keys (`check_config`, before any work) or the task
+whose data or the vocabulary changed (`check_fingerprint`, once the data is read).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+import ml_collections
+from etils import epath
+
+from jmtl import config as config_lib
+
+# Keys a resumed run may change: cadence, evaluation and decoding, where the data lives (its
+# content is fingerprinted), how the devices are arranged (a restore reshards), and the length
+# of training (the schedule is recomputed for the new total, with a warning).
+RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.on_nonfinite", "train.progress", "eval.",
+             "data.dir", "data.tfds_dir", "data.tokenizer", "data.max_eval_examples",
+             "data.eval_split", "model.init_from", "mesh.", "sweep.")
+
+LOCK_NAME = ".jmtl.lock"
+
+
+def path(workdir: str | os.PathLike[str]) -> epath.Path:
+  """The workdir as an absolute epath (a bucket URI stays one)."""
+  text = os.fspath(workdir)
+  p = epath.Path(text)
+  if "://" in text:
+    return p
+  return epath.Path(os.path.abspath(text))
+
+
+def is_local(p: epath.Path) -> bool:
+  return "://" not in str(p)
+
+
+def _flat(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+  out: dict[str, Any] = {}
+
+  def walk(node: Mapping[str, Any], prefix: str) -> None:
+    for k, v in node.items():
+      key = f"{prefix}{k}"
+      if isinstance(v, Mapping) and key != "data.rates":
+        walk(v, key + ".")
+      else:
+        out[key] = json.loads(json.dumps(v, default=str))  # tuples -> lists, as stored
+  walk(d, "")
+  return out
+
+
+def _resumable(key: str) -> bool:
+  return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+
+def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config keys a checkpoint depends on (all but `RESUMABLE`), flat, JSON values."""
+  return {k: v for k, v in _flat(config).items() if not _resumable(k)}
+
+
+def digest_records(records: list[dict]) -> str:
+  """SHA-256 of a task's training records (their JSON, keys sorted)."""
+  h = hashlib.sha256()
+  for r in records:
+    h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
+    h.update(b"\n")
+  return h.hexdigest()
+
+
+def digest_text(text: str) -> str:
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint(config: ml_collections.ConfigDict, *, data: Mapping[str, str],
+                tokenizer: str) -> dict[str, Any]:
+  """What a checkpoint depends on: `{"config": ..., "data": {task: sha256}, "tokenizer": sha256}`."""
+  return {"config": config_fingerprint(config), "data": dict(data), "tokenizer": tokenizer,
+          "steps": int(config.train.steps)}
+
+
+def _show(v: Any) -> str:
+  return json.dumps(v) if not isinstance(v, str) else repr(v)
+
+
+def config_differences(stored: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """`key old -> new` for each fingerprinted key whose value differs; a key the stored config
+  lacks (added to jmtl since) is compared with its default."""
+  now = config_fingerprint(config)
+  defaults = config_fingerprint(config_lib.complete(ml_collections.ConfigDict()))
+  out = []
+  for key in sorted(set(now) | set(stored)):
+    old = stored.get(key, defaults.get(key))
+    new = now.get(key, defaults.get(key))
+    if old != new:
+      out.append(f"{key} {_show(old)} -> {_show(new)}")
+  return out
+
+
+def _refuse(workdir: epath.Path, step: int, what: str) -> config_lib.ConfigError:
+  return config_lib.ConfigError(
+      f"--workdir {workdir} holds a checkpoint (step {step}) of a different run: {what}; "
+      f"resume with the same settings or use a new workdir")
+
+
+def check_config(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
+                 workdir: epath.Path, step: int, warn: bool = True) -> None:
+  """Raises ConfigError naming every fingerprinted key that differs from the checkpoint's.
+
+  Checkpoints written before fingerprints existed carry none; they resume with a warning (as
+  does a changed `train.steps`) when `warn`.
+  """
+  fp = meta.get("fingerprint")
+  if fp is None:
+    if not warn:
+      return
+    print(f"jmtl: warning: the checkpoint at step {step} in {workdir} records no config "
+          f"fingerprint (an older jmtl wrote it); resuming without checking the config",
+          file=sys.stderr, flush=True)
+    return
+  diffs = config_differences(fp["config"], config)
+  if diffs:
+    raise _refuse(workdir, step, "; ".join(diffs))
+  old_steps = fp.get("steps")
+  if warn and old_steps is not None and old_steps != config.train.steps:
+    print(f"jmtl: warning: train.steps changed {old_steps} -> {config.train.steps}: the "
+          f"learning-rate schedule is recomputed for {config.train.steps} steps",
+          file=sys.stderr, flush=True)
+
+
+def check_fingerprint(meta: Mapping[str, Any], current: Mapping[str, Any], *,
+                      workdir: epath.Path, step: int) -> None:
+  """Raises ConfigError when the training data of a task or the vocabulary differ."""
+  fp = meta.get("fingerprint")
+  if fp is None:
+    return
+  changed = [t for t in sorted(set(fp.get("data", {})) | set(current["data"]))
+             if fp.get("data", {}).get(t) != current["data"].get(t)]
+  if changed:
+    raise _refuse(workdir, step, "the training data of task "
+                  + ", ".join(repr(t) for t in changed)
+                  + " differ from what the checkpoint was trained on (data files changed)")
+  if fp.get("tokenizer") != current["tokenizer"]:
+    raise _refuse(workdir, step, "the vocabulary differs from the checkpoint's "
+                  "(data.tokenizer or W/tokenizer.json changed)")
+
+
+def write_text_atomic(p: epath.Path, text: str) -> None:
+  """Writes `text` so a reader sees the old file or the whole new one: a temp file in the same
+  folder, fsynced, then renamed (local); one object write (buckets, atomic per object)."""
+  p.parent.mkdir(parents=True, exist_ok=True)
+  if not is_local(p):
+    p.write_text(text)
+    return
+  tmp = epath.Path(f"{p}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, p)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def _holder(lock_path: epath.Path) -> str:
+  try:
+    info = json.loads(lock_path.read_text())
+    return f"pid {info['pid']} on {info['host']}"
+  except Exception:  # noqa: BLE001 - the holder may be writing it right now
+    return "another process"
+
+
+@contextlib.contextmanager
+def lock(workdir: epath.Path, command: str) -> Iterator[None]:
+  """Holds the workdir's exclusive lock; ConfigError naming the holder when it is taken."""
+  if not is_local(workdir):
+    print(f"jmtl: warning: {workdir} is a bucket path, which has no lock: make sure no other "
+          f"run uses it", file=sys.stderr, flush=True)
+    yield
+    return
+  import fcntl  # pylint: disable=import-outside-toplevel
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock_path = workdir / LOCK_NAME
+  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise config_lib.ConfigError(
+          f"--workdir {workdir} is in use by a running jmtl ({_holder(lock_path)}); wait for it "
+          f"to finish or use another workdir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "command": command}).encode())
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _is_locked(workdir: epath.Path) -> bool:
+  if not is_local(workdir) or not (workdir / LOCK_NAME).exists():
+    return False
+  import fcntl  # pylint: disable=import-outside-toplevel
+  fd = os.open(workdir / LOCK_NAME, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return False
+  except BlockingIOError:
+    return True
+  finally:
+    os.close(fd)
+
+
+def _writable(p: epath.Path) -> bool:
+  """Local: the nearest existing ancestor is a writable directory."""
+  q = epath.Path(p)
+  while not q.exists():
+    if q.parent == q:
+      return False
+    q = q.parent
+  return q.is_dir() and os.access(q, os.W_OK | os.X_OK)
 
 
 def preflight(config: Any, workdir: str, command: str) -> None:
   """Everything about `workdir` the config alone can tell, before any work (raises ConfigError).
 
-  command "train": the workdir (or its parent) is writable, not a file, `checkpoints` is not a
-  file, and a checkpoint already in it was trained with a compatible config.
-  command "eval": it holds a complete checkpoint of a compatible config.
+  command "train": the workdir is a directory (or can be made one) we may write, not a file;
+  `checkpoints` is not a file; nobody else runs in it; a checkpoint already in it was trained
+  with the same fingerprinted config keys. command "eval": it holds a checkpoint of the same
+  config, and nobody else runs in it.
   """
-  del config, workdir, command  # filled in by the loop-reliability work
+  try:
+    p = path(workdir)
+    exists = p.exists()
+  except Exception as e:  # noqa: BLE001 - e.g. no filesystem backend for a bucket scheme
+    raise config_lib.ConfigError(f"--workdir {workdir}: cannot access it "
+                                 f"({type(e).__name__}: {e})") from e
+  if exists and not p.is_dir():
+    raise config_lib.ConfigError(f"--workdir {p} exists and is not a directory")
+  ckpt_dir = p / "checkpoints"
+  if ckpt_dir.exists() and not ckpt_dir.is_dir():
+    raise config_lib.ConfigError(f"--workdir {p}: {ckpt_dir} exists and is not a directory")
+  if is_local(p) and not _writable(p):
+    raise config_lib.ConfigError(f"--workdir {p} is not writable")
+  if command == "eval" and not ckpt_dir.is_dir():
+    raise config_lib.ConfigError(f"--workdir {p}: no checkpoints/ directory (train first)")
+  if _is_locked(p):
+    raise config_lib.ConfigError(f"--workdir {p} is in use by a running jmtl "
+                                 f"({_holder(p / LOCK_NAME)}); wait for it to finish or use "
+                                 f"another workdir")
+  if ckpt_dir.is_dir():
+    from jmtl.train import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+    found = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True).read_latest_meta()
+    if found is None:
+      if command == "eval":
+        raise config_lib.ConfigError(f"--workdir {p}: no complete checkpoint in {ckpt_dir}")
+      return
+    step, meta = found
+    check_config(meta, config, workdir=p, step=step, warn=False)

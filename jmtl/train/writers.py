@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import sys
 import time
 from collections.abc import Mapping, Sequence
 
 import tqdm
+from etils import epath
 
 
 def _clean(v: float | int) -> float | int | None:
@@ -42,30 +42,72 @@ def window_means(steps: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 
 class MetricWriter:
-  """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tb`)."""
+  """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tb`).
 
-  def __init__(self, workdir: str | os.PathLike[str], *, tensorboard: bool = True):
-    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+  `workdir` is an `etils.epath` path (local or a bucket). Locally each line is appended; a
+  bucket object cannot be appended to, so there the whole file is rewritten on each write (one
+  atomic object write; metrics files are small).
+  """
+
+  def __init__(self, workdir: str | os.PathLike[str] | epath.Path, *, tensorboard: bool = True):
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._local = "://" not in str(self.path)
+    self._lines: list[str] | None = None  # bucket: the file's lines, rewritten on each write
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tb"))
 
-  def truncate_after(self, step: int) -> None:
-    """Drops lines with `step` > `step` (left by a run killed after its last checkpoint)."""
-    if not self.path.exists():
+  def truncate_after(self, step: int, *, eval_before: int | None = None) -> None:
+    """Drops lines with `step` > `step` (left by a run killed after its last checkpoint), and
+    eval lines at steps >= `eval_before` (evaluations that will run again).
+
+    A line that is not valid JSON (torn by a kill mid-write) is dropped with a warning naming
+    its line number.
+    """
+    lines = self._read_lines()
+    if lines is None:
       return
-    kept = [line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    tmp = self.path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, self.path)
+    kept = []
+    for lineno, line in enumerate(lines, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        row_step = int(row["step"])
+      except (ValueError, KeyError, TypeError):
+        print(f"jmtl: warning: {self.path}:{lineno}: not a complete metrics line (a run was "
+              f"killed while writing it); dropped", file=sys.stderr, flush=True)
+        continue
+      if row_step > step:
+        continue
+      if eval_before is not None and row.get("split") == "eval" and row_step >= eval_before:
+        continue
+      kept.append(line)
+    self._replace(kept)
+
+  def _read_lines(self) -> list[str] | None:
+    if not self.path.exists():
+      return None
+    return self.path.read_text().splitlines()
+
+  def _replace(self, lines: list[str]) -> None:
+    from jmtl.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    workdir_lib.write_text_atomic(self.path, "".join(line + "\n" for line in lines))
+    if not self._local:
+      self._lines = list(lines)
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     row = {"step": int(step), "split": split}
     row.update({k: _clean(float(v)) for k, v in metrics.items()})
-    with self.path.open("a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row)
+    if self._local:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    else:
+      if self._lines is None:
+        self._lines = self._read_lines() or []
+      self._replace(self._lines + [line])
     if self._tb is not None:
       for k, v in metrics.items():
         if math.isfinite(float(v)):
