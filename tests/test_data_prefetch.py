@@ -151,23 +151,28 @@ def test_stop_iteration_ends_iteration():
     assert p.get_state() == 3
 
 
+def _prefetch_threads():
+  """Live prefetch threads (by name: other tests may leave unrelated threads finishing)."""
+  return [t for t in threading.enumerate() if t.name == "jmtl-prefetch"]
+
+
 def test_close_joins_thread_and_is_idempotent(setup):
-  before = threading.active_count()
+  before = len(_prefetch_threads())
   it = _iterator(setup)
   p = Prefetcher(it, depth=2)
   next(p)
   next(p)
-  assert threading.active_count() == before + 1
+  assert len(_prefetch_threads()) == before + 1
   p.close()
-  assert threading.active_count() == before
+  assert len(_prefetch_threads()) == before
   p.close()
-  assert threading.active_count() == before
+  assert len(_prefetch_threads()) == before
   with pytest.raises(RuntimeError, match="closed"):
     next(p)
   assert it.get_state()["step"] == 2  # set back from the read-ahead to what was consumed
   with Prefetcher(_iterator(setup)):
-    assert threading.active_count() == before + 1
-  assert threading.active_count() == before
+    assert len(_prefetch_threads()) == before + 1
+  assert len(_prefetch_threads()) == before
 
 
 def test_unclosed_prefetcher_does_not_hang_a_crashed_main(tmp_path):

@@ -25,8 +25,8 @@ Threading: the wrapped iterator is touched only by the worker thread while it ru
 `set_state`/`close` after they have stopped it). `jmtl.data.pipeline.TrainIterator` is not
 thread-safe -- `__next__` mutates `step`/`taken`, and `EpochShuffle` keeps a per-epoch
 permutation cache (a dict it evicts from) -- so while a Prefetcher wraps an iterator, use the
-iterator only through the Prefetcher: no direct `next()`, `get_state()` or `set_state()`.
-(grain `MapDataset` random access, numpy and the `tokenizers` library are safe off the main
+iterator only through the Prefetcher: no direct `next()`, `get_state()` or `set_state()`
+until `close()`, which sets it back to the consumed position. (grain `MapDataset` random access, numpy and the `tokenizers` library are safe off the main
 thread.) The worker waits on a condition variable, never in a polling loop; `close()` (also
 `__exit__`, and an interpreter-exit hook for prefetchers never closed) stops and joins it.
 """
