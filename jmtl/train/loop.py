@@ -46,6 +46,7 @@ from jmtl import config as config_lib
 from jmtl import optim
 from jmtl import tasks as task_registry
 from jmtl.data import pipeline
+from jmtl.data import prefetch
 from jmtl.data import sources
 from jmtl.data import tokenizer as tokenizer_lib
 from jmtl.eval import metrics as metrics_lib
@@ -327,6 +328,18 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
     logging.info("resumed from step %d", start)
     print(f"resumed from checkpoint at step {start}", flush=True)
 
+  # Batches are read ahead on a thread and copied to the devices while the step runs; the
+  # prefetcher's state is the position of the batches the loop has taken (exact resume).
+  put = None
+  if jax.process_count() == 1:
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    batch_sh = sharding_lib.batch_sharding(mesh, rules)
+
+    def put(b):
+      sharding_lib.check_batch(b, mesh, rules)  # rows that do not divide: a named error
+      return jax.device_put(b, batch_sh)
+  data_iter = prefetch.Prefetcher(data_iter, depth=2, put=put)
+
   total = config.train.steps
   split = config.data.eval_split
 
@@ -456,6 +469,7 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
         evaluate(step)
       paused += time.time() - t_pause
   finally:
+    data_iter.close()
     if progress is not None:
       progress.close()
     writer.close()
