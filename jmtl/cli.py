@@ -3,7 +3,7 @@
   jmtl train  --config configs/x.py --workdir DIR [--config.a.b=value ...]
   jmtl eval   --config configs/x.py --workdir DIR
   jmtl data   --config configs/x.py                 (record counts per task and split)
-  jmtl bench  step|data|optimizer --config configs/x.py [--json] [--out FILE]
+  jmtl bench  step|data|loop|optimizer --config configs/x.py [--json] [--out FILE]
   jmtl sweep  --config configs/optim_study.py --workdir DIR   (optimizer x lr x seed study)
   jmtl report optim --workdir DIR [--out DIR]                 (tables, ablation, loss curves)
   jmtl --help | jmtl CMD --help | jmtl --version
@@ -34,13 +34,13 @@ from jmtl.train import EvalError
 from jmtl.train import NonFiniteError
 
 COMMANDS = ("train", "eval", "data", "bench", "sweep", "report")
-BENCHES = ("step", "data", "optimizer")
+BENCHES = ("step", "data", "loop", "optimizer")
 REPORTS = ("optim",)
 COMMAND_USAGE = {
     "train": "jmtl train --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "eval": "jmtl eval --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "data": "jmtl data --config FILE [--config.KEY=VALUE ...]",
-    "bench": "jmtl bench {step,data,optimizer} --config FILE [--json] [--out FILE] "
+    "bench": "jmtl bench {step,data,loop,optimizer} --config FILE [--json] [--out FILE] "
              "[--config.KEY=VALUE ...]",
     "sweep": "jmtl sweep --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "report": "jmtl report optim --workdir DIR [--out DIR]",
@@ -49,8 +49,8 @@ COMMAND_HELP = {
     "train": "Train; resumes from the latest checkpoint in --workdir.",
     "eval": "Evaluate the latest checkpoint in --workdir; writes eval.json and predictions/.",
     "data": "Record counts per task and split, and a first training record (checks your data).",
-    "bench": "Benchmarks: train-step speed (step), input pipeline (data), optimizer updates "
-             "(optimizer).",
+    "bench": "Benchmarks: train-step speed (step), input pipeline (data), the step loop fed "
+             "from memory / synchronously / with prefetch (loop), optimizer updates (optimizer).",
     "sweep": "The optimizer study: optimizers x learning rates x seeds; writes sweep.json.",
     "report": "Tables, ablation and loss curves of a finished sweep.",
 }
@@ -221,6 +221,9 @@ def _bench(sub: str, config) -> dict:
   if sub == "data":
     from jmtl.bench.data import bench_data
     return bench_data(config)
+  if sub == "loop":
+    from jmtl.bench.loop import bench_loop
+    return bench_loop(config)
   from jmtl.bench.optimizer import bench_optimizer
   return bench_optimizer(config)
 

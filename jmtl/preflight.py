@@ -192,19 +192,6 @@ def check_init_from(config: ml_collections.ConfigDict, vocab_size: int | None) -
 
 
 def _workdir(config: ml_collections.ConfigDict, workdir: str, command: str) -> None:
-  """The run directory: not a file (nor under one); eval needs checkpoints; then the
-  workdir module's own checks (lock, checkpoint compatibility)."""
+  """The run directory: `jmtl.train.workdir.preflight` owns every rule about it."""
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
-
-  path = pathlib.Path(workdir)
-  if "://" not in workdir:  # local paths; bucket paths are the workdir module's business
-    for p in (path, *path.parents):
-      if p.exists() and not p.is_dir():
-        where = "" if p == path else f" (under {p}, a file)"
-        raise ConfigError(f"--workdir {workdir} is not a directory{where}")
-      if p.exists():
-        break
-  if command == "eval" and not (path / "checkpoints").is_dir():
-    raise ConfigError(f"--workdir {workdir}: no checkpoints/ directory (train first)")
   workdir_lib.preflight(config, workdir, command)
-

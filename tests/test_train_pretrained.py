@@ -8,6 +8,7 @@ import safetensors.numpy
 from flax import nnx
 
 from jmtl import config as config_lib
+from jmtl import preflight
 from jmtl.model import pretrained
 from jmtl.train import loop
 
@@ -52,7 +53,7 @@ def test_init_from_architecture_mismatch_is_a_config_error(tmp_path, data_dir):
   cfg = _config(ckpt)
   cfg.model.d_ff = 1024
   with pytest.raises(config_lib.ConfigError, match=r"'model.d_ff' = 1024 does not match"):
-    loop._prepare(cfg, tmp_path)
+    preflight.run(cfg, "train", str(tmp_path / "w"))
 
 
 def test_init_layers_loads_the_first_checkpoint_layers(tmp_path, data_dir):
@@ -79,5 +80,4 @@ def test_init_layers_errors(tmp_path, data_dir, layers, init_layers, match):
   cfg = _config(ckpt)
   cfg.model.layers, cfg.model.init_layers = layers, init_layers
   with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate(cfg, device_count=8)
-    loop._prepare(cfg, tmp_path)
+    preflight.run(cfg, "train", str(tmp_path / "w"))

@@ -128,25 +128,12 @@ def _prepare(config: ml_collections.ConfigDict, wd: epath.Path):
 
 
 def _init_from_pretrained(config, tokenizer, state, graphdef, shardings, tx):
-  """Loads a BERT-family checkpoint into the trunk; the checkpoint's architecture must match
-  (with `model.init_layers = N`: its first N encoder layers, and model.layers must be N)."""
-  path = config.model.init_from
-  want = pretrained.bert_model_config(path)
-  vocab = want.pop("vocab_size")
+  """Loads a BERT-family checkpoint into the trunk (with `model.init_layers = N`: its first N
+  encoder layers). That its architecture and vocabulary match the config is checked before
+  any work by `jmtl.preflight` (`check_init_from`)."""
+  del tokenizer
   n = config.model.init_layers
-  if n:
-    if n > want["layers"]:
-      raise config_lib.ConfigError(f"config key 'model.init_layers' = {n}: the checkpoint in "
-                                   f"{path} has only {want['layers']} encoder layers")
-    want["layers"] = n
-  for key, value in want.items():
-    if config.model[key] != value:
-      raise config_lib.ConfigError(f"config key 'model.{key}' = {config.model[key]!r} does not "
-                                   f"match the checkpoint in {path} ({value!r})")
-  if tokenizer.vocab_size != vocab:
-    raise config_lib.ConfigError(
-        f"config key 'data.tokenizer': vocabulary of {tokenizer.vocab_size} tokens does not match "
-        f"the checkpoint in {path} ({vocab}); use its vocab.txt")
+  path = config.model.init_from
   model = nnx.merge(graphdef, state.params, state.rest)
   pretrained.load_bert_into_trunk(model.trunk, path, first_layers=bool(n))
   _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -275,6 +262,8 @@ def _record_error(wd: epath.Path, step: int, what: str) -> str:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> dict[str, float]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns final eval.
 
+  Call `jmtl.preflight.run(config, "train", workdir)` first (the CLI does): it checks what the
+  config alone can tell, so that this function meets only data and run-time failures.
   Raises ConfigError (a user mistake: bad data, a checkpoint of another run, workdir in use),
   NonFiniteError (train.on_nonfinite = halt), CheckpointError (a save or restore failed),
   EvalError (an evaluation failed; its step is checkpointed), SystemExit(128 + signal) after

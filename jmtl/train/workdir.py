@@ -261,7 +261,13 @@ def preflight(config: Any, workdir: str, command: str) -> None:
     raise config_lib.ConfigError(f"--workdir {workdir}: cannot access it "
                                  f"({type(e).__name__}: {e})") from e
   if exists and not p.is_dir():
-    raise config_lib.ConfigError(f"--workdir {p} exists and is not a directory")
+    raise config_lib.ConfigError(f"--workdir {p} is not a directory")
+  if is_local(p):
+    for q in p.parents:  # a file above it: "not a directory", not "not writable"
+      if q.exists():
+        if not q.is_dir():
+          raise config_lib.ConfigError(f"--workdir {p} is not a directory (under {q}, a file)")
+        break
   ckpt_dir = p / "checkpoints"
   if ckpt_dir.exists() and not ckpt_dir.is_dir():
     raise config_lib.ConfigError(f"--workdir {p}: {ckpt_dir} exists and is not a directory")
