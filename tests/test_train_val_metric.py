@@ -1,10 +1,12 @@
 """The score the metric-driven optimizers see after an evaluation (`train.val_metric`)."""
 
+import math
 import types
 
 import pytest
 
 from jmtl import config as config_lib
+from jmtl import preflight
 from jmtl.defaults import base_config
 from jmtl.train import loop
 
@@ -30,6 +32,15 @@ def test_named_metric_and_first_task():
   assert _score("") == 80.0
 
 
-def test_unknown_metric_names_the_key():
-  with pytest.raises(config_lib.ConfigError, match="train.val_metric.*'mrpc/mcc'.*mean"):
-    _score("mrpc/mcc")
+def test_unknown_metric_is_refused_before_any_work():
+  """The preflight owns the name check (mrpc reports accuracy and f1, not mcc)."""
+  with pytest.raises(config_lib.ConfigError, match="train.val_metric.*'mrpc/mcc'"):
+    preflight.check_val_metric("mrpc/mcc", ["sst2", "mrpc"])
+
+
+def test_missing_or_nonfinite_score_is_nan():
+  """An unlabelled split reports no metric, a diverged model NaN: neither is a score to feed
+  the optimizer (the loop then keeps the previous one)."""
+  c = base_config()
+  assert math.isnan(loop._val_metric(c, TASKS, {"sst2/accuracy": 80.0}))
+  assert math.isnan(loop._val_metric(c, TASKS, {**METRICS, "mrpc/f1": float("nan")}))

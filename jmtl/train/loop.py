@@ -173,6 +173,12 @@ def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh, *,
           model, b, name, eval_cfg=config.eval, bos_id=tokenizer.bos_id,
           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     result = evaluate_lib.evaluate_task(es, forward, generate, tokenizer, config)
+    if not result.labelled:
+      logging.warning("task %s: split %r has no labels: predictions written, no metrics", name,
+                      config.data.eval_split)
+    if result.nonfinite:
+      logging.warning("task %s: %d eval examples have non-finite model outputs; its metrics "
+                      "are NaN", name, result.nonfinite)
     flat.update({f"{name}/{k}": v for k, v in result.metrics.items()})
     rows[name] = result.rows
   return flat, rows
