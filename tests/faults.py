@@ -74,7 +74,8 @@ class Job:
     except subprocess.TimeoutExpired:
       self.proc.kill()
       self.proc.wait()
-      raise AssertionError(f"timed out after {timeout} s: {self.argv}\n{self.err_path.read_text()[-3000:]}")
+      raise AssertionError(f"timed out after {timeout} s: {self.argv}\n"
+                           f"{self.err_path.read_text()[-3000:]}")
     return subprocess.CompletedProcess(self.argv, rc, self.out_path.read_text(),
                                        self.err_path.read_text())
 
@@ -217,6 +218,21 @@ def temporary_checkpoints(workdir: str | os.PathLike[str]) -> list[str]:
   return sorted(p.name for p in path.iterdir() if "tmp" in p.name)
 
 
+def assert_small_files_whole(workdir: str | os.PathLike[str]) -> None:
+  """config.json and tokenizer.json (and eval.json, when there) are complete JSON documents and
+  no `*.tmp` file (a half-done atomic write) is left anywhere in the workdir."""
+  workdir = pathlib.Path(workdir)
+  for name in ("config.json", "tokenizer.json", "eval.json"):
+    path = workdir / name
+    if name != "eval.json" or path.exists():
+      try:
+        json.loads(path.read_text())
+      except (OSError, ValueError) as e:
+        raise AssertionError(f"{path} is not a complete JSON document: {e}") from e
+  left = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*.tmp"))
+  assert not left, f"temporary files left in the workdir: {left}"
+
+
 def one_error_line(stderr: str) -> str:
   """stderr is exactly one line, starting with 'jmtl: ' (nothing else: no traceback, no absl
   or JAX warning); returns it."""
@@ -229,7 +245,8 @@ def one_error_line(stderr: str) -> str:
 def signal_step(text: str, sig: int = signal.SIGTERM) -> int:
   """N from the line `received signal SIG: saved checkpoint at step N, exiting` in `text`."""
   found = [m for m in SIGNAL_LINE.finditer(text) if int(m.group(1)) == sig]
-  assert found, f"no 'received signal {sig}: saved checkpoint at step N, exiting' line in:\n{text[-3000:]}"
+  assert found, (f"no 'received signal {sig}: saved checkpoint at step N, exiting' line in:\n"
+                 f"{text[-3000:]}")
   return int(found[-1].group(2))
 
 
