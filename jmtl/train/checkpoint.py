@@ -43,12 +43,13 @@ class Checkpointer:
     if not self.directory.is_absolute() and "://" not in str(directory):
       self.directory = epath.Path(self.directory.resolve())
     self.read_only = read_only
+    # A reader is a manager that neither creates, cleans, prunes nor saves (orbax's own
+    # read_only mode logs warnings on every use, which would break one-line error output).
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep,
         enable_async_checkpointing=not read_only,
         cleanup_tmp_directories=not read_only,
         create=not read_only,
-        read_only=read_only,
     )
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=("state", "data", "meta"))
@@ -70,6 +71,9 @@ class Checkpointer:
 
     Raises CheckpointError when this save cannot start or the previous one failed.
     """
+    if self.read_only:
+      raise CheckpointError(f"checkpoint save at step {step}: {self.directory} was opened "
+                            f"read-only")
     self.check()
     if step in self._mngr.all_steps():
       return

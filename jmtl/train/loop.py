@@ -181,6 +181,8 @@ def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh, *,
                       "are NaN", name, result.nonfinite)
     flat.update({f"{name}/{k}": v for k, v in result.metrics.items()})
     rows[name] = result.rows
+  if should_stop():  # a signal during the last task: the run stops, evaluation reruns on resume
+    return None
   return flat, rows
 
 
@@ -375,8 +377,14 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
       window.append({k: v for k, v in host.items() if k.startswith("train/") or k == "grad_norm"})
 
   def save(step: int) -> None:
-    ckpt.save(step, state, data_iter.get_state(),
-              {**meta, "window": _encode_window(window), "fingerprint": fp})
+    try:
+      ckpt.save(step, state, data_iter.get_state(),
+                {**meta, "window": _encode_window(window), "fingerprint": fp})
+    except CheckpointError:
+      raise
+    except OSError as e:
+      raise CheckpointError(f"checkpoint save at step {step} failed: {e} "
+                            f"({ckpt.directory})") from e
 
   def stop_now(step: int) -> None:
     """After a signal: the checkpoint of `step` is issued; wait until it is on disk, say so."""
