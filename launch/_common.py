@@ -166,3 +166,36 @@ def main_wrapper(fn, argv: list[str] | None = None) -> int:
   except LaunchError as e:
     print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
     return 2
+
+
+def positive(value: str) -> int:
+  """argparse type: an integer >= 1."""
+  try:
+    n = int(value)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+  return n
+
+
+def nonneg(value: str) -> int:
+  """argparse type: an integer >= 0."""
+  try:
+    n = int(value)
+  except ValueError:
+    n = -1
+  if n < 0:
+    raise argparse.ArgumentTypeError(f"{value!r} is not a non-negative integer")
+  return n
+
+
+def fraction(value: str) -> float:
+  """argparse type: a float in (0, 1]."""
+  try:
+    x = float(value)
+  except ValueError:
+    x = -1.0
+  if not 0.0 < x <= 1.0:
+    raise argparse.ArgumentTypeError(f"{value!r} is not in (0, 1]")
+  return x

@@ -13,7 +13,6 @@ share of each GPU's memory JAX preallocates (JAX's own default is 0.75).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,32 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 
-def _positive(value: str) -> int:
-  try:
-    n = int(value)
-  except ValueError:
-    n = 0
-  if n < 1:
-    raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
-  return n
-
-
-def _fraction(value: str) -> float:
-  try:
-    x = float(value)
-  except ValueError:
-    x = -1.0
-  if not 0.0 < x <= 1.0:
-    raise argparse.ArgumentTypeError(f"{value!r} is not in (0, 1]")
-  return x
 
 
 def parser() -> C.Parser:
   p = C.Parser(prog="gpu_node.py", description=__doc__.split("\n\n")[0])
   p.add_argument("--config", required=True)
   p.add_argument("--workdir", required=True)
-  p.add_argument("--gpus", type=_positive, help="use GPUs 0..N-1 (default: all visible)")
-  p.add_argument("--mem-fraction", type=_fraction, default=0.9,
+  p.add_argument("--gpus", type=C.positive, help="use GPUs 0..N-1 (default: all visible)")
+  p.add_argument("--mem-fraction", type=C.fraction, default=0.9,
                  help="XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.9)")
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="more environment for jmtl (repeatable)")

@@ -19,7 +19,6 @@ JAX_LOCAL_DEVICE_IDS=0,...,G-1 so that the one process of each node drives all G
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
@@ -28,41 +27,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 
-def _positive(value: str) -> int:
-  try:
-    n = int(value)
-  except ValueError:
-    n = 0
-  if n < 1:
-    raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
-  return n
-
-
-def _fraction(value: str) -> float:
-  try:
-    x = float(value)
-  except ValueError:
-    x = -1.0
-  if not 0.0 < x <= 1.0:
-    raise argparse.ArgumentTypeError(f"{value!r} is not in (0, 1]")
-  return x
 
 
 def parser() -> C.Parser:
   p = C.Parser(prog="slurm.py", description=__doc__.split("\n\n")[0])
-  p.add_argument("--nodes", type=_positive, required=True)
-  p.add_argument("--gpus-per-node", type=_positive, required=True)
+  p.add_argument("--nodes", type=C.positive, required=True)
+  p.add_argument("--gpus-per-node", type=C.positive, required=True)
   p.add_argument("--config", required=True, help="config path (relative to --chdir)")
   p.add_argument("--workdir", required=True, help="a directory every node can reach")
   p.add_argument("--job-name", default="jmtl")
   p.add_argument("--time", help="wall-clock limit, e.g. 04:00:00")
   p.add_argument("--partition")
   p.add_argument("--account")
-  p.add_argument("--cpus-per-task", type=_positive)
+  p.add_argument("--cpus-per-task", type=C.positive)
   p.add_argument("--chdir", default=str(C.REPO_ROOT),
                  help="working directory of the job (default: this checkout)")
   p.add_argument("--venv", help="virtualenv whose bin/jmtl to run (default: jmtl on PATH)")
-  p.add_argument("--mem-fraction", type=_fraction, default=0.9,
+  p.add_argument("--mem-fraction", type=C.fraction, default=0.9,
                  help="XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.9)")
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="more environment for jmtl (repeatable)")

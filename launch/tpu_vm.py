@@ -53,24 +53,6 @@ def _name(value: str) -> str:
   return value
 
 
-def _positive(value: str) -> int:
-  try:
-    n = int(value)
-  except ValueError:
-    n = 0
-  if n < 1:
-    raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
-  return n
-
-
-def _nonneg(value: str) -> int:
-  try:
-    n = int(value)
-  except ValueError:
-    n = -1
-  if n < 0:
-    raise argparse.ArgumentTypeError(f"{value!r} is not a non-negative integer")
-  return n
 
 
 def rq(arg: str) -> str:
@@ -223,7 +205,7 @@ def parser() -> C.Parser:
       sp.add_argument("--zone", required=True)
     sp.add_argument("--project", help="GCP project (default: gcloud's configured one)")
     if slices:
-      sp.add_argument("--num-slices", type=_positive, default=1,
+      sp.add_argument("--num-slices", type=C.positive, default=1,
                       help="slices (multislice when > 1); the same K for every subcommand")
     sp.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
 
@@ -262,8 +244,8 @@ def parser() -> C.Parser:
   lg = sub.add_parser("logs", help="tail one worker's log")
   common(lg)
   lg.add_argument("--worker", default="0", help="worker index, or 'all'")
-  lg.add_argument("--slice", type=_nonneg, default=0, help="which slice's node (multislice)")
-  lg.add_argument("--lines", type=_positive, default=100)
+  lg.add_argument("--slice", type=C.nonneg, default=0, help="which slice's node (multislice)")
+  lg.add_argument("--lines", type=C.positive, default=100)
   lg.add_argument("--follow", action="store_true", help="keep following (tail -F)")
 
   cb = sub.add_parser("copy-back", help="gcloud storage rsync the workdir to a local directory")

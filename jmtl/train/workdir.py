@@ -32,6 +32,7 @@ import ml_collections
 from etils import epath
 
 from jmtl import config as config_lib
+from jmtl.eval import predictions as predictions_lib
 
 # Keys a resumed run may change: cadence, evaluation and decoding, where the data lives (its
 # content is fingerprinted), how the devices are arranged (a restore reshards), and the length
@@ -168,23 +169,15 @@ def check_fingerprint(meta: Mapping[str, Any], current: Mapping[str, Any], *,
 
 
 def write_text_atomic(p: epath.Path, text: str) -> None:
-  """Writes `text` so a reader sees the old file or the whole new one: a temp file in the same
-  folder, fsynced, then renamed (local); one object write (buckets, atomic per object)."""
-  p.parent.mkdir(parents=True, exist_ok=True)
+  """Writes `text` so a reader sees the old file or the whole new one: locally through
+  `jmtl.eval.predictions.atomic_open` (temp file in the folder, fsync, rename); on a bucket as
+  one object write (atomic per object)."""
   if not is_local(p):
+    p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(text)
     return
-  tmp = epath.Path(f"{p}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, p)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
+  with predictions_lib.atomic_open(os.fspath(p)) as f:
+    f.write(text)
 
 
 def _holder(lock_path: epath.Path) -> str:
