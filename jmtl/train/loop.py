@@ -453,7 +453,8 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
       t_pause = time.time()
       if do_log:
         now = time.time()
-        tps = tokens / max(now - t_last - paused, 1e-9)
+        # NaN (written as null) for a window holding only the first, compiling step.
+        tps = tokens / max(now - t_last - paused, 1e-9) if tokens else math.nan
         tokens, t_last, paused, t_pause = 0, now, 0.0, now
         row = writers.window_means(window)
         window = []
