@@ -159,9 +159,25 @@ _key("data.batch_size", 32, "global batch in rows per step, all tasks together",
              lambda c: f"must be >= the number of tasks ({len(c.tasks)}) with data.mixing = "
                        f"'mixed'"),))
 _key("data.mixture", "proportional",
-     "task mixing rates: proportional to size, temperature (size^(1/T)), uniform, explicit",
-     choices=("proportional", "temperature", "uniform", "explicit"))
+     "task mixing rates: proportional to size, temperature (size^(1/T)), annealed_temperature "
+     "(size^(1/T(s)), 1/T linear over train.steps; Stickland & Murray 2019), unimax (uniform "
+     "split of train.steps * data.batch_size examples, each task capped at data.unimax_epochs "
+     "epochs; Chung et al. 2023), uniform, explicit",
+     choices=("proportional", "temperature", "annealed_temperature", "unimax", "uniform",
+              "explicit"),
+     rules=((lambda v, c: v != "annealed_temperature" or c.data.mixing == "task_per_batch",
+             "needs data.mixing = 'task_per_batch' (its rates change every step; 'mixed' "
+             "fixes the rows of each task for the whole run)"),))
 _key("data.temperature", 2.0, "mixture=temperature: rate ~ size^(1/T)", check=gt(0))
+_key("data.temperature_start", 1.0,
+     "mixture=annealed_temperature: T at step 0 (1 = proportional; Stickland & Murray's alpha = 1)",
+     check=gt(0))
+_key("data.temperature_end", 5.0,
+     "mixture=annealed_temperature: T at the last step (5 = Stickland & Murray's alpha = 0.2)",
+     check=gt(0))
+_key("data.unimax_epochs", 1.0,
+     "mixture=unimax: at most this many epochs of each task's train split (UniMax's N)",
+     check=gt(0))
 _key("data.rates", ml_collections.ConfigDict(), "mixture=explicit: {task: rate > 0}",
      check=(_rates_ok, "a dict {task: number > 0}"),
      rules=((lambda v, c: c.data.mixture != "explicit" or set(v) == set(c.tasks),

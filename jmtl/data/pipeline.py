@@ -8,9 +8,14 @@ Batch k of a task is random access (`stream[k]`), so the iterator state is just 
 the number of batches taken per task (JSON), and a restored iterator replays the same stream.
 
 Mixtures (T5/SeqIO): rate_t proportional to n_t ("proportional"), to n_t^(1/T)
-("temperature"), equal ("uniform") or `data.rates` ("explicit"), normalised to sum 1.
-`data.mixing="task_per_batch"`: step s draws one task with these rates from an RNG seeded by
-(seed, s). `"mixed"`: every step holds every task with rows from `rows_per_task`.
+("temperature"), equal ("uniform") or `data.rates` ("explicit"), normalised to sum 1; plus
+"annealed_temperature" (Stickland & Murray 2019: the exponent 1/T moves linearly over
+training, so the rates are a function of the step) and "unimax" (Chung et al. 2023,
+Algorithm 1: a uniform split of the example budget with a per-task epoch cap); see
+`mixture_rates`, `annealed_exponent` and `unimax_allocation`.
+`data.mixing="task_per_batch"`: step s draws one task with the rates of step s from an RNG
+seeded by (seed, s). `"mixed"`: every step holds every task with rows from `rows_per_task`
+(fixed rates only; annealed_temperature is refused there by a rule in `jmtl.defaults`).
 """
 
 from __future__ import annotations
@@ -30,14 +35,85 @@ from jmtl.tasks.base import Task, get_task
 _STATE_VERSION = 1
 
 
-def mixture_rates(data_cfg: Any, sizes: Mapping[str, int]) -> dict[str, float]:
-  """Normalised mixing rate per task from `data.mixture` and the train sizes n_t."""
+STEP_DEPENDENT_MIXTURES = frozenset({"annealed_temperature"})
+
+
+def annealed_exponent(t_start: float, t_end: float, step: int, total_steps: int) -> float:
+  """The exponent alpha(s) = 1/T(s) of annealed temperature sampling at step `s`.
+
+  Rule (Stickland & Murray 2019, "BERT and PALs: Projected Attention Layers for Efficient
+  Adaptation in Multi-Task Learning", ICML, "annealed sampling"; their run_multi_task.py,
+  `alpha = 1. - 0.8 * epoch / (num_train_epochs - 1)` with epoch from 0): task i is sampled
+  with p_i proportional to N_i^alpha, alpha = 1 - 0.8 (e - 1) / (E - 1) at epoch e = 1..E, i.e.
+  alpha moves *linearly* from 1 (proportional) to 0.2 (T = 5, near uniform). Here alpha moves
+  linearly from 1/T0 to 1/T1 (T0 = `data.temperature_start`, T1 = `data.temperature_end`)
+  over the steps s = 0 .. S-1 (S = `train.steps`) instead of over epochs, and stays at 1/T1
+  after step S-1 (clamped):
+
+    alpha(s) = 1/T0 + (1/T1 - 1/T0) * min(s, S-1) / (S-1)        (S = 1: alpha = 1/T1)
+
+  With the defaults T0 = 1, T1 = 5 this is exactly the paper's schedule, per step. Note that
+  it is 1/T, not T, that is linear (T(s) = 1/alpha(s) is not linear unless T0 = T1).
+  """
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+  a0, a1 = 1.0 / float(t_start), 1.0 / float(t_end)
+  if total_steps == 1:
+    return a1
+  frac = min(max(int(step), 0), total_steps - 1) / (total_steps - 1)
+  return a0 + (a1 - a0) * frac
+
+
+def unimax_allocation(sizes: Mapping[str, int], budget: float, max_epochs: float
+                      ) -> dict[str, float]:
+  """Examples allocated to each task by UniMax (Chung et al. 2023, "UniMax: Fairer and More
+  Effective Language Sampling for Large-Scale Multilingual Pretraining", ICLR, Algorithm 1).
+
+  Rule: visit the tasks in increasing order of size n_t (ties: the order of `sizes`, a stable
+  sort); with B the budget still unassigned and k the tasks not yet visited, the task gets
+  U_t = min(B / k, N * n_t) (a uniform share of what is left, capped at N epochs of the
+  task, N = `max_epochs`), and B <- B - U_t. What a capped task leaves over is thereby spread
+  uniformly over the larger tasks. The paper's sampling distribution is normalize(U)
+  (`mixture_rates`); it equals U / budget unless every task is capped (budget > N * sum n_t).
+
+  Implemented from the description of Algorithm 1 (the paper's text was not at hand) and
+  checked against the worked example of the `unimax_sampling` package (kgnlp/unimax).
+  """
+  if budget <= 0 or max_epochs <= 0:
+    raise ValueError(f"UniMax needs budget > 0 and max_epochs > 0, got {budget}, {max_epochs}")
+  order = sorted(sizes, key=lambda t: sizes[t])  # stable: ties keep the order of `sizes`
+  left, alloc = float(budget), {}
+  for i, t in enumerate(order):
+    share = left / (len(order) - i)
+    alloc[t] = min(share, float(max_epochs) * float(sizes[t]))
+    left -= alloc[t]
+  return {t: alloc[t] for t in sizes}
+
+
+def mixture_rates(data_cfg: Any, sizes: Mapping[str, int], *, step: int = 0,
+                  total_steps: int | None = None) -> dict[str, float]:
+  """Normalised mixing rate per task from `data.mixture` and the train sizes n_t.
+
+  `step` (the training step s) matters for "annealed_temperature" only; `total_steps` (S =
+  `train.steps`) is required by "annealed_temperature" (the schedule's length) and "unimax"
+  (budget = S * `data.batch_size` examples) and ignored by the others.
+  """
   names = list(sizes)
   mixture = data_cfg.mixture
+  if mixture in ("annealed_temperature", "unimax") and total_steps is None:
+    raise ValueError(f"data.mixture = {mixture!r} needs total_steps (train.steps)")
   if mixture == "proportional":
     raw = [float(sizes[t]) for t in names]
   elif mixture == "temperature":
     raw = [float(sizes[t]) ** (1.0 / float(data_cfg.temperature)) for t in names]
+  elif mixture == "annealed_temperature":
+    alpha = annealed_exponent(data_cfg.temperature_start, data_cfg.temperature_end, step,
+                              int(total_steps))
+    raw = [float(sizes[t]) ** alpha for t in names]
+  elif mixture == "unimax":
+    alloc = unimax_allocation(sizes, float(total_steps) * float(data_cfg.batch_size),
+                              float(data_cfg.unimax_epochs))
+    raw = [alloc[t] for t in names]
   elif mixture == "uniform":
     raw = [1.0] * len(names)
   elif mixture == "explicit":
@@ -47,8 +123,8 @@ def mixture_rates(data_cfg: Any, sizes: Mapping[str, int]) -> dict[str, float]:
       raise KeyError(f"data.rates has no rate for tasks {missing} (data.mixture='explicit')")
     raw = [float(rates[t]) for t in names]
   else:
-    raise ValueError(f"data.mixture must be proportional, temperature, uniform or explicit, "
-                     f"got {mixture!r}")
+    raise ValueError(f"data.mixture must be proportional, temperature, annealed_temperature, "
+                     f"unimax, uniform or explicit, got {mixture!r}")
   if any(r < 0 for r in raw) or sum(raw) <= 0:
     raise ValueError(f"mixture rates must be >= 0 with a positive sum, got {dict(zip(names, raw))}")
   total = sum(raw)
@@ -165,7 +241,12 @@ class TrainIterator:
       raise ValueError(f"data.mixing must be 'task_per_batch' or 'mixed', got {self.mixing!r}")
     recs = {t.name: (records[t.name] if records is not None else
                      sources.load_records(t, "train", data)) for t in self.tasks}
-    self.rates = mixture_rates(data, {t.name: len(recs[t.name]) for t in self.tasks})
+    self._data_cfg = data
+    self._sizes = {t.name: len(recs[t.name]) for t in self.tasks}
+    self._total_steps = int(config.train.steps)
+    if self.mixing == "mixed" and data.mixture in STEP_DEPENDENT_MIXTURES:
+      raise ValueError(f"data.mixture = {data.mixture!r} needs data.mixing = 'task_per_batch'")
+    self.rates = self.rates_at(0)  # the rates of every step unless the mixture is annealed
     if self.mixing == "mixed":
       rows = rows_per_task(self.rates, local)
     else:
@@ -180,10 +261,21 @@ class TrainIterator:
     self.step = 0
     self.taken = dict.fromkeys(self._names, 0)
 
+  def rates_at(self, step: int) -> dict[str, float]:
+    """The mixing rates of step `step`: a pure function of the step (and the config and train
+    sizes), so a restored iterator draws exactly what an uninterrupted one would."""
+    return mixture_rates(self._data_cfg, self._sizes, step=step, total_steps=self._total_steps)
+
   def task_for_step(self, step: int) -> str:
-    """The task of step `step` under task_per_batch mixing (same on every process)."""
+    """The task of step `step` under task_per_batch mixing (same on every process), drawn with
+    the rates of that step."""
+    if self._data_cfg.mixture in STEP_DEPENDENT_MIXTURES:
+      rates = self.rates_at(step)
+      p = np.array([rates[n] for n in self._names])
+    else:
+      p = self._p
     rng = np.random.default_rng([self.seed, step, 0x6A6D746C])
-    return self._names[int(rng.choice(len(self._names), p=self._p))]
+    return self._names[int(rng.choice(len(self._names), p=p))]
 
   def __iter__(self) -> "TrainIterator":
     return self
