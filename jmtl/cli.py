@@ -276,8 +276,14 @@ def run(argv: Sequence[str]) -> int:
 
   config = preflight.run(config, cmd, fv.workdir if cmd in ("train", "eval", "sweep") else None)
   if cmd == "train":
-    from jmtl.train.loop import train
-    train(config, fv.workdir)
+    from jmtl.train.loop import outputs_names, train
+    metrics = train(config, fv.workdir)
+    results, folder = outputs_names(config.data.eval_split)
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+    print(f"final evaluation ({config.data.eval_split}, step {config.train.steps}): "
+          f"{shown or 'no metrics (unlabelled split)'}; written to "
+          f"{pathlib.Path(fv.workdir, results)} and {pathlib.Path(fv.workdir, folder)}/",
+          flush=True)
   elif cmd == "eval":
     from jmtl.train.loop import evaluate_checkpoint
     result = evaluate_checkpoint(config, fv.workdir)

@@ -197,7 +197,7 @@ def _val_metric(config, tasks, metrics: dict[str, float]) -> float:
   return math.fsum(values) / len(values)
 
 
-def _outputs_names(split: str) -> tuple[str, str]:
+def outputs_names(split: str) -> tuple[str, str]:
   """(results file, predictions folder): the validation split's are the documented `eval.json`
   and `predictions/`; another split's carry its name, so they never overwrite those."""
   if split == "validation":
@@ -206,7 +206,7 @@ def _outputs_names(split: str) -> tuple[str, str]:
 
 
 def _write_outputs(wd: epath.Path, split: str, metrics: dict, rows: dict, step: int) -> None:
-  results, folder = _outputs_names(split)
+  results, folder = outputs_names(split)
   _write_json(wd / results, {"step": step, "split": split, **metrics})
   for name, task_rows in rows.items():
     _write_jsonl(wd / folder / f"{name}.jsonl", task_rows)
@@ -439,6 +439,7 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
         jax.block_until_ready(m)
         compile_s = time.time() - t_last
         tokens, t_last = 0, time.time()
+        progress.start_clock(step)
       else:
         tokens += _tokens(batch)
       drain(keep=1)  # the previous step's metrics: the device stays one step ahead

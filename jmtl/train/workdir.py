@@ -197,7 +197,11 @@ def lock(workdir: epath.Path, command: str) -> Iterator[None]:
     yield
     return
   import fcntl  # pylint: disable=import-outside-toplevel
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise config_lib.ConfigError(f"--workdir {workdir}: cannot create it ({e.strerror or e})"
+                                 ) from e
   lock_path = workdir / LOCK_NAME
   fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
   try:

@@ -134,6 +134,10 @@ class Progress:
     if mode == "bar":
       self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
+  def start_clock(self, step: int) -> None:
+    """Counts the ETA from here (after `step`): the first step's compilation is not a step."""
+    self._t0, self._s0 = time.time(), step
+
   def update(self, step: int, loss: float, tokens_per_s: float) -> None:
     if self.mode == "none":
       return
