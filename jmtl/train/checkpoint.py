@@ -25,9 +25,10 @@ from etils import epath
 from jmtl.train import CheckpointError
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 200) -> str:
   text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+  line = f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+  return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 class Checkpointer:
@@ -54,6 +55,19 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=("state", "data", "meta"))
     self._saving: int | None = None  # step of the save in flight, for error messages
+    if not read_only:
+      self._remove_incomplete()
+
+  def _remove_incomplete(self) -> None:
+    """Removes step directories without orbax's `_CHECKPOINT_METADATA` (a kill while orbax was
+    deleting an old step leaves part of one behind); newer steps are untouched."""
+    for step in self._mngr.all_steps():
+      step_dir = self.directory / str(step)
+      if step_dir.is_dir() and not (step_dir / "_CHECKPOINT_METADATA").exists():
+        print(f"jmtl: warning: removing {step_dir}: an incomplete checkpoint (a run was killed "
+              f"while deleting or writing it)", file=sys.stderr, flush=True)
+        step_dir.rmtree()
+    self._mngr.reload()
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -74,7 +88,7 @@ class Checkpointer:
     if self.read_only:
       raise CheckpointError(f"checkpoint save at step {step}: {self.directory} was opened "
                             f"read-only")
-    self.check()
+    self.wait()  # orbax waits for the previous save anyway; its failure is named with its step
     if step in self._mngr.all_steps():
       return
     try:
@@ -148,7 +162,7 @@ class Checkpointer:
         continue
       for s, e in failures:
         print(f"jmtl: warning: checkpoint at step {s} in {self.directory} cannot be restored "
-              f"({_first_line(e)}); resuming from step {step}", file=sys.stderr, flush=True)
+              f"({_first_line(e)}); using step {step}", file=sys.stderr, flush=True)
       if not self.read_only:
         for s in bad:
           self._mngr.delete(s)

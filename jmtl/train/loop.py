@@ -104,9 +104,14 @@ def _tokenizer(config, tasks, wd: epath.Path) -> tokenizer_lib.Tokenizer:
   """`data.tokenizer`, else `W/tokenizer.json` (resume), else one trained on the tasks' train
   text and written to `W/tokenizer.json` atomically (local or bucket)."""
   out = wd / tokenizer_lib.TOKENIZER_FILE
-  with _user_data_errors():
-    if not config.data.tokenizer and out.exists():
+  if not config.data.tokenizer and out.exists():
+    try:
       return tokenizer_lib.Tokenizer(tokenizers.Tokenizer.from_str(out.read_text()))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on a bad file
+      raise config_lib.ConfigError(
+          f"{out}: not a valid tokenizer file ({str(e).splitlines()[0] if str(e) else e!r}); "
+          f"restore it, or delete it to train the same tokenizer again") from e
+  with _user_data_errors():
     tok = tokenizer_lib.build_tokenizer(config, tasks, None)
   if not out.exists():
     workdir_lib.write_text_atomic(out, tok.backend.to_str())
@@ -174,8 +179,8 @@ def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh, *,
           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     result = evaluate_lib.evaluate_task(es, forward, generate, tokenizer, config)
     if not result.labelled:
-      logging.warning("task %s: split %r has no labels: predictions written, no metrics", name,
-                      config.data.eval_split)
+      print(f"jmtl: warning: task {name}: split {config.data.eval_split!r} has no labels: "
+            f"predictions written, no metrics", file=sys.stderr, flush=True)
     if result.nonfinite:
       logging.warning("task %s: %d eval examples have non-finite model outputs; its metrics "
                       "are NaN", name, result.nonfinite)
@@ -308,7 +313,7 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
   progress = None
 
   def check(step, meta):
-    workdir_lib.check_config(meta, config, workdir=wd, step=step, warn=False)
+    workdir_lib.check_config(meta, config, workdir=wd, step=step)
     workdir_lib.check_fingerprint(meta, fp, workdir=wd, step=step)
 
   # Bookkeeping that must survive a restart, saved as the checkpoint's `meta` item.
@@ -318,6 +323,7 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
   start = 0
   if restored is not None:
     start, state, data_state, saved = restored
+    workdir_lib.resume_warnings(saved, config, workdir=wd, step=start)
     data_iter.set_state(data_state)
     window = _decode_window(saved.pop("window", []))
     saved.pop("fingerprint", None)
@@ -504,11 +510,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
     found = ckpt.read_latest_meta()
     if found is None:
       raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in {ckpt_dir}")
-    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0], warn=False)
+    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
     mesh, tasks, tokenizer, _, state, graphdef, shardings = _prepare(config, wd)
-    restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state, shardings),
-                                   check=lambda s, m: workdir_lib.check_config(
-                                       m, config, workdir=wd, step=s, warn=False))
+    vocab = workdir_lib.digest_text(tokenizer.backend.to_str())
+
+    def check(step, meta):
+      workdir_lib.check_config(meta, config, workdir=wd, step=step)
+      workdir_lib.check_vocabulary(meta, vocab, workdir=wd, step=step)
+
+    restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state, shardings), check=check)
     ckpt.close()
     step, state = restored[0], restored[1]
     predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)

@@ -123,29 +123,41 @@ def config_differences(stored: Mapping[str, Any], config: ml_collections.ConfigD
 def _refuse(workdir: epath.Path, step: int, what: str) -> config_lib.ConfigError:
   return config_lib.ConfigError(
       f"--workdir {workdir} holds a checkpoint (step {step}) of a different run: {what}; "
-      f"resume with the same settings or use a new workdir")
+      f"use the settings it was trained with, or a new workdir")
 
 
 def check_config(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
-                 workdir: epath.Path, step: int, warn: bool = True) -> None:
-  """Raises ConfigError naming every fingerprinted key that differs from the checkpoint's.
+                 workdir: epath.Path, step: int) -> None:
+  """Raises ConfigError naming every fingerprinted key that differs from the checkpoint's, or
+  when the checkpoint's step is past `train.steps` (a run cannot be shortened below it).
 
-  Checkpoints written before fingerprints existed carry none; they resume with a warning (as
-  does a changed `train.steps`) when `warn`.
+  Checkpoints written before fingerprints existed carry none and are not checked
+  (`resume_warnings` says so).
   """
+  if step > config.train.steps:
+    raise config_lib.ConfigError(
+        f"--workdir {workdir} holds a checkpoint at step {step}, past train.steps = "
+        f"{config.train.steps}; set train.steps >= {step} or use a new workdir")
   fp = meta.get("fingerprint")
   if fp is None:
-    if not warn:
-      return
-    print(f"jmtl: warning: the checkpoint at step {step} in {workdir} records no config "
-          f"fingerprint (an older jmtl wrote it); resuming without checking the config",
-          file=sys.stderr, flush=True)
     return
   diffs = config_differences(fp["config"], config)
   if diffs:
     raise _refuse(workdir, step, "; ".join(diffs))
+
+
+def resume_warnings(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
+                    workdir: epath.Path, step: int) -> None:
+  """Once a checkpoint is accepted: warns (stderr) when it records no fingerprint or when
+  `train.steps` changed (the learning-rate schedule is then recomputed for the new total)."""
+  fp = meta.get("fingerprint")
+  if fp is None:
+    print(f"jmtl: warning: the checkpoint at step {step} in {workdir} records no config "
+          f"fingerprint (an older jmtl wrote it); resuming without checking the config",
+          file=sys.stderr, flush=True)
+    return
   old_steps = fp.get("steps")
-  if warn and old_steps is not None and old_steps != config.train.steps:
+  if old_steps is not None and old_steps != config.train.steps:
     print(f"jmtl: warning: train.steps changed {old_steps} -> {config.train.steps}: the "
           f"learning-rate schedule is recomputed for {config.train.steps} steps",
           file=sys.stderr, flush=True)
@@ -163,7 +175,14 @@ def check_fingerprint(meta: Mapping[str, Any], current: Mapping[str, Any], *,
     raise _refuse(workdir, step, "the training data of task "
                   + ", ".join(repr(t) for t in changed)
                   + " differ from what the checkpoint was trained on (data files changed)")
-  if fp.get("tokenizer") != current["tokenizer"]:
+  check_vocabulary(meta, current["tokenizer"], workdir=workdir, step=step)
+
+
+def check_vocabulary(meta: Mapping[str, Any], tokenizer_digest: str, *, workdir: epath.Path,
+                     step: int) -> None:
+  """Raises ConfigError when the vocabulary differs from the checkpoint's (train and eval)."""
+  fp = meta.get("fingerprint")
+  if fp is not None and fp.get("tokenizer") != tokenizer_digest:
     raise _refuse(workdir, step, "the vocabulary differs from the checkpoint's "
                   "(data.tokenizer or W/tokenizer.json changed)")
 
@@ -284,4 +303,4 @@ def preflight(config: Any, workdir: str, command: str) -> None:
         raise config_lib.ConfigError(f"--workdir {p}: no complete checkpoint in {ckpt_dir}")
       return
     step, meta = found
-    check_config(meta, config, workdir=p, step=step, warn=False)
+    check_config(meta, config, workdir=p, step=step)

@@ -76,8 +76,8 @@ class MetricWriter:
         row = json.loads(line)
         row_step = int(row["step"])
       except (ValueError, KeyError, TypeError):
-        print(f"jmtl: warning: {self.path}:{lineno}: not a complete metrics line (a run was "
-              f"killed while writing it); dropped", file=sys.stderr, flush=True)
+        print(f"jmtl: warning: {self.path}:{lineno}: not a complete metrics line (torn by a "
+              f"kill, or corrupted); dropped", file=sys.stderr, flush=True)
         continue
       if row_step > step:
         continue

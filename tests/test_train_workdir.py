@@ -1,0 +1,77 @@
+"""Refusals and repairs on an existing workdir (found by trying to break a finished run):
+a run cannot be shortened below its checkpoint, a broken W/tokenizer.json is named, `jmtl
+eval` refuses a vocabulary that is not the checkpoint's, and an incomplete step directory left
+by a kill during orbax's deletion of an old step is removed."""
+
+import json
+import shutil
+
+import pytest
+
+import faults
+
+pytestmark = pytest.mark.slow
+STEPS = ["--config.train.steps=8", "--config.train.checkpoint_every=4",
+         "--config.train.eval_every=0", "--config.train.keep_checkpoints=3"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_dir):
+  w = tmp_path_factory.mktemp("finished") / "w"
+  proc = faults.run(faults.cmd(w, *STEPS), faults.env(data_dir))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return w
+
+
+def _copy(finished, tmp_path):
+  w = tmp_path / "w"
+  shutil.copytree(finished, w)
+  return w
+
+
+def test_fewer_steps_than_the_checkpoint_is_refused(finished, tmp_path, data_dir):
+  w = _copy(finished, tmp_path)
+  before = (w / "eval.json").read_bytes()
+  proc = faults.run(faults.cmd(w, *STEPS, "--config.train.steps=6"),
+                    faults.env(data_dir))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  line = faults.one_error_line(proc.stderr)
+  assert "step 8" in line and "train.steps = 6" in line
+  assert (w / "eval.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("content", ["garbage\n", ""])
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_broken_tokenizer_file_is_named(finished, tmp_path, data_dir, content, command):
+  w = _copy(finished, tmp_path)
+  (w / "tokenizer.json").write_text(content)
+  proc = faults.run(faults.cmd(w, *STEPS, command=command), faults.env(data_dir))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  line = faults.one_error_line(proc.stderr)
+  assert "tokenizer.json" in line and "not a valid tokenizer file" in line
+
+
+def test_eval_refuses_another_vocabulary(finished, tmp_path, data_dir):
+  w = _copy(finished, tmp_path)
+  tok = json.loads((w / "tokenizer.json").read_text())
+  vocab = tok["model"]["vocab"]
+  word = next(t for t in vocab if t.isalpha() and len(t) > 3)
+  vocab[word + "zz"] = vocab.pop(word)  # still a valid file, another vocabulary
+  (w / "tokenizer.json").write_text(json.dumps(tok))
+  before = (w / "eval.json").read_bytes()
+  proc = faults.run(faults.cmd(w, *STEPS, command="eval"), faults.env(data_dir))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  line = faults.one_error_line(proc.stderr)
+  assert "vocabulary differs" in line
+  assert (w / "eval.json").read_bytes() == before
+
+
+def test_incomplete_step_directory_is_removed(finished, tmp_path, data_dir):
+  w = _copy(finished, tmp_path)
+  broken = w / "checkpoints" / "4"
+  (broken / "_CHECKPOINT_METADATA").unlink()  # what a kill during orbax's deletion leaves
+  proc = faults.run(faults.cmd(w, *STEPS, "--config.train.steps=12"),
+                    faults.env(data_dir))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "removing" in proc.stderr and str(broken) in proc.stderr
+  assert faults.checkpoint_steps(w) == [8, 12]
