@@ -283,7 +283,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
   saving on SIGTERM/SIGINT.
   """
   wd = workdir_lib.path(workdir)
-  with workdir_lib.lock(wd, "train"), _StopRequest() as stop:
+  with (workdir_lib.lock(wd, "train"), workdir_lib.background_errors_to_log(wd),
+        _StopRequest() as stop):
     return _train(config, wd, stop)
 
 

@@ -22,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_collections
+from absl import logging as absl_logging
 from etils import epath
 
 from jmtl import config as config_lib
@@ -197,6 +200,56 @@ def write_text_atomic(p: epath.Path, text: str) -> None:
     return
   with predictions_lib.atomic_open(os.fspath(p)) as f:
     f.write(text)
+
+
+class _ToErrorsLog(logging.Filter):
+  """Diverts ERROR records of Orbax and TensorStore (logged from their background threads, with
+  tracebacks) to W/errors.log: the run reports the failure itself, in one line."""
+
+  def __init__(self, log: epath.Path):
+    super().__init__()
+    self._log = log
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    path = record.pathname.replace("\\", "/")
+    if record.levelno >= logging.ERROR and ("/orbax/" in path or "/tensorstore/" in path):
+      try:
+        with self._log.open("a") as f:
+          f.write(logging.Formatter().format(record) + "\n")
+      except Exception:  # noqa: BLE001 - no log file (disk full): the run's own line reports it
+        pass
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def background_errors_to_log(workdir: epath.Path) -> Iterator[None]:
+  """While a run lasts: Orbax/TensorStore errors logged from background threads, and exceptions
+  Python cannot raise anywhere (`sys.unraisablehook`, e.g. TensorStore callbacks into a closed
+  event loop after a failed save), go to `W/errors.log` instead of the console (and are
+  dropped when even that file cannot be written, e.g. on a full disk: the run names the
+  failure itself, in one line)."""
+  log = workdir / "errors.log"
+  filt = _ToErrorsLog(log)
+  handlers = [absl_logging.get_absl_handler(), *logging.getLogger().handlers]
+  for h in handlers:
+    h.addFilter(filt)
+  previous = sys.unraisablehook
+
+  def unraisable(u):
+    try:
+      with log.open("a") as f:
+        f.write("".join(traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
+    except Exception:  # noqa: BLE001 - as above: never a second failure from the hook itself
+      pass
+
+  sys.unraisablehook = unraisable
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+    for h in handlers:
+      h.removeFilter(filt)
 
 
 def _holder(lock_path: epath.Path) -> str:

@@ -102,8 +102,11 @@ class MetricWriter:
     row.update({k: _clean(float(v)) for k, v in metrics.items()})
     line = json.dumps(row)
     if self._local:
-      with open(self.path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+      try:
+        with open(self.path, "a", encoding="utf-8") as f:
+          f.write(line + "\n")
+      except OSError as e:  # e.g. disk full: name the file (f.write's error names none)
+        raise OSError(e.errno, e.strerror, str(self.path)) from e
     else:
       if self._lines is None:
         self._lines = self._read_lines() or []
