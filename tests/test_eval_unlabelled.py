@@ -225,8 +225,7 @@ def test_squad_nan_outside_context_is_ignored():
 
 
 def test_real_sst2_test_split_is_unlabelled(data_dir):
-  if not (data_dir / "glue" / "SST-2" / "test.tsv").is_file():
-    pytest.skip("glue/SST-2/test.tsv not present")
+  assert (data_dir / "glue" / "SST-2" / "test.tsv").is_file(), "glue/SST-2/test.tsv is missing"
   cfg = defaults.base_config()
   cfg.data.dir = str(data_dir)
   records = sources.load_records("sst2", "test", cfg.data)

@@ -334,15 +334,14 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
 
   # Batches are read ahead on a thread and copied to the devices while the step runs; the
   # prefetcher's state is the position of the batches the loop has taken (exact resume).
-  put = None
-  if jax.process_count() == 1:
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    batch_sh = sharding_lib.batch_sharding(mesh, rules)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  batch_sh = sharding_lib.batch_sharding(mesh, rules)
 
-    def put(b):
-      sharding_lib.check_batch(b, mesh, rules)  # rows that do not divide: a named error
-      return jax.device_put(b, batch_sh)
-  data_iter = prefetch.Prefetcher(data_iter, depth=2, put=put)
+  def put(b):
+    sharding_lib.check_batch(b, mesh, rules)  # rows that do not divide: a named error
+    return jax.device_put(b, batch_sh)
+  data_iter = prefetch.Prefetcher(data_iter, depth=2,
+                                  put=put if jax.process_count() == 1 else None)
 
   total = config.train.steps
   split = config.data.eval_split
