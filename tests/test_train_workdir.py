@@ -75,3 +75,14 @@ def test_incomplete_step_directory_is_removed(finished, tmp_path, data_dir):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "removing" in proc.stderr and str(broken) in proc.stderr
   assert faults.checkpoint_steps(w) == [8, 12]
+
+
+def test_mixed_rows_that_do_not_split_over_the_shards_are_one_line(tmp_path, data_dir):
+  """Proportional mixing of SST-2 (67k rows) and RTE (2.5k) in 16 rows gives 15 / 1: RTE's one
+  row cannot be split over 2 batch shards (the preflight cannot tell without the data)."""
+  proc = faults.run(faults.cmd(tmp_path / "w", "--config.tasks=sst2,rte",
+                               "--config.data.mixing=mixed", "--config.data.max_train_examples=0",
+                               "--config.train.steps=2"), faults.env(data_dir))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  line = faults.one_error_line(proc.stderr)
+  assert "'rte': 1" in line and "2 batch shards" in line

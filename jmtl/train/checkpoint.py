@@ -55,12 +55,13 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=("state", "data", "meta"))
     self._saving: int | None = None  # step of the save in flight, for error messages
-    if not read_only:
-      self._remove_incomplete()
 
-  def _remove_incomplete(self) -> None:
+  def remove_incomplete(self) -> None:
     """Removes step directories without orbax's `_CHECKPOINT_METADATA` (a kill while orbax was
-    deleting an old step leaves part of one behind); newer steps are untouched."""
+    deleting an old step leaves part of one behind). Call once the workdir's checkpoint is
+    accepted (never on a reader)."""
+    if self.read_only:
+      return
     for step in self._mngr.all_steps():
       step_dir = self.directory / str(step)
       if step_dir.is_dir() and not (step_dir / "_CHECKPOINT_METADATA").exists():

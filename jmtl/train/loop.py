@@ -102,7 +102,7 @@ def _user_data_errors():
 
 def _tokenizer(config, tasks, wd: epath.Path) -> tokenizer_lib.Tokenizer:
   """`data.tokenizer`, else `W/tokenizer.json` (resume), else one trained on the tasks' train
-  text and written to `W/tokenizer.json` atomically (local or bucket)."""
+  text (`train` writes it to `W/tokenizer.json` once the workdir's checkpoint is accepted)."""
   out = wd / tokenizer_lib.TOKENIZER_FILE
   if not config.data.tokenizer and out.exists():
     try:
@@ -112,10 +112,7 @@ def _tokenizer(config, tasks, wd: epath.Path) -> tokenizer_lib.Tokenizer:
           f"{out}: not a valid tokenizer file ({str(e).splitlines()[0] if str(e) else e!r}); "
           f"restore it, or delete it to train the same tokenizer again") from e
   with _user_data_errors():
-    tok = tokenizer_lib.build_tokenizer(config, tasks, None)
-  if not out.exists():
-    workdir_lib.write_text_atomic(out, tok.backend.to_str())
-  return tok
+    return tokenizer_lib.build_tokenizer(config, tasks, None)
 
 
 def _prepare(config: ml_collections.ConfigDict, wd: epath.Path):
@@ -268,7 +265,7 @@ def _record_error(wd: epath.Path, step: int, what: str) -> str:
       f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: {what}\n")
       f.write(traceback.format_exc())
     return f"; traceback in {wd / 'errors.log'}"
-  except OSError:
+  except Exception:  # noqa: BLE001 - never hide the evaluation's own error behind this one
     return ""
 
 
@@ -290,27 +287,57 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
 
 def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
            ) -> dict[str, float]:
+  """Runs `_train_with`, then closes what it opened, whatever happened: its closers (prefetch
+  thread, metric writer, progress display), then the checkpointer last, which waits for the
+  saves in flight (an error above still leaves them committed). The first error wins; later
+  ones are printed as warnings."""
   ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", keep=config.train.keep_checkpoints)
+  closers: list = [ckpt.close]
+  try:
+    return _train_with(config, wd, stop, ckpt, closers)
+  finally:
+    failure = sys.exc_info()[1]
+    for close in reversed(closers):
+      try:
+        close()
+      except Exception as e:  # noqa: BLE001 - every closer runs; the first error is raised
+        if failure is None:
+          failure = e
+        else:
+          print(f"jmtl: warning: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    if failure is not None and sys.exc_info()[1] is None:
+      raise failure
+
+
+def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest,
+                ckpt: checkpoint_lib.Checkpointer, closers: list) -> dict[str, float]:
+  """The body of `train`; everything opened is registered in `closers` (closed by `_train`)."""
   found = ckpt.read_latest_meta()
   if found is not None:  # refuse another run's checkpoint before any work or any write
     workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
-  workdir_lib.write_text_atomic(wd / "config.json", config_lib.to_json(config) + "\n")
 
   mesh, tasks, tokenizer, tx, state, graphdef, shardings = _prepare(config, wd)
   train_step = step_lib.make_train_step(graphdef, tx, {t.name: t.kind for t in tasks}, config,
                                         shardings, mesh)
   predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
   with _user_data_errors():
     records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
     data_iter = pipeline.train_iterator(config, tasks, tokenizer,
                                         process_index=jax.process_index(),
                                         process_count=jax.process_count(), records=records)
+  shards = sharding_lib.batch_shards(mesh, rules)
+  uneven = {t: r for t, r in data_iter.rows.items() if r % shards}
+  if uneven:  # mixed batches: each task's rows must split over the batch shards
+    raise config_lib.ConfigError(
+        f"config keys 'data.mixture' / 'data.batch_size': the mixture gives rows per task "
+        f"{dict(data_iter.rows)}, and {uneven} do not divide over the {shards} batch shards "
+        f"(mesh data x fsdp); change data.batch_size, the mixture, or the mesh")
   fp = workdir_lib.fingerprint(
       config, data={n: workdir_lib.digest_records(r) for n, r in records.items()},
       tokenizer=workdir_lib.digest_text(tokenizer.backend.to_str()))
   del records
   eval_sets = _eval_sets(config, tasks, tokenizer)
-  writer = writers.MetricWriter(wd)
   progress = None
 
   def check(step, meta):
@@ -332,9 +359,16 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
     logging.info("resumed from step %d", start)
     print(f"resumed from checkpoint at step {start}", flush=True)
 
+  # The workdir is this run's now: only from here on is anything written into it.
+  ckpt.remove_incomplete()
+  workdir_lib.write_text_atomic(wd / "config.json", config_lib.to_json(config) + "\n")
+  if not (wd / tokenizer_lib.TOKENIZER_FILE).exists():
+    workdir_lib.write_text_atomic(wd / tokenizer_lib.TOKENIZER_FILE, tokenizer.backend.to_str())
+  writer = writers.MetricWriter(wd)
+  closers.append(writer.close)
+
   # Batches are read ahead on a thread and copied to the devices while the step runs; the
   # prefetcher's state is the position of the batches the loop has taken (exact resume).
-  rules = tuple(tuple(r) for r in config.mesh.rules)
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
 
   def put(b):
@@ -342,6 +376,7 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
     return jax.device_put(b, batch_sh)
   data_iter = prefetch.Prefetcher(data_iter, depth=2,
                                   put=put if jax.process_count() == 1 else None)
+  closers.append(data_iter.close)
 
   total = config.train.steps
   split = config.data.eval_split
@@ -380,6 +415,8 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
               f"{'step ' + str(kept) if kept else 'none'} in {ckpt.directory}")
         meta["skipped"] += 1
         logging.warning("step %d: non-finite loss or gradient%s; update skipped", s, where)
+        # A skipped step's losses stay out of the window means, even where finite.
+        host = {k: (math.nan if k.startswith("train/") else v) for k, v in host.items()}
       window.append({k: v for k, v in host.items() if k.startswith("train/") or k == "grad_norm"})
 
   def save(step: int) -> None:
@@ -411,6 +448,7 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
       raise
     except Exception as e:  # noqa: BLE001 - named, with the traceback kept in W/errors.log
       where = _record_error(wd, step, "evaluation failed")
+      ckpt.wait()  # the message says the step's checkpoint is kept: make it true first
       raise EvalError(f"evaluation at step {step} failed: {type(e).__name__}: {e}; the "
                       f"checkpoint at step {step} is kept, run again to evaluate{where}") from e
     if out is None:
@@ -427,70 +465,58 @@ def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
       final_metrics = metrics
       _write_outputs(wd, split, metrics, rows, step)
 
-  try:
-    if stop.signal is not None:  # a signal during set-up: nothing new to save
-      print(f"received signal {stop.signal} before the first step: nothing to save "
-            f"(latest checkpoint: {start or 'none'}), exiting", flush=True)
-      raise SystemExit(128 + stop.signal)
-    if eval_again:
-      evaluate(start)
-    progress = writers.Progress(total, start, config.train.progress)
-    tokens, t_last, paused = 0, time.time(), 0.0  # paused: eval/checkpoint time, not step time
-    for step in range(start + 1, total + 1):
-      batch = _global(next(data_iter), mesh, config)
-      state, m = train_step(state, batch, jnp.float32(meta["val_metric"]),
-                            jnp.int32(meta["val_count"]))
-      pending.append((step, m))
-      if compile_s is None:  # this process's first step: compilation + one step, timed apart
-        jax.block_until_ready(m)
-        compile_s = time.time() - t_last
-        tokens, t_last = 0, time.time()
-        progress.start_clock(step)
-      else:
-        tokens += _tokens(batch)
-      drain(keep=1)  # the previous step's metrics: the device stays one step ahead
-      ckpt.check()  # a failed background save stops the run now, naming its step
+  if stop.signal is not None:  # a signal during set-up: nothing new to save
+    print(f"received signal {stop.signal} before the first step: nothing to save "
+          f"(latest checkpoint: {start or 'none'}), exiting", flush=True)
+    raise SystemExit(128 + stop.signal)
+  if eval_again:
+    evaluate(start)
+  progress = writers.Progress(total, start, config.train.progress)
+  closers.append(progress.close)
+  tokens, t_last, paused = 0, time.time(), 0.0  # paused: eval/checkpoint time, not step time
+  for step in range(start + 1, total + 1):
+    batch = _global(next(data_iter), mesh, config)
+    state, m = train_step(state, batch, jnp.float32(meta["val_metric"]),
+                          jnp.int32(meta["val_count"]))
+    pending.append((step, m))
+    if compile_s is None:  # this process's first step: compilation + one step, timed apart
+      jax.block_until_ready(m)
+      compile_s = time.time() - t_last
+      tokens, t_last = 0, time.time()
+      progress.start_clock(step)
+    else:
+      tokens += _tokens(batch)
+    drain(keep=1)  # the previous step's metrics: the device stays one step ahead
+    ckpt.check()  # a failed background save stops the run now, naming its step
 
-      stopping = stop.signal is not None  # the one read of the stop flag for this step
-      do_eval = is_eval_step(step)
-      do_log = step % config.train.log_every == 0 or step == total
-      do_save = step % config.train.checkpoint_every == 0 or do_eval or stopping
-      if do_log or do_save:
-        drain(keep=0)
-      t_pause = time.time()
-      if do_log:
-        now = time.time()
-        # NaN (written as null) for a window holding only the first, compiling step.
-        tps = tokens / max(now - t_last - paused, 1e-9) if tokens else math.nan
-        tokens, t_last, paused, t_pause = 0, now, 0.0, now
-        row = writers.window_means(window)
-        window = []
-        row["train/tokens_per_s"] = tps
-        row["train/skipped_steps"] = meta["skipped"]
-        if compile_s is not None and compile_s >= 0:
-          row["train/compile_s"] = compile_s
-          compile_s = -1.0  # logged once per process
-        writer.write(step, "train", row)
-        progress.update(step, row["train/loss"], tps)
-      if do_save:
-        save(step)
-      if stopping:
-        stop_now(step)
-      if do_eval:
-        evaluate(step)
-      paused += time.time() - t_pause
-  finally:
-    data_iter.close()
-    if progress is not None:
-      progress.close()
-    writer.close()
-    failure = sys.exc_info()[1]
-    try:
-      ckpt.close()  # waits for pending saves: an error above still leaves them committed
-    except CheckpointError as e:
-      if failure is None:
-        raise
-      print(f"jmtl: warning: {e}", file=sys.stderr, flush=True)
+    stopping = stop.signal is not None  # the one read of the stop flag for this step
+    do_eval = is_eval_step(step)
+    do_log = step % config.train.log_every == 0 or step == total
+    do_save = step % config.train.checkpoint_every == 0 or do_eval or stopping
+    if do_log or do_save:
+      drain(keep=0)
+    t_pause = time.time()
+    if do_log:
+      now = time.time()
+      # NaN (written as null) for a window holding only the first, compiling step.
+      tps = tokens / max(now - t_last - paused, 1e-9) if tokens else math.nan
+      tokens, t_last, paused, t_pause = 0, now, 0.0, now
+      row = writers.window_means(window)
+      window = []
+      row["train/tokens_per_s"] = tps
+      row["train/skipped_steps"] = meta["skipped"]
+      if compile_s is not None and compile_s >= 0:
+        row["train/compile_s"] = compile_s
+        compile_s = -1.0  # logged once per process
+      writer.write(step, "train", row)
+      progress.update(step, row["train/loss"], tps)
+    if do_save:
+      save(step)
+    if stopping:
+      stop_now(step)
+    if do_eval:
+      evaluate(step)
+    paused += time.time() - t_pause
   return final_metrics
 
 

@@ -162,7 +162,8 @@ def resume_warnings(meta: Mapping[str, Any], config: ml_collections.ConfigDict, 
   old_steps = fp.get("steps")
   if old_steps is not None and old_steps != config.train.steps:
     print(f"jmtl: warning: train.steps changed {old_steps} -> {config.train.steps}: the "
-          f"learning-rate schedule is recomputed for {config.train.steps} steps",
+          f"learning-rate schedule (and annealed_temperature / unimax task rates) is "
+          f"recomputed for {config.train.steps} steps",
           file=sys.stderr, flush=True)
 
 
