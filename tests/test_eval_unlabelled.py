@@ -133,15 +133,7 @@ def test_compute_rejects_nonfinite_correlation_inputs(metric):
 
 # ------------------------------------------------------------------ SQuAD
 
-CONTEXT = "Denver Broncos beat the Carolina Panthers in Super Bowl 50 ."
-
-
-def _word_offsets(text):
-  out, pos = [], 0
-  for w in text.split(" "):
-    out.append((pos, pos + len(w)))
-    pos += len(w) + 1
-  return out
+from test_eval_squad import CONTEXT, _word_offsets  # noqa: E402  (the same toy passage)
 
 
 # Position 0 is [CLS] (offset None), positions 1..11 are the 11 context words.

@@ -103,21 +103,21 @@ class Checkpointer:
                             f"({self.directory})") from e
     self._saving = step
 
-  def check(self) -> None:
-    """Raises CheckpointError if a background save has failed (does not block)."""
+  def _background(self, call: Callable[[], Any]) -> None:
+    """Runs an orbax call that reports a failed background save; names that save's step."""
     try:
-      self._mngr.check_for_errors()
-    except Exception as e:  # noqa: BLE001
+      call()
+    except Exception as e:  # noqa: BLE001 - whatever orbax raises, it is this save's failure
       raise CheckpointError(f"checkpoint save at step {self._saving} failed: {_first_line(e)} "
                             f"({self.directory})") from e
 
+  def check(self) -> None:
+    """Raises CheckpointError if a background save has failed (does not block)."""
+    self._background(self._mngr.check_for_errors)
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed; CheckpointError if one failed."""
-    try:
-      self._mngr.wait_until_finished()
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint save at step {self._saving} failed: {_first_line(e)} "
-                            f"({self.directory})") from e
+    self._background(self._mngr.wait_until_finished)
     self.check()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:

@@ -338,7 +338,6 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRe
       tokenizer=workdir_lib.digest_text(tokenizer.backend.to_str()))
   del records
   eval_sets = _eval_sets(config, tasks, tokenizer)
-  progress = None
 
   def check(step, meta):
     workdir_lib.check_config(meta, config, workdir=wd, step=step)
