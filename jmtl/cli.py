@@ -278,6 +278,8 @@ def run(argv: Sequence[str]) -> int:
   if cmd == "train":
     from jmtl.train.loop import outputs_names, train
     metrics = train(config, fv.workdir)
+    if not _primary():  # process 0 of a multi-host run wrote the outputs and says so
+      return 0
     results, folder = outputs_names(config.data.eval_split)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"final evaluation ({config.data.eval_split}, step {config.train.steps}): "
@@ -287,7 +289,8 @@ def run(argv: Sequence[str]) -> int:
   elif cmd == "eval":
     from jmtl.train.loop import evaluate_checkpoint
     result = evaluate_checkpoint(config, fv.workdir)
-    print(json.dumps(result, indent=2, sort_keys=True))
+    if _primary():
+      print(json.dumps(result, indent=2, sort_keys=True))
   elif cmd == "data":
     print(describe_data(config))
   elif cmd == "sweep":
@@ -305,6 +308,11 @@ def run(argv: Sequence[str]) -> int:
       for k, v in result.items():
         print(f"{k:>28}: {v}")
   return 0
+
+
+def _primary() -> bool:
+  from jmtl.parallel import distributed  # noqa: PLC0415 (imports jax)
+  return distributed.is_primary()
 
 
 # errno values that mean the machine, not the command line, is at fault (exit 1).

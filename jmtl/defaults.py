@@ -310,6 +310,25 @@ _key("mesh.rules", (
      check=(_mesh_rules_ok, f"pairs (logical axis, mesh axes or None) over mesh axes "
                             f"{', '.join(MESH_AXES)}"))
 
+_key("mesh.dcn_data", 1,
+     "slices (TPU multislice: data-center network) the data axis spans; the data axis is "
+     "dcn_data x (its part inside a slice), slice boundaries outermost (a hybrid mesh); 1 = one "
+     "slice", check=ge(1),
+     rules=((lambda v, c: v == 1 or c.mesh.data == -1 or c.mesh.data % v == 0,
+             "must divide mesh.data = {c.mesh.data}"),))
+
+# ------------------------------------------------------------------ multi-host
+_key("dist.initialize", False,
+     "join a multi-host run with jax.distributed.initialize (one process per host); the "
+     "dist.* values left empty are detected by JAX (Cloud TPU, Slurm, Open MPI)")
+_key("dist.coordinator_address", "", "host:port of process 0's coordinator; '' = detected")
+_key("dist.num_processes", 0, "processes in the run; 0 = detected", check=ge(0))
+_key("dist.process_id", -1, "this process's index; -1 = detected", check=ge(-1),
+     rules=((lambda v, c: v < 0 or c.dist.num_processes == 0 or v < c.dist.num_processes,
+             "must be < dist.num_processes = {c.dist.num_processes}"),))
+_key("dist.initialization_timeout_s", 300,
+     "seconds to wait for every process to join; 0 = JAX's default", check=ge(0))
+
 # ------------------------------------------------------------------ training
 _key("train.steps", 1000, "optimizer steps", check=ge(1))
 _key("train.log_every", 50, "steps between train lines of metrics.jsonl", check=ge(1))

@@ -35,6 +35,10 @@ COMMANDS = ("train", "eval", "data", "sweep", "bench")
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 
+# Commands that join a multi-host run when `dist.initialize` is set.
+DISTRIBUTED_COMMANDS = ("train", "eval")
+
+
 def run(config: ml_collections.ConfigDict, command: str,
         workdir: str | None) -> ml_collections.ConfigDict:
   """Checks `config` for `command` (one of COMMANDS) with run directory `workdir` (None for
@@ -44,8 +48,10 @@ def run(config: ml_collections.ConfigDict, command: str,
 
   if command not in COMMANDS:
     raise ValueError(f"preflight: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
-  config = config_lib.validate(config, device_count=jax.device_count(),
-                               check_files=command != "bench")
+  config = config_lib.validate(config, check_files=command != "bench")
+  if command in DISTRIBUTED_COMMANDS:
+    _join(config)
+  config_lib.check_mesh(config, jax.device_count())
   tasks = _tasks(config)
   _optimizer(config)
   shards = _mesh(config)
@@ -60,6 +66,20 @@ def run(config: ml_collections.ConfigDict, command: str,
   if workdir is not None and command in ("train", "eval", "sweep"):
     _workdir(config, workdir, command)
   return config
+
+
+def _join(config: ml_collections.ConfigDict) -> None:
+  """Joins a multi-host run (`dist.initialize`) before anything counts devices; a coordinator
+  that cannot be reached is one line naming the `dist.*` keys (exit 2)."""
+  from jmtl.parallel import distributed  # noqa: PLC0415
+  try:
+    distributed.initialize(config.dist)
+  except Exception as e:  # noqa: BLE001 - JAX raises RuntimeError/ValueError/XlaRuntimeError
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise ConfigError(
+        f"config keys 'dist.*' (coordinator_address={config.dist.coordinator_address!r}, "
+        f"num_processes={config.dist.num_processes}, process_id={config.dist.process_id}): "
+        f"jax.distributed.initialize failed: {first}") from e
 
 
 def _tasks(config: ml_collections.ConfigDict) -> list[Any]:

@@ -136,28 +136,33 @@ def test_mixed_rows():
 
 
 @pytest.mark.parametrize("mixing", ["task_per_batch", "mixed"])
-def test_process_slices_disjoint_and_cover(mixing):
+def test_process_rows_disjoint_and_cover(mixing):
   c = _config(mixing=mixing, mixture="uniform")
   tasks = ("sst2", "cola")
   whole = _it(c, tasks)
-  parts = [_it(c, tasks, process_index=p, process_count=2) for p in range(2)]
+  # Two processes, each reading one contiguous half of every global batch (as a batch sharding
+  # over devices ordered by process gives), and one reading the odd rows only.
+  halves_of = [lambda n: range(0, n // 2), lambda n: range(n // 2, n)]
+  parts = [_it(c, tasks, local_rows=f, fixed_length=True) for f in halves_of]
+  odd = _it(c, tasks, local_rows=lambda n: range(1, n, 2), fixed_length=True)
   for _ in range(12):
     w = next(whole)
     halves = [next(p) for p in parts]
-    assert halves[0].keys() == halves[1].keys() == w.keys()  # same task(s) on every process
+    odd_rows = next(odd)
+    assert halves[0].keys() == halves[1].keys() == odd_rows.keys() == w.keys()
     for t in w:
-      # Global stream element e goes to process e % 2: row 2j+p of the whole batch is row j
-      # of process p, so the two slices are disjoint and together give the whole batch.
-      for p in range(2):
-        half, whole_rows = halves[p][t], {k: v[p::2] for k, v in w[t].items()}
-        np.testing.assert_array_equal(half["index"], whole_rows["index"])
-        # Several processes pad to the task max (16); the single process buckets (8 or 16).
+      n = w[t]["index"].shape[0]
+      expected = [{k: v[:n // 2] for k, v in w[t].items()}, {k: v[n // 2:] for k, v in w[t].items()}]
+      for half, want in zip((halves[0][t], halves[1][t]), expected):
+        np.testing.assert_array_equal(half["index"], want["index"])
+        # fixed_length pads to the task max (16); the whole batch is bucketed (8 or 16).
         assert half["input_ids"].shape[1] == 16
-        width = whole_rows["input_ids"].shape[1]
-        np.testing.assert_array_equal(half["input_ids"][:, :width], whole_rows["input_ids"])
+        width = want["input_ids"].shape[1]
+        np.testing.assert_array_equal(half["input_ids"][:, :width], want["input_ids"])
         assert not half["attention_mask"][:, width:].any()
-  with pytest.raises(ValueError, match="not divisible"):
-    _it(_config(batch_size=9), process_count=2)
+      np.testing.assert_array_equal(odd_rows[t]["index"], w[t]["index"][1::2])
+  with pytest.raises(ValueError, match="local_rows"):
+    _it(c, tasks, local_rows=lambda n: range(n, n + 2))
 
 
 def test_eval_batches_padding_and_meta():

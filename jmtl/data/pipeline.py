@@ -1,9 +1,13 @@
 """grain input pipelines: per-task MapDataset streams, task mixtures, eval batches.
 
-Per task: records -> seeded shuffle, reshuffled every epoch -> this process's slice
-(`[process_index::process_count]`) -> featurize -> batch (pad to the smallest
-`data.length_buckets` entry that fits the longest row, capped by the task's max length; with
-more than one process, to the task's max length so that all processes agree on shapes).
+Per task: records -> seeded shuffle, reshuffled every epoch -> global batch k = stream
+elements [k R, (k+1) R) -> the rows of it this process holds (`local_rows`, derived by the
+trainer from the batch sharding; all rows with one process) -> featurize -> pad (to the
+smallest `data.length_buckets` entry that fits the longest row, capped by the task's max
+length; with `fixed_length`, as on several processes, which cannot see each other's rows, to
+the task's max length so that all processes agree on shapes). The global batches are the same
+whatever the process count, so a run's data (and its checkpointed position) does not depend on
+how many processes read it.
 Batch k of a task is random access (`stream[k]`), so the iterator state is just the step and
 the number of batches taken per task (JSON), and a restored iterator replays the same stream.
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import sys
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -151,6 +155,16 @@ def rows_per_task(rates: Mapping[str, float], batch_size: int) -> dict[str, int]
   return dict(zip(names, rows))
 
 
+def batch_rows(config: Any, sizes: Mapping[str, int]) -> dict[str, int]:
+  """Global rows per task in one batch: `data.batch_size` for every task under task_per_batch
+  mixing (one task per step); `rows_per_task` of the step-0 rates under "mixed"."""
+  data = config.data
+  if data.mixing != "mixed":
+    return {t: int(data.batch_size) for t in sizes}
+  rates = mixture_rates(data, sizes, step=0, total_steps=int(config.train.steps))
+  return rows_per_task(rates, int(data.batch_size))
+
+
 class EpochShuffle(grain.MapDataset):
   """Infinite stream over a finite parent: element i is parent[perm_e[i mod n]] with
   e = i // n and perm_e = numpy permutation seeded by (seed, e), so every epoch is a fresh
@@ -190,11 +204,13 @@ def _task_seed(seed: int, name: str) -> int:
 
 
 class _TaskStream:
-  """One task's infinite, epoch-reshuffled, process-sliced stream of padded batches."""
+  """One task's infinite, epoch-reshuffled stream of padded batches: batch k holds the rows
+  `local` (indices into the global batch of `rows` rows) of global batch k."""
 
   def __init__(self, task: Task, records: list[dict], featurizer: Featurizer, rows: int,
-               seed: int, process_index: int, process_count: int):
+               seed: int, local: Sequence[int] | None = None, fixed_length: bool = False):
     self.task, self.rows, self.featurizer = task, rows, featurizer
+    self.local = list(range(rows)) if local is None else [int(r) for r in local]
     if not records:
       raise ValueError(f"task {task.name!r}: no training records")
     if task.kind == "span_qa":
@@ -208,16 +224,13 @@ class _TaskStream:
       ds = grain.MapDataset.range(len(records))
       featurize = lambda i: featurizer(records[i], i)[0]  # noqa: E731
     self.size = len(ds)
-    ds = EpochShuffle(ds, _task_seed(seed, task.name))
-    ds = ds[process_index::process_count].map(featurize)
-    # With several processes each sees only its rows, so all pad to the task's max length
-    # (every process must produce the same shapes for one step).
-    length = featurizer.max_len if process_count > 1 else None
-    collate = lambda feats: featurizer.collate(feats, length=length)  # noqa: E731
-    self.batches = ds.batch(rows, drop_remainder=False, batch_fn=collate)
+    self.items = EpochShuffle(ds, _task_seed(seed, task.name)).map(featurize)
+    self.length = featurizer.max_len if fixed_length else None
 
   def __getitem__(self, k: int) -> dict[str, np.ndarray]:
-    return self.batches[k]
+    start = int(k) * self.rows
+    feats = [self.items[start + r] for r in self.local]
+    return self.featurizer.collate(feats, length=self.length)
 
 
 class TrainIterator:
@@ -225,16 +238,11 @@ class TrainIterator:
   stream."""
 
   def __init__(self, config: Any, tasks: Sequence[Task | str], tokenizer: Any, *,
-               process_index: int = 0, process_count: int = 1,
+               local_rows: Callable[[int], Sequence[int]] | None = None,
+               fixed_length: bool = False,
                records: Mapping[str, list[dict]] | None = None):
     data = config.data
     self.tasks = [get_task(t) for t in tasks]
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if data.batch_size % process_count:
-      raise ValueError(f"data.batch_size = {data.batch_size} is not divisible by the "
-                       f"process count {process_count}")
-    local = data.batch_size // process_count
     self.seed = int(config.seed)
     self.mixing = data.mixing
     if self.mixing not in ("task_per_batch", "mixed"):
@@ -247,14 +255,17 @@ class TrainIterator:
     if self.mixing == "mixed" and data.mixture in STEP_DEPENDENT_MIXTURES:
       raise ValueError(f"data.mixture = {data.mixture!r} needs data.mixing = 'task_per_batch'")
     self.rates = self.rates_at(0)  # the rates of every step unless the mixture is annealed
-    if self.mixing == "mixed":
-      rows = rows_per_task(self.rates, local)
-    else:
-      rows = {t.name: local for t in self.tasks}
-    self.rows = rows
+    rows = batch_rows(config, self._sizes)
+    self.rows = rows  # global rows per task and batch
+    # The rows of each task's global batch this process reads (all of them by default).
+    self.local = {t: np.asarray(list(range(n)) if local_rows is None else local_rows(n),
+                                np.int64) for t, n in rows.items()}
+    for t, held in self.local.items():
+      if held.size == 0 or held.min() < 0 or held.max() >= rows[t]:
+        raise ValueError(f"local_rows for task {t!r} ({rows[t]} rows) gave {held.tolist()}")
     self.streams = {
         t.name: _TaskStream(t, recs[t.name], Featurizer(t, tokenizer, data), rows[t.name],
-                            self.seed, process_index, process_count)
+                            self.seed, self.local[t.name], fixed_length)
         for t in self.tasks}
     self._names = [t.name for t in self.tasks]
     self._p = np.array([self.rates[n] for n in self._names])
@@ -305,11 +316,14 @@ class TrainIterator:
 
 
 def train_iterator(config: Any, tasks: Sequence[Task | str], tokenizer: Any, *,
-                   process_index: int = 0, process_count: int = 1,
+                   local_rows: Callable[[int], Sequence[int]] | None = None,
+                   fixed_length: bool = False,
                    records: Mapping[str, list[dict]] | None = None) -> TrainIterator:
-  """The training stream (see the module docstring); `records` overrides loading train splits."""
-  return TrainIterator(config, tasks, tokenizer, process_index=process_index,
-                       process_count=process_count, records=records)
+  """The training stream (see the module docstring). `local_rows(R)` gives the indices of the
+  rows of an R-row global batch this process reads (default: all); `fixed_length` pads every
+  batch to the task's max length; `records` overrides loading the train splits."""
+  return TrainIterator(config, tasks, tokenizer, local_rows=local_rows,
+                       fixed_length=fixed_length, records=records)
 
 
 def eval_batches(task: Task | str, records: Sequence[dict], tokenizer: Any, config: Any

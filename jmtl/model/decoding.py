@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jmtl.parallel import distributed
+
 Array = jax.Array
 NEG_INF = -1.0e9  # log-probability of a banned token / an empty beam slot
 
@@ -247,4 +249,4 @@ def generate(model: Any, task_batch: dict[str, Any], task: str, *, eval_cfg, bos
   else:
     out = beam_search(head, hidden, mask, beam_size=eval_cfg.beam_size,
                       length_penalty=eval_cfg.length_penalty, **common)
-  return np.asarray(out)
+  return distributed.to_host(out)  # gathered when other processes hold rows

@@ -6,6 +6,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -42,11 +43,30 @@ def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the ("data", "fsdp", "tensor") mesh from `config.mesh` over `devices` (default: all).
 
-  Every axis is `AxisType.Auto` (the compiler propagates shardings, as with classic pjit).
+  Every axis is `AxisType.Auto` (the compiler propagates shardings, as with classic pjit). With
+  `mesh.dcn_data = K > 1` (multislice) the data axis is K slices x data/K devices inside each
+  slice, slices outermost, so that only the data-parallel gradient reduction crosses the
+  data-center network (MaxText's hybrid mesh, `mesh_utils.create_hybrid_device_mesh`). A slice
+  is a TPU slice where devices have `slice_index`, else a process. Raises ValueError when the
+  sizes do not fit the devices or the slices.
   """
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise ValueError("make_mesh: no devices given.")
   sizes = mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), len(devices))
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  dcn = int(getattr(mesh_cfg, "dcn_data", 1) or 1)
+  if dcn == 1:
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+  if sizes[0] % dcn:
+    raise ValueError(f"mesh.dcn_data={dcn} does not divide the data axis size {sizes[0]}.")
+  by_slice = hasattr(devices[0], "slice_index")
+  granules = {getattr(d, "slice_index", None) if by_slice else d.process_index for d in devices}
+  if len(granules) != dcn:
+    raise ValueError(
+        f"mesh.dcn_data={dcn} but the devices form {len(granules)} "
+        f"{'slices' if by_slice else 'processes'}; set mesh.dcn_data to that number.")
+  ici = (sizes[0] // dcn, sizes[1], sizes[2])
+  grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices,
+                                              process_is_granule=not by_slice)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)

@@ -70,6 +70,10 @@ class Checkpointer:
         step_dir.rmtree()
     self._mngr.reload()
 
+  def reload(self) -> None:
+    """Re-reads the directory (another process may have changed it)."""
+    self._mngr.reload()
+
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 

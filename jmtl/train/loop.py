@@ -54,6 +54,7 @@ from jmtl.eval import predictions as predictions_lib
 from jmtl.model import decoding
 from jmtl.model import pretrained
 from jmtl.model.multitask import HeadSpec
+from jmtl.parallel import distributed
 from jmtl.parallel import mesh as mesh_lib
 from jmtl.parallel import sharding as sharding_lib
 from jmtl.train import CheckpointError
@@ -102,7 +103,19 @@ def _user_data_errors():
 
 def _tokenizer(config, tasks, wd: epath.Path) -> tokenizer_lib.Tokenizer:
   """`data.tokenizer`, else `W/tokenizer.json` (resume), else one trained on the tasks' train
-  text (`train` writes it to `W/tokenizer.json` once the workdir's checkpoint is accepted)."""
+  text (`train` writes it to `W/tokenizer.json` once the workdir's checkpoint is accepted).
+  With several processes, process 0 decides and the others receive its tokenizer."""
+  if config.data.tokenizer or not distributed.multi_process():
+    return _tokenizer_here(config, tasks, wd)
+  try:
+    text = distributed.broadcast_text(
+        lambda: _tokenizer_here(config, tasks, wd).backend.to_str())
+  except distributed.DistributedError as e:
+    raise config_lib.ConfigError(str(e)) from e
+  return tokenizer_lib.Tokenizer(tokenizers.Tokenizer.from_str(text))
+
+
+def _tokenizer_here(config, tasks, wd: epath.Path) -> tokenizer_lib.Tokenizer:
   out = wd / tokenizer_lib.TOKENIZER_FILE
   if not config.data.tokenizer and out.exists():
     try:
@@ -166,14 +179,15 @@ def _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh, *,
     if should_stop():
       return None
     name = es.task.name
-    forward = lambda b, name=name: predict(params, state.rest, _global(b, mesh, config), name)
+    forward = lambda b, name=name: distributed.to_host(
+        predict(params, state.rest, _global({name: b}, mesh, config)[name], name))
     generate = None
     if es.task.kind == "seq2seq":
       if model is None:
         model = nnx.merge(graphdef, params, state.rest)
       generate = lambda b, name=name: decoding.generate(
-          model, b, name, eval_cfg=config.eval, bos_id=tokenizer.bos_id,
-          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+          model, _global({name: b}, mesh, config)[name], name, eval_cfg=config.eval,
+          bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     result = evaluate_lib.evaluate_task(es, forward, generate, tokenizer, config)
     if not result.labelled:
       print(f"jmtl: warning: task {name}: split {config.data.eval_split!r} has no labels: "
@@ -233,12 +247,13 @@ def _write_jsonl(p: epath.Path, rows: list[dict]) -> None:
 
 
 def _global(batch: dict, mesh, config) -> dict:
-  """Host batch -> arrays the jitted functions take. One process: numpy as is (jit shards it by
-  its in_shardings); several processes: each holds its rows of one global array."""
-  if jax.process_count() == 1:
+  """A whole host batch (every process holds all of it, as in evaluation) -> what the jitted
+  functions take. One process: numpy as is (jit shards it by its in_shardings); several
+  processes: global arrays, each process placing its devices' rows."""
+  if not distributed.multi_process():
     return batch
   sh = sharding_lib.batch_sharding(mesh, tuple(tuple(r) for r in config.mesh.rules))
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, x), batch)
+  return distributed.global_batch(batch, None, sh)
 
 
 def _tokens(batch: dict) -> int:
@@ -279,10 +294,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
   EvalError (an evaluation failed; its step is checkpointed), SystemExit(128 + signal) after
   saving on SIGTERM/SIGINT.
   """
-  wd = workdir_lib.path(workdir)
-  with (workdir_lib.lock(wd, "train"), workdir_lib.background_errors_to_log(wd),
-        _StopRequest() as stop):
+  wd = _workdir(workdir)
+  with (_lock(wd, "train"), workdir_lib.background_errors_to_log(wd), _StopRequest() as stop):
     return _train(config, wd, stop)
+
+
+def _workdir(workdir: str | os.PathLike[str]) -> epath.Path:
+  """The workdir as one epath; with several processes it must be the same path on all of them
+  (a shared file system or a bucket: Orbax writes one checkpoint from all processes)."""
+  wd = workdir_lib.path(workdir)
+  try:
+    distributed.check_same("--workdir", str(wd))
+  except ValueError as e:
+    raise config_lib.ConfigError(f"{e}; give an absolute path every host sees, or a bucket "
+                                 f"path") from e
+  return wd
+
+
+def _lock(wd: epath.Path, command: str):
+  """The workdir's lock, held by the process that writes the run's files (process 0)."""
+  return workdir_lib.lock(wd, command) if distributed.is_primary() else contextlib.nullcontext()
 
 
 def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
@@ -321,18 +352,24 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRe
                                         shardings, mesh)
   predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)
+  batch_sh = sharding_lib.batch_sharding(mesh, rules)
+  multi = distributed.multi_process()
+  primary = distributed.is_primary()
   with _user_data_errors():
     records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
-    data_iter = pipeline.train_iterator(config, tasks, tokenizer,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count(), records=records)
+    rows = pipeline.batch_rows(config, {n: len(r) for n, r in records.items()})
   shards = sharding_lib.batch_shards(mesh, rules)
-  uneven = {t: r for t, r in data_iter.rows.items() if r % shards}
+  uneven = {t: r for t, r in rows.items() if r % shards}
   if uneven:  # mixed batches: each task's rows must split over the batch shards
     raise config_lib.ConfigError(
         f"config keys 'data.mixture' / 'data.batch_size': the mixture gives rows per task "
-        f"{dict(data_iter.rows)}, and {uneven} do not divide over the {shards} batch shards "
+        f"{dict(rows)}, and {uneven} do not divide over the {shards} batch shards "
         f"(mesh data x fsdp); change data.batch_size, the mixture, or the mesh")
+  with _user_data_errors():
+    # Each process reads only the rows of every global batch that its devices hold.
+    data_iter = pipeline.train_iterator(
+        config, tasks, tokenizer, local_rows=lambda n: distributed.local_rows(batch_sh, n),
+        fixed_length=multi, records=records)
   fp = workdir_lib.fingerprint(
       config, data={n: workdir_lib.digest_records(r) for n, r in records.items()},
       tokenizer=workdir_lib.digest_text(tokenizer.backend.to_str()))
@@ -356,26 +393,39 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRe
     saved.pop("fingerprint", None)
     meta.update(saved)
     logging.info("resumed from step %d", start)
-    print(f"resumed from checkpoint at step {start}", flush=True)
+    if primary:
+      print(f"resumed from checkpoint at step {start}", flush=True)
 
-  # The workdir is this run's now: only from here on is anything written into it.
-  ckpt.remove_incomplete()
-  workdir_lib.write_text_atomic(wd / "config.json", config_lib.to_json(config) + "\n")
-  if not (wd / tokenizer_lib.TOKENIZER_FILE).exists():
-    workdir_lib.write_text_atomic(wd / tokenizer_lib.TOKENIZER_FILE, tokenizer.backend.to_str())
-  writer = writers.MetricWriter(wd)
+  # The workdir is this run's now: only from here on is anything written into it, and only
+  # by process 0 (checkpoints are written by all processes, through Orbax).
+  if primary:
+    ckpt.remove_incomplete()
+    workdir_lib.write_text_atomic(wd / "config.json", config_lib.to_json(config) + "\n")
+    if not (wd / tokenizer_lib.TOKENIZER_FILE).exists():
+      workdir_lib.write_text_atomic(wd / tokenizer_lib.TOKENIZER_FILE,
+                                    tokenizer.backend.to_str())
+  distributed.barrier("jmtl_workdir_ready")
+  ckpt.reload()
+  writer = writers.MetricWriter(wd) if primary else writers.NullWriter()
   closers.append(writer.close)
 
   # Batches are read ahead on a thread and copied to the devices while the step runs; the
   # prefetcher's state is the position of the batches the loop has taken (exact resume).
-  batch_sh = sharding_lib.batch_sharding(mesh, rules)
+  held, global_rows = data_iter.local, data_iter.rows
 
   def put(b):
-    sharding_lib.check_batch(b, mesh, rules)  # rows that do not divide: a named error
-    return jax.device_put(b, batch_sh)
-  data_iter = prefetch.Prefetcher(data_iter, depth=2,
-                                  put=put if jax.process_count() == 1 else None)
+    if not multi:
+      sharding_lib.check_batch(b, mesh, rules)  # rows that do not divide: a named error
+      return jax.device_put(b, batch_sh)
+    return distributed.global_batch(b, {t: held[t] for t in b}, batch_sh,
+                                    {t: global_rows[t] for t in b})
+  data_iter = prefetch.Prefetcher(data_iter, depth=2, put=put)
   closers.append(data_iter.close)
+  # With several processes a signal may reach one host only: each step carries the maximum
+  # signal number over the processes (an all-reduce dispatched with the step), and every
+  # process stops at the first step whose drained value is set, so all save the same step.
+  stop_flag = distributed.stop_flag_fn(mesh) if multi else None
+  agreed = [0]  # multi: the largest signal number seen in drained steps
 
   total = config.train.steps
   split = config.data.eval_split
@@ -400,6 +450,7 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRe
     todo, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
     for s, ms in jax.device_get(todo):
       host = {k: float(v) for k, v in ms.items()}
+      agreed[0] = max(agreed[0], int(host.pop("stop", 0)))
       if host["nonfinite"]:
         in_batch = {k.split("/")[1]: v for k, v in host.items()
                     if k.startswith("train/") and k.endswith("/loss") and k.count("/") == 2}
@@ -428,30 +479,45 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRe
       raise CheckpointError(f"checkpoint save at step {step} failed: {e} "
                             f"({ckpt.directory})") from e
 
-  def stop_now(step: int) -> None:
+  def signal_now() -> int | None:
+    """The signal this step stops for: the local flag (one process) or the value all processes
+    agreed on through the drained steps (several); the one read of the stop flag per step."""
+    if multi:
+      return agreed[0] or None
+    return stop.signal
+
+  def signal_agreed() -> int | None:
+    """Between evaluation tasks: the local flag, or a blocking all-reduce of it (several)."""
+    if multi:
+      agreed[0] = max(agreed[0], distributed.agree_max(stop.signal or 0))
+      return agreed[0] or None
+    return stop.signal
+
+  def stop_now(step: int, signum: int) -> None:
     """After a signal: the checkpoint of `step` is issued; wait until it is on disk, say so."""
     ckpt.wait()
     if not ckpt.committed(step):
-      raise CheckpointError(f"received signal {stop.signal}, but the checkpoint at step {step} "
+      raise CheckpointError(f"received signal {signum}, but the checkpoint at step {step} "
                             f"is not on disk (latest: {ckpt.latest_step()}) in {ckpt.directory}")
-    print(f"received signal {stop.signal}: saved checkpoint at step {step}, exiting", flush=True)
-    raise SystemExit(128 + stop.signal)
+    if primary:
+      print(f"received signal {signum}: saved checkpoint at step {step}, exiting", flush=True)
+    raise SystemExit(128 + signum)
 
   def evaluate(step: int) -> None:
     """Evaluates at `step` (its checkpoint is already issued); feeds the optimizers' score."""
     nonlocal final_metrics
     try:
       out = _run_eval(config, eval_sets, state, graphdef, predict, tokenizer, mesh,
-                      should_stop=lambda: stop.signal is not None)
+                      should_stop=lambda: signal_agreed() is not None)
     except (config_lib.ConfigError, KeyboardInterrupt):
       raise
     except Exception as e:  # noqa: BLE001 - named, with the traceback kept in W/errors.log
-      where = _record_error(wd, step, "evaluation failed")
+      where = _record_error(wd, step, "evaluation failed") if primary else ""
       ckpt.wait()  # the message says the step's checkpoint is kept: make it true first
       raise EvalError(f"evaluation at step {step} failed: {type(e).__name__}: {e}; the "
                       f"checkpoint at step {step} is kept, run again to evaluate{where}") from e
     if out is None:
-      stop_now(step)
+      stop_now(step, signal_agreed())
     metrics, rows = out
     writer.write(step, "eval", metrics)
     val = _val_metric(config, tasks, metrics)
@@ -462,21 +528,26 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRe
       logging.warning("step %d: validation score is not finite; not fed to the optimizer", step)
     if step == total:
       final_metrics = metrics
-      _write_outputs(wd, split, metrics, rows, step)
+      if primary:
+        _write_outputs(wd, split, metrics, rows, step)
 
-  if stop.signal is not None:  # a signal during set-up: nothing new to save
-    print(f"received signal {stop.signal} before the first step: nothing to save "
-          f"(latest checkpoint: {start or 'none'}), exiting", flush=True)
-    raise SystemExit(128 + stop.signal)
+  early = signal_agreed()
+  if early is not None:  # a signal during set-up: nothing new to save
+    if primary:
+      print(f"received signal {early} before the first step: nothing to save "
+            f"(latest checkpoint: {start or 'none'}), exiting", flush=True)
+    raise SystemExit(128 + early)
   if eval_again:
     evaluate(start)
-  progress = writers.Progress(total, start, config.train.progress)
+  progress = writers.Progress(total, start, config.train.progress if primary else "none")
   closers.append(progress.close)
   tokens, t_last, paused = 0, time.time(), 0.0  # paused: eval/checkpoint time, not step time
   for step in range(start + 1, total + 1):
-    batch = _global(next(data_iter), mesh, config)
+    batch = next(data_iter)  # global arrays (see `put`)
     state, m = train_step(state, batch, jnp.float32(meta["val_metric"]),
                           jnp.int32(meta["val_count"]))
+    if multi:
+      m = {**m, "stop": stop_flag(stop.signal or 0)}
     pending.append((step, m))
     if compile_s is None:  # this process's first step: compilation + one step, timed apart
       jax.block_until_ready(m)
@@ -488,7 +559,8 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRe
     drain(keep=1)  # the previous step's metrics: the device stays one step ahead
     ckpt.check()  # a failed background save stops the run now, naming its step
 
-    stopping = stop.signal is not None  # the one read of the stop flag for this step
+    signum = signal_now()
+    stopping = signum is not None
     do_eval = is_eval_step(step)
     do_log = step % config.train.log_every == 0 or step == total
     do_save = step % config.train.checkpoint_every == 0 or do_eval or stopping
@@ -512,7 +584,7 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRe
     if do_save:
       save(step)
     if stopping:
-      stop_now(step)
+      stop_now(step, signum)
     if do_eval:
       evaluate(step)
     paused += time.time() - t_pause
@@ -526,11 +598,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   Reads the checkpoints without touching them (a running job's in-flight save is left alone)
   and holds the workdir's lock while it writes its outputs.
   """
-  wd = workdir_lib.path(workdir)
+  wd = _workdir(workdir)
   ckpt_dir = wd / "checkpoints"
   if not ckpt_dir.is_dir():
     raise config_lib.ConfigError(f"--workdir {wd}: no checkpoints/ directory (train first)")
-  with workdir_lib.lock(wd, "eval"):
+  with _lock(wd, "eval"):
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
     found = ckpt.read_latest_meta()
     if found is None:
@@ -549,7 +621,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
     predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
     metrics, rows = _run_eval(config, _eval_sets(config, tasks, tokenizer), state, graphdef,
                               predict, tokenizer, mesh)
-    _write_outputs(wd, config.data.eval_split, metrics, rows, step)
+    if distributed.is_primary():
+      _write_outputs(wd, config.data.eval_split, metrics, rows, step)
   return {"step": step, "split": config.data.eval_split, **metrics}
 
 

@@ -125,6 +125,23 @@ class MetricWriter:
       self._tb.close()
 
 
+class NullWriter:
+  """A MetricWriter that writes nothing: the processes other than process 0 of a multi-host
+  run (only process 0 writes metrics.jsonl and TensorBoard)."""
+
+  def truncate_after(self, step: int, *, eval_before: int | None = None) -> None:
+    del step, eval_before
+
+  def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+    del step, split, metrics
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 class Progress:
   """A tqdm bar on a terminal, plain periodic lines otherwise (mode: auto|bar|lines|none)."""
 

@@ -1,0 +1,211 @@
+"""Multi-host runs on JAX's multi-controller runtime: one Python process per host, one mesh.
+
+Every process runs the same program; `jax.distributed.initialize` joins them (`dist.*` keys, or
+the cluster environment JAX detects by itself: Cloud TPU pods, Slurm, Open MPI). What jmtl does
+on top, so that a run gives the same numbers whatever the process count:
+
+- A batch is defined globally (the same rows in the same order as a one-process run); each
+  process featurizes only the rows its devices hold under the batch sharding (`local_rows`,
+  derived from the sharding, not from the process index, so any device order works) and
+  `global_array` assembles one global `jax.Array` from those rows.
+- Outputs are fetched with `to_host` (an all-gather when other processes hold parts).
+- Decisions that must agree (stop after a signal, the tokenizer of a run) are made once:
+  `agree_max` (an all-reduce of a host value) and `broadcast_text` (process 0's text).
+- Only the primary process (`is_primary`, process 0) writes files other than checkpoints;
+  Orbax saves and restores from all processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+_log = logging.getLogger(__name__)
+
+
+class DistributedError(RuntimeError):
+  """A broadcast value failed on process 0 (its message is carried to every process)."""
+
+
+def initialize(dist_cfg: Any) -> bool:
+  """Joins the processes of a multi-host run; returns True when JAX's distributed runtime is on.
+
+  `dist.initialize = False` (default): nothing (one process). True: `jax.distributed.initialize`
+  with `dist.coordinator_address` ("host:port"), `dist.num_processes` and `dist.process_id`,
+  each left to JAX's cluster detection when empty / 0 / -1 (TPU VMs, Slurm, Open MPI fill them
+  in). On CPU the collectives across processes use gloo. Must run before anything touches the
+  devices. Raises whatever `jax.distributed.initialize` raises (a coordinator that cannot be
+  reached, a timeout), and RuntimeError when called twice.
+  """
+  if not dist_cfg.initialize:
+    return False
+  kwargs: dict[str, Any] = {}
+  if dist_cfg.coordinator_address:
+    kwargs["coordinator_address"] = dist_cfg.coordinator_address
+  if dist_cfg.num_processes > 0:
+    kwargs["num_processes"] = int(dist_cfg.num_processes)
+  if dist_cfg.process_id >= 0:
+    kwargs["process_id"] = int(dist_cfg.process_id)
+  if dist_cfg.initialization_timeout_s > 0:
+    kwargs["initialization_timeout"] = int(dist_cfg.initialization_timeout_s)
+  # Only the CPU client's cross-process collectives (harmless on TPU/GPU hosts).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  _log.info("distributed: process %d of %d, %d local / %d global devices",
+            jax.process_index(), jax.process_count(), jax.local_device_count(),
+            jax.device_count())
+  return True
+
+
+def is_primary() -> bool:
+  """True on the process that writes the run's files (process 0)."""
+  return jax.process_index() == 0
+
+
+def multi_process() -> bool:
+  return jax.process_count() > 1
+
+
+def local_rows(sharding: NamedSharding, rows: int) -> np.ndarray:
+  """Sorted indices of the rows (leading dimension, of `rows`) this process's devices hold.
+
+  From `sharding.addressable_devices_indices_map`: a row replicated on several local devices
+  appears once; with one process, every row. Raises ValueError when the sharding splits the
+  rows unevenly (the caller checks divisibility first, with a message naming the config key).
+  """
+  rows = int(rows)
+  held: set[int] = set()
+  for index in sharding.addressable_devices_indices_map((rows,)).values():
+    held.update(range(*index[0].indices(rows)))
+  return np.array(sorted(held), dtype=np.int64)
+
+
+def global_array(local: np.ndarray, rows: np.ndarray, sharding: NamedSharding,
+                 global_rows: int) -> jax.Array:
+  """One global array of shape (global_rows, *local.shape[1:]) from this process's rows.
+
+  `local[i]` is global row `rows[i]` (`rows` from `local_rows`). Each local device gets its
+  slice; other processes fill theirs. With one process this is `device_put`.
+  """
+  local = np.asarray(local)
+  if len(rows) == global_rows:
+    return jax.device_put(local, sharding)
+  where = {int(r): i for i, r in enumerate(rows)}
+  shape = (int(global_rows),) + local.shape[1:]
+
+  def piece(index):
+    start, stop, step = index[0].indices(global_rows)
+    return local[[where[r] for r in range(start, stop, step)]][(slice(None),) + tuple(index[1:])]
+
+  return jax.make_array_from_callback(shape, sharding, piece)
+
+
+def global_batch(batch: dict, rows: dict[str, np.ndarray] | None, sharding: NamedSharding,
+                 global_rows: dict[str, int] | None = None) -> dict:
+  """`{task: {key: local array}}` -> `{task: {key: global jax.Array}}` over `sharding`.
+
+  `rows[task]` says which global rows the local arrays hold (None: all rows, every process holds
+  the whole batch, as in evaluation); `global_rows[task]` the global row count.
+  """
+  out = {}
+  for task, arrays in batch.items():
+    out[task] = {}
+    for key, x in arrays.items():
+      x = np.asarray(x)
+      if rows is None:  # every process holds the whole batch: keep only its rows
+        n = x.shape[0]
+        held = local_rows(sharding, n)
+        x = x if len(held) == n else x[held]
+      else:
+        n, held = int(global_rows[task]), rows[task]
+      out[task][key] = global_array(x, held, sharding, n)
+  return out
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of every array in `tree`, gathering the parts other processes hold."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
+
+
+def agree_max(value: int) -> int:
+  """The maximum of an int over all processes (every process must call it at the same point).
+
+  One process: `value`. Blocks until every process has contributed (a collective).
+  """
+  if not multi_process():
+    return int(value)
+  got = multihost_utils.process_allgather(np.array([int(value)], np.int32))
+  return int(np.max(got))
+
+
+def stop_flag_fn(mesh: jax.sharding.Mesh) -> Callable[[int], jax.Array]:
+  """`fn(local_value) -> int32 scalar` (replicated): the max over processes, dispatched
+  asynchronously like a train step (no host wait), so a per-step stop flag can ride along with
+  the step's metrics and be read when they are."""
+  axes = tuple(mesh.axis_names)
+  sh = NamedSharding(mesh, PartitionSpec(axes))
+  n = mesh.size
+  reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def fn(local_value: int) -> jax.Array:
+    x = jax.make_array_from_callback(
+        (n,), sh, lambda index: np.full((len(range(*index[0].indices(n))),), local_value,
+                                        np.int32))
+    return reduce(x)
+
+  return fn
+
+
+def broadcast_text(make: Callable[[], str]) -> str:
+  """Process 0 calls `make()`; every process returns its result (bytes via
+  `broadcast_one_to_all`). A failure on process 0 is re-raised there and raised as
+  DistributedError with its message on the others, so no process waits forever.
+  """
+  if not multi_process():
+    return make()
+  error: BaseException | None = None
+  text = ""
+  if is_primary():
+    try:
+      text = make()
+    except Exception as e:  # noqa: BLE001 - re-raised below after telling the others
+      error, text = e, f"{type(e).__name__}: {e}"
+  flag_and_len = np.array([1 if error is not None else 0, len(text.encode())], np.int64)
+  flag, length = (int(v) for v in multihost_utils.broadcast_one_to_all(flag_and_len))
+  buf = np.frombuffer(text.encode(), np.uint8) if is_primary() else np.zeros((length,), np.uint8)
+  buf = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
+  if error is not None:
+    raise error
+  message = buf.tobytes().decode()
+  if flag:
+    raise DistributedError(f"process 0: {message}")
+  return message
+
+
+def check_same(what: str, value: str) -> None:
+  """Raises ValueError on every process when `value` differs from process 0's (e.g. a relative
+  workdir resolving to different paths on different hosts); no-op with one process."""
+  if not multi_process():
+    return
+  first = broadcast_text(lambda: value)
+  if agree_max(int(first != value)):
+    raise ValueError(f"{what} is {value!r} on process {jax.process_index()} but {first!r} on "
+                     f"process 0 (or differs on another process); every process must name "
+                     f"the same one")
+
+
+def barrier(name: str) -> None:
+  """All processes wait here (no-op with one process)."""
+  if multi_process():
+    multihost_utils.sync_global_devices(name)
