@@ -1,0 +1,152 @@
+"""Multi-host runs: 2 processes x 4 CPU devices form one 8-device mesh on localhost (JAX's
+distributed runtime, gloo collectives) and must give what one process with 8 devices gives.
+
+- The same losses (<= 1e-5 relative) and the same predictions on every task kind
+  (classification, regression, extractive QA, summarization), written once, by process 0.
+- SIGTERM reaching one process only: both save the same step, exit 143, one message.
+- A checkpoint written by the 2-process run resumes in a 1-process run, and the other way
+  round, ending with the uninterrupted run's train lines and eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import socket
+
+import pytest
+
+import faults
+
+pytestmark = pytest.mark.slow
+
+REPO = faults.REPO
+MULTI = REPO / "tests" / "configs" / "tiny_multi.py"
+SIGTERM_EXIT = 128 + signal.SIGTERM
+# Train lines at 2, 4, 6 (sst2) / 2, 4 (multi); one evaluation, at the end.
+SST2 = ["--config.train.steps=6", "--config.train.eval_every=0",
+        "--config.train.checkpoint_every=100"]
+FOUR = ["--config.train.steps=4", "--config.train.eval_every=0",
+        "--config.data.max_eval_examples=16"]
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def sst2_reference(tmp_path_factory, data_dir, cache):
+  """The uninterrupted 1-process SST-2 run the interrupted ones must end up equal to."""
+  ref = tmp_path_factory.mktemp("sst2_reference")
+  one(ref, data_dir, cache, *SST2)
+  return ref
+
+
+def _env(data_dir, cache, devices: int, fault: str = "") -> dict[str, str]:
+  env = faults.env(data_dir, fault, cache=cache)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def one(workdir, data_dir, cache, *extra, config=faults.TINY, fault="", expect=0):
+  """A 1-process run over 8 CPU devices."""
+  return faults.run(faults.cmd(workdir, *extra, config=config),
+                    _env(data_dir, cache, 8, fault), expect=expect)
+
+
+def two(workdir, data_dir, cache, *extra, config=faults.TINY, faults_by_process=("", ""),
+        expect=(0, 0)):
+  """A 2-process run, 4 CPU devices each, joined through a coordinator on localhost."""
+  port = _port()
+  jobs = []
+  for pid in range(2):
+    argv = faults.cmd(workdir, *extra, "--config.dist.initialize=true",
+                      f"--config.dist.coordinator_address=localhost:{port}",
+                      "--config.dist.num_processes=2", f"--config.dist.process_id={pid}",
+                      config=config)
+    jobs.append(faults.Job(argv, _env(data_dir, cache, 4, faults_by_process[pid]),
+                           logs=pathlib.Path(str(workdir) + ".logs")))
+  results = [job.wait() for job in jobs]
+  for pid, (res, want) in enumerate(zip(results, expect)):
+    assert res.returncode == want, (
+        f"process {pid}: exit {res.returncode}, expected {want}\n"
+        f"stdout: {res.stdout[-2000:]}\nstderr: {res.stderr[-3000:]}")
+  return results
+
+
+def _predictions(workdir) -> dict[str, list]:
+  out = {}
+  for p in sorted((pathlib.Path(workdir) / "predictions").glob("*.jsonl")):
+    out[p.stem] = [json.loads(line)["prediction"] for line in p.read_text().splitlines()]
+  return out
+
+
+def _same_predictions(got: dict, want: dict) -> None:
+  assert sorted(got) == sorted(want)
+  for task, rows in want.items():
+    assert len(got[task]) == len(rows), task
+    for a, b in zip(got[task], rows):
+      if isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (task, a, b)
+      else:
+        assert a == b, (task, a, b)
+
+
+def test_two_processes_equal_one_process_on_every_task_kind(tmp_path, data_dir, cache):
+  ref, multi = tmp_path / "one", tmp_path / "two"
+  one(ref, data_dir, cache, *FOUR, config=MULTI)
+  results = two(multi, data_dir, cache, *FOUR, config=MULTI)
+  faults.assert_same_train(multi, ref, rel=1e-5)
+  _same_predictions(_predictions(multi), _predictions(ref))
+  got, want = faults.eval_json(multi), faults.eval_json(ref)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    if key.startswith("stsb/"):
+      # Pearson/Spearman of a barely trained regressor divide by the spread of its outputs
+      # (~1e-5 here), so float32 rounding of the outputs (compared above) moves them more.
+      continue
+    if isinstance(value, float):
+      assert math.isclose(got[key], value, rel_tol=1e-5, abs_tol=1e-6), (key, got[key], value)
+    else:
+      assert got[key] == value, key
+  # Only process 0 writes: one line per step and split, one summary line on the console.
+  rows = faults.metric_rows(multi)
+  keys = [(r["step"], r["split"]) for r in rows]
+  assert len(keys) == len(set(keys)), keys
+  assert "final evaluation" in results[0].stdout
+  assert "final evaluation" not in results[1].stdout
+
+
+def test_sigterm_on_one_host_saves_one_step_then_resumes_in_one_process(
+    tmp_path, data_dir, cache, sst2_reference):
+  ref, work = sst2_reference, tmp_path / "work"
+  results = two(work, data_dir, cache, *SST2, faults_by_process=("", "sigterm_at=3"),
+                expect=(SIGTERM_EXIT, SIGTERM_EXIT))
+  lines = [faults.SIGNAL_LINE.search(r.stdout) for r in results]
+  assert lines[0] is not None and lines[1] is None, [r.stdout for r in results]
+  step = int(lines[0].group(2))
+  assert faults.checkpoint_steps(work) == [step] and 1 <= step < 6
+  out = one(work, data_dir, cache, *SST2)
+  assert f"resumed from checkpoint at step {step}" in out.stdout
+  faults.assert_same_train(work, ref, rel=1e-5)
+  faults.assert_same_eval(work, ref, rel=1e-5)
+
+
+def test_one_process_checkpoint_resumes_in_two_processes(tmp_path, data_dir, cache,
+                                                          sst2_reference):
+  ref, work = sst2_reference, tmp_path / "work"
+  out = one(work, data_dir, cache, *SST2, fault="sigterm_at=4", expect=SIGTERM_EXIT)
+  step = int(faults.SIGNAL_LINE.search(out.stdout).group(2))
+  results = two(work, data_dir, cache, *SST2)
+  assert f"resumed from checkpoint at step {step}" in results[0].stdout
+  faults.assert_same_train(work, ref, rel=1e-5)
+  faults.assert_same_eval(work, ref, rel=1e-5)
