@@ -139,6 +139,65 @@ def test_prepare_mrpc_from_local_files_then_read_back(data_dir, tmp_path, capsys
                                f"{len(train)}, validation {len(dev)}, test {len(test)}"]
 
 
+SQUAD_TRAIN = "https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json"
+
+
+def test_prepare_squad_dev_from_the_manual_dir(data_dir, tmp_path, capsys):
+  """The manual dir as a user fills it: dev-v1.1.json is the original (its sha256 matches TFDS's
+  registered one), so TFDS verifies and uses it. train-v1.1.json is not at hand: the download
+  cache gets a stand-in holding the first dev article, so that TFDS can build its train split."""
+  dev_file = data_dir / "squad" / "dev-v1.1.json"
+  (tmp_path / "manual").mkdir()
+  (tmp_path / "manual" / "dev-v1.1.json").write_bytes(dev_file.read_bytes())
+  dev = json.loads(dev_file.read_text(encoding="utf-8"))["data"]
+  stand_in = {"version": "1.1", "data": dev[:1]}
+  infos = tfds_checksums.get_all_url_infos()
+  folder = tmp_path / "downloads" / "squad"
+  folder.mkdir(parents=True)
+  path = folder / tfds_resource.get_dl_fname(SQUAD_TRAIN, infos[SQUAD_TRAIN].checksum)
+  path.write_text(json.dumps(stand_in))
+  (folder / (path.name + ".INFO")).write_text(json.dumps({"urls": [SQUAD_TRAIN]}))
+
+  def questions(articles):
+    return [(qa["id"], qa["question"], sorted(a["text"] for a in qa["answers"]))
+            for art in articles for para in art["paragraphs"] for qa in para["qas"]]
+
+  want_dev, want_train = questions(dev), questions(dev[:1])
+  assert len(want_dev) == 10570  # SQuAD v1.1 dev, published size
+  code, out, err = _cli(capsys, "data", "prepare", "--config", str(TINY),
+                        "--config.tasks=squad_dev", "--config.data.doc_stride=16",
+                        *_dirs(tmp_path))
+  assert code == 0, err
+  where = tmp_path / "tfds" / "squad" / "v1.1" / "3.0.0"
+  assert out == [f"squad_dev: squad/v1.1 3.0.0 prepared in {where}: train {len(want_train)}, "
+                 f"validation {len(want_dev)}"]
+  cfg = ConfigDict({"dir": "", "tfds_dir": str(tmp_path / "tfds"), "split_seed": 0,
+                    "max_train_examples": 0, "max_eval_examples": 0, "bad_rows": "error"})
+  got = sources.load_records(get_task("squad_dev"), "validation", cfg)
+  assert sorted((r["id"], r["question"], sorted(r["answers"]["text"])) for r in got) == \
+      sorted(want_dev)
+  first = next(r for r in got if r["id"] == want_dev[0][0])
+  art = dev[0]["paragraphs"][0]
+  assert (first["context"], first["title"]) == (art["context"], dev[0]["title"])
+  assert first["answers"]["answer_start"] == [a["answer_start"] for a in art["qas"][0]["answers"]]
+
+
+def test_tfds_names_match_the_builders_features(tmp_path):
+  """Every TFDS feature a task reads is declared by that TFDS builder (no data needed)."""
+  for task in sorted(tasks_base.TASKS.values(), key=lambda t: t.name):
+    for spec in (task.tfds or {}).values():
+      info = prepare.builder_of(spec.name, str(tmp_path)).info
+      wanted = set(spec.fields.values()) | ({spec.id} if spec.id else set())
+      assert wanted <= set(info.features.keys()), (task.name, spec.name, sorted(info.features))
+
+
+def test_tfds_only_split_without_tfds_dir(capsys):
+  code, out, err = _cli(capsys, "train", "--config", str(TINY), "--workdir", "/nonexistent/w",
+                        "--config.tasks=cnn_dailymail")
+  line = _one_error(code, out, err, 2)
+  assert "task 'cnn_dailymail'" in line and "set data.tfds_dir and run jmtl data prepare" in line
+
+
 def test_manual_file_that_is_not_the_original_is_refused(data_dir, tmp_path, capsys):
   # WNLI.zip made from the local TSVs: right name, not the registered sha256 -> exit 2.
   (tmp_path / "manual").mkdir()

@@ -66,9 +66,11 @@ def _tfds() -> Any:
   return tfds
 
 
-def _builder(tfds: Any, name: str, data_dir: str) -> Any:
-  """`tfds.builder(name)` writing array_record into `data_dir`, importing TFDS's dataset
-  packages when the name is not registered yet."""
+def builder_of(name: str, data_dir: str) -> Any:
+  """`tfds.builder(name)` (a `tfds.core.DatasetBuilder`) writing array_record into `data_dir`,
+  importing TFDS's dataset packages when the name is not registered yet. Raises PrepareError
+  when tensorflow-datasets is missing or has no dataset `name`."""
+  tfds = _tfds()
   kwargs = {"data_dir": data_dir, "file_format": "array_record"}
   try:
     return tfds.builder(name, **kwargs)
@@ -192,20 +194,22 @@ def prepare(config: Any, echo: Callable[[str], None] = print) -> list[dict]:
 
 def _prepare_one(task: str, name: str, data: Any, tfds_dir: str) -> dict:
   """Builds one dataset. TFDS's own console output (progress bars, banners) goes to the absl
-  log at INFO (`--verbosity=0` shows it), so the command prints only its own lines."""
-  tfds = _tfds()
+  log at INFO, so the command prints only its own lines."""
   text = io.StringIO()
   try:
     with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-      builder = _builder(tfds, name, tfds_dir)
+      tfds = _tfds()
+      builder = builder_of(name, tfds_dir)
       ready = builder.is_prepared()
       if not ready:
         builder.download_and_prepare(
             download_dir=data.tfds_download_dir or None,
             download_config=tfds.download.DownloadConfig(
                 manual_dir=data.tfds_manual_dir or None))
-  except (ConfigError, PrepareError):
+  except ConfigError:
     raise
+  except PrepareError as e:
+    raise PrepareError(f"task {task!r}: TFDS {name}: {e}") from e
   except Exception as e:  # noqa: BLE001 - TFDS raises many types; each becomes one line
     err = failure(task, name, e)
     if err is e:

@@ -93,7 +93,11 @@ def source_path(spec: Any, data_cfg: Any) -> epath.Path:
     base = epath.Path(_package_dir(spec.package)) if spec.package else data_root(data_cfg)
     return base / spec.root
   if isinstance(spec, TfdsSource):
-    return epath.Path(cfg_get(data_cfg, "tfds_dir", "")) / spec.name
+    tfds_dir = cfg_get(data_cfg, "tfds_dir", "")
+    if not tfds_dir:  # a split that only TFDS provides (e.g. cnn_dailymail, squad_v11 train)
+      raise FileNotFoundError(f"TFDS dataset {spec.name} (split {spec.split!r} is read only from "
+                              f"TFDS: set data.tfds_dir and run jmtl data prepare)")
+    return epath.Path(tfds_dir) / spec.name
   return data_root(data_cfg) / spec.path
 
 
@@ -127,11 +131,12 @@ def load_records(task: Task | str, split: str, data_cfg: Any) -> list[dict]:
   if bad_rows not in ("error", "skip"):
     raise ValueError(f"data.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
   seed = int(cfg_get(data_cfg, "split_seed", 0))
-  if _use_tfds(task, split, data_cfg):
+  spec = task.tfds[split] if _use_tfds(task, split, data_cfg) else _spec(task, split)
+  if isinstance(spec, TfdsSource):
+    source_path(spec, data_cfg)  # FileNotFoundError when data.tfds_dir is not set
     from jmtl.data import tfds_source  # tensorflow-datasets is optional
-    records = tfds_source.load(task.tfds[split], task, cfg_get(data_cfg, "tfds_dir", ""))
+    records = tfds_source.load(spec, task, cfg_get(data_cfg, "tfds_dir", ""))
   else:
-    spec = _spec(task, split)
     path = source_path(spec, data_cfg)
     if not _exists(path, spec, data_cfg):
       raise FileNotFoundError(f"task {task.name!r} split {split!r}: {path} not found ({_ROOT_HELP})")
