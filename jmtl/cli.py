@@ -3,6 +3,7 @@
   jmtl train  --config configs/x.py --workdir DIR [--config.a.b=value ...]
   jmtl eval   --config configs/x.py --workdir DIR
   jmtl data   --config configs/x.py                 (record counts per task and split)
+  jmtl data prepare --config configs/x.py           (TFDS download-and-prepare into data.tfds_dir)
   jmtl bench  step|data|loop|optimizer --config configs/x.py [--json] [--out FILE]
   jmtl sweep  --config configs/optim_study.py --workdir DIR   (optimizer x lr x seed study)
   jmtl report optim --workdir DIR [--out DIR]                 (tables, ablation, loss curves)
@@ -30,16 +31,18 @@ from absl import logging
 import ml_collections
 
 from jmtl.config import ConfigError
+from jmtl.data.prepare import PrepareError
 from jmtl.train import EvalError
 from jmtl.train import NonFiniteError
 
 COMMANDS = ("train", "eval", "data", "bench", "sweep", "report")
 BENCHES = ("step", "data", "loop", "optimizer")
 REPORTS = ("optim",)
+DATA_SUBCOMMANDS = ("prepare",)
 COMMAND_USAGE = {
     "train": "jmtl train --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "eval": "jmtl eval --config FILE --workdir DIR [--config.KEY=VALUE ...]",
-    "data": "jmtl data --config FILE [--config.KEY=VALUE ...]",
+    "data": "jmtl data [prepare] --config FILE [--config.KEY=VALUE ...]",
     "bench": "jmtl bench {step,data,loop,optimizer} --config FILE [--json] [--out FILE] "
              "[--config.KEY=VALUE ...]",
     "sweep": "jmtl sweep --config FILE --workdir DIR [--config.KEY=VALUE ...]",
@@ -48,7 +51,9 @@ COMMAND_USAGE = {
 COMMAND_HELP = {
     "train": "Train; resumes from the latest checkpoint in --workdir.",
     "eval": "Evaluate the latest checkpoint in --workdir; writes eval.json and predictions/.",
-    "data": "Record counts per task and split, and a first training record (checks your data).",
+    "data": "Record counts per task and split, and a first training record (checks your data); "
+            "`data prepare`: TFDS download-and-prepare of the tasks' datasets into "
+            "data.tfds_dir (data.tfds_manual_dir: manually downloaded files).",
     "bench": "Benchmarks: train-step speed (step), input pipeline (data), the step loop fed "
              "from memory / synchronously / with prefetch (loop), optimizer updates (optimizer).",
     "sweep": "The optimizer study: optimizers x learning rates x seeds; writes sweep.json.",
@@ -196,6 +201,11 @@ def parse(argv: Sequence[str]):
     if not rest or rest[0] not in choices:
       raise UsageError(f"jmtl {cmd} needs one of: {', '.join(choices)}")
     sub, rest = rest[0], rest[1:]
+  if cmd == "data" and rest and not rest[0].startswith("-"):
+    if rest[0] not in DATA_SUBCOMMANDS:
+      raise UsageError(f"jmtl data: unknown subcommand {rest[0]!r}; use jmtl data --config FILE "
+                       f"or jmtl data {' | '.join(DATA_SUBCOMMANDS)} --config FILE")
+    sub, rest = rest[0], rest[1:]
   overrides = [a for a in rest if a.startswith("--config.")]
   fv = _make_flags()
   try:
@@ -274,6 +284,10 @@ def run(argv: Sequence[str]) -> int:
     return 0
   from jmtl import preflight
 
+  if cmd == "data" and sub == "prepare":
+    from jmtl.data import prepare
+    prepare.prepare(preflight.run(config, "prepare", None), echo=lambda s: print(s, flush=True))
+    return 0
   config = preflight.run(config, cmd, fv.workdir if cmd in ("train", "eval", "sweep") else None)
   if cmd == "train":
     from jmtl.train.loop import outputs_names, train
@@ -350,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   except NonFiniteError as e:
     print(f"jmtl: {_one_line(str(e))}", file=sys.stderr)
     code = 3
-  except EvalError as e:
+  except (EvalError, PrepareError) as e:
     print(f"jmtl: error: {_one_line(str(e))}", file=sys.stderr)
     code = 1
   except OSError as e:  # PermissionError, IsADirectoryError, NotADirectoryError, ENOSPC, ...

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from jmtl.defaults import KEYS
 from jmtl.defaults import MESH_AXES
@@ -26,6 +27,26 @@ from jmtl.defaults import base_config
 
 class ConfigError(ValueError):
   """A user mistake in a config, an override, a path or the environment (exit code 2)."""
+
+
+def is_bucket(path: str | os.PathLike[str]) -> bool:
+  """Whether `path` is a URI with a scheme (`gs://bucket/x`, `s3://...`), not a local path."""
+  return "://" in os.fspath(path)
+
+
+def path_exists(path: str | os.PathLike[str], what: str) -> bool:
+  """Whether `path` (local, or a bucket URI read through `etils.epath`) exists.
+
+  `what` names the path for the user (`"--workdir"`, `"config key 'data.dir' ="`). A path whose
+  filesystem cannot be reached here (a `gs://` URI without `gcsfs` or TensorFlow installed,
+  a bucket we may not read) raises ConfigError "<what> <path>: cannot access it (<cause>)";
+  for a missing backend the cause says what to install (e.g. "Please install gcsfs ...").
+  """
+  try:
+    return epath.Path(path).exists()
+  except Exception as e:  # noqa: BLE001 - ImportError (no backend), permission, auth, ...
+    raise ConfigError(f"{what} {os.fspath(path)}: cannot access it "
+                      f"({type(e).__name__}: {e})") from e
 
 
 def load_config_file(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
@@ -213,7 +234,9 @@ def _check_files(cfg: ml_collections.ConfigDict) -> None:
   from jmtl import tasks as task_registry
   from jmtl.data import sources
 
-  if cfg.data.tokenizer and not pathlib.Path(cfg.data.tokenizer).is_file():
+  if cfg.data.tokenizer and not (
+      path_exists(cfg.data.tokenizer, "config key 'data.tokenizer' =")
+      and epath.Path(cfg.data.tokenizer).is_file()):
     raise ConfigError(f"config key 'data.tokenizer': file not found: {cfg.data.tokenizer}")
   if cfg.model.init_from and not pathlib.Path(cfg.model.init_from).is_dir():
     raise ConfigError(f"config key 'model.init_from': directory not found: {cfg.model.init_from}")

@@ -139,6 +139,11 @@ _key("tasks", ("sst2",), "task names from the registry (`jmtl.tasks.TASKS`)",
 # ------------------------------------------------------------------ data
 _key("data.dir", "", "root of the data files; '' = $JMTL_DATA_DIR")
 _key("data.tfds_dir", "", "TFDS data_dir for tasks read through tfds.data_source; '' = off")
+_key("data.tfds_download_dir", "",
+     "jmtl data prepare: where TFDS downloads and extracts archives; '' = <data.tfds_dir>/downloads")
+_key("data.tfds_manual_dir", "",
+     "jmtl data prepare: folder of manually downloaded archives (TFDS manual_dir; a file is used "
+     "when its name and sha256 match TFDS's registered checksum); '' = <download dir>/manual")
 _key("data.tokenizer", "", "path to tokenizer.json or vocab.txt (UTF-8); '' = train one")
 _key("data.tokenizer_kind", "wordpiece", "kind of tokenizer trained when data.tokenizer is ''",
      choices=("wordpiece", "bpe"))

@@ -16,6 +16,8 @@ with one `ConfigError` line naming the key, instead of minutes later (or as a tr
   `model.safetensors`) whose architecture matches `model.*`, `model.init_layers` and the
   tokenizer's vocabulary;
 - `jmtl sweep`: the `sweep.*` keys (`jmtl.study.sweep.check_sweep_config`);
+- `jmtl data prepare` (command "prepare"): everything above but the data files and the
+  tokenizer (it makes the TFDS datasets the files check would miss);
 - the workdir (`jmtl.train.workdir.preflight`): not a file; `eval` needs its checkpoints.
 
 Layering: this module sits above study/bench/train (it imports them to ask them), below the CLI.
@@ -31,7 +33,7 @@ import ml_collections
 from jmtl import config as config_lib
 from jmtl.config import ConfigError
 
-COMMANDS = ("train", "eval", "data", "sweep", "bench")
+COMMANDS = ("train", "eval", "data", "sweep", "bench", "prepare")
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 
@@ -48,7 +50,7 @@ def run(config: ml_collections.ConfigDict, command: str,
 
   if command not in COMMANDS:
     raise ValueError(f"preflight: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
-  config = config_lib.validate(config, check_files=command != "bench")
+  config = config_lib.validate(config, check_files=command not in ("bench", "prepare"))
   if command in DISTRIBUTED_COMMANDS:
     _join(config)
   config_lib.check_mesh(config, jax.device_count())
@@ -57,8 +59,8 @@ def run(config: ml_collections.ConfigDict, command: str,
   shards = _mesh(config)
   _mixed_rows(config, shards)
   check_val_metric(config.train.val_metric, [t.name for t in tasks])
-  tokenizer = _tokenizer(config) if command != "bench" else None
-  if config.model.init_from:
+  tokenizer = _tokenizer(config) if command not in ("bench", "prepare") else None
+  if config.model.init_from and command != "prepare":
     check_init_from(config, tokenizer.vocab_size if tokenizer is not None else None)
   if command == "sweep":
     from jmtl.study import sweep  # noqa: PLC0415

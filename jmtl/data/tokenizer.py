@@ -13,6 +13,7 @@ import pathlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from etils import epath
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -78,13 +79,14 @@ class Tokenizer:
   def load(cls, path: str | os.PathLike, lowercase: bool | None = None) -> "Tokenizer":
     """Loads `tokenizer.json`, or a BERT `vocab.txt` (lowercase=None: lowercase when the vocab
     has no upper-case entries, i.e. an uncased vocab). Raises FileNotFoundError when `path` is
-    not a file, ValueError naming `path` when it is not a tokenizers JSON file or not UTF-8."""
-    path = pathlib.Path(path)
+    not a file, ValueError naming `path` when it is not a tokenizers JSON file or not UTF-8.
+    `path` may be a bucket URI (`gs://...`, read through `etils.epath`)."""
+    path = epath.Path(path)
     if not path.is_file():
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     if path.suffix == ".json":
       try:
-        tok = tokenizers.Tokenizer.from_file(str(path))
+        tok = tokenizers.Tokenizer.from_str(path.read_bytes().decode("utf-8"))
       except Exception as e:  # tokenizers raises plain Exception on a bad file
         raise ValueError(f"{path}: not a tokenizers JSON file ({e})") from None
       # Files exported with a model (e.g. sentence-transformers) often enable padding to a fixed

@@ -42,7 +42,8 @@ from jmtl.eval import predictions as predictions_lib
 # of training (the schedule is recomputed for the new total, with a warning).
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.on_nonfinite", "train.progress", "eval.",
-             "data.dir", "data.tfds_dir", "data.tokenizer", "data.max_eval_examples",
+             "data.dir", "data.tfds_dir", "data.tfds_download_dir", "data.tfds_manual_dir",
+             "data.tokenizer", "data.max_eval_examples",
              "data.eval_split", "model.init_from", "mesh.", "dist.", "sweep.")
 
 LOCK_NAME = ".jmtl.lock"
@@ -58,7 +59,7 @@ def path(workdir: str | os.PathLike[str]) -> epath.Path:
 
 
 def is_local(p: epath.Path) -> bool:
-  return "://" not in str(p)
+  return not config_lib.is_bucket(p)
 
 
 def _flat(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
@@ -324,12 +325,8 @@ def preflight(config: Any, workdir: str, command: str) -> None:
   with the same fingerprinted config keys. command "eval": it holds a checkpoint of the same
   config, and nobody else runs in it.
   """
-  try:
-    p = path(workdir)
-    exists = p.exists()
-  except Exception as e:  # noqa: BLE001 - e.g. no filesystem backend for a bucket scheme
-    raise config_lib.ConfigError(f"--workdir {workdir}: cannot access it "
-                                 f"({type(e).__name__}: {e})") from e
+  p = path(workdir)
+  exists = config_lib.path_exists(p, "--workdir")
   if exists and not p.is_dir():
     raise config_lib.ConfigError(f"--workdir {p} is not a directory")
   if is_local(p):

@@ -1,0 +1,224 @@
+"""`jmtl data prepare`: TFDS download-and-prepare for the tasks of a config.
+
+Each task that declares TFDS names (`Task.tfds`, e.g. every GLUE task: `glue/sst2`) is built
+into `data.tfds_dir` with
+
+    builder = tfds.builder(name, data_dir=data.tfds_dir, file_format="array_record")
+    builder.download_and_prepare(
+        download_dir=data.tfds_download_dir or None,   # None: <data.tfds_dir>/downloads
+        download_config=tfds.download.DownloadConfig(manual_dir=data.tfds_manual_dir or None))
+
+(array_record is what `tfds.data_source` reads, `jmtl.data.tfds_source`). A dataset prepared
+before is reused, not rebuilt. Tasks without TFDS names read their files from `data.dir` and
+need no preparation. Paths may be bucket URIs (`gs://...`, `etils.epath`).
+
+How TFDS (tensorflow-datasets 4.9) finds each file of a dataset, in order: a file in the manual
+dir named as TFDS's registered checksum file names it (e.g. `SST-2.zip`), whose size and sha256
+must then match the registered ones; the download cache (`<download dir>/<dataset>/<url name>
+<checksum>` with its `.INFO` file, as an earlier download left it); else the URL is downloaded
+and checked. Archives (.zip, .tar) are extracted by TFDS through `tf.io.gfile`, so datasets
+shipped as archives (all GLUE configs but `glue/mrpc`) need TensorFlow installed; datasets of
+plain files (`glue/mrpc`, `squad`) prepare without it.
+
+Failures are one line naming the task: `ConfigError` (exit 2) for what the user can fix (a file
+in the manual dir that is not the original, a dataset that needs manual files, an unreachable
+bucket), `PrepareError` (exit 1) for the environment (no network, TensorFlow or
+tensorflow-datasets missing, a dataset name the installed TFDS does not know).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from absl import logging
+from etils import epath
+
+from jmtl import config as config_lib
+from jmtl.config import ConfigError
+from jmtl.data import sources
+from jmtl.tasks import base as tasks_base
+
+# TFDS packages whose builders register only when imported (they are imported lazily and
+# `tfds.builder` does not trigger that without TensorFlow): GLUE, SQuAD, CNN/DailyMail, ...
+_TFDS_PACKAGES = ("text", "question_answering", "summarization")
+
+
+class PrepareError(RuntimeError):
+  """The environment stopped a preparation (no network, a package missing): exit code 1."""
+
+
+def tfds_names(task: tasks_base.Task) -> list[str]:
+  """The distinct TFDS dataset names of `task`'s splits, in split order ([] when none)."""
+  return list(dict.fromkeys(spec.name for spec in (task.tfds or {}).values()))
+
+
+def _tfds() -> Any:
+  try:
+    import tensorflow_datasets as tfds  # noqa: PLC0415 - optional dependency (jmtl[tfds])
+  except ImportError as e:
+    raise PrepareError(f"tensorflow-datasets is not installed ({e}); pip install "
+                       f"'jmtl[tfds]'") from e
+  return tfds
+
+
+def builder_of(name: str, data_dir: str) -> Any:
+  """`tfds.builder(name)` (a `tfds.core.DatasetBuilder`) writing array_record into `data_dir`,
+  importing TFDS's dataset packages when the name is not registered yet. Raises PrepareError
+  when tensorflow-datasets is missing or has no dataset `name`."""
+  tfds = _tfds()
+  kwargs = {"data_dir": data_dir, "file_format": "array_record"}
+  try:
+    return tfds.builder(name, **kwargs)
+  except tfds.core.registered.DatasetNotFoundError:
+    pass
+  for package in _TFDS_PACKAGES:
+    try:
+      importlib.import_module(f"tensorflow_datasets.{package}")
+    except ImportError:
+      continue
+  try:
+    return tfds.builder(name, **kwargs)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise PrepareError(f"the installed tensorflow-datasets {tfds.__version__} has no dataset "
+                       f"{name!r}") from e
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+  """`e` and the exceptions it was raised from or during, each once."""
+  seen: set[int] = set()
+  todo = [e]
+  while todo:
+    x = todo.pop()
+    if x is None or id(x) in seen:
+      continue
+    seen.add(id(x))
+    yield x
+    todo += [x.__cause__, x.__context__]
+
+
+def _network_error(e: BaseException) -> BaseException | None:
+  """The exception in `e`'s chain that says a download could not reach its server, if any."""
+  try:
+    import requests  # noqa: PLC0415 - a tensorflow-datasets dependency
+    net: tuple[type, ...] = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+  except ImportError:
+    net = ()
+  net += (ConnectionError, socket.gaierror, TimeoutError)
+  for x in _chain(e):
+    if isinstance(x, net) or type(x).__name__ in ("DownloadError", "MaxRetryError"):
+      return x
+  return None
+
+
+def _lines(text: str) -> str:
+  """TFDS's message in one line, without its links to web help."""
+  keep = [ln.strip() for ln in str(text).splitlines()
+          if ln.strip() and not ln.strip().startswith("To debug")]
+  return " ".join(keep)
+
+
+def failure(task: str, name: str, e: BaseException) -> Exception:
+  """The one-line error (ConfigError: exit 2, PrepareError: exit 1) for `e`, raised while
+  preparing TFDS dataset `name` of `task`. An OSError that is none of these is returned as it
+  is (the CLI names its path, exit 1 or 2 by errno)."""
+  what = f"task {task!r}: TFDS {name}"
+  kind = type(e).__name__
+  if kind == "NonMatchingChecksumError":
+    return ConfigError(f"{what}: {_lines(e)} - a file in data.tfds_manual_dir (or the download "
+                       f"cache) is not the original; remove it or put the original there")
+  if isinstance(e, AssertionError) and "Manual directory" in str(e):
+    return ConfigError(f"{what} needs manually downloaded files in data.tfds_manual_dir: "
+                       f"{_lines(e)}")
+  for x in _chain(e):
+    if isinstance(x, ModuleNotFoundError) and (x.name or "").split(".")[0] == "tensorflow":
+      return PrepareError(f"{what}: TFDS extracts the downloaded archives with TensorFlow, "
+                          f"which is not installed (pip install tensorflow-cpu)")
+  net = _network_error(e)
+  if net is not None:
+    return PrepareError(f"{what}: a download failed, no network? ({type(net).__name__}: "
+                        f"{_lines(net)[:300]}); offline, put the dataset's original files "
+                        f"into data.tfds_manual_dir")
+  if isinstance(e, OSError):
+    return e
+  return PrepareError(f"{what}: {kind}: {_lines(e)[:500]}")
+
+
+def prepare(config: Any, echo: Callable[[str], None] = print) -> list[dict]:
+  """Prepares every TFDS dataset of `config.tasks` into `config.data.tfds_dir`; `echo`s one line
+  per dataset (task, name, version, splits with example counts, where) and one per task without
+  TFDS names. Returns [{"task", "name", "version", "dir", "splits": {split: count},
+  "prepared": bool (False: found ready)}].
+
+  Raises ConfigError (`data.tfds_dir` empty or unreachable, a user-fixable TFDS failure) or
+  PrepareError (environment), each one line naming the task; see `failure`."""
+  data = config.data
+  tasks = [tasks_base.get_task(name) for name in config.tasks]
+  needed = [t for t in tasks if tfds_names(t)]
+  tfds_dir = data.tfds_dir
+  if needed:
+    if not tfds_dir:
+      raise ConfigError(f"config key 'data.tfds_dir' is empty: jmtl data prepare writes the "
+                        f"TFDS datasets of {', '.join(t.name for t in needed)} there (e.g. "
+                        f"--config.data.tfds_dir=gs://BUCKET/tfds)")
+    config_lib.path_exists(tfds_dir, "config key 'data.tfds_dir' =")
+    for key in ("tfds_download_dir", "tfds_manual_dir"):
+      if data[key]:
+        config_lib.path_exists(data[key], f"config key 'data.{key}' =")
+  done: dict[str, dict] = {}
+  out = []
+  for task in tasks:
+    names = tfds_names(task)
+    if not names:
+      try:
+        root = str(sources.data_root(data))
+      except FileNotFoundError:
+        root = "data.dir / $JMTL_DATA_DIR, not set"
+      echo(f"{task.name}: no TFDS name; reads its files from data.dir ({root}), nothing to "
+           f"prepare")
+      continue
+    for name in names:
+      if name not in done:
+        done[name] = _prepare_one(task.name, name, data, tfds_dir)
+      row = {"task": task.name, **done[name]}
+      out.append(row)
+      state = "prepared" if row["prepared"] else "already prepared"
+      splits = ", ".join(f"{s} {n}" for s, n in row["splits"].items())
+      echo(f"{task.name}: {name} {row['version']} {state} in {row['dir']}: {splits}")
+  return out
+
+
+def _prepare_one(task: str, name: str, data: Any, tfds_dir: str) -> dict:
+  """Builds one dataset. TFDS's own console output (progress bars, banners) goes to the absl
+  log at INFO, so the command prints only its own lines."""
+  text = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+      tfds = _tfds()
+      builder = builder_of(name, tfds_dir)
+      ready = builder.is_prepared()
+      if not ready:
+        builder.download_and_prepare(
+            download_dir=data.tfds_download_dir or None,
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=data.tfds_manual_dir or None))
+  except ConfigError:
+    raise
+  except PrepareError as e:
+    raise PrepareError(f"task {task!r}: TFDS {name}: {e}") from e
+  except Exception as e:  # noqa: BLE001 - TFDS raises many types; each becomes one line
+    err = failure(task, name, e)
+    if err is e:
+      raise
+    raise err from e
+  finally:
+    if text.getvalue().strip():
+      logging.info("TFDS output while preparing %s:\n%s", name, text.getvalue())
+  info = builder.info
+  return {"name": name, "version": str(builder.version), "dir": str(epath.Path(builder.data_dir)),
+          "splits": {str(s): int(info.splits[s].num_examples) for s in info.splits},
+          "prepared": not ready}
