@@ -6,7 +6,7 @@ import math
 from typing import Any, Sequence
 
 import jax
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -50,3 +50,13 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
   sizes = mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), len(devices))
   return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+
+
+def abstract_mesh(mesh_cfg: Any, num_devices: int) -> AbstractMesh:
+  """The ("data", "fsdp", "tensor") mesh of `config.mesh` over `num_devices` devices that need
+  not exist here (a target topology): shapes and names only, every axis `AxisType.Auto`.
+
+  Raises ValueError as `mesh_shape` does when the sizes do not multiply to `num_devices`.
+  """
+  sizes = mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), num_devices)
+  return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
