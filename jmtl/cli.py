@@ -240,8 +240,10 @@ def _bench(sub: str, config) -> dict:
 
 
 def _compile(compile_lib, config, target, fv) -> int:
-  """`jmtl compile`: prints the report; exit 0 compiled and fits, 1 does not fit, 2 (ConfigError)
-  a sharding rule that does not divide or no compiler for the target (after the report)."""
+  """`jmtl compile`: prints the report; exit 0 compiled and fits; 1 does not fit (the compiled
+  total, the compiler's out-of-memory error, or parameters and optimizer state alone exceed the
+  device memory); 2 (ConfigError, after the report) a sharding rule that does not divide, or
+  no compiler for the target."""
   report = compile_lib.compile_check(config, target)
   text = json.dumps(report, indent=2, sort_keys=True)
   if fv.out:
@@ -252,14 +254,22 @@ def _compile(compile_lib, config, target, fv) -> int:
     raise ConfigError(f"--topology {target.name} (mesh data x fsdp x tensor = {report['mesh']}): "
                       f"{len(problems)} sharding rule(s) do not divide (each listed above), "
                       f"nothing compiled; the first: {problems[0]}")
+  if report["fits"] is False:
+    if report["total_bytes"] is not None:
+      why = f"the train step needs {report['total_bytes']:,} bytes per device"
+    elif report["out_of_memory"]:
+      why = f"the compiler says {report['out_of_memory']}"
+    else:
+      why = (f"parameters and optimizer state alone need "
+             f"{report['params_bytes_per_device'] + report['opt_state_bytes_per_device']:,} "
+             "bytes per device")
+    print(f"jmtl: error: does not fit: {why}; a {target.name} device has "
+          f"{report['device_memory_bytes']:,} ({report['device_memory_source']})",
+          file=sys.stderr)
+    return 1
   if not report["compiled"]:
     raise ConfigError(f"{report['not_compiled']}; the sharding check and the parameter and "
                       "optimizer-state bytes above need none")
-  if not report["fits"]:
-    print(f"jmtl: error: does not fit: the train step needs {report['total_bytes']:,} bytes per "
-          f"device, a {target.name} device has {report['device_memory_bytes']:,} "
-          f"({report['device_memory_source']})", file=sys.stderr)
-    return 1
   return 0
 
 

@@ -192,3 +192,26 @@ def test_cli_does_not_fit_exits_1(capsys, monkeypatch):
   assert code == 1 and "fits: no" in stdout
   assert len(err) == 1 and err[0].startswith("jmtl: error: does not fit:")
   assert "4,096 (test)" in err[0]
+
+
+# The first line of what XLA:TPU (libtpu 0.0.42.1) raised on this host for a 4-layer, d 1024
+# encoder with 2048 x 512 token batches on v5e-16 (data parallel).
+TPU_OOM = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
+           "of memory in memory space hbm. Used 15.76G of 15.75G hbm. Exceeded hbm capacity by "
+           "14.59M.\n\nTotal hbm usage >= 16.01G:\n    reserved        258.01M \n")
+
+
+def test_out_of_memory_line():
+  assert compile_lib.out_of_memory_line(TPU_OOM) == TPU_OOM.splitlines()[0]
+  assert compile_lib.out_of_memory_line("INVALID_ARGUMENT: bad sharding") is None
+  assert compile_lib.out_of_memory_line("") is None
+
+
+def test_cli_state_alone_too_big_for_the_slice_exits_1(capsys, monkeypatch):
+  monkeypatch.setattr(compile_lib, "tpu_runtime_available", lambda: False)
+  tiny_hbm = dataclasses.replace(compile_lib.TPU_GENERATIONS["v5e"], hbm_bytes=1000)
+  monkeypatch.setitem(compile_lib.TPU_GENERATIONS, "v5e", tiny_hbm)
+  code, stdout, err = _run(capsys, ["--config", str(TINY), "--topology", "v5e-16"])
+  assert code == 1 and "fits: no" in stdout
+  assert len(err) == 1 and err[0].startswith("jmtl: error: does not fit: parameters and "
+                                             "optimizer state alone need")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import math
 import os
 import time
@@ -225,7 +226,9 @@ def compile_check(config: Any, target: Target, *, compile_step: bool = True) -> 
   `compile_step`: lowers and compiles the step for each batch shape (`abstract_batches`) and adds
   `memory` (per batch: bytes of the compiled step), `total_bytes` (the largest total) and `fits`.
   Without one, `compiled` is False, `not_compiled` says why and `fits` is False only when
-  parameters and optimizer state alone exceed the device memory (else None: unknown).
+  parameters and optimizer state alone exceed the device memory (else None: unknown). When the
+  compiler itself reports that the step does not fit (XLA:TPU does), `fits` is False and
+  `out_of_memory` holds its first line.
   """
   tasks = [get_task(name) for name in config.tasks]
   vocab = vocab_size(config)
@@ -241,8 +244,14 @@ def compile_check(config: Any, target: Target, *, compile_step: bool = True) -> 
   def model_fn(rngs):
     return MultiTaskModel(config.model, vocab, heads, rngs=rngs)
 
-  abstract, graphdef, shardings, _ = state_lib.abstract_train_state(
-      model_fn, int(config.seed), tx, mesh, rules)
+  sharding_log = logging.getLogger(sharding_lib.__name__)
+  level = sharding_log.level
+  sharding_log.setLevel(logging.ERROR)  # its fallback warnings are the problems listed below
+  try:
+    abstract, graphdef, shardings, _ = state_lib.abstract_train_state(
+        model_fn, int(config.seed), tx, mesh, rules)
+  finally:
+    sharding_log.setLevel(level)
   problems = (sharding_lib.sharding_problems(abstract.params, mesh, rules)
               + sharding_lib.sharding_problems(abstract.rest, mesh, rules))
   batches = abstract_batches(config, tasks, vocab)
@@ -269,7 +278,7 @@ def compile_check(config: Any, target: Target, *, compile_step: bool = True) -> 
       "opt_state_bytes_per_device": opt_bytes,
       "device_memory_bytes": target.memory_bytes, "device_memory_source": target.memory_source,
       "sharding_problems": problems, "compiled": False, "not_compiled": None,
-      "memory": [], "total_bytes": None, "fits": None,
+      "memory": [], "total_bytes": None, "fits": None, "out_of_memory": None,
   }
   if params_bytes + opt_bytes > target.memory_bytes:
     report["fits"] = False
@@ -289,13 +298,30 @@ def compile_check(config: Any, target: Target, *, compile_step: bool = True) -> 
   scalar_i = jax.ShapeDtypeStruct((), np.int32)
   t0 = time.perf_counter()
   for b in batches:
-    compiled = step_fn.jitted.lower(abstract, b, scalar_f, scalar_i).compile()
+    try:
+      compiled = step_fn.jitted.lower(abstract, b, scalar_f, scalar_i).compile()
+    except jax.errors.JaxRuntimeError as e:
+      line = out_of_memory_line(str(e))
+      if line is None:
+        raise
+      report.update(compile_s=round(time.perf_counter() - t0, 3), fits=False,
+                    out_of_memory=f"[{','.join(sorted(b))}] {line}",
+                    not_compiled="the compiler ran out of device memory")
+      return report
     report["memory"].append({"tasks": ",".join(sorted(b)), **_memory(compiled)})
   report["compile_s"] = round(time.perf_counter() - t0, 3)
   report["compiled"] = True
   report["total_bytes"] = max(m["total"] for m in report["memory"])
   report["fits"] = report["total_bytes"] <= target.memory_bytes
   return report
+
+
+def out_of_memory_line(message: str) -> str | None:
+  """The first line of a compiler error that says the program does not fit in device memory
+  (XLA:TPU raises `RESOURCE_EXHAUSTED: ... CompileTimeHbmOom ... Ran out of memory in memory
+  space hbm. Used X of Y hbm ...` at compile time), else None."""
+  first = message.strip().splitlines()[0] if message.strip() else ""
+  return first if first.startswith("RESOURCE_EXHAUSTED") else None
 
 
 def _gib(n: int | None) -> str:
@@ -329,10 +355,11 @@ def format_report(r: dict[str, Any]) -> str:
                  f"{_gib(m['output'])}, aliased {_gib(m['alias'])}, temporaries (activations) "
                  f"{_gib(m['temp'])}, code {_gib(m['generated_code'])}, total {_gib(m['total'])}")
   lines.append(f"device memory: {_gib(r['device_memory_bytes'])} ({r['device_memory_source']})")
+  if r["out_of_memory"]:
+    lines.append(f"compiler: {r['out_of_memory']}")
   if r["compiled"]:
     lines.append(f"compiled in {r['compile_s']} s; fits: {'yes' if r['fits'] else 'no'}")
   else:
     lines.append(f"not compiled: {r['not_compiled']}; fits: "
-                 + ("no (parameters and optimizer state alone)" if r["fits"] is False
-                    else "unknown (activations not measured)"))
+                 + ("unknown (activations not measured)" if r["fits"] is None else "no"))
   return "\n".join(lines)
