@@ -215,3 +215,17 @@ def test_cli_state_alone_too_big_for_the_slice_exits_1(capsys, monkeypatch):
   assert code == 1 and "fits: no" in stdout
   assert len(err) == 1 and err[0].startswith("jmtl: error: does not fit: parameters and "
                                              "optimizer state alone need")
+
+
+@pytest.mark.slow
+def test_mixed_batch_with_a_seq2seq_task_compiles():
+  c = _config(data=8, fsdp=1)
+  c.tasks = ("sst2", "dialogsum")
+  c.model.decoder.update(layers=1, heads=2, d_ff=64)
+  c.data.update(mixing="mixed", mixture="uniform", max_target_len=8)
+  r = compile_lib.compile_check(c, compile_lib.get_target("local"))
+  # One batch holding both tasks: 16 rows split uniformly, sources at data.max_len = 16,
+  # decoder inputs at data.max_target_len = 8.
+  assert r["batch_shapes"] == [{"sst2": {"input_ids": [8, 16]},
+                                "dialogsum": {"input_ids": [8, 16], "decoder_input_ids": [8, 8]}}]
+  assert r["compiled"] and r["fits"] and [m["tasks"] for m in r["memory"]] == ["dialogsum,sst2"]
