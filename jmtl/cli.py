@@ -5,6 +5,7 @@
   jmtl data   --config configs/x.py                 (record counts per task and split)
   jmtl data prepare --config configs/x.py           (TFDS download-and-prepare into data.tfds_dir)
   jmtl bench  step|data|loop|optimizer --config configs/x.py [--json] [--out FILE]
+  jmtl compile --config configs/x.py [--topology local|v5e-16|v4-32|...] [--json] [--out FILE]
   jmtl sweep  --config configs/optim_study.py --workdir DIR   (optimizer x lr x seed study)
   jmtl report optim --workdir DIR [--out DIR]                 (tables, ablation, loss curves)
   jmtl --help | jmtl CMD --help | jmtl --version
@@ -35,7 +36,7 @@ from jmtl.data.prepare import PrepareError
 from jmtl.train import EvalError
 from jmtl.train import NonFiniteError
 
-COMMANDS = ("train", "eval", "data", "bench", "sweep", "report")
+COMMANDS = ("train", "eval", "data", "bench", "compile", "sweep", "report")
 BENCHES = ("step", "data", "loop", "optimizer")
 REPORTS = ("optim",)
 DATA_SUBCOMMANDS = ("prepare",)
@@ -45,6 +46,8 @@ COMMAND_USAGE = {
     "data": "jmtl data [prepare] --config FILE [--config.KEY=VALUE ...]",
     "bench": "jmtl bench {step,data,loop,optimizer} --config FILE [--json] [--out FILE] "
              "[--config.KEY=VALUE ...]",
+    "compile": "jmtl compile --config FILE [--topology NAME] [--json] [--out FILE] "
+               "[--config.KEY=VALUE ...]",
     "sweep": "jmtl sweep --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "report": "jmtl report optim --workdir DIR [--out DIR]",
 }
@@ -56,19 +59,24 @@ COMMAND_HELP = {
             "data.tfds_dir (data.tfds_manual_dir: manually downloaded files).",
     "bench": "Benchmarks: train-step speed (step), input pipeline (data), the step loop fed "
              "from memory / synchronously / with prefetch (loop), optimizer updates (optimizer).",
+    "compile": "Ahead-of-time compile of the train step for a topology (local, or a TPU slice "
+               "such as v5e-16): sharding rules that do not divide, per-device memory, fits. "
+               "Exit 1 when it does not fit.",
     "sweep": "The optimizer study: optimizers x learning rates x seeds; writes sweep.json.",
     "report": "Tables, ablation and loss curves of a finished sweep.",
 }
 _COMMAND_FLAGS = {
     "train": ("config", "workdir"), "eval": ("config", "workdir"), "data": ("config",),
-    "bench": ("config", "json", "out"), "sweep": ("config", "workdir"),
+    "bench": ("config", "json", "out"), "compile": ("config", "topology", "json", "out"),
+    "sweep": ("config", "workdir"),
     "report": ("workdir", "out"),
 }
 _FLAG_HELP = (
     ("--config FILE", "config file defining get_config() (see configs/, jmtl/defaults.py)"),
     ("--workdir DIR", "run directory (checkpoints, metrics, predictions)"),
-    ("--json", "bench: print the result as JSON"),
-    ("--out FILE|DIR", "bench: also write the JSON here; report: output directory"),
+    ("--topology NAME", "compile: local (default) or a TPU slice: v4-N, v5e-N, v5p-N, v6e-N"),
+    ("--json", "bench, compile: print the result as JSON"),
+    ("--out FILE|DIR", "bench, compile: also write the JSON here; report: output directory"),
 )
 USAGE = "usage: " + "\n       ".join(COMMAND_USAGE[c] for c in COMMANDS)
 HELP = "\n".join([
@@ -76,7 +84,8 @@ HELP = "\n".join([
     "Any config key can be overridden, e.g. --config.train.steps=100 or --config.tasks=sst2,mrpc",
     "(--config.data.length_buckets=64 is the tuple (64,)). jmtl/defaults.py lists every key.",
     "jmtl CMD --help: the flags of CMD. jmtl --version: the installed version.",
-    "Exit codes: 0 done, 1 environment failure, 2 user mistake, 3 non-finite loss."])
+    "Exit codes: 0 done, 1 environment failure (compile: the step does not fit), 2 user mistake",
+    "(compile: a sharding rule that does not divide, no TPU runtime), 3 non-finite loss."])
 
 
 def _make_flags() -> flags.FlagValues:
@@ -85,7 +94,9 @@ def _make_flags() -> flags.FlagValues:
   flags.DEFINE_string("config", None, "Config file (defines get_config()).", flag_values=fv)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, predictions).",
                       flag_values=fv)
-  flags.DEFINE_bool("json", False, "bench: print the result as JSON.", flag_values=fv)
+  flags.DEFINE_string("topology", "local", "compile: target topology (local, v5e-16, ...).",
+                      flag_values=fv)
+  flags.DEFINE_bool("json", False, "bench, compile: print the result as JSON.", flag_values=fv)
   flags.DEFINE_string("out", None, "bench: also write the JSON here; report: output directory.",
                       flag_values=fv)
   return fv
@@ -238,6 +249,40 @@ def _bench(sub: str, config) -> dict:
   return bench_optimizer(config)
 
 
+def _compile(compile_lib, config, target, fv) -> int:
+  """`jmtl compile`: prints the report; exit 0 compiled and fits; 1 does not fit (the compiled
+  total, the compiler's out-of-memory error, or parameters and optimizer state alone exceed the
+  device memory); 2 (ConfigError, after the report) a sharding rule that does not divide, or
+  no compiler for the target."""
+  report = compile_lib.compile_check(config, target)
+  text = json.dumps(report, indent=2, sort_keys=True)
+  if fv.out:
+    pathlib.Path(fv.out).write_text(text + "\n")
+  print(text if fv.json else compile_lib.format_report(report), flush=True)
+  problems = report["sharding_problems"]
+  if problems:
+    raise ConfigError(f"--topology {target.name} (mesh data x fsdp x tensor = {report['mesh']}): "
+                      f"{len(problems)} sharding rule(s) do not divide (each listed above), "
+                      f"nothing compiled; the first: {problems[0]}")
+  if report["fits"] is False:
+    if report["total_bytes"] is not None:
+      why = f"the train step needs {report['total_bytes']:,} bytes per device"
+    elif report["out_of_memory"]:
+      why = f"the compiler says {report['out_of_memory']}"
+    else:
+      why = (f"parameters and optimizer state alone need "
+             f"{report['params_bytes_per_device'] + report['opt_state_bytes_per_device']:,} "
+             "bytes per device")
+    print(f"jmtl: error: does not fit: {why}; a {target.name} device has "
+          f"{report['device_memory_bytes']:,} ({report['device_memory_source']})",
+          file=sys.stderr)
+    return 1
+  if not report["compiled"]:
+    raise ConfigError(f"{report['not_compiled']}; the sharding check and the parameter and "
+                      "optimizer-state bytes above need none")
+  return 0
+
+
 def describe_data(config) -> str:
   """Record counts per task and split, and the first training record of each task.
 
@@ -288,6 +333,11 @@ def run(argv: Sequence[str]) -> int:
     from jmtl.data import prepare
     prepare.prepare(preflight.run(config, "prepare", None), echo=lambda s: print(s, flush=True))
     return 0
+  if cmd == "compile":
+    from jmtl.bench import compile as compile_lib
+    target = compile_lib.get_target(fv.topology)
+    config = preflight.run(config, cmd, None, device_count=target.num_devices)
+    return _compile(compile_lib, config, target, fv)
   config = preflight.run(config, cmd, fv.workdir if cmd in ("train", "eval", "sweep") else None)
   if cmd == "train":
     from jmtl.train.loop import outputs_names, train

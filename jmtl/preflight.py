@@ -33,30 +33,33 @@ import ml_collections
 from jmtl import config as config_lib
 from jmtl.config import ConfigError
 
-COMMANDS = ("train", "eval", "data", "sweep", "bench", "prepare")
+COMMANDS = ("train", "eval", "data", "sweep", "bench", "prepare", "compile")
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
-
 
 # Commands that join a multi-host run when `dist.initialize` is set.
 DISTRIBUTED_COMMANDS = ("train", "eval")
 
 
-def run(config: ml_collections.ConfigDict, command: str,
-        workdir: str | None) -> ml_collections.ConfigDict:
+def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
+        device_count: int | None = None) -> ml_collections.ConfigDict:
   """Checks `config` for `command` (one of COMMANDS) with run directory `workdir` (None for
-  data/bench); returns the config completed with defaults. Raises ConfigError (one line naming
-  the key, path or file) on the first problem; reads files but writes nothing."""
+  data/bench/compile); returns the config completed with defaults. Raises ConfigError (one line
+  naming the key, path or file) on the first problem; reads files but writes nothing.
+
+  `device_count`: the devices the mesh is checked against (default: `jax.device_count()`);
+  `jmtl compile --topology` passes the target topology's count, whose devices need not exist
+  here (the mesh is then an `AbstractMesh`). `bench` and `compile` read no data files."""
   import jax  # noqa: PLC0415  (device count; importing jax is the slow part of a preflight)
 
   if command not in COMMANDS:
     raise ValueError(f"preflight: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
-  config = config_lib.validate(config, check_files=command not in ("bench", "prepare"))
+  config = config_lib.validate(config, check_files=command not in ("bench", "prepare", "compile"))
   if command in DISTRIBUTED_COMMANDS:
     _join(config)
-  config_lib.check_mesh(config, jax.device_count())
+  config_lib.check_mesh(config, jax.device_count() if device_count is None else device_count)
   tasks = _tasks(config)
   _optimizer(config)
-  shards = _mesh(config)
+  shards = _mesh(config, device_count)
   _mixed_rows(config, shards)
   check_val_metric(config.train.val_metric, [t.name for t in tasks])
   tokenizer = _tokenizer(config) if command not in ("bench", "prepare") else None
@@ -99,15 +102,17 @@ def _optimizer(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config keys 'optim.*' (optim.name = {config.optim.name!r}): {msg}") from e
 
 
-def _mesh(config: ml_collections.ConfigDict) -> int:
-  """Builds the mesh over this process's devices (no arrays); returns the batch shards (product
-  of the mesh axes the 'batch' rule names). Global batch sizes must divide by it."""
+def _mesh(config: ml_collections.ConfigDict, device_count: int | None = None) -> int:
+  """Builds the mesh over this process's devices (no arrays), or over `device_count` devices
+  as an `AbstractMesh`; returns the batch shards (product of the mesh axes the 'batch' rule
+  names). Global batch sizes must divide by it."""
   from jmtl.parallel import mesh as mesh_lib  # noqa: PLC0415
   from jmtl.parallel import sharding  # noqa: PLC0415
 
   rules = tuple(tuple(r) for r in config.mesh.rules)
   try:
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = (mesh_lib.make_mesh(config.mesh) if device_count is None
+            else mesh_lib.abstract_mesh(config.mesh, device_count))
     shards = sharding.batch_shards(mesh, rules)
     sharding.rules_table(rules, mesh)
   except ValueError as e:

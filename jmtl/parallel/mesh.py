@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import jax
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -70,3 +70,13 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
   grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices,
                                               process_is_granule=not by_slice)
   return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def abstract_mesh(mesh_cfg: Any, num_devices: int) -> AbstractMesh:
+  """The ("data", "fsdp", "tensor") mesh of `config.mesh` over `num_devices` devices that need
+  not exist here (a target topology): shapes and names only, every axis `AxisType.Auto`.
+
+  Raises ValueError as `mesh_shape` does when the sizes do not multiply to `num_devices`.
+  """
+  sizes = mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), num_devices)
+  return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -131,6 +131,31 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules, *, strict: bool = False)
   return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def sharding_problems(tree: Any, mesh: Mesh, rules: Rules) -> list[str]:
+  """Every annotated array dimension of `tree` that its rule cannot split (one line each).
+
+  The strict form of `tree_shardings`: instead of replicating a dimension whose size does not
+  divide over the mesh axes of its rule (or whose axis an earlier dimension already uses), each
+  such dimension gives one line naming the parameter path, the dimension, its logical name and
+  size and the mesh axes with their sizes. An empty list means every rule divides. `mesh` may be
+  an `AbstractMesh` (a target topology); works on abstract trees from `jax.eval_shape`.
+  """
+  problems: list[str] = []
+
+  def one(path, x):
+    if isinstance(x, nnx.Variable):
+      axes, value = variable_logical_axes(x), x.get_value()
+      if axes is not None and hasattr(value, "shape"):
+        try:
+          logical_to_spec(axes, value.shape, rules, mesh, name=_path_name(path), strict=True)
+        except ValueError as e:
+          problems.append(str(e))
+    return x
+
+  jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return problems
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding that keeps a full copy on every device of `mesh`."""
   return NamedSharding(mesh, PartitionSpec())

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jmtl import optim
@@ -33,6 +33,39 @@ class TrainState:
   rng: jax.Array
 
 
+def abstract_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int,
+                         tx: optax.GradientTransformation, mesh: Mesh | AbstractMesh,
+                         rules: sharding_lib.Rules, *, strict: bool = False
+                         ) -> tuple[TrainState, nnx.GraphDef, TrainState, Callable[[], TrainState]]:
+  """The state's shapes and shardings without allocating it: `jax.eval_shape` of the init.
+
+  `mesh` may be an `AbstractMesh` (a target topology with no devices here: `jmtl compile`).
+  Returns (abstract state of `jax.ShapeDtypeStruct` leaves, graphdef, state_shardings, init)
+  where `init()` builds the concrete state (for a jit with `out_shardings=state_shardings`).
+  The sharding rules are those of `init_train_state`.
+  """
+  tx = optax.with_extra_args_support(tx)
+  graphdefs: list[nnx.GraphDef] = []
+  params_key, rng = jax.random.split(jax.random.key(seed))
+
+  def init() -> TrainState:
+    model = model_fn(nnx.Rngs(params_key))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdefs.append(graphdef)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                      opt_state=tx.init(params), rng=rng)
+
+  with nnx.use_eager_sharding(False), jax.sharding.use_abstract_mesh(_abstract(mesh)), \
+      nnx.logical_axis_rules(tuple(rules)):
+    abstract = jax.eval_shape(init)
+  shardings = _state_shardings(abstract, tx, mesh, rules, strict)
+  return abstract, graphdefs[-1], shardings, init
+
+
+def _abstract(mesh: Mesh | AbstractMesh) -> AbstractMesh:
+  return mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh
+
+
 def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int,
                      tx: optax.GradientTransformation, mesh: Mesh, rules: sharding_lib.Rules,
                      *, strict: bool = False) -> tuple[TrainState, nnx.GraphDef, TrainState]:
@@ -46,24 +79,13 @@ def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int,
   Adafactor's factored row and column statistics) is replicated (`like_param`). Returns
   (state, graphdef, state_shardings).
   """
-  tx = optax.with_extra_args_support(tx)
-  graphdefs: list[nnx.GraphDef] = []
-  params_key, rng = jax.random.split(jax.random.key(seed))
-
-  def init() -> TrainState:
-    model = model_fn(nnx.Rngs(params_key))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    graphdefs.append(graphdef)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                      opt_state=tx.init(params), rng=rng)
-
+  _, graphdef, shardings, init = abstract_train_state(model_fn, seed, tx, mesh, rules,
+                                                      strict=strict)
   # Variables are placed by our out_shardings, not by flax's eager sharding, so that the
   # divisibility fallback of `jmtl.parallel.sharding` applies and merges stay constraint-free.
   with nnx.use_eager_sharding(False), jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
-    abstract = jax.eval_shape(init)
-    shardings = _state_shardings(abstract, tx, mesh, rules, strict)
     state = jax.jit(init, out_shardings=shardings)()
-  return state, graphdefs[-1], shardings
+  return state, graphdef, shardings
 
 
 def _state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh: Mesh,
