@@ -205,8 +205,9 @@ def write_text_atomic(p: epath.Path, text: str) -> None:
 
 
 class _ToErrorsLog(logging.Filter):
-  """Diverts ERROR records of Orbax and TensorStore (logged from their background threads, with
-  tracebacks) to W/errors.log: the run reports the failure itself, in one line."""
+  """Diverts ERROR records of Orbax, TensorStore and asyncio (logged from background threads or
+  at garbage collection, with tracebacks) to W/errors.log: the run reports the failure itself,
+  in one line."""
 
   def __init__(self, log: epath.Path):
     super().__init__()
@@ -214,7 +215,10 @@ class _ToErrorsLog(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     path = record.pathname.replace("\\", "/")
-    if record.levelno >= logging.ERROR and ("/orbax/" in path or "/tensorstore/" in path):
+    # asyncio reports a failed save's tasks and futures ("... exception was never retrieved")
+    # when they are garbage-collected; jmtl itself runs no event loop, so they are Orbax's.
+    ours = "/orbax/" in path or "/tensorstore/" in path or record.name == "asyncio"
+    if record.levelno >= logging.ERROR and ours:
       try:
         with self._log.open("a") as f:
           f.write(logging.Formatter().format(record) + "\n")
@@ -246,12 +250,17 @@ def background_errors_to_log(workdir: epath.Path) -> Iterator[None]:
       pass
 
   sys.unraisablehook = unraisable
+  failed = True
   try:
     yield
+    failed = False
   finally:
-    sys.unraisablehook = previous
-    for h in handlers:
-      h.removeFilter(filt)
+    # After a failure the diversion stays: a failed save's leftovers are reported late (when
+    # garbage-collected, at exit), after the run's own one-line error.
+    if not failed:
+      sys.unraisablehook = previous
+      for h in handlers:
+        h.removeFilter(filt)
 
 
 def _holder(lock_path: epath.Path) -> str:

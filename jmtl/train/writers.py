@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import tqdm
 from etils import epath
@@ -121,8 +122,33 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+    """Flushes and closes TensorBoard; OSError naming `W/tb` when that fails (disk full).
+
+    On failure the event writer is abandoned (its thread stopped, marked closed), so that
+    tensorboardX's exit hook does not retry the write and print a traceback after jmtl's own
+    one-line error.
+    """
+    tb, self._tb = self._tb, None
+    if tb is None:
+      return
+    try:
+      tb.close()
+    except OSError as e:
+      _abandon(tb)
+      raise OSError(e.errno, f"cannot write TensorBoard events: {e.strerror or e}",
+                    str(self.path.parent / "tb")) from e
+
+
+def _abandon(tb: Any) -> None:
+  """Stops a tensorboardX SummaryWriter whose file cannot be written, without writing."""
+  for fw in (getattr(tb, "all_writers", None) or {}).values():
+    ew = getattr(fw, "event_writer", None)
+    if ew is None or getattr(ew, "_closed", True):
+      continue
+    worker = getattr(ew, "_worker", None)
+    if worker is not None:
+      worker.stop()
+    ew._closed = True  # pylint: disable=protected-access - what its close() sets last
 
 
 class NullWriter:
