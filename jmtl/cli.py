@@ -4,7 +4,7 @@
   jmtl eval   --config configs/x.py --workdir DIR
   jmtl data   --config configs/x.py                 (record counts per task and split)
   jmtl data prepare --config configs/x.py           (TFDS download-and-prepare into data.tfds_dir)
-  jmtl bench  step|data|loop|optimizer --config configs/x.py [--json] [--out FILE]
+  jmtl bench  step|data|loop|optimizer|scaling --config configs/x.py [--json] [--out FILE]
   jmtl compile --config configs/x.py [--topology local|v5e-16|v4-32|...] [--json] [--out FILE]
   jmtl sweep  --config configs/optim_study.py --workdir DIR   (optimizer x lr x seed study)
   jmtl report optim --workdir DIR [--out DIR]                 (tables, ablation, loss curves)
@@ -37,14 +37,14 @@ from jmtl.train import EvalError
 from jmtl.train import NonFiniteError
 
 COMMANDS = ("train", "eval", "data", "bench", "compile", "sweep", "report")
-BENCHES = ("step", "data", "loop", "optimizer")
+BENCHES = ("step", "data", "loop", "optimizer", "scaling")
 REPORTS = ("optim",)
 DATA_SUBCOMMANDS = ("prepare",)
 COMMAND_USAGE = {
     "train": "jmtl train --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "eval": "jmtl eval --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "data": "jmtl data [prepare] --config FILE [--config.KEY=VALUE ...]",
-    "bench": "jmtl bench {step,data,loop,optimizer} --config FILE [--json] [--out FILE] "
+    "bench": "jmtl bench {step,data,loop,optimizer,scaling} --config FILE [--json] [--out FILE] "
              "[--config.KEY=VALUE ...]",
     "compile": "jmtl compile --config FILE [--topology NAME] [--json] [--out FILE] "
                "[--config.KEY=VALUE ...]",
@@ -58,7 +58,8 @@ COMMAND_HELP = {
             "`data prepare`: TFDS download-and-prepare of the tasks' datasets into "
             "data.tfds_dir (data.tfds_manual_dir: manually downloaded files).",
     "bench": "Benchmarks: train-step speed (step), input pipeline (data), the step loop fed "
-             "from memory / synchronously / with prefetch (loop), optimizer updates (optimizer).",
+             "from memory / synchronously / with prefetch (loop), optimizer updates (optimizer), "
+             "step speed and per-device bytes across model sizes and mesh layouts (scaling).",
     "compile": "Ahead-of-time compile of the train step for a topology (local, or a TPU slice "
                "such as v5e-16): sharding rules that do not divide, per-device memory, fits. "
                "Exit 1 when it does not fit.",
@@ -245,8 +246,24 @@ def _bench(sub: str, config) -> dict:
   if sub == "loop":
     from jmtl.bench.loop import bench_loop
     return bench_loop(config)
+  if sub == "scaling":
+    from jmtl.bench.scaling import bench_scaling
+    return bench_scaling(config)
   from jmtl.bench.optimizer import bench_optimizer
   return bench_optimizer(config)
+
+
+def scaling_table(result: dict) -> str:
+  """The rows of `jmtl bench scaling` as an aligned text table."""
+  head = (f"{'size':<6} {'layout':<7} {'params':>11} {'tokens/s':>9} {'MFU %':>6} "
+          f"{'param MiB/dev':>13} {'opt MiB/dev':>11} {'param ratio':>11}")
+  lines = [head]
+  for r in result["rows"]:
+    lines.append(f"{r['size']:<6} {r['layout']:<7} {r['params']:>11,} {r['tokens_per_s']:>9.0f} "
+                 f"{r['mfu_percent']:>6.1f} {r['params_bytes_per_device'] / 2**20:>13.1f} "
+                 f"{r['opt_state_bytes_per_device'] / 2**20:>11.1f} "
+                 f"{r['fsdp_param_ratio']:>11.4f}")
+  return "\n".join(lines)
 
 
 def _compile(compile_lib, config, target, fv) -> int:
@@ -368,6 +385,8 @@ def run(argv: Sequence[str]) -> int:
       pathlib.Path(fv.out).write_text(text + "\n")
     if fv.json:
       print(text)
+    elif sub == "scaling":
+      print(scaling_table(result))
     else:
       for k, v in result.items():
         print(f"{k:>28}: {v}")

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -199,14 +198,6 @@ def abstract_batches(config: Any, tasks: list, vocab: int) -> list[dict[str, dic
   return [{t.name: shapes(t, rows)} for t in tasks]
 
 
-def _bytes_per_device(abstract: Any, shardings: Any) -> int:
-  """Sum over leaves of prod(shard shape) x itemsize (`shardings` mirrors `abstract`)."""
-  sizes = jax.tree.map(
-      lambda x, s: math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize,
-      abstract, shardings)
-  return int(sum(jax.tree.leaves(sizes)))
-
-
 def _memory(compiled: Any) -> dict[str, int]:
   """Bytes of the compiled step's `memory_analysis()` and their total (module docstring)."""
   m = compiled.memory_analysis()
@@ -262,8 +253,8 @@ def compile_check(config: Any, target: Target, *, compile_step: bool = True) -> 
       if rows % shards:
         problems.append(f"batch of task {name!r}: {rows} rows do not split over the {shards} "
                         "batch shards (mesh axes of the 'batch' rule)")
-  params_bytes = _bytes_per_device(abstract.params, shardings.params)
-  opt_bytes = _bytes_per_device(abstract.opt_state, shardings.opt_state)
+  params_bytes = sharding_lib.bytes_per_device(abstract.params, shardings.params)
+  opt_bytes = sharding_lib.bytes_per_device(abstract.opt_state, shardings.opt_state)
   n_params = int(sum(x.size for x in jax.tree.leaves(abstract.params)))
   report: dict[str, Any] = {
       "topology": target.name, "platform": target.platform, "devices": target.num_devices,

@@ -135,6 +135,7 @@ def bench_step(config: Any, *, warmup: int = 3, iters: int = 10,
   peak_after = peak_meter.measure(runs=20, warmup=3)
   step_s, peak = statistics.median(times), max(peak_before, peak_after)
 
+  state_now = holder["state"]
   seq = int(config.data.max_len)
   tokens = sum(b["input_ids"].shape[0] for b in next(iter(batches)).values()) * seq
   flops_per_token = 6 * non_embed + 12 * int(config.model.layers) * int(config.model.d_model) * seq
@@ -151,6 +152,12 @@ def bench_step(config: Any, *, warmup: int = 3, iters: int = 10,
       "dtype": str(config.model.dtype),
       "batch_size": int(config.data.batch_size), "seq_len": seq,
       "params": int(total_params), "params_non_embedding": int(non_embed),
+      # What each device holds under this mesh layout, and the replicated reference.
+      "params_bytes_per_device": sharding_lib.bytes_per_device(state_now.params),
+      "opt_state_bytes_per_device": sharding_lib.bytes_per_device(state_now.opt_state),
+      "params_bytes_replicated": int(sum(x.nbytes for x in jax.tree.leaves(state_now.params))),
+      "opt_state_bytes_replicated": int(sum(x.nbytes
+                                            for x in jax.tree.leaves(state_now.opt_state))),
       "init_s": round(init_s, 3), "compile_s": round(compile_s, 3),
       "warmup": warmup, "iters": iters,
       "step_time_s": step_s, "step_time_min_s": min(times), "step_time_max_s": max(times),

@@ -20,6 +20,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -186,3 +187,18 @@ def check_batch(batch: Mapping[str, Mapping[str, Any]], mesh: Mesh, rules: Rules
             f"batch[{task!r}][{key!r}] has shape {getattr(x, 'shape', None)}: the leading (batch) "
             f"dimension must be a multiple of {n}, the product of the mesh axes of the 'batch' "
             "rule (data.batch_size and each task's rows must divide evenly).")
+
+
+def bytes_per_device(tree: Any, shardings: Any = None) -> int:
+  """Bytes one device holds of `tree`: the sum over leaves of prod(shard shape) x itemsize.
+
+  `tree` holds arrays or ShapeDtypeStructs; `shardings` mirrors it (default: each leaf's own
+  `.sharding`). Every shard of a NamedSharding has the same shape, so this is the bytes of
+  each device (a replicated leaf counts in full on every device).
+  """
+  if shardings is None:
+    shardings = jax.tree.map(lambda x: x.sharding, tree)
+  sizes = jax.tree.map(
+      lambda x, s: math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize,
+      tree, shardings)
+  return int(sum(jax.tree.leaves(sizes)))
