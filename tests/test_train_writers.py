@@ -49,3 +49,41 @@ else:
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == f"raised 28 {tmp_path / 'tb'}", out.stdout
   assert out.stderr.strip() == "", out.stderr
+
+
+def _events(folder):
+  """Every Event in the TFRecord event files of `folder` (length, crc, data, crc framing)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  out = []
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[i + 12:i + 12 + n])
+      out.append(event)
+      i += 12 + n + 4
+  return out
+
+
+def test_resumed_writer_purges_tensorboard_events_after_the_checkpoint(tmp_path):
+  first = writers.MetricWriter(tmp_path)
+  for step in (2, 4, 6):
+    first.write(step, "train", {"train/loss": float(step)})
+  first.close()
+  import time
+  time.sleep(1.1)  # event files are named by the second they were opened in
+  # A run resumed from the checkpoint at step 3 writes a START session log at step 4, which
+  # TensorBoard reads as "drop the earlier events at steps >= 4".
+  second = writers.MetricWriter(tmp_path, purge_step=4)
+  second.write(4, "train", {"train/loss": 40.0})
+  second.close()
+  events = _events(tmp_path / "tb")
+  starts = [e.step for e in events if e.HasField("session_log")
+            and e.session_log.status == e.session_log.START]
+  assert starts == [4]
+  scalars = [(e.step, e.summary.value[0].simple_value) for e in events if e.HasField("summary")]
+  assert scalars == [(2, 2.0), (4, 4.0), (6, 6.0), (4, 40.0)]

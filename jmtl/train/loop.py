@@ -406,7 +406,8 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRe
                                     tokenizer.backend.to_str())
   distributed.barrier("jmtl_workdir_ready")
   ckpt.reload()
-  writer = writers.MetricWriter(wd) if primary else writers.NullWriter()
+  writer = (writers.MetricWriter(wd, purge_step=start + 1 if start else None) if primary
+            else writers.NullWriter())
   closers.append(writer.close)
 
   # Batches are read ahead on a thread and copied to the devices while the step runs; the

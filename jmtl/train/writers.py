@@ -50,14 +50,19 @@ class MetricWriter:
   atomic object write; metrics files are small).
   """
 
-  def __init__(self, workdir: str | os.PathLike[str] | epath.Path, *, tensorboard: bool = True):
+  def __init__(self, workdir: str | os.PathLike[str] | epath.Path, *, tensorboard: bool = True,
+               purge_step: int | None = None):
+    """`purge_step` (a resumed run: the checkpoint's step + 1) makes TensorBoard hide the
+    events at steps >= it that earlier event files hold (logged after that checkpoint by the
+    interrupted run; tensorboardX's `purge_step`, a SessionLog START event), as
+    `truncate_after` does for metrics.jsonl."""
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self._local = "://" not in str(self.path)
     self._lines: list[str] | None = None  # bucket: the file's lines, rewritten on each write
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(epath.Path(workdir) / "tb"))
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tb"), purge_step=purge_step)
 
   def truncate_after(self, step: int, *, eval_before: int | None = None) -> None:
     """Drops lines with `step` > `step` (left by a run killed after its last checkpoint), and
