@@ -2,8 +2,9 @@
 
 Per task: records -> seeded shuffle, reshuffled every epoch -> this process's slice
 (`[process_index::process_count]`) -> featurize -> batch (pad to the smallest
-`data.length_buckets` entry that fits the longest row, capped by the task's max length; with
-more than one process, to the task's max length so that all processes agree on shapes).
+`data.length_buckets` entry that fits the longest row, capped by the task's max length; in a
+mixed batch every task pads to the largest of those buckets (`shared_length`); with more than
+one process, to the task's max length so that all processes agree on shapes).
 Batch k of a task is random access (`stream[k]`), so the iterator state is just the step and
 the number of batches taken per task (JSON), and a restored iterator replays the same stream.
 
@@ -22,14 +23,14 @@ from __future__ import annotations
 
 import sys
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from jmtl.data import sources
-from jmtl.data.features import Featurizer
+from jmtl.data.features import Featurizer, bucket_length
 from jmtl.tasks.base import Task, get_task
 
 _STATE_VERSION = 1
@@ -212,12 +213,38 @@ class _TaskStream:
     ds = ds[process_index::process_count].map(featurize)
     # With several processes each sees only its rows, so all pad to the task's max length
     # (every process must produce the same shapes for one step).
-    length = featurizer.max_len if process_count > 1 else None
-    collate = lambda feats: featurizer.collate(feats, length=length)  # noqa: E731
-    self.batches = ds.batch(rows, drop_remainder=False, batch_fn=collate)
+    self.fixed_length = featurizer.max_len if process_count > 1 else None
+    self.features = ds.batch(rows, drop_remainder=False, batch_fn=list)
+
+  def bucket(self, feats: Sequence[dict]) -> int:
+    """The smallest `data.length_buckets` entry that fits the longest row of `feats` (not yet
+    capped by the task's max length, so that it is always one of the buckets)."""
+    buckets = self.featurizer.buckets
+    return bucket_length(max((len(f["input_ids"]) for f in feats), default=1), buckets,
+                         max(buckets))
+
+  def collate(self, feats: Sequence[dict], shared: int | None = None) -> dict[str, np.ndarray]:
+    """Pads `feats` to `shared` capped at the task's max length (one length for every task of
+    a batch), else to the task's own bucket; with several processes to the task's max
+    length."""
+    length = self.fixed_length or (min(shared, self.featurizer.max_len) if shared else None)
+    return self.featurizer.collate(feats, length=length)
 
   def __getitem__(self, k: int) -> dict[str, np.ndarray]:
-    return self.batches[k]
+    return self.collate(self.features[k])
+
+
+def shared_length(buckets: Iterable[int]) -> int:
+  """The one padded length of a mixed batch: the largest of the tasks' own buckets.
+
+  Why this rule (and not a per-batch token budget): every task's length is then a function of
+  one value from `data.length_buckets` (capped by the task's max length, so a one-task batch
+  gets exactly the length it had on its own), so a run compiles
+  at most len(data.length_buckets) step variants, whatever the number of tasks, with fixed
+  rows per task (a token budget would vary rows and lengths, i.e. shapes, together). The cost
+  is padding: a batch's short-text tasks pad to its long-text task's bucket.
+  """
+  return max(buckets)
 
 
 class TrainIterator:
@@ -282,9 +309,14 @@ class TrainIterator:
 
   def __next__(self) -> dict[str, dict[str, np.ndarray]]:
     names = self._names if self.mixing == "mixed" else [self.task_for_step(self.step)]
+    feats = {name: self.streams[name].features[self.taken[name]] for name in names}
+    # One length bucket per batch: the longest task's bucket pads every task (capped at each
+    # task's max length), so a mixed run compiles at most one step per bucket, not up to
+    # buckets^tasks (see `shared_length`).
+    shared = shared_length(self.streams[n].bucket(f) for n, f in feats.items())
     out = {}
     for name in names:
-      out[name] = self.streams[name][self.taken[name]]
+      out[name] = self.streams[name].collate(feats[name], shared)
       self.taken[name] += 1
     self.step += 1
     return out
