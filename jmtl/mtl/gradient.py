@@ -65,15 +65,17 @@ def min_norm_2(g11: jax.Array, g12: jax.Array, g22: jax.Array) -> jax.Array:
   return jnp.clip((g22 - g12) / jnp.maximum(den, EPS), 0.0, 1.0)
 
 
-def mgda(gram: jax.Array, iters: int = 250) -> jax.Array:
+def mgda(gram: jax.Array, iters: int = 500) -> jax.Array:
   """MGDA (Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization",
   NeurIPS): the minimum-norm point of the convex hull of the task gradients,
   alpha = argmin_{alpha in simplex} |sum_i alpha_i g_i|^2 (their Eq. 3), d = sum alpha_i g_i.
 
   Two tasks: the closed form of Algorithm 1, alpha_1 = clip(<g_2 - g_1, g_2> / |g_1 - g_2|^2,
-  0, 1), alpha_2 = 1 - alpha_1. More tasks: Frank-Wolfe (Algorithm 2) from alpha = 1/k for
-  `iters` steps: t = argmin_r (gram alpha)_r, then the exact line search of Algorithm 1
-  between sum alpha_i g_i and g_t.
+  0, 1), alpha_2 = 1 - alpha_1. More tasks: the same quadratic program over the simplex by
+  projected gradient descent with Nesterov momentum from alpha = 1/k (`iters` steps of size
+  1 / (2 lambda_max(gram))), in place of the paper's Frank-Wolfe (Algorithm 2), which zigzags
+  when the minimum lies on a face of the simplex (250 Frank-Wolfe steps left |d|^2 17 % above
+  the minimum on a three-task toy problem; see tests/test_mtl_rules.py).
 
   MGDA-UB (their Section 3.3) takes the gradients of the shared *representation* Z instead of
   the shared parameters; that needs one input shared by all tasks. In jmtl's mixed batches
@@ -89,16 +91,17 @@ def mgda(gram: jax.Array, iters: int = 250) -> jax.Array:
     a = min_norm_2(gram[0, 0], gram[0, 1], gram[1, 1])
     return jnp.stack([a, 1.0 - a])
 
-  def body(_, alpha):
-    m_alpha = gram @ alpha
-    t = jnp.argmin(m_alpha)
-    v11 = alpha @ m_alpha  # |sum alpha g|^2
-    v12 = m_alpha[t]       # <sum alpha g, g_t>
-    v22 = gram[t, t]
-    gamma = min_norm_2(v11, v12, v22)  # weight on the current point
-    return gamma * alpha + (1.0 - gamma) * jax.nn.one_hot(t, k, dtype=jnp.float32)
+  a = gram / jnp.maximum(jnp.trace(gram), EPS)  # the minimiser is invariant to the scale
+  step = 1.0 / (2.0 * jnp.maximum(jnp.linalg.eigvalsh(a)[-1], EPS))
 
-  return jax.lax.fori_loop(0, iters, body, jnp.full((k,), 1.0 / k, jnp.float32))
+  def body(t, carry):
+    alpha, prev = carry
+    y = alpha + (t / (t + 3.0)) * (alpha - prev)
+    return project_simplex(y - step * 2.0 * (a @ y)), alpha
+
+  start = jnp.full((k,), 1.0 / k, jnp.float32)
+  alpha, _ = jax.lax.fori_loop(0, iters, body, (start, start))
+  return alpha
 
 
 def project_simplex(v: jax.Array) -> jax.Array:

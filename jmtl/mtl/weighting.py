@@ -177,8 +177,7 @@ def famo(k: int, lr: float, gamma: float) -> Weighting:
 
   With logits xi (init 0), z = softmax(xi) and losses L_t (minimum loss taken as 0, +1e-8):
   the update direction is d = sum_t c z_t / L_t grad L_t, c = (sum_i z_i / L_i)^-1, i.e. the
-  gradient of sum_t (z_t / c) log L_t, so w_t = z_t / (c L_t) (these sum to 1 / c over z / L,
-  not to k). After the model update, with L'_t the losses of the same batch at the new
+  gradient of c sum_t z_t log L_t (c held constant), so w_t = c z_t / L_t; these sum to 1. After the model update, with L'_t the losses of the same batch at the new
   parameters, delta_t = log L_t - log L'_t and xi takes one step of Adam (learning rate `lr`,
   L2 weight decay `gamma` added to the gradient, as torch.optim.Adam(weight_decay=gamma) in
   the official code) on the gradient J_softmax(xi)^T delta = z * (delta - <z, delta>).
@@ -194,7 +193,7 @@ def famo(k: int, lr: float, gamma: float) -> Weighting:
     z = jax.nn.softmax(state["logits"])
     d = losses + EPS
     c = 1.0 / jnp.sum(z / d)
-    return z / (c * d)
+    return c * z / d
 
   def update(state, losses, present, *, new_losses, **_):
     del present
