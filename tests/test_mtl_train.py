@@ -67,10 +67,24 @@ def test_mixed_batches_share_one_bucket(data_dir):
   assert len(shapes) <= 2, shapes
 
 
+_CACHE = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """The module's runs share one JAX compilation cache (the resume runs compile one program)."""
+  _CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
+  yield
+  _CACHE.clear()
+
+
 def _env(data_dir):
   env = dict(os.environ)
   env["JMTL_DATA_DIR"] = str(data_dir)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return env
 
 
@@ -108,7 +122,8 @@ def test_train_with_cagrad_and_gradnorm_end_to_end(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_famo_resume_logs_what_an_uninterrupted_run_logs(tmp_path, data_dir):
-  common = ["--config.mtl.weighting=famo", "--config.train.steps=10",
+  common = ["--config.tasks=sst2,stsb", "--config.data.max_eval_examples=16",
+            "--config.mtl.weighting=famo", "--config.train.steps=10",
             "--config.train.log_every=1", "--config.train.checkpoint_every=100",
             "--config.train.eval_every=0"]
   ref = _train(tmp_path / "ref", data_dir, *common)
@@ -118,7 +133,7 @@ def test_famo_resume_logs_what_an_uninterrupted_run_logs(tmp_path, data_dir):
   second = _train(tmp_path / "res", data_dir, *common)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from checkpoint" in second.stdout
-  keys = ["train/loss"] + [f"train/{t}/{m}" for t in ("sst2", "cola", "stsb")
+  keys = ["train/loss"] + [f"train/{t}/{m}" for t in ("sst2", "stsb")
                            for m in ("loss", "weight")]
   want = {r["step"]: r for r in _rows(tmp_path / "ref") if r["split"] == "train"}
   got = {r["step"]: r for r in _rows(tmp_path / "res") if r["split"] == "train"}
