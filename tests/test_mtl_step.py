@@ -19,13 +19,13 @@ VOCAB, L, B = 64, 8, 4
 HEADS = {"cls": HeadSpec("classification", 3), "reg": HeadSpec("regression", 1)}
 KINDS = {name: spec.kind for name, spec in HEADS.items()}
 LR = 0.5
-pytestmark = pytest.mark.slow  # four compilations of the real model (~25 s each here)
+pytestmark = pytest.mark.slow  # five compilations of the real model (~10-20 s each here)
 
 
-def _config(weighting, gradient):
+def _config(weighting, gradient, fsdp=1):
   c = defaults.base_config()
   c.tasks = ("cls", "reg")
-  c.mesh.data = 1
+  c.mesh.data, c.mesh.fsdp = 1, fsdp
   c.model.update(layers=1, d_model=16, heads=2, d_ff=32, max_len=16, dropout=0.0,
                  attention_dropout=0.0)
   c.optim.update(name="sgd", lr=LR, warmup_steps=0, schedule="constant", grad_clip=0.0,
@@ -71,11 +71,12 @@ def _mgda2(g):
   return a * g[0] + (1 - a) * g[1]
 
 
-@pytest.mark.parametrize("weighting, gradient, rule", [
-    ("static", "pcgrad", _pcgrad2), ("equal", "mgda", _mgda2), ("static", "none", sum)])
-def test_one_step_matches_hand_computed_update(weighting, gradient, rule):
-  cfg = _config(weighting, gradient)
-  mesh = mesh_lib.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+@pytest.mark.parametrize("weighting, gradient, rule, fsdp", [
+    ("static", "pcgrad", _pcgrad2, 1), ("equal", "mgda", _mgda2, 1), ("static", "none", sum, 1),
+    ("static", "pcgrad", _pcgrad2, 2)])  # fsdp=2: the Gram products over sharded parameters
+def test_one_step_matches_hand_computed_update(weighting, gradient, rule, fsdp):
+  cfg = _config(weighting, gradient, fsdp)
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices=jax.devices()[:fsdp])
   tx = optim.build(cfg.optim, 10)
   state, graphdef, shardings = state_lib.create_train_state(cfg, HEADS, VOCAB, tx, mesh)
   params0 = jax.device_get(state.params)
@@ -102,6 +103,12 @@ def test_one_step_matches_hand_computed_update(weighting, gradient, rule):
   np.testing.assert_allclose(_flat(new_params, False), want_heads, rtol=1e-4, atol=1e-6)
   for name in HEADS:
     assert float(metrics[f"train/{name}/weight"]) == pytest.approx(w[name])
+  if gradient == "mgda":  # beta = (a, 1 - a) of the closed form
+    a = np.clip((trunk[1] - trunk[0]) @ trunk[1] / ((trunk[0] - trunk[1]) @ (trunk[0] - trunk[1])),
+                0, 1)
+    assert float(metrics["train/cls/grad_coef"]) == pytest.approx(a, rel=1e-4, abs=1e-6)
+    assert float(metrics["train/reg/grad_coef"]) == pytest.approx(1 - a, rel=1e-4, abs=1e-6)
+  assert ("train/cls/grad_coef" in metrics) == (gradient != "none")
 
 
 def test_gradient_method_refuses_a_batch_without_every_task():

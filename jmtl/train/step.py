@@ -62,8 +62,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   from those whether to halt or go on (`config.train.on_nonfinite`).
 
   Metrics: `train/loss` (the unweighted sum of the task losses), `train/<task>/loss`,
-  `train/<task>/weight` (w_t), `grad_norm` (global L2 norm of the gradients), `nonfinite`,
-  `skipped`. The jitted function is `step_fn.jitted` (in/out shardings from
+  `train/<task>/weight` (w_t), with a gradient method `train/<task>/grad_coef` (beta_t, so the
+  trunk's coefficient of grad L_t is beta_t w_t), `grad_norm` (global L2 norm of the
+  gradients), `nonfinite`, `skipped`. The jitted function is `step_fn.jitted` (in/out shardings from
   `state_shardings` and the `batch` rule, state donated); `step_fn` adds shape checks and
   casts `val_metric` to float32 and `val_count` to int32 so the cache key never changes;
   `step_fn.trace_count()` says how many times the step was traced (compiled).
@@ -103,7 +104,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                  for n in names]).astype(jnp.float32)
       w_of = lambda losses: jax.lax.stop_gradient(  # noqa: E731
           balancing.weighting.weights(state.mtl, losses))
-      norms = None
+      norms, grad_coef = None, {}
       if not balancing.task_grads:
         def loss_fn(params):
           per_task, rest = losses_fn(params, sorted(batch), nnx.Rngs(dropout=dropout_key))
@@ -132,6 +133,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         beta = mtl_lib.coefficients(balancing, gram * w[:, None] * w[None, :],
                                     jax.random.fold_in(dropout_key, 0x6D746C))
         grads = mtl_lib.combine(task_grads, mask, beta * w, w)
+        if balancing.gradient != "none":
+          grad_coef = {f"train/{t}/grad_coef": beta[i] for i, t in enumerate(names)}
       loss = sum(per_task.values())
 
       updates, opt_state = tx.update(grads, state.opt_state, state.params,
@@ -155,6 +158,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                  "nonfinite": bad, "skipped": bad}
       metrics.update({f"train/{t}/loss": v for t, v in per_task.items()})
       metrics.update({f"train/{t}/weight": w[i] for i, t in enumerate(names) if t in batch})
+      metrics.update(grad_coef)
       return new_state, metrics
 
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_sh, rep, rep),
