@@ -82,8 +82,9 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-# Dict-valued keys whose own keys are free (task names), checked separately.
-_FREE_DICTS = frozenset({"data.rates"})
+# Dict-valued keys whose own keys are free (task names: data.rates, mtl.weights), checked
+# by their declarations.
+_FREE_DICTS = frozenset(name for name, key in KEYS.items() if key.type is dict)
 
 
 def _type_ok(key_type: type, value: Any) -> bool:

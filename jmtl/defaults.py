@@ -349,6 +349,41 @@ _key("train.val_metric", "mean",
      "metric")
 _key("train.progress", "auto", "progress display", choices=("auto", "bar", "lines", "none"))
 
+# ------------------------------------------------------------------ task balancing (jmtl.mtl)
+def _mixed_only(what: str) -> Rule:
+  return (lambda v, c: c.data.mixing == "mixed" or v in ("none", "equal", "static",
+                                                          "uncertainty", "dwa"),
+          f"needs data.mixing = 'mixed' ({what} needs every task in every batch)")
+
+
+_key("mtl.weighting", "equal",
+     "task weights w_t on the loss gradients: equal (1), static (mtl.weights), uncertainty "
+     "(Kendall et al. 2018), dwa (Liu et al. 2019), gradnorm (Chen et al. 2018), famo (Liu et "
+     "al. 2023); logged as train/<task>/weight",
+     choices=("equal", "static", "uncertainty", "dwa", "gradnorm", "famo"),
+     rules=(_mixed_only("it compares the tasks' losses or gradients within one step"),))
+_key("mtl.weights", ml_collections.ConfigDict(), "weighting=static: {task: weight > 0}",
+     check=(_rates_ok, "a dict {task: number > 0}"),
+     rules=((lambda v, c: c.mtl.weighting != "static" or set(v) == set(c.tasks),
+             lambda c: f"must give a weight for exactly the tasks {list(c.tasks)} (missing "
+                       f"{[t for t in c.tasks if t not in c.mtl.weights]}, extra "
+                       f"{[t for t in c.mtl.weights if t not in c.tasks]})"),))
+_key("mtl.gradient", "none",
+     "combination of the per-task gradients of the shared trunk: none (sum), pcgrad (Yu et "
+     "al. 2020), mgda (Sener & Koltun 2018), cagrad (Liu et al. 2021)",
+     choices=("none", "pcgrad", "mgda", "cagrad"),
+     rules=(_mixed_only("it needs per-task gradients of the trunk in one step"),))
+_key("mtl.lr", 0.025, "Adam learning rate of learned task weights (uncertainty's log-variances, "
+     "GradNorm's weights, FAMO's logits; FAMO's default)", check=gt(0))
+_key("mtl.dwa_temperature", 2.0, "weighting=dwa: softmax temperature T", check=gt(0))
+_key("mtl.dwa_period", 100, "weighting=dwa: steps per DWA 'epoch' (loss averaging period)",
+     check=ge(1))
+_key("mtl.gradnorm_alpha", 1.5, "weighting=gradnorm: asymmetry alpha", check=ge(0))
+_key("mtl.famo_gamma", 0.01, "weighting=famo: L2 decay of the logits (FAMO's gamma)",
+     check=ge(0))
+_key("mtl.cagrad_c", 0.5, "gradient=cagrad: c (radius of the ball around the mean gradient, "
+     "in units of its norm)", check=ge(0))
+
 # ------------------------------------------------------------------ evaluation
 _key("eval.batch_size", 64, "evaluation rows per batch (global)", check=ge(1))
 _key("eval.beam_size", 1, "beam search width; 1 = greedy", check=ge(1))

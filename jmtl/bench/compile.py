@@ -46,6 +46,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jmtl import mtl as mtl_lib
 from jmtl import optim
 from jmtl.bench.step import synthetic_batch
 from jmtl.config import ConfigError
@@ -240,7 +241,8 @@ def compile_check(config: Any, target: Target, *, compile_step: bool = True) -> 
   sharding_log.setLevel(logging.ERROR)  # its fallback warnings are the problems listed below
   try:
     abstract, graphdef, shardings, _ = state_lib.abstract_train_state(
-        model_fn, int(config.seed), tx, mesh, rules)
+        model_fn, int(config.seed), tx, mesh, rules,
+        mtl_init=mtl_lib.build(config.mtl, list(heads)).weighting.init)
   finally:
     sharding_log.setLevel(level)
   problems = (sharding_lib.sharding_problems(abstract.params, mesh, rules)

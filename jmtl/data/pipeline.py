@@ -4,8 +4,9 @@ Per task: records -> seeded shuffle, reshuffled every epoch -> global batch k = 
 elements [k R, (k+1) R) -> the rows of it this process holds (`local_rows`, derived by the
 trainer from the batch sharding; all rows with one process) -> featurize -> pad (to the
 smallest `data.length_buckets` entry that fits the longest row, capped by the task's max
-length; with `fixed_length`, as on several processes, which cannot see each other's rows, to
-the task's max length so that all processes agree on shapes). The global batches are the same
+length; in a mixed batch every task pads to the largest of those buckets (`shared_length`);
+with `fixed_length`, as on several processes, which cannot see each other's rows, to the
+task's max length so that all processes agree on shapes). The global batches are the same
 whatever the process count, so a run's data (and its checkpointed position) does not depend on
 how many processes read it.
 Batch k of a task is random access (`stream[k]`), so the iterator state is just the step and
@@ -26,14 +27,14 @@ from __future__ import annotations
 
 import sys
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from jmtl.data import sources
-from jmtl.data.features import Featurizer
+from jmtl.data.features import Featurizer, bucket_length
 from jmtl.tasks.base import Task, get_task
 
 _STATE_VERSION = 1
@@ -225,12 +226,41 @@ class _TaskStream:
       featurize = lambda i: featurizer(records[i], i)[0]  # noqa: E731
     self.size = len(ds)
     self.items = EpochShuffle(ds, _task_seed(seed, task.name)).map(featurize)
-    self.length = featurizer.max_len if fixed_length else None
+    self.fixed_length = featurizer.max_len if fixed_length else None
+
+  def features(self, k: int) -> list[dict]:
+    """This process's rows of global batch k, featurized."""
+    start = int(k) * self.rows
+    return [self.items[start + r] for r in self.local]
+
+  def bucket(self, feats: Sequence[dict]) -> int:
+    """The smallest `data.length_buckets` entry that fits the longest row of `feats` (not yet
+    capped by the task's max length, so that it is always one of the buckets)."""
+    buckets = self.featurizer.buckets
+    return bucket_length(max((len(f["input_ids"]) for f in feats), default=1), buckets,
+                         max(buckets))
+
+  def collate(self, feats: Sequence[dict], shared: int | None = None) -> dict[str, np.ndarray]:
+    """Pads `feats` to `shared` capped at the task's max length (one length for every task of
+    a batch), else to the task's own bucket; with `fixed_length` to the task's max length."""
+    length = self.fixed_length or (min(shared, self.featurizer.max_len) if shared else None)
+    return self.featurizer.collate(feats, length=length)
 
   def __getitem__(self, k: int) -> dict[str, np.ndarray]:
-    start = int(k) * self.rows
-    feats = [self.items[start + r] for r in self.local]
-    return self.featurizer.collate(feats, length=self.length)
+    return self.collate(self.features(k))
+
+
+def shared_length(buckets: Iterable[int]) -> int:
+  """The one padded length of a mixed batch: the largest of the tasks' own buckets.
+
+  Why this rule (and not a per-batch token budget): every task's length is then a function of
+  one value from `data.length_buckets` (capped by the task's max length, so a one-task batch
+  gets exactly the length it had on its own), so a run compiles
+  at most len(data.length_buckets) step variants, whatever the number of tasks, with fixed
+  rows per task (a token budget would vary rows and lengths, i.e. shapes, together). The cost
+  is padding: a batch's short-text tasks pad to its long-text task's bucket.
+  """
+  return max(buckets)
 
 
 class TrainIterator:
@@ -293,9 +323,14 @@ class TrainIterator:
 
   def __next__(self) -> dict[str, dict[str, np.ndarray]]:
     names = self._names if self.mixing == "mixed" else [self.task_for_step(self.step)]
+    feats = {name: self.streams[name].features(self.taken[name]) for name in names}
+    # One length bucket per batch: the longest task's bucket pads every task (capped at each
+    # task's max length), so a mixed run compiles at most one step per bucket, not up to
+    # buckets^tasks (see `shared_length`).
+    shared = shared_length(self.streams[n].bucket(f) for n, f in feats.items())
     out = {}
     for name in names:
-      out[name] = self.streams[name][self.taken[name]]
+      out[name] = self.streams[name].collate(feats[name], shared)
       self.taken[name] += 1
     self.step += 1
     return out

@@ -577,6 +577,7 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRe
       window = []
       row["train/tokens_per_s"] = tps
       row["train/skipped_steps"] = meta["skipped"]
+      row["train/compilations"] = train_step.trace_count()  # step variants, this process
       if compile_s is not None and compile_s >= 0:
         row["train/compile_s"] = compile_s
         compile_s = -1.0  # logged once per process

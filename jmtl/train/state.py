@@ -25,17 +25,21 @@ class TrainState:
   rest: nnx.State of the remaining model variables (may be empty).
   opt_state: the optimizer state for `params`.
   rng: a typed JAX PRNG key; step t uses `fold_in(rng, t)` for dropout.
+  mtl: the task-balancing state of `jmtl.mtl` (a dict of small replicated arrays: learned
+    task weights, their Adam moments, DWA's loss history; {} for stateless weightings).
   """
   step: jax.Array
   params: nnx.State
   rest: nnx.State
   opt_state: optax.OptState
   rng: jax.Array
+  mtl: Any = flax.struct.field(default_factory=dict)
 
 
 def abstract_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int,
                          tx: optax.GradientTransformation, mesh: Mesh | AbstractMesh,
-                         rules: sharding_lib.Rules, *, strict: bool = False
+                         rules: sharding_lib.Rules, *, strict: bool = False,
+                         mtl_init: Callable[[], Any] = dict,
                          ) -> tuple[TrainState, nnx.GraphDef, TrainState, Callable[[], TrainState]]:
   """The state's shapes and shardings without allocating it: `jax.eval_shape` of the init.
 
@@ -53,7 +57,7 @@ def abstract_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int,
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     graphdefs.append(graphdef)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                      opt_state=tx.init(params), rng=rng)
+                      opt_state=tx.init(params), rng=rng, mtl=mtl_init())
 
   with nnx.use_eager_sharding(False), jax.sharding.use_abstract_mesh(_abstract(mesh)), \
       nnx.logical_axis_rules(tuple(rules)):
@@ -68,7 +72,8 @@ def _abstract(mesh: Mesh | AbstractMesh) -> AbstractMesh:
 
 def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int,
                      tx: optax.GradientTransformation, mesh: Mesh, rules: sharding_lib.Rules,
-                     *, strict: bool = False) -> tuple[TrainState, nnx.GraphDef, TrainState]:
+                     *, strict: bool = False, mtl_init: Callable[[], Any] = dict,
+                     ) -> tuple[TrainState, nnx.GraphDef, TrainState]:
   """Creates the state sharded by the logical-axis `rules`, without a host or single-device copy.
 
   `jax.eval_shape` of the init gives the abstract state and its logical axes; their
@@ -76,11 +81,12 @@ def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int,
   device materialises only its own shards. Optimizer state leaves with their parameter's shape
   (moments) take that parameter's sharding, leaves broadcast over some of its axes (block_nu's
   per-neuron second moment) its sharding on the other axes, and every other leaf (counts,
-  Adafactor's factored row and column statistics) is replicated (`like_param`). Returns
-  (state, graphdef, state_shardings).
+  Adafactor's factored row and column statistics) is replicated (`like_param`). `mtl_init()`
+  gives the task-balancing state (`jmtl.mtl`), replicated. Returns (state, graphdef,
+  state_shardings).
   """
   _, graphdef, shardings, init = abstract_train_state(model_fn, seed, tx, mesh, rules,
-                                                      strict=strict)
+                                                      strict=strict, mtl_init=mtl_init)
   # Variables are placed by our out_shardings, not by flax's eager sharding, so that the
   # divisibility fallback of `jmtl.parallel.sharding` applies and merges stay constraint-free.
   with nnx.use_eager_sharding(False), jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
@@ -97,7 +103,8 @@ def _state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mes
   opt_state = optax.tree_map_params(tx, lambda s, p, sh: like_param(s.shape, p.shape, sh, mesh),
                                     abstract.opt_state, abstract.params, params,
                                     transform_non_params=lambda s: rep)
-  return TrainState(step=rep, params=params, rest=rest, opt_state=opt_state, rng=rep)
+  mtl = jax.tree.map(lambda _: rep, abstract.mtl)
+  return TrainState(step=rep, params=params, rest=rest, opt_state=opt_state, rng=rep, mtl=mtl)
 
 
 def like_param(shape: tuple[int, ...], param_shape: tuple[int, ...],
@@ -126,12 +133,16 @@ def create_train_state(config: Any, head_specs: Mapping[str, Any], vocab_size: i
                        mesh: Mesh) -> tuple[TrainState, nnx.GraphDef, TrainState]:
   """Builds `MultiTaskModel(config.model, vocab_size, head_specs)` and its optimizer state, sharded.
 
-  Seeds come from `config.seed`; the sharding rules from `config.mesh.rules`. Returns
+  Seeds come from `config.seed`; the sharding rules from `config.mesh.rules`; the
+  task-balancing state from `config.mtl` (`jmtl.mtl.build`). Returns
   (state, graphdef, state_shardings); `state_shardings` mirrors `state` with NamedShardings.
   """
+  from jmtl import mtl as mtl_lib  # pylint: disable=import-outside-toplevel
   from jmtl.model.multitask import MultiTaskModel  # pylint: disable=import-outside-toplevel
 
   def model_fn(rngs: nnx.Rngs) -> nnx.Module:
     return MultiTaskModel(config.model, vocab_size, head_specs, rngs=rngs)
 
-  return init_train_state(model_fn, int(config.seed), tx, mesh, config.mesh.rules)
+  balancing = mtl_lib.build(config.mtl, list(head_specs))
+  return init_train_state(model_fn, int(config.seed), tx, mesh, config.mesh.rules,
+                          mtl_init=balancing.weighting.init)

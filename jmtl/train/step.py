@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jmtl import mtl as mtl_lib
 from jmtl.parallel import sharding as sharding_lib
 from jmtl.train.state import TrainState
 
@@ -46,14 +47,24 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   Label smoothing (`config.model.decoder.label_smoothing`) applies to seq2seq tasks only.
   Update: `tx.update(grads, opt_state, params, val_metric=, val_count=)`, then apply_updates.
 
+  Task balancing (`config.mtl`, `jmtl.mtl`): the gradient is sum_t w_t grad L_t with the
+  weights w [k] of `mtl.weighting` (read from `state.mtl`, constants for the gradient), and
+  `state.mtl` takes the weighting's update. With a gradient method (`mtl.gradient`) or
+  GradNorm, each task's loss and gradient are computed on their own (dropout key
+  fold_in(key, task index)); on the shared trunk the gradient is sum_t beta_t w_t grad L_t
+  with beta from the Gram matrix of the weighted task gradients, on the heads sum_t w_t
+  grad L_t. Those need every task in every batch (ValueError otherwise).
+
   Non-finite rule: when the loss, any gradient or any updated parameter is not finite, params,
   rest and opt_state are returned unchanged (the optimizer's own step count does not advance)
   but `state.step` still advances by one, so it always counts batches consumed (data position,
   dropout key, logging); metrics then report `nonfinite = skipped = 1`. The trainer decides
   from those whether to halt or go on (`config.train.on_nonfinite`).
 
-  Metrics: `train/loss`, `train/<task>/loss`, `grad_norm` (global L2 norm of the gradients),
-  `nonfinite`, `skipped`. The jitted function is `step_fn.jitted` (in/out shardings from
+  Metrics: `train/loss` (the unweighted sum of the task losses), `train/<task>/loss`,
+  `train/<task>/weight` (w_t), with a gradient method `train/<task>/grad_coef` (beta_t, so the
+  trunk's coefficient of grad L_t is beta_t w_t), `grad_norm` (global L2 norm of the
+  gradients), `nonfinite`, `skipped`. The jitted function is `step_fn.jitted` (in/out shardings from
   `state_shardings` and the `batch` rule, state donated); `step_fn` adds shape checks and
   casts `val_metric` to float32 and `val_count` to int32 so the cache key never changes;
   `step_fn.trace_count()` says how many times the step was traced (compiled).
@@ -66,6 +77,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
   rep = sharding_lib.replicated(mesh)
 
+  balancing = mtl_lib.build(config.mtl, list(kinds))
+  names = balancing.names
+
   traces = [0]
 
   def step(state: TrainState, batch: Batch, val_metric: jax.Array, val_count: jax.Array):
@@ -73,31 +87,78 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
       dropout_key = jax.random.fold_in(state.rng, state.step)
 
-      def loss_fn(params):
+      def losses_fn(params, tasks, rngs):
+        """Per-task losses of `tasks` (in that order) and the model's non-param state."""
         model = nnx.merge(graphdef, params, state.rest)
-        rngs = nnx.Rngs(dropout=dropout_key)
         per_task = {}
-        for name in sorted(batch):
+        for name in tasks:
           outputs = model(batch[name], task=name, deterministic=False, rngs=rngs)
           ls = smoothing if kinds[name] == "seq2seq" else 0.0
           per_task[name], _ = loss_of(kinds[name], outputs, batch[name], ls)
         _, _, rest = nnx.split(model, nnx.Param, ...)
-        return sum(per_task.values()), (per_task, rest)
+        return per_task, rest
 
-      (loss, (per_task, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      # ---- loss combination and gradients (jmtl.mtl: task weighting, gradient methods)
+      present = jnp.array([n in batch for n in names], jnp.float32)
+      vec = lambda d: jnp.stack([d[n] if n in d else jnp.zeros((), jnp.float32)  # noqa: E731
+                                 for n in names]).astype(jnp.float32)
+      w_of = lambda losses: jax.lax.stop_gradient(  # noqa: E731
+          balancing.weighting.weights(state.mtl, losses))
+      norms, grad_coef = None, {}
+      if not balancing.task_grads:
+        def loss_fn(params):
+          per_task, rest = losses_fn(params, sorted(batch), nnx.Rngs(dropout=dropout_key))
+          losses = vec(per_task)
+          w = w_of(losses)
+          return jnp.sum(w * losses * present), (per_task, rest, losses, w)
+
+        (_, (per_task, rest, losses, w)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+      else:
+        # One forward + backward per task (each on its own rows, so the total cost is one
+        # joint step's), then the combination in the Gram space of the shared gradients.
+        per_task, task_grads = {}, []
+        for i, name in enumerate(names):
+          def one(params, name=name, i=i):
+            out, rest_i = losses_fn(params, [name],
+                                    nnx.Rngs(dropout=jax.random.fold_in(dropout_key, i)))
+            return out[name], rest_i
+          (per_task[name], rest), g = jax.value_and_grad(one, has_aux=True)(state.params)
+          task_grads.append(g)
+        losses = vec(per_task)
+        w = w_of(losses)
+        mask = mtl_lib.shared_mask(state.params)
+        gram = mtl_lib.gram_matrix(task_grads, mask)  # of the unweighted task gradients
+        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+        beta = mtl_lib.coefficients(balancing, gram * w[:, None] * w[None, :],
+                                    jax.random.fold_in(dropout_key, 0x6D746C))
+        grads = mtl_lib.combine(task_grads, mask, beta * w, w)
+        if balancing.gradient != "none":
+          grad_coef = {f"train/{t}/grad_coef": beta[i] for i, t in enumerate(names)}
+      loss = sum(per_task.values())
+
       updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                      val_metric=val_metric, val_count=val_count)
       params = optax.apply_updates(state.params, updates)
+      new_losses = None
+      if balancing.weighting.needs_new_losses:  # FAMO: the same batch at the new parameters
+        after, _ = losses_fn(params, sorted(batch), nnx.Rngs(dropout=dropout_key))
+        new_losses = jax.lax.stop_gradient(vec(after))
+      mtl_state = balancing.weighting.update(state.mtl, losses, present, grad_norms=norms,
+                                             new_losses=new_losses)
       ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
       new_state = state.replace(
           step=state.step + 1,
           params=_keep_if(ok, params, state.params),
           rest=_keep_if(ok, rest, state.rest),
-          opt_state=_keep_if(ok, opt_state, state.opt_state))
+          opt_state=_keep_if(ok, opt_state, state.opt_state),
+          mtl=_keep_if(ok & _all_finite(mtl_state), mtl_state, state.mtl))
       bad = jnp.logical_not(ok).astype(jnp.int32)
       metrics = {"train/loss": loss, "grad_norm": optax.tree.norm(grads),
                  "nonfinite": bad, "skipped": bad}
       metrics.update({f"train/{t}/loss": v for t, v in per_task.items()})
+      metrics.update({f"train/{t}/weight": w[i] for i, t in enumerate(names) if t in batch})
+      metrics.update(grad_coef)
       return new_state, metrics
 
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_sh, rep, rep),
@@ -107,6 +168,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     unknown = sorted(set(batch) - set(kinds))
     if unknown:
       raise KeyError(f"batch has tasks {unknown} that are not in task_kinds {sorted(kinds)}.")
+    if balancing.task_grads and len(batch) != len(kinds):
+      raise ValueError(f"mtl.gradient = {balancing.gradient!r} / mtl.weighting = "
+                       f"{balancing.weighting.name!r} need every task in every batch "
+                       f"(data.mixing = 'mixed'); this batch has {sorted(batch)}")
     sharding_lib.check_batch(batch, mesh, rules)
     return jitted(state, batch, jnp.asarray(val_metric, jnp.float32),
                   jnp.asarray(val_count, jnp.int32))
