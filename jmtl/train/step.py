@@ -35,6 +35,23 @@ def _default_task_loss() -> LossFn:
   return task_loss
 
 
+def task_losses(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch,
+                kinds: Mapping[str, str], smoothing: float, rngs: nnx.Rngs | None,
+                loss_of: LossFn) -> tuple[dict[str, jax.Array], nnx.State]:
+  """({task: loss_of(kind_t, model(batch[t], task=t, deterministic=False, rngs), batch[t], ls_t)},
+  rest after the forward passes), tasks in sorted order; `ls_t` = `smoothing` for seq2seq tasks,
+  else 0. The multi-task loss of one batch before the tasks are combined; shared by the train
+  step and the federated client step (`jmtl.federated.algorithm`)."""
+  model = nnx.merge(graphdef, params, rest)
+  per_task = {}
+  for name in sorted(batch):
+    outputs = model(batch[name], task=name, deterministic=False, rngs=rngs)
+    ls = smoothing if kinds[name] == "seq2seq" else 0.0
+    per_task[name], _ = loss_of(kinds[name], outputs, batch[name], ls)
+  _, _, rest = nnx.split(model, nnx.Param, ...)
+  return per_task, rest
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     task_kinds: Mapping[str, str], config: Any, state_shardings: TrainState,
                     mesh: Mesh, *, task_loss: LossFn | None = None
@@ -74,14 +91,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       dropout_key = jax.random.fold_in(state.rng, state.step)
 
       def loss_fn(params):
-        model = nnx.merge(graphdef, params, state.rest)
-        rngs = nnx.Rngs(dropout=dropout_key)
-        per_task = {}
-        for name in sorted(batch):
-          outputs = model(batch[name], task=name, deterministic=False, rngs=rngs)
-          ls = smoothing if kinds[name] == "seq2seq" else 0.0
-          per_task[name], _ = loss_of(kinds[name], outputs, batch[name], ls)
-        _, _, rest = nnx.split(model, nnx.Param, ...)
+        per_task, rest = task_losses(graphdef, params, state.rest, batch, kinds, smoothing,
+                                     nnx.Rngs(dropout=dropout_key), loss_of)
         return sum(per_task.values()), (per_task, rest)
 
       (loss, (per_task, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
