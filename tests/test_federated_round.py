@@ -227,3 +227,20 @@ def test_bad_inputs_raise_value_error():
     fed.make_round(loss, sgd, tx, _mesh((2, 4), ("data", "site")), local_steps=2)
   with pytest.raises(ValueError, match="local_steps"):
     fed.make_round(loss, sgd, tx, mesh, local_steps=0)
+
+
+def test_site_mesh_is_outermost_over_per_site_sub_meshes():
+  from jmtl.parallel import mesh as mesh_lib
+  cfg = base_config().mesh
+  mesh = mesh_lib.make_site_mesh(cfg, 4, 2)
+  assert mesh.axis_names == ("site", "data", "fsdp", "tensor")
+  assert dict(mesh.shape) == {"site": 4, "data": 2, "fsdp": 1, "tensor": 1}
+  # site k owns devices 2k, 2k+1
+  assert [d.id for d in mesh.devices[1].reshape(-1)] == [jax.devices()[2].id, jax.devices()[3].id]
+  cfg.data, cfg.fsdp = 1, -1
+  assert dict(mesh_lib.make_site_mesh(cfg, 2, 4).shape) == {"site": 2, "data": 1, "fsdp": 4,
+                                                           "tensor": 1}
+  with pytest.raises(ValueError, match="need 12 devices"):
+    mesh_lib.make_site_mesh(cfg, 3, 4)
+  # the plain 3-axis mesh is unchanged
+  assert mesh_lib.make_mesh(base_config().mesh).axis_names == ("data", "fsdp", "tensor")
