@@ -123,6 +123,23 @@ def param_groups(params: Any, task_names: list[str]) -> Any:
   return jax.tree_util.tree_map_with_path(group, params)
 
 
+def site_seconds(sites: list[sites_lib.Site], site_bytes: list[int], local_steps: int,
+                 step_time: float) -> np.ndarray:
+  """Simulated seconds of one round per site: 2 x latency + bytes x 8 / down_mbps (download) +
+  H x step_time / speed + bytes x 8 / up_mbps (upload); Mbit/s = 1e6 bits per second."""
+  return np.array([2 * s.latency_ms / 1e3 + b * 8 / (s.down_mbps * 1e6)
+                   + local_steps * step_time / s.speed + b * 8 / (s.up_mbps * 1e6)
+                   for s, b in zip(sites, site_bytes)])
+
+
+def deadline_mask(sampled: np.ndarray, seconds: np.ndarray, deadline_s: float) -> np.ndarray:
+  """The sampled sites whose simulated seconds are <= deadline_s (deadline 0 = no deadline)."""
+  mask = np.asarray(sampled, np.float32).copy()
+  if deadline_s > 0:
+    mask[seconds > deadline_s] = 0
+  return mask
+
+
 def sample_participants(seed: int, round_index: int, n_sites: int, fraction: float
                         ) -> np.ndarray:
   """0/1 mask of max(1, round(fraction x S)) sites drawn without replacement, seeded by (seed,
@@ -442,13 +459,8 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     step_time = float(fed.step_time_s) or float(meta.get("step_time") or 0.0)
     sampled = sample_participants(int(config.seed), r, S, float(fed.participation))
     # Simulated seconds per sampled site; the deadline drops the late ones before the round.
-    secs = np.array([
-        2 * s.latency_ms / 1e3 + site_bytes[k] * 8 / (s.down_mbps * 1e6)
-        + H * step_time / s.speed + site_bytes[k] * 8 / (s.up_mbps * 1e6)
-        for k, s in enumerate(sites)])
-    mask = sampled.copy()
-    if fed.deadline_s > 0:
-      mask[secs > fed.deadline_s] = 0
+    secs = site_seconds(sites, site_bytes, H, step_time)
+    mask = deadline_mask(sampled, secs, float(fed.deadline_s))
     steps = []
     for h in range(H):
       per_site = []
