@@ -239,3 +239,16 @@ def test_dynamic_aggregator_round_uses_the_documented_weights():
     np.testing.assert_allclose(np.asarray(metrics["weights"]), want, rtol=1e-5, atol=1e-7)
     prev = np.where(m > 0, L, prev)
     last = np.where(m > 0, r, last)
+
+
+def test_reset_client_state_starts_every_round_from_a_fresh_optimizer_state():
+  mesh = _mesh((4,), ("site",))
+  client, server_tx = optax.adam(0.05), optax.sgd(1.0)
+  server, clients = fed.init(_params(), server_tx, client, mesh)
+  round_fn = fed.make_round(_loss, client, server_tx, mesh, local_steps=3, groups=GROUPS,
+                            reset_client_state=True)
+  for r in range(3):
+    data = _batches(_data(30 + r, 3), 3)
+    server, clients, _ = round_fn(server, clients, data, np.ones(S), np.ones(S), HOLDS)
+    counts = [x for x in jax.tree.leaves(clients.opt_state) if x.dtype == jnp.int32]
+    np.testing.assert_array_equal(np.asarray(counts[0]), [3, 3, 3, 3])  # never 6 or 9

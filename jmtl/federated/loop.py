@@ -469,12 +469,18 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
                              else blank[t]) for t in names})
       steps.append(per_site)
     site_batches = _stack([_stack([steps[h][k] for h in range(H)]) for k in range(S)])
+    tokens = sum(train_loop._tokens(steps[h][k]) for h in range(H) for k in range(S)  # noqa: SLF001
+                 if mask[k])
     t0 = time.time()
     server, clients, m = round_fn(server, clients, site_batches, examples, mask, holds,
                                   val_metric=meta["val_metric"], val_count=meta["val_count"])
     m = jax.device_get(m)
     took = time.time() - t0
-    if r > start + 1:  # the first round of a process compiles
+    tps = math.nan
+    if r == start + 1:  # the first round of a process compiles: the ETA counts from here
+      progress.start_clock(r)
+    else:
+      tps = tokens / max(took, 1e-9)
       measured.append(took / H)
       if not fed.step_time_s:
         meta["step_time"] = float(np.median(measured))
@@ -506,10 +512,10 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
                            f"{ckpt.directory}")
     if r % fed.log_every == 0 or r == R:
       line = {"train/loss": float(m["loss"]) if part else math.nan,
-              "train/delta_norm": float(m["delta_norm"])}
+              "train/delta_norm": float(m["delta_norm"]), "train/tokens_per_s": tps}
       line.update({f"train/site/{sites[k].name}/loss": float(m["site_loss"][k]) for k in part})
       writer.write(r, "train", line)
-      progress.update(r, float(m["loss"]) if part else math.nan, math.nan)
+      progress.update(r, float(m["loss"]) if part else math.nan, tps)
     stopping = stop.signal is not None
     do_eval = is_eval(r)
     do_save = r % fed.checkpoint_every == 0 or do_eval or stopping

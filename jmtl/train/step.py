@@ -41,7 +41,7 @@ def task_losses(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batc
   """({task: loss_of(kind_t, model(batch[t], task=t, deterministic=False, rngs), batch[t], ls_t)},
   rest after the forward passes), tasks in sorted order; `ls_t` = `smoothing` for seq2seq tasks,
   else 0. The multi-task loss of one batch before the tasks are combined; shared by the train
-  step and the federated client step (`jmtl.federated.algorithm`)."""
+  step and the federated client step (`jmtl.federated.loop`)."""
   model = nnx.merge(graphdef, params, rest)
   per_task = {}
   for name in sorted(batch):
