@@ -367,6 +367,8 @@ _key("fed.client_optimizer", "sgd",
                                            lambda c: f"is not an optimizer name ({_optim_names()})"),))
 _key("fed.client_lr", 0.1, "client peak learning rate (optim.schedule over rounds x local_steps)",
      check=gt(0))
+_key("fed.prox_mu", 0.0, "FedProx proximal term mu/2 ||x - x_server||^2 in each local step; 0 = "
+     "off (Li et al. 2020)", check=ge(0))
 _key("fed.client_state", "keep",
      "client optimizer state across rounds: keep (each site's own, DiLoCo) or reset each round",
      choices=("keep", "reset"))

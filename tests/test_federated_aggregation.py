@@ -124,13 +124,13 @@ def _params():
 GROUPS = {"trunk": {"w": 0}, "heads": {"t1": {"b": 1}, "t2": {"b": 2}}}
 
 
-def _np_round_sgd(ref, data, n, m, lr):
+def _np_round_sgd(ref, data, n, m, lr, mu=0.0):
   deltas = []
   for k in range(S):
     q = dict(ref)
     for t in range(data["x"].shape[1]):
       g = _np_grads(q, data["x"][k, t].astype(np.float64), data["y"][k, t], HOLDS[k, 1:])
-      q = {j: q[j] - lr * g[j] for j in q}
+      q = {j: q[j] - lr * (g[j] + mu * (q[j] - ref[j])) for j in q}  # FedProx: + mu (x - x0)
     deltas.append({j: ref[j] - q[j] for j in ref})
   w = n * m
   out = {}
@@ -252,3 +252,24 @@ def test_reset_client_state_starts_every_round_from_a_fresh_optimizer_state():
     server, clients, _ = round_fn(server, clients, data, np.ones(S), np.ones(S), HOLDS)
     counts = [x for x in jax.tree.leaves(clients.opt_state) if x.dtype == jnp.int32]
     np.testing.assert_array_equal(np.asarray(counts[0]), [3, 3, 3, 3])  # never 6 or 9
+
+
+def test_fedprox_term_matches_numpy():
+  mesh = _mesh((4,), ("site",))
+  lr, steps, mu = 0.2, 3, 0.5
+  client, server_tx = optax.sgd(lr), optax.sgd(1.0)
+  server, clients = fed.init(_params(), server_tx, client, mesh)
+  round_fn = fed.make_round(_loss, client, server_tx, mesh, local_steps=steps, groups=GROUPS,
+                            prox_mu=mu)
+  n, m = np.array([3.0, 1.0, 2.0, 4.0]), np.ones(S)
+  ref = {"w": np.zeros(D), "b1": 0.0, "b2": 0.0}
+  for r in range(2):
+    data = _batches(_data(40 + r, steps), steps)
+    server, clients, _ = round_fn(server, clients, data, n, m, HOLDS)
+    d = _np_round_sgd(ref, data, n, m, lr, mu)
+    plain = _np_round_sgd(ref, data, n, m, lr)
+    assert not np.allclose(d["w"], plain["w"])  # the term matters
+    ref = {j: ref[j] - d[j] for j in ref}
+    got = _flat(server)
+    for j in ref:
+      np.testing.assert_allclose(got[j], ref[j], rtol=2e-5, atol=2e-6)

@@ -4,7 +4,8 @@ An algorithm is `init` + `round` (FedJAX's shape). One round from server paramet
 k = 1..S with examples n_k, participation m_k in {0, 1} and held groups h_kg:
 
   client k (inside jax.shard_map over `site`; the site's other mesh axes stay automatic):
-    x_k <- x;  for t < H (lax.scan):  g = grad loss_fn(x_k, b_k,t, key_k,t)
+    x_k <- x;  for t < H (lax.scan):  g = grad [loss_fn(x_k, b_k,t, key_k,t)
+                                               + mu/2 ||x_k - x||^2]      (FedProx term)
                                       u, c_k <- client_tx.update(g, c_k, x_k);  x_k <- x_k + u
     Delta_k = x - x_k                                   (the pseudo-gradient, float32 sums)
   aggregate (collectives over `site`, `jmtl.federated.aggregation`):
@@ -16,7 +17,8 @@ k = 1..S with examples n_k, participation m_k in {0, 1} and held groups h_kg:
 (McMahan et al. 2017; x <- sum_k w_k x_k), client AdamW whose state c_k each site keeps across
 rounds + server Nesterov is DiLoCo (Douillard et al. 2023, arXiv 2311.08105, Algorithm 1: inner
 AdamW, outer Nesterov on the averaged pseudo-gradient), client sgd + server adam is FedAdam
-(Reddi et al. 2021, arXiv 2003.00295). A site with m_k = 0 runs the same program (shapes never
+(Reddi et al. 2021, arXiv 2003.00295); mu > 0 adds FedProx's proximal term (Li et al. 2020,
+arXiv 1812.06127, eq. 2). A site with m_k = 0 runs the same program (shapes never
 change, so a new participation pattern never recompiles) but its weight is 0 and its client
 state is kept as it was. With `reset_client_state` c_k is re-initialised every round.
 A round where no site takes part leaves the server unchanged (`metrics["applied"] = 0`).
@@ -127,11 +129,12 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                server_tx: optax.GradientTransformation, mesh: Mesh, *, local_steps: int,
                groups: Any = None, aggregator: str = "fedavg", temperature: float = 1.0,
                reset_client_state: bool = False, batch_axes: tuple[str, ...] = ("data", "fsdp"),
-               seed: int = 0) -> Callable[..., tuple[ServerState, ClientState, dict]]:
+               seed: int = 0, prox_mu: float = 0.0) -> Callable[..., tuple[ServerState, ClientState, dict]]:
   """Returns `round_fn(server, clients, site_batches, examples, mask, holds=None, **extra)`.
 
   `loss_fn(params, batch, key) -> scalar` is one site's loss on one local batch (`key`: the
   dropout key of site k, local step t, round r: fold_in(fold_in(fold_in(key(seed), r), k), t)).
+  `prox_mu`: FedProx's mu (0 = off); `site_loss` and `site_train_loss` are loss_fn without it.
   `groups`: a tree like the parameters of ints (0 = shared; g >= 1 = group g), None = all 0.
   `examples` [S] (n_k >= 0), `mask` [S] (0/1), `holds` [S, G] (0/1; column 0 is forced to 1;
   None = ones [S, 1]). `extra` goes to `server_tx.update` (the metric-driven optimizers'
@@ -148,7 +151,19 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   if aggregator not in ("fedavg", "dynamic"):
     raise ValueError(f"aggregator must be fedavg or dynamic, got {aggregator!r}")
   server_tx = optax.with_extra_args_support(server_tx)
-  grad_fn = jax.value_and_grad(loss_fn)
+  prox_mu = float(prox_mu)
+  if prox_mu < 0:
+    raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
+
+  def objective(x, batch, key, anchor):
+    loss = loss_fn(x, batch, key)
+    if not prox_mu:
+      return loss, loss
+    sq = sum(jnp.sum(jnp.square((a - b).astype(jnp.float32)))
+             for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(anchor)))
+    return loss + 0.5 * prox_mu * sq, loss
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
   base_key = jax.random.key(int(seed))
   traces = [0]
 
@@ -165,7 +180,7 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     def local_step(carry, xs):
       x, c = carry
       batch, t = xs
-      loss, g = grad_fn(x, batch, jax.random.fold_in(key, t))
+      (_, loss), g = grad_fn(x, batch, jax.random.fold_in(key, t), start)
       u, c = client_tx.update(g, c, x)
       return (optax.apply_updates(x, u), c), loss
 

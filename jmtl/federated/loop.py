@@ -320,7 +320,8 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   round_fn = algorithm.make_round(
       loss_fn, client_tx, server_tx, mesh, local_steps=H, groups=groups,
       aggregator=fed.aggregator, temperature=float(fed.temperature),
-      reset_client_state=fed.client_state == "reset", seed=int(config.seed))
+      reset_client_state=fed.client_state == "reset", seed=int(config.seed),
+      prox_mu=float(fed.prox_mu))
 
   # Data: each task's train split partitioned over the sites that hold it.
   with train_loop._user_data_errors():  # noqa: SLF001

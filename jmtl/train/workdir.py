@@ -43,7 +43,8 @@ from jmtl.eval import predictions as predictions_lib
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.on_nonfinite", "train.progress", "eval.",
              "data.dir", "data.tfds_dir", "data.tokenizer", "data.max_eval_examples",
-             "data.eval_split", "model.init_from", "mesh.", "sweep.")
+             "data.eval_split", "model.init_from", "mesh.", "sweep.", "fed.eval_every",
+             "fed.checkpoint_every", "fed.log_every")
 
 LOCK_NAME = ".jmtl.lock"
 
