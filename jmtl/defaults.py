@@ -384,9 +384,11 @@ _key("fed.server_momentum", 0.9, "server momentum / nesterov coefficient (DiLoCo
      check=_UNIT)
 _key("fed.aggregator", "fedavg",
      "weights of the site deltas: fedavg (examples) or dynamic (examples x exp(loss and "
-     "improvement / T) / sqrt(1 + staleness); jmtl.federated.aggregation)",
-     choices=("fedavg", "dynamic"))
-_key("fed.temperature", 1.0, "aggregator=dynamic: temperature T (large T -> FedAvg)", check=gt(0))
+     "improvement / T) / sqrt(1 + staleness)) or gradient (examples x exp(cos(update, mean "
+     "update) / T)); rules in jmtl.federated.aggregation",
+     choices=("fedavg", "dynamic", "gradient"))
+_key("fed.temperature", 1.0, "aggregator=dynamic/gradient: temperature T (large T -> FedAvg)",
+     check=gt(0))
 _key("fed.partition", "iid",
      "how each task's training rows are split over its sites: iid (by the sites' shares), "
      "dirichlet (label skew: per class, site proportions ~ Dir(alpha * S * share)), quantity "

@@ -273,3 +273,40 @@ def test_fedprox_term_matches_numpy():
     got = _flat(server)
     for j in ref:
       np.testing.assert_allclose(got[j], ref[j], rtol=2e-5, atol=2e-6)
+
+
+def test_gradient_aggregator_weights_by_alignment_with_the_mean_update():
+  mesh = _mesh((4,), ("site",))
+  lr, steps, T = 0.2, 2, 0.25
+  client, server_tx = optax.sgd(lr), optax.sgd(1.0)
+  server, clients = fed.init(_params(), server_tx, client, mesh)
+  round_fn = fed.make_round(_loss, client, server_tx, mesh, local_steps=steps, groups=GROUPS,
+                            aggregator="gradient", temperature=T)
+  n, m = np.array([3.0, 1.0, 2.0, 4.0]), np.array([1.0, 1.0, 1.0, 1.0])
+  data = _batches(_data(50, steps), steps)
+  data["y"][1] *= -1.0  # site 1's targets disagree with the others: its update points away
+  server, clients, metrics = round_fn(server, clients, data, n, m, HOLDS)
+  # numpy: local SGD per site, FedAvg mean of the trunk, cosines, softmax-like weights
+  ref = {"w": np.zeros(D), "b1": 0.0, "b2": 0.0}
+  deltas = []
+  for k in range(S):
+    q = dict(ref)
+    for t in range(steps):
+      g = _np_grads(q, data["x"][k, t].astype(np.float64), data["y"][k, t], HOLDS[k, 1:])
+      q = {j: q[j] - lr * g[j] for j in q}
+    deltas.append({j: ref[j] - q[j] for j in ref})
+  f = n * m / (n * m).sum()
+  mean_w = sum(f[k] * deltas[k]["w"] for k in range(S))
+  cos = np.array([d["w"] @ mean_w / (np.linalg.norm(d["w"]) * np.linalg.norm(mean_w))
+                  for d in deltas])
+  w = n * m * np.exp(cos / T)
+  w /= w.sum()
+  np.testing.assert_allclose(np.asarray(metrics["weights"]), w, rtol=1e-4, atol=1e-6)
+  assert w[1] < 0.5 * f[1]  # the disagreeing site counts for much less than under FedAvg
+  want_w = sum(w[k] * deltas[k]["w"] for k in range(S))
+  np.testing.assert_allclose(np.asarray(server.params["trunk"]["w"]), -want_w, rtol=1e-4,
+                             atol=1e-6)
+  got_b2 = float(server.params["heads"]["t2"]["b"])
+  holders = [1, 2, 3]  # t2's holders, weights renormalised over them
+  want_b2 = sum(w[k] * deltas[k]["b2"] for k in holders) / sum(w[k] for k in holders)
+  np.testing.assert_allclose(got_b2, -want_b2, rtol=1e-4, atol=1e-6)

@@ -26,6 +26,17 @@ FedAvg; data size enters as FedAvg's n_k; staleness uses FedBuff's 1/sqrt(1 + ta
 al. 2022, arXiv 2106.06639). Both terms are relative, so the weights do not depend on the
 loss's scale.
 
+Gradient-based aggregation (arXiv 2410.19130's "gradient-based" family; the rule chosen here):
+weights from each update's alignment with the mean update,
+
+  Dbar = sum_k f_k Delta_k                 (f = fedavg_weights: the FedAvg mean update)
+  c_k  = <Delta_k, Dbar> / (||Delta_k|| ||Dbar|| + 1e-12)   over the shared trunk's leaves
+  w_k  = m_k n_k exp(c_k / T), normalised to sum 1
+
+Only the trunk, which every site trains, is compared (a head is held by some sites only). A site
+whose update points away from the consensus (a drifting or faulty site) gets weight
+exp(-1/T) relative to an aligned one; T -> infinity is FedAvg.
+
 Per-group mean (federated multi-task): each parameter leaf belongs to a group g (0 = the shared
 trunk, g >= 1 = one task's head); h_kg = 1 when site k holds group g (always for g = 0). The
 aggregate of a leaf in group g is sum_k w_k h_kg Delta_k / sum_k w_k h_kg, and 0 when no
@@ -86,3 +97,29 @@ def grouped_mean(deltas: Any, groups: Any, weight: jax.Array, holds: jax.Array,
     num = _sum(wg.reshape(shape) * d.astype(jnp.float32), axis_name)
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0).astype(d.dtype)
   return jax.tree.map(one, deltas, groups)
+
+
+def alignment_weights(cosine: jax.Array, examples: jax.Array, mask: jax.Array,
+                      temperature: float, axis_name: str | None = None) -> jax.Array:
+  """w_k = m_k n_k exp(c_k / T) / sum_j (...) from the cosines c_k (module docstring)."""
+  m = mask.astype(jnp.float32)
+  w = m * examples.astype(jnp.float32) * jnp.exp(
+      jnp.clip(cosine.astype(jnp.float32) / float(temperature), -30.0, 30.0))
+  total = _sum(w, axis_name)
+  return jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def trunk_cosine(deltas: Any, groups: Any, mean: Any) -> jax.Array:
+  """cos(Delta_k, Dbar) over the leaves of group 0 of one site's `deltas` (or of each site's,
+  leaves [S, ...]: then a vector [S]); `mean` holds the mean update's leaves (no site axis)."""
+  dot = nk = nm = 0.0
+  for d, g, a in zip(jax.tree.leaves(deltas), jax.tree.leaves(groups), jax.tree.leaves(mean)):
+    if g != 0:
+      continue
+    d = d.astype(jnp.float32)
+    a = a.astype(jnp.float32)
+    axes = tuple(range(d.ndim - a.ndim, d.ndim))
+    dot = dot + jnp.sum(d * a, axis=axes)
+    nk = nk + jnp.sum(d * d, axis=axes)
+    nm = nm + jnp.sum(a * a)
+  return dot / (jnp.sqrt(nk) * jnp.sqrt(nm) + 1e-12)

@@ -9,7 +9,8 @@ k = 1..S with examples n_k, participation m_k in {0, 1} and held groups h_kg:
                                       u, c_k <- client_tx.update(g, c_k, x_k);  x_k <- x_k + u
     Delta_k = x - x_k                                   (the pseudo-gradient, float32 sums)
   aggregate (collectives over `site`, `jmtl.federated.aggregation`):
-    w = fedavg_weights(n, m) or dynamic_weights(L, P, n, tau, m, T)
+    w = fedavg_weights(n, m), dynamic_weights(L, P, n, tau, m, T) or alignment_weights(
+        cos(Delta_k, FedAvg mean over the trunk), n, m, T)
     Delta = grouped_mean(Delta_k, groups, w, h)        (trunk over all, heads over holders)
   server:  u, s <- server_tx.update(Delta, s, x, **extra);  x <- x + u
 
@@ -148,8 +149,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   local_steps = int(local_steps)
   if local_steps < 1:
     raise ValueError(f"local_steps must be >= 1, got {local_steps}")
-  if aggregator not in ("fedavg", "dynamic"):
-    raise ValueError(f"aggregator must be fedavg or dynamic, got {aggregator!r}")
+  if aggregator not in ("fedavg", "dynamic", "gradient"):
+    raise ValueError(f"aggregator must be fedavg, dynamic or gradient, got {aggregator!r}")
   server_tx = optax.with_extra_args_support(server_tx)
   prox_mu = float(prox_mu)
   if prox_mu < 0:
@@ -188,12 +189,17 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                                          (batches, jnp.arange(local_steps)))
     m, n = mask[0], examples[0]
     stale = (rnd - last_round[0] - 1).astype(jnp.float32)
+    delta = jax.tree.map(lambda p, q: (p - q).astype(jnp.float32), start, local)
     if aggregator == "dynamic":
       w = aggregation.dynamic_weights(losses[0], prev_loss[0], n, jnp.maximum(stale, 0.0), m,
                                       temperature, axis_name=SITE)
+    elif aggregator == "gradient":
+      f = aggregation.fedavg_weights(n, m, axis_name=SITE)
+      mean = aggregation.grouped_mean(delta, groups_tree, f, holds[0], axis_name=SITE)
+      cos = aggregation.trunk_cosine(delta, groups_tree, mean)
+      w = aggregation.alignment_weights(cos, n, m, temperature, axis_name=SITE)
     else:
       w = aggregation.fedavg_weights(n, m, axis_name=SITE)
-    delta = jax.tree.map(lambda p, q: (p - q).astype(jnp.float32), start, local)
     agg = aggregation.grouped_mean(delta, groups_tree, w, holds[0], axis_name=SITE)
     agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, params)
     keep = m > 0
