@@ -2,6 +2,7 @@
 
   jmtl train  --config configs/x.py --workdir DIR [--config.a.b=value ...]
   jmtl eval   --config configs/x.py --workdir DIR
+  jmtl federated --config configs/federated_x.py --workdir DIR   (sites x rounds over a mesh)
   jmtl data   --config configs/x.py                 (record counts per task and split)
   jmtl data prepare --config configs/x.py           (TFDS download-and-prepare into data.tfds_dir)
   jmtl bench  step|data|loop|optimizer|scaling --config configs/x.py [--json] [--out FILE]
@@ -36,7 +37,7 @@ from jmtl.data.prepare import PrepareError
 from jmtl.train import EvalError
 from jmtl.train import NonFiniteError
 
-COMMANDS = ("train", "eval", "data", "bench", "compile", "sweep", "report")
+COMMANDS = ("train", "eval", "data", "bench", "compile", "sweep", "report", "federated")
 BENCHES = ("step", "data", "loop", "optimizer", "scaling")
 REPORTS = ("optim",)
 DATA_SUBCOMMANDS = ("prepare",)
@@ -50,6 +51,7 @@ COMMAND_USAGE = {
                "[--config.KEY=VALUE ...]",
     "sweep": "jmtl sweep --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "report": "jmtl report optim --workdir DIR [--out DIR]",
+    "federated": "jmtl federated --config FILE --workdir DIR [--config.KEY=VALUE ...]",
 }
 COMMAND_HELP = {
     "train": "Train; resumes from the latest checkpoint in --workdir.",
@@ -65,12 +67,14 @@ COMMAND_HELP = {
                "Exit 1 when it does not fit.",
     "sweep": "The optimizer study: optimizers x learning rates x seeds; writes sweep.json.",
     "report": "Tables, ablation and loss curves of a finished sweep.",
+    "federated": "Federated training over the sites of fed.sites (rounds of local steps and "
+                 "aggregation); resumes from the latest checkpoint in --workdir.",
 }
 _COMMAND_FLAGS = {
     "train": ("config", "workdir"), "eval": ("config", "workdir"), "data": ("config",),
     "bench": ("config", "json", "out"), "compile": ("config", "topology", "json", "out"),
     "sweep": ("config", "workdir"),
-    "report": ("workdir", "out"),
+    "report": ("workdir", "out"), "federated": ("config", "workdir"),
 }
 _FLAG_HELP = (
     ("--config FILE", "config file defining get_config() (see configs/, jmtl/defaults.py)"),
@@ -224,7 +228,7 @@ def parse(argv: Sequence[str]):
     fv([argv[0]] + [a for a in rest if not a.startswith("--config.")])
   except flags.Error as e:
     raise UsageError(str(e).splitlines()[0]) from e
-  if cmd in ("train", "eval", "sweep", "report") and not fv.workdir:
+  if cmd in ("train", "eval", "sweep", "report", "federated") and not fv.workdir:
     raise UsageError(f"jmtl {cmd} needs --workdir DIR")
   if cmd == "report":
     return cmd, sub, None, fv
@@ -355,8 +359,20 @@ def run(argv: Sequence[str]) -> int:
     target = compile_lib.get_target(fv.topology)
     config = preflight.run(config, cmd, None, device_count=target.num_devices)
     return _compile(compile_lib, config, target, fv)
-  config = preflight.run(config, cmd, fv.workdir if cmd in ("train", "eval", "sweep") else None)
-  if cmd == "train":
+  config = preflight.run(config, cmd, fv.workdir if cmd in ("train", "eval", "sweep", "federated")
+                         else None)
+  if cmd == "federated":
+    from jmtl.federated.loop import federated
+    metrics = federated(config, fv.workdir)
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                      if isinstance(v, float) and not k.startswith("site/"))
+    print(f"final evaluation ({config.data.eval_split}, round {config.fed.rounds}): "
+          f"{shown or 'no metrics'}; rounds in {pathlib.Path(fv.workdir, 'rounds.jsonl')}, "
+          f"per-site held-out metrics in {pathlib.Path(fv.workdir, 'eval.json')}", flush=True)
+  elif cmd == "eval" and config.fed.sites and pathlib.Path(fv.workdir, "rounds.jsonl").exists():
+    from jmtl.federated.loop import evaluate_workdir
+    print(json.dumps(evaluate_workdir(config, fv.workdir), indent=2, sort_keys=True))
+  elif cmd == "train":
     from jmtl.train.loop import outputs_names, train
     metrics = train(config, fv.workdir)
     if not _primary():  # process 0 of a multi-host run wrote the outputs and says so
@@ -374,6 +390,9 @@ def run(argv: Sequence[str]) -> int:
       print(json.dumps(result, indent=2, sort_keys=True))
   elif cmd == "data":
     print(describe_data(config))
+    if config.fed.sites:
+      from jmtl.federated.loop import partition_table
+      print(partition_table(config))
   elif cmd == "sweep":
     from jmtl.study.sweep import run_sweep
     result = run_sweep(config, fv.workdir)

@@ -127,6 +127,16 @@ def _mesh_rules_ok(rules: Any) -> bool:
   return True
 
 
+def _optim_names() -> str:
+  from jmtl import optim  # noqa: PLC0415  (the registry is only needed for this rule)
+  return ", ".join(optim.NAMES)
+
+
+def _optim_name_ok(name: Any) -> bool:
+  from jmtl import optim  # noqa: PLC0415
+  return name in optim.NAMES
+
+
 MESH_AXES = ("data", "fsdp", "tensor")
 _MESH_SIZE: Check = (lambda v: v >= 1 or v == -1, "a positive int or -1")
 _UNIT: Check = between(0, 1, open_hi=True)  # probabilities, decay rates: [0, 1)
@@ -392,6 +402,70 @@ _key("eval.max_decode_len", 32, "generated tokens at most", check=ge(1))
 _key("eval.no_repeat_ngram", 0, "block repeated n-grams of this size; 0 = off", check=ge(0))
 _key("eval.n_best", 20, "SQuAD span candidates per feature", check=ge(1))
 _key("eval.max_answer_len", 30, "SQuAD answer length limit in tokens", check=ge(1))
+
+# ------------------------------------------------------------------ federated (`jmtl federated`)
+# Sites are slices of the device mesh's outermost `site` axis; each entry of `fed.sites` is a
+# dict whose fields (name, cloud, region, devices, speed, up_mbps, down_mbps, latency_ms,
+# price_device_hour, price_egress_gb, share | examples, tasks) are declared and checked, entry
+# by entry, in `jmtl.federated.sites.FIELDS`.
+_key("fed.sites", (), "the sites: a tuple of dicts, fields in jmtl.federated.sites.FIELDS",
+     check=(lambda v: all(isinstance(s, (dict, ml_collections.ConfigDict)) for s in v),
+            "a tuple of dicts (one per site)"))
+_key("fed.rounds", 20, "federated rounds (one round = broadcast, local steps, aggregate)",
+     check=ge(1))
+_key("fed.local_steps", 10, "client optimizer steps per site per round (H; DiLoCo's inner steps)",
+     check=ge(1))
+_key("fed.participation", 1.0,
+     "fraction of sites sampled per round (at least one; seeded by (seed, round)); sampling "
+     "changes aggregation weights, not shapes", check=between(0, 1, open_lo=True))
+_key("fed.backend", "shard_map", "how per-site work is mapped: jax.shard_map over `site`",
+     choices=("shard_map",))
+_key("fed.client_optimizer", "sgd",
+     "client optimizer from the registry (sgd = FedAvg; adamw = DiLoCo's inner step); its other "
+     "settings come from optim.*", rules=((lambda v, c: _optim_name_ok(v),
+                                           lambda c: f"is not an optimizer name ({_optim_names()})"),))
+_key("fed.client_lr", 0.1, "client peak learning rate (optim.schedule over rounds x local_steps)",
+     check=gt(0))
+_key("fed.prox_mu", 0.0, "FedProx proximal term mu/2 ||x - x_server||^2 in each local step; 0 = "
+     "off (Li et al. 2020)", check=ge(0))
+_key("fed.client_state", "keep",
+     "client optimizer state across rounds: keep (each site's own, DiLoCo) or reset each round",
+     choices=("keep", "reset"))
+_key("fed.server_optimizer", "sgd",
+     "server optimizer applied to the pseudo-gradient (sgd + server_lr 1 = FedAvg; nesterov = "
+     "DiLoCo's outer step; momentum = FedAvgM; adam = FedAdam; jmtl_adaptive); constant lr, no "
+     "clipping, no weight decay",
+     rules=((lambda v, c: _optim_name_ok(v),
+             lambda c: f"is not an optimizer name ({_optim_names()})"),))
+_key("fed.server_lr", 1.0, "server learning rate (1.0 with sgd = FedAvg; DiLoCo: 0.7)",
+     check=gt(0))
+_key("fed.server_momentum", 0.9, "server momentum / nesterov coefficient (DiLoCo: 0.9)",
+     check=_UNIT)
+_key("fed.aggregator", "fedavg",
+     "weights of the site deltas: fedavg (examples) or dynamic (examples x exp(loss and "
+     "improvement / T) / sqrt(1 + staleness)) or gradient (examples x exp(cos(update, mean "
+     "update) / T)); rules in jmtl.federated.aggregation",
+     choices=("fedavg", "dynamic", "gradient"))
+_key("fed.temperature", 1.0, "aggregator=dynamic/gradient: temperature T (large T -> FedAvg)",
+     check=gt(0))
+_key("fed.partition", "iid",
+     "how each task's training rows are split over its sites: iid (by the sites' shares), "
+     "dirichlet (label skew: per class, site proportions ~ Dir(alpha * S * share)), quantity "
+     "(power-law shares k^-fed.power unless the sites give share / examples)",
+     choices=("iid", "dirichlet", "quantity"))
+_key("fed.alpha", 0.5, "partition=dirichlet: concentration alpha (small = skewed)", check=gt(0))
+_key("fed.power", 1.0, "partition=quantity: site k (from 1) gets a share ~ k^-power", check=ge(0))
+_key("fed.min_per_site", 1, "training rows per task each holding site keeps at least (moved "
+     "from the largest site)", check=ge(0))
+_key("fed.holdout", 0.1, "fraction of each site's rows per task held out for its own evaluation",
+     check=between(0, 1, open_hi=True))
+_key("fed.deadline_s", 0.0, "simulated seconds after which a synchronous round drops a site; 0 = "
+     "wait for the slowest", check=ge(0))
+_key("fed.step_time_s", 0.0, "simulated seconds of one local step at speed 1; 0 = measured on "
+     "this host (the median compiled round time / local_steps)", check=ge(0))
+_key("fed.eval_every", 0, "rounds between evaluations; 0 = only at the end", check=ge(0))
+_key("fed.checkpoint_every", 5, "rounds between checkpoints", check=ge(1))
+_key("fed.log_every", 1, "rounds between train lines of metrics.jsonl", check=ge(1))
 
 # ------------------------------------------------------------------ optimizer study (`jmtl sweep`)
 _key("sweep.optimizers", ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw",

@@ -33,7 +33,7 @@ import ml_collections
 from jmtl import config as config_lib
 from jmtl.config import ConfigError
 
-COMMANDS = ("train", "eval", "data", "sweep", "bench", "prepare", "compile")
+COMMANDS = ("train", "eval", "data", "sweep", "bench", "prepare", "compile", "federated")
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 # Commands that join a multi-host run when `dist.initialize` is set.
@@ -53,13 +53,16 @@ def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
 
   if command not in COMMANDS:
     raise ValueError(f"preflight: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  federated = command == "federated" or (
+      command in ("eval", "data") and bool(config.get("fed", {}).get("sites")))
   config = config_lib.validate(config, check_files=command not in ("bench", "prepare", "compile"))
   if command in DISTRIBUTED_COMMANDS:
     _join(config)
-  config_lib.check_mesh(config, jax.device_count() if device_count is None else device_count)
+  if not federated:
+    config_lib.check_mesh(config, jax.device_count() if device_count is None else device_count)
   tasks = _tasks(config)
   _optimizer(config)
-  shards = _mesh(config, device_count)
+  shards = _federated(config, jax.device_count()) if federated else _mesh(config, device_count)
   _mixed_rows(config, shards)
   check_val_metric(config.train.val_metric, [t.name for t in tasks])
   tokenizer = _tokenizer(config) if command not in ("bench", "prepare") else None
@@ -68,8 +71,8 @@ def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
   if command == "sweep":
     from jmtl.study import sweep  # noqa: PLC0415
     sweep.check_sweep_config(config)
-  if workdir is not None and command in ("train", "eval", "sweep"):
-    _workdir(config, workdir, command)
+  if workdir is not None and command in ("train", "eval", "sweep", "federated"):
+    _workdir(config, workdir, "train" if command == "federated" else command)
   return config
 
 
@@ -124,6 +127,47 @@ def _mesh(config: ml_collections.ConfigDict, device_count: int | None = None) ->
     if value % shards:
       raise ConfigError(f"config key {key!r} = {value} must be divisible by the {shards} batch "
                         f"shards (mesh axes of the 'batch' rule)")
+  return shards
+
+
+def _federated(config: ml_collections.ConfigDict, device_count: int) -> int:
+  """A config with `fed.sites`: the sites (`jmtl.federated.sites`, one line naming a bad entry),
+  the ("site", "data", "fsdp", "tensor") mesh over sites x devices per site (`mesh.*` sizes are
+  one site's), the client and server optimizers, and one length bucket (every site's batches
+  must have one shape). Returns one site's batch shards."""
+  from jmtl.federated import loop as fed_loop  # noqa: PLC0415
+  from jmtl.federated import sites as sites_lib  # noqa: PLC0415
+  from jmtl.parallel import sharding  # noqa: PLC0415
+
+  sites = sites_lib.sites_from_config(config)
+  per_site = sites[0].devices
+  if len(sites) * per_site > device_count:
+    raise ConfigError(f"config key 'fed.sites': {len(sites)} sites x {per_site} devices need "
+                      f"{len(sites) * per_site} devices; {device_count} are available")
+  config_lib.check_mesh(config, per_site)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  try:
+    mesh = fed_loop.build_mesh(config, sites)
+    shards = sharding.batch_shards(mesh, rules)
+    sharding.rules_table(rules, mesh)
+  except ValueError as e:
+    raise ConfigError(f"config keys 'mesh.*' (one site's mesh): {e}") from e
+  for key in ("data.batch_size", "eval.batch_size"):
+    value = config_lib._get(config, key)  # noqa: SLF001
+    if value % shards:
+      raise ConfigError(f"config key {key!r} = {value} must be divisible by one site's {shards} "
+                        f"batch shards (mesh axes of the 'batch' rule)")
+  if len(config.data.length_buckets) != 1:
+    raise ConfigError(f"config key 'data.length_buckets' = {tuple(config.data.length_buckets)}: "
+                      f"a federated run needs one bucket (every site's batches have one shape)")
+  for which, cfg in (("client", fed_loop.client_optim_config(config)),
+                     ("server", fed_loop.server_optim_config(config))):
+    from jmtl import optim  # noqa: PLC0415
+    try:
+      optim.build(cfg, config.fed.rounds * config.fed.local_steps)
+    except (KeyError, ValueError, TypeError) as e:
+      msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+      raise ConfigError(f"config key 'fed.{which}_optimizer' = {cfg.name!r}: {msg}") from e
   return shards
 
 

@@ -1,4 +1,5 @@
-"""Device meshes from the config: axes ("data", "fsdp", "tensor"), all `AxisType.Auto`."""
+"""Device meshes from the config: axes ("data", "fsdp", "tensor"), all `AxisType.Auto`; a
+federated run puts `site` outermost: ("site", "data", "fsdp", "tensor")."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
+SITE_AXIS = "site"
 
 
 def mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -80,3 +82,23 @@ def abstract_mesh(mesh_cfg: Any, num_devices: int) -> AbstractMesh:
   """
   sizes = mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), num_devices)
   return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def make_site_mesh(mesh_cfg: Any, sites: int, devices_per_site: int,
+                   devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The federated mesh ("site", "data", "fsdp", "tensor") of shape (sites, d, f, t).
+
+  Site k owns the k-th block of `devices_per_site` consecutive devices of `devices` (default:
+  all); (d, f, t) are `config.mesh` resolved over `devices_per_site` (`mesh_shape`), so a site is
+  a sub-mesh with the axes of a plain training mesh. Every axis is `AxisType.Auto`. ValueError
+  when sites x devices_per_site exceeds the devices or the inner sizes do not fit.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  need = int(sites) * int(devices_per_site)
+  if sites < 1 or devices_per_site < 1 or need > len(devices):
+    raise ValueError(f"{sites} sites x {devices_per_site} devices need {need} devices; "
+                     f"{len(devices)} are available")
+  inner = mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), int(devices_per_site))
+  axes = (SITE_AXIS,) + MESH_AXES
+  return jax.make_mesh((int(sites),) + inner, axes, axis_types=(AxisType.Auto,) * len(axes),
+                       devices=devices[:need])

@@ -36,6 +36,23 @@ def _default_task_loss() -> LossFn:
   return task_loss
 
 
+def task_losses(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch,
+                kinds: Mapping[str, str], smoothing: float, rngs: nnx.Rngs | None,
+                loss_of: LossFn) -> tuple[dict[str, jax.Array], nnx.State]:
+  """({task: loss_of(kind_t, model(batch[t], task=t, deterministic=False, rngs), batch[t], ls_t)},
+  rest after the forward passes), tasks in sorted order; `ls_t` = `smoothing` for seq2seq tasks,
+  else 0. The multi-task loss of one batch before the tasks are combined; shared by the train
+  step and the federated client step (`jmtl.federated.loop`)."""
+  model = nnx.merge(graphdef, params, rest)
+  per_task = {}
+  for name in sorted(batch):
+    outputs = model(batch[name], task=name, deterministic=False, rngs=rngs)
+    ls = smoothing if kinds[name] == "seq2seq" else 0.0
+    per_task[name], _ = loss_of(kinds[name], outputs, batch[name], ls)
+  _, _, rest = nnx.split(model, nnx.Param, ...)
+  return per_task, rest
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     task_kinds: Mapping[str, str], config: Any, state_shardings: TrainState,
                     mesh: Mesh, *, task_loss: LossFn | None = None
@@ -88,15 +105,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       dropout_key = jax.random.fold_in(state.rng, state.step)
 
       def losses_fn(params, tasks, rngs):
-        """Per-task losses of `tasks` (in that order) and the model's non-param state."""
-        model = nnx.merge(graphdef, params, state.rest)
-        per_task = {}
-        for name in tasks:
-          outputs = model(batch[name], task=name, deterministic=False, rngs=rngs)
-          ls = smoothing if kinds[name] == "seq2seq" else 0.0
-          per_task[name], _ = loss_of(kinds[name], outputs, batch[name], ls)
-        _, _, rest = nnx.split(model, nnx.Param, ...)
-        return per_task, rest
+        """Per-task losses of `tasks` and the model's non-param state (`task_losses`)."""
+        return task_losses(graphdef, params, state.rest, {t: batch[t] for t in tasks}, kinds,
+                           smoothing, rngs, loss_of)
 
       # ---- loss combination and gradients (jmtl.mtl: task weighting, gradient methods)
       present = jnp.array([n in batch for n in names], jnp.float32)

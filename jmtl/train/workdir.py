@@ -44,7 +44,8 @@ RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.checkp
              "train.keep_checkpoints", "train.on_nonfinite", "train.progress", "eval.",
              "data.dir", "data.tfds_dir", "data.tfds_download_dir", "data.tfds_manual_dir",
              "data.tokenizer", "data.max_eval_examples",
-             "data.eval_split", "model.init_from", "mesh.", "dist.", "sweep.")
+             "data.eval_split", "model.init_from", "mesh.", "dist.", "sweep.", "fed.eval_every",
+             "fed.checkpoint_every", "fed.log_every")
 
 LOCK_NAME = ".jmtl.lock"
 

@@ -1,4 +1,5 @@
-"""FedOpt rounds over the `site` mesh axis against numpy references (FedAvg, Adam, adaptive)."""
+"""Rounds of `jmtl.federated.algorithm` over the `site` mesh axis against numpy references
+(FedAvg, server Adam, adaptive server optimizers, DiLoCo inner AdamW, participation, groups)."""
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ def _data(sites, steps, logistic=False, seed=0):
 
 
 def _jax_loss(logistic):
-  def loss(p, b):
+  def loss(p, b, key=None):
     z = b["x"] @ p["w"] + p["b"]
     if logistic:
       return jnp.mean(jax.nn.softplus(z) - b["y"] * z)
@@ -58,6 +59,25 @@ def _np_delta(p, data, weights, lr, logistic=False):
   return {k: v / np.sum(weights) for k, v in num.items()}
 
 
+class _Fed:
+  """The old FedOpt call shape over the new round: client sgd(client_lr), mask = weights > 0."""
+
+  def __init__(self, loss, tx, mesh, local_steps, client_lr):
+    self.mesh, self.tx, self.ctx = mesh, tx, optax.sgd(client_lr)
+    self.fn = fed.make_round(loss, self.ctx, tx, mesh, local_steps=local_steps)
+    self.clients = None
+
+  def init(self, params):
+    server, self.clients = fed.init(params, self.tx, self.ctx, self.mesh)
+    return server
+
+  def __call__(self, state, data, weights, **extra):
+    w = np.asarray(weights, np.float64)
+    state, self.clients, metrics = self.fn(state, self.clients, data, w, (w > 0).astype(float),
+                                           **extra)
+    return state, metrics
+
+
 def _zeros():
   return {"w": np.zeros(D), "b": np.zeros(())}
 
@@ -75,8 +95,8 @@ def _fedavg_matches(mesh, sites, logistic, rounds, steps=3, lr=0.2):
   data = _data(sites, steps, logistic)
   weights = np.arange(sites, dtype=np.float64) % 3  # includes zero-weight sites
   tx = optax.sgd(1.0)
-  state = fed.init(_as_jax(_zeros()), tx)
-  round_fn = fed.make_round(_jax_loss(logistic), tx, mesh, local_steps=steps, client_lr=lr)
+  round_fn = _Fed(_jax_loss(logistic), tx, mesh, steps, lr)
+  state = round_fn.init(_as_jax(_zeros()))
   ref = _zeros()
   for r in range(rounds):
     # A plain optax server optimizer ignores the extra args.
@@ -104,8 +124,8 @@ def test_registry_adam_server_equals_numpy_adam_on_pseudo_gradient(name):
   tx = optim.build(cfg, total_steps=rounds)
   mesh = _mesh((4,), ("site",))
   data, weights = _data(4, steps, seed=1), np.array([3.0, 1.0, 2.0, 5.0])
-  state = fed.init(_as_jax(_zeros()), tx)
-  round_fn = fed.make_round(_jax_loss(False), tx, mesh, local_steps=steps, client_lr=lr)
+  round_fn = _Fed(_jax_loss(False), tx, mesh, steps, lr)
+  state = round_fn.init(_as_jax(_zeros()))
   ref, m, v = _zeros(), _zeros(), _zeros()
   b1, b2, eps = cfg.b1, cfg.b2, cfg.eps
   for t in range(rounds):
@@ -129,11 +149,11 @@ def test_adaptive_server_optimizers_learn_and_react_to_the_metric(name):
   tx = optim.build(cfg, total_steps=20)
   mesh = _mesh((4,), ("site",))
   data, weights = _data(4, steps, seed=2), np.array([1.0, 2.0, 3.0, 4.0])
-  round_fn = fed.make_round(_jax_loss(False), tx, mesh, local_steps=steps, client_lr=0.1)
+  round_fn = _Fed(_jax_loss(False), tx, mesh, steps, 0.1)
   scale = lambda s: float(optim.find_metric_schedule_state(s.opt_state).plateau.scale)
 
   # An improving metric (minus the round's loss): the loss goes down, the scale stays 1.
-  state, losses = fed.init(_as_jax(_zeros()), tx), []
+  state, losses = round_fn.init(_as_jax(_zeros())), []
   for r in range(rounds):
     metric = -losses[-1] if losses else -1e3
     state, metrics = round_fn(state, data, weights, val_metric=metric, val_count=r + 1)
@@ -143,7 +163,7 @@ def test_adaptive_server_optimizers_learn_and_react_to_the_metric(name):
 
   # A worsening scripted metric: patience 2 halves the server lr scale every 2 bad rounds;
   # a repeated val_count is not a new validation.
-  state, got = fed.init(_as_jax(_zeros()), tx), []
+  state, got = round_fn.init(_as_jax(_zeros())), []
   for count, metric in [(1, 0.9), (2, 0.8), (3, 0.7), (3, 0.1), (4, 0.6), (5, 0.5)]:
     state, _ = round_fn(state, data, weights, val_metric=metric, val_count=count)
     got.append(scale(state))
@@ -158,15 +178,15 @@ def test_jmtl_adaptive_server_shares_the_kernel_second_moment_per_output():
   assert cfg.block_nu
   tx = optim.build(cfg, total_steps=20)
 
-  def loss(p, b):
+  def loss(p, b, key=None):
     z = b["x"] @ p["dense"]["kernel"] + p["dense"]["bias"]  # (B, 2): both outputs fit y
     return 0.5 * jnp.mean(jnp.square(z - b["y"][..., None]))
 
   mesh = _mesh((4,), ("site",))
   data, weights = _data(4, 2, seed=2), np.array([1.0, 2.0, 3.0, 4.0])
-  round_fn = fed.make_round(loss, tx, mesh, local_steps=2, client_lr=0.1)
+  round_fn = _Fed(loss, tx, mesh, 2, 0.1)
   params = {"dense": {"kernel": jnp.zeros((D, 2)), "bias": jnp.zeros((2,))}}
-  state, losses = fed.init(params, tx), []
+  state, losses = round_fn.init(params), []
   for r in range(6):
     state, metrics = round_fn(state, data, weights, val_metric=-float(r), val_count=r + 1)
     losses.append(float(metrics["loss"]))
@@ -189,11 +209,9 @@ def test_bad_inputs_raise_value_error():
   tx = optax.sgd(1.0)
   mesh = _mesh((8,), ("site",))
   loss = _jax_loss(False)
-  round_fn = fed.make_round(loss, tx, mesh, local_steps=2, client_lr=0.1)
-  state = fed.init(_as_jax(_zeros()), tx)
+  round_fn = _Fed(loss, tx, mesh, 2, 0.1)
+  state = round_fn.init(_as_jax(_zeros()))
   data = _data(8, 2)
-  with pytest.raises(ValueError, match="all zero"):
-    round_fn(state, data, np.zeros(8))
   with pytest.raises(ValueError, match=">= 0"):
     round_fn(state, data, -np.ones(8))
   with pytest.raises(ValueError, match="sites=8"):
@@ -202,9 +220,27 @@ def test_bad_inputs_raise_value_error():
     round_fn(state, _data(8, 3), np.ones(8))
   with pytest.raises(ValueError, match=r"expected \(8,\)"):
     round_fn(state, data, np.ones(4))
+  sgd = optax.sgd(0.1)
   with pytest.raises(ValueError, match="'site' axis"):
-    fed.make_round(loss, tx, _mesh((8,), ("data",)), local_steps=2, client_lr=0.1)
+    fed.make_round(loss, sgd, tx, _mesh((8,), ("data",)), local_steps=2)
   with pytest.raises(ValueError, match="outermost"):
-    fed.make_round(loss, tx, _mesh((2, 4), ("data", "site")), local_steps=2, client_lr=0.1)
+    fed.make_round(loss, sgd, tx, _mesh((2, 4), ("data", "site")), local_steps=2)
   with pytest.raises(ValueError, match="local_steps"):
-    fed.make_round(loss, tx, mesh, local_steps=0, client_lr=0.1)
+    fed.make_round(loss, sgd, tx, mesh, local_steps=0)
+
+
+def test_site_mesh_is_outermost_over_per_site_sub_meshes():
+  from jmtl.parallel import mesh as mesh_lib
+  cfg = base_config().mesh
+  mesh = mesh_lib.make_site_mesh(cfg, 4, 2)
+  assert mesh.axis_names == ("site", "data", "fsdp", "tensor")
+  assert dict(mesh.shape) == {"site": 4, "data": 2, "fsdp": 1, "tensor": 1}
+  # site k owns devices 2k, 2k+1
+  assert [d.id for d in mesh.devices[1].reshape(-1)] == [jax.devices()[2].id, jax.devices()[3].id]
+  cfg.data, cfg.fsdp = 1, -1
+  assert dict(mesh_lib.make_site_mesh(cfg, 2, 4).shape) == {"site": 2, "data": 1, "fsdp": 4,
+                                                           "tensor": 1}
+  with pytest.raises(ValueError, match="need 12 devices"):
+    mesh_lib.make_site_mesh(cfg, 3, 4)
+  # the plain 3-axis mesh is unchanged
+  assert mesh_lib.make_mesh(base_config().mesh).axis_names == ("data", "fsdp", "tensor")

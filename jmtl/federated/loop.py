@@ -1,0 +1,569 @@
+"""`jmtl federated`: the federated job, read top to bottom like `jmtl.train.loop`.
+
+lock the workdir -> check an existing checkpoint's fingerprint -> sites, `site` mesh, tasks,
+tokenizer -> server + per-site client state (created sharded) -> partition each task's train
+split over its sites, one grain iterator per (site, task) -> resume -> for each round: sample
+participants, read H local batches per site, one jitted round (`jmtl.federated.algorithm`),
+log, checkpoint, evaluate -> final outputs.
+
+Reused from the trainer, not copied: the multi-task loss (`jmtl.train.step.task_losses`), train
+state creation and sharding rules (`jmtl.train.state`), the grain pipeline
+(`jmtl.data.pipeline.TrainIterator` over a site's records), the Orbax checkpointer, the metric
+writer and progress display, evaluation (`jmtl.train.loop._eval_sets` / `_run_eval`), the
+workdir lock and fingerprint, `jmtl.optim.build` for both optimizers.
+
+Batches: every local step of every site holds every task of the config with the rows
+`rows_per_task(mixture_rates(data.*, global train sizes), data.batch_size)` (data.batch_size is
+one site's batch per local step); a site that does not hold a task, or does not take part in
+the round, gets that task's rows with example_weight 0 (no loss, no gradient), so every round
+has one shape: a new participation pattern never recompiles. Data iterators of a site that does
+not take part do not advance.
+
+Files: `config.json`, `rounds.jsonl` (one line per round: `round`, `sites` (participants'
+names), `loss` (example-weighted mean over participants of L_k), `site_loss`, `weights`,
+`bytes_up` / `bytes_down` per site and `total`, `sim_seconds`, `sim_cost` per cloud and
+`sim_cost_total` (cumulative), plus `<task>/<metric>` and `site/<name>/<task>/<metric>` when
+evaluated), `metrics.jsonl` (train lines at `fed.log_every` rounds, eval lines), `eval.json`
+(final: global validation + each site's held-out slice), `predictions/`, `tb/`, `tokenizer.json`,
+`checkpoints/` (server state, every site's client optimizer state, every site's data position,
+the pending round line and cumulative cost): a run killed with SIGKILL and started again logs
+exactly the rounds an uninterrupted run logs (with `fed.step_time_s` > 0; a measured step time
+makes `sim_seconds` differ between runs).
+
+Bytes (exact): a participant receives the float32 parameters it trains (trunk + the heads of
+the tasks it holds) and sends a float32 delta of the same leaves: 4 x that many values each way.
+Simulated time (plain Python beside the compiled round; issue requirement 8): site k's round
+takes latency + bytes_down x 8 / down_mbps + H x step_time / speed + bytes_up x 8 / up_mbps +
+latency seconds (latency both ways); a synchronous round lasts as long as its slowest
+participant; with `fed.deadline_s` > 0 a sampled site whose time exceeds it is dropped before
+the round (mask 0; a round with none left is skipped and logged). Cost per cloud: device-hours
+(devices x round seconds / 3600: a site is held for the whole synchronous round) x
+price_device_hour + bytes_up / 1e9 x price_egress_gb.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from jmtl import config as config_lib
+from jmtl import optim
+from jmtl import tasks as task_registry
+from jmtl.data import pipeline
+from jmtl.data import sources
+from jmtl.federated import algorithm
+from jmtl.federated import partition as partition_lib
+from jmtl.federated import sites as sites_lib
+from jmtl.model.multitask import HeadSpec
+from jmtl.parallel import mesh as mesh_lib
+from jmtl.train import CheckpointError
+from jmtl.train import NonFiniteError
+from jmtl.train import checkpoint as checkpoint_lib
+from jmtl.train import evaluate as evaluate_lib
+from jmtl.train import loop as train_loop
+from jmtl.train import state as state_lib
+from jmtl.train import step as step_lib
+from jmtl.train import workdir as workdir_lib
+from jmtl.train import writers
+
+ROUNDS_FILE = "rounds.jsonl"
+
+
+def client_optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`optim.*` with name = fed.client_optimizer and lr = fed.client_lr (schedule, warmup, decay,
+  clipping as in optim.*; its steps are rounds x local_steps)."""
+  cfg = copy.deepcopy(config.optim)
+  cfg.name, cfg.lr = config.fed.client_optimizer, float(config.fed.client_lr)
+  return cfg
+
+
+def server_optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`optim.*` with name = fed.server_optimizer, lr = fed.server_lr, momentum =
+  fed.server_momentum, a constant schedule, no warmup, clipping or weight decay."""
+  cfg = copy.deepcopy(config.optim)
+  cfg.name, cfg.lr = config.fed.server_optimizer, float(config.fed.server_lr)
+  cfg.momentum = float(config.fed.server_momentum)
+  cfg.schedule, cfg.warmup_steps, cfg.grad_clip, cfg.weight_decay = "constant", 0, 0.0, 0.0
+  return cfg
+
+
+def build_optimizers(config: ml_collections.ConfigDict):
+  """(client_tx, server_tx) from `jmtl.optim.build`."""
+  rounds, steps = int(config.fed.rounds), int(config.fed.local_steps)
+  return (optim.build(client_optim_config(config), rounds * steps),
+          optim.build(server_optim_config(config), rounds))
+
+
+def build_mesh(config: ml_collections.ConfigDict, sites: list[sites_lib.Site]):
+  return mesh_lib.make_site_mesh(config.mesh, len(sites), sites[0].devices)
+
+
+def param_groups(params: Any, task_names: list[str]) -> Any:
+  """Per parameter leaf: 0 for the trunk, 1 + index of its task for a leaf under heads/<task>."""
+  def group(path, _):
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if "heads" in names:
+      i = names.index("heads")
+      if i + 1 < len(names) and names[i + 1] in task_names:
+        return 1 + task_names.index(names[i + 1])
+    return 0
+  return jax.tree_util.tree_map_with_path(group, params)
+
+
+def site_seconds(sites: list[sites_lib.Site], site_bytes: list[int], local_steps: int,
+                 step_time: float) -> np.ndarray:
+  """Simulated seconds of one round per site: 2 x latency + bytes x 8 / down_mbps (download) +
+  H x step_time / speed + bytes x 8 / up_mbps (upload); Mbit/s = 1e6 bits per second."""
+  return np.array([2 * s.latency_ms / 1e3 + b * 8 / (s.down_mbps * 1e6)
+                   + local_steps * step_time / s.speed + b * 8 / (s.up_mbps * 1e6)
+                   for s, b in zip(sites, site_bytes)])
+
+
+def deadline_mask(sampled: np.ndarray, seconds: np.ndarray, deadline_s: float) -> np.ndarray:
+  """The sampled sites whose simulated seconds are <= deadline_s (deadline 0 = no deadline)."""
+  mask = np.asarray(sampled, np.float32).copy()
+  if deadline_s > 0:
+    mask[seconds > deadline_s] = 0
+  return mask
+
+
+def sample_participants(seed: int, round_index: int, n_sites: int, fraction: float
+                        ) -> np.ndarray:
+  """0/1 mask of max(1, round(fraction x S)) sites drawn without replacement, seeded by (seed,
+  round); all ones when fraction = 1."""
+  m = max(1, int(round(fraction * n_sites)))
+  mask = np.zeros(n_sites, np.float32)
+  if m >= n_sites:
+    mask[:] = 1
+    return mask
+  rng = np.random.default_rng([int(seed), int(round_index), 0xFED])
+  mask[rng.choice(n_sites, size=m, replace=False)] = 1
+  return mask
+
+
+def partition_records(config, tasks, sites, records):
+  """({site: {task: train records}}, {site: {task: held-out records}}) by `fed.partition`."""
+  train = {s.name: {} for s in sites}
+  held = {s.name: {} for s in sites}
+  fed = config.fed
+  for task in tasks:
+    recs = records[task.name]
+    holders = [s for s in sites if task.name in s.tasks]
+    labels = ([int(r["label"]) for r in recs] if task.kind == "classification" else None)
+    shares = [s.share for s in holders] if any(s.share > 0 for s in holders) else None
+    examples = [s.examples for s in holders] if any(s.examples > 0 for s in holders) else None
+    try:
+      kept, out = partition_lib.partition_task(
+          len(recs), labels, method=fed.partition, n_sites=len(holders), shares=shares,
+          examples=examples, alpha=fed.alpha, power=fed.power, minimum=fed.min_per_site,
+          holdout_fraction=fed.holdout, seed=int(config.seed), task=task.name)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config keys 'fed.*': task {task.name!r}: {e}") from e
+    for s, k, h in zip(holders, kept, out):
+      if not len(k):
+        raise config_lib.ConfigError(
+            f"config keys 'fed.*': site {s.name!r} gets no training rows of task {task.name!r} "
+            f"(raise fed.min_per_site or change the partition)")
+      train[s.name][task.name] = [recs[i] for i in k]
+      held[s.name][task.name] = [recs[i] for i in h]
+  return train, held
+
+
+def partition_table(config) -> str:
+  """The per-site table of `jmtl data` for a config with `fed.sites`: rows per task (train /
+  held-out) and, for classification tasks, train rows per label."""
+  sites = sites_lib.sites_from_config(config)
+  tasks = [task_registry.get_task(n) for n in config.tasks]
+  with train_loop._user_data_errors():  # noqa: SLF001
+    records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
+  train, held = partition_records(config, tasks, sites, records)
+  lines = [f"partition {config.fed.partition} (seed {config.seed}) over {len(sites)} sites:"]
+  for s in sites:
+    parts = []
+    for t in tasks:
+      if t.name not in train[s.name]:
+        continue
+      rows = train[s.name][t.name]
+      text = f"{t.name} {len(rows)} (+{len(held[s.name][t.name])} held out)"
+      if t.kind == "classification":
+        counts = np.bincount([int(r["label"]) for r in rows], minlength=t.num_labels)
+        names = t.label_names or tuple(str(i) for i in range(t.num_labels))
+        text += " [" + ", ".join(f"{n} {c}" for n, c in zip(names, counts)) + "]"
+      parts.append(text)
+    lines.append(f"  {s.name} ({s.cloud or '-'}): " + "; ".join(parts))
+  return "\n".join(lines)
+
+
+def _stack(trees: list[Any]) -> Any:
+  return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+def _append_line(p: epath.Path, row: dict) -> None:
+  line = json.dumps(row, allow_nan=False, default=_json_default)
+  if workdir_lib.is_local(p):
+    try:
+      with open(p, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    except OSError as e:
+      raise OSError(e.errno, e.strerror, str(p)) from e
+  else:
+    old = p.read_text() if p.exists() else ""
+    workdir_lib.write_text_atomic(p, old + line + "\n")
+
+
+def _json_default(v):
+  if isinstance(v, (np.floating, np.integer)):
+    return v.item()
+  raise TypeError(f"not JSON: {type(v).__name__}")
+
+
+def _clean(v: float) -> float | None:
+  return float(v) if math.isfinite(float(v)) else None
+
+
+def _truncate_rounds(p: epath.Path, last: int) -> None:
+  """Keeps the lines of rounds <= `last` (a torn last line is dropped)."""
+  if not p.exists():
+    return
+  kept = []
+  for line in p.read_text().splitlines():
+    try:
+      if int(json.loads(line)["round"]) <= last:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      print(f"jmtl: warning: {p}: a torn line dropped", file=sys.stderr, flush=True)
+  workdir_lib.write_text_atomic(p, "".join(line + "\n" for line in kept))
+
+
+def federated(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
+              ) -> dict[str, float]:
+  """Runs `config`'s federated job in `workdir`, resuming from its latest checkpoint; returns
+  the final evaluation (global + per-site held-out metrics).
+
+  Call `jmtl.preflight.run(config, "federated", workdir)` first (the CLI does). Raises
+  ConfigError (bad data, a partition leaving a site empty, a checkpoint of another run, the
+  workdir in use), CheckpointError, SystemExit(128 + signal) after saving on SIGTERM/SIGINT.
+  """
+  wd = workdir_lib.path(workdir)
+  with (workdir_lib.lock(wd, "federated"), workdir_lib.background_errors_to_log(wd),
+        train_loop._StopRequest() as stop):  # noqa: SLF001
+    ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", keep=config.train.keep_checkpoints)
+    closers: list = [ckpt.close]
+    try:
+      return _federated(config, wd, stop, ckpt, closers)
+    finally:
+      failure = sys.exc_info()[1]
+      for close in reversed(closers):
+        try:
+          close()
+        except Exception as e:  # noqa: BLE001 - every closer runs; the first error is raised
+          if failure is None:
+            failure = e
+          else:
+            print(f"jmtl: warning: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+      if failure is not None and sys.exc_info()[1] is None:
+        raise failure
+
+
+def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
+  found = ckpt.read_latest_meta()
+  if found is not None:  # refuse another run's checkpoint before any work or any write
+    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+
+  fed = config.fed
+  sites = sites_lib.sites_from_config(config)
+  S, H, R = len(sites), int(fed.local_steps), int(fed.rounds)
+  mesh = build_mesh(config, sites)
+  tasks = [task_registry.get_task(name) for name in config.tasks]
+  names = [t.name for t in tasks]
+  kinds = {t.name: t.kind for t in tasks}
+  tokenizer = train_loop._tokenizer(config, tasks, wd)  # noqa: SLF001
+  client_tx, server_tx = build_optimizers(config)
+  head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
+  state, graphdef, shardings = state_lib.create_train_state(
+      config, head_specs, tokenizer.vocab_size, client_tx, mesh)
+  server, clients = algorithm.init(state.params, server_tx, client_tx, mesh,
+                                   param_shardings=shardings.params)
+  rest = state.rest
+  groups = param_groups(server.params, names)
+  holds = np.array([[1.0] + [float(t in s.tasks) for t in names] for s in sites], np.float32)
+
+  # Bytes each way per participant: the float32 leaves it trains (trunk + its heads).
+  leaf_bytes = np.zeros(1 + len(names))
+  for g, x in zip(jax.tree.leaves(groups), jax.tree.leaves(server.params)):
+    leaf_bytes[g] += x.size * 4  # sent and received as float32
+  site_bytes = [int(leaf_bytes @ holds[k]) for k in range(S)]
+
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  smoothing = float(config.model.decoder.label_smoothing)
+  loss_of = step_lib._default_task_loss()  # noqa: SLF001
+
+  def loss_fn(params, batch, key):
+    with nnx.logical_axis_rules(rules):
+      per_task, _ = step_lib.task_losses(graphdef, params, rest, batch, kinds, smoothing,
+                                         nnx.Rngs(dropout=key), loss_of)
+    return sum(per_task.values())
+
+  round_fn = algorithm.make_round(
+      loss_fn, client_tx, server_tx, mesh, local_steps=H, groups=groups,
+      aggregator=fed.aggregator, temperature=float(fed.temperature),
+      reset_client_state=fed.client_state == "reset", seed=int(config.seed),
+      prox_mu=float(fed.prox_mu))
+
+  # Data: each task's train split partitioned over the sites that hold it.
+  with train_loop._user_data_errors():  # noqa: SLF001
+    records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
+  fp = workdir_lib.fingerprint(
+      config, data={n: workdir_lib.digest_records(r) for n, r in records.items()},
+      tokenizer=workdir_lib.digest_text(tokenizer.backend.to_str()))
+  site_train, site_held = partition_records(config, tasks, sites, records)
+  sizes = {t: len(r) for t, r in records.items()}
+  rates = pipeline.mixture_rates(config.data, sizes, total_steps=R * H)
+  rows = (pipeline.rows_per_task(rates, config.data.batch_size) if len(names) > 1
+          else {names[0]: int(config.data.batch_size)})
+  iters: dict[str, dict[str, pipeline.TrainIterator]] = {}
+  with train_loop._user_data_errors():  # noqa: SLF001
+    for s in sites:
+      iters[s.name] = {}
+      for t in tasks:
+        if t.name not in site_train[s.name]:
+          continue
+        cfg = copy.deepcopy(config)
+        cfg.data.batch_size, cfg.data.mixing, cfg.data.mixture = rows[t.name], \
+            "task_per_batch", "proportional"
+        iters[s.name][t.name] = pipeline.TrainIterator(
+            cfg, [t], tokenizer, records={t.name: site_train[s.name][t.name]})
+  # A task's zero-weight batch (same shape as its real ones): for sites without it or idle.
+  blank = {}
+  for t in names:
+    holder = next(s.name for s in sites if t in iters[s.name])
+    b = dict(iters[holder][t].streams[t][0])
+    b["example_weight"] = np.zeros_like(b["example_weight"])
+    blank[t] = b
+  examples = np.array([sum(len(v) for v in site_train[s.name].values()) for s in sites],
+                      np.float32)
+  del records
+
+  global_sets = train_loop._eval_sets(config, tasks, tokenizer)  # noqa: SLF001
+  held_sets: dict[str, list] = {}
+  with train_loop._user_data_errors():  # noqa: SLF001
+    for s in sites:
+      held_sets[s.name] = []
+      for t in tasks:
+        recs = site_held[s.name].get(t.name) or []
+        if recs:
+          batches, meta_ = pipeline.eval_batches(t, recs, tokenizer, config)
+          held_sets[s.name].append(evaluate_lib.EvalSet(t, recs, batches, meta_))
+  predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
+
+  def check(step, meta):
+    workdir_lib.check_config(meta, config, workdir=wd, step=step)
+    workdir_lib.check_fingerprint(meta, fp, workdir=wd, step=step)
+
+  meta: dict[str, Any] = {"val_metric": 0.0, "val_count": 0, "row": None,
+                          "cost": {}, "step_time": 0.0}
+  tree = {"server": server._asdict(), "clients": clients._asdict()}
+  tree_sh = jax.tree.map(lambda x: x.sharding, tree)
+  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh), check=check)
+  start = 0
+  if restored is not None:
+    start, tree, data_state, saved = restored
+    server = algorithm.ServerState(**tree["server"])
+    clients = algorithm.ClientState(**tree["clients"])
+    for s in sites:
+      for t, it in iters[s.name].items():
+        it.set_state(data_state[s.name][t])
+    saved.pop("fingerprint", None)
+    meta.update(saved)
+    print(f"resumed from checkpoint at round {start}", flush=True)
+  del tree
+
+  ckpt.remove_incomplete()
+  workdir_lib.write_text_atomic(wd / "config.json", config_lib.to_json(config) + "\n")
+  if not (wd / "tokenizer.json").exists():
+    workdir_lib.write_text_atomic(wd / "tokenizer.json", tokenizer.backend.to_str())
+  writer = writers.MetricWriter(wd)
+  closers.append(writer.close)
+
+  def is_eval(r: int) -> bool:
+    return bool(fed.eval_every and r % fed.eval_every == 0) or r == R
+
+  eval_again = bool(start) and is_eval(start) and meta.get("row") is not None
+  writer.truncate_after(start, eval_before=start if eval_again else None)
+  _truncate_rounds(wd / ROUNDS_FILE, start - 1 if eval_again else start)
+  final: dict[str, float] = {}
+
+  def data_state() -> dict:
+    return {s.name: {t: it.get_state() for t, it in iters[s.name].items()} for s in sites}
+
+  def save(r: int, row: dict | None) -> None:
+    try:
+      ckpt.save(r, {"server": server._asdict(), "clients": clients._asdict()}, data_state(),
+                {**meta, "row": row, "fingerprint": fp})
+    except CheckpointError:
+      raise
+    except OSError as e:
+      raise CheckpointError(f"checkpoint save at round {r} failed: {e} ({ckpt.directory})") from e
+
+  def evaluate(r: int, row: dict) -> None:
+    nonlocal final
+    view = state_lib.TrainState(step=jnp.int32(r), params=server.params, rest=rest,
+                                opt_state=server.opt_state, rng=state.rng)
+    out = train_loop._run_eval(config, global_sets, view, graphdef, predict, tokenizer, mesh,  # noqa: SLF001
+                               should_stop=lambda: stop.signal is not None)
+    if out is None:
+      stop_now(r)
+    metrics, pred_rows = out
+    for s in sites:
+      site_out = train_loop._run_eval(config, held_sets[s.name], view, graphdef, predict,  # noqa: SLF001
+                                      tokenizer, mesh)
+      metrics.update({f"site/{s.name}/{k}": v for k, v in site_out[0].items()})
+    writer.write(r, "eval", metrics)
+    row.update({k: _clean(v) for k, v in metrics.items()})
+    val = train_loop._val_metric(config, tasks, metrics)  # noqa: SLF001
+    if math.isfinite(val):
+      meta["val_metric"] = val
+      meta["val_count"] += 1
+    if r == R:
+      final = metrics
+      train_loop._write_outputs(wd, config.data.eval_split, metrics, pred_rows, r)  # noqa: SLF001
+
+  def stop_now(r: int) -> None:
+    ckpt.wait()
+    if not ckpt.committed(r):
+      raise CheckpointError(f"received signal {stop.signal}, but the checkpoint at round {r} "
+                            f"is not on disk (latest: {ckpt.latest_step()}) in {ckpt.directory}")
+    print(f"received signal {stop.signal}: saved checkpoint at round {r}, exiting", flush=True)
+    raise SystemExit(128 + stop.signal)
+
+  if eval_again:
+    row = dict(meta["row"])
+    evaluate(start, row)
+    _append_line(wd / ROUNDS_FILE, row)
+  progress = writers.Progress(R, start, config.train.progress)
+  closers.append(progress.close)
+  measured: list[float] = []
+  for r in range(start + 1, R + 1):
+    step_time = float(fed.step_time_s) or float(meta.get("step_time") or 0.0)
+    sampled = sample_participants(int(config.seed), r, S, float(fed.participation))
+    # Simulated seconds per sampled site; the deadline drops the late ones before the round.
+    secs = site_seconds(sites, site_bytes, H, step_time)
+    mask = deadline_mask(sampled, secs, float(fed.deadline_s))
+    steps = []
+    for h in range(H):
+      per_site = []
+      for k, s in enumerate(sites):
+        per_site.append({t: (next(iters[s.name][t])[t] if mask[k] and t in iters[s.name]
+                             else blank[t]) for t in names})
+      steps.append(per_site)
+    site_batches = _stack([_stack([steps[h][k] for h in range(H)]) for k in range(S)])
+    tokens = sum(train_loop._tokens(steps[h][k]) for h in range(H) for k in range(S)  # noqa: SLF001
+                 if mask[k])
+    t0 = time.time()
+    server, clients, m = round_fn(server, clients, site_batches, examples, mask, holds,
+                                  val_metric=meta["val_metric"], val_count=meta["val_count"])
+    m = jax.device_get(m)
+    took = time.time() - t0
+    tps = math.nan
+    if r == start + 1:  # the first round of a process compiles: the ETA counts from here
+      progress.start_clock(r)
+    else:
+      tps = tokens / max(took, 1e-9)
+      measured.append(took / H)
+      if not fed.step_time_s:
+        meta["step_time"] = float(np.median(measured))
+    part = [k for k in range(S) if mask[k]]
+    round_s = float(max(secs[part])) if part else 0.0
+    cost = dict(meta.get("cost") or {})
+    for k in part:
+      s = sites[k]
+      c = (s.devices * round_s / 3600.0 * s.price_device_hour
+           + site_bytes[k] / 1e9 * s.price_egress_gb)
+      cost[s.cloud or s.name] = cost.get(s.cloud or s.name, 0.0) + c
+    meta["cost"] = cost
+    row = {"round": r, "sites": [sites[k].name for k in part],
+           "dropped": [sites[k].name for k in range(S) if sampled[k] and not mask[k]],
+           "applied": int(m["applied"]), "loss": _clean(m["loss"]) if part else None,
+           "site_loss": {sites[k].name: _clean(m["site_loss"][k]) for k in part},
+           "weights": {sites[k].name: _clean(m["weights"][k]) for k in part},
+           "bytes_up": {**{sites[k].name: site_bytes[k] for k in part},
+                        "total": sum(site_bytes[k] for k in part)},
+           "bytes_down": {**{sites[k].name: site_bytes[k] for k in part},
+                          "total": sum(site_bytes[k] for k in part)},
+           "sim_seconds": round_s, "sim_cost": {c: v for c, v in sorted(cost.items())},
+           "sim_cost_total": sum(cost.values())}
+    if not part:
+      logging.warning("round %d: no site left after the deadline; round skipped", r)
+    if not math.isfinite(float(m["loss"])) and part:
+      raise NonFiniteError(f"non-finite loss at round {r} (site losses {row['site_loss']}); "
+                           f"stopped; last checkpoint: {ckpt.latest_step() or 'none'} in "
+                           f"{ckpt.directory}")
+    if r % fed.log_every == 0 or r == R:
+      line = {"train/loss": float(m["loss"]) if part else math.nan,
+              "train/delta_norm": float(m["delta_norm"]), "train/tokens_per_s": tps}
+      line.update({f"train/site/{sites[k].name}/loss": float(m["site_loss"][k]) for k in part})
+      writer.write(r, "train", line)
+      progress.update(r, float(m["loss"]) if part else math.nan, tps)
+    stopping = stop.signal is not None
+    do_eval = is_eval(r)
+    do_save = r % fed.checkpoint_every == 0 or do_eval or stopping
+    if not do_eval:
+      _append_line(wd / ROUNDS_FILE, row)
+    if do_save:
+      save(r, row if do_eval else None)
+    ckpt.check()
+    if stopping:  # at an evaluation round, the resumed run evaluates and writes its line
+      stop_now(r)
+    if do_eval:
+      evaluate(r, row)
+      _append_line(wd / ROUNDS_FILE, row)
+  return final
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
+                     ) -> dict[str, float]:
+  """`jmtl eval` on a federated workdir: the server parameters of the latest checkpoint on the
+  global evaluation split (writes eval.json / predictions like the trainer's eval)."""
+  wd = workdir_lib.path(workdir)
+  with workdir_lib.lock(wd, "eval"):
+    ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", read_only=True)
+    found = ckpt.read_latest_meta()
+    if found is None:
+      raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in {ckpt.directory}")
+    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+    sites = sites_lib.sites_from_config(config)
+    mesh = build_mesh(config, sites)
+    tasks = [task_registry.get_task(name) for name in config.tasks]
+    tokenizer = train_loop._tokenizer(config, tasks, wd)  # noqa: SLF001
+    client_tx, server_tx = build_optimizers(config)
+    head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
+    state, graphdef, shardings = state_lib.create_train_state(
+        config, head_specs, tokenizer.vocab_size, client_tx, mesh)
+    server, clients = algorithm.init(state.params, server_tx, client_tx, mesh,
+                                     param_shardings=shardings.params)
+    tree = {"server": server._asdict(), "clients": clients._asdict()}
+    tree_sh = jax.tree.map(lambda x: x.sharding, tree)
+    step, tree, _, _ = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh))
+    ckpt.close()
+    view = state_lib.TrainState(step=jnp.int32(step), params=tree["server"]["params"],
+                                rest=state.rest, opt_state=tree["server"]["opt_state"],
+                                rng=state.rng)
+    predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
+    metrics, rows = train_loop._run_eval(  # noqa: SLF001
+        config, train_loop._eval_sets(config, tasks, tokenizer), view, graphdef, predict,  # noqa: SLF001
+        tokenizer, mesh)
+    train_loop._write_outputs(wd, config.data.eval_split, metrics, rows, step)  # noqa: SLF001
+  return {"step": step, "split": config.data.eval_split, **metrics}
