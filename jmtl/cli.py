@@ -263,6 +263,9 @@ def scaling_table(result: dict) -> str:
           f"{'param MiB/dev':>13} {'opt MiB/dev':>11} {'param ratio':>11}")
   lines = [head]
   for r in result["rows"]:
+    if "skipped" in r:
+      lines.append(f"{r['size']:<6} {r['layout']:<7} skipped: {r['skipped']}")
+      continue
     lines.append(f"{r['size']:<6} {r['layout']:<7} {r['params']:>11,} {r['tokens_per_s']:>9.0f} "
                  f"{r['mfu_percent']:>6.1f} {r['params_bytes_per_device'] / 2**20:>13.1f} "
                  f"{r['opt_state_bytes_per_device'] / 2**20:>11.1f} "
@@ -458,9 +461,37 @@ def main(argv: Sequence[str] | None = None) -> None:
   except OSError as e:  # PermissionError, IsADirectoryError, NotADirectoryError, ENOSPC, ...
     line, code = os_error_line(e)
     print(f"jmtl: error: {_one_line(line)}", file=sys.stderr)
+    _leave_if_alone(code)
   except KeyboardInterrupt:
     code = 130
+  except Exception as e:  # noqa: BLE001 - only a lost peer of a multi-host run gets here
+    if not _lost_peer(e):
+      raise
+    print(f"jmtl: error: a process of this multi-host run failed or was lost "
+          f"({type(e).__name__}: {_one_line(str(e))[:300]}); restart all processes to resume "
+          f"from the last checkpoint", file=sys.stderr)
+    _leave_if_alone(1)
+    code = 1
   sys.exit(code)
+
+
+def _lost_peer(e: BaseException) -> bool:
+  """A collective of a multi-host run failed: a peer process died or is unreachable."""
+  if "jax" not in sys.modules:
+    return False
+  import jax  # noqa: PLC0415
+  return jax.process_count() > 1 and isinstance(e, jax.errors.JaxRuntimeError)
+
+
+def _leave_if_alone(code: int) -> None:
+  """In a multi-host run, an error that this process may have met alone (a write of process
+  0, a lost peer) ends it without the distributed runtime's shutdown barrier, which would wait
+  for peers blocked in a collective; they then stop when the runtime sees this one gone."""
+  if "jax" in sys.modules:
+    import jax  # noqa: PLC0415
+    if jax.process_count() > 1:
+      from jmtl.parallel import distributed  # noqa: PLC0415
+      distributed.abandon(code)
 
 
 def _one_line(text: str) -> str:

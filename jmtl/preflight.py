@@ -48,16 +48,45 @@ def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
 
   `device_count`: the devices the mesh is checked against (default: `jax.device_count()`);
   `jmtl compile --topology` passes the target topology's count, whose devices need not exist
-  here (the mesh is then an `AbstractMesh`). `bench` and `compile` read no data files."""
-  import jax  # noqa: PLC0415  (device count; importing jax is the slow part of a preflight)
+  here (the mesh is then an `AbstractMesh`). `bench` and `compile` read no data files.
 
+  Multi-host (`dist.initialize`, train and eval): the processes join first, check that they
+  run the same config, and agree on the outcome of the checks, so that a mistake one host sees
+  stops every process with one line."""
   if command not in COMMANDS:
     raise ValueError(f"preflight: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
   federated = command == "federated" or (
       command in ("eval", "data") and bool(config.get("fed", {}).get("sites")))
-  config = config_lib.validate(config, check_files=command not in ("bench", "prepare", "compile"))
-  if command in DISTRIBUTED_COMMANDS:
-    _join(config)
+  files = command not in ("bench", "prepare", "compile")
+  joined = False
+  if command in DISTRIBUTED_COMMANDS and config_lib.validate(config).dist.initialize:
+    # Join first (keys only checked), so that every later mistake, even one that only one
+    # host sees (a missing file), is agreed on: every process stops with one line.
+    joined = _join(config_lib.validate(config))
+  try:
+    config = _checks(config, command, workdir, device_count, federated, files)
+  except Exception:
+    if joined:
+      _agree_failed(True)
+    raise
+  if joined and _agree_failed(False):
+    raise ConfigError("another process of this multi-host run failed its checks (its own "
+                      "error line says why); nothing was started")
+  return config
+
+
+def _agree_failed(failed: bool) -> bool:
+  """Whether any process of a multi-host run failed its preflight (a collective)."""
+  from jmtl.parallel import distributed  # noqa: PLC0415
+  return bool(distributed.agree_max(int(failed)))
+
+
+def _checks(config: ml_collections.ConfigDict, command: str, workdir: str | None,
+            device_count: int | None, federated: bool, files: bool) -> ml_collections.ConfigDict:
+  """The checks of `run` (after joining a multi-host run)."""
+  import jax  # noqa: PLC0415  (device count; importing jax is the slow part of a preflight)
+
+  config = config_lib.validate(config, check_files=files)
   if not federated:
     config_lib.check_mesh(config, jax.device_count() if device_count is None else device_count)
   tasks = _tasks(config)
@@ -76,18 +105,28 @@ def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
   return config
 
 
-def _join(config: ml_collections.ConfigDict) -> None:
-  """Joins a multi-host run (`dist.initialize`) before anything counts devices; a coordinator
-  that cannot be reached is one line naming the `dist.*` keys (exit 2)."""
+def _join(config: ml_collections.ConfigDict) -> bool:
+  """Joins a multi-host run (`dist.initialize`) before anything counts devices and checks that
+  every process has the same config; True when joined. A coordinator that cannot be reached is
+  one line naming the `dist.*` keys (exit 2) where JAX raises (it may also abort the process
+  from C++ after `dist.initialization_timeout_s`)."""
   from jmtl.parallel import distributed  # noqa: PLC0415
+  from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
   try:
-    distributed.initialize(config.dist)
+    joined = distributed.initialize(config.dist)
   except Exception as e:  # noqa: BLE001 - JAX raises RuntimeError/ValueError/XlaRuntimeError
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     raise ConfigError(
         f"config keys 'dist.*' (coordinator_address={config.dist.coordinator_address!r}, "
         f"num_processes={config.dist.num_processes}, process_id={config.dist.process_id}): "
         f"jax.distributed.initialize failed: {first}") from e
+  if joined:  # every process must run the same config (dist.process_id aside)
+    flat = {k: v for k, v in workdir_lib.flat_config(config).items() if k != "dist.process_id"}
+    try:
+      distributed.check_same_config(flat)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+  return joined
 
 
 def _tasks(config: ml_collections.ConfigDict) -> list[Any]:

@@ -57,7 +57,7 @@ def test_mixed_batches_share_one_bucket(data_dir):
   it = pipeline.train_iterator(cfg, tasks, tok)
   combos, shapes = set(), set()
   for _ in range(60):
-    own = {n: s.bucket(s.features[it.taken[n]]) for n, s in it.streams.items()}
+    own = {n: s.bucket(s.features(it.taken[n])) for n, s in it.streams.items()}
     combos.add(tuple(sorted(own.items())))
     batch = next(it)
     lengths = {n: b["input_ids"].shape[1] for n, b in batch.items()}

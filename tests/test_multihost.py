@@ -64,12 +64,12 @@ def one(workdir, data_dir, cache, *extra, config=faults.TINY, fault="", expect=0
 
 
 def two(workdir, data_dir, cache, *extra, config=faults.TINY, faults_by_process=("", ""),
-        expect=(0, 0)):
+        expect=(0, 0), extra_by_process=((), ())):
   """A 2-process run, 4 CPU devices each, joined through a coordinator on localhost."""
   port = _port()
   jobs = []
   for pid in range(2):
-    argv = faults.cmd(workdir, *extra, "--config.dist.initialize=true",
+    argv = faults.cmd(workdir, *extra, *extra_by_process[pid], "--config.dist.initialize=true",
                       f"--config.dist.coordinator_address=localhost:{port}",
                       "--config.dist.num_processes=2", f"--config.dist.process_id={pid}",
                       config=config)
@@ -150,3 +150,16 @@ def test_one_process_checkpoint_resumes_in_two_processes(tmp_path, data_dir, cac
   assert f"resumed from checkpoint at step {step}" in results[0].stdout
   faults.assert_same_train(work, ref, rel=1e-5)
   faults.assert_same_eval(work, ref, rel=1e-5)
+
+
+def test_different_config_on_one_process_stops_both_with_one_line(tmp_path, data_dir, cache):
+  """Processes with different configs would train a mix of two runs (or wait on each other
+  forever): the preflight compares them and every process names the differing key."""
+  work = tmp_path / "work"
+  results = two(work, data_dir, cache, *SST2, extra_by_process=((), ("--config.seed=1",)),
+                expect=(2, 2))
+  for res in results:
+    lines = [x for x in res.stderr.splitlines() if x.startswith("jmtl: ")]
+    assert len(lines) == 1 and "seed" in lines[0] and "differ" in lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+  assert not (work / "checkpoints").exists() and not (work / "metrics.jsonl").exists()

@@ -18,6 +18,7 @@ fsdp over N devices is <= 1.05 / N).
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,22 @@ def layouts(n: int) -> dict[str, tuple[int, int, int]]:
   if n >= 8 and n % 4 == 0:
     out["mixed"] = (2, 2, n // 4)
   return out
+
+
+MEMORY_SHARE = 0.4  # of host RAM that the replicated state of one layout may take
+
+
+def replicated_state_bytes(size: str) -> int:
+  """~bytes of one full copy of the encoder's parameters, gradients and two Adam moments
+  (16 bytes per float32 parameter; parameters ~ vocab d + layers (4 d^2 + 2 d d_ff))."""
+  s = SIZES[size]
+  d = s["d_model"]
+  params = s["vocab"] * d + s["layers"] * (4 * d * d + 2 * d * s["d_ff"])
+  return 16 * params
+
+
+def _host_bytes() -> int:
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def sized(config: Any, size: str, layout: tuple[int, int, int]) -> Any:
@@ -63,6 +80,12 @@ def bench_scaling(config: Any, *, sizes: Sequence[str] = ("tiny", "small", "base
   rows = []
   for size in sizes:
     for name in names:
+      need = replicated_state_bytes(size) * table[name][0]
+      if need > MEMORY_SHARE * _host_bytes():  # every data-parallel copy lives in host RAM here
+        rows.append({"size": size, "layout": name, "skipped": (
+            f"{table[name][0]} replicated copies of parameters, gradients and Adam moments "
+            f"need ~{need / 2**30:.1f} GiB, over {MEMORY_SHARE:.0%} of this host's memory")})
+        continue
       r = bench_step(sized(config, size, table[name]), warmup=warmup, iters=iters)
       r.update(size=size, layout=name,
                fsdp_param_ratio=r["params_bytes_per_device"] / r["params_bytes_replicated"],

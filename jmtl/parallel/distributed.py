@@ -17,7 +17,10 @@ on top, so that a run gives the same numbers whatever the process count:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -200,9 +203,40 @@ def check_same(what: str, value: str) -> None:
     return
   first = broadcast_text(lambda: value)
   if agree_max(int(first != value)):
-    raise ValueError(f"{what} is {value!r} on process {jax.process_index()} but {first!r} on "
-                     f"process 0 (or differs on another process); every process must name "
-                     f"the same one")
+    if first != value:
+      raise ValueError(f"{what} is {value!r} on process {jax.process_index()} but {first!r} on "
+                       f"process 0; every process must name the same one")
+    raise ValueError(f"{what} differs between processes (process 0: {first!r}); every "
+                     f"process must name the same one")
+
+
+def check_same_config(flat: dict[str, Any]) -> None:
+  """Raises ValueError on every process when this process's config (`{dotted key: value}`,
+  JSON values) differs from process 0's, naming the differing keys; no-op with one process.
+  Processes with different configs would compute different programs and wait on each other's
+  collectives forever."""
+  if not multi_process():
+    return
+  first = json.loads(broadcast_text(lambda: json.dumps(flat, sort_keys=True)))
+  keys = sorted(k for k in set(first) | set(flat) if first.get(k) != flat.get(k))
+  if agree_max(int(bool(keys))):
+    if keys:
+      shown = "; ".join(f"{k}: {first.get(k)!r} on process 0, {flat.get(k)!r} here"
+                        for k in keys[:5])
+      raise ValueError(f"the config of process {jax.process_index()} differs from process 0's "
+                       f"({shown}); start every process with the same config and overrides")
+    raise ValueError("another process was started with a different config than process 0 "
+                     "(its error names the keys); start every process with the same config and "
+                     "overrides")
+
+
+def abandon(code: int) -> None:
+  """Ends this process of a multi-host run at once with exit status `code`, skipping the
+  distributed runtime's shutdown barrier (which would wait for processes that are still inside
+  a collective): the others then stop when the coordination service sees this one gone."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def barrier(name: str) -> None:

@@ -63,7 +63,8 @@ def is_local(p: epath.Path) -> bool:
   return not config_lib.is_bucket(p)
 
 
-def _flat(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+def flat_config(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  """`{dotted key: value}` of a config, values as stored in JSON (tuples as lists)."""
   d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
   out: dict[str, Any] = {}
 
@@ -84,7 +85,7 @@ def _resumable(key: str) -> bool:
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config keys a checkpoint depends on (all but `RESUMABLE`), flat, JSON values."""
-  return {k: v for k, v in _flat(config).items() if not _resumable(k)}
+  return {k: v for k, v in flat_config(config).items() if not _resumable(k)}
 
 
 def digest_records(records: list[dict]) -> str:
