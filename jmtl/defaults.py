@@ -363,7 +363,7 @@ _key("train.progress", "auto", "progress display", choices=("auto", "bar", "line
 def _mixed_only(what: str) -> Rule:
   return (lambda v, c: c.data.mixing == "mixed" or v in ("none", "equal", "static",
                                                           "uncertainty", "dwa"),
-          f"needs data.mixing = 'mixed' ({what} needs every task in every batch)")
+          f"needs data.mixing = 'mixed' ({what}, so every batch must hold every task)")
 
 
 _key("mtl.weighting", "equal",

@@ -59,10 +59,12 @@ def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
       command in ("eval", "data") and bool(config.get("fed", {}).get("sites")))
   files = command not in ("bench", "prepare", "compile")
   joined = False
-  if command in DISTRIBUTED_COMMANDS and config_lib.validate(config).dist.initialize:
+  keys_only = config_lib.validate(config, check_files=False) if (
+      command in DISTRIBUTED_COMMANDS) else None
+  if keys_only is not None and keys_only.dist.initialize:
     # Join first (keys only checked), so that every later mistake, even one that only one
     # host sees (a missing file), is agreed on: every process stops with one line.
-    joined = _join(config_lib.validate(config))
+    joined = _join(keys_only)
   try:
     config = _checks(config, command, workdir, device_count, federated, files)
   except Exception:
@@ -72,6 +74,10 @@ def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
   if joined and _agree_failed(False):
     raise ConfigError("another process of this multi-host run failed its checks (its own "
                       "error line says why); nothing was started")
+  # Last, and by every process together: reading a workdir's checkpoints through Orbax is a
+  # collective on several processes (it waits at barriers), so it comes after the agreement.
+  if workdir is not None and command in ("train", "eval", "sweep", "federated"):
+    _workdir(config, workdir, "train" if command == "federated" else command)
   return config
 
 
@@ -100,8 +106,6 @@ def _checks(config: ml_collections.ConfigDict, command: str, workdir: str | None
   if command == "sweep":
     from jmtl.study import sweep  # noqa: PLC0415
     sweep.check_sweep_config(config)
-  if workdir is not None and command in ("train", "eval", "sweep", "federated"):
-    _workdir(config, workdir, "train" if command == "federated" else command)
   return config
 
 

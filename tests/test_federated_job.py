@@ -125,11 +125,16 @@ def test_sigkill_after_a_checkpoint_resumes_to_exactly_the_reference_rounds(
 @pytest.mark.slow
 def test_eval_and_data_on_a_federated_config(reference, tmp_path, data_dir, cache):
   env = _env(data_dir, cache)
+  before = json.loads((reference / "eval.json").read_text())
+  sites = {k: v for k, v in before.items() if k.startswith("site/")}
+  assert sites
   out = subprocess.run([sys.executable, "-m", "jmtl.cli", "eval", "--config", str(TINY),
                         "--workdir", str(reference)], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads(out.stdout)["step"] == 6
+  after = json.loads((reference / "eval.json").read_text())
+  assert {k: after.get(k) for k in sites} == sites  # the run's per-site results are kept
   out = subprocess.run([sys.executable, "-m", "jmtl.cli", "data", "--config", str(TINY)],
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]

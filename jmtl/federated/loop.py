@@ -565,5 +565,14 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     metrics, rows = train_loop._run_eval(  # noqa: SLF001
         config, train_loop._eval_sets(config, tasks, tokenizer), view, graphdef, predict,  # noqa: SLF001
         tokenizer, mesh)
-    train_loop._write_outputs(wd, config.data.eval_split, metrics, rows, step)  # noqa: SLF001
-  return {"step": step, "split": config.data.eval_split, **metrics}
+    # The run's per-site held-out results of this step (`site/...`) are kept, not dropped:
+    # this evaluation recomputes the global split only.
+    results = wd / train_loop.outputs_names(config.data.eval_split)[0]
+    kept = {}
+    if results.exists():
+      previous = json.loads(results.read_text())
+      if previous.get("step") == step:
+        kept = {k: v for k, v in previous.items() if k.startswith("site/")}
+    train_loop._write_outputs(wd, config.data.eval_split, {**metrics, **kept}, rows,  # noqa: SLF001
+                              step)
+  return {"step": step, "split": config.data.eval_split, **metrics, **kept}

@@ -210,24 +210,35 @@ def check_same(what: str, value: str) -> None:
                      f"process must name the same one")
 
 
+def gather_text(text: str) -> list[str]:
+  """Every process's `text`, in process order (a collective; `[text]` with one process)."""
+  if not multi_process():
+    return [text]
+  data = text.encode()
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int64)))
+  buf = np.zeros((max(int(np.max(lengths)), 1),), np.uint8)
+  buf[:len(data)] = np.frombuffer(data, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), -1)
+  return [rows[i, :int(n)].tobytes().decode() for i, n in enumerate(lengths.reshape(-1))]
+
+
 def check_same_config(flat: dict[str, Any]) -> None:
-  """Raises ValueError on every process when this process's config (`{dotted key: value}`,
-  JSON values) differs from process 0's, naming the differing keys; no-op with one process.
+  """Raises ValueError on every process when the processes' configs (`{dotted key: value}`,
+  JSON values) differ, naming the differing keys and the processes; no-op with one process.
   Processes with different configs would compute different programs and wait on each other's
   collectives forever."""
   if not multi_process():
     return
   first = json.loads(broadcast_text(lambda: json.dumps(flat, sort_keys=True)))
   keys = sorted(k for k in set(first) | set(flat) if first.get(k) != flat.get(k))
-  if agree_max(int(bool(keys))):
-    if keys:
-      shown = "; ".join(f"{k}: {first.get(k)!r} on process 0, {flat.get(k)!r} here"
-                        for k in keys[:5])
-      raise ValueError(f"the config of process {jax.process_index()} differs from process 0's "
-                       f"({shown}); start every process with the same config and overrides")
-    raise ValueError("another process was started with a different config than process 0 "
-                     "(its error names the keys); start every process with the same config and "
-                     "overrides")
+  mine = json.dumps({k: flat.get(k) for k in keys}, sort_keys=True, default=str)
+  per_process = [json.loads(t) for t in gather_text(mine)]
+  diffs = [(p, k, v) for p, d in enumerate(per_process) for k, v in d.items()]
+  if diffs:
+    shown = "; ".join(f"{k}: {first.get(k)!r} on process 0, {v!r} on process {p}"
+                      for p, k, v in diffs[:5])
+    raise ValueError(f"the processes of this run have different configs ({shown}); start "
+                     f"every process with the same config and overrides")
 
 
 def abandon(code: int) -> None:
