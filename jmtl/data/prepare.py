@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -176,6 +177,7 @@ def prepare(config: Any, echo: Callable[[str], None] = print) -> list[dict]:
     if not names:
       try:
         root = str(sources.data_root(data))
+        root = root if "://" in root else os.path.realpath(root)  # as given may be relative
       except FileNotFoundError:
         root = "data.dir / $JMTL_DATA_DIR, not set"
       echo(f"{task.name}: no TFDS name; reads its files from data.dir ({root}), nothing to "

@@ -260,22 +260,7 @@ def federated(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
   wd = workdir_lib.path(workdir)
   with (workdir_lib.lock(wd, "federated"), workdir_lib.background_errors_to_log(wd),
         train_loop._StopRequest() as stop):  # noqa: SLF001
-    ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", keep=config.train.keep_checkpoints)
-    closers: list = [ckpt.close]
-    try:
-      return _federated(config, wd, stop, ckpt, closers)
-    finally:
-      failure = sys.exc_info()[1]
-      for close in reversed(closers):
-        try:
-          close()
-        except Exception as e:  # noqa: BLE001 - every closer runs; the first error is raised
-          if failure is None:
-            failure = e
-          else:
-            print(f"jmtl: warning: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-      if failure is not None and sys.exc_info()[1] is None:
-        raise failure
+    return train_loop.run_closing(_federated, config, wd, stop)
 
 
 def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:

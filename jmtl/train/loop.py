@@ -318,14 +318,19 @@ def _lock(wd: epath.Path, command: str):
 
 def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
            ) -> dict[str, float]:
-  """Runs `_train_with`, then closes what it opened, whatever happened: its closers (prefetch
-  thread, metric writer, progress display), then the checkpointer last, which waits for the
-  saves in flight (an error above still leaves them committed). The first error wins; later
-  ones are printed as warnings."""
+  return run_closing(_train_with, config, wd, stop)
+
+
+def run_closing(body, config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest):
+  """Runs `body(config, wd, stop, checkpointer, closers)` (the trainer's or the federated
+  job's), then closes what it opened, whatever happened: its closers (prefetch thread, metric
+  writer, progress display), then the checkpointer last, which waits for the saves in flight
+  (an error above still leaves them committed). The first error wins; later ones are printed
+  as warnings."""
   ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", keep=config.train.keep_checkpoints)
   closers: list = [ckpt.close]
   try:
-    return _train_with(config, wd, stop, ckpt, closers)
+    return body(config, wd, stop, ckpt, closers)
   finally:
     failure = sys.exc_info()[1]
     for close in reversed(closers):
