@@ -3,12 +3,13 @@ of mixed batches, an end-to-end run with a gradient method, and exact resume of 
 weighting (FAMO: logits and their Adam moments live in the checkpointed train state)."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+import faults
 
 from jmtl import cli
 from jmtl import config as config_lib
@@ -79,13 +80,8 @@ def _compilation_cache(tmp_path_factory):
 
 
 def _env(data_dir):
-  env = dict(os.environ)
-  env["JMTL_DATA_DIR"] = str(data_dir)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  return env
+  """2 CPU devices, the data root and the module's compilation cache (`faults.env`)."""
+  return faults.env(data_dir, cache=_CACHE["dir"])
 
 
 def _train(workdir, data_dir, *extra, fault=None):
