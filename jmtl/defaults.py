@@ -418,8 +418,10 @@ _key("fed.local_steps", 10, "client optimizer steps per site per round (H; DiLoC
 _key("fed.participation", 1.0,
      "fraction of sites sampled per round (at least one; seeded by (seed, round)); sampling "
      "changes aggregation weights, not shapes", check=between(0, 1, open_lo=True))
-_key("fed.backend", "shard_map", "how per-site work is mapped: jax.shard_map over `site`",
-     choices=("shard_map",))
+_key("fed.backend", "shard_map",
+     "how the per-site function is mapped over `site`: shard_map (jax.shard_map; a site may "
+     "span several devices) or pmap (jax.pmap with the same named collectives; one device per "
+     "site)", choices=("shard_map", "pmap"))
 _key("fed.client_optimizer", "sgd",
      "client optimizer from the registry (sgd = FedAvg; adamw = DiLoCo's inner step); its other "
      "settings come from optim.*", rules=((lambda v, c: _optim_name_ok(v),

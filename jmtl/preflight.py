@@ -188,6 +188,9 @@ def _federated(config: ml_collections.ConfigDict, device_count: int) -> int:
     raise ConfigError(f"config key 'fed.sites': {len(sites)} sites x {per_site} devices need "
                       f"{len(sites) * per_site} devices; {device_count} are available")
   config_lib.check_mesh(config, per_site)
+  if config.fed.backend == "pmap" and per_site != 1:
+    raise ConfigError(f"config key 'fed.backend' = 'pmap' maps one device per site, but the "
+                      f"sites span {per_site} devices each (field 'devices'); use 'shard_map'")
   rules = tuple(tuple(r) for r in config.mesh.rules)
   try:
     mesh = fed_loop.build_mesh(config, sites)

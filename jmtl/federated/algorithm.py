@@ -130,7 +130,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                server_tx: optax.GradientTransformation, mesh: Mesh, *, local_steps: int,
                groups: Any = None, aggregator: str = "fedavg", temperature: float = 1.0,
                reset_client_state: bool = False, batch_axes: tuple[str, ...] = ("data", "fsdp"),
-               seed: int = 0, prox_mu: float = 0.0) -> Callable[..., tuple[ServerState, ClientState, dict]]:
+               seed: int = 0, prox_mu: float = 0.0, backend: str = "shard_map"
+               ) -> Callable[..., tuple[ServerState, ClientState, dict]]:
   """Returns `round_fn(server, clients, site_batches, examples, mask, holds=None, **extra)`.
 
   `loss_fn(params, batch, key) -> scalar` is one site's loss on one local batch (`key`: the
@@ -142,13 +143,18 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   `val_metric`, `val_count`). Returns (server, clients, metrics): `loss` (sum_k m_k n_k L_k /
   sum_k m_k n_k), `site_loss` [S] (the L_k), `site_train_loss` [S] (mean loss over the local
   steps), `weights` [S] (the aggregation weights), `delta_norm` (||Delta||_2), `applied`.
+  `backend`: how the per-site function is mapped over `site` (`map_sites`): "shard_map"
+  (`jax.shard_map`; a site may be a sub-mesh) or "pmap" (`jax.pmap` with the same named
+  collectives, one device per site). Both run the same `client` code inside one jit.
   `round_fn.trace_count()` counts compilations (one per shape). ValueError for a mesh without
-  an outermost `site` axis, inputs whose leading dims are not [S, H], or bad weights/masks.
+  an outermost `site` axis, an unknown backend, "pmap" on a mesh whose sites span several
+  devices, inputs whose leading dims are not [S, H], or bad weights/masks.
   """
   n_sites = site_count(mesh)
   local_steps = int(local_steps)
   if local_steps < 1:
     raise ValueError(f"local_steps must be >= 1, got {local_steps}")
+  check_backend(backend, mesh)
   if aggregator not in ("fedavg", "dynamic", "gradient"):
     raise ValueError(f"aggregator must be fedavg, dynamic or gradient, got {aggregator!r}")
   server_tx = optax.with_extra_args_support(server_tx)
@@ -213,10 +219,9 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     nonlocal groups_tree
     traces[0] += 1  # Python side effect: once per trace (= per compilation)
     groups_tree = (jax.tree.map(lambda _: 0, server.params) if groups is None else groups)
-    per_site = jax.shard_map(
-        client, mesh=mesh,
-        in_specs=(P(), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P()),
-        out_specs=(P(), P(SITE), P(SITE), P(SITE), P(SITE)), axis_names={SITE})
+    per_site = map_sites(client, mesh, backend,
+                         in_sites=(False, True, True, True, True, True, True, True, False),
+                         out_sites=(False, True, True, True, True))
     delta, opt, site_loss, train_loss, w = per_site(
         server.params, clients.opt_state, site_batches, examples, mask, holds,
         server.prev_loss, server.last_round, server.round)
@@ -270,6 +275,47 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
 
   round_fn.trace_count = lambda: traces[0]  # type: ignore[attr-defined]
   return round_fn
+
+
+BACKENDS = ("shard_map", "pmap")
+
+
+def check_backend(backend: str, mesh: Mesh) -> None:
+  """ValueError unless `backend` is one of BACKENDS and, for "pmap", every site is one device."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "pmap" and mesh.devices.size != site_count(mesh):
+    raise ValueError(
+        f"backend 'pmap' maps one device per site, but the mesh has {mesh.devices.size} devices "
+        f"for {site_count(mesh)} sites (use 'shard_map' for sites that span several devices)")
+
+
+def map_sites(fn: Callable, mesh: Mesh, backend: str, *, in_sites: tuple[bool, ...],
+              out_sites: tuple[bool, ...]) -> Callable:
+  """`fn` (one site's work, written for `jax.shard_map`) mapped over the `site` axis.
+
+  `fn` sees each per-site argument (`in_sites[i]` True) as its block [1, ...] and every other
+  argument whole, may use collectives over the axis name "site" (psum, axis_index), and returns
+  per-site outputs (`out_sites[j]` True) as blocks [1, ...] and the others identical on every
+  site. "shard_map": `jax.shard_map` with in/out specs P(site) / P() (the site's other mesh axes
+  stay automatic, so a site may be a sub-mesh). "pmap": `jax.pmap(axis_name="site")` over the
+  mesh's devices in `site` order (one device per site, `check_backend`), the [1, ...] blocks
+  added and removed around `fn`: the same program as jmtl's design's pmap-based FedAvg loop.
+  """
+  if backend == "shard_map":
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(P(SITE) if s else P() for s in in_sites),
+                         out_specs=tuple(P(SITE) if s else P() for s in out_sites),
+                         axis_names={SITE})
+  check_backend(backend, mesh)
+
+  def one_site(*args):
+    args = [jax.tree.map(lambda a: a[None], a) if s else a for a, s in zip(args, in_sites)]
+    outs = fn(*args)
+    return tuple(jax.tree.map(lambda o: o[0], o) if s else o for o, s in zip(outs, out_sites))
+
+  return jax.pmap(one_site, axis_name=SITE, in_axes=tuple(0 if s else None for s in in_sites),
+                  out_axes=tuple(0 if s else None for s in out_sites),
+                  devices=list(mesh.devices.reshape(-1)))
 
 
 def _check_inputs(site_batches: Any, examples: Any, mask: Any, n_sites: int, local_steps: int):

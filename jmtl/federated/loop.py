@@ -23,7 +23,8 @@ Files: `config.json`, `rounds.jsonl` (one line per round: `round`, `sites` (part
 names), `loss` (example-weighted mean over participants of L_k), `site_loss`, `weights`,
 `bytes_up` / `bytes_down` per site and `total`, `sim_seconds`, `sim_cost` per cloud and
 `sim_cost_total` (cumulative), plus `<task>/<metric>` and `site/<name>/<task>/<metric>` when
-evaluated), `metrics.jsonl` (train lines at `fed.log_every` rounds, eval lines), `eval.json`
+evaluated; with `fed.eval_every` > 0 a first line `round` 0 holds the initial model's
+evaluation only), `metrics.jsonl` (train lines at `fed.log_every` rounds, eval lines), `eval.json`
 (final: global validation + each site's held-out slice), `predictions/`, `tb/`, `tokenizer.json`,
 `checkpoints/` (server state, every site's client optimizer state, every site's data position,
 the pending round line and cumulative cost): a run killed with SIGKILL and started again logs
@@ -306,7 +307,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       loss_fn, client_tx, server_tx, mesh, local_steps=H, groups=groups,
       aggregator=fed.aggregator, temperature=float(fed.temperature),
       reset_client_state=fed.client_state == "reset", seed=int(config.seed),
-      prox_mu=float(fed.prox_mu))
+      prox_mu=float(fed.prox_mu), backend=fed.backend)
 
   # Data: each task's train split partitioned over the sites that hold it.
   with train_loop._user_data_errors():  # noqa: SLF001
@@ -387,8 +388,11 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     return bool(fed.eval_every and r % fed.eval_every == 0) or r == R
 
   eval_again = bool(start) and is_eval(start) and meta.get("row") is not None
-  writer.truncate_after(start, eval_before=start if eval_again else None)
-  _truncate_rounds(wd / ROUNDS_FILE, start - 1 if eval_again else start)
+  # Round 0 (the initial model, as Flower's server evaluates it) is evaluated when periodic
+  # evaluation is on and the run starts from scratch; a restart from scratch drops its lines.
+  eval_zero = bool(fed.eval_every) and not start
+  writer.truncate_after(start, eval_before=start if eval_again or eval_zero else None)
+  _truncate_rounds(wd / ROUNDS_FILE, start - 1 if eval_again or eval_zero else start)
   final: dict[str, float] = {}
 
   def data_state() -> dict:
@@ -427,6 +431,10 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       train_loop._write_outputs(wd, config.data.eval_split, metrics, pred_rows, r)  # noqa: SLF001
 
   def stop_now(r: int) -> None:
+    if not r:  # during the round-0 evaluation: no round done, nothing to save
+      print(f"received signal {stop.signal}: stopped before round 1, nothing to save; exiting",
+            flush=True)
+      raise SystemExit(128 + stop.signal)
     ckpt.wait()
     if not ckpt.committed(r):
       raise CheckpointError(f"received signal {stop.signal}, but the checkpoint at round {r} "
@@ -437,6 +445,10 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   if eval_again:
     row = dict(meta["row"])
     evaluate(start, row)
+    _append_line(wd / ROUNDS_FILE, row)
+  if eval_zero:
+    row = {"round": 0}
+    evaluate(0, row)
     _append_line(wd / ROUNDS_FILE, row)
   progress = writers.Progress(R, start, config.train.progress)
   closers.append(progress.close)
