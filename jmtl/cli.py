@@ -5,7 +5,7 @@
   jmtl federated --config configs/federated_x.py --workdir DIR   (sites x rounds over a mesh)
   jmtl data   --config configs/x.py                 (record counts per task and split)
   jmtl data prepare --config configs/x.py           (TFDS download-and-prepare into data.tfds_dir)
-  jmtl bench  step|data|loop|optimizer|scaling --config configs/x.py [--json] [--out FILE]
+  jmtl bench  step|data|loop|optimizer|scaling|federated --config configs/x.py [--json] [--out FILE]
   jmtl compile --config configs/x.py [--topology local|v5e-16|v4-32|...] [--json] [--out FILE]
   jmtl sweep  --config configs/optim_study.py --workdir DIR   (optimizer x lr x seed study)
   jmtl report optim --workdir DIR [--out DIR]                 (tables, ablation, loss curves)
@@ -38,14 +38,14 @@ from jmtl.train import EvalError
 from jmtl.train import NonFiniteError
 
 COMMANDS = ("train", "eval", "data", "bench", "compile", "sweep", "report", "federated")
-BENCHES = ("step", "data", "loop", "optimizer", "scaling")
+BENCHES = ("step", "data", "loop", "optimizer", "scaling", "federated")
 REPORTS = ("optim",)
 DATA_SUBCOMMANDS = ("prepare",)
 COMMAND_USAGE = {
     "train": "jmtl train --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "eval": "jmtl eval --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "data": "jmtl data [prepare] --config FILE [--config.KEY=VALUE ...]",
-    "bench": "jmtl bench {step,data,loop,optimizer,scaling} --config FILE [--json] [--out FILE] "
+    "bench": "jmtl bench {step,data,loop,optimizer,scaling,federated} --config FILE [--json] [--out FILE] "
              "[--config.KEY=VALUE ...]",
     "compile": "jmtl compile --config FILE [--topology NAME] [--json] [--out FILE] "
                "[--config.KEY=VALUE ...]",
@@ -61,7 +61,8 @@ COMMAND_HELP = {
             "data.tfds_dir (data.tfds_manual_dir: manually downloaded files).",
     "bench": "Benchmarks: train-step speed (step), input pipeline (data), the step loop fed "
              "from memory / synchronously / with prefetch (loop), optimizer updates (optimizer), "
-             "step speed and per-device bytes across model sizes and mesh layouts (scaling).",
+             "step speed and per-device bytes across model sizes and mesh layouts (scaling), "
+             "a federated round against the same steps centralised (federated).",
     "compile": "Ahead-of-time compile of the train step for a topology (local, or a TPU slice "
                "such as v5e-16): sharding rules that do not divide, per-device memory, fits. "
                "Exit 1 when it does not fit.",
@@ -253,6 +254,9 @@ def _bench(sub: str, config) -> dict:
   if sub == "scaling":
     from jmtl.bench.scaling import bench_scaling
     return bench_scaling(config)
+  if sub == "federated":
+    from jmtl.bench.federated import bench_federated
+    return bench_federated(config)
   from jmtl.bench.optimizer import bench_optimizer
   return bench_optimizer(config)
 
@@ -362,6 +366,9 @@ def run(argv: Sequence[str]) -> int:
     target = compile_lib.get_target(fv.topology)
     config = preflight.run(config, cmd, None, device_count=target.num_devices)
     return _compile(compile_lib, config, target, fv)
+  if cmd == "bench" and sub == "federated" and not config.fed.sites:
+    raise ConfigError(f"jmtl bench federated needs a federated config (config key 'fed.sites' "
+                      f"is empty in {fv.config})")
   config = preflight.run(config, cmd, fv.workdir if cmd in ("train", "eval", "sweep", "federated")
                          else None)
   if cmd == "federated":

@@ -56,7 +56,7 @@ def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
   if command not in COMMANDS:
     raise ValueError(f"preflight: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
   federated = command == "federated" or (
-      command in ("eval", "data") and bool(config.get("fed", {}).get("sites")))
+      command in ("eval", "data", "bench") and bool(config.get("fed", {}).get("sites")))
   files = command not in ("bench", "prepare", "compile")
   joined = False
   keys_only = config_lib.validate(config, check_files=False) if (

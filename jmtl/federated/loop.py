@@ -112,6 +112,23 @@ def build_mesh(config: ml_collections.ConfigDict, sites: list[sites_lib.Site]):
   return mesh_lib.make_site_mesh(config.mesh, len(sites), sites[0].devices)
 
 
+def make_loss_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
+                 kinds: dict[str, str]):
+  """One site's loss on one local batch, `loss_fn(params, batch, key) -> scalar`: the sum over
+  the batch's tasks of the trainer's task losses (`jmtl.train.step.task_losses`; dropout from
+  `key`, label smoothing from `model.decoder.label_smoothing`), under `mesh.rules`."""
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  smoothing = float(config.model.decoder.label_smoothing)
+  loss_of = step_lib._default_task_loss()  # noqa: SLF001
+
+  def loss_fn(params, batch, key):
+    with nnx.logical_axis_rules(rules):
+      per_task, _ = step_lib.task_losses(graphdef, params, rest, batch, kinds, smoothing,
+                                         nnx.Rngs(dropout=key), loss_of)
+    return sum(per_task.values())
+  return loss_fn
+
+
 def param_groups(params: Any, task_names: list[str]) -> Any:
   """Per parameter leaf: 0 for the trunk, 1 + index of its task for a leaf under heads/<task>."""
   def group(path, _):
@@ -293,16 +310,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     leaf_bytes[g] += x.size * 4  # sent and received as float32
   site_bytes = [int(leaf_bytes @ holds[k]) for k in range(S)]
 
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  smoothing = float(config.model.decoder.label_smoothing)
-  loss_of = step_lib._default_task_loss()  # noqa: SLF001
-
-  def loss_fn(params, batch, key):
-    with nnx.logical_axis_rules(rules):
-      per_task, _ = step_lib.task_losses(graphdef, params, rest, batch, kinds, smoothing,
-                                         nnx.Rngs(dropout=key), loss_of)
-    return sum(per_task.values())
-
+  loss_fn = make_loss_fn(config, graphdef, rest, kinds)
   round_fn = algorithm.make_round(
       loss_fn, client_tx, server_tx, mesh, local_steps=H, groups=groups,
       aggregator=fed.aggregator, temperature=float(fed.temperature),
