@@ -206,6 +206,13 @@ def _federated(config: ml_collections.ConfigDict, device_count: int) -> int:
   if len(config.data.length_buckets) != 1:
     raise ConfigError(f"config key 'data.length_buckets' = {tuple(config.data.length_buckets)}: "
                       f"a federated run needs one bucket (every site's batches have one shape)")
+  # A site's local loss is the plain sum of its task losses (jmtl.federated.loop.make_loss_fn):
+  # task balancing is not part of the federated round, so asking for it is refused, not ignored.
+  for key, plain in (("mtl.weighting", "equal"), ("mtl.gradient", "none")):
+    if config_lib._get(config, key) != plain:  # noqa: SLF001
+      raise ConfigError(f"config key {key!r} = {config_lib._get(config, key)!r}: federated runs "  # noqa: SLF001
+                        f"train each site on the plain sum of its task losses; only {plain!r} "
+                        f"is supported")
   for which, cfg in (("client", fed_loop.client_optim_config(config)),
                      ("server", fed_loop.server_optim_config(config))):
     from jmtl import optim  # noqa: PLC0415

@@ -154,6 +154,8 @@ def test_eval_and_data_on_a_federated_config(reference, tmp_path, data_dir, cach
     ("--config.data.length_buckets=16,32", "a federated run needs one bucket"),
     ("--config.fed.backend=pmap", "config key 'fed.backend' = 'pmap' maps one device per site, "
                                   "but the sites span 2 devices each"),
+    ("--config.mtl.weighting=uncertainty", "config key 'mtl.weighting' = 'uncertainty': "
+                                           "federated runs train each site on the plain sum"),
 ])
 def test_bad_fed_keys_are_one_line_exit_2(override, message, tmp_path, data_dir):
   env = _env(data_dir, None)
