@@ -147,6 +147,30 @@ def test_eval_and_data_on_a_federated_config(reference, tmp_path, data_dir, cach
   assert "business" in line_d  # rows per label
 
 
+@pytest.mark.slow
+def test_fed_rounds_extend_on_resume_and_cannot_shrink_below_the_checkpoint(
+    reference, tmp_path, data_dir, cache):
+  import shutil
+  workdir = tmp_path / "w"
+  shutil.copytree(reference, workdir)
+  env = _env(data_dir, cache)
+  cmd = [sys.executable, "-m", "jmtl.cli", "federated", "--config", str(TINY), "--workdir",
+         str(workdir)]
+  out = subprocess.run(cmd + ["--config.fed.rounds=5"], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+  assert "holds a checkpoint at round 6, past fed.rounds = 5" in out.stderr
+  out = subprocess.run(cmd + ["--config.fed.rounds=7"], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "resumed from checkpoint at round 6" in out.stdout
+  assert "fed.rounds changed 6 -> 7" in out.stderr
+  rows = _rounds(workdir)
+  assert [r["round"] for r in rows] == list(range(8))
+  assert rows[:7] == _rounds(reference)
+  assert "bbc_topic/accuracy" in rows[7]  # the new last round is the final evaluation
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.fed.participation=0", "config key 'fed.participation' = 0.0 must be in (0, 1]"),
     ("--config.fed.client_optimizer=sgdd", "config key 'fed.client_optimizer' = 'sgdd' is not an "

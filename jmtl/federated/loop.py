@@ -380,6 +380,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     for s in sites:
       for t, it in iters[s.name].items():
         it.set_state(data_state[s.name][t])
+    workdir_lib.resume_warnings(saved, config, workdir=wd, step=start)
     saved.pop("fingerprint", None)
     meta.update(saved)
     print(f"resumed from checkpoint at round {start}", flush=True)

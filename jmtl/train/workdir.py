@@ -44,8 +44,8 @@ RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.checkp
              "train.keep_checkpoints", "train.on_nonfinite", "train.progress", "eval.",
              "data.dir", "data.tfds_dir", "data.tfds_download_dir", "data.tfds_manual_dir",
              "data.tokenizer", "data.max_eval_examples",
-             "data.eval_split", "model.init_from", "mesh.", "dist.", "sweep.", "fed.eval_every",
-             "fed.checkpoint_every", "fed.log_every")
+             "data.eval_split", "model.init_from", "mesh.", "dist.", "sweep.", "fed.rounds",
+             "fed.eval_every", "fed.checkpoint_every", "fed.log_every")
 
 LOCK_NAME = ".jmtl.lock"
 
@@ -105,7 +105,15 @@ def fingerprint(config: ml_collections.ConfigDict, *, data: Mapping[str, str],
                 tokenizer: str) -> dict[str, Any]:
   """What a checkpoint depends on: `{"config": ..., "data": {task: sha256}, "tokenizer": sha256}`."""
   return {"config": config_fingerprint(config), "data": dict(data), "tokenizer": tokenizer,
-          "steps": int(config.train.steps)}
+          "steps": _total(config)[1]}
+
+
+def _total(config: ml_collections.ConfigDict) -> tuple[str, int]:
+  """The key that sets the length of training and its value: `fed.rounds` for a federated
+  config (`fed.sites`; a checkpoint's step is then a round), else `train.steps`."""
+  if config.get("fed", {}).get("sites"):
+    return "fed.rounds", int(config.fed.rounds)
+  return "train.steps", int(config.train.steps)
 
 
 def _show(v: Any) -> str:
@@ -135,15 +143,18 @@ def _refuse(workdir: epath.Path, step: int, what: str) -> config_lib.ConfigError
 def check_config(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
                  workdir: epath.Path, step: int) -> None:
   """Raises ConfigError naming every fingerprinted key that differs from the checkpoint's, or
-  when the checkpoint's step is past `train.steps` (a run cannot be shortened below it).
+  when the checkpoint's step is past `train.steps` (a federated config: its round past
+  `fed.rounds`; a run cannot be shortened below it).
 
   Checkpoints written before fingerprints existed carry none and are not checked
   (`resume_warnings` says so).
   """
-  if step > config.train.steps:
+  key, total = _total(config)
+  if step > total:
+    what = "round" if key == "fed.rounds" else "step"
     raise config_lib.ConfigError(
-        f"--workdir {workdir} holds a checkpoint at step {step}, past train.steps = "
-        f"{config.train.steps}; set train.steps >= {step} or use a new workdir")
+        f"--workdir {workdir} holds a checkpoint at {what} {step}, past {key} = "
+        f"{total}; set {key} >= {step} or use a new workdir")
   fp = meta.get("fingerprint")
   if fp is None:
     return
@@ -155,7 +166,7 @@ def check_config(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
 def resume_warnings(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
                     workdir: epath.Path, step: int) -> None:
   """Once a checkpoint is accepted: warns (stderr) when it records no fingerprint or when
-  `train.steps` changed (the learning-rate schedule is then recomputed for the new total)."""
+  `train.steps` (federated: `fed.rounds`) changed (the learning-rate schedule is then recomputed for the new total)."""
   fp = meta.get("fingerprint")
   if fp is None:
     print(f"jmtl: warning: the checkpoint at step {step} in {workdir} records no config "
@@ -163,10 +174,13 @@ def resume_warnings(meta: Mapping[str, Any], config: ml_collections.ConfigDict, 
           file=sys.stderr, flush=True)
     return
   old_steps = fp.get("steps")
-  if old_steps is not None and old_steps != config.train.steps:
-    print(f"jmtl: warning: train.steps changed {old_steps} -> {config.train.steps}: the "
+  key, total = _total(config)
+  if old_steps is not None and old_steps != total:
+    unit = "rounds (the client learning-rate schedule spans rounds x local steps)" if (
+        key == "fed.rounds") else "steps"
+    print(f"jmtl: warning: {key} changed {old_steps} -> {total}: the "
           f"learning-rate schedule (and annealed_temperature / unimax task rates) is "
-          f"recomputed for {config.train.steps} steps",
+          f"recomputed for {total} {unit}",
           file=sys.stderr, flush=True)
 
 
