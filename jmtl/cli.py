@@ -361,6 +361,10 @@ def run(argv: Sequence[str]) -> int:
     from jmtl.data import prepare
     prepare.prepare(preflight.run(config, "prepare", None), echo=lambda s: print(s, flush=True))
     return 0
+  if cmd == "compile" and config.fed.sites:
+    raise ConfigError(f"jmtl compile compiles the centralised train step; {fv.config} is a "
+                      f"federated config (fed.sites), whose round it cannot compile ahead of "
+                      f"time yet (run jmtl bench federated on the devices instead)")
   if cmd == "compile":
     from jmtl.bench import compile as compile_lib
     target = compile_lib.get_target(fv.topology)

@@ -229,3 +229,10 @@ def test_mixed_batch_with_a_seq2seq_task_compiles():
   assert r["batch_shapes"] == [{"sst2": {"input_ids": [8, 16]},
                                 "dialogsum": {"input_ids": [8, 16], "decoder_input_ids": [8, 8]}}]
   assert r["compiled"] and r["fits"] and [m["tasks"] for m in r["memory"]] == ["dialogsum,sst2"]
+
+
+def test_cli_federated_config_is_refused_in_one_line(capsys):
+  fed = pathlib.Path(__file__).resolve().parent / "configs" / "tiny_fed.py"
+  code, stdout, err = _run(capsys, ["--config", str(fed)])
+  assert code == 2 and stdout == "" and len(err) == 1
+  assert "is a federated config (fed.sites)" in err[0]
