@@ -378,6 +378,8 @@ def run(argv: Sequence[str]) -> int:
   if cmd == "federated":
     from jmtl.federated.loop import federated
     metrics = federated(config, fv.workdir)
+    if not _primary():  # process 0 of a multi-host run wrote the outputs and says so
+      return 0
     shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                       if isinstance(v, float) and not k.startswith("site/"))
     print(f"final evaluation ({config.data.eval_split}, round {config.fed.rounds}): "

@@ -37,7 +37,7 @@ COMMANDS = ("train", "eval", "data", "sweep", "bench", "prepare", "compile", "fe
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 # Commands that join a multi-host run when `dist.initialize` is set.
-DISTRIBUTED_COMMANDS = ("train", "eval")
+DISTRIBUTED_COMMANDS = ("train", "eval", "federated")
 
 
 def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
@@ -50,7 +50,7 @@ def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
   `jmtl compile --topology` passes the target topology's count, whose devices need not exist
   here (the mesh is then an `AbstractMesh`). `bench` and `compile` read no data files.
 
-  Multi-host (`dist.initialize`, train and eval): the processes join first, check that they
+  Multi-host (`dist.initialize`: train, eval, federated): the processes join first, check that they
   run the same config, and agree on the outcome of the checks, so that a mistake one host sees
   stops every process with one line."""
   if command not in COMMANDS:

@@ -163,3 +163,53 @@ def test_different_config_on_one_process_stops_both_with_one_line(tmp_path, data
     assert len(lines) == 1 and "seed" in lines[0] and "differ" in lines[0], res.stderr[-2000:]
     assert "Traceback" not in res.stderr
   assert not (work / "checkpoints").exists() and not (work / "metrics.jsonl").exists()
+
+
+FED = REPO / "tests" / "configs" / "tiny_fed.py"  # 4 sites x 2 devices: 2 sites per process
+
+
+def _fed_cmd(workdir, *extra):
+  # bbc_topic only: the headline decoder's compile and beam search would double the time.
+  return faults.cmd(workdir, "--config.fed.eval_every=0", "--config.tasks=bbc_topic", *extra,
+                    command="federated", config=FED)
+
+
+def _fed_rounds(workdir) -> list[dict]:
+  return [json.loads(l) for l in (pathlib.Path(workdir) / "rounds.jsonl").read_text().splitlines()]
+
+
+def _same_rounds(got: list[dict], want: list[dict]) -> None:
+  assert [r["round"] for r in got] == [r["round"] for r in want]
+  for a, b in zip(got, want):
+    assert a["sites"] == b["sites"] and a["bytes_up"] == b["bytes_up"], (a, b)
+    assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["round"], a["loss"], b["loss"])
+    for key in ("site_loss", "weights"):
+      for site, value in b[key].items():
+        assert math.isclose(a[key][site], value, rel_tol=1e-5, abs_tol=1e-7), (key, site)
+
+
+def test_federated_sites_on_two_processes_equal_one_process_and_resume_across(
+    tmp_path, data_dir, cache):
+  """Sites on different hosts: process 0 holds sites a, b and process 1 sites c, d (each reads
+  only its sites' data). Rounds and the final evaluation equal a 1-process run's; the
+  2-process run's checkpoint (round 2) resumes in one process to the reference's round 3."""
+  ref, multi = tmp_path / "one", tmp_path / "two"
+  faults.run(_fed_cmd(ref, "--config.fed.rounds=3"), _env(data_dir, cache, 8))
+  port = _port()
+  jobs = [faults.Job(_fed_cmd(multi, "--config.fed.rounds=2", "--config.dist.initialize=true",
+                              f"--config.dist.coordinator_address=localhost:{port}",
+                              "--config.dist.num_processes=2", f"--config.dist.process_id={pid}"),
+                     _env(data_dir, cache, 4), logs=tmp_path / "logs")
+          for pid in range(2)]
+  results = [job.wait() for job in jobs]
+  assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+  assert "final evaluation" in results[0].stdout and "final evaluation" not in results[1].stdout
+  _same_rounds(_fed_rounds(multi), _fed_rounds(ref)[:2])
+  proc = faults.run(_fed_cmd(multi, "--config.fed.rounds=3"), _env(data_dir, cache, 8))
+  assert "resumed from checkpoint at round 2" in proc.stdout
+  _same_rounds(_fed_rounds(multi), _fed_rounds(ref))
+  got, want = faults.eval_json(multi), faults.eval_json(ref)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    if isinstance(value, float):
+      assert math.isclose(got[key], value, rel_tol=1e-5, abs_tol=1e-6), (key, got[key], value)

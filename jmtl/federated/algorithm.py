@@ -117,8 +117,10 @@ def state_shardings(server: ServerState, param_shardings: Any, opt_shardings: An
   return ServerState(param_shardings, opt_shardings, rep, rep, rep)
 
 
-def _batch_sharding(mesh: Mesh, leaf: Any, batch_axes: tuple[str, ...]) -> NamedSharding:
-  """P(site, None, batch axes) when those axes divide dim 2, else P(site)."""
+def site_batch_sharding(mesh: Mesh, leaf: Any,
+                        batch_axes: tuple[str, ...] = ("data", "fsdp")) -> NamedSharding:
+  """The sharding of a per-site batch leaf [S, H, B, ...]: P(site, None, batch axes) when those
+  axes divide B, else P(site)."""
   axes = tuple(a for a in batch_axes if a in mesh.axis_names and mesh.shape[a] > 1)
   size = math.prod(mesh.shape[a] for a in axes)
   if axes and np.ndim(leaf) >= 3 and np.shape(leaf)[2] % size == 0:
@@ -253,7 +255,7 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     if holds.ndim != 2 or holds.shape[0] != n_sites:
       raise ValueError(f"holds has shape {holds.shape}; expected ({n_sites}, groups)")
     holds[:, 0] = 1.0
-    batch_sh = jax.tree.map(lambda b: _batch_sharding(mesh, b, batch_axes), site_batches)
+    batch_sh = jax.tree.map(lambda b: site_batch_sharding(mesh, b, batch_axes), site_batches)
     server_sh = jax.tree.map(lambda x: x.sharding, server)
     client_sh = jax.tree.map(lambda x: x.sharding, clients)
     extra = {k: jnp.asarray(v, jnp.int32 if k == "val_count" else jnp.float32)

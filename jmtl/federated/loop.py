@@ -69,6 +69,7 @@ from jmtl.federated import algorithm
 from jmtl.federated import partition as partition_lib
 from jmtl.federated import sites as sites_lib
 from jmtl.model.multitask import HeadSpec
+from jmtl.parallel import distributed
 from jmtl.parallel import mesh as mesh_lib
 from jmtl.train import CheckpointError
 from jmtl.train import NonFiniteError
@@ -110,6 +111,24 @@ def build_optimizers(config: ml_collections.ConfigDict):
 
 def build_mesh(config: ml_collections.ConfigDict, sites: list[sites_lib.Site]):
   return mesh_lib.make_site_mesh(config.mesh, len(sites), sites[0].devices)
+
+
+def local_sites(mesh) -> set[int]:
+  """Indices of the sites with a device on this process (all of them with one process)."""
+  me = jax.process_index()
+  return {k for k in range(mesh.devices.shape[0])
+          if any(d.process_index == me for d in mesh.devices[k].reshape(-1))}
+
+
+def _site_global(x: np.ndarray, mesh, local: set[int]) -> jax.Array:
+  """A global [S, H, ...] array from this process's full-shape host array, of which only the
+  blocks of `local` sites are real (the others are never read: their devices are elsewhere)."""
+  sharding = algorithm.site_batch_sharding(mesh, x)
+
+  def piece(index):
+    assert all(k in local for k in range(*index[0].indices(x.shape[0])))
+    return x[index]
+  return jax.make_array_from_callback(x.shape, sharding, piece)
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, graphdef: Any, rest: Any,
@@ -275,8 +294,8 @@ def federated(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
   ConfigError (bad data, a partition leaving a site empty, a checkpoint of another run, the
   workdir in use), CheckpointError, SystemExit(128 + signal) after saving on SIGTERM/SIGINT.
   """
-  wd = workdir_lib.path(workdir)
-  with (workdir_lib.lock(wd, "federated"), workdir_lib.background_errors_to_log(wd),
+  wd = train_loop._workdir(workdir)  # noqa: SLF001  (one path on every process)
+  with (train_loop._lock(wd, "federated"), workdir_lib.background_errors_to_log(wd),  # noqa: SLF001
         train_loop._StopRequest() as stop):  # noqa: SLF001
     return train_loop.run_closing(_federated, config, wd, stop)
 
@@ -290,6 +309,10 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   sites = sites_lib.sites_from_config(config)
   S, H, R = len(sites), int(fed.local_steps), int(fed.rounds)
   mesh = build_mesh(config, sites)
+  # Several processes (multi-host): each reads and featurizes the data of its own sites only
+  # (the sites with a device on this process); process 0 writes the run's files.
+  multi, primary = distributed.multi_process(), distributed.is_primary()
+  local = local_sites(mesh)
   tasks = [task_registry.get_task(name) for name in config.tasks]
   names = [t.name for t in tasks]
   kinds = {t.name: t.kind for t in tasks}
@@ -330,23 +353,31 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
           else {names[0]: int(config.data.batch_size)})
   iters: dict[str, dict[str, pipeline.TrainIterator]] = {}
   with train_loop._user_data_errors():  # noqa: SLF001
-    for s in sites:
+    def site_iterator(t, recs):
+      cfg = copy.deepcopy(config)
+      cfg.data.batch_size, cfg.data.mixing, cfg.data.mixture = rows[t.name], \
+          "task_per_batch", "proportional"
+      return pipeline.TrainIterator(cfg, [t], tokenizer, records={t.name: recs},
+                                    fixed_length=multi)
+
+    for k, s in enumerate(sites):
       iters[s.name] = {}
       for t in tasks:
-        if t.name not in site_train[s.name]:
-          continue
-        cfg = copy.deepcopy(config)
-        cfg.data.batch_size, cfg.data.mixing, cfg.data.mixture = rows[t.name], \
-            "task_per_batch", "proportional"
-        iters[s.name][t.name] = pipeline.TrainIterator(
-            cfg, [t], tokenizer, records={t.name: site_train[s.name][t.name]})
-  # A task's zero-weight batch (same shape as its real ones): for sites without it or idle.
-  blank = {}
-  for t in names:
-    holder = next(s.name for s in sites if t in iters[s.name])
-    b = dict(iters[holder][t].streams[t][0])
-    b["example_weight"] = np.zeros_like(b["example_weight"])
-    blank[t] = b
+        if t.name in site_train[s.name] and k in local:
+          iters[s.name][t.name] = site_iterator(t, site_train[s.name][t.name])
+    # A task's zero-weight batch (same shape as its real ones): for sites without it or idle
+    # (from a local site's stream, else from a few rows of a holder's, shapes being fixed).
+    blank = {}
+    for t in tasks:
+      holder = next((s.name for s in sites if t.name in iters[s.name]), None)
+      if holder is not None:
+        stream = iters[holder][t.name]
+      else:
+        recs = next(site_train[s.name][t.name] for s in sites if t.name in site_train[s.name])
+        stream = site_iterator(t, recs[:rows[t.name]])
+      b = dict(stream.streams[t.name][0])
+      b["example_weight"] = np.zeros_like(b["example_weight"])
+      blank[t.name] = b
   examples = np.array([sum(len(v) for v in site_train[s.name].values()) for s in sites],
                       np.float32)
   del records
@@ -377,21 +408,27 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     start, tree, data_state, saved = restored
     server = algorithm.ServerState(**tree["server"])
     clients = algorithm.ClientState(**tree["clients"])
-    for s in sites:
+    for s in sites:  # every site's position is saved; each process sets its own sites'
       for t, it in iters[s.name].items():
         it.set_state(data_state[s.name][t])
-    workdir_lib.resume_warnings(saved, config, workdir=wd, step=start)
+    if primary:
+      workdir_lib.resume_warnings(saved, config, workdir=wd, step=start)
     saved.pop("fingerprint", None)
     meta.update(saved)
-    print(f"resumed from checkpoint at round {start}", flush=True)
+    if primary:
+      print(f"resumed from checkpoint at round {start}", flush=True)
   del tree
 
-  ckpt.remove_incomplete()
-  workdir_lib.write_text_atomic(wd / "config.json", config_lib.to_json(config) + "\n")
-  if not (wd / "tokenizer.json").exists():
-    workdir_lib.write_text_atomic(wd / "tokenizer.json", tokenizer.backend.to_str())
-  writer = writers.MetricWriter(wd)
+  if primary:  # the workdir is this run's now; process 0 writes its files
+    ckpt.remove_incomplete()
+    workdir_lib.write_text_atomic(wd / "config.json", config_lib.to_json(config) + "\n")
+    if not (wd / "tokenizer.json").exists():
+      workdir_lib.write_text_atomic(wd / "tokenizer.json", tokenizer.backend.to_str())
+  distributed.barrier("jmtl_federated_workdir_ready")
+  ckpt.reload()
+  writer = writers.MetricWriter(wd) if primary else writers.NullWriter()
   closers.append(writer.close)
+  append_line = _append_line if primary else (lambda p, row: None)
 
   def is_eval(r: int) -> bool:
     return bool(fed.eval_every and r % fed.eval_every == 0) or r == R
@@ -401,11 +438,27 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   # evaluation is on and the run starts from scratch; a restart from scratch drops its lines.
   eval_zero = bool(fed.eval_every) and not start
   writer.truncate_after(start, eval_before=start if eval_again or eval_zero else None)
-  _truncate_rounds(wd / ROUNDS_FILE, start - 1 if eval_again or eval_zero else start)
+  if primary:
+    _truncate_rounds(wd / ROUNDS_FILE, start - 1 if eval_again or eval_zero else start)
   final: dict[str, float] = {}
 
   def data_state() -> dict:
-    return {s.name: {t: it.get_state() for t, it in iters[s.name].items()} for s in sites}
+    """Every site's data positions (gathered from the processes that hold them)."""
+    mine = {s.name: {t: it.get_state() for t, it in iters[s.name].items()} for s in sites}
+    if not multi:
+      return mine
+    out: dict[str, dict] = {s.name: {} for s in sites}
+    for text in distributed.gather_text(json.dumps(mine)):
+      for name, states in json.loads(text).items():
+        out[name].update(states)
+    return out
+
+  def signal_agreed() -> int | None:
+    """The stop signal: the local flag, or (several processes) its maximum over processes, a
+    collective every process reaches at the same point, so all stop at the same round."""
+    if multi:
+      return distributed.agree_max(stop.signal or 0) or None
+    return stop.signal
 
   def save(r: int, row: dict | None) -> None:
     try:
@@ -421,9 +474,9 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     view = state_lib.TrainState(step=jnp.int32(r), params=server.params, rest=rest,
                                 opt_state=server.opt_state, rng=state.rng)
     out = train_loop._run_eval(config, global_sets, view, graphdef, predict, tokenizer, mesh,  # noqa: SLF001
-                               should_stop=lambda: stop.signal is not None)
+                               should_stop=lambda: signal_agreed() is not None)
     if out is None:
-      stop_now(r)
+      stop_now(r, signal_agreed())
     metrics, pred_rows = out
     for s in sites:
       site_out = train_loop._run_eval(config, held_sets[s.name], view, graphdef, predict,  # noqa: SLF001
@@ -437,29 +490,32 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       meta["val_count"] += 1
     if r == R:
       final = metrics
-      train_loop._write_outputs(wd, config.data.eval_split, metrics, pred_rows, r)  # noqa: SLF001
+      if primary:
+        train_loop._write_outputs(wd, config.data.eval_split, metrics, pred_rows, r)  # noqa: SLF001
 
-  def stop_now(r: int) -> None:
+  def stop_now(r: int, signum: int) -> None:
     if not r:  # during the round-0 evaluation: no round done, nothing to save
-      print(f"received signal {stop.signal}: stopped before round 1, nothing to save; exiting",
-            flush=True)
-      raise SystemExit(128 + stop.signal)
+      if primary:
+        print(f"received signal {signum}: stopped before round 1, nothing to save; exiting",
+              flush=True)
+      raise SystemExit(128 + signum)
     ckpt.wait()
     if not ckpt.committed(r):
-      raise CheckpointError(f"received signal {stop.signal}, but the checkpoint at round {r} "
+      raise CheckpointError(f"received signal {signum}, but the checkpoint at round {r} "
                             f"is not on disk (latest: {ckpt.latest_step()}) in {ckpt.directory}")
-    print(f"received signal {stop.signal}: saved checkpoint at round {r}, exiting", flush=True)
-    raise SystemExit(128 + stop.signal)
+    if primary:
+      print(f"received signal {signum}: saved checkpoint at round {r}, exiting", flush=True)
+    raise SystemExit(128 + signum)
 
   if eval_again:
     row = dict(meta["row"])
     evaluate(start, row)
-    _append_line(wd / ROUNDS_FILE, row)
+    append_line(wd / ROUNDS_FILE, row)
   if eval_zero:
     row = {"round": 0}
     evaluate(0, row)
-    _append_line(wd / ROUNDS_FILE, row)
-  progress = writers.Progress(R, start, config.train.progress)
+    append_line(wd / ROUNDS_FILE, row)
+  progress = writers.Progress(R, start, config.train.progress if primary else "none")
   closers.append(progress.close)
   measured: list[float] = []
   for r in range(start + 1, R + 1):
@@ -476,13 +532,17 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
                              else blank[t]) for t in names})
       steps.append(per_site)
     site_batches = _stack([_stack([steps[h][k] for h in range(H)]) for k in range(S)])
+    if multi:  # each process supplies the blocks of its own sites
+      site_batches = jax.tree.map(lambda x: _site_global(x, mesh, local), site_batches)
     tokens = sum(train_loop._tokens(steps[h][k]) for h in range(H) for k in range(S)  # noqa: SLF001
                  if mask[k])
     t0 = time.time()
     server, clients, m = round_fn(server, clients, site_batches, examples, mask, holds,
                                   val_metric=meta["val_metric"], val_count=meta["val_count"])
-    m = jax.device_get(m)
+    m = distributed.to_host(m)
     took = time.time() - t0
+    if multi:  # the simulated clock must not differ between processes
+      took = distributed.agree_max(int(took * 1e6)) / 1e6
     tps = math.nan
     if r == start + 1:  # the first round of a process compiles: the ETA counts from here
       progress.start_clock(r)
@@ -523,19 +583,20 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       line.update({f"train/site/{sites[k].name}/loss": float(m["site_loss"][k]) for k in part})
       writer.write(r, "train", line)
       progress.update(r, float(m["loss"]) if part else math.nan, tps)
-    stopping = stop.signal is not None
+    signum = signal_agreed()
+    stopping = signum is not None
     do_eval = is_eval(r)
     do_save = r % fed.checkpoint_every == 0 or do_eval or stopping
     if not do_eval:
-      _append_line(wd / ROUNDS_FILE, row)
+      append_line(wd / ROUNDS_FILE, row)
     if do_save:
       save(r, row if do_eval else None)
     ckpt.check()
     if stopping:  # at an evaluation round, the resumed run evaluates and writes its line
-      stop_now(r)
+      stop_now(r, signum)
     if do_eval:
       evaluate(r, row)
-      _append_line(wd / ROUNDS_FILE, row)
+      append_line(wd / ROUNDS_FILE, row)
   return final
 
 
@@ -543,8 +604,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
                      ) -> dict[str, float]:
   """`jmtl eval` on a federated workdir: the server parameters of the latest checkpoint on the
   global evaluation split (writes eval.json / predictions like the trainer's eval)."""
-  wd = workdir_lib.path(workdir)
-  with workdir_lib.lock(wd, "eval"):
+  wd = train_loop._workdir(workdir)  # noqa: SLF001
+  with train_loop._lock(wd, "eval"):  # noqa: SLF001
     ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", read_only=True)
     found = ckpt.read_latest_meta()
     if found is None:
@@ -579,6 +640,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
       previous = json.loads(results.read_text())
       if previous.get("step") == step:
         kept = {k: v for k, v in previous.items() if k.startswith("site/")}
-    train_loop._write_outputs(wd, config.data.eval_split, {**metrics, **kept}, rows,  # noqa: SLF001
-                              step)
+    if distributed.is_primary():
+      train_loop._write_outputs(wd, config.data.eval_split, {**metrics, **kept}, rows,  # noqa: SLF001
+                                step)
   return {"step": step, "split": config.data.eval_split, **metrics, **kept}
