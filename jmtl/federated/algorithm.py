@@ -23,6 +23,10 @@ arXiv 1812.06127, eq. 2). A site with m_k = 0 runs the same program (shapes neve
 change, so a new participation pattern never recompiles) but its weight is 0 and its client
 state is kept as it was. With `reset_client_state` c_k is re-initialised every round.
 A round where no site takes part leaves the server unchanged (`metrics["applied"] = 0`).
+Asynchronous (FedBuff) server steps are the same program with `ClientState.start_params`: site
+k starts from its own start_k (the model it downloaded last) instead of x, Delta_k = start_k -
+x_k is scaled by scale_k = 1/sqrt(1 + tau_k), and the sites with m_k = 1 restart from the new
+x; the event queue that picks them is `jmtl.federated.asynchronous`.
 
 L_k (`site_loss`) is site k's loss on its first local batch at the server parameters x (before
 any local step): the loss of the model being trained, on that site's data.
