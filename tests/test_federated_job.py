@@ -210,9 +210,10 @@ def test_async_run_logs_server_steps_and_resumes_after_sigkill(tmp_path, data_di
   nbytes = {s: 4 * (cfg_trunk + topic_head + (headline_head if s != "d" else 0)) for s in "abcd"}
   speed, up = {"a": 1.0, "b": 0.5, "c": 2.0, "d": 1.0}, {"a": 1e8, "b": 1e8, "c": 2e7, "d": 1e8}
   from jmtl.federated import asynchronous as fa
-  job = lambda s, r: (0.1 + nbytes[s] * 8 / 1e8 + nbytes[s] * 8 / up[s]
-                      + 2 * 0.05 / speed[s] * fa.slowdown(0, r, 4, 0.25, 5.0)["abcd".index(s)])
-  finish = {s: job(s, 1) for s in "abcd"}
+  slow = lambda s, r: fa.slowdown(0, r, 4, 0.25, 5.0)["abcd".index(s)]  # round r's draw
+  job_seconds = lambda s, r: (0.1 + nbytes[s] * 8 / 1e8 + nbytes[s] * 8 / up[s]
+                              + 2 * 0.05 / speed[s] * slow(s, r))
+  finish = {s: job_seconds(s, 1) for s in "abcd"}
   version = {s: 0 for s in "abcd"}
   clock, lagged = 0.0, 0
   for v, r in enumerate(rows):
@@ -226,7 +227,7 @@ def test_async_run_logs_server_steps_and_resumes_after_sigkill(tmp_path, data_di
     assert math.isclose(sum(w.values()), 1.0, rel_tol=1e-5)  # n_k / sum n over the buffer
     lagged += len(r["stragglers"])
     for s in buffer:
-      finish[s], version[s] = t + job(s, v + 2), v + 1
+      finish[s], version[s] = t + job_seconds(s, v + 2), v + 1
     clock = t
   assert lagged >= 1 and any(max(r["staleness"].values()) >= 1 for r in rows)
   # Kill: hold the first read of a batch index no site reached by round 3 (2 per delivery).
@@ -236,9 +237,9 @@ def test_async_run_logs_server_steps_and_resumes_after_sigkill(tmp_path, data_di
       reads[s] += 2
   workdir = tmp_path / "w"
   hold = f"hold_at={max(reads.values()) + 1}:{tmp_path / 'never'}"
-  job_ = faults.Job(faults.cmd(workdir, *ASYNC, command="federated", config=TINY),
+  job = faults.Job(faults.cmd(workdir, *ASYNC, command="federated", config=TINY),
                     _env(data_dir, cache, hold), logs=tmp_path / "logs")
-  faults.signal_when(job_, lambda: 2 in faults.checkpoint_steps(workdir), signal.SIGKILL,
+  faults.signal_when(job, lambda: 2 in faults.checkpoint_steps(workdir), signal.SIGKILL,
                      what="checkpoint 2")
   proc = faults.run(faults.cmd(workdir, *ASYNC, command="federated", config=TINY),
                     _env(data_dir, cache))
@@ -246,3 +247,13 @@ def test_async_run_logs_server_steps_and_resumes_after_sigkill(tmp_path, data_di
   assert _rounds(workdir) == rows
   assert json.loads((workdir / "eval.json").read_text()) == \
       json.loads((ref / "eval.json").read_text())
+  # `jmtl eval` restores the async checkpoint (with the sites' start parameters) and evaluates
+  # the same server parameters the run evaluated last.
+  out = subprocess.run([sys.executable, "-m", "jmtl.cli", "eval", "--config", str(TINY),
+                        "--workdir", str(ref), *ASYNC], env=_env(data_dir, cache), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  again = json.loads(out.stdout)
+  assert again["step"] == 6
+  assert again["bbc_topic/accuracy"] == json.loads((ref / "eval.json").read_text())[
+      "bbc_topic/accuracy"]
