@@ -1,7 +1,8 @@
 """`jmtl federated` end to end on the offline BBC corpus (tests/configs/tiny_fed.py: 4 sites x 2
 devices, one site without the headline task): documented files, exact bytes, a SIGKILLed run
 resumed logs exactly the reference's rounds, `jmtl eval` and `jmtl data` on a federated config,
-bad site entries as one line with exit 2."""
+bad site entries as one line with exit 2; an asynchronous (FedBuff) run's server steps replayed
+from the documented event rules and resumed after SIGKILL."""
 
 import json
 import math
