@@ -469,6 +469,31 @@ _key("fed.eval_every", 0, "rounds between evaluations; 0 = only at the end", che
 _key("fed.checkpoint_every", 5, "rounds between checkpoints", check=ge(1))
 _key("fed.log_every", 1, "rounds between train lines of metrics.jsonl", check=ge(1))
 
+# Asynchronous FedBuff rounds and stragglers (rules in jmtl.federated.asynchronous).
+_key("fed.mode", "sync",
+     "sync: every round waits for its participants; async: FedBuff (Nguyen et al. 2022), every "
+     "site trains concurrently and the server steps when fed.buffer_size updates have arrived, "
+     "each weighted by examples / sqrt(1 + staleness); a rounds.jsonl line per server step",
+     choices=("sync", "async"),
+     rules=((lambda v, c: v == "sync" or c.fed.aggregator == "fedavg",
+             "needs fed.aggregator = 'fedavg' (its weights are FedBuff's, times the staleness "
+             "factor)"),
+            (lambda v, c: v == "sync" or c.fed.participation == 1.0,
+             "needs fed.participation = 1 (every site trains concurrently)"),
+            (lambda v, c: v == "sync" or c.fed.deadline_s == 0,
+             "needs fed.deadline_s = 0 (a late site delivers later, it is not dropped)")))
+_key("fed.buffer_size", 1,
+     "fed.mode=async: updates K the server buffers before it steps (FedBuff's K; K = number of "
+     "sites is synchronous FedAvg)", check=ge(1),
+     rules=((lambda v, c: not c.fed.sites or v <= len(c.fed.sites),
+             lambda c: f"must be <= the number of sites ({len(c.fed.sites)})"),))
+_key("fed.faults.stragglers", 0.0,
+     "fraction of sites that straggle, drawn per round (seeded by seed, round): their compute "
+     "time is multiplied by fed.faults.straggler_slowdown", check=between(0, 1))
+_key("fed.faults.straggler_slowdown", 5.0,
+     "compute-time factor of a straggler (sync: the round waits, or fed.deadline_s drops it; "
+     "async: it delivers later)", check=ge(1))
+
 # ------------------------------------------------------------------ optimizer study (`jmtl sweep`)
 _key("sweep.optimizers", ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw",
                           "paper_adaptive", "jmtl_adaptive"),

@@ -1,7 +1,8 @@
 """`jmtl federated` end to end on the offline BBC corpus (tests/configs/tiny_fed.py: 4 sites x 2
 devices, one site without the headline task): documented files, exact bytes, a SIGKILLed run
 resumed logs exactly the reference's rounds, `jmtl eval` and `jmtl data` on a federated config,
-bad site entries as one line with exit 2."""
+bad site entries as one line with exit 2; an asynchronous (FedBuff) run's server steps replayed
+from the documented event rules and resumed after SIGKILL."""
 
 import json
 import math
@@ -232,3 +233,73 @@ def test_real_glue_sst2_over_four_dirichlet_sites_learns_with_the_pmap_backend(
   assert [r["round"] for r in rows] == list(range(11))
   start, end = rows[0]["sst2/accuracy"], rows[-1]["sst2/accuracy"]
   assert end > start + 10, (start, end)
+
+
+ASYNC = ("--config.fed.mode=async", "--config.fed.buffer_size=2",
+         "--config.fed.faults.stragglers=0.25", "--config.fed.eval_every=0")
+
+
+@pytest.mark.slow
+def test_async_run_logs_server_steps_and_resumes_after_sigkill(tmp_path, data_dir, cache):
+  """FedBuff (K = 2 of 4 sites, a straggler per job wave): one line per server step with the
+  simulated clock and each deliverer's staleness, the event queue checked against a replay of
+  the documented rules; a run SIGKILLed after a checkpoint, held where some site reads a batch
+  index none reached by round 3, resumes to exactly the uninterrupted run's lines."""
+  ref = tmp_path / "ref"
+  faults.run(faults.cmd(ref, *ASYNC, command="federated", config=TINY), _env(data_dir, cache))
+  rows = _rounds(ref)
+  assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert all(len(r["sites"]) == 2 and r["dropped"] == [] for r in rows)
+  # Replay the event queue from the documented rules: each job lasts 2 x 50 ms latency + bytes
+  # x 8 / 100 Mbit/s down + 2 steps x 50 ms / speed x (5 if it straggles) + bytes x 8 / up.
+  cfg_trunk, topic_head, headline_head = _param_counts(ref)
+  nbytes = {s: 4 * (cfg_trunk + topic_head + (headline_head if s != "d" else 0)) for s in "abcd"}
+  speed, up = {"a": 1.0, "b": 0.5, "c": 2.0, "d": 1.0}, {"a": 1e8, "b": 1e8, "c": 2e7, "d": 1e8}
+  from jmtl.federated import asynchronous as fa
+  slow = lambda s, r: fa.slowdown(0, r, 4, 0.25, 5.0)["abcd".index(s)]  # round r's draw
+  job_seconds = lambda s, r: (0.1 + nbytes[s] * 8 / 1e8 + nbytes[s] * 8 / up[s]
+                              + 2 * 0.05 / speed[s] * slow(s, r))
+  finish = {s: job_seconds(s, 1) for s in "abcd"}
+  version = {s: 0 for s in "abcd"}
+  clock, lagged = 0.0, 0
+  for v, r in enumerate(rows):
+    buffer = sorted("abcd", key=lambda s: (finish[s], s))[:2]
+    t = finish[buffer[1]]
+    assert sorted(r["sites"]) == sorted(buffer)
+    assert r["staleness"] == {s: v - version[s] for s in buffer}
+    assert math.isclose(r["sim_clock"], t, rel_tol=1e-12)
+    assert math.isclose(r["sim_seconds"], t - clock, rel_tol=1e-9, abs_tol=1e-12)
+    w = {s: r["weights"][s] * math.sqrt(1 + r["staleness"][s]) for s in buffer}
+    assert math.isclose(sum(w.values()), 1.0, rel_tol=1e-5)  # n_k / sum n over the buffer
+    lagged += len(r["stragglers"])
+    for s in buffer:
+      finish[s], version[s] = t + job_seconds(s, v + 2), v + 1
+    clock = t
+  assert lagged >= 1 and any(max(r["staleness"].values()) >= 1 for r in rows)
+  # Kill: hold the first read of a batch index no site reached by round 3 (2 per delivery).
+  reads = {s: 0 for s in "abcd"}
+  for r in rows[:3]:
+    for s in r["sites"]:
+      reads[s] += 2
+  workdir = tmp_path / "w"
+  hold = f"hold_at={max(reads.values()) + 1}:{tmp_path / 'never'}"
+  job = faults.Job(faults.cmd(workdir, *ASYNC, command="federated", config=TINY),
+                    _env(data_dir, cache, hold), logs=tmp_path / "logs")
+  faults.signal_when(job, lambda: 2 in faults.checkpoint_steps(workdir), signal.SIGKILL,
+                     what="checkpoint 2")
+  proc = faults.run(faults.cmd(workdir, *ASYNC, command="federated", config=TINY),
+                    _env(data_dir, cache))
+  assert "resumed from checkpoint at round" in proc.stdout
+  assert _rounds(workdir) == rows
+  assert json.loads((workdir / "eval.json").read_text()) == \
+      json.loads((ref / "eval.json").read_text())
+  # `jmtl eval` restores the async checkpoint (with the sites' start parameters) and evaluates
+  # the same server parameters the run evaluated last.
+  out = subprocess.run([sys.executable, "-m", "jmtl.cli", "eval", "--config", str(TINY),
+                        "--workdir", str(ref), *ASYNC], env=_env(data_dir, cache), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  again = json.loads(out.stdout)
+  assert again["step"] == 6
+  assert again["bbc_topic/accuracy"] == json.loads((ref / "eval.json").read_text())[
+      "bbc_topic/accuracy"]

@@ -23,6 +23,10 @@ arXiv 1812.06127, eq. 2). A site with m_k = 0 runs the same program (shapes neve
 change, so a new participation pattern never recompiles) but its weight is 0 and its client
 state is kept as it was. With `reset_client_state` c_k is re-initialised every round.
 A round where no site takes part leaves the server unchanged (`metrics["applied"] = 0`).
+Asynchronous (FedBuff) server steps are the same program with `ClientState.start_params`: site
+k starts from its own start_k (the model it downloaded last) instead of x, Delta_k = start_k -
+x_k is scaled by scale_k = 1/sqrt(1 + tau_k), and the sites with m_k = 1 restart from the new
+x; the event queue that picks them is `jmtl.federated.asynchronous`.
 
 L_k (`site_loss`) is site k's loss on its first local batch at the server parameters x (before
 any local step): the loss of the model being trained, on that site's data.
@@ -61,9 +65,13 @@ class ServerState(NamedTuple):
 
 
 class ClientState(NamedTuple):
-  """Each site's client optimizer state, leaves stacked [S, ...] along `site`."""
+  """Each site's client optimizer state, leaves stacked [S, ...] along `site`; with
+  `start_params` (asynchronous rounds, `jmtl.federated.asynchronous`) also each site's start
+  parameters [S, ...]: the server model it downloaded last, which its local steps start from.
+  None = every site starts from the server parameters (synchronous rounds)."""
 
   opt_state: Any
+  start_params: Any = None
 
 
 def site_count(mesh: Mesh) -> int:
@@ -82,8 +90,10 @@ def stacked(sharding: NamedSharding) -> NamedSharding:
 
 def init(params: Any, server_tx: optax.GradientTransformation,
          client_tx: optax.GradientTransformation, mesh: Mesh, *,
-         param_shardings: Any = None) -> tuple[ServerState, ClientState]:
-  """Round-0 states: `server_tx.init(params)`; every site's `client_tx.init(params)` stacked."""
+         param_shardings: Any = None, site_starts: bool = False
+         ) -> tuple[ServerState, ClientState]:
+  """Round-0 states: `server_tx.init(params)`; every site's `client_tx.init(params)` stacked;
+  with `site_starts` also `start_params` = params stacked [S, ...] (asynchronous rounds)."""
   n = site_count(mesh)
   rep = NamedSharding(mesh, P())
   if param_shardings is None:
@@ -96,8 +106,12 @@ def init(params: Any, server_tx: optax.GradientTransformation,
                                            client_tx.init(p)), out_shardings=client_sh)(params)
   server = ServerState(params, server_opt, jnp.zeros([], jnp.int32),
                        jnp.zeros([n], jnp.float32), jnp.full([n], -1, jnp.int32))
+  starts = None
+  if site_starts:
+    starts = jax.jit(lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), p),
+                     out_shardings=jax.tree.map(stacked, param_shardings))(params)
   return jax.device_put(server, state_shardings(server, param_shardings, server_sh, mesh)), \
-      ClientState(clients)
+      ClientState(clients, starts)
 
 
 def _opt_shardings(tx, params, param_shardings, rep):
@@ -148,6 +162,11 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   `backend`: how the per-site function is mapped over `site` (`map_sites`): "shard_map"
   (`jax.shard_map`; a site may be a sub-mesh) or "pmap" (`jax.pmap` with the same named
   collectives, one device per site). Both run the same `client` code inside one jit.
+  `scale` [S] (float, None = ones) multiplies each site's delta before aggregation: FedBuff's
+  staleness factor 1/sqrt(1 + tau_k) (`jmtl.federated.asynchronous`); `weights` then reports
+  w_k x scale_k. When `clients.start_params` is set (asynchronous rounds), site k starts from
+  its own start_params[k] instead of the server parameters, its Delta_k = start_k - x_k, and each
+  site with m_k = 1 gets the new server parameters as its next start (one program either way).
   `round_fn.trace_count()` counts compilations (one per shape). ValueError for a mesh without
   an outermost `site` axis, an unknown backend, "pmap" on a mesh whose sites span several
   devices, inputs whose leading dims are not [S, H], or bad weights/masks.
@@ -176,12 +195,17 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   base_key = jax.random.key(int(seed))
   traces = [0]
 
-  def client(params, opt, batches, examples, mask, holds, prev_loss, last_round, rnd):
-    """One site (inside shard_map): H local steps, then its weighted delta psum'ed over sites."""
+  def client(params, opt, batches, examples, mask, holds, prev_loss, last_round, rnd, scale,
+             *own):
+    """One site (inside shard_map): H local steps, then its weighted delta psum'ed over sites.
+    `own`: () or (this site's start parameters,) for asynchronous rounds."""
     site = jax.lax.axis_index(SITE)
     batches = jax.tree.map(lambda b: b[0], batches)
     opt0 = jax.tree.map(lambda c: c[0], opt)
-    start = jax.lax.pcast(params, SITE, to="varying")
+    if own:
+      start = jax.tree.map(lambda x: x[0], own[0])
+    else:
+      start = jax.lax.pcast(params, SITE, to="varying")
     if reset_client_state:
       opt0 = jax.tree.map(lambda a, b: jnp.zeros_like(a) + b, opt0, client_tx.init(start))
     key = jax.random.fold_in(jax.random.fold_in(base_key, rnd), site)
@@ -197,7 +221,7 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                                          (batches, jnp.arange(local_steps)))
     m, n = mask[0], examples[0]
     stale = (rnd - last_round[0] - 1).astype(jnp.float32)
-    delta = jax.tree.map(lambda p, q: (p - q).astype(jnp.float32), start, local)
+    delta = jax.tree.map(lambda p, q: (p - q).astype(jnp.float32) * scale[0], start, local)
     if aggregator == "dynamic":
       w = aggregation.dynamic_weights(losses[0], prev_loss[0], n, jnp.maximum(stale, 0.0), m,
                                       temperature, axis_name=SITE)
@@ -213,20 +237,22 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     keep = m > 0
     opt1 = jax.tree.map(lambda new, old: jnp.where(keep, new, old), opt1, opt0)
     return (agg, jax.tree.map(lambda c: c[None], opt1), losses[:1], jnp.mean(losses)[None],
-            w[None])
+            (w * scale[0])[None])
 
   groups_tree = None  # set per parameter structure in round_body
 
-  def round_body(server, clients, site_batches, examples, mask, holds, extra):
+  def round_body(server, clients, site_batches, examples, mask, holds, scale, extra):
     nonlocal groups_tree
     traces[0] += 1  # Python side effect: once per trace (= per compilation)
     groups_tree = (jax.tree.map(lambda _: 0, server.params) if groups is None else groups)
-    per_site = map_sites(client, mesh, backend,
-                         in_sites=(False, True, True, True, True, True, True, True, False),
-                         out_sites=(False, True, True, True, True))
+    own = () if clients.start_params is None else (clients.start_params,)
+    per_site = map_sites(
+        client, mesh, backend,
+        in_sites=(False, True, True, True, True, True, True, True, False, True) + (True,) * len(own),
+        out_sites=(False, True, True, True, True))
     delta, opt, site_loss, train_loss, w = per_site(
         server.params, clients.opt_state, site_batches, examples, mask, holds,
-        server.prev_loss, server.last_round, server.round)
+        server.prev_loss, server.last_round, server.round, scale, *own)
     applied = jnp.sum(mask) > 0
     updates, opt_state = server_tx.update(delta, server.opt_state, server.params, **extra)
     params = optax.apply_updates(server.params, updates)
@@ -240,15 +266,24 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     metrics = {"loss": jnp.sum(fw * site_loss) / jnp.maximum(jnp.sum(fw), 1e-30),
                "site_loss": site_loss, "site_train_loss": train_loss, "weights": w,
                "delta_norm": optax.tree.norm(delta), "applied": applied.astype(jnp.int32)}
-    return new_server, ClientState(opt), metrics
+    starts = clients.start_params
+    if starts is not None:  # the sites that delivered restart from the newest server model
+      restart = took & applied
+      starts = jax.tree.map(
+          lambda old, new: jnp.where(restart.reshape((-1,) + (1,) * new.ndim), new[None], old),
+          starts, new_server.params)
+    return new_server, ClientState(opt, starts), metrics
 
   compiled = {}
   rep = NamedSharding(mesh, P())
   site_sh = NamedSharding(mesh, P(SITE))
 
   def round_fn(server: ServerState, clients: ClientState, site_batches: Any, examples: Any,
-               mask: Any, holds: Any = None, **extra: Any):
+               mask: Any, holds: Any = None, *, scale: Any = None, **extra: Any):
     _check_inputs(site_batches, examples, mask, n_sites, local_steps)
+    scale = np.ones(n_sites, np.float32) if scale is None else np.asarray(scale, np.float32)
+    if scale.shape != (n_sites,) or not np.all(np.isfinite(scale)) or np.any(scale < 0):
+      raise ValueError(f"scale must be {n_sites} finite values >= 0, got {scale.tolist()}")
     if holds is None:
       holds = np.ones((n_sites, 1), np.float32)
     holds = np.array(holds, np.float32)
@@ -268,11 +303,13 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                    "weights": site_sh, "delta_norm": rep, "applied": rep}
       compiled[key] = jax.jit(
           round_body,
-          in_shardings=(server_sh, client_sh, batch_sh, site_sh, site_sh, site_sh, extra_sh),
+          in_shardings=(server_sh, client_sh, batch_sh, site_sh, site_sh, site_sh, site_sh,
+                        extra_sh),
           out_shardings=(server_sh, client_sh, metric_sh), donate_argnums=(0, 1))
     args = jax.device_put(
         (site_batches, jnp.asarray(examples, jnp.float32), jnp.asarray(mask, jnp.float32),
-         jnp.asarray(holds), extra), (batch_sh, site_sh, site_sh, site_sh, extra_sh))
+         jnp.asarray(holds), jnp.asarray(scale), extra),
+        (batch_sh, site_sh, site_sh, site_sh, site_sh, extra_sh))
     return compiled[key](server, clients, *args)
 
   round_fn.trace_count = lambda: traces[0]  # type: ignore[attr-defined]

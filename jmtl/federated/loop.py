@@ -22,9 +22,12 @@ not take part do not advance.
 Files: `config.json`, `rounds.jsonl` (one line per round: `round`, `sites` (participants'
 names), `loss` (example-weighted mean over participants of L_k), `site_loss`, `weights`,
 `bytes_up` / `bytes_down` per site and `total`, `sim_seconds`, `sim_cost` per cloud and
-`sim_cost_total` (cumulative), plus `<task>/<metric>` and `site/<name>/<task>/<metric>` when
-evaluated; with `fed.eval_every` > 0 a first line `round` 0 holds the initial model's
-evaluation only), `metrics.jsonl` (train lines at `fed.log_every` rounds, eval lines), `eval.json`
+`sim_cost_total` (cumulative), `stragglers` (participants slowed by `fed.faults.stragglers`),
+plus `<task>/<metric>` and `site/<name>/<task>/<metric>` when evaluated; with `fed.eval_every`
+> 0 a first line `round` 0 holds the initial model's evaluation only; with `fed.mode =
+"async"` one line per server step whose `sites` are the buffer's deliverers, with `staleness`
+per deliverer, `sim_clock` (the simulated time of the step) and `sim_seconds` (since the previous
+step)), `metrics.jsonl` (train lines at `fed.log_every` rounds, eval lines), `eval.json`
 (final: global validation + each site's held-out slice), `predictions/`, `tb/`, `tokenizer.json`,
 `checkpoints/` (server state, every site's client optimizer state, every site's data position,
 the pending round line and cumulative cost): a run killed with SIGKILL and started again logs
@@ -40,6 +43,14 @@ participant; with `fed.deadline_s` > 0 a sampled site whose time exceeds it is d
 the round (mask 0; a round with none left is skipped and logged). Cost per cloud: device-hours
 (devices x round seconds / 3600: a site is held for the whole synchronous round) x
 price_device_hour + bytes_up / 1e9 x price_egress_gb.
+Asynchronous runs (`fed.mode = "async"`, FedBuff; the rules in `jmtl.federated.asynchronous`):
+every site trains concurrently; a site's job lasts its round seconds above; the server steps when
+`fed.buffer_size` jobs have delivered, and those sites restart from the new model. The event
+queue is part of the checkpoint's meta, so a resumed run replays the same steps. A deliverer is
+billed devices x (server step time - its job's start) / 3600 x price_device_hour + egress.
+Stragglers (`fed.faults.stragglers`, seeded per round) multiply their compute seconds by
+`fed.faults.straggler_slowdown`: a synchronous round waits for them (or drops them past
+`fed.deadline_s`); an asynchronous job delivers later.
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ from jmtl import tasks as task_registry
 from jmtl.data import pipeline
 from jmtl.data import sources
 from jmtl.federated import algorithm
+from jmtl.federated import asynchronous
 from jmtl.federated import partition as partition_lib
 from jmtl.federated import sites as sites_lib
 from jmtl.model.multitask import HeadSpec
@@ -161,12 +173,14 @@ def param_groups(params: Any, task_names: list[str]) -> Any:
 
 
 def site_seconds(sites: list[sites_lib.Site], site_bytes: list[int], local_steps: int,
-                 step_time: float) -> np.ndarray:
+                 step_time: float, slow: Any = None) -> np.ndarray:
   """Simulated seconds of one round per site: 2 x latency + bytes x 8 / down_mbps (download) +
-  H x step_time / speed + bytes x 8 / up_mbps (upload); Mbit/s = 1e6 bits per second."""
+  H x step_time / speed x slow_k + bytes x 8 / up_mbps (upload); Mbit/s = 1e6 bits per second;
+  `slow` [S]: straggler compute factors (`asynchronous.slowdown`; None = 1)."""
+  slow = np.ones(len(sites)) if slow is None else np.asarray(slow, np.float64)
   return np.array([2 * s.latency_ms / 1e3 + b * 8 / (s.down_mbps * 1e6)
-                   + local_steps * step_time / s.speed + b * 8 / (s.up_mbps * 1e6)
-                   for s, b in zip(sites, site_bytes)])
+                   + local_steps * step_time / s.speed * f + b * 8 / (s.up_mbps * 1e6)
+                   for s, b, f in zip(sites, site_bytes, slow)])
 
 
 def deadline_mask(sampled: np.ndarray, seconds: np.ndarray, deadline_s: float) -> np.ndarray:
@@ -242,6 +256,12 @@ def partition_table(config) -> str:
       parts.append(text)
     lines.append(f"  {s.name} ({s.cloud or '-'}): " + "; ".join(parts))
   return "\n".join(lines)
+
+
+def _client_tree(clients: algorithm.ClientState) -> dict:
+  """The checkpointed client state: its fields without the unset ones (start_params is None in
+  synchronous runs)."""
+  return {k: v for k, v in clients._asdict().items() if v is not None}
 
 
 def _stack(trees: list[Any]) -> Any:
@@ -321,8 +341,9 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
   state, graphdef, shardings = state_lib.create_train_state(
       config, head_specs, tokenizer.vocab_size, client_tx, mesh)
+  is_async = fed.mode == "async"
   server, clients = algorithm.init(state.params, server_tx, client_tx, mesh,
-                                   param_shardings=shardings.params)
+                                   param_shardings=shardings.params, site_starts=is_async)
   rest = state.rest
   groups = param_groups(server.params, names)
   holds = np.array([[1.0] + [float(t in s.tasks) for t in names] for s in sites], np.float32)
@@ -400,7 +421,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
 
   meta: dict[str, Any] = {"val_metric": 0.0, "val_count": 0, "row": None,
                           "cost": {}, "step_time": 0.0}
-  tree = {"server": server._asdict(), "clients": clients._asdict()}
+  tree = {"server": server._asdict(), "clients": _client_tree(clients)}
   tree_sh = jax.tree.map(lambda x: x.sharding, tree)
   restored = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh), check=check)
   start = 0
@@ -462,7 +483,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
 
   def save(r: int, row: dict | None) -> None:
     try:
-      ckpt.save(r, {"server": server._asdict(), "clients": clients._asdict()}, data_state(),
+      ckpt.save(r, {"server": server._asdict(), "clients": _client_tree(clients)}, data_state(),
                 {**meta, "row": row, "fingerprint": fp})
     except CheckpointError:
       raise
@@ -518,12 +539,33 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   progress = writers.Progress(R, start, config.train.progress if primary else "none")
   closers.append(progress.close)
   measured: list[float] = []
+  seed, lag = int(config.seed), float(fed.faults.stragglers)
+  slow_of = lambda r: asynchronous.slowdown(seed, r, S, lag,  # noqa: E731
+                                            float(fed.faults.straggler_slowdown))
+  if is_async and meta.get("queue") is None:  # asynchronous: every site starts a job at time 0
+    step_time = float(fed.step_time_s) or float(meta.get("step_time") or 0.0)
+    meta["queue"] = asynchronous.EventQueue.start(
+        site_seconds(sites, site_bytes, H, step_time, slow_of(1)), slow_of(1)).to_json()
   for r in range(start + 1, R + 1):
     step_time = float(fed.step_time_s) or float(meta.get("step_time") or 0.0)
-    sampled = sample_participants(int(config.seed), r, S, float(fed.participation))
-    # Simulated seconds per sampled site; the deadline drops the late ones before the round.
-    secs = site_seconds(sites, site_bytes, H, step_time)
-    mask = deadline_mask(sampled, secs, float(fed.deadline_s))
+    scale, extra_row = None, {}
+    if is_async:  # FedBuff: the K earliest deliveries, staleness-scaled (module asynchronous)
+      queue = asynchronous.EventQueue.from_json(meta["queue"])
+      deliverers, t_step, tau = queue.buffer(int(fed.buffer_size))
+      mask, scale = asynchronous.fedbuff_inputs(examples, deliverers, tau)
+      sampled = mask
+      held_s = np.array([t_step - queue.start_time[k] for k in range(S)])
+      round_s = t_step - queue.clock
+      lagging = [k for k in deliverers.tolist() if queue.slow[k] > 1]
+      extra_row = {"staleness": {sites[k].name: int(v) for k, v in zip(deliverers, tau)},
+                   "sim_clock": t_step}
+    else:
+      sampled = sample_participants(seed, r, S, float(fed.participation))
+      # Simulated seconds per sampled site; the deadline drops the late ones before the round.
+      slow = slow_of(r)
+      secs = site_seconds(sites, site_bytes, H, step_time, slow)
+      mask = deadline_mask(sampled, secs, float(fed.deadline_s))
+      lagging = [k for k in range(S) if sampled[k] and slow[k] > 1]
     steps = []
     for h in range(H):
       per_site = []
@@ -538,7 +580,8 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
                  if mask[k])
     t0 = time.time()
     server, clients, m = round_fn(server, clients, site_batches, examples, mask, holds,
-                                  val_metric=meta["val_metric"], val_count=meta["val_count"])
+                                  scale=scale, val_metric=meta["val_metric"],
+                                  val_count=meta["val_count"])
     m = distributed.to_host(m)
     took = time.time() - t0
     if multi:  # the simulated clock must not differ between processes
@@ -552,11 +595,18 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       if not fed.step_time_s:
         meta["step_time"] = float(np.median(measured))
     part = [k for k in range(S) if mask[k]]
-    round_s = float(max(secs[part])) if part else 0.0
+    if is_async:  # the deliverers restart from the new model; their next jobs aim at round r + 1
+      step_time = float(fed.step_time_s) or float(meta.get("step_time") or 0.0)
+      meta["queue"] = queue.restart(deliverers, t_step,
+                                    site_seconds(sites, site_bytes, H, step_time, slow_of(r + 1)),
+                                    slow_of(r + 1)).to_json()
+    else:
+      round_s = float(max(secs[part])) if part else 0.0
+      held_s = np.full(S, round_s)
     cost = dict(meta.get("cost") or {})
-    for k in part:
+    for k in part:  # a site is held from its job's start to the server step that uses it
       s = sites[k]
-      c = (s.devices * round_s / 3600.0 * s.price_device_hour
+      c = (s.devices * float(held_s[k]) / 3600.0 * s.price_device_hour
            + site_bytes[k] / 1e9 * s.price_egress_gb)
       cost[s.cloud or s.name] = cost.get(s.cloud or s.name, 0.0) + c
     meta["cost"] = cost
@@ -569,7 +619,9 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
                         "total": sum(site_bytes[k] for k in part)},
            "bytes_down": {**{sites[k].name: site_bytes[k] for k in part},
                           "total": sum(site_bytes[k] for k in part)},
-           "sim_seconds": round_s, "sim_cost": {c: v for c, v in sorted(cost.items())},
+           "stragglers": [sites[k].name for k in lagging],
+           "sim_seconds": float(round_s), **extra_row,
+           "sim_cost": {c: v for c, v in sorted(cost.items())},
            "sim_cost_total": sum(cost.values())}
     if not part:
       logging.warning("round %d: no site left after the deadline; round skipped", r)
@@ -620,8 +672,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     state, graphdef, shardings = state_lib.create_train_state(
         config, head_specs, tokenizer.vocab_size, client_tx, mesh)
     server, clients = algorithm.init(state.params, server_tx, client_tx, mesh,
-                                     param_shardings=shardings.params)
-    tree = {"server": server._asdict(), "clients": clients._asdict()}
+                                     param_shardings=shardings.params,
+                                     site_starts=config.fed.mode == "async")
+    tree = {"server": server._asdict(), "clients": _client_tree(clients)}
     tree_sh = jax.tree.map(lambda x: x.sharding, tree)
     step, tree, _, _ = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh))
     ckpt.close()
