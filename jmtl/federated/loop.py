@@ -65,6 +65,7 @@ from jmtl import tasks as task_registry
 from jmtl.data import pipeline
 from jmtl.data import sources
 from jmtl.federated import algorithm
+from jmtl.federated import faults as faults_lib
 from jmtl.federated import partition as partition_lib
 from jmtl.federated import sites as sites_lib
 from jmtl.model.multitask import HeadSpec
@@ -306,7 +307,10 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       loss_fn, client_tx, server_tx, mesh, local_steps=H, groups=groups,
       aggregator=fed.aggregator, temperature=float(fed.temperature),
       reset_client_state=fed.client_state == "reset", seed=int(config.seed),
-      prox_mu=float(fed.prox_mu))
+      prox_mu=float(fed.prox_mu), trim=float(fed.trim), byzantine_f=int(fed.byzantine_f),
+      krum_m=int(fed.krum_m), byzantine_scale=float(fed.faults.scale))
+  faults = faults_lib.from_config(config, [s.name for s in sites])
+  modes = faults.modes(S)
 
   # Data: each task's train split partitioned over the sites that hold it.
   with train_loop._user_data_errors():  # noqa: SLF001
@@ -447,6 +451,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     # Simulated seconds per sampled site; the deadline drops the late ones before the round.
     secs = site_seconds(sites, site_bytes, H, step_time)
     mask = deadline_mask(sampled, secs, float(fed.deadline_s))
+    mask, lost = faults_lib.dropout(mask, faults.dropout, int(config.seed), r)
     steps = []
     for h in range(H):
       per_site = []
@@ -458,7 +463,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     tokens = sum(train_loop._tokens(steps[h][k]) for h in range(H) for k in range(S)  # noqa: SLF001
                  if mask[k])
     t0 = time.time()
-    server, clients, m = round_fn(server, clients, site_batches, examples, mask, holds,
+    server, clients, m = round_fn(server, clients, site_batches, examples, mask, holds, modes,
                                   val_metric=meta["val_metric"], val_count=meta["val_count"])
     m = jax.device_get(m)
     took = time.time() - t0
@@ -481,6 +486,8 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     meta["cost"] = cost
     row = {"round": r, "sites": [sites[k].name for k in part],
            "dropped": [sites[k].name for k in range(S) if sampled[k] and not mask[k]],
+           "dropout": [sites[k].name for k in range(S) if lost[k]],
+           "byzantine": [sites[k].name for k in part if modes[k]],
            "applied": int(m["applied"]), "loss": _clean(m["loss"]) if part else None,
            "site_loss": {sites[k].name: _clean(m["site_loss"][k]) for k in part},
            "weights": {sites[k].name: _clean(m["weights"][k]) for k in part},
@@ -491,7 +498,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
            "sim_seconds": round_s, "sim_cost": {c: v for c, v in sorted(cost.items())},
            "sim_cost_total": sum(cost.values())}
     if not part:
-      logging.warning("round %d: no site left after the deadline; round skipped", r)
+      logging.warning("round %d: no site left after the deadline and dropout; round skipped", r)
     if not math.isfinite(float(m["loss"])) and part:
       raise NonFiniteError(f"non-finite loss at round {r} (site losses {row['site_loss']}); "
                            f"stopped; last checkpoint: {ckpt.latest_step() or 'none'} in "
