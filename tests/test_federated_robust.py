@@ -3,7 +3,12 @@
 and a brute-force Multi-Krum, rounds with masks and task heads, corrupted deltas, dropout, and a
 Byzantine site that breaks FedAvg but not the robust rules."""
 
-import itertools
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -201,7 +206,7 @@ def test_corrupted_deltas_in_a_fedavg_round_equal_numpy():
   client, server_tx = optax.sgd(lr), optax.sgd(1.0)
   server, clients = fed.init(_params(), server_tx, client, mesh)
   round_fn = fed.make_round(_loss, client, server_tx, mesh, local_steps=steps, groups=GROUPS,
-                            byzantine_scale=7.0)
+                            byzantine=True, byzantine_scale=7.0)
   n, m = np.array([30.0, 10.0, 20.0, 40.0]), np.ones(S)
   modes = np.array([faults.MODES.index(x) for x in ("sign_flip", "none", "scale", "none")])
   data = _data(3, steps)
@@ -217,6 +222,9 @@ def test_corrupted_deltas_in_a_fedavg_round_equal_numpy():
   assert round_fn.trace_count() == 1
   with pytest.raises(ValueError, match="modes must be 4 ints"):
     round_fn(server, clients, data, n, m, HOLDS, np.array([0, 0, 9, 0]))
+  honest = fed.make_round(_loss, client, server_tx, mesh, local_steps=steps, groups=GROUPS)
+  with pytest.raises(ValueError, match="without byzantine=True"):
+    honest(server, clients, data, n, m, HOLDS, modes)
 
 
 def test_noise_attack_has_the_update_scale_and_is_seeded_per_site_and_round():
@@ -282,7 +290,7 @@ def _attack_errors(aggregator, attacks, rounds=12, sites=5, steps=3, lr=0.3):
     return 0.5 * jnp.mean(jnp.square(b["x"] @ p["w"] - b["y"]))
 
   round_fn = fed.make_round(loss, client, server_tx, mesh, local_steps=steps,
-                            aggregator=aggregator, byzantine_f=1, trim=0.2)
+                            aggregator=aggregator, byzantine_f=1, trim=0.2, byzantine=True)
   errors = []
   for attack in attacks:
     server, clients = fed.init({"w": jnp.zeros(D)}, server_tx, client, mesh)
@@ -308,3 +316,58 @@ def test_robust_aggregators_keep_the_clean_accuracy_where_fedavg_breaks():
     errors, _ = _attack_errors(rule, ["scale", "sign_flip"])
     # measured: clean 3.4e-4, robust 6e-4 .. 1.3e-3, FedAvg 4e11 (scale) / 1.7 (sign_flip)
     assert max(errors) < 0.005 * start, (rule, errors, clean)
+
+
+# ---------------------------------------------------------------- the job (`jmtl federated`)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny_fed.py"
+
+
+def _env(data_dir):
+  env = dict(os.environ, JMTL_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env.pop("JMTL_FAULT", None)
+  return env
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.fed.faults.byzantine=a,zz", "config key 'fed.faults.byzantine' = ('a', 'zz') names "
+                                           "'zz', which is not a site of fed.sites"),
+    ("--config.fed.faults.dropout=1", "config key 'fed.faults.dropout' = 1.0 must be in [0, 1)"),
+    ("--config.fed.faults.attack=lie", "config key 'fed.faults.attack' = 'lie' is not one of: "
+                                       "sign_flip, scale, noise"),
+    ("--config.fed.trim=0.5", "config key 'fed.trim' = 0.5 must be in [0, 0.5)"),
+])
+def test_bad_fault_and_robust_keys_are_one_line_exit_2(override, message, tmp_path, data_dir):
+  out = subprocess.run([sys.executable, "-m", "jmtl.cli", "federated", "--config", str(TINY),
+                        "--workdir", str(tmp_path / "w"), override], env=_env(data_dir),
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.count("\n") == 1 and out.stderr.startswith("jmtl: error: "), out.stderr
+  assert message in out.stderr, out.stderr
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_job_with_dropout_and_a_byzantine_site_under_krum_logs_both(tmp_path, data_dir):
+  # Seed 0, dropout 0.6 over 4 sites (faults.dropout): round 1 loses all four (skipped), round 2
+  # keeps a, b, d; a is Byzantine (x10), so Krum (f = 1, m = n - f = 2) keeps b and d.
+  wd = tmp_path / "w"
+  out = subprocess.run(
+      [sys.executable, "-m", "jmtl.cli", "federated", "--config", str(TINY), "--workdir",
+       str(wd), "--config.fed.rounds=2", "--config.fed.eval_every=0",
+       "--config.fed.aggregator=krum", "--config.fed.faults.dropout=0.6",
+       "--config.fed.faults.byzantine=a", "--config.fed.faults.attack=scale"],
+      env=_env(data_dir), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "round 1: no site left after the deadline and dropout; round skipped" in out.stderr
+  rows = [json.loads(line) for line in (wd / "rounds.jsonl").read_text().splitlines()]
+  assert [r["round"] for r in rows] == [1, 2]
+  assert rows[0]["applied"] == 0 and rows[0]["sites"] == [] and rows[0]["loss"] is None
+  assert rows[0]["dropout"] == ["a", "b", "c", "d"] and rows[0]["byzantine"] == []
+  assert rows[1]["applied"] == 1 and rows[1]["sites"] == ["a", "b", "d"]
+  assert rows[1]["dropout"] == ["c"] and rows[1]["dropped"] == ["c"]
+  assert rows[1]["byzantine"] == ["a"]
+  assert rows[1]["weights"] == {"a": 0.0, "b": 0.5, "d": 0.5}
+  assert math.isfinite(rows[1]["loss"])
+  assert (wd / "eval.json").is_file()

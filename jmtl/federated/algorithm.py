@@ -138,7 +138,7 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                groups: Any = None, aggregator: str = "fedavg", temperature: float = 1.0,
                reset_client_state: bool = False, batch_axes: tuple[str, ...] = ("data", "fsdp"),
                seed: int = 0, prox_mu: float = 0.0, trim: float = 0.1, byzantine_f: int = 0,
-               krum_m: int = 0, byzantine_scale: float = 10.0
+               krum_m: int = 0, byzantine: bool = False, byzantine_scale: float = 10.0
                ) -> Callable[..., tuple[ServerState, ClientState, dict]]:
   """Returns `round_fn(server, clients, site_batches, examples, mask, holds=None, modes=None,
   **extra)`.
@@ -149,10 +149,12 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   `groups`: a tree like the parameters of ints (0 = shared; g >= 1 = group g), None = all 0.
   `examples` [S] (n_k >= 0), `mask` [S] (0/1), `holds` [S, G] (0/1; column 0 is forced to 1;
   None = ones [S, 1]), `modes` [S] int (index into `faults.MODES`: the corruption of the
-  delta each site sends; None = all honest). `aggregator`: fedavg, dynamic, gradient
-  (`aggregation`) or median, trimmed_mean (beta = `trim`), krum (f = `byzantine_f`, m =
-  `krum_m`, 0 = n - f) (`robust`); `byzantine_scale`: the factor of mode `scale`. `extra` goes to `server_tx.update` (the metric-driven optimizers'
-  `val_metric`, `val_count`). Returns (server, clients, metrics): `loss` (sum_k m_k n_k L_k /
+  delta each site sends; None = all honest; only with `byzantine=True`, which compiles the
+  corruption into the round (off: no cost, and `modes` must be all 0)). `aggregator`: fedavg,
+  dynamic, gradient (`aggregation`) or median, trimmed_mean (beta = `trim`), krum (f =
+  `byzantine_f`, m = `krum_m`, 0 = n - f) (`robust`); `byzantine_scale`: the factor of mode
+  `scale`. `extra` goes to `server_tx.update` (the metric-driven optimizers' `val_metric`,
+  `val_count`). Returns (server, clients, metrics): `loss` (sum_k m_k n_k L_k /
   sum_k m_k n_k), `site_loss` [S] (the L_k), `site_train_loss` [S] (mean loss over the local
   steps), `weights` [S] (the aggregation weights), `delta_norm` (||Delta||_2), `applied`.
   `round_fn.trace_count()` counts compilations (one per shape). ValueError for a mesh without
@@ -206,8 +208,9 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     m, n = mask[0], examples[0]
     stale = (rnd - last_round[0] - 1).astype(jnp.float32)
     delta = jax.tree.map(lambda p, q: (p - q).astype(jnp.float32), start, local)
-    delta = faults_lib.corrupt(delta, modes[0], byzantine_scale,
-                               faults_lib.noise_key(base_key, rnd, site))
+    if byzantine:
+      delta = faults_lib.corrupt(delta, modes[0], byzantine_scale,
+                                 faults_lib.noise_key(base_key, rnd, site))
     if stacked_path:
       agg, w = jax.tree.map(lambda d: d[None], delta), jnp.zeros([], jnp.float32)
     elif aggregator == "dynamic":
@@ -283,6 +286,9 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     if modes.shape != (n_sites,) or np.any((modes < 0) | (modes >= len(faults_lib.MODES))):
       raise ValueError(f"modes must be {n_sites} ints in [0, {len(faults_lib.MODES)}) (one per "
                        f"site, {faults_lib.MODES}), got {modes.tolist()}")
+    if not byzantine and modes.any():
+      raise ValueError(f"modes {modes.tolist()} corrupt sites, but the round was made without "
+                       f"byzantine=True")
     batch_sh = jax.tree.map(lambda b: _batch_sharding(mesh, b, batch_axes), site_batches)
     server_sh = jax.tree.map(lambda x: x.sharding, server)
     client_sh = jax.tree.map(lambda x: x.sharding, clients)

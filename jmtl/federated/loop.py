@@ -19,11 +19,18 @@ the round, gets that task's rows with example_weight 0 (no loss, no gradient), s
 has one shape: a new participation pattern never recompiles. Data iterators of a site that does
 not take part do not advance.
 
+Faults (`jmtl.federated.faults`, keys `fed.faults.*`): after sampling and the deadline, each
+remaining site drops out with probability `fed.faults.dropout` (seeded by (seed, round), so a
+resumed run drops the same ones); Byzantine sites (fixed for the run) send a corrupted delta,
+applied inside the round from a per-site mode input.
+
 Files: `config.json`, `rounds.jsonl` (one line per round: `round`, `sites` (participants'
-names), `loss` (example-weighted mean over participants of L_k), `site_loss`, `weights`,
-`bytes_up` / `bytes_down` per site and `total`, `sim_seconds`, `sim_cost` per cloud and
-`sim_cost_total` (cumulative), plus `<task>/<metric>` and `site/<name>/<task>/<metric>` when
-evaluated), `metrics.jsonl` (train lines at `fed.log_every` rounds, eval lines), `eval.json`
+names), `dropped` (sampled but not taking part), `dropout` (lost to random dropout),
+`byzantine` (Byzantine participants), `applied` (0: a skipped round), `loss` (example-weighted
+mean over participants of L_k), `site_loss`, `weights`, `bytes_up` / `bytes_down` per site and
+`total`, `sim_seconds`, `sim_cost` per cloud and `sim_cost_total` (cumulative), plus
+`<task>/<metric>` and `site/<name>/<task>/<metric>` when evaluated), `metrics.jsonl` (train
+lines at `fed.log_every` rounds, eval lines), `eval.json`
 (final: global validation + each site's held-out slice), `predictions/`, `tb/`, `tokenizer.json`,
 `checkpoints/` (server state, every site's client optimizer state, every site's data position,
 the pending round line and cumulative cost): a run killed with SIGKILL and started again logs
@@ -303,13 +310,14 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
                                          nnx.Rngs(dropout=key), loss_of)
     return sum(per_task.values())
 
+  faults = faults_lib.from_config(config, [s.name for s in sites])
   round_fn = algorithm.make_round(
       loss_fn, client_tx, server_tx, mesh, local_steps=H, groups=groups,
       aggregator=fed.aggregator, temperature=float(fed.temperature),
       reset_client_state=fed.client_state == "reset", seed=int(config.seed),
       prox_mu=float(fed.prox_mu), trim=float(fed.trim), byzantine_f=int(fed.byzantine_f),
-      krum_m=int(fed.krum_m), byzantine_scale=float(fed.faults.scale))
-  faults = faults_lib.from_config(config, [s.name for s in sites])
+      krum_m=int(fed.krum_m), byzantine=bool(faults.byzantine),
+      byzantine_scale=float(fed.faults.scale))
   modes = faults.modes(S)
 
   # Data: each task's train split partitioned over the sites that hold it.
