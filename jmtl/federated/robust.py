@@ -76,13 +76,15 @@ def trimmed_mean(x: jax.Array, valid: jax.Array, beta: float) -> jax.Array:
 
 def pairwise_sq_dists(deltas: Any, groups: Any) -> jax.Array:
   """d_kj = ||Delta_k - Delta_j||^2 over the group-0 (trunk) leaves of stacked `deltas`
-  (leaves [S, ...]); float32 [S, S]. Differences, not a Gram expansion: exact for close updates."""
+  (leaves [S, ...]); float32 [S, S]. Differences, not a Gram expansion (exact for close
+  updates), one column j at a time: S x the leaf's size in memory, not S^2 x."""
   total = 0.0
   for d, g in zip(jax.tree.leaves(deltas), jax.tree.leaves(groups)):
     if g != 0:
       continue
     d = d.astype(jnp.float32).reshape(d.shape[0], -1)
-    total = total + jnp.sum(jnp.square(d[:, None, :] - d[None, :, :]), axis=-1)
+    total = total + jnp.stack([jnp.sum(jnp.square(d - d[j][None]), axis=1)
+                               for j in range(d.shape[0])], axis=1)
   return total
 
 
