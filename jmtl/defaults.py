@@ -444,11 +444,36 @@ _key("fed.server_lr", 1.0, "server learning rate (1.0 with sgd = FedAvg; DiLoCo:
 _key("fed.server_momentum", 0.9, "server momentum / nesterov coefficient (DiLoCo: 0.9)",
      check=_UNIT)
 _key("fed.aggregator", "fedavg",
-     "weights of the site deltas: fedavg (examples) or dynamic (examples x exp(loss and "
+     "how the site deltas are combined: fedavg (examples) or dynamic (examples x exp(loss and "
      "improvement / T) / sqrt(1 + staleness)) or gradient (examples x exp(cos(update, mean "
-     "update) / T)); rules in jmtl.federated.aggregation",
-     choices=("fedavg", "dynamic", "gradient"))
+     "update) / T)) (rules in jmtl.federated.aggregation); Byzantine-robust, every participant "
+     "counting once: median (coordinate-wise), trimmed_mean (coordinate-wise, fed.trim), krum "
+     "(Multi-Krum, fed.byzantine_f, fed.krum_m) (rules in jmtl.federated.robust)",
+     choices=("fedavg", "dynamic", "gradient", "median", "trimmed_mean", "krum"))
 _key("fed.temperature", 1.0, "aggregator=dynamic/gradient: temperature T (large T -> FedAvg)",
+     check=gt(0))
+_key("fed.trim", 0.1, "aggregator=trimmed_mean: beta, the fraction of participants dropped at "
+     "each end of every coordinate (floor(beta x participants) values each side)",
+     check=between(0, 0.5, open_hi=True))
+_key("fed.byzantine_f", 1, "aggregator=krum: f, the Byzantine sites tolerated; a site's score sums "
+     "its squared distances to its n - f - 2 nearest participants (n > 2f + 2 for Krum's "
+     "guarantee)", check=ge(0))
+_key("fed.krum_m", 0, "aggregator=krum: participants with the lowest scores averaged (1 = Krum); "
+     "0 = n - f", check=ge(0))
+_key("fed.faults.dropout", 0.0, "simulated fault: probability that each sampled site drops out of "
+     "a round after sampling (seeded by (seed, round)); weights renormalise over the survivors, "
+     "a round with none is skipped", check=between(0, 1, open_hi=True))
+_key("fed.faults.byzantine", (), "simulated fault: names of Byzantine sites (from fed.sites), "
+     "whose sent delta is corrupted by fed.faults.attack every round", check=_strs())
+_key("fed.faults.byzantine_fraction", 0.0, "simulated fault: round(fraction x sites) Byzantine "
+     "sites drawn once by seed (instead of naming them)", check=between(0, 1, open_hi=True),
+     rules=((lambda v, c: not (v and c.fed.faults.byzantine),
+             "cannot be set together with fed.faults.byzantine (name the sites or give a "
+             "fraction)"),))
+_key("fed.faults.attack", "sign_flip", "what a Byzantine site sends: sign_flip (-delta), scale "
+     "(fed.faults.scale x delta) or noise (Gaussian with the delta's root-mean-square per value)",
+     choices=("sign_flip", "scale", "noise"))
+_key("fed.faults.scale", 10.0, "attack=scale: the factor a Byzantine site multiplies its delta by",
      check=gt(0))
 _key("fed.partition", "iid",
      "how each task's training rows are split over its sites: iid (by the sites' shares), "
@@ -481,7 +506,10 @@ _key("fed.mode", "sync",
             (lambda v, c: v == "sync" or c.fed.participation == 1.0,
              "needs fed.participation = 1 (every site trains concurrently)"),
             (lambda v, c: v == "sync" or c.fed.deadline_s == 0,
-             "needs fed.deadline_s = 0 (a late site delivers later, it is not dropped)")))
+             "needs fed.deadline_s = 0 (a late site delivers later, it is not dropped)"),
+            (lambda v, c: v == "sync" or c.fed.faults.dropout == 0,
+             "needs fed.faults.dropout = 0 (random dropout is simulated in synchronous rounds "
+             "only)")))
 _key("fed.buffer_size", 1,
      "fed.mode=async: updates K the server buffers before it steps (FedBuff's K; K = number of "
      "sites is synchronous FedAvg)", check=ge(1),

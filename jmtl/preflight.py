@@ -175,6 +175,7 @@ def _mesh(config: ml_collections.ConfigDict, device_count: int | None = None) ->
 
 def _federated(config: ml_collections.ConfigDict, device_count: int) -> int:
   """A config with `fed.sites`: the sites (`jmtl.federated.sites`, one line naming a bad entry),
+  the Byzantine site names of `fed.faults.byzantine`,
   the ("site", "data", "fsdp", "tensor") mesh over sites x devices per site (`mesh.*` sizes are
   one site's), the client and server optimizers, and one length bucket (every site's batches
   must have one shape). Returns one site's batch shards."""
@@ -183,6 +184,8 @@ def _federated(config: ml_collections.ConfigDict, device_count: int) -> int:
   from jmtl.parallel import sharding  # noqa: PLC0415
 
   sites = sites_lib.sites_from_config(config)
+  from jmtl.federated import faults as faults_lib  # noqa: PLC0415
+  faults_lib.from_config(config, [s.name for s in sites])  # names in fed.faults.byzantine
   per_site = sites[0].devices
   if len(sites) * per_site > device_count:
     raise ConfigError(f"config key 'fed.sites': {len(sites)} sites x {per_site} devices need "

@@ -1,4 +1,4 @@
-"""Aggregation weights and the per-group weighted mean of site deltas.
+"""Aggregation weights and the per-group weighted mean of site deltas (the robust rules: `robust`).
 
 Every function here works on per-site values in one of two layouts: a vector over sites (axis 0,
 `axis_name=None`: tests, host code) or one site's value inside `jax.shard_map` over the `site`
@@ -36,6 +36,12 @@ weights from each update's alignment with the mean update,
 Only the trunk, which every site trains, is compared (a head is held by some sites only). A site
 whose update points away from the consensus (a drifting or faulty site) gets weight
 exp(-1/T) relative to an aligned one; T -> infinity is FedAvg.
+
+Byzantine-robust rules (`jmtl.federated.robust`, which has their formulas): coordinate-wise
+median and trimmed mean (Yin et al. 2018, arXiv 1803.01498, Definitions 1 and 2) and Multi-Krum
+(Blanchard et al. 2017; El Mhamdi et al. 2018, arXiv 1802.07927). They need every participant's
+delta at once, so the round stacks the deltas [S, ...] along `site` and applies them in the
+global view instead of the weighted sums below; each participant counts once (no n_k).
 
 Per-group mean (federated multi-task): each parameter leaf belongs to a group g (0 = the shared
 trunk, g >= 1 = one task's head); h_kg = 1 when site k holds group g (always for g = 0). The

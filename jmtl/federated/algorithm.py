@@ -12,6 +12,11 @@ k = 1..S with examples n_k, participation m_k in {0, 1} and held groups h_kg:
     w = fedavg_weights(n, m), dynamic_weights(L, P, n, tau, m, T) or alignment_weights(
         cos(Delta_k, FedAvg mean over the trunk), n, m, T)
     Delta = grouped_mean(Delta_k, groups, w, h)        (trunk over all, heads over holders)
+  robust aggregators (median, trimmed_mean, krum; `jmtl.federated.robust`): each site returns
+    its Delta_k, stacked [S, ...] along `site`, and the rule runs in the global view of the
+    same jit (XLA inserts the gathers); masks, not shapes, keep non-participants out
+  faults (`jmtl.federated.faults`): the delta a site sends is corrupted by its mode (none,
+    sign_flip, scale, noise) before aggregation, from a per-site input (one compilation)
   server:  u, s <- server_tx.update(Delta, s, x, **extra);  x <- x + u
 
 `client_tx` and `server_tx` come from `jmtl.optim.build`: client sgd + server sgd(1.0) is FedAvg
@@ -47,6 +52,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jmtl.federated import aggregation
+from jmtl.federated import faults as faults_lib
+from jmtl.federated import robust
 from jmtl.parallel.mesh import SITE_AXIS
 
 SITE = SITE_AXIS
@@ -146,17 +153,24 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                server_tx: optax.GradientTransformation, mesh: Mesh, *, local_steps: int,
                groups: Any = None, aggregator: str = "fedavg", temperature: float = 1.0,
                reset_client_state: bool = False, batch_axes: tuple[str, ...] = ("data", "fsdp"),
-               seed: int = 0, prox_mu: float = 0.0, backend: str = "shard_map"
-               ) -> Callable[..., tuple[ServerState, ClientState, dict]]:
-  """Returns `round_fn(server, clients, site_batches, examples, mask, holds=None, **extra)`.
+               seed: int = 0, prox_mu: float = 0.0, trim: float = 0.1, byzantine_f: int = 0,
+               krum_m: int = 0, byzantine: bool = False, byzantine_scale: float = 10.0,
+               backend: str = "shard_map") -> Callable[..., tuple[ServerState, ClientState, dict]]:
+  """Returns `round_fn(server, clients, site_batches, examples, mask, holds=None, modes=None, *,
+  scale=None, **extra)`.
 
   `loss_fn(params, batch, key) -> scalar` is one site's loss on one local batch (`key`: the
   dropout key of site k, local step t, round r: fold_in(fold_in(fold_in(key(seed), r), k), t)).
   `prox_mu`: FedProx's mu (0 = off); `site_loss` and `site_train_loss` are loss_fn without it.
   `groups`: a tree like the parameters of ints (0 = shared; g >= 1 = group g), None = all 0.
   `examples` [S] (n_k >= 0), `mask` [S] (0/1), `holds` [S, G] (0/1; column 0 is forced to 1;
-  None = ones [S, 1]). `extra` goes to `server_tx.update` (the metric-driven optimizers'
-  `val_metric`, `val_count`). Returns (server, clients, metrics): `loss` (sum_k m_k n_k L_k /
+  None = ones [S, 1]), `modes` [S] int (index into `faults.MODES`: the corruption of the
+  delta each site sends; None = all honest; only with `byzantine=True`, which compiles the
+  corruption into the round (off: no cost, and `modes` must be all 0)). `aggregator`: fedavg,
+  dynamic, gradient (`aggregation`) or median, trimmed_mean (beta = `trim`), krum (f =
+  `byzantine_f`, m = `krum_m`, 0 = n - f) (`robust`); `byzantine_scale`: the factor of mode
+  `scale`. `extra` goes to `server_tx.update` (the metric-driven optimizers' `val_metric`,
+  `val_count`). Returns (server, clients, metrics): `loss` (sum_k m_k n_k L_k /
   sum_k m_k n_k), `site_loss` [S] (the L_k), `site_train_loss` [S] (mean loss over the local
   steps), `weights` [S] (the aggregation weights), `delta_norm` (||Delta||_2), `applied`.
   `backend`: how the per-site function is mapped over `site` (`map_sites`): "shard_map"
@@ -176,8 +190,10 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   if local_steps < 1:
     raise ValueError(f"local_steps must be >= 1, got {local_steps}")
   check_backend(backend, mesh)
-  if aggregator not in ("fedavg", "dynamic", "gradient"):
-    raise ValueError(f"aggregator must be fedavg, dynamic or gradient, got {aggregator!r}")
+  stacked_path = aggregator in robust.RULES
+  if aggregator not in ("fedavg", "dynamic", "gradient") + robust.RULES:
+    raise ValueError(f"aggregator must be fedavg, dynamic, gradient, {', '.join(robust.RULES)}, "
+                     f"got {aggregator!r}")
   server_tx = optax.with_extra_args_support(server_tx)
   prox_mu = float(prox_mu)
   if prox_mu < 0:
@@ -195,9 +211,10 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   base_key = jax.random.key(int(seed))
   traces = [0]
 
-  def client(params, opt, batches, examples, mask, holds, prev_loss, last_round, rnd, scale,
-             *own):
-    """One site (inside shard_map): H local steps, then its weighted delta psum'ed over sites.
+  def client(params, opt, batches, examples, mask, holds, prev_loss, last_round, rnd, modes,
+             scale, *own):
+    """One site (inside shard_map or pmap): H local steps, then its weighted delta psum'ed over
+    sites (robust aggregators: its own delta, [1, ...], stacked along `site` by out_specs).
     `own`: () or (this site's start parameters,) for asynchronous rounds."""
     site = jax.lax.axis_index(SITE)
     batches = jax.tree.map(lambda b: b[0], batches)
@@ -222,7 +239,12 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     m, n = mask[0], examples[0]
     stale = (rnd - last_round[0] - 1).astype(jnp.float32)
     delta = jax.tree.map(lambda p, q: (p - q).astype(jnp.float32) * scale[0], start, local)
-    if aggregator == "dynamic":
+    if byzantine:
+      delta = faults_lib.corrupt(delta, modes[0], byzantine_scale,
+                                 faults_lib.noise_key(base_key, rnd, site))
+    if stacked_path:
+      agg, w = jax.tree.map(lambda d: d[None], delta), jnp.zeros([], jnp.float32)
+    elif aggregator == "dynamic":
       w = aggregation.dynamic_weights(losses[0], prev_loss[0], n, jnp.maximum(stale, 0.0), m,
                                       temperature, axis_name=SITE)
     elif aggregator == "gradient":
@@ -232,8 +254,9 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
       w = aggregation.alignment_weights(cos, n, m, temperature, axis_name=SITE)
     else:
       w = aggregation.fedavg_weights(n, m, axis_name=SITE)
-    agg = aggregation.grouped_mean(delta, groups_tree, w, holds[0], axis_name=SITE)
-    agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, params)
+    if not stacked_path:
+      agg = aggregation.grouped_mean(delta, groups_tree, w, holds[0], axis_name=SITE)
+      agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, params)
     keep = m > 0
     opt1 = jax.tree.map(lambda new, old: jnp.where(keep, new, old), opt1, opt0)
     return (agg, jax.tree.map(lambda c: c[None], opt1), losses[:1], jnp.mean(losses)[None],
@@ -241,18 +264,28 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
 
   groups_tree = None  # set per parameter structure in round_body
 
-  def round_body(server, clients, site_batches, examples, mask, holds, scale, extra):
+  def robust_delta(stack, mask, holds, params):
+    """The stacked path: `robust.aggregate` over the [S, ...] deltas, in the global view."""
+    agg, w = robust.aggregate(stack, groups_tree, mask, holds, aggregator, trim=trim,
+                              byzantine_f=byzantine_f, krum_m=krum_m)
+    return jax.tree.map(lambda a, p: a.astype(p.dtype), agg, params), w
+
+  def round_body(server, clients, site_batches, examples, mask, holds, modes, scale, extra):
     nonlocal groups_tree
     traces[0] += 1  # Python side effect: once per trace (= per compilation)
     groups_tree = (jax.tree.map(lambda _: 0, server.params) if groups is None else groups)
     own = () if clients.start_params is None else (clients.start_params,)
     per_site = map_sites(
         client, mesh, backend,
-        in_sites=(False, True, True, True, True, True, True, True, False, True) + (True,) * len(own),
-        out_sites=(False, True, True, True, True))
+        in_sites=(False, True, True, True, True, True, True, True, False, True, True)
+        + (True,) * len(own),
+        out_sites=(stacked_path, True, True, True, True))
     delta, opt, site_loss, train_loss, w = per_site(
         server.params, clients.opt_state, site_batches, examples, mask, holds,
-        server.prev_loss, server.last_round, server.round, scale, *own)
+        server.prev_loss, server.last_round, server.round, modes, scale, *own)
+    if stacked_path:
+      delta, w = robust_delta(delta, mask, holds, server.params)
+      w = w * scale
     applied = jnp.sum(mask) > 0
     updates, opt_state = server_tx.update(delta, server.opt_state, server.params, **extra)
     params = optax.apply_updates(server.params, updates)
@@ -279,7 +312,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   site_sh = NamedSharding(mesh, P(SITE))
 
   def round_fn(server: ServerState, clients: ClientState, site_batches: Any, examples: Any,
-               mask: Any, holds: Any = None, *, scale: Any = None, **extra: Any):
+               mask: Any, holds: Any = None, modes: Any = None, *, scale: Any = None,
+               **extra: Any):
     _check_inputs(site_batches, examples, mask, n_sites, local_steps)
     scale = np.ones(n_sites, np.float32) if scale is None else np.asarray(scale, np.float32)
     if scale.shape != (n_sites,) or not np.all(np.isfinite(scale)) or np.any(scale < 0):
@@ -290,6 +324,13 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     if holds.ndim != 2 or holds.shape[0] != n_sites:
       raise ValueError(f"holds has shape {holds.shape}; expected ({n_sites}, groups)")
     holds[:, 0] = 1.0
+    modes = np.zeros(n_sites, np.int32) if modes is None else np.asarray(modes, np.int32)
+    if modes.shape != (n_sites,) or np.any((modes < 0) | (modes >= len(faults_lib.MODES))):
+      raise ValueError(f"modes must be {n_sites} ints in [0, {len(faults_lib.MODES)}) (one per "
+                       f"site, {faults_lib.MODES}), got {modes.tolist()}")
+    if not byzantine and modes.any():
+      raise ValueError(f"modes {modes.tolist()} corrupt sites, but the round was made without "
+                       f"byzantine=True")
     batch_sh = jax.tree.map(lambda b: site_batch_sharding(mesh, b, batch_axes), site_batches)
     server_sh = jax.tree.map(lambda x: x.sharding, server)
     client_sh = jax.tree.map(lambda x: x.sharding, clients)
@@ -304,12 +345,12 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
       compiled[key] = jax.jit(
           round_body,
           in_shardings=(server_sh, client_sh, batch_sh, site_sh, site_sh, site_sh, site_sh,
-                        extra_sh),
+                        site_sh, extra_sh),
           out_shardings=(server_sh, client_sh, metric_sh), donate_argnums=(0, 1))
     args = jax.device_put(
         (site_batches, jnp.asarray(examples, jnp.float32), jnp.asarray(mask, jnp.float32),
-         jnp.asarray(holds), jnp.asarray(scale), extra),
-        (batch_sh, site_sh, site_sh, site_sh, site_sh, extra_sh))
+         jnp.asarray(holds), jnp.asarray(modes), jnp.asarray(scale), extra),
+        (batch_sh, site_sh, site_sh, site_sh, site_sh, site_sh, extra_sh))
     return compiled[key](server, clients, *args)
 
   round_fn.trace_count = lambda: traces[0]  # type: ignore[attr-defined]

@@ -19,15 +19,22 @@ the round, gets that task's rows with example_weight 0 (no loss, no gradient), s
 has one shape: a new participation pattern never recompiles. Data iterators of a site that does
 not take part do not advance.
 
+Faults (`jmtl.federated.faults`, keys `fed.faults.*`): after sampling and the deadline, each
+remaining site drops out with probability `fed.faults.dropout` (seeded by (seed, round), so a
+resumed run drops the same ones); Byzantine sites (fixed for the run) send a corrupted delta,
+applied inside the round from a per-site mode input.
+
 Files: `config.json`, `rounds.jsonl` (one line per round: `round`, `sites` (participants'
-names), `loss` (example-weighted mean over participants of L_k), `site_loss`, `weights`,
-`bytes_up` / `bytes_down` per site and `total`, `sim_seconds`, `sim_cost` per cloud and
-`sim_cost_total` (cumulative), `stragglers` (participants slowed by `fed.faults.stragglers`),
-plus `<task>/<metric>` and `site/<name>/<task>/<metric>` when evaluated; with `fed.eval_every`
-> 0 a first line `round` 0 holds the initial model's evaluation only; with `fed.mode =
-"async"` one line per server step whose `sites` are the buffer's deliverers, with `staleness`
-per deliverer, `sim_clock` (the simulated time of the step) and `sim_seconds` (since the previous
-step)), `metrics.jsonl` (train lines at `fed.log_every` rounds, eval lines), `eval.json`
+names), `dropped` (sampled but not taking part), `dropout` (lost to random dropout),
+`byzantine` (Byzantine participants), `applied` (0: a skipped round), `loss` (example-weighted
+mean over participants of L_k), `site_loss`, `weights`, `bytes_up` / `bytes_down` per site and
+`total`, `sim_seconds`, `sim_cost` per cloud and `sim_cost_total` (cumulative), `stragglers`
+(participants slowed by `fed.faults.stragglers`), plus `<task>/<metric>` and
+`site/<name>/<task>/<metric>` when evaluated; with `fed.eval_every` > 0 a first line `round` 0
+holds the initial model's evaluation only; with `fed.mode = "async"` one line per server step
+whose `sites` are the buffer's deliverers, with `staleness` per deliverer, `sim_clock` (the
+simulated time of the step) and `sim_seconds` (since the previous step)), `metrics.jsonl` (train
+lines at `fed.log_every` rounds, eval lines), `eval.json`
 (final: global validation + each site's held-out slice), `predictions/`, `tb/`, `tokenizer.json`,
 `checkpoints/` (server state, every site's client optimizer state, every site's data position,
 the pending round line and cumulative cost): a run killed with SIGKILL and started again logs
@@ -78,6 +85,7 @@ from jmtl.data import pipeline
 from jmtl.data import sources
 from jmtl.federated import algorithm
 from jmtl.federated import asynchronous
+from jmtl.federated import faults as faults_lib
 from jmtl.federated import partition as partition_lib
 from jmtl.federated import sites as sites_lib
 from jmtl.model.multitask import HeadSpec
@@ -355,11 +363,15 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   site_bytes = [int(leaf_bytes @ holds[k]) for k in range(S)]
 
   loss_fn = make_loss_fn(config, graphdef, rest, kinds)
+  faults = faults_lib.from_config(config, [s.name for s in sites])
   round_fn = algorithm.make_round(
       loss_fn, client_tx, server_tx, mesh, local_steps=H, groups=groups,
       aggregator=fed.aggregator, temperature=float(fed.temperature),
       reset_client_state=fed.client_state == "reset", seed=int(config.seed),
-      prox_mu=float(fed.prox_mu), backend=fed.backend)
+      prox_mu=float(fed.prox_mu), trim=float(fed.trim), byzantine_f=int(fed.byzantine_f),
+      krum_m=int(fed.krum_m), byzantine=bool(faults.byzantine),
+      byzantine_scale=float(fed.faults.scale), backend=fed.backend)
+  modes = faults.modes(S)
 
   # Data: each task's train split partitioned over the sites that hold it.
   with train_loop._user_data_errors():  # noqa: SLF001
@@ -557,6 +569,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       held_s = np.array([t_step - queue.start_time[k] for k in range(S)])
       round_s = t_step - queue.clock
       lagging = [k for k in deliverers.tolist() if queue.slow[k] > 1]
+      lost = np.zeros(S, bool)  # no random dropout in async runs (a config rule refuses it)
       extra_row = {"staleness": {sites[k].name: int(v) for k, v in zip(deliverers, tau)},
                    "sim_clock": t_step}
     else:
@@ -566,6 +579,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       secs = site_seconds(sites, site_bytes, H, step_time, slow)
       mask = deadline_mask(sampled, secs, float(fed.deadline_s))
       lagging = [k for k in range(S) if sampled[k] and slow[k] > 1]
+      mask, lost = faults_lib.dropout(mask, faults.dropout, seed, r)
     steps = []
     for h in range(H):
       per_site = []
@@ -579,7 +593,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     tokens = sum(train_loop._tokens(steps[h][k]) for h in range(H) for k in range(S)  # noqa: SLF001
                  if mask[k])
     t0 = time.time()
-    server, clients, m = round_fn(server, clients, site_batches, examples, mask, holds,
+    server, clients, m = round_fn(server, clients, site_batches, examples, mask, holds, modes,
                                   scale=scale, val_metric=meta["val_metric"],
                                   val_count=meta["val_count"])
     m = distributed.to_host(m)
@@ -612,6 +626,8 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     meta["cost"] = cost
     row = {"round": r, "sites": [sites[k].name for k in part],
            "dropped": [sites[k].name for k in range(S) if sampled[k] and not mask[k]],
+           "dropout": [sites[k].name for k in range(S) if lost[k]],
+           "byzantine": [sites[k].name for k in part if modes[k]],
            "applied": int(m["applied"]), "loss": _clean(m["loss"]) if part else None,
            "site_loss": {sites[k].name: _clean(m["site_loss"][k]) for k in part},
            "weights": {sites[k].name: _clean(m["weights"][k]) for k in part},
@@ -624,7 +640,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
            "sim_cost": {c: v for c, v in sorted(cost.items())},
            "sim_cost_total": sum(cost.values())}
     if not part:
-      logging.warning("round %d: no site left after the deadline; round skipped", r)
+      logging.warning("round %d: no site left after the deadline and dropout; round skipped", r)
     if not math.isfinite(float(m["loss"])) and part:
       raise NonFiniteError(f"non-finite loss at round {r} (site losses {row['site_loss']}); "
                            f"stopped; last checkpoint: {ckpt.latest_step() or 'none'} in "
