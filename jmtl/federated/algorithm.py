@@ -43,6 +43,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jmtl.federated import aggregation
+from jmtl.federated import secagg
 from jmtl.parallel.mesh import SITE_AXIS
 
 SITE = SITE_AXIS
@@ -130,7 +131,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                server_tx: optax.GradientTransformation, mesh: Mesh, *, local_steps: int,
                groups: Any = None, aggregator: str = "fedavg", temperature: float = 1.0,
                reset_client_state: bool = False, batch_axes: tuple[str, ...] = ("data", "fsdp"),
-               seed: int = 0, prox_mu: float = 0.0) -> Callable[..., tuple[ServerState, ClientState, dict]]:
+               seed: int = 0, prox_mu: float = 0.0, secure: secagg.FixedPoint | None = None
+               ) -> Callable[..., tuple[ServerState, ClientState, dict]]:
   """Returns `round_fn(server, clients, site_batches, examples, mask, holds=None, **extra)`.
 
   `loss_fn(params, batch, key) -> scalar` is one site's loss on one local batch (`key`: the
@@ -144,6 +146,13 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   steps), `weights` [S] (the aggregation weights), `delta_norm` (||Delta||_2), `applied`.
   `round_fn.trace_count()` counts compilations (one per shape). ValueError for a mesh without
   an outermost `site` axis, inputs whose leading dims are not [S, H], or bad weights/masks.
+
+  `secure` (a `secagg.FixedPoint`, None = off): every weighted sum over sites becomes a secure
+  sum (`secagg.secure_grouped_mean`): each site clips its delta, scales it by its public weight,
+  encodes and masks it, and the aggregation receives only uint32 payloads; the round's pair
+  seeds come from (seed, server.round) on the host (`secagg.pair_seeds`), masks pair only the
+  participants holding a leaf's group. Adds `metrics["secagg_clipped"]` (values changed by
+  clipping, over participants).
   """
   n_sites = site_count(mesh)
   local_steps = int(local_steps)
@@ -151,6 +160,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     raise ValueError(f"local_steps must be >= 1, got {local_steps}")
   if aggregator not in ("fedavg", "dynamic", "gradient"):
     raise ValueError(f"aggregator must be fedavg, dynamic or gradient, got {aggregator!r}")
+  if secure is not None:
+    secure.check_sites(n_sites)
   server_tx = optax.with_extra_args_support(server_tx)
   prox_mu = float(prox_mu)
   if prox_mu < 0:
@@ -168,7 +179,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   base_key = jax.random.key(int(seed))
   traces = [0]
 
-  def client(params, opt, batches, examples, mask, holds, prev_loss, last_round, rnd):
+  def client(params, opt, batches, examples, mask, holds, prev_loss, last_round, rnd, seeds,
+             coef):
     """One site (inside shard_map): H local steps, then its weighted delta psum'ed over sites."""
     site = jax.lax.axis_index(SITE)
     batches = jax.tree.map(lambda b: b[0], batches)
@@ -190,36 +202,48 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     m, n = mask[0], examples[0]
     stale = (rnd - last_round[0] - 1).astype(jnp.float32)
     delta = jax.tree.map(lambda p, q: (p - q).astype(jnp.float32), start, local)
+    clipped = jnp.float32(0.0)
+
+    def mean_over_sites(weight, stream):
+      nonlocal clipped
+      if secure is None:
+        return aggregation.grouped_mean(delta, groups_tree, weight, holds[0], axis_name=SITE)
+      out, clipped = secagg.secure_grouped_mean(  # one PRG stream per secure sum of the round
+          delta, groups_tree, weight, holds[0], seeds[0], coef[0], secure,
+          jax.random.fold_in(key, _SECAGG_TAG + stream), SITE, stream)
+      return out
+
     if aggregator == "dynamic":
       w = aggregation.dynamic_weights(losses[0], prev_loss[0], n, jnp.maximum(stale, 0.0), m,
                                       temperature, axis_name=SITE)
     elif aggregator == "gradient":
       f = aggregation.fedavg_weights(n, m, axis_name=SITE)
-      mean = aggregation.grouped_mean(delta, groups_tree, f, holds[0], axis_name=SITE)
+      mean = mean_over_sites(f, 1)
       cos = aggregation.trunk_cosine(delta, groups_tree, mean)
       w = aggregation.alignment_weights(cos, n, m, temperature, axis_name=SITE)
     else:
       w = aggregation.fedavg_weights(n, m, axis_name=SITE)
-    agg = aggregation.grouped_mean(delta, groups_tree, w, holds[0], axis_name=SITE)
+    agg = mean_over_sites(w, 0)
     agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, params)
     keep = m > 0
     opt1 = jax.tree.map(lambda new, old: jnp.where(keep, new, old), opt1, opt0)
     return (agg, jax.tree.map(lambda c: c[None], opt1), losses[:1], jnp.mean(losses)[None],
-            w[None])
+            w[None], clipped[None])
 
   groups_tree = None  # set per parameter structure in round_body
 
-  def round_body(server, clients, site_batches, examples, mask, holds, extra):
+  def round_body(server, clients, site_batches, examples, mask, holds, seeds, coef, extra):
     nonlocal groups_tree
     traces[0] += 1  # Python side effect: once per trace (= per compilation)
     groups_tree = (jax.tree.map(lambda _: 0, server.params) if groups is None else groups)
     per_site = jax.shard_map(
         client, mesh=mesh,
-        in_specs=(P(), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P()),
-        out_specs=(P(), P(SITE), P(SITE), P(SITE), P(SITE)), axis_names={SITE})
-    delta, opt, site_loss, train_loss, w = per_site(
+        in_specs=(P(), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(),
+                  P(SITE), P(SITE)),
+        out_specs=(P(), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE)), axis_names={SITE})
+    delta, opt, site_loss, train_loss, w, clipped = per_site(
         server.params, clients.opt_state, site_batches, examples, mask, holds,
-        server.prev_loss, server.last_round, server.round)
+        server.prev_loss, server.last_round, server.round, seeds, coef)
     applied = jnp.sum(mask) > 0
     updates, opt_state = server_tx.update(delta, server.opt_state, server.params, **extra)
     params = optax.apply_updates(server.params, updates)
@@ -233,6 +257,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     metrics = {"loss": jnp.sum(fw * site_loss) / jnp.maximum(jnp.sum(fw), 1e-30),
                "site_loss": site_loss, "site_train_loss": train_loss, "weights": w,
                "delta_norm": optax.tree.norm(delta), "applied": applied.astype(jnp.int32)}
+    if secure is not None:
+      metrics["secagg_clipped"] = jnp.sum(clipped)
     return new_server, ClientState(opt), metrics
 
   compiled = {}
@@ -248,6 +274,7 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     if holds.ndim != 2 or holds.shape[0] != n_sites:
       raise ValueError(f"holds has shape {holds.shape}; expected ({n_sites}, groups)")
     holds[:, 0] = 1.0
+    seeds, coef = _secagg_inputs(secure, seed, server, mask, holds, n_sites)
     batch_sh = jax.tree.map(lambda b: _batch_sharding(mesh, b, batch_axes), site_batches)
     server_sh = jax.tree.map(lambda x: x.sharding, server)
     client_sh = jax.tree.map(lambda x: x.sharding, clients)
@@ -259,17 +286,34 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     if key not in compiled:
       metric_sh = {"loss": rep, "site_loss": site_sh, "site_train_loss": site_sh,
                    "weights": site_sh, "delta_norm": rep, "applied": rep}
+      if secure is not None:
+        metric_sh["secagg_clipped"] = rep
       compiled[key] = jax.jit(
           round_body,
-          in_shardings=(server_sh, client_sh, batch_sh, site_sh, site_sh, site_sh, extra_sh),
+          in_shardings=(server_sh, client_sh, batch_sh, site_sh, site_sh, site_sh, site_sh,
+                        site_sh, extra_sh),
           out_shardings=(server_sh, client_sh, metric_sh), donate_argnums=(0, 1))
     args = jax.device_put(
         (site_batches, jnp.asarray(examples, jnp.float32), jnp.asarray(mask, jnp.float32),
-         jnp.asarray(holds), extra), (batch_sh, site_sh, site_sh, site_sh, extra_sh))
+         jnp.asarray(holds), seeds, coef, extra),
+        (batch_sh, site_sh, site_sh, site_sh, site_sh, site_sh, extra_sh))
     return compiled[key](server, clients, *args)
 
   round_fn.trace_count = lambda: traces[0]  # type: ignore[attr-defined]
   return round_fn
+
+
+_SECAGG_TAG = 0x7FFFFF00  # folded into a site's round key for its stochastic rounding (> H)
+
+
+def _secagg_inputs(secure, seed, server, mask, holds, n_sites):
+  """(pair seeds uint32 [S, S, 4], coefficients int32 [S, S, G]) of this round; zeros
+  ([S, S, 4] and [S, S, 1]) when secure aggregation is off."""
+  if secure is None:
+    return np.zeros((n_sites, n_sites, 4), np.uint32), np.zeros((n_sites, n_sites, 1), np.int32)
+  rnd = int(jax.device_get(server.round))
+  return (secagg.pair_seeds(seed, rnd, n_sites),
+          secagg.pair_coefficients(np.asarray(mask, np.float32), holds))
 
 
 def _check_inputs(site_batches: Any, examples: Any, mask: Any, n_sites: int, local_steps: int):
