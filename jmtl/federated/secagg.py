@@ -17,8 +17,9 @@ Fixed point (`FixedPoint`, clipping range c, quantization range Q):
 Pairwise masks. Each round r, site i has an X25519 key pair (RFC 7748) derived from the run's
 seed; for every pair i < j the shared secret X25519(sk_i, pk_j) = X25519(sk_j, pk_i) goes
 through HKDF-SHA256 (RFC 5869) to a 128-bit pair seed s_ij, which a counter-based PRG expands
-(JAX's threefry2x32, Salmon et al. 2011, keyed by the seed's words; one stream per vector
-summed and per parameter leaf): p_ij = PRG(s_ij). Site i sends
+(JAX's threefry2x32, Salmon et al. 2011, keyed by the seed's words; one stream per secure sum
+of a round, its counters running over the parameter leaves in tree order): p_ij = PRG(s_ij).
+Site i sends
 
   y_i = encode(x_i) + sum_{j > i} c_ijg p_ij - sum_{j < i} c_jig p_ij   (mod 2^32)
 
@@ -53,6 +54,7 @@ vetted stream cipher (a deployment would use AES-CTR or ChaCha20 keyed by s_ij).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -151,22 +153,31 @@ def pair_coefficients(mask: Any, holds: Any = None) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ PRG, encode, decode
-def prg_bits(seed: jax.Array, shape: tuple[int, ...], stream: int, leaf: int) -> jax.Array:
-  """PRG(s)[stream, leaf]: uint32 bits of `shape` from threefry2x32 keyed by the 4 seed words
-  (words 0-1 the key, 2-3, the stream and the leaf index folded in). Works under jit; the bits
-  do not depend on how the array is sharded (JAX's partitionable threefry)."""
+def prg_bits(seed: jax.Array, size: int, stream: int) -> jax.Array:
+  """PRG(s)[stream]: `size` uint32 words from threefry2x32 keyed by the 4 seed words (words 0-1
+  the key; words 2-3 and the stream folded in); word t is the PRG at counter t. Works under
+  jit; the words do not depend on sharding (JAX's partitionable threefry)."""
   seed = jnp.asarray(seed, jnp.uint32)
   key = jax.random.wrap_key_data(seed[:2], impl="threefry2x32")
-  for word in (seed[2], seed[3], jnp.uint32(stream), jnp.uint32(leaf)):
+  for word in (seed[2], seed[3], jnp.uint32(stream)):
     key = jax.random.fold_in(key, word)
-  return jax.random.bits(key, shape, jnp.uint32)
+  # The barrier materialises the words: without it XLA fuses the generator into each slice or
+  # concatenated piece that reads it and compiles one copy per parameter leaf.
+  return jax.lax.optimization_barrier(jax.random.bits(key, (int(size),), jnp.uint32))
 
 
-def encode(x: jax.Array, fp: FixedPoint, key: jax.Array) -> jax.Array:
-  """uint32 fixed point of `x` (any float shape): clip to [-c, c], stochastic rounding to
-  multiples of d with U[0, 1) draws from `key`, two's complement (module docstring)."""
+def uniform(key: jax.Array, size: int) -> jax.Array:
+  """`size` U[0, 1) float32 draws from `key` (materialised, see `prg_bits`): the stochastic
+  rounding of `encode`, one draw per value of the leaves concatenated in tree order."""
+  return jax.lax.optimization_barrier(jax.random.uniform(key, (int(size),), jnp.float32))
+
+
+def encode(x: jax.Array, fp: FixedPoint, u: jax.Array) -> jax.Array:
+  """uint32 fixed point of `x` (any float shape): clip to [-c, c], stochastic rounding
+  floor(x / d + u) with `u` U[0, 1) draws of x's shape (`uniform`), two's complement (module
+  docstring)."""
   scaled = jnp.clip(x.astype(jnp.float32), -fp.clipping_range, fp.clipping_range) / fp.step
-  q = jnp.floor(scaled + jax.random.uniform(key, x.shape, jnp.float32))
+  q = jnp.floor(scaled + u)
   q = jnp.clip(q, -fp.max_level, fp.max_level).astype(jnp.int32)
   return jax.lax.bitcast_convert_type(q, jnp.uint32)
 
@@ -183,20 +194,54 @@ def _signed(bits: jax.Array, c: jax.Array) -> jax.Array:
   return jnp.where(c > 0, bits, zero) - jnp.where(c < 0, bits, zero)
 
 
+def _split(flat: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list[jax.Array]:
+  """Consecutive pieces of a materialised vector, reshaped (slices, no concatenation: XLA
+  would copy a concatenation into every slice that reads it)."""
+  out, at = [], 0
+  for shape, n in zip(shapes, _sizes(shapes)):
+    out.append(flat[at:at + n].reshape(shape))
+    at += n
+  return out
+
+
+def _sizes(shapes: Sequence[tuple[int, ...]]) -> list[int]:
+  return [int(np.prod(s, dtype=np.int64)) for s in shapes]
+
+
+def _group_leaves(leaves: Sequence[Any], groups: Any) -> list[int]:
+  return [0] * len(leaves) if groups is None else [int(g) for g in jax.tree.leaves(groups)]
+
+
+def pair_mask(shapes: Sequence[tuple[int, ...]], group_leaves: Sequence[int], seed: jax.Array,
+              coef: jax.Array, stream: int) -> list[jax.Array]:
+  """One pair's signed mask per leaf (uint32, shaped as `shapes`): leaf n (group g) takes the
+  words of PRG(s)[stream] at counters [o_n, o_n + size_n) (o_n: the sizes of the leaves
+  before it in tree order) times coef[g] in {-1, 0, 1} (mod 2^32). `coef` [G]."""
+  bits = _split(prg_bits(seed, sum(_sizes(shapes)), stream), shapes)
+  return [_signed(b, coef[g]) for b, g in zip(bits, group_leaves)]
+
+
 def site_mask(like: Any, groups: Any, seeds_row: jax.Array, coef_row: jax.Array,
               stream: int = 0) -> Any:
-  """Site i's total mask, a tree of uint32 shaped like `like`: for a leaf of group g,
-  sum_j c[i, j, g] PRG(s_ij)[stream, leaf] mod 2^32. `seeds_row` [S, 4] (row i of
-  `pair_seeds`), `coef_row` [S, G] (row i of `pair_coefficients`); `groups` None = all 0."""
+  """Site i's total mask, a tree of uint32 shaped like `like`: sum_j c[i, j, g] p_ij per leaf
+  (`pair_mask`, mod 2^32). `seeds_row` [S, 4] (row i of `pair_seeds`), `coef_row` [S, G] (row
+  i of `pair_coefficients`); `groups` None = all 0. A loop over j (one PRG in the program)."""
   leaves, tree = jax.tree.flatten(like)
-  group_leaves = [0] * len(leaves) if groups is None else jax.tree.leaves(groups)
-  out = []
-  for n, (x, g) in enumerate(zip(leaves, group_leaves)):
-    m = jnp.zeros(jnp.shape(x), jnp.uint32)
-    for j in range(seeds_row.shape[0]):
-      m = m + _signed(prg_bits(seeds_row[j], jnp.shape(x), stream, n), coef_row[j, g])
-    out.append(m)
-  return jax.tree.unflatten(tree, out)
+  shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
+  return jax.tree.unflatten(tree, _site_mask(
+      jnp.asarray(seeds_row, jnp.uint32), jnp.asarray(coef_row, jnp.int32), shapes=shapes,
+      group_leaves=tuple(_group_leaves(leaves, groups)), stream=int(stream)))
+
+
+@functools.partial(jax.jit, static_argnames=("shapes", "group_leaves", "stream"))
+def _site_mask(seeds_row, coef_row, *, shapes, group_leaves, stream):
+  def body(j, acc):
+    return [a + m for a, m in zip(acc, pair_mask(shapes, group_leaves, seeds_row[j],
+                                                 coef_row[j], stream))]
+
+  # The first pair starts the carry (inside shard_map it then varies over sites like the rest).
+  first = pair_mask(shapes, group_leaves, seeds_row[0], coef_row[0], stream)
+  return jax.lax.fori_loop(1, seeds_row.shape[0], body, first)
 
 
 # ------------------------------------------------------------------ site side / server side
@@ -210,22 +255,31 @@ class MaskedPayload(NamedTuple):
 def site_payload(update: Any, site: int, seeds_row: Any, coef_row: Any, fp: FixedPoint,
                  key: jax.Array, groups: Any = None, stream: int = 0) -> MaskedPayload:
   """Site side: encode(update) + site_mask(...) mod 2^32, per leaf (float leaves of any shape;
-  `key` draws the stochastic rounding, one fold per leaf). The plain update stays here."""
+  `key` draws the stochastic rounding of all leaves, concatenated in tree order). The plain
+  update stays here."""
   leaves, tree = jax.tree.flatten(update)
-  codes = [encode(x, fp, jax.random.fold_in(key, n)) for n, x in enumerate(leaves)]
-  codes = jax.tree.unflatten(tree, codes)
-  mask = site_mask(codes, groups, jnp.asarray(seeds_row, jnp.uint32),
-                   jnp.asarray(coef_row, jnp.int32), stream)
-  return MaskedPayload(int(site), jax.tree.map(jnp.add, codes, mask))
+  out = _payload(leaves, jnp.asarray(seeds_row, jnp.uint32), jnp.asarray(coef_row, jnp.int32),
+                 key, fp=fp, group_leaves=tuple(_group_leaves(leaves, groups)),
+                 stream=int(stream))
+  return MaskedPayload(int(site), jax.tree.unflatten(tree, out))
+
+
+@functools.partial(jax.jit, static_argnames=("fp", "group_leaves", "stream"))
+def _payload(leaves, seeds_row, coef_row, key, *, fp, group_leaves, stream):
+  shapes = tuple(tuple(x.shape) for x in leaves)
+  u = _split(uniform(key, sum(_sizes(shapes))), shapes)
+  mask = _site_mask(seeds_row, coef_row, shapes=shapes, group_leaves=group_leaves,
+                    stream=stream)
+  return [encode(x, fp, v) + m for x, v, m in zip(leaves, u, mask)]
 
 
 def payload_bytes(payload: MaskedPayload, groups: Any = None, holds_row: Any = None) -> bytes:
   """The bytes a site sends: its uint32 leaves of the groups it holds (`holds_row` [G], None =
   all), little-endian, in tree order: 4 bytes per value, what `bytes_up` counts."""
   leaves = jax.tree.leaves(payload.values)
-  group_leaves = [0] * len(leaves) if groups is None else jax.tree.leaves(groups)
   held = (lambda g: True) if holds_row is None else (lambda g: bool(np.asarray(holds_row)[g]))
-  return b"".join(np.asarray(x, "<u4").tobytes() for x, g in zip(leaves, group_leaves) if held(g))
+  return b"".join(np.asarray(x, "<u4").tobytes()
+                  for x, g in zip(leaves, _group_leaves(leaves, groups)) if held(g))
 
 
 def unmask_sum(payloads: Sequence[MaskedPayload], revealed: Mapping[tuple[int, int], Any]
@@ -233,7 +287,8 @@ def unmask_sum(payloads: Sequence[MaskedPayload], revealed: Mapping[tuple[int, i
   """Server side: sum_i y_i mod 2^32 over the payloads that arrived (a tree of uint32), minus
   the masks survivor i shared with a dropped site d, from `revealed[(i, d)] = s_id` and the
   public coefficients `coef` [S, S, G] used when masking. Takes no plain update: when every
-  participant arrived, or every dropped pair is revealed, the result is sum_i encode(x_i)."""
+  participant arrived, or every dropped pair is revealed, the result is sum_i encode(x_i).
+  ValueError for no payload, or a revealed pair whose first site did not arrive or second did."""
   if not payloads:
     raise ValueError("no payload arrived")
   total = payloads[0].values
@@ -245,15 +300,19 @@ def unmask_sum(payloads: Sequence[MaskedPayload], revealed: Mapping[tuple[int, i
       raise ValueError("revealed seeds need the coefficients used when masking (coef)")
     coef = np.asarray(coef)
     leaves, tree = jax.tree.flatten(total)
-    group_leaves = [0] * len(leaves) if groups is None else jax.tree.leaves(groups)
+    shapes = tuple(tuple(x.shape) for x in leaves)
+    group_leaves = tuple(_group_leaves(leaves, groups))
     for (i, d), s in sorted(revealed.items()):
       if i not in arrived or d in arrived:
         raise ValueError(f"revealed seed ({i}, {d}): site {i} must have arrived and {d} not")
-      leaves = [x - _signed(prg_bits(jnp.asarray(s, jnp.uint32), x.shape, stream, n),
-                            jnp.int32(coef[i, d, g]))
-                for n, (x, g) in enumerate(zip(leaves, group_leaves))]
+      masks = _pair_mask(shapes, group_leaves, jnp.asarray(s, jnp.uint32),
+                         jnp.asarray(coef[i, d], jnp.int32), int(stream))
+      leaves = [x - m for x, m in zip(leaves, masks)]
     total = jax.tree.unflatten(tree, leaves)
   return total
+
+
+_pair_mask = jax.jit(pair_mask, static_argnums=(0, 1, 4))
 
 
 # ------------------------------------------------------------------ inside the jitted round
