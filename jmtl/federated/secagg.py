@@ -66,7 +66,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-MODULUS_BITS = 32  # payloads are uint32: arithmetic in Z_2^32
 _INT32_MAX = 2**31 - 1
 
 
