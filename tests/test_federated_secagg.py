@@ -272,3 +272,23 @@ def test_cli_secure_aggregation_bad_range_is_one_line_exit_2(tmp_path):
   assert out.stderr.count("\n") == 1 and out.stderr.startswith("jmtl: error: "), out.stderr
   assert "config key 'fed.secagg.quantization_range' = 4294967296 is too large" in out.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_without_cryptography_secure_aggregation_is_a_config_error(monkeypatch):
+  import importlib.util
+
+  from jmtl import preflight
+  spec = importlib.util.spec_from_file_location("tiny_fed", REPO / "tests" / "configs" /
+                                                "tiny_fed.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.fed.secure_aggregation = True
+  preflight._federated(config, 8)  # installed: fine
+  monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives", None)  # import fails
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"'fed.secure_aggregation' = True: secure aggregation needs "
+                           r"cryptography>=42 \(pip install 'jmtl\[fed\]'\)"):
+    preflight._federated(config, 8)
+  config.fed.secure_aggregation = False
+  preflight._federated(config, 8)  # off: cryptography is not needed

@@ -62,11 +62,22 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import x25519
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 _INT32_MAX = 2**31 - 1
+CRYPTOGRAPHY_REQUIREMENT = "cryptography>=42"  # the `fed` extra; imported only when keys are made
+
+
+def _crypto():
+  """(hashes, x25519, HKDF) from `cryptography`, imported when first needed so that jmtl
+  without the `fed` extra runs everything but secure aggregation; ImportError names the pin."""
+  try:
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import x25519  # noqa: PLC0415
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: PLC0415
+  except ImportError as e:
+    raise ImportError(f"secure aggregation needs {CRYPTOGRAPHY_REQUIREMENT} (pip install "
+                      f"'jmtl[fed]'): {e}") from e
+  return hashes, x25519, HKDF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,20 +119,23 @@ def max_quantization_range(n_sites: int) -> int:
 
 
 # ------------------------------------------------------------------ keys and pair seeds
-def site_private_key(seed: int, round_index: int, site: int) -> x25519.X25519PrivateKey:
+def site_private_key(seed: int, round_index: int, site: int) -> Any:
   """Site `site`'s X25519 private key for round `round_index`: 32 bytes of HKDF-SHA256 of the
   run's `seed` (deterministic, so a run is reproducible and resumable; see the module
-  docstring for what that means for security)."""
+  docstring for what that means for security). Returns an X25519PrivateKey."""
+  hashes, x25519, HKDF = _crypto()
   ikm = struct.pack("<q", int(seed))
   info = b"jmtl secagg site key|%d|%d" % (int(round_index), int(site))
   raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"jmtl-secagg-v1", info=info).derive(ikm)
   return x25519.X25519PrivateKey.from_private_bytes(raw)
 
 
-def pair_seed(private_key: x25519.X25519PrivateKey, peer_public: x25519.X25519PublicKey,
-              round_index: int, i: int, j: int) -> np.ndarray:
-  """s_ij: HKDF-SHA256 (128 bits) of the X25519 shared secret of sites i and j, as uint32[4];
-  symmetric (i's key with j's public key gives what j's with i's gives)."""
+def pair_seed(private_key: Any, peer_public: Any, round_index: int, i: int, j: int
+              ) -> np.ndarray:
+  """s_ij: HKDF-SHA256 (128 bits) of the X25519 shared secret of sites i and j (an
+  X25519PrivateKey and the peer's X25519PublicKey), as uint32[4]; symmetric (i's key with j's
+  public key gives what j's with i's gives)."""
+  hashes, _, HKDF = _crypto()
   shared = private_key.exchange(peer_public)
   lo, hi = sorted((int(i), int(j)))
   info = b"jmtl secagg pair seed|%d|%d|%d" % (int(round_index), lo, hi)
