@@ -12,6 +12,8 @@ k = 1..S with examples n_k, participation m_k in {0, 1} and held groups h_kg:
     w = fedavg_weights(n, m), dynamic_weights(L, P, n, tau, m, T) or alignment_weights(
         cos(Delta_k, FedAvg mean over the trunk), n, m, T)
     Delta = grouped_mean(Delta_k, groups, w, h)        (trunk over all, heads over holders)
+    (with `secure`: each site sends encode(w_k h_kg / sum_j w_j h_jg clip(Delta_k)) + pairwise
+     masks as uint32 and the sum over sites is decoded: `jmtl.federated.secagg`)
   server:  u, s <- server_tx.update(Delta, s, x, **extra);  x <- x + u
 
 `client_tx` and `server_tx` come from `jmtl.optim.build`: client sgd + server sgd(1.0) is FedAvg
