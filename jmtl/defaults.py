@@ -490,6 +490,27 @@ _key("fed.deadline_s", 0.0, "simulated seconds after which a synchronous round d
      "wait for the slowest", check=ge(0))
 _key("fed.step_time_s", 0.0, "simulated seconds of one local step at speed 1; 0 = measured on "
      "this host (the median compiled round time / local_steps)", check=ge(0))
+# Secure aggregation (jmtl.federated.secagg; Bonawitz et al. 2017; Flower SecAgg+'s names).
+SECURE_AGGREGATORS = ("fedavg", "dynamic", "gradient")  # rules that only need weighted sums
+_key("fed.secure_aggregation", False,
+     "sum the sites' deltas by pairwise additive masks in Z_2^32 (X25519 + HKDF pair seeds, "
+     "threefry masks): the aggregation sees only masked uint32 payloads; weights are public",
+     rules=((lambda v, c: not v or c.fed.aggregator in SECURE_AGGREGATORS,
+             lambda c: f"needs fed.aggregator in {SECURE_AGGREGATORS} (a secure sum reveals "
+                       f"only the weighted sum; {c.fed.aggregator!r} must see each site's "
+                       f"update)"),))
+_key("fed.secagg.clipping_range", 1.0,
+     "secure_aggregation: each coordinate of a site's delta is clipped to [-c, c] before its "
+     "public weight is applied (units of the parameters)", check=gt(0))
+_key("fed.secagg.quantization_range", 2**22,
+     "secure_aggregation: fixed-point levels Q over [-c, c] (step 2c / (Q - 1)); sites x Q/2 "
+     "must stay <= 2^31 - 1 so the sum over sites cannot wrap modulo 2^32",
+     check=between(2, 2**32),
+     rules=((lambda v, c: not c.fed.secure_aggregation
+             or len(c.fed.sites) * (v // 2) <= 2**31 - 1,
+             lambda c: f"is too large for {len(c.fed.sites)} sites: the sum of their encoded "
+                       f"updates could wrap modulo 2^32 (at most "
+                       f"{2 * ((2**31 - 1) // max(len(c.fed.sites), 1)) + 1})"),))
 _key("fed.eval_every", 0, "rounds between evaluations; 0 = only at the end", check=ge(0))
 _key("fed.checkpoint_every", 5, "rounds between checkpoints", check=ge(1))
 _key("fed.log_every", 1, "rounds between train lines of metrics.jsonl", check=ge(1))

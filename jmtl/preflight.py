@@ -178,7 +178,8 @@ def _federated(config: ml_collections.ConfigDict, device_count: int) -> int:
   the Byzantine site names of `fed.faults.byzantine`,
   the ("site", "data", "fsdp", "tensor") mesh over sites x devices per site (`mesh.*` sizes are
   one site's), the client and server optimizers, and one length bucket (every site's batches
-  must have one shape). Returns one site's batch shards."""
+  must have one shape), and `cryptography` when `fed.secure_aggregation` is on. Returns one
+  site's batch shards."""
   from jmtl.federated import loop as fed_loop  # noqa: PLC0415
   from jmtl.federated import sites as sites_lib  # noqa: PLC0415
   from jmtl.parallel import sharding  # noqa: PLC0415
@@ -224,6 +225,12 @@ def _federated(config: ml_collections.ConfigDict, device_count: int) -> int:
     except (KeyError, ValueError, TypeError) as e:
       msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
       raise ConfigError(f"config key 'fed.{which}_optimizer' = {cfg.name!r}: {msg}") from e
+  if config.fed.secure_aggregation:
+    from jmtl.federated import secagg  # noqa: PLC0415
+    try:
+      secagg._crypto()  # noqa: SLF001
+    except ImportError as e:
+      raise ConfigError(f"config key 'fed.secure_aggregation' = True: {e}") from e
   return shards
 
 

@@ -12,6 +12,8 @@ k = 1..S with examples n_k, participation m_k in {0, 1} and held groups h_kg:
     w = fedavg_weights(n, m), dynamic_weights(L, P, n, tau, m, T) or alignment_weights(
         cos(Delta_k, FedAvg mean over the trunk), n, m, T)
     Delta = grouped_mean(Delta_k, groups, w, h)        (trunk over all, heads over holders)
+    (with `secure`: each site sends encode(w_k h_kg / sum_j w_j h_jg clip(Delta_k)) + pairwise
+     masks as uint32 and the sum over sites is decoded: `jmtl.federated.secagg`)
   robust aggregators (median, trimmed_mean, krum; `jmtl.federated.robust`): each site returns
     its Delta_k, stacked [S, ...] along `site`, and the rule runs in the global view of the
     same jit (XLA inserts the gathers); masks, not shapes, keep non-participants out
@@ -54,6 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jmtl.federated import aggregation
 from jmtl.federated import faults as faults_lib
 from jmtl.federated import robust
+from jmtl.federated import secagg
 from jmtl.parallel.mesh import SITE_AXIS
 
 SITE = SITE_AXIS
@@ -155,7 +158,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                reset_client_state: bool = False, batch_axes: tuple[str, ...] = ("data", "fsdp"),
                seed: int = 0, prox_mu: float = 0.0, trim: float = 0.1, byzantine_f: int = 0,
                krum_m: int = 0, byzantine: bool = False, byzantine_scale: float = 10.0,
-               backend: str = "shard_map") -> Callable[..., tuple[ServerState, ClientState, dict]]:
+               backend: str = "shard_map", secure: secagg.FixedPoint | None = None
+               ) -> Callable[..., tuple[ServerState, ClientState, dict]]:
   """Returns `round_fn(server, clients, site_batches, examples, mask, holds=None, modes=None, *,
   scale=None, **extra)`.
 
@@ -184,6 +188,13 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   `round_fn.trace_count()` counts compilations (one per shape). ValueError for a mesh without
   an outermost `site` axis, an unknown backend, "pmap" on a mesh whose sites span several
   devices, inputs whose leading dims are not [S, H], or bad weights/masks.
+
+  `secure` (a `secagg.FixedPoint`, None = off): every weighted sum over sites becomes a secure
+  sum (`secagg.secure_grouped_mean`): each site clips its delta, scales it by its public weight,
+  encodes and masks it, and the aggregation receives only uint32 payloads; the round's pair
+  seeds come from (seed, server.round) on the host (`secagg.pair_seeds`), masks pair only the
+  participants holding a leaf's group. Adds `metrics["secagg_clipped"]` (values changed by
+  clipping, over participants).
   """
   n_sites = site_count(mesh)
   local_steps = int(local_steps)
@@ -194,6 +205,11 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   if aggregator not in ("fedavg", "dynamic", "gradient") + robust.RULES:
     raise ValueError(f"aggregator must be fedavg, dynamic, gradient, {', '.join(robust.RULES)}, "
                      f"got {aggregator!r}")
+  if secure is not None:
+    if stacked_path:
+      raise ValueError(f"aggregator {aggregator!r} needs every site's delta; secure aggregation "
+                       f"reveals only their sum")
+    secure.check_sites(n_sites)
   server_tx = optax.with_extra_args_support(server_tx)
   prox_mu = float(prox_mu)
   if prox_mu < 0:
@@ -212,10 +228,11 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   traces = [0]
 
   def client(params, opt, batches, examples, mask, holds, prev_loss, last_round, rnd, modes,
-             scale, *own):
-    """One site (inside shard_map or pmap): H local steps, then its weighted delta psum'ed over
-    sites (robust aggregators: its own delta, [1, ...], stacked along `site` by out_specs).
-    `own`: () or (this site's start parameters,) for asynchronous rounds."""
+             scale, seeds, coef, *own):
+    """One site (inside shard_map or pmap): H local steps, then its weighted delta summed over
+    sites (psum, or a secure sum with `secure`; robust aggregators: its own delta, [1, ...],
+    stacked along `site` by out_specs). `own`: () or (this site's start parameters,) for
+    asynchronous rounds."""
     site = jax.lax.axis_index(SITE)
     batches = jax.tree.map(lambda b: b[0], batches)
     opt0 = jax.tree.map(lambda c: c[0], opt)
@@ -242,6 +259,17 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     if byzantine:
       delta = faults_lib.corrupt(delta, modes[0], byzantine_scale,
                                  faults_lib.noise_key(base_key, rnd, site))
+    clipped = jnp.float32(0.0)
+
+    def mean_over_sites(weight, stream):
+      nonlocal clipped
+      if secure is None:
+        return aggregation.grouped_mean(delta, groups_tree, weight, holds[0], axis_name=SITE)
+      out, clipped = secagg.secure_grouped_mean(  # one PRG stream per secure sum of the round
+          delta, groups_tree, weight, holds[0], seeds[0], coef[0], secure,
+          jax.random.fold_in(key, _SECAGG_TAG + stream), SITE, stream)
+      return out
+
     if stacked_path:
       agg, w = jax.tree.map(lambda d: d[None], delta), jnp.zeros([], jnp.float32)
     elif aggregator == "dynamic":
@@ -249,18 +277,18 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                                       temperature, axis_name=SITE)
     elif aggregator == "gradient":
       f = aggregation.fedavg_weights(n, m, axis_name=SITE)
-      mean = aggregation.grouped_mean(delta, groups_tree, f, holds[0], axis_name=SITE)
+      mean = mean_over_sites(f, 1)
       cos = aggregation.trunk_cosine(delta, groups_tree, mean)
       w = aggregation.alignment_weights(cos, n, m, temperature, axis_name=SITE)
     else:
       w = aggregation.fedavg_weights(n, m, axis_name=SITE)
     if not stacked_path:
-      agg = aggregation.grouped_mean(delta, groups_tree, w, holds[0], axis_name=SITE)
+      agg = mean_over_sites(w, 0)
       agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, params)
     keep = m > 0
     opt1 = jax.tree.map(lambda new, old: jnp.where(keep, new, old), opt1, opt0)
     return (agg, jax.tree.map(lambda c: c[None], opt1), losses[:1], jnp.mean(losses)[None],
-            (w * scale[0])[None])
+            (w * scale[0])[None], clipped[None])
 
   groups_tree = None  # set per parameter structure in round_body
 
@@ -270,19 +298,20 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                               byzantine_f=byzantine_f, krum_m=krum_m)
     return jax.tree.map(lambda a, p: a.astype(p.dtype), agg, params), w
 
-  def round_body(server, clients, site_batches, examples, mask, holds, modes, scale, extra):
+  def round_body(server, clients, site_batches, examples, mask, holds, modes, scale, seeds, coef,
+                 extra):
     nonlocal groups_tree
     traces[0] += 1  # Python side effect: once per trace (= per compilation)
     groups_tree = (jax.tree.map(lambda _: 0, server.params) if groups is None else groups)
     own = () if clients.start_params is None else (clients.start_params,)
     per_site = map_sites(
         client, mesh, backend,
-        in_sites=(False, True, True, True, True, True, True, True, False, True, True)
+        in_sites=(False, True, True, True, True, True, True, True, False, True, True, True, True)
         + (True,) * len(own),
-        out_sites=(stacked_path, True, True, True, True))
-    delta, opt, site_loss, train_loss, w = per_site(
+        out_sites=(stacked_path, True, True, True, True, True))
+    delta, opt, site_loss, train_loss, w, clipped = per_site(
         server.params, clients.opt_state, site_batches, examples, mask, holds,
-        server.prev_loss, server.last_round, server.round, modes, scale, *own)
+        server.prev_loss, server.last_round, server.round, modes, scale, seeds, coef, *own)
     if stacked_path:
       delta, w = robust_delta(delta, mask, holds, server.params)
       w = w * scale
@@ -299,6 +328,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     metrics = {"loss": jnp.sum(fw * site_loss) / jnp.maximum(jnp.sum(fw), 1e-30),
                "site_loss": site_loss, "site_train_loss": train_loss, "weights": w,
                "delta_norm": optax.tree.norm(delta), "applied": applied.astype(jnp.int32)}
+    if secure is not None:
+      metrics["secagg_clipped"] = jnp.sum(clipped)
     starts = clients.start_params
     if starts is not None:  # the sites that delivered restart from the newest server model
       restart = took & applied
@@ -331,6 +362,7 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     if not byzantine and modes.any():
       raise ValueError(f"modes {modes.tolist()} corrupt sites, but the round was made without "
                        f"byzantine=True")
+    seeds, coef = _secagg_inputs(secure, seed, server, mask, holds, n_sites)
     batch_sh = jax.tree.map(lambda b: site_batch_sharding(mesh, b, batch_axes), site_batches)
     server_sh = jax.tree.map(lambda x: x.sharding, server)
     client_sh = jax.tree.map(lambda x: x.sharding, clients)
@@ -342,15 +374,17 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     if key not in compiled:
       metric_sh = {"loss": rep, "site_loss": site_sh, "site_train_loss": site_sh,
                    "weights": site_sh, "delta_norm": rep, "applied": rep}
+      if secure is not None:
+        metric_sh["secagg_clipped"] = rep
       compiled[key] = jax.jit(
           round_body,
           in_shardings=(server_sh, client_sh, batch_sh, site_sh, site_sh, site_sh, site_sh,
-                        site_sh, extra_sh),
+                        site_sh, site_sh, site_sh, extra_sh),
           out_shardings=(server_sh, client_sh, metric_sh), donate_argnums=(0, 1))
     args = jax.device_put(
         (site_batches, jnp.asarray(examples, jnp.float32), jnp.asarray(mask, jnp.float32),
-         jnp.asarray(holds), jnp.asarray(modes), jnp.asarray(scale), extra),
-        (batch_sh, site_sh, site_sh, site_sh, site_sh, site_sh, extra_sh))
+         jnp.asarray(holds), jnp.asarray(modes), jnp.asarray(scale), seeds, coef, extra),
+        (batch_sh, site_sh, site_sh, site_sh, site_sh, site_sh, site_sh, site_sh, extra_sh))
     return compiled[key](server, clients, *args)
 
   round_fn.trace_count = lambda: traces[0]  # type: ignore[attr-defined]
@@ -396,6 +430,19 @@ def map_sites(fn: Callable, mesh: Mesh, backend: str, *, in_sites: tuple[bool, .
   return jax.pmap(one_site, axis_name=SITE, in_axes=tuple(0 if s else None for s in in_sites),
                   out_axes=tuple(0 if s else None for s in out_sites),
                   devices=list(mesh.devices.reshape(-1)))
+
+
+_SECAGG_TAG = 0x7FFFFF00  # folded into a site's round key for its stochastic rounding (> H)
+
+
+def _secagg_inputs(secure, seed, server, mask, holds, n_sites):
+  """(pair seeds uint32 [S, S, 4], coefficients int32 [S, S, G]) of this round; zeros
+  ([S, S, 4] and [S, S, 1]) when secure aggregation is off."""
+  if secure is None:
+    return np.zeros((n_sites, n_sites, 4), np.uint32), np.zeros((n_sites, n_sites, 1), np.int32)
+  rnd = int(np.asarray(server.round.addressable_data(0)))  # replicated (also across processes)
+  return (secagg.pair_seeds(seed, rnd, n_sites),
+          secagg.pair_coefficients(np.asarray(mask, np.float32), holds))
 
 
 def _check_inputs(site_batches: Any, examples: Any, mask: Any, n_sites: int, local_steps: int):
