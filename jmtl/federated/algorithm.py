@@ -24,6 +24,13 @@ change, so a new participation pattern never recompiles) but its weight is 0 and
 state is kept as it was. With `reset_client_state` c_k is re-initialised every round.
 A round where no site takes part leaves the server unchanged (`metrics["applied"] = 0`).
 
+Two hooks (the math lives in their modules): with `codec`, each site's Delta_k goes through
+`jmtl.federated.compression.apply` right after it is computed (the aggregate uses the decoded
+values; a top-k codec keeps each site's error-feedback residual e_k in ClientState.residual);
+with `dp`, DP-FedAvg replaces the weighted mean: each site's (decoded) update is clipped to
+norm C and summed, and the server adds Gaussian noise and divides by the expected participant
+count (`jmtl.federated.privacy`).
+
 L_k (`site_loss`) is site k's loss on its first local batch at the server parameters x (before
 any local step): the loss of the model being trained, on that site's data.
 Layout: every leaf of `site_batches` is [S, H, B, ...], sharded P(site, None, batch axes);
@@ -43,6 +50,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jmtl.federated import aggregation
+from jmtl.federated import compression
+from jmtl.federated import privacy
 from jmtl.parallel.mesh import SITE_AXIS
 
 SITE = SITE_AXIS
@@ -61,9 +70,11 @@ class ServerState(NamedTuple):
 
 
 class ClientState(NamedTuple):
-  """Each site's client optimizer state, leaves stacked [S, ...] along `site`."""
+  """Each site's client optimizer state and its compression residual (float32 like the
+  parameters; None without error feedback), leaves stacked [S, ...] along `site`."""
 
   opt_state: Any
+  residual: Any = None
 
 
 def site_count(mesh: Mesh) -> int:
@@ -82,8 +93,10 @@ def stacked(sharding: NamedSharding) -> NamedSharding:
 
 def init(params: Any, server_tx: optax.GradientTransformation,
          client_tx: optax.GradientTransformation, mesh: Mesh, *,
-         param_shardings: Any = None) -> tuple[ServerState, ClientState]:
-  """Round-0 states: `server_tx.init(params)`; every site's `client_tx.init(params)` stacked."""
+         param_shardings: Any = None, error_feedback: bool = False
+         ) -> tuple[ServerState, ClientState]:
+  """Round-0 states: `server_tx.init(params)`; every site's `client_tx.init(params)` stacked;
+  with `error_feedback`, every site's residual zeros (float32, stacked like the parameters)."""
   n = site_count(mesh)
   rep = NamedSharding(mesh, P())
   if param_shardings is None:
@@ -96,8 +109,13 @@ def init(params: Any, server_tx: optax.GradientTransformation,
                                            client_tx.init(p)), out_shardings=client_sh)(params)
   server = ServerState(params, server_opt, jnp.zeros([], jnp.int32),
                        jnp.zeros([n], jnp.float32), jnp.full([n], -1, jnp.int32))
+  residual = None
+  if error_feedback:
+    residual = jax.jit(
+        lambda p: jax.tree.map(lambda x: jnp.zeros((n,) + x.shape, jnp.float32), p),
+        out_shardings=jax.tree.map(stacked, param_shardings))(params)
   return jax.device_put(server, state_shardings(server, param_shardings, server_sh, mesh)), \
-      ClientState(clients)
+      ClientState(clients, residual)
 
 
 def _opt_shardings(tx, params, param_shardings, rep):
@@ -130,7 +148,9 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                server_tx: optax.GradientTransformation, mesh: Mesh, *, local_steps: int,
                groups: Any = None, aggregator: str = "fedavg", temperature: float = 1.0,
                reset_client_state: bool = False, batch_axes: tuple[str, ...] = ("data", "fsdp"),
-               seed: int = 0, prox_mu: float = 0.0) -> Callable[..., tuple[ServerState, ClientState, dict]]:
+               seed: int = 0, prox_mu: float = 0.0, codec: compression.Codec | None = None,
+               dp: privacy.DPConfig | None = None
+               ) -> Callable[..., tuple[ServerState, ClientState, dict]]:
   """Returns `round_fn(server, clients, site_batches, examples, mask, holds=None, **extra)`.
 
   `loss_fn(params, batch, key) -> scalar` is one site's loss on one local batch (`key`: the
@@ -142,8 +162,11 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   `val_metric`, `val_count`). Returns (server, clients, metrics): `loss` (sum_k m_k n_k L_k /
   sum_k m_k n_k), `site_loss` [S] (the L_k), `site_train_loss` [S] (mean loss over the local
   steps), `weights` [S] (the aggregation weights), `delta_norm` (||Delta||_2), `applied`.
-  `round_fn.trace_count()` counts compilations (one per shape). ValueError for a mesh without
-  an outermost `site` axis, inputs whose leading dims are not [S, H], or bad weights/masks.
+  `codec`: compression of each site's update (None or a disabled Codec = float32 as is; with
+  top-k, `clients` must come from `init(..., error_feedback=True)`). `dp`: DP-FedAvg (weights
+  become m_k / (q S), the aggregator must be fedavg). `round_fn.trace_count()` counts
+  compilations (one per shape). ValueError for a mesh without an outermost `site` axis, inputs
+  whose leading dims are not [S, H], bad weights/masks, or dp with another aggregator.
   """
   n_sites = site_count(mesh)
   local_steps = int(local_steps)
@@ -152,6 +175,11 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   if aggregator not in ("fedavg", "dynamic", "gradient"):
     raise ValueError(f"aggregator must be fedavg, dynamic or gradient, got {aggregator!r}")
   server_tx = optax.with_extra_args_support(server_tx)
+  if codec is not None and not codec.enabled:
+    codec = None
+  if dp is not None and aggregator != "fedavg":
+    raise ValueError(f"DP-FedAvg uses uniform weights; aggregator must be fedavg, got "
+                     f"{aggregator!r}")
   prox_mu = float(prox_mu)
   if prox_mu < 0:
     raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
@@ -168,7 +196,7 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   base_key = jax.random.key(int(seed))
   traces = [0]
 
-  def client(params, opt, batches, examples, mask, holds, prev_loss, last_round, rnd):
+  def client(params, opt, residual, batches, examples, mask, holds, prev_loss, last_round, rnd):
     """One site (inside shard_map): H local steps, then its weighted delta psum'ed over sites."""
     site = jax.lax.axis_index(SITE)
     batches = jax.tree.map(lambda b: b[0], batches)
@@ -190,7 +218,18 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     m, n = mask[0], examples[0]
     stale = (rnd - last_round[0] - 1).astype(jnp.float32)
     delta = jax.tree.map(lambda p, q: (p - q).astype(jnp.float32), start, local)
-    if aggregator == "dynamic":
+    sent = jax.tree.map(lambda g: holds[0][g], groups_tree)  # 0/1: does this site send the leaf
+    res1 = None
+    if codec is not None:  # per-site hook: the update as the aggregate decodes it
+      res0 = None if residual is None else jax.tree.map(lambda e: e[0], residual)
+      delta, res1 = compression.apply(codec, delta, res0, jax.random.fold_in(key, _CODEC_KEY),
+                                      sent, m)
+      res1 = None if res1 is None else jax.tree.map(lambda e: e[None], res1)
+    if dp is not None:  # DP-FedAvg: clipped sum here, noise and scale on the server
+      w = m / (dp.sampling_rate * n_sites)
+      clipped, _ = privacy.clip(jax.tree.map(lambda d, s: d * s, delta, sent), dp.clip_norm)
+      agg = jax.tree.map(lambda d: jax.lax.psum(m * d, SITE), clipped)
+    elif aggregator == "dynamic":
       w = aggregation.dynamic_weights(losses[0], prev_loss[0], n, jnp.maximum(stale, 0.0), m,
                                       temperature, axis_name=SITE)
     elif aggregator == "gradient":
@@ -200,12 +239,13 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
       w = aggregation.alignment_weights(cos, n, m, temperature, axis_name=SITE)
     else:
       w = aggregation.fedavg_weights(n, m, axis_name=SITE)
-    agg = aggregation.grouped_mean(delta, groups_tree, w, holds[0], axis_name=SITE)
-    agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, params)
+    if dp is None:
+      agg = aggregation.grouped_mean(delta, groups_tree, w, holds[0], axis_name=SITE)
+      agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, params)
     keep = m > 0
     opt1 = jax.tree.map(lambda new, old: jnp.where(keep, new, old), opt1, opt0)
-    return (agg, jax.tree.map(lambda c: c[None], opt1), losses[:1], jnp.mean(losses)[None],
-            w[None])
+    return (agg, jax.tree.map(lambda c: c[None], opt1), res1, losses[:1],
+            jnp.mean(losses)[None], w[None])
 
   groups_tree = None  # set per parameter structure in round_body
 
@@ -215,11 +255,17 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     groups_tree = (jax.tree.map(lambda _: 0, server.params) if groups is None else groups)
     per_site = jax.shard_map(
         client, mesh=mesh,
-        in_specs=(P(), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P()),
-        out_specs=(P(), P(SITE), P(SITE), P(SITE), P(SITE)), axis_names={SITE})
-    delta, opt, site_loss, train_loss, w = per_site(
-        server.params, clients.opt_state, site_batches, examples, mask, holds,
+        in_specs=(P(), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE),
+                  P()),
+        out_specs=(P(), P(SITE), P(SITE), P(SITE), P(SITE), P(SITE)), axis_names={SITE})
+    delta, opt, residual, site_loss, train_loss, w = per_site(
+        server.params, clients.opt_state, clients.residual, site_batches, examples, mask, holds,
         server.prev_loss, server.last_round, server.round)
+    if dp is not None:  # server-side hook: Gaussian noise on the clipped sum, expected count
+      holders = jax.tree.map(lambda g: jnp.sum(holds[:, g]), groups_tree)
+      noise_key = jax.random.fold_in(jax.random.fold_in(base_key, _NOISE_KEY), server.round)
+      delta = privacy.noise_and_scale(delta, noise_key, dp, holders)
+      delta = jax.tree.map(lambda a, p: a.astype(p.dtype), delta, server.params)
     applied = jnp.sum(mask) > 0
     updates, opt_state = server_tx.update(delta, server.opt_state, server.params, **extra)
     params = optax.apply_updates(server.params, updates)
@@ -233,7 +279,7 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     metrics = {"loss": jnp.sum(fw * site_loss) / jnp.maximum(jnp.sum(fw), 1e-30),
                "site_loss": site_loss, "site_train_loss": train_loss, "weights": w,
                "delta_norm": optax.tree.norm(delta), "applied": applied.astype(jnp.int32)}
-    return new_server, ClientState(opt), metrics
+    return new_server, ClientState(opt, residual), metrics
 
   compiled = {}
   rep = NamedSharding(mesh, P())
@@ -270,6 +316,10 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
 
   round_fn.trace_count = lambda: traces[0]  # type: ignore[attr-defined]
   return round_fn
+
+
+_CODEC_KEY = 0x7FFFFFFE  # fold_in tags: never a local step index (t < H) or a round number
+_NOISE_KEY = 0x7FFFFFFF
 
 
 def _check_inputs(site_batches: Any, examples: Any, mask: Any, n_sites: int, local_steps: int):

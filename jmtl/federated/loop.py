@@ -22,7 +22,8 @@ not take part do not advance.
 Files: `config.json`, `rounds.jsonl` (one line per round: `round`, `sites` (participants'
 names), `loss` (example-weighted mean over participants of L_k), `site_loss`, `weights`,
 `bytes_up` / `bytes_down` per site and `total`, `sim_seconds`, `sim_cost` per cloud and
-`sim_cost_total` (cumulative), plus `<task>/<metric>` and `site/<name>/<task>/<metric>` when
+`sim_cost_total` (cumulative), `dp_epsilon_rdp` / `dp_epsilon_pld` (with `fed.dp.clip_norm` >
+0: epsilon at `fed.dp.delta` after this many rounds; null when infinite), plus `<task>/<metric>` and `site/<name>/<task>/<metric>` when
 evaluated), `metrics.jsonl` (train lines at `fed.log_every` rounds, eval lines), `eval.json`
 (final: global validation + each site's held-out slice), `predictions/`, `tb/`, `tokenizer.json`,
 `checkpoints/` (server state, every site's client optimizer state, every site's data position,
@@ -31,7 +32,9 @@ exactly the rounds an uninterrupted run logs (with `fed.step_time_s` > 0; a meas
 makes `sim_seconds` differ between runs).
 
 Bytes (exact): a participant receives the float32 parameters it trains (trunk + the heads of
-the tasks it holds) and sends a float32 delta of the same leaves: 4 x that many values each way.
+the tasks it holds) and sends a float32 delta of the same leaves: 4 x that many values each way;
+with `fed.compress` it sends those leaves' encodings instead, and `bytes_up` counts their exact
+bytes (`jmtl.federated.compression.leaf_bytes`: values, indices, scales).
 Simulated time (plain Python beside the compiled round; issue requirement 8): site k's round
 takes latency + bytes_down x 8 / down_mbps + H x step_time / speed + bytes_up x 8 / up_mbps +
 latency seconds (latency both ways); a synchronous round lasts as long as its slowest
@@ -65,7 +68,9 @@ from jmtl import tasks as task_registry
 from jmtl.data import pipeline
 from jmtl.data import sources
 from jmtl.federated import algorithm
+from jmtl.federated import compression
 from jmtl.federated import partition as partition_lib
+from jmtl.federated import privacy
 from jmtl.federated import sites as sites_lib
 from jmtl.model.multitask import HeadSpec
 from jmtl.parallel import mesh as mesh_lib
@@ -124,12 +129,14 @@ def param_groups(params: Any, task_names: list[str]) -> Any:
 
 
 def site_seconds(sites: list[sites_lib.Site], site_bytes: list[int], local_steps: int,
-                 step_time: float) -> np.ndarray:
+                 step_time: float, up_bytes: list[int] | None = None) -> np.ndarray:
   """Simulated seconds of one round per site: 2 x latency + bytes x 8 / down_mbps (download) +
-  H x step_time / speed + bytes x 8 / up_mbps (upload); Mbit/s = 1e6 bits per second."""
+  H x step_time / speed + up bytes x 8 / up_mbps (upload; `up_bytes` defaults to `site_bytes`);
+  Mbit/s = 1e6 bits per second."""
+  up_bytes = site_bytes if up_bytes is None else up_bytes
   return np.array([2 * s.latency_ms / 1e3 + b * 8 / (s.down_mbps * 1e6)
-                   + local_steps * step_time / s.speed + b * 8 / (s.up_mbps * 1e6)
-                   for s, b in zip(sites, site_bytes)])
+                   + local_steps * step_time / s.speed + u * 8 / (s.up_mbps * 1e6)
+                   for s, b, u in zip(sites, site_bytes, up_bytes)])
 
 
 def deadline_mask(sampled: np.ndarray, seconds: np.ndarray, deadline_s: float) -> np.ndarray:
@@ -207,6 +214,13 @@ def partition_table(config) -> str:
   return "\n".join(lines)
 
 
+def checkpoint_tree(server: algorithm.ServerState, clients: algorithm.ClientState) -> dict:
+  """The state a checkpoint holds: server, and every site's client state (its compression
+  residual only when error feedback is on)."""
+  c = {k: v for k, v in clients._asdict().items() if v is not None}
+  return {"server": server._asdict(), "clients": c}
+
+
 def _stack(trees: list[Any]) -> Any:
   return jax.tree.map(lambda *xs: np.stack(xs), *trees)
 
@@ -277,20 +291,27 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   kinds = {t.name: t.kind for t in tasks}
   tokenizer = train_loop._tokenizer(config, tasks, wd)  # noqa: SLF001
   client_tx, server_tx = build_optimizers(config)
+  codec = compression.parse(fed.compress, fed.compress_block)
+  dp = privacy.from_config(fed)
   head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
   state, graphdef, shardings = state_lib.create_train_state(
       config, head_specs, tokenizer.vocab_size, client_tx, mesh)
   server, clients = algorithm.init(state.params, server_tx, client_tx, mesh,
-                                   param_shardings=shardings.params)
+                                   param_shardings=shardings.params,
+                                   error_feedback=codec.error_feedback)
   rest = state.rest
   groups = param_groups(server.params, names)
   holds = np.array([[1.0] + [float(t in s.tasks) for t in names] for s in sites], np.float32)
 
   # Bytes each way per participant: the float32 leaves it trains (trunk + its heads).
+  # Up: each leaf's encoding under fed.compress (float32 when off).
   leaf_bytes = np.zeros(1 + len(names))
+  leaf_up = np.zeros(1 + len(names))
   for g, x in zip(jax.tree.leaves(groups), jax.tree.leaves(server.params)):
-    leaf_bytes[g] += x.size * 4  # sent and received as float32
+    leaf_bytes[g] += x.size * 4  # received as float32
+    leaf_up[g] += compression.leaf_bytes(codec, x.size)
   site_bytes = [int(leaf_bytes @ holds[k]) for k in range(S)]
+  up_bytes = [int(leaf_up @ holds[k]) for k in range(S)]
 
   rules = tuple(tuple(r) for r in config.mesh.rules)
   smoothing = float(config.model.decoder.label_smoothing)
@@ -306,7 +327,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       loss_fn, client_tx, server_tx, mesh, local_steps=H, groups=groups,
       aggregator=fed.aggregator, temperature=float(fed.temperature),
       reset_client_state=fed.client_state == "reset", seed=int(config.seed),
-      prox_mu=float(fed.prox_mu))
+      prox_mu=float(fed.prox_mu), codec=codec, dp=dp)
 
   # Data: each task's train split partitioned over the sites that hold it.
   with train_loop._user_data_errors():  # noqa: SLF001
@@ -360,7 +381,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
 
   meta: dict[str, Any] = {"val_metric": 0.0, "val_count": 0, "row": None,
                           "cost": {}, "step_time": 0.0}
-  tree = {"server": server._asdict(), "clients": clients._asdict()}
+  tree = checkpoint_tree(server, clients)
   tree_sh = jax.tree.map(lambda x: x.sharding, tree)
   restored = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh), check=check)
   start = 0
@@ -396,7 +417,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
 
   def save(r: int, row: dict | None) -> None:
     try:
-      ckpt.save(r, {"server": server._asdict(), "clients": clients._asdict()}, data_state(),
+      ckpt.save(r, checkpoint_tree(server, clients), data_state(),
                 {**meta, "row": row, "fingerprint": fp})
     except CheckpointError:
       raise
@@ -445,7 +466,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     step_time = float(fed.step_time_s) or float(meta.get("step_time") or 0.0)
     sampled = sample_participants(int(config.seed), r, S, float(fed.participation))
     # Simulated seconds per sampled site; the deadline drops the late ones before the round.
-    secs = site_seconds(sites, site_bytes, H, step_time)
+    secs = site_seconds(sites, site_bytes, H, step_time, up_bytes)
     mask = deadline_mask(sampled, secs, float(fed.deadline_s))
     steps = []
     for h in range(H):
@@ -476,7 +497,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     for k in part:
       s = sites[k]
       c = (s.devices * round_s / 3600.0 * s.price_device_hour
-           + site_bytes[k] / 1e9 * s.price_egress_gb)
+           + up_bytes[k] / 1e9 * s.price_egress_gb)
       cost[s.cloud or s.name] = cost.get(s.cloud or s.name, 0.0) + c
     meta["cost"] = cost
     row = {"round": r, "sites": [sites[k].name for k in part],
@@ -484,12 +505,15 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
            "applied": int(m["applied"]), "loss": _clean(m["loss"]) if part else None,
            "site_loss": {sites[k].name: _clean(m["site_loss"][k]) for k in part},
            "weights": {sites[k].name: _clean(m["weights"][k]) for k in part},
-           "bytes_up": {**{sites[k].name: site_bytes[k] for k in part},
-                        "total": sum(site_bytes[k] for k in part)},
+           "bytes_up": {**{sites[k].name: up_bytes[k] for k in part},
+                        "total": sum(up_bytes[k] for k in part)},
            "bytes_down": {**{sites[k].name: site_bytes[k] for k in part},
                           "total": sum(site_bytes[k] for k in part)},
            "sim_seconds": round_s, "sim_cost": {c: v for c, v in sorted(cost.items())},
            "sim_cost_total": sum(cost.values())}
+    if dp is not None:  # every round counts, also one whose sites were all dropped
+      eps = privacy.epsilon(dp.noise_multiplier, dp.sampling_rate, r, dp.delta)
+      row["dp_epsilon_rdp"], row["dp_epsilon_pld"] = _clean(eps[0]), _clean(eps[1])
     if not part:
       logging.warning("round %d: no site left after the deadline; round skipped", r)
     if not math.isfinite(float(m["loss"])) and part:
@@ -537,9 +561,11 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
     state, graphdef, shardings = state_lib.create_train_state(
         config, head_specs, tokenizer.vocab_size, client_tx, mesh)
-    server, clients = algorithm.init(state.params, server_tx, client_tx, mesh,
-                                     param_shardings=shardings.params)
-    tree = {"server": server._asdict(), "clients": clients._asdict()}
+    server, clients = algorithm.init(
+        state.params, server_tx, client_tx, mesh, param_shardings=shardings.params,
+        error_feedback=compression.parse(config.fed.compress,
+                                         config.fed.compress_block).error_feedback)
+    tree = checkpoint_tree(server, clients)
     tree_sh = jax.tree.map(lambda x: x.sharding, tree)
     step, tree, _, _ = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh))
     ckpt.close()
