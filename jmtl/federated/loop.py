@@ -292,7 +292,8 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   tokenizer = train_loop._tokenizer(config, tasks, wd)  # noqa: SLF001
   client_tx, server_tx = build_optimizers(config)
   codec = compression.parse(fed.compress, fed.compress_block)
-  dp = privacy.from_config(fed)
+  dp = privacy.from_config(  # q = the fraction of sites sample_participants draws per round
+      fed, float(sample_participants(0, 1, len(sites), float(fed.participation)).mean()))
   head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
   state, graphdef, shardings = state_lib.create_train_state(
       config, head_specs, tokenizer.vocab_size, client_tx, mesh)

@@ -1,8 +1,8 @@
 """Client-level differential privacy: DP-FedAvg (McMahan et al. 2018, arXiv 1710.06963, Alg. 1).
 
-With sites k = 1..S, participation m_k in {0, 1} (each site sampled with rate q =
-`fed.participation`), a site's update Delta_k (its decoded update when `fed.compress` is on),
-clip norm C = `fed.dp.clip_norm`, noise multiplier z = `fed.dp.noise_multiplier`:
+With sites k = 1..S, participation m_k in {0, 1} (sites sampled at rate q, below), a site's
+update Delta_k (its decoded update when `fed.compress` is on), clip norm C =
+`fed.dp.clip_norm`, noise multiplier z = `fed.dp.noise_multiplier`:
 
   clip:   Delta_k' = Delta_k min(1, C / ||Delta_k||_2)     (norm over every leaf the site sends)
   sum:    Sigma = sum_k m_k Delta_k'                         (psum over the `site` axis)
@@ -11,19 +11,20 @@ clip norm C = `fed.dp.clip_norm`, noise multiplier z = `fed.dp.noise_multiplier`
 
 S_g is the number of sites that hold the leaf's group (S for the shared trunk; a task's head is
 averaged over the sites that hold that task), so q S_g is the *expected* number of participants
-that send the leaf: the paper's fixed-denominator estimator f~_f with uniform weights w_k = 1
-(the paper's Section 2 also allows capped weights; jmtl uses uniform weights per participant, as
-its experiments do, so FedAvg's example counts n_k do not enter). A fixed denominator and a
+that send the leaf: the paper's fixed-denominator estimator (f~_f of Algorithm 1, with
+flat clipping) with every weight w_k = 1. The paper allows weights min(n_k / w^, 1); jmtl
+uses uniform weights, so FedAvg's example counts n_k do not enter. A fixed denominator and a
 per-site norm bound make one site's influence on Delta at most C / (q S_g): the sensitivity the
 noise is sized for. Clipping applies to what the aggregate receives, after any compression, so
 the bound holds whatever the codec; the server is trusted to add the noise (central DP, the
 paper's model).
 
-Privacy accounting: each round is a Poisson-subsampled Gaussian mechanism with sampling rate q
-and noise multiplier z; after T rounds epsilon at delta = `fed.dp.delta` comes from
-dp-accounting's RDP accountant (Mironov 2017; Mironov et al. 2019) and its privacy-loss-
-distribution accountant (PLD; Koskela et al. 2020, Doroshenko et al. 2022), add-or-remove-one
-adjacency of sites. Caveat: jmtl samples a fixed number round(q S) of sites without
+Privacy accounting: each round is a Poisson-subsampled Gaussian mechanism with noise
+multiplier z and sampling rate q = m / S, m = max(1, round(`fed.participation` x S)) the sites
+drawn per round (q = `fed.participation` when that times S is whole). After T rounds, epsilon
+at delta = `fed.dp.delta` comes from dp-accounting's RDP accountant (Mironov 2017; Mironov et
+al. 2019) and its privacy-loss-distribution accountant (PLD; Koskela et al. 2020, Doroshenko
+et al. 2022), add-or-remove-one adjacency of sites. Caveat: jmtl draws exactly m sites without
 replacement each round, which these accountants analyse as Poisson sampling with rate q (the
 usual approximation; exact for q = 1). Every round counts, also one whose sites were all
 dropped by the deadline (conservative). With 4 sites epsilon is large: client-level DP needs
@@ -52,12 +53,14 @@ class DPConfig:
   sampling_rate: float
 
 
-def from_config(fed: Any) -> DPConfig | None:
-  """The DPConfig of a `fed` config section; None when `fed.dp.clip_norm` is 0 (DP off)."""
+def from_config(fed: Any, sampling_rate: float) -> DPConfig | None:
+  """The DPConfig of a `fed` config section with the rate at which sites are sampled (the job
+  passes m / S, m = the sites it samples per round: `fed.participation` when that times S is
+  whole); None when `fed.dp.clip_norm` is 0 (DP off)."""
   if not float(fed.dp.clip_norm) > 0:
     return None
   return DPConfig(float(fed.dp.clip_norm), float(fed.dp.noise_multiplier), float(fed.dp.delta),
-                  float(fed.participation))
+                  float(sampling_rate))
 
 
 def global_norm(tree: Any) -> jax.Array:
