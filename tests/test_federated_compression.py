@@ -218,3 +218,27 @@ def test_residuals_are_checkpointed_and_restored(tmp_path):
     assert a.sharding.spec == b.sharding.spec
   _, plain = fed.init(params, optax.sgd(1.0), optax.sgd(0.1), mesh)
   assert plain.residual is None and "residual" not in loop.checkpoint_tree(server, plain)["clients"]
+
+
+@pytest.mark.parametrize("spec", ["q2", "int8", "bf16"])
+def test_quantized_round_is_fedavg_within_the_quantization_step(spec):
+  """Inside the round (per site, shard_map): the server update differs from FedAvg's by at
+  most the largest quantization step of any site (weights sum to 1)."""
+  S, D, B, lr = 4, 40, 8, 0.3
+  rng = np.random.default_rng(6)
+  data = {"x": rng.normal(size=(S, 1, B, D)).astype(np.float32),
+          "y": rng.normal(size=(S, 1, B)).astype(np.float32)}
+  loss = lambda p, b, key=None: 0.5 * jnp.mean(jnp.square(b["x"] @ p["w"] - b["y"]))
+  mesh = _mesh(S)
+  server, clients = fed.init({"w": jnp.zeros(D)}, optax.sgd(1.0), optax.sgd(lr), mesh)
+  round_fn = fed.make_round(loss, optax.sgd(lr), optax.sgd(1.0), mesh, local_steps=1,
+                            codec=C.parse(spec, block=16))
+  n = np.array([1.0, 2.0, 3.0, 4.0])
+  server, _, _ = round_fn(server, clients, data, n, np.ones(S))
+  deltas = [lr * data["x"][k, 0].T.astype(np.float64) @ (-data["y"][k, 0]) / B for k in range(S)]
+  fedavg = -sum(n[k] / n.sum() * deltas[k] for k in range(S))
+  step = {"q2": lambda d: (d.max() - d.min()) / 3, "int8": lambda d: np.abs(d).max() / 127,
+          "bf16": lambda d: np.abs(d).max() / 128}[spec]
+  bound = max(step(d[s:s + 16]) for d in deltas for s in range(0, D, 16))
+  err = np.abs(np.asarray(server.params["w"]) - fedavg)
+  assert 0 < err.max() <= bound * (1 + 1e-4)
