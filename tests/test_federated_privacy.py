@@ -104,8 +104,9 @@ def test_dp_round_equals_numpy_clip_sum_noise_over_expected_count(z):
     total += mask[k] * d * min(1.0, C / np.linalg.norm(d))
   assert max(norms[1], norms[3]) > C  # the clip binds
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 2**31 - 1), 0)
-  noise = np.concatenate([np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (), jnp.float32))[None],
-                          np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (5,), jnp.float32))])
+  draw = lambda i, shape: np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape,
+                                                       jnp.float32)).reshape(-1)
+  noise = np.concatenate([draw(0, ()), draw(1, (5,))])  # leaves in tree order: b, w
   want = -(total + z * C * noise) / (0.5 * S)
   got = np.concatenate([np.asarray(server.params["b"])[None], np.asarray(server.params["w"])])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -23,11 +23,12 @@ Files: `config.json`, `rounds.jsonl` (one line per round: `round`, `sites` (part
 names), `loss` (example-weighted mean over participants of L_k), `site_loss`, `weights`,
 `bytes_up` / `bytes_down` per site and `total`, `sim_seconds`, `sim_cost` per cloud and
 `sim_cost_total` (cumulative), `dp_epsilon_rdp` / `dp_epsilon_pld` (with `fed.dp.clip_norm` >
-0: epsilon at `fed.dp.delta` after this many rounds; null when infinite), plus `<task>/<metric>` and `site/<name>/<task>/<metric>` when
-evaluated), `metrics.jsonl` (train lines at `fed.log_every` rounds, eval lines), `eval.json`
-(final: global validation + each site's held-out slice), `predictions/`, `tb/`, `tokenizer.json`,
-`checkpoints/` (server state, every site's client optimizer state, every site's data position,
-the pending round line and cumulative cost): a run killed with SIGKILL and started again logs
+0: epsilon at `fed.dp.delta` after this many rounds; null when infinite), plus
+`<task>/<metric>` and `site/<name>/<task>/<metric>` when evaluated), `metrics.jsonl` (train
+lines at `fed.log_every` rounds, eval lines), `eval.json` (final: global validation + each
+site's held-out slice), `predictions/`, `tb/`, `tokenizer.json`, `checkpoints/` (server state,
+every site's client optimizer state and compression residual, every site's data position, the
+pending round line and cumulative cost): a run killed with SIGKILL and started again logs
 exactly the rounds an uninterrupted run logs (with `fed.step_time_s` > 0; a measured step time
 makes `sim_seconds` differ between runs).
 
