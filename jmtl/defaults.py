@@ -137,6 +137,11 @@ def _optim_name_ok(name: Any) -> bool:
   return name in optim.NAMES
 
 
+def _compress_ok(spec: Any) -> bool:
+  from jmtl.federated import compression  # noqa: PLC0415  (a leaf module: jax and numpy only)
+  return isinstance(spec, str) and compression.check_spec(spec)
+
+
 MESH_AXES = ("data", "fsdp", "tensor")
 _MESH_SIZE: Check = (lambda v: v >= 1 or v == -1, "a positive int or -1")
 _UNIT: Check = between(0, 1, open_hi=True)  # probabilities, decay rates: [0, 1)
@@ -498,7 +503,10 @@ _key("fed.secure_aggregation", False,
      rules=((lambda v, c: not v or c.fed.aggregator in SECURE_AGGREGATORS,
              lambda c: f"needs fed.aggregator in {SECURE_AGGREGATORS} (a secure sum reveals "
                        f"only the weighted sum; {c.fed.aggregator!r} must see each site's "
-                       f"update)"),))
+                       f"update)"),
+            (lambda v, c: not v or (not c.fed.compress and not c.fed.dp.clip_norm > 0),
+             "is not combined with fed.compress or fed.dp.* yet (the secure sum sends its own "
+             "fixed-point payloads, and DP-FedAvg's clipped sum is not masked)")))
 _key("fed.secagg.clipping_range", 1.0,
      "secure_aggregation: each coordinate of a site's delta is clipped to [-c, c] before its "
      "public weight is applied (units of the parameters)", check=gt(0))
@@ -514,6 +522,25 @@ _key("fed.secagg.quantization_range", 2**22,
 _key("fed.eval_every", 0, "rounds between evaluations; 0 = only at the end", check=ge(0))
 _key("fed.checkpoint_every", 5, "rounds between checkpoints", check=ge(1))
 _key("fed.log_every", 1, "rounds between train lines of metrics.jsonl", check=ge(1))
+_key("fed.compress", "",
+     "uplink compression of each site's update: '' (float32), bf16, fp16, int8, q<b> / "
+     "stochastic:<b> (b = 1..8), topk:<fraction> (with error feedback), or topk:<f>+<codec>; "
+     "grammar and byte layout in jmtl.federated.compression",
+     check=(lambda v: _compress_ok(v),
+            "a compression spec: '', bf16, fp16, int8, q<b> (b = 1..8), stochastic:<b>, "
+            "topk:<fraction in (0, 1]>, optionally topk:<f>+<one of the others>"))
+_key("fed.compress_block", 256, "fed.compress=int8 / q<b>: values per scale block (one float32 "
+     "scale, or lo and hi, per block)", check=ge(1))
+_key("fed.dp.clip_norm", 0.0, "DP-FedAvg (McMahan et al. 2018): clip each site's update to this "
+     "L2 norm C; 0 = differential privacy off", check=ge(0),
+     rules=((lambda v, c: not v > 0 or c.fed.aggregator == "fedavg",
+             "needs fed.aggregator = fedavg (DP-FedAvg weights every participant 1 / (q S))"),))
+_key("fed.dp.noise_multiplier", 0.0, "DP-FedAvg: Gaussian noise std on the sum of clipped "
+     "updates, in units of fed.dp.clip_norm (z); 0 = clipping only (epsilon infinite)",
+     check=ge(0), rules=((lambda v, c: not v > 0 or c.fed.dp.clip_norm > 0,
+                          "needs fed.dp.clip_norm > 0"),))
+_key("fed.dp.delta", 1e-5, "DP-FedAvg: the delta at which epsilon is reported (rounds.jsonl "
+     "dp_epsilon_rdp / dp_epsilon_pld)", check=between(0, 1, open_lo=True, open_hi=True))
 
 # Asynchronous FedBuff rounds and stragglers (rules in jmtl.federated.asynchronous).
 _key("fed.mode", "sync",

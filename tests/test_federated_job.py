@@ -172,6 +172,64 @@ def test_fed_rounds_extend_on_resume_and_cannot_shrink_below_the_checkpoint(
   assert "bbc_topic/accuracy" in rows[7]  # the new last round is the final evaluation
 
 
+COMPRESSED_DP = ("--config.tasks=bbc_topic", "--config.fed.rounds=2", "--config.fed.eval_every=0",
+                 "--config.fed.compress=topk:0.1+int8", "--config.fed.dp.clip_norm=0.5",
+                 "--config.fed.dp.noise_multiplier=0.8", "--config.fed.participation=0.5")
+
+
+def _hand_bytes(n):
+  """topk:0.1+int8 bytes of a leaf of n values: k = max(1, ceil(n / 10)) int8 values, one
+  float32 scale per 256 of them, an index of 1 / 2 / 4 bytes (n <= 2^8 / 2^16 / more)."""
+  k = max(1, -(-n // 10))
+  width = 1 if n <= 256 else 2 if n <= 65536 else 4
+  return k + 4 * (-(-k // 256)) + k * width
+
+
+@pytest.mark.slow
+def test_compressed_dp_run_counts_encoded_bytes_and_reports_epsilon(tmp_path, data_dir, cache):
+  """bbc_topic only, 2 rounds, 2 of 4 sites per round, top-k 10 % + int8 with error feedback,
+  DP-FedAvg (C = 0.5, z = 0.8): bytes_up by hand per leaf, epsilon from dp-accounting."""
+  from dp_accounting import dp_event
+  from dp_accounting.pld import pld_privacy_accountant
+  from dp_accounting.rdp import rdp_privacy_accountant
+  workdir = tmp_path / "w"
+  faults.run(faults.cmd(workdir, *COMPRESSED_DP, command="federated", config=TINY),
+             _env(data_dir, cache))
+  rows = _rounds(workdir)
+  assert [r["round"] for r in rows] == [1, 2]
+  sizes = _leaf_sizes(workdir, ("bbc_topic",))
+  up = sum(_hand_bytes(n) for n in sizes)
+  down = 4 * sum(sizes)
+  event = dp_event.PoissonSampledDpEvent(0.5, dp_event.GaussianDpEvent(0.8))
+  for r in rows:
+    assert len(r["sites"]) == 2
+    assert r["bytes_up"] == {**{s: up for s in r["sites"]}, "total": 2 * up}
+    assert r["bytes_down"] == {**{s: down for s in r["sites"]}, "total": 2 * down}
+    assert r["weights"] == {s: 0.5 for s in r["sites"]}  # 1 / (q S): uniform, fixed
+    rdp = rdp_privacy_accountant.RdpAccountant().compose(event, r["round"]).get_epsilon(1e-5)
+    pld = pld_privacy_accountant.PLDAccountant().compose(event, r["round"]).get_epsilon(1e-5)
+    assert math.isclose(r["dp_epsilon_rdp"], rdp, rel_tol=1e-9)
+    assert math.isclose(r["dp_epsilon_pld"], pld, rel_tol=1e-9)
+  assert up < down / 10  # what compression is for
+  assert math.isfinite(rows[-1]["loss"])
+  assert 0 <= json.loads((workdir / "eval.json").read_text())["bbc_topic/accuracy"] <= 100
+
+
+def _leaf_sizes(workdir, tasks_):
+  """Sizes of the parameter leaves a site holding `tasks_` sends (trunk + those heads)."""
+  from flax import nnx
+  from jmtl import tasks
+  from jmtl.config import load_config_file
+  from jmtl.data.tokenizer import Tokenizer
+  from jmtl.model.multitask import HeadSpec, MultiTaskModel
+  cfg = load_config_file(TINY)
+  cfg.tasks = tasks_
+  vocab = Tokenizer.load(str(workdir / "tokenizer.json")).vocab_size
+  specs = {t: HeadSpec(tasks.get_task(t).kind, tasks.get_task(t).num_labels) for t in cfg.tasks}
+  model = nnx.eval_shape(lambda: MultiTaskModel(cfg.model, vocab, specs, rngs=nnx.Rngs(0)))
+  return [int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.fed.participation=0", "config key 'fed.participation' = 0.0 must be in (0, 1]"),
     ("--config.fed.client_optimizer=sgdd", "config key 'fed.client_optimizer' = 'sgdd' is not an "
@@ -181,6 +239,8 @@ def test_fed_rounds_extend_on_resume_and_cannot_shrink_below_the_checkpoint(
                                   "but the sites span 2 devices each"),
     ("--config.mtl.weighting=uncertainty", "config key 'mtl.weighting' = 'uncertainty': "
                                            "federated runs train each site on the plain sum"),
+    ("--config.fed.compress=topk:0.1+q9", "config key 'fed.compress' = 'topk:0.1+q9' must be a "
+                                          "compression spec"),
 ])
 def test_bad_fed_keys_are_one_line_exit_2(override, message, tmp_path, data_dir):
   env = _env(data_dir, None)

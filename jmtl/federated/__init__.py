@@ -2,7 +2,8 @@
 
 An algorithm is `init` + a round function (FedJAX style); client work is one per-site function
 run with `jax.shard_map` over the `site` axis, aggregated with named collectives
-(`algorithm`); aggregation rules (`aggregation`), partitioning (`partition`), the sites of a
+(`algorithm`); aggregation rules (`aggregation`), uplink compression (`compression`),
+client-level differential privacy (`privacy`), partitioning (`partition`), the sites of a
 config (`sites`) and the `jmtl federated` job (`loop`).
 """
 

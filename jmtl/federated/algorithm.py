@@ -35,6 +35,13 @@ k starts from its own start_k (the model it downloaded last) instead of x, Delta
 x_k is scaled by scale_k = 1/sqrt(1 + tau_k), and the sites with m_k = 1 restart from the new
 x; the event queue that picks them is `jmtl.federated.asynchronous`.
 
+Two hooks (the math lives in their modules): with `codec`, each site's Delta_k goes through
+`jmtl.federated.compression.apply` right after it is computed (the aggregate uses the decoded
+values; a top-k codec keeps each site's error-feedback residual e_k in ClientState.residual);
+with `dp`, DP-FedAvg replaces the weighted mean: each site's (decoded) update is clipped to
+norm C and summed, and the server adds Gaussian noise and divides by the expected participant
+count (`jmtl.federated.privacy`).
+
 L_k (`site_loss`) is site k's loss on its first local batch at the server parameters x (before
 any local step): the loss of the model being trained, on that site's data.
 Layout: every leaf of `site_batches` is [S, H, B, ...], sharded P(site, None, batch axes);
@@ -57,6 +64,8 @@ from jmtl.federated import aggregation
 from jmtl.federated import faults as faults_lib
 from jmtl.federated import robust
 from jmtl.federated import secagg
+from jmtl.federated import compression
+from jmtl.federated import privacy
 from jmtl.parallel.mesh import SITE_AXIS
 
 SITE = SITE_AXIS
@@ -77,11 +86,13 @@ class ServerState(NamedTuple):
 class ClientState(NamedTuple):
   """Each site's client optimizer state, leaves stacked [S, ...] along `site`; with
   `start_params` (asynchronous rounds, `jmtl.federated.asynchronous`) also each site's start
-  parameters [S, ...]: the server model it downloaded last, which its local steps start from.
-  None = every site starts from the server parameters (synchronous rounds)."""
+  parameters [S, ...]: the server model it downloaded last, which its local steps start from
+  (None = every site starts from the server parameters, synchronous rounds); `residual`: each
+  site's compression residual (float32 like the parameters; None without error feedback)."""
 
   opt_state: Any
   start_params: Any = None
+  residual: Any = None
 
 
 def site_count(mesh: Mesh) -> int:
@@ -100,10 +111,11 @@ def stacked(sharding: NamedSharding) -> NamedSharding:
 
 def init(params: Any, server_tx: optax.GradientTransformation,
          client_tx: optax.GradientTransformation, mesh: Mesh, *,
-         param_shardings: Any = None, site_starts: bool = False
+         param_shardings: Any = None, site_starts: bool = False, error_feedback: bool = False
          ) -> tuple[ServerState, ClientState]:
   """Round-0 states: `server_tx.init(params)`; every site's `client_tx.init(params)` stacked;
-  with `site_starts` also `start_params` = params stacked [S, ...] (asynchronous rounds)."""
+  with `site_starts` also `start_params` = params stacked [S, ...] (asynchronous rounds); with
+  `error_feedback`, every site's residual zeros (float32, stacked like the parameters)."""
   n = site_count(mesh)
   rep = NamedSharding(mesh, P())
   if param_shardings is None:
@@ -120,8 +132,13 @@ def init(params: Any, server_tx: optax.GradientTransformation,
   if site_starts:
     starts = jax.jit(lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), p),
                      out_shardings=jax.tree.map(stacked, param_shardings))(params)
+  residual = None
+  if error_feedback:
+    residual = jax.jit(
+        lambda p: jax.tree.map(lambda x: jnp.zeros((n,) + x.shape, jnp.float32), p),
+        out_shardings=jax.tree.map(stacked, param_shardings))(params)
   return jax.device_put(server, state_shardings(server, param_shardings, server_sh, mesh)), \
-      ClientState(clients, starts)
+      ClientState(clients, starts, residual)
 
 
 def _opt_shardings(tx, params, param_shardings, rep):
@@ -158,7 +175,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                reset_client_state: bool = False, batch_axes: tuple[str, ...] = ("data", "fsdp"),
                seed: int = 0, prox_mu: float = 0.0, trim: float = 0.1, byzantine_f: int = 0,
                krum_m: int = 0, byzantine: bool = False, byzantine_scale: float = 10.0,
-               backend: str = "shard_map", secure: secagg.FixedPoint | None = None
+               backend: str = "shard_map", secure: secagg.FixedPoint | None = None,
+               codec: compression.Codec | None = None, dp: privacy.DPConfig | None = None
                ) -> Callable[..., tuple[ServerState, ClientState, dict]]:
   """Returns `round_fn(server, clients, site_batches, examples, mask, holds=None, modes=None, *,
   scale=None, **extra)`.
@@ -195,6 +213,11 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   seeds come from (seed, server.round) on the host (`secagg.pair_seeds`), masks pair only the
   participants holding a leaf's group. Adds `metrics["secagg_clipped"]` (values changed by
   clipping, over participants).
+
+  `codec`: compression of each site's update (None or a disabled Codec = float32 as is; with
+  top-k, `clients` must come from `init(..., error_feedback=True)`). `dp`: DP-FedAvg (weights
+  become m_k / (q S), the aggregator must be fedavg); ValueError for dp with another aggregator,
+  or dp / codec together with `secure`.
   """
   n_sites = site_count(mesh)
   local_steps = int(local_steps)
@@ -211,6 +234,14 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                        f"reveals only their sum")
     secure.check_sites(n_sites)
   server_tx = optax.with_extra_args_support(server_tx)
+  if codec is not None and not codec.enabled:
+    codec = None
+  if dp is not None and aggregator != "fedavg":
+    raise ValueError(f"DP-FedAvg uses uniform weights; aggregator must be fedavg, got "
+                     f"{aggregator!r}")
+  if secure is not None and (dp is not None or codec is not None):
+    raise ValueError("secure aggregation sums fixed-point payloads of its own; it is not "
+                     "combined with DP-FedAvg or compression")
   prox_mu = float(prox_mu)
   if prox_mu < 0:
     raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
@@ -227,8 +258,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   base_key = jax.random.key(int(seed))
   traces = [0]
 
-  def client(params, opt, batches, examples, mask, holds, prev_loss, last_round, rnd, modes,
-             scale, seeds, coef, *own):
+  def client(params, opt, residual, batches, examples, mask, holds, prev_loss, last_round, rnd,
+             modes, scale, seeds, coef, *own):
     """One site (inside shard_map or pmap): H local steps, then its weighted delta summed over
     sites (psum, or a secure sum with `secure`; robust aggregators: its own delta, [1, ...],
     stacked along `site` by out_specs). `own`: () or (this site's start parameters,) for
@@ -259,6 +290,13 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     if byzantine:
       delta = faults_lib.corrupt(delta, modes[0], byzantine_scale,
                                  faults_lib.noise_key(base_key, rnd, site))
+    sent = jax.tree.map(lambda g: holds[0][g], groups_tree)  # 0/1: does this site send the leaf
+    res1 = None
+    if codec is not None:  # per-site hook: the update as the aggregate decodes it
+      res0 = None if residual is None else jax.tree.map(lambda e: e[0], residual)
+      delta, res1 = compression.apply(codec, delta, res0, jax.random.fold_in(key, _CODEC_KEY),
+                                      sent, m)
+      res1 = None if res1 is None else jax.tree.map(lambda e: e[None], res1)
     clipped = jnp.float32(0.0)
 
     def mean_over_sites(weight, stream):
@@ -270,7 +308,11 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
           jax.random.fold_in(key, _SECAGG_TAG + stream), SITE, stream)
       return out
 
-    if stacked_path:
+    if dp is not None:  # DP-FedAvg: clipped sum here, noise and scale on the server
+      w = m / (dp.sampling_rate * n_sites)
+      bounded, _ = privacy.clip(jax.tree.map(lambda d, s: d * s, delta, sent), dp.clip_norm)
+      agg = jax.tree.map(lambda d: jax.lax.psum(m * d, SITE), bounded)
+    elif stacked_path:
       agg, w = jax.tree.map(lambda d: d[None], delta), jnp.zeros([], jnp.float32)
     elif aggregator == "dynamic":
       w = aggregation.dynamic_weights(losses[0], prev_loss[0], n, jnp.maximum(stale, 0.0), m,
@@ -282,13 +324,13 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
       w = aggregation.alignment_weights(cos, n, m, temperature, axis_name=SITE)
     else:
       w = aggregation.fedavg_weights(n, m, axis_name=SITE)
-    if not stacked_path:
+    if dp is None and not stacked_path:
       agg = mean_over_sites(w, 0)
       agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, params)
     keep = m > 0
     opt1 = jax.tree.map(lambda new, old: jnp.where(keep, new, old), opt1, opt0)
-    return (agg, jax.tree.map(lambda c: c[None], opt1), losses[:1], jnp.mean(losses)[None],
-            (w * scale[0])[None], clipped[None])
+    return (agg, jax.tree.map(lambda c: c[None], opt1), res1, losses[:1],
+            jnp.mean(losses)[None], (w * scale[0])[None], clipped[None])
 
   groups_tree = None  # set per parameter structure in round_body
 
@@ -306,15 +348,20 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
     own = () if clients.start_params is None else (clients.start_params,)
     per_site = map_sites(
         client, mesh, backend,
-        in_sites=(False, True, True, True, True, True, True, True, False, True, True, True, True)
-        + (True,) * len(own),
-        out_sites=(stacked_path, True, True, True, True, True))
-    delta, opt, site_loss, train_loss, w, clipped = per_site(
-        server.params, clients.opt_state, site_batches, examples, mask, holds,
+        in_sites=(False, True, True, True, True, True, True, True, True, False, True, True, True,
+                  True) + (True,) * len(own),
+        out_sites=(stacked_path, True, True, True, True, True, True))
+    delta, opt, residual, site_loss, train_loss, w, clipped = per_site(
+        server.params, clients.opt_state, clients.residual, site_batches, examples, mask, holds,
         server.prev_loss, server.last_round, server.round, modes, scale, seeds, coef, *own)
     if stacked_path:
       delta, w = robust_delta(delta, mask, holds, server.params)
       w = w * scale
+    if dp is not None:  # server-side hook: Gaussian noise on the clipped sum, expected count
+      holders = jax.tree.map(lambda g: jnp.sum(holds[:, g]), groups_tree)
+      noise_key = jax.random.fold_in(jax.random.fold_in(base_key, _NOISE_KEY), server.round)
+      delta = privacy.noise_and_scale(delta, noise_key, dp, holders)
+      delta = jax.tree.map(lambda a, p: a.astype(p.dtype), delta, server.params)
     applied = jnp.sum(mask) > 0
     updates, opt_state = server_tx.update(delta, server.opt_state, server.params, **extra)
     params = optax.apply_updates(server.params, updates)
@@ -336,7 +383,7 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
       starts = jax.tree.map(
           lambda old, new: jnp.where(restart.reshape((-1,) + (1,) * new.ndim), new[None], old),
           starts, new_server.params)
-    return new_server, ClientState(opt, starts), metrics
+    return new_server, ClientState(opt, starts, residual), metrics
 
   compiled = {}
   rep = NamedSharding(mesh, P())
@@ -443,6 +490,10 @@ def _secagg_inputs(secure, seed, server, mask, holds, n_sites):
   rnd = int(np.asarray(server.round.addressable_data(0)))  # replicated (also across processes)
   return (secagg.pair_seeds(seed, rnd, n_sites),
           secagg.pair_coefficients(np.asarray(mask, np.float32), holds))
+
+
+_CODEC_KEY = 0x7FFFFFFE  # fold_in tags: never a local step index (t < H) or a round number
+_NOISE_KEY = 0x7FFFFFFF
 
 
 def _check_inputs(site_batches: Any, examples: Any, mask: Any, n_sites: int, local_steps: int):

@@ -29,21 +29,25 @@ names), `dropped` (sampled but not taking part), `dropout` (lost to random dropo
 `byzantine` (Byzantine participants), `applied` (0: a skipped round), `loss` (example-weighted
 mean over participants of L_k), `site_loss`, `weights`, `bytes_up` / `bytes_down` per site and
 `total`, `sim_seconds`, `sim_cost` per cloud and `sim_cost_total` (cumulative), `stragglers`
-(participants slowed by `fed.faults.stragglers`), plus `<task>/<metric>` and
-`site/<name>/<task>/<metric>` when evaluated; with `fed.eval_every` > 0 a first line `round` 0
-holds the initial model's evaluation only; with `fed.mode = "async"` one line per server step
-whose `sites` are the buffer's deliverers, with `staleness` per deliverer, `sim_clock` (the
-simulated time of the step) and `sim_seconds` (since the previous step)), `metrics.jsonl` (train
-lines at `fed.log_every` rounds, eval lines), `eval.json`
+(participants slowed by `fed.faults.stragglers`), `dp_epsilon_rdp` / `dp_epsilon_pld` (with
+`fed.dp.clip_norm` > 0: epsilon at `fed.dp.delta` after this many rounds; null when infinite),
+plus `<task>/<metric>` and `site/<name>/<task>/<metric>` when evaluated; with `fed.eval_every`
+> 0 a first line `round` 0 holds the initial model's evaluation only; with `fed.mode = "async"`
+one line per server step whose `sites` are the buffer's deliverers, with `staleness` per
+deliverer, `sim_clock` (the simulated time of the step) and `sim_seconds` (since the previous
+step)), `metrics.jsonl` (train lines at `fed.log_every` rounds, eval lines), `eval.json`
 (final: global validation + each site's held-out slice), `predictions/`, `tb/`, `tokenizer.json`,
-`checkpoints/` (server state, every site's client optimizer state, every site's data position,
-the pending round line and cumulative cost): a run killed with SIGKILL and started again logs
+`checkpoints/` (server state, every site's client optimizer state, start parameters (async) and
+compression residual, every site's data position, the pending round line and cumulative cost):
+a run killed with SIGKILL and started again logs
 exactly the rounds an uninterrupted run logs (with `fed.step_time_s` > 0; a measured step time
 makes `sim_seconds` differ between runs).
 
 Bytes (exact): a participant receives the float32 parameters it trains (trunk + the heads of
-the tasks it holds) and sends a float32 delta of the same leaves: 4 x that many values each way.
-With `fed.secure_aggregation` it sends the masked uint32 payload of the same leaves instead
+the tasks it holds) and sends a float32 delta of the same leaves: 4 x that many values each way;
+with `fed.compress` it sends those leaves' encodings instead, and `bytes_up` counts their exact
+bytes (`jmtl.federated.compression.leaf_bytes`: values, indices, scales); with
+`fed.secure_aggregation` it sends the masked uint32 payload of the same leaves
 (`secagg.payload_bytes`): again 4 bytes per value.
 Simulated time (plain Python beside the compiled round; issue requirement 8): site k's round
 takes latency + bytes_down x 8 / down_mbps + H x step_time / speed + bytes_up x 8 / up_mbps +
@@ -87,8 +91,10 @@ from jmtl.data import pipeline
 from jmtl.data import sources
 from jmtl.federated import algorithm
 from jmtl.federated import asynchronous
+from jmtl.federated import compression
 from jmtl.federated import faults as faults_lib
 from jmtl.federated import partition as partition_lib
+from jmtl.federated import privacy
 from jmtl.federated import secagg
 from jmtl.federated import sites as sites_lib
 from jmtl.model.multitask import HeadSpec
@@ -192,14 +198,17 @@ def param_groups(params: Any, task_names: list[str]) -> Any:
 
 
 def site_seconds(sites: list[sites_lib.Site], site_bytes: list[int], local_steps: int,
-                 step_time: float, slow: Any = None) -> np.ndarray:
+                 step_time: float, slow: Any = None, up_bytes: list[int] | None = None
+                 ) -> np.ndarray:
   """Simulated seconds of one round per site: 2 x latency + bytes x 8 / down_mbps (download) +
-  H x step_time / speed x slow_k + bytes x 8 / up_mbps (upload); Mbit/s = 1e6 bits per second;
-  `slow` [S]: straggler compute factors (`asynchronous.slowdown`; None = 1)."""
+  H x step_time / speed x slow_k + up bytes x 8 / up_mbps (upload; `up_bytes` defaults to
+  `site_bytes`); Mbit/s = 1e6 bits per second; `slow` [S]: straggler compute factors
+  (`asynchronous.slowdown`; None = 1)."""
   slow = np.ones(len(sites)) if slow is None else np.asarray(slow, np.float64)
+  up_bytes = site_bytes if up_bytes is None else up_bytes
   return np.array([2 * s.latency_ms / 1e3 + b * 8 / (s.down_mbps * 1e6)
-                   + local_steps * step_time / s.speed * f + b * 8 / (s.up_mbps * 1e6)
-                   for s, b, f in zip(sites, site_bytes, slow)])
+                   + local_steps * step_time / s.speed * f + u * 8 / (s.up_mbps * 1e6)
+                   for s, b, f, u in zip(sites, site_bytes, slow, up_bytes)])
 
 
 def deadline_mask(sampled: np.ndarray, seconds: np.ndarray, deadline_s: float) -> np.ndarray:
@@ -277,10 +286,11 @@ def partition_table(config) -> str:
   return "\n".join(lines)
 
 
-def _client_tree(clients: algorithm.ClientState) -> dict:
-  """The checkpointed client state: its fields without the unset ones (start_params is None in
-  synchronous runs)."""
-  return {k: v for k, v in clients._asdict().items() if v is not None}
+def checkpoint_tree(server: algorithm.ServerState, clients: algorithm.ClientState) -> dict:
+  """The state a checkpoint holds: server, and every site's client state (its compression
+  residual only when error feedback is on)."""
+  c = {k: v for k, v in clients._asdict().items() if v is not None}
+  return {"server": server._asdict(), "clients": c}
 
 
 def _stack(trees: list[Any]) -> Any:
@@ -357,21 +367,29 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   kinds = {t.name: t.kind for t in tasks}
   tokenizer = train_loop._tokenizer(config, tasks, wd)  # noqa: SLF001
   client_tx, server_tx = build_optimizers(config)
+  codec = compression.parse(fed.compress, fed.compress_block)
+  dp = privacy.from_config(  # q = the fraction of sites sample_participants draws per round
+      fed, float(sample_participants(0, 1, len(sites), float(fed.participation)).mean()))
   head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
   state, graphdef, shardings = state_lib.create_train_state(
       config, head_specs, tokenizer.vocab_size, client_tx, mesh)
   is_async = fed.mode == "async"
   server, clients = algorithm.init(state.params, server_tx, client_tx, mesh,
-                                   param_shardings=shardings.params, site_starts=is_async)
+                                   param_shardings=shardings.params, site_starts=is_async,
+                                   error_feedback=codec.error_feedback)
   rest = state.rest
   groups = param_groups(server.params, names)
   holds = np.array([[1.0] + [float(t in s.tasks) for t in names] for s in sites], np.float32)
 
   # Bytes each way per participant: the float32 leaves it trains (trunk + its heads).
+  # Up: each leaf's encoding under fed.compress (float32 when off).
   leaf_bytes = np.zeros(1 + len(names))
+  leaf_up = np.zeros(1 + len(names))
   for g, x in zip(jax.tree.leaves(groups), jax.tree.leaves(server.params)):
-    leaf_bytes[g] += x.size * 4  # sent and received as float32
+    leaf_bytes[g] += x.size * 4  # received as float32
+    leaf_up[g] += compression.leaf_bytes(codec, x.size)
   site_bytes = [int(leaf_bytes @ holds[k]) for k in range(S)]
+  up_bytes = [int(leaf_up @ holds[k]) for k in range(S)]
 
   loss_fn = make_loss_fn(config, graphdef, rest, kinds)
   faults = faults_lib.from_config(config, [s.name for s in sites])
@@ -382,7 +400,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       prox_mu=float(fed.prox_mu), trim=float(fed.trim), byzantine_f=int(fed.byzantine_f),
       krum_m=int(fed.krum_m), byzantine=bool(faults.byzantine),
       byzantine_scale=float(fed.faults.scale), backend=fed.backend,
-      secure=secure_fixed_point(config))
+      secure=secure_fixed_point(config), codec=codec, dp=dp)
   modes = faults.modes(S)
 
   # Data: each task's train split partitioned over the sites that hold it.
@@ -445,7 +463,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
 
   meta: dict[str, Any] = {"val_metric": 0.0, "val_count": 0, "row": None,
                           "cost": {}, "step_time": 0.0}
-  tree = {"server": server._asdict(), "clients": _client_tree(clients)}
+  tree = checkpoint_tree(server, clients)
   tree_sh = jax.tree.map(lambda x: x.sharding, tree)
   restored = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh), check=check)
   start = 0
@@ -507,7 +525,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
 
   def save(r: int, row: dict | None) -> None:
     try:
-      ckpt.save(r, {"server": server._asdict(), "clients": _client_tree(clients)}, data_state(),
+      ckpt.save(r, checkpoint_tree(server, clients), data_state(),
                 {**meta, "row": row, "fingerprint": fp})
     except CheckpointError:
       raise
@@ -569,7 +587,8 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   if is_async and meta.get("queue") is None:  # asynchronous: every site starts a job at time 0
     step_time = float(fed.step_time_s) or float(meta.get("step_time") or 0.0)
     meta["queue"] = asynchronous.EventQueue.start(
-        site_seconds(sites, site_bytes, H, step_time, slow_of(1)), slow_of(1)).to_json()
+        site_seconds(sites, site_bytes, H, step_time, slow_of(1), up_bytes),
+        slow_of(1)).to_json()
   for r in range(start + 1, R + 1):
     step_time = float(fed.step_time_s) or float(meta.get("step_time") or 0.0)
     scale, extra_row = None, {}
@@ -588,7 +607,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       sampled = sample_participants(seed, r, S, float(fed.participation))
       # Simulated seconds per sampled site; the deadline drops the late ones before the round.
       slow = slow_of(r)
-      secs = site_seconds(sites, site_bytes, H, step_time, slow)
+      secs = site_seconds(sites, site_bytes, H, step_time, slow, up_bytes)
       mask = deadline_mask(sampled, secs, float(fed.deadline_s))
       lagging = [k for k in range(S) if sampled[k] and slow[k] > 1]
       mask, lost = faults_lib.dropout(mask, faults.dropout, seed, r)
@@ -624,7 +643,8 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     if is_async:  # the deliverers restart from the new model; their next jobs aim at round r + 1
       step_time = float(fed.step_time_s) or float(meta.get("step_time") or 0.0)
       meta["queue"] = queue.restart(deliverers, t_step,
-                                    site_seconds(sites, site_bytes, H, step_time, slow_of(r + 1)),
+                                    site_seconds(sites, site_bytes, H, step_time, slow_of(r + 1),
+                                                 up_bytes),
                                     slow_of(r + 1)).to_json()
     else:
       round_s = float(max(secs[part])) if part else 0.0
@@ -633,7 +653,7 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     for k in part:  # a site is held from its job's start to the server step that uses it
       s = sites[k]
       c = (s.devices * float(held_s[k]) / 3600.0 * s.price_device_hour
-           + site_bytes[k] / 1e9 * s.price_egress_gb)
+           + up_bytes[k] / 1e9 * s.price_egress_gb)
       cost[s.cloud or s.name] = cost.get(s.cloud or s.name, 0.0) + c
     meta["cost"] = cost
     row = {"round": r, "sites": [sites[k].name for k in part],
@@ -643,14 +663,17 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
            "applied": int(m["applied"]), "loss": _clean(m["loss"]) if part else None,
            "site_loss": {sites[k].name: _clean(m["site_loss"][k]) for k in part},
            "weights": {sites[k].name: _clean(m["weights"][k]) for k in part},
-           "bytes_up": {**{sites[k].name: site_bytes[k] for k in part},
-                        "total": sum(site_bytes[k] for k in part)},
+           "bytes_up": {**{sites[k].name: up_bytes[k] for k in part},
+                        "total": sum(up_bytes[k] for k in part)},
            "bytes_down": {**{sites[k].name: site_bytes[k] for k in part},
                           "total": sum(site_bytes[k] for k in part)},
            "stragglers": [sites[k].name for k in lagging],
            "sim_seconds": float(round_s), **extra_row,
            "sim_cost": {c: v for c, v in sorted(cost.items())},
            "sim_cost_total": sum(cost.values())}
+    if dp is not None:  # every round counts, also one whose sites were all dropped
+      eps = privacy.epsilon(dp.noise_multiplier, dp.sampling_rate, r, dp.delta)
+      row["dp_epsilon_rdp"], row["dp_epsilon_pld"] = _clean(eps[0]), _clean(eps[1])
     if not part:
       logging.warning("round %d: no site left after the deadline and dropout; round skipped", r)
     if not math.isfinite(float(m["loss"])) and part:
@@ -701,10 +724,12 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
     state, graphdef, shardings = state_lib.create_train_state(
         config, head_specs, tokenizer.vocab_size, client_tx, mesh)
-    server, clients = algorithm.init(state.params, server_tx, client_tx, mesh,
-                                     param_shardings=shardings.params,
-                                     site_starts=config.fed.mode == "async")
-    tree = {"server": server._asdict(), "clients": _client_tree(clients)}
+    server, clients = algorithm.init(
+        state.params, server_tx, client_tx, mesh, param_shardings=shardings.params,
+        site_starts=config.fed.mode == "async",
+        error_feedback=compression.parse(config.fed.compress,
+                                         config.fed.compress_block).error_feedback)
+    tree = checkpoint_tree(server, clients)
     tree_sh = jax.tree.map(lambda x: x.sharding, tree)
     step, tree, _, _ = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh))
     ckpt.close()
