@@ -81,7 +81,8 @@ def load_arms(study: ml_collections.ConfigDict, study_path: str | os.PathLike[st
   """Loads each `study.arms` file (relative to `study_path`'s folder) and applies `overrides`
   (`--config.KEY=VALUE` strings, through `apply_overrides(config, overrides)`) to it. Raises
   ConfigError naming the file or key: a missing file, an arm without `study.arm`, two arms of
-  one name, a `study.reference` that is not an arm of the study or is not single-task."""
+  one name, a `study.reference` naming an arm of the study that is not single-task (one that
+  is not in the study is only named on the console: a study may be split over workdirs)."""
   if not study.study.arms:
     raise config_lib.ConfigError(f"config key 'study.arms' is empty in {study_path}: list the "
                                  "arms' config files (e.g. 'mtl_scratch.py')")
@@ -106,9 +107,10 @@ def load_arms(study: ml_collections.ConfigDict, study_path: str | os.PathLike[st
   for a in arms:
     ref = a.reference
     if ref and ref not in names:
-      raise config_lib.ConfigError(f"config key 'study.reference' = {ref!r} in {a.path} is not "
-                                   f"an arm of the study ({', '.join(names)})")
-    if ref and not names[ref].single_task:
+      # A study may be split over several workdirs (`jmtl report mtl --runs W1 W2` joins them).
+      print(f"[study] arm {a.name!r}: its reference arm {ref!r} is not in this study; the "
+            "report pairs them only if that arm's runs are passed to --runs too", flush=True)
+    elif ref and not names[ref].single_task:
       raise config_lib.ConfigError(f"config key 'study.reference' = {ref!r} in {a.path} is not a "
                                    "single-task arm (study.single_task)")
   return arms
