@@ -7,7 +7,6 @@ import csv
 import json
 import math
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -287,8 +286,7 @@ def test_tiny_study_and_report_through_the_cli(data_dir, tmp_path):
   for r in study["runs"]:
     cfg = json.loads((work / r["dir"] / "config.json").read_text())
     assert cfg["data"]["tokenizer"] == str(work / "tokenizer.json")  # one tokenizer for all
-  proc = faults.run([sys.executable, "-m", "jmtl.cli", "report", "mtl", "--runs", str(work),
-                     "--out", str(out)], env, expect=0)
+  assert cli.run(["jmtl", "report", "mtl", "--runs", str(work), "--out", str(out)]) == 0
   rep = json.loads((out / "report.json").read_text())
   for key in ("sst2/accuracy", "stsb/pearson", mtl_report.MEAN):
     assert rep["table"][key]["multi"]["n"] == 2 and rep["table"][key]["single"]["n"] == 2
