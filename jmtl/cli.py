@@ -92,7 +92,7 @@ _FLAG_HELP = (
     ("--workdir DIR", "run directory (checkpoints, metrics, predictions)"),
     ("--topology NAME", "compile: local (default) or a TPU slice: v4-N, v5e-N, v5p-N, v6e-N"),
     ("--json", "bench, compile: print the result as JSON"),
-    ("--runs DIR [DIR ...]", "report mtl: run directories, or folders holding them"),
+    ("--runs DIR...", "report mtl: run directories, or folders holding them"),
     ("--out FILE|DIR", "bench, compile: also write the JSON here; report: output directory"),
 )
 USAGE = "usage: " + "\n       ".join(COMMAND_USAGE[c] for c in COMMANDS)
