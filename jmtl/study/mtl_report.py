@@ -239,6 +239,8 @@ def _markdown(report: dict, arms: Sequence[str], keys: Sequence[tuple[str, str]]
     if s["unfinished"]:
       note += f", {len(s['unfinished'])} unfinished"
     ref = f"; paired against `{s['reference']}`" if s["reference"] else ""
+    if s["reference"] and s["reference"] not in st:
+      ref += " (no runs of it found: not paired)"
     lines.append(f"- `{a}`: {kind}; {note}{ref}")
   lines += ["", "Values are percent (as in eval.json), mean ± sample std (ddof=1) over seeds "
             "(n = seeds with the value). `mean of tasks`: per seed, the mean of each task's first "
@@ -251,7 +253,7 @@ def _markdown(report: dict, arms: Sequence[str], keys: Sequence[tuple[str, str]]
     lines.append(f"| {label} | " + " | ".join(
         f"{report_lib.fmt(cells[a]['mean'], cells[a]['std'])} (n={cells[a]['n']})"
         for a in arms) + " |")
-  paired = [a for a in arms if st[a]["reference"]]
+  paired = [a for a in arms if st[a]["reference"] in st]
   if paired:
     lines += ["", "## Paired by seed against the single-task arm", "",
               "Per seed: the arm's value minus its reference arm's (same seed); mean ± sample "
