@@ -9,6 +9,8 @@
   jmtl compile --config configs/x.py [--topology local|v5e-16|v4-32|...] [--json] [--out FILE]
   jmtl sweep  --config configs/optim_study.py --workdir DIR   (optimizer x lr x seed study)
   jmtl report optim --workdir DIR [--out DIR]                 (tables, ablation, loss curves)
+  jmtl study mtl --config configs/mtl_study.py --workdir DIR  (multi-task study: arms x seeds)
+  jmtl report mtl --runs DIR [DIR ...] [--out DIR]            (task x arm table, paired CIs, curves)
   jmtl --help | jmtl CMD --help | jmtl --version
 
 Every command with a config runs `jmtl.preflight.run` before any work. Never a traceback for a
@@ -37,9 +39,10 @@ from jmtl.data.prepare import PrepareError
 from jmtl.train import EvalError
 from jmtl.train import NonFiniteError
 
-COMMANDS = ("train", "eval", "data", "bench", "compile", "sweep", "report", "federated")
+COMMANDS = ("train", "eval", "data", "bench", "compile", "sweep", "study", "report", "federated")
 BENCHES = ("step", "data", "loop", "optimizer", "scaling", "federated")
-REPORTS = ("optim",)
+REPORTS = ("optim", "mtl")
+STUDIES = ("mtl",)
 DATA_SUBCOMMANDS = ("prepare",)
 COMMAND_USAGE = {
     "train": "jmtl train --config FILE --workdir DIR [--config.KEY=VALUE ...]",
@@ -50,7 +53,9 @@ COMMAND_USAGE = {
     "compile": "jmtl compile --config FILE [--topology NAME] [--json] [--out FILE] "
                "[--config.KEY=VALUE ...]",
     "sweep": "jmtl sweep --config FILE --workdir DIR [--config.KEY=VALUE ...]",
-    "report": "jmtl report optim --workdir DIR [--out DIR]",
+    "study": "jmtl study mtl --config FILE --workdir DIR [--config.KEY=VALUE ...]",
+    "report": "jmtl report optim --workdir DIR [--out DIR] | "
+              "jmtl report mtl --runs DIR [DIR ...] [--out DIR]",
     "federated": "jmtl federated --config FILE --workdir DIR [--config.KEY=VALUE ...]",
 }
 COMMAND_HELP = {
@@ -67,21 +72,27 @@ COMMAND_HELP = {
                "such as v5e-16): sharding rules that do not divide, per-device memory, fits. "
                "Exit 1 when it does not fit.",
     "sweep": "The optimizer study: optimizers x learning rates x seeds; writes sweep.json.",
-    "report": "Tables, ablation and loss curves of a finished sweep.",
+    "study": "The multi-task study: every arm of study.arms (configs/mtl_*.py) x study.seeds, "
+             "one run after another; finished runs are skipped; writes study.json. Overrides "
+             "of study.arms / study.seeds change the study config, all others every arm.",
+    "report": "optim: tables, ablation and loss curves of a finished sweep. mtl: the task x "
+              "arm table (mean ± std over seeds, paired differences against the single-task "
+              "arm with 95 % CI; Markdown + CSV) and PNG curves of the runs under --runs.",
     "federated": "Federated training over the sites of fed.sites (rounds of local steps and "
                  "aggregation); resumes from the latest checkpoint in --workdir.",
 }
 _COMMAND_FLAGS = {
     "train": ("config", "workdir"), "eval": ("config", "workdir"), "data": ("config",),
     "bench": ("config", "json", "out"), "compile": ("config", "topology", "json", "out"),
-    "sweep": ("config", "workdir"),
-    "report": ("workdir", "out"), "federated": ("config", "workdir"),
+    "sweep": ("config", "workdir"), "study": ("config", "workdir"),
+    "report": ("workdir", "runs", "out"), "federated": ("config", "workdir"),
 }
 _FLAG_HELP = (
     ("--config FILE", "config file defining get_config() (see configs/, jmtl/defaults.py)"),
     ("--workdir DIR", "run directory (checkpoints, metrics, predictions)"),
     ("--topology NAME", "compile: local (default) or a TPU slice: v4-N, v5e-N, v5p-N, v6e-N"),
     ("--json", "bench, compile: print the result as JSON"),
+    ("--runs DIR...", "report mtl: run directories, or folders holding them"),
     ("--out FILE|DIR", "bench, compile: also write the JSON here; report: output directory"),
 )
 USAGE = "usage: " + "\n       ".join(COMMAND_USAGE[c] for c in COMMANDS)
@@ -105,6 +116,8 @@ def _make_flags() -> flags.FlagValues:
   flags.DEFINE_bool("json", False, "bench, compile: print the result as JSON.", flag_values=fv)
   flags.DEFINE_string("out", None, "bench: also write the JSON here; report: output directory.",
                       flag_values=fv)
+  flags.DEFINE_multi_string("runs", None, "report mtl: run directories or folders of them.",
+                            flag_values=fv)
   return fv
 
 
@@ -213,8 +226,8 @@ def parse(argv: Sequence[str]):
   if any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
     raise _Exit(_command_help(cmd))
   sub = None
-  if cmd in ("bench", "report"):
-    choices = BENCHES if cmd == "bench" else REPORTS
+  if cmd in ("bench", "report", "study"):
+    choices = {"bench": BENCHES, "report": REPORTS, "study": STUDIES}[cmd]
     if not rest or rest[0] not in choices:
       raise UsageError(f"jmtl {cmd} needs one of: {', '.join(choices)}")
     sub, rest = rest[0], rest[1:]
@@ -226,10 +239,13 @@ def parse(argv: Sequence[str]):
   overrides = [a for a in rest if a.startswith("--config.")]
   fv = _make_flags()
   try:
-    fv([argv[0]] + [a for a in rest if not a.startswith("--config.")])
+    fv([argv[0]] + _runs_values([a for a in rest if not a.startswith("--config.")]))
   except flags.Error as e:
     raise UsageError(str(e).splitlines()[0]) from e
-  if cmd in ("train", "eval", "sweep", "report", "federated") and not fv.workdir:
+  if cmd == "report" and sub == "mtl":
+    if not fv.runs:
+      raise UsageError("jmtl report mtl needs --runs DIR [DIR ...]")
+  elif cmd in ("train", "eval", "sweep", "study", "report", "federated") and not fv.workdir:
     raise UsageError(f"jmtl {cmd} needs --workdir DIR")
   if cmd == "report":
     return cmd, sub, None, fv
@@ -239,6 +255,63 @@ def parse(argv: Sequence[str]):
   config = load_config_file(fv.config)
   apply_overrides(config, overrides)
   return cmd, sub, config, fv
+
+
+def _runs_values(args: Sequence[str]) -> list[str]:
+  """`--runs A B C` (the values up to the next flag) as `--runs=A --runs=B --runs=C`, the form
+  absl's multi-string flag reads; `--runs=A` and `--runs A` pass as they are."""
+  out, i = [], 0
+  while i < len(args):
+    if args[i] == "--runs":
+      j = i + 1
+      while j < len(args) and not args[j].startswith("-"):
+        out.append(f"--runs={args[j]}")
+        j += 1
+      if j == i + 1:
+        out.append(args[i])  # no value: absl names the flag
+      i = j
+    else:
+      out.append(args[i])
+      i += 1
+  return out
+
+
+def _report_mtl(fv) -> dict:
+  """`jmtl report mtl`: a missing folder, no run of an arm or an unreadable run file is a
+  ConfigError naming it."""
+  from jmtl.study.mtl_report import report_mtl
+  out = fv.out or str(pathlib.Path(fv.runs[0], "report"))
+  try:
+    return report_mtl(fv.runs, out)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(str(e)) from e
+
+
+def _study_mtl(config, fv, argv: Sequence[str]) -> dict:
+  """`jmtl study mtl`: loads the arms (the overrides other than study.arms / study.seeds apply
+  to each), checks every run's config with the preflight of `jmtl train` before the first run,
+  then runs the study."""
+  from jmtl import config as config_lib
+  from jmtl import preflight
+  from jmtl.study import mtl as mtl_study
+  if pathlib.Path(fv.workdir).is_file():
+    raise ConfigError(f"--workdir {fv.workdir} is a file")
+  _, arm_overrides = mtl_study.split_overrides([a for a in argv if a.startswith("--config.")])
+  config = config_lib.validate(config, check_files=False)
+  arms = mtl_study.load_arms(config, fv.config, arm_overrides, apply_overrides)
+  checked = set()
+  for run, cfg in mtl_study.plan(config, arms):
+    if (run.arm, run.task) not in checked:  # seeds do not change what preflight checks
+      checked.add((run.arm, run.task))
+      try:
+        preflight.run(cfg, "train", None)
+      except ConfigError as e:
+        raise ConfigError(f"arm {run.arm!r}{' task ' + repr(run.task) if run.task else ''}: "
+                          f"{e}") from e
+  try:
+    return mtl_study.run_study(config, arms, fv.workdir)
+  except ValueError as e:  # a run directory of another config
+    raise ConfigError(str(e)) from e
 
 
 def _bench(sub: str, config) -> dict:
@@ -348,6 +421,19 @@ def run(argv: Sequence[str]) -> int:
   """Runs one command line; returns the exit code. User mistakes raise ConfigError, checked by
   `jmtl.preflight.run` before any work."""
   cmd, sub, config, fv = parse(argv)
+  if cmd == "report" and sub == "mtl":
+    result = _report_mtl(fv)
+    print(f"report of {sum(a['finished'] for a in result['arms'].values())} finished run(s) "
+          f"({len(result['arms'])} arms) written to {fv.out or pathlib.Path(fv.runs[0], 'report')}: "
+          f"{', '.join(result['files'])}", flush=True)
+    return 0
+  if cmd == "study":
+    result = _study_mtl(config, fv, argv)
+    done = sum(1 for r in result["runs"] if r["status"] == "ok")
+    print(f"study done: {done} of {len(result['runs'])} run(s) finished "
+          f"({len(result['runs']) - done} diverged); {pathlib.Path(fv.workdir, 'study.json')}; "
+          f"report: jmtl report mtl --runs {fv.workdir} --out DIR", flush=True)
+    return 0
   if cmd == "report":
     from jmtl.study.report import report_optim
     if not pathlib.Path(fv.workdir, "sweep.json").is_file():

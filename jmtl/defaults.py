@@ -610,6 +610,31 @@ _key("sweep.reference", "adamw", "steps-to-target ratios are relative to this op
              lambda c: f"is not in sweep.optimizers {list(c.sweep.optimizers)}"),))
 
 
+# ------------------------------------------------------------------ multi-task study
+# (`jmtl study mtl`, `jmtl report mtl`; jmtl.study.mtl). An arm config (configs/mtl_*.py) names
+# its arm; the study config lists the arm configs and the seeds.
+_key("study.arm", "",
+     "name of the study arm this config trains; `jmtl report mtl` groups runs by it (read from "
+     "each run's config.json); '' = not an arm",
+     check=(lambda v: not v or all(ch.isalnum() or ch in "_-." for ch in v),
+            "'' or a name of letters, digits, '_', '-', '.'"))
+_key("study.single_task", False,
+     "the arm trains one single-task model per task of `tasks`, each for train.steps steps of "
+     "the rows that task has in a batch of the multi-task setting (data.batch_size / "
+     "len(tasks)): the same per-task steps and examples as the multi-task arm",
+     rules=((lambda v, c: not v or (c.data.mixing == "mixed" and c.data.mixture == "uniform"),
+             "needs data.mixing = 'mixed' and data.mixture = 'uniform' (a task's rows per "
+             "step of the multi-task setting)"),))
+_key("study.reference", "",
+     "arm whose runs this arm is paired with, seed by seed, in `jmtl report mtl` (its "
+     "single-task counterpart); '' = none")
+_key("study.arms", (),
+     "jmtl study mtl: the arms' config files, relative to the study config's folder",
+     check=_strs())
+_key("study.seeds", (0, 1, 2), "jmtl study mtl: values of `seed` each arm is trained with",
+     check=_ints(0, at_least=2, distinct=True))
+
+
 def _fresh(value: Any) -> Any:
   """A new copy of a mutable default (dicts), so configs never share one."""
   if isinstance(value, (dict, ml_collections.ConfigDict)):

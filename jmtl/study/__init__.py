@@ -1,4 +1,5 @@
-"""Optimizer study: the learning-rate x seed sweep with ablation, and its report."""
+"""Studies: the optimizer study (`jmtl sweep`, `jmtl report optim`), the multi-task study
+(`jmtl study mtl`, `jmtl report mtl`) and the run executor they share (`jmtl.study.runs`)."""
 
 from jmtl.study.report import report_optim
 from jmtl.study.sweep import run_sweep

@@ -30,13 +30,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import pathlib
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -44,16 +41,15 @@ import numpy as np
 
 from jmtl import config as config_lib
 from jmtl import optim
-from jmtl import tasks as task_registry
 from jmtl.eval import metrics as metrics_lib
 from jmtl.eval import predictions as predictions_lib
-from jmtl.train import NonFiniteError
+from jmtl.study import runs as runs_lib
 
-TrainFn = Callable[[ml_collections.ConfigDict, pathlib.Path], Mapping[str, float]]
+TrainFn = runs_lib.TrainFn
 
 ABLATION_OPTIMIZER = "jmtl_adaptive"
 SWITCHES = ("belief", "cautious", "block_nu", "trust_ratio", "update_clip", "metric_schedule")
-RUN_INFO = "run_info.json"  # written by the sweep next to the trainer's files
+RUN_INFO = runs_lib.RUN_INFO  # written by the sweep next to the trainer's files
 MIN_LR_POINTS = 4
 MIN_SEEDS = 3
 CONFIRM = "confirm"  # the variant of the fresh-seed confirmation runs
@@ -285,132 +281,25 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
   return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def _read_json(path: pathlib.Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"cannot read {path}: {e}") from e
-
-
-def code_digest() -> str:
-  """First 12 hex digits of sha256 over every `*.py` file of the jmtl package (relative path
-  and bytes, in path order)."""
-  root = pathlib.Path(__file__).resolve().parents[1]
-  h = hashlib.sha256()
-  for path in sorted(root.rglob("*.py")):
-    h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-  return h.hexdigest()[:12]
+# The run executor and its helpers live in `jmtl.study.runs` (shared with `jmtl study mtl`).
+_read_json = runs_lib.read_json
+code_digest = runs_lib.code_digest
+_drop_stale_metrics = runs_lib.drop_stale_metrics
+_check_same_config = runs_lib.check_same_config
+_flat = runs_lib.flat
+_use_compilation_cache = runs_lib.use_compilation_cache
+_clear_compile_caches = runs_lib.clear_compile_caches
+_shared_tokenizer = runs_lib.shared_tokenizer
 
 
 def _execute(run: Run, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
              train_fn: TrainFn, code: str = "") -> dict:
-  """Trains `run` unless its results exist; returns its record for sweep.json (with
-  `other_code` True when a reused run was trained by code other than `code`, and
-  `assumed_defaults` the compared keys its config.json lacks)."""
-  eval_path, info_path = run_dir / "eval.json", run_dir / RUN_INFO
-  info = _read_json(info_path) if info_path.exists() else {}
-  if not eval_path.exists() and info.get("status") != "diverged":
-    print(f"[sweep] {run.relpath}: training", flush=True)
-    _drop_stale_metrics(run_dir)
-    start = time.time()
-    try:
-      train_fn(cfg, run_dir)
-      info = {"status": "ok", "seconds": time.time() - start}
-    except NonFiniteError as e:
-      info = {"status": "diverged", "seconds": time.time() - start, "error": str(e)}
-    info["code"] = code
-    predictions_lib.write_json_atomic(info_path, info)
-    _clear_compile_caches()
-    other_code, assumed = False, []
-  else:
-    assumed = _check_same_config(cfg, run_dir)
-    other_code = bool(code and info.get("code") and info["code"] != code)
-    note = (f" (trained by other jmtl code: {info['code']}, now {code}; delete the directory "
-            "to redo it)") if other_code else ""
-    if assumed:
-      note += (f" (its config.json lacks {', '.join(assumed)}: taken at the default; delete the "
-               "directory to redo it if that default changes the run)")
-    print(f"[sweep] {run.relpath}: done before, skipped{note}", flush=True)
-  metrics = {}
-  if info.get("status") != "diverged":
-    if not eval_path.exists():
-      raise ValueError(f"{run_dir}: training returned but wrote no eval.json")
-    metrics = _read_json(eval_path)
+  """Trains `run` unless its results exist (`jmtl.study.runs.execute`); returns its record for
+  sweep.json (with `other_code` True when a reused run was trained by code other than `code`,
+  and `assumed_defaults` the compared keys its config.json lacks)."""
+  result = runs_lib.execute(run.relpath, cfg, run_dir, train_fn, code, tag="sweep")
   return {"optimizer": run.optimizer, "variant": run.variant, "lr": run.lr, "seed": run.seed,
-          "dir": run.relpath, "status": info.get("status", "ok"),
-          "seconds": info.get("seconds"), "metrics": metrics, "other_code": other_code,
-          "assumed_defaults": assumed}
-
-
-def _drop_stale_metrics(run_dir: pathlib.Path) -> None:
-  """A run killed before its first checkpoint restarts from step 0, and the trainer appends to
-  `metrics.jsonl`: drop the stale lines first (with a checkpoint the trainer truncates them)."""
-  ckpt = run_dir / "checkpoints"
-  if not (ckpt.is_dir() and any(ckpt.iterdir())):
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-
-
-def _check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> list[str]:
-  """A finished run is reused only if its `config.json` (written by the trainer) matches, apart
-  from the `sweep` section and the keys that only other optimizers read (`optim.OWN_KEYS`),
-  neither of which changes the run. A key missing from `config.json` (one
-  added to jmtl after the run) counts at its default, as it does when a run resumes. Returns
-  those missing keys (of the ones compared)."""
-  path = run_dir / "config.json"
-  if not path.exists():
-    return []
-  from jmtl import defaults
-  with_defaults = _flat(json.loads(config_lib.to_json(defaults.base_config())))
-  saved_keys = _flat(_read_json(path))
-  missing = sorted(set(with_defaults) - set(saved_keys))
-  with_defaults.update(saved_keys)
-  ignored = ({k for keys in optim.OWN_KEYS.values() for k in keys}
-             - set(optim.OWN_KEYS.get(cfg.optim.name, ())))
-  keep = lambda k: not k.startswith("sweep.") and k not in ignored
-  saved = {k: v for k, v in with_defaults.items() if keep(k)}
-  expected = {k: v for k, v in _flat(json.loads(config_lib.to_json(cfg))).items() if keep(k)}
-  diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
-  if diff:
-    raise ValueError(f"{run_dir} holds a run of a different config (first differing key "
-                     f"{diff[0]!r}); use a fresh --workdir or delete that run directory")
-  return [k for k in missing if keep(k)]
-
-
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _use_compilation_cache(path: pathlib.Path) -> None:
-  """Seeds of one (optimizer, lr) compile to the same programs: keep them on disk and reuse them
-  (unless the user already chose a cache directory)."""
-  import jax
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def _clear_compile_caches() -> None:
-  """Each run jits new functions; dropping old executables keeps a long sweep's memory flat."""
-  import jax
-  jax.clear_caches()
-
-
-def _shared_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
-  """Trains (or reuses) one tokenizer in `<W>/tokenizer.json` so every run sees the same ids."""
-  from jmtl.data import tokenizer as tokenizer_lib
-  tasks = [task_registry.get_task(name) for name in config.tasks]
-  tokenizer_lib.build_tokenizer(config, tasks, str(workdir))
-  path = workdir / "tokenizer.json"
-  if not path.is_file():
-    raise ValueError(f"building the shared tokenizer wrote no {path}")
-  return str(path)
+          "dir": run.relpath, **result}
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,

@@ -1,0 +1,234 @@
+"""`jmtl study mtl`: the multi-task study (arXiv 2412.06249) as one resumable command.
+
+The study config (`configs/mtl_study.py`) lists the arms' config files in `study.arms` (paths
+relative to its own folder) and the seeds in `study.seeds`. Each arm config (`configs/mtl_*.py`)
+is an ordinary training config with `study.arm` (its name), `study.single_task` and
+`study.reference` (the arm it is paired with in `jmtl report mtl`). Every arm is trained with
+every seed:
+
+* a multi-task arm: one run of its config, `<W>/<arm>/seed<s>/`;
+* a single-task arm (`study.single_task`): one run per task t of its `tasks`, with
+  `tasks = (t,)` and `data.batch_size` = the rows t has in one batch of the multi-task setting
+  (`jmtl.data.pipeline.rows_per_task` of the uniform rates: data.batch_size / len(tasks)),
+  for the same `train.steps`, in `<W>/<arm>/<t>/seed<s>/`. Under `data.mixing = "mixed"` the
+  multi-task run trains every task in every step with those rows, so each single-task model
+  gets the same optimizer steps and the same training examples of its task.
+
+Runs are sequential, seed by seed (every arm at seed 0 first, so paired results come early),
+through `jmtl.study.runs.execute`: a finished run is skipped when its config matches, so an
+interrupted study resumes where it stopped. Arms that train their own tokenizer
+(`data.tokenizer = ''`) share one, trained once over the union of their tasks
+(`<W>/tokenizer.json`), so single-task and multi-task models see the same token ids.
+`<W>/study.json` holds the arms and every run's status and final metrics.
+
+Command-line overrides (`--config.KEY=VALUE`) of `study.arms` and `study.seeds` change the
+study config; every other override applies to every arm config (e.g. `--config.train.steps=4`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import pathlib
+from collections.abc import Sequence
+
+import ml_collections
+
+from jmtl import config as config_lib
+from jmtl.data import pipeline
+from jmtl.eval import predictions as predictions_lib
+from jmtl.study import runs as runs_lib
+
+STUDY_KEYS = ("study.arms", "study.seeds")  # overrides of these go to the study config
+TOKENIZER_KEYS = ("data.vocab_size", "data.tokenizer_kind", "data.lowercase",
+                  "data.max_train_examples", "data.dir", "data.split_seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One arm: its name (`study.arm`), config file and config (overrides applied)."""
+
+  name: str
+  path: str
+  config: ml_collections.ConfigDict
+
+  @property
+  def single_task(self) -> bool:
+    return bool(self.config.study.single_task)
+
+  @property
+  def reference(self) -> str:
+    return self.config.study.reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run: `task` is the task of a single-task arm's run, "" for a multi-task run."""
+
+  arm: str
+  seed: int
+  task: str = ""
+
+  @property
+  def relpath(self) -> str:
+    return f"{self.arm}/{self.task}/seed{self.seed}" if self.task else f"{self.arm}/seed{self.seed}"
+
+
+def load_arms(study: ml_collections.ConfigDict, study_path: str | os.PathLike[str],
+              overrides: Sequence[str] = (),
+              apply_overrides=None) -> list[Arm]:
+  """Loads each `study.arms` file (relative to `study_path`'s folder) and applies `overrides`
+  (`--config.KEY=VALUE` strings, through `apply_overrides(config, overrides)`) to it. Raises
+  ConfigError naming the file or key: a missing file, an arm without `study.arm`, two arms of
+  one name, a `study.reference` naming an arm of the study that is not single-task (one that
+  is not in the study is only named on the console: a study may be split over workdirs)."""
+  if not study.study.arms:
+    raise config_lib.ConfigError(f"config key 'study.arms' is empty in {study_path}: list the "
+                                 "arms' config files (e.g. 'mtl_scratch.py')")
+  folder = pathlib.Path(study_path).resolve().parent
+  arms: list[Arm] = []
+  for entry in study.study.arms:
+    path = folder / entry
+    if not path.is_file():
+      raise config_lib.ConfigError(f"config key 'study.arms': file not found: {path}")
+    cfg = config_lib.load_config_file(path)
+    if apply_overrides is not None:
+      apply_overrides(cfg, list(overrides))
+    name = cfg.get("study", {}).get("arm", "")
+    if not name:
+      raise config_lib.ConfigError(f"config key 'study.arm' is empty in {path}: an arm config "
+                                   "names its arm")
+    if any(a.name == name for a in arms):
+      raise config_lib.ConfigError(f"config key 'study.arms': two configs name the arm {name!r} "
+                                   f"(study.arm), the second is {path}")
+    arms.append(Arm(name, str(path), cfg))
+  names = {a.name: a for a in arms}
+  for a in arms:
+    ref = a.reference
+    if ref and ref not in names:
+      # A study may be split over several workdirs (`jmtl report mtl --runs W1 W2` joins them).
+      print(f"[study] arm {a.name!r}: its reference arm {ref!r} is not in this study; the "
+            "report pairs them only if that arm's runs are passed to --runs too", flush=True)
+    elif ref and not names[ref].single_task:
+      raise config_lib.ConfigError(f"config key 'study.reference' = {ref!r} in {a.path} is not a "
+                                   "single-task arm (study.single_task)")
+  return arms
+
+
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(overrides of the study config: `study.arms`, `study.seeds`; those of every arm)."""
+  study, arm = [], []
+  for o in overrides:
+    key = o[len("--config."):].split("=", 1)[0]
+    (study if key in STUDY_KEYS else arm).append(o)
+  return study, arm
+
+
+def task_rows(config: ml_collections.ConfigDict, task: str) -> int:
+  """Rows of `task` in one batch of the multi-task setting `config` (uniform rates)."""
+  tasks = list(config.tasks)
+  return pipeline.rows_per_task({t: 1.0 / len(tasks) for t in tasks},
+                                int(config.data.batch_size))[task]
+
+
+def runs_of(arm: Arm, seeds: Sequence[int]) -> list[Run]:
+  """The runs of `arm`: one per seed, times one per task when single-task."""
+  if arm.single_task:
+    return [Run(arm.name, int(s), t) for s in seeds for t in arm.config.tasks]
+  return [Run(arm.name, int(s)) for s in seeds]
+
+
+def run_config(arm: Arm, run: Run) -> ml_collections.ConfigDict:
+  """`arm.config` with the run's seed; a single-task run keeps only its task, with that task's
+  rows of a multi-task batch as its batch."""
+  cfg = copy.deepcopy(arm.config)
+  with cfg.unlocked():
+    cfg.seed = int(run.seed)
+    if run.task:
+      cfg.data.batch_size = task_rows(arm.config, run.task)
+      cfg.tasks = (run.task,)
+  return cfg
+
+
+def plan(study: ml_collections.ConfigDict, arms: Sequence[Arm]) -> list[tuple[Run, ml_collections.ConfigDict]]:
+  """Every (run, config) of the study, seed by seed, in arm order; configs are validated
+  (keys, values, registries; not files or devices)."""
+  seeds = list(study.study.seeds)
+  out = []
+  for seed in seeds:
+    for arm in arms:
+      for run in runs_of(arm, [seed]):
+        out.append((run, config_lib.validate(run_config(arm, run), check_files=False)))
+  return out
+
+
+def _tokenizer(arms: Sequence[Arm], workdir: pathlib.Path) -> str | None:
+  """One tokenizer over the union of the tasks of the arms that train their own; None when
+  none does. Those arms must agree on the keys a tokenizer depends on (ConfigError)."""
+  own = [a for a in arms if not a.config.data.tokenizer]
+  if not own:
+    return None
+  flat0 = runs_lib.flat(own[0].config.to_dict())
+  for a in own[1:]:
+    f = runs_lib.flat(a.config.to_dict())
+    for k in TOKENIZER_KEYS:
+      if f[k] != flat0[k]:
+        raise config_lib.ConfigError(
+            f"config key {k!r}: arms {own[0].name!r} and {a.name!r} share the study's trained "
+            f"tokenizer but differ ({flat0[k]!r} vs {f[k]!r})")
+  tasks = []
+  for a in own:
+    tasks += [t for t in a.config.tasks if t not in tasks]
+  cfg = copy.deepcopy(own[0].config)
+  with cfg.unlocked():
+    cfg.tasks = tuple(tasks)
+  return runs_lib.shared_tokenizer(cfg, workdir)
+
+
+def run_study(study: ml_collections.ConfigDict, arms: Sequence[Arm],
+              workdir: str | os.PathLike[str], *, train_fn: runs_lib.TrainFn | None = None) -> dict:
+  """Trains every run of `plan(study, arms)` that has no results yet, in order; writes
+  `<W>/study.json` after each run and returns its content.
+
+  `train_fn(config, run_dir)` defaults to `jmtl.train.loop.train` (with a JAX compilation cache
+  in `<W>/jax_cache` unless one is set). Raises ValueError when a finished run directory holds
+  another config (`jmtl.study.runs.check_same_config`).
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  runs = plan(study, arms)  # every config checked before the first run starts
+  if train_fn is None:
+    from jmtl.train.loop import train as train_fn
+    runs_lib.use_compilation_cache(workdir / "jax_cache")
+  tokenizer = _tokenizer(arms, workdir)
+  code = runs_lib.code_digest()
+  records = []
+  result = _summary(study, arms, records)
+  for i, (run, cfg) in enumerate(runs):
+    if not cfg.data.tokenizer and tokenizer:
+      with cfg.unlocked():
+        cfg.data.tokenizer = tokenizer
+    print(f"[study] run {i + 1}/{len(runs)}", flush=True)
+    rec = runs_lib.execute(run.relpath, cfg, workdir / run.relpath, train_fn, code, tag="study")
+    records.append({"arm": run.arm, "task": run.task, "seed": run.seed, "dir": run.relpath,
+                    **rec})
+    result = _summary(study, arms, records)
+    predictions_lib.write_json_atomic(workdir / "study.json", result)
+  if result["reused_other_code"]:
+    print(f"[study] {len(result['reused_other_code'])} reused run(s) were trained by other jmtl "
+          "code (listed in study.json's reused_other_code)", flush=True)
+  return result
+
+
+def _summary(study: ml_collections.ConfigDict, arms: Sequence[Arm], records: list[dict]) -> dict:
+  return {
+      "seeds": list(study.study.seeds),
+      "arms": {a.name: {"config": a.path, "single_task": a.single_task,
+                        "reference": a.reference, "tasks": list(a.config.tasks),
+                        "steps": a.config.train.steps} for a in arms},
+      "reused_other_code": [r["dir"] for r in records if r.get("other_code")],
+      "assumed_defaults": {r["dir"]: r["assumed_defaults"] for r in records
+                           if r.get("assumed_defaults")},
+      "runs": records,
+  }
