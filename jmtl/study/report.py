@@ -30,7 +30,6 @@ import os
 import pathlib
 import shutil
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import scipy.stats
