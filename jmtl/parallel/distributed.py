@@ -58,6 +58,9 @@ def initialize(dist_cfg: Any) -> bool:
     kwargs["process_id"] = int(dist_cfg.process_id)
   if dist_cfg.initialization_timeout_s > 0:
     kwargs["initialization_timeout"] = int(dist_cfg.initialization_timeout_s)
+  if "coordinator_address" in kwargs and "process_id" in kwargs:
+    check_coordinator(kwargs["coordinator_address"], kwargs["process_id"],
+                      float(dist_cfg.initialization_timeout_s or 300))
   # Only the CPU client's cross-process collectives (harmless on TPU/GPU hosts).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
@@ -65,6 +68,39 @@ def initialize(dist_cfg: Any) -> bool:
             jax.process_index(), jax.process_count(), jax.local_device_count(),
             jax.device_count())
   return True
+
+
+def check_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+  """Before JAX's runtime (which aborts the process from C++ on these mistakes): process 0 must
+  be able to listen on the address's port; every other process must reach it (TCP connect,
+  retried until `timeout_s`). Raises RuntimeError naming the address otherwise, or for an
+  address that is not host:port."""
+  import socket  # noqa: PLC0415
+  import time  # noqa: PLC0415
+  host, sep, port_text = address.rpartition(":")
+  if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    raise RuntimeError(f"coordinator address {address!r} is not host:port")
+  port = int(port_text)
+  if process_id == 0:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      try:
+        probe.bind(("", port))
+      except OSError as e:
+        raise RuntimeError(f"process 0 cannot listen on port {port} of {address!r} "
+                           f"({e.strerror or e}); is another run using it?") from e
+    return
+  deadline = time.monotonic() + max(timeout_s, 0.0)
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=2.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise RuntimeError(f"the coordinator {address!r} (process 0) was not reachable within "
+                           f"{timeout_s:g} s ({e.strerror or e}); start process 0 first, or "
+                           f"check the address and port") from e
+      time.sleep(0.5)
 
 
 def is_primary() -> bool:
