@@ -581,6 +581,26 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   progress = writers.Progress(R, start, config.train.progress if primary else "none")
   closers.append(progress.close)
   measured: list[float] = []
+  if not fed.step_time_s and not meta.get("step_time"):
+    # A measured step time is needed before round 1 (its deadline, stragglers and clock): the
+    # compiled round runs twice on a copy of the state with zero-weight batches (the same work;
+    # nothing is applied), the second run timed. Resumed runs reuse the checkpoint's value.
+    warm = _stack([_stack([blank] * H) for _ in range(S)])
+    if multi:
+      warm = jax.tree.map(lambda x: _site_global(x, mesh, local), warm)
+    copies = jax.tree.map(jnp.copy, (server, clients))
+    ones = np.ones(S, np.float32)
+    for _ in range(2):  # the first call compiles, the second is timed
+      t0 = time.time()
+      copies = round_fn(*copies, warm, examples, ones, holds, modes,
+                        val_metric=meta["val_metric"], val_count=meta["val_count"])[:2]
+      jax.block_until_ready(copies)
+      took = time.time() - t0
+    if multi:
+      took = distributed.agree_max(int(took * 1e6)) / 1e6
+    meta["step_time"] = took / H
+    measured.append(took / H)
+    del copies, warm
   seed, lag = int(config.seed), float(fed.faults.stragglers)
   slow_of = lambda r: asynchronous.slowdown(seed, r, S, lag,  # noqa: E731
                                             float(fed.faults.straggler_slowdown))
