@@ -139,6 +139,17 @@ def test_eval_and_data_on_a_federated_config(reference, tmp_path, data_dir, cach
   assert json.loads(out.stdout)["step"] == 6
   after = json.loads((reference / "eval.json").read_text())
   assert {k: after.get(k) for k in sites} == sites  # the run's per-site results are kept
+  # Other decoding settings: the run's site results (decoded otherwise) are not mixed in.
+  import shutil
+  other = tmp_path / "other"
+  shutil.copytree(reference, other)
+  out = subprocess.run([sys.executable, "-m", "jmtl.cli", "eval", "--config", str(TINY),
+                        "--workdir", str(other), "--config.eval.max_decode_len=4"], env=env,
+                       cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "eval.json keeps no site/... results" in out.stderr and "eval.max_decode_len" in out.stderr
+  assert not any(k.startswith("site/") for k in json.loads((other / "eval.json").read_text()))
   out = subprocess.run([sys.executable, "-m", "jmtl.cli", "data", "--config", str(TINY)],
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -667,13 +667,22 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
                                                  up_bytes),
                                     slow_of(r + 1)).to_json()
     else:
+      # A synchronous round lasts until its slowest participant has uploaded; when the deadline
+      # cut a site off, the server waited until the deadline to know it.
+      late = [k for k in range(S) if sampled[k] and fed.deadline_s and secs[k] > fed.deadline_s]
       round_s = float(max(secs[part])) if part else 0.0
+      if late:
+        round_s = max(round_s, float(fed.deadline_s))
       held_s = np.full(S, round_s)
-    cost = dict(meta.get("cost") or {})
-    for k in part:  # a site is held from its job's start to the server step that uses it
+      held_s[late] = float(fed.deadline_s)  # a late site computed until it was cut off
+    cost = {s.cloud or s.name: 0.0 for s in sites}
+    cost.update(meta.get("cost") or {})
+    billed = part if is_async else sorted(set(part) | set(late))
+    for k in billed:  # a site is held from its job's start to the server step that uses it
       s = sites[k]
-      c = (s.devices * float(held_s[k]) / 3600.0 * s.price_device_hour
-           + up_bytes[k] / 1e9 * s.price_egress_gb)
+      c = s.devices * float(held_s[k]) / 3600.0 * s.price_device_hour
+      if k in part:  # only participants upload
+        c += up_bytes[k] / 1e9 * s.price_egress_gb
       cost[s.cloud or s.name] = cost.get(s.cloud or s.name, 0.0) + c
     meta["cost"] = cost
     row = {"round": r, "sites": [sites[k].name for k in part],
@@ -725,6 +734,17 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   return final
 
 
+def _changed_eval_keys(wd: epath.Path, config: ml_collections.ConfigDict) -> list[str]:
+  """`eval.*` keys whose value differs from the run's `config.json` (`key old -> new`)."""
+  path = wd / "config.json"
+  if not path.exists():
+    return []
+  old = workdir_lib.flat_config(json.loads(path.read_text()))
+  new = workdir_lib.flat_config(config)
+  return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in sorted(new.items())
+          if k.startswith("eval.") and old.get(k) != v]
+
+
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
                      ) -> dict[str, float]:
   """`jmtl eval` on a federated workdir: the server parameters of the latest checkpoint on the
@@ -768,6 +788,11 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
       previous = json.loads(results.read_text())
       if previous.get("step") == step:
         kept = {k: v for k, v in previous.items() if k.startswith("site/")}
+    changed = _changed_eval_keys(wd, config)
+    if kept and changed:  # the run's site results were decoded otherwise: not mixed in
+      print(f"jmtl: warning: eval.json keeps no site/... results: the run computed them with "
+            f"other evaluation settings ({', '.join(changed)})", file=sys.stderr, flush=True)
+      kept = {}
     if distributed.is_primary():
       train_loop._write_outputs(wd, config.data.eval_split, {**metrics, **kept}, rows,  # noqa: SLF001
                                 step)

@@ -134,9 +134,10 @@ def config_differences(stored: Mapping[str, Any], config: ml_collections.ConfigD
   return out
 
 
-def _refuse(workdir: epath.Path, step: int, what: str) -> config_lib.ConfigError:
+def _refuse(workdir: epath.Path, step: int, what: str, unit: str = "step"
+            ) -> config_lib.ConfigError:
   return config_lib.ConfigError(
-      f"--workdir {workdir} holds a checkpoint (step {step}) of a different run: {what}; "
+      f"--workdir {workdir} holds a checkpoint ({unit} {step}) of a different run: {what}; "
       f"use the settings it was trained with, or a new workdir")
 
 
@@ -160,7 +161,7 @@ def check_config(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
     return
   diffs = config_differences(fp["config"], config)
   if diffs:
-    raise _refuse(workdir, step, "; ".join(diffs))
+    raise _refuse(workdir, step, "; ".join(diffs), "round" if key == "fed.rounds" else "step")
 
 
 def resume_warnings(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
