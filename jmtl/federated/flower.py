@@ -1,0 +1,312 @@
+"""Federated rounds across real processes on Flower's deployment engine (SuperLink + SuperNodes).
+
+The mesh simulation (`jmtl.federated.algorithm.make_round`) runs every site inside one jitted
+SPMD program. Here each site is its own process: a Flower SuperNode that runs `client_app`, and
+the server is `server_app` run by the SuperLink. The numbers are the same code:
+
+  site k (`client_app`, jitted on that process's own devices):
+    receives x (float32 leaves) and the round r; key_k = fold_in(fold_in(key(seed), r), k)
+    delta_k, c_k <- algorithm.make_site_update(...)(x, c_k, batches_k(r), key_k)
+      (H local steps of the client optimizer, the function `make_round`'s sites call)
+    c_k (its client optimizer state, DiLoCo's inner AdamW moments) stays on the site, in the
+    SuperNode's per-run `Context.state`; it sends delta_k and n_k (its examples)
+  server (`server_app`):
+    m_k = 1 for the sites that replied within `round-timeout` seconds (a lost site is dropped
+    from that round, the weights renormalise over the rest), w = aggregation.fedavg_weights(n, m)
+    Delta = aggregation.grouped_mean(delta, 0, w, 1);  u, s <- server_tx.update(Delta, s, x);
+    x <- x + u    (FedAvg: McMahan et al. 2017; DiLoCo: Douillard et al. 2023, arXiv
+    2311.08105, Algorithm 1)
+
+What a run computes is a `Problem` (initial parameters, loss, optimizers, each site's batches),
+built in every process by the factory that the run config's `problem` names ("module:function",
+called with the run config dict). Payloads are raw little-endian float32 bytes per leaf (Flower
+`Array` with stype `RAW_STYPE`), so `bytes_up` / `bytes_down` in rounds.jsonl are the measured
+payload bytes of the messages (4 bytes per value, the simulation's accounting), and `seconds` the
+measured wall-clock of the round.
+
+Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
+  problem (str): "module:function" -> Problem;  workdir (str): where the server writes;
+  rounds (int);  round-timeout (float, seconds);  wait-sites (float, seconds to wait for
+  every site's SuperNode before round 0).
+SuperNode node config: site (str): this SuperNode's site name (one of Problem.sites).
+
+Files in `workdir` (written by the server process only, each line appended and fsynced, each
+checkpoint written to a temporary name then renamed): `config.json` (the run config and sites),
+`rounds.jsonl` (per round: `round`, `sites` (those that replied), `dropped`, `applied`,
+`loss` (example-weighted L_k), `site_loss`, `weights`, `bytes_up` / `bytes_down` per site and
+`total`, `seconds` (measured), `site_seconds` (each site's measured local work)),
+`checkpoints/round_<r>.npz` (server parameters and optimizer state after round r).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jmtl.federated import aggregation
+from jmtl.federated import algorithm
+
+RAW_STYPE = "raw.le"  # Array.data = the leaf's values, little-endian, C order, no header
+
+
+@dataclasses.dataclass
+class Problem:
+  """What a Flower run computes; every process builds the same one from the run config.
+
+  `sites`: site names (index k = position); `params`: initial server parameters (a pytree of
+  float32 arrays); `loss_fn(params, batch, key) -> scalar`; `client_tx` / `server_tx`: optax
+  transformations (`jmtl.optim.build`); `batches(k, r) -> (tree of [H, ...] arrays, n_k)`: site
+  k's local batches of round r and its example count (FedAvg weight); `seed`: the round keys'.
+  """
+
+  sites: tuple[str, ...]
+  params: Any
+  loss_fn: algorithm.LossFn
+  client_tx: optax.GradientTransformation
+  server_tx: optax.GradientTransformation
+  local_steps: int
+  batches: Callable[[int, int], tuple[Any, float]]
+  seed: int = 0
+
+
+def load_problem(run_config: dict) -> Problem:
+  """The Problem of `run_config["problem"]` ("module:function", called with the run config).
+  ValueError for a malformed spec or a factory that does not return a Problem."""
+  spec = str(run_config.get("problem", ""))
+  module, _, name = spec.partition(":")
+  if not module or not name:
+    raise ValueError(f"run config 'problem' must be 'module:function', got {spec!r}")
+  problem = getattr(importlib.import_module(module), name)(dict(run_config))
+  if not isinstance(problem, Problem):
+    raise ValueError(f"run config 'problem' {spec!r} returned {type(problem).__name__}, "
+                     f"not a jmtl.federated.flower.Problem")
+  return problem
+
+
+# ---------------------------------------------------------------- payloads (pytree <-> bytes)
+
+def _flat(tree: Any) -> list[tuple[str, np.ndarray]]:
+  return [(jax.tree_util.keystr(p), np.asarray(x))
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def to_record(tree: Any):
+  """A Flower ArrayRecord of `tree`'s leaves keyed by their key paths, each leaf's raw
+  little-endian bytes (no header: `payload_bytes` = sum of itemsize x size)."""
+  from flwr.app import Array, ArrayRecord  # noqa: PLC0415  (the `flower` extra)
+  arrays = {}
+  for key, x in _flat(tree):
+    x = np.ascontiguousarray(x, x.dtype.newbyteorder("<"))
+    arrays[key] = Array(dtype=x.dtype.str, shape=tuple(x.shape), stype=RAW_STYPE,
+                        data=x.tobytes())
+  return ArrayRecord(array_dict=arrays)
+
+
+def from_record(record: Any, like: Any) -> Any:
+  """The pytree shaped like `like` from `to_record`'s ArrayRecord; ValueError when a leaf is
+  missing or its dtype / shape differ from `like`'s."""
+  leaves = []
+  for key, x in _flat(like):
+    if key not in record:
+      raise ValueError(f"payload has no leaf {key}")
+    a = record[key]
+    # (Flower's wire format sends a 0-d leaf as shape (1,): sizes, not shapes, are compared.)
+    if (a.stype != RAW_STYPE or np.dtype(a.dtype) != x.dtype or len(a.data) != x.nbytes
+        or int(np.prod(a.shape)) != x.size):
+      raise ValueError(f"payload leaf {key}: {a.stype} {a.dtype} {tuple(a.shape)}, expected "
+                       f"{RAW_STYPE} {x.dtype.str} {x.shape}")
+    leaves.append(np.frombuffer(a.data, np.dtype(a.dtype)).reshape(x.shape))
+  return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def payload_bytes(record: Any) -> int:
+  """Bytes of a payload's values (the measured size of what `to_record` put on the wire)."""
+  return sum(len(a.data) for a in record.values())
+
+
+# ---------------------------------------------------------------- the site (ClientApp)
+
+_SITES: dict[tuple, Any] = {}  # per process: (run id, site) -> (problem, jitted update, like)
+
+
+def _site(run_id: int, run_config: dict, site: str):
+  key = (run_id, site)
+  if key not in _SITES:
+    problem = load_problem(run_config)
+    if site not in problem.sites:
+      raise ValueError(f"node config 'site' = {site!r} is not one of {list(problem.sites)}")
+    update = algorithm.make_site_update(problem.loss_fn, problem.client_tx,
+                                        local_steps=problem.local_steps)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
+    opt_like = jax.tree.map(np.asarray, problem.client_tx.init(params))
+    _SITES[key] = (problem, jax.jit(update), params, opt_like)
+  return _SITES[key]
+
+
+def site_round(problem: Problem, update: Callable, params: Any, opt: Any, k: int, r: int
+               ) -> tuple[Any, Any, dict]:
+  """Site k's round r: its batches, the shared `make_site_update` function (jitted), its key
+  fold_in(fold_in(key(seed), r), k). Returns (delta, new client state, metrics: examples,
+  site_loss (loss before any local step), train_loss (mean over the H steps), seconds)."""
+  t0 = time.perf_counter()
+  batches, n = problem.batches(k, r)
+  key = algorithm.site_key(jax.random.key(int(problem.seed)), r, k)
+  delta, _, opt1, losses = update(params, opt, batches, key)
+  delta, opt1, losses = jax.device_get((delta, opt1, losses))
+  return delta, opt1, {"examples": float(n), "site_loss": float(losses[0]),
+                       "train_loss": float(np.mean(losses)),
+                       "seconds": time.perf_counter() - t0}
+
+
+def _make_client_app():
+  from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: PLC0415
+  from flwr.clientapp import ClientApp  # noqa: PLC0415
+  app = ClientApp()
+
+  @app.train()
+  def train(msg: Message, context: Any) -> Message:
+    site = str(context.node_config.get("site", ""))
+    problem, update, like, opt_like = _site(context.run_id, dict(context.run_config), site)
+    k = problem.sites.index(site)
+    r = int(msg.content["config"]["round"])
+    params = from_record(msg.content["params"], like)
+    if "client_opt" in context.state:  # this site's client state, kept across rounds
+      opt = from_record(context.state["client_opt"], opt_like)
+    else:
+      opt = problem.client_tx.init(params)
+    delta, opt1, metrics = site_round(problem, update, params, opt, k, r)
+    context.state["client_opt"] = to_record(opt1)
+    content = RecordDict({"delta": to_record(delta),
+                          "metrics": MetricRecord({"site": k, **metrics}),
+                          "info": ConfigRecord({"site": site})})
+    return Message(content=content, reply_to=msg)
+
+  return app
+
+
+# ---------------------------------------------------------------- the server (ServerApp)
+
+def _append(path: str, row: dict) -> None:
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _save(path: str, arrays: dict[str, np.ndarray]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any) -> tuple[Any, np.ndarray]:
+  """FedAvg of the sites' deltas with jmtl's aggregation rules: m_k = 1 for each site whose
+  delta arrived (None = lost), w = fedavg_weights(n, m), Delta = grouped_mean over [S, ...]
+  (one group). Returns (Delta, w [S]); Delta = 0 when no site arrived."""
+  mask = np.array([d is not None for d in deltas], np.float32)
+  zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), like)
+  stack = jax.tree.map(lambda *xs: np.stack(xs), *[zeros if d is None else d for d in deltas])
+  w = aggregation.fedavg_weights(jnp.asarray(examples, jnp.float32), jnp.asarray(mask))
+  groups = jax.tree.map(lambda _: 0, like)
+  delta = aggregation.grouped_mean(stack, groups, w, jnp.ones((len(deltas), 1), jnp.float32))
+  return delta, np.asarray(w)
+
+
+def serve(grid: Any, run_config: dict) -> Any:
+  """The server's rounds (what `server_app` runs): returns the final server parameters."""
+  from flwr.app import ConfigRecord, Message, RecordDict  # noqa: PLC0415
+  problem = load_problem(run_config)
+  workdir = str(run_config["workdir"])
+  rounds = int(run_config.get("rounds", 1))
+  timeout = float(run_config.get("round-timeout", 60.0))
+  os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+  rounds_path = os.path.join(workdir, "rounds.jsonl")
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({"run_config": dict(run_config), "sites": list(problem.sites)}, f, indent=1)
+  S = len(problem.sites)
+  deadline = time.time() + float(run_config.get("wait-sites", 120.0))
+  nodes = list(grid.get_node_ids())
+  while len(nodes) < S and time.time() < deadline:
+    time.sleep(0.5)
+    nodes = list(grid.get_node_ids())
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
+  server_tx = optax.with_extra_args_support(problem.server_tx)
+  opt_state = server_tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, delta):
+    u, opt_state = server_tx.update(delta, opt_state, params)
+    return optax.apply_updates(params, u), opt_state
+
+  for r in range(rounds):
+    t0 = time.time()
+    record = to_record(params)
+    down = payload_bytes(record)
+    msgs = [Message(content=RecordDict({"params": record,
+                                        "config": ConfigRecord({"round": r})}),
+                    message_type="train", dst_node_id=n) for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    deltas: list[Any] = [None] * S
+    examples = np.zeros(S, np.float32)
+    info: dict[int, dict] = {}
+    for rep in replies:
+      if rep.has_error():
+        continue
+      k = int(rep.content["metrics"]["site"])
+      deltas[k] = from_record(rep.content["delta"], params)
+      examples[k] = float(rep.content["metrics"]["examples"])
+      info[k] = {"up": payload_bytes(rep.content["delta"]),
+                 **{m: float(rep.content["metrics"][m])
+                    for m in ("site_loss", "train_loss", "seconds")}}
+    part = sorted(info)
+    delta, w = aggregate(deltas, examples, params)
+    applied = bool(part)
+    if applied:
+      params, opt_state = jax.device_get(step(params, opt_state, delta))
+    names = [problem.sites[k] for k in part]
+    fw = float(sum(examples[k] for k in part))
+    row = {"round": r + 1, "sites": names,
+           "dropped": [s for k, s in enumerate(problem.sites) if k not in info],
+           "applied": int(applied),
+           "loss": (float(sum(examples[k] * info[k]["site_loss"] for k in part)) / fw
+                    if part else None),
+           "site_loss": {problem.sites[k]: info[k]["site_loss"] for k in part},
+           "weights": {problem.sites[k]: float(w[k]) for k in part},
+           "bytes_up": {**{problem.sites[k]: info[k]["up"] for k in part},
+                        "total": sum(info[k]["up"] for k in part)},
+           "bytes_down": {**{problem.sites[k]: down for k in part}, "total": down * len(part)},
+           "seconds": time.time() - t0,
+           "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part}}
+    _save(os.path.join(workdir, "checkpoints", f"round_{r + 1}.npz"),
+          {**{"params" + k: v for k, v in _flat(params)},
+           **{"opt_state" + k: v for k, v in _flat(opt_state)}})
+    _append(rounds_path, row)
+  return params
+
+
+def _make_server_app():
+  from flwr.serverapp import ServerApp  # noqa: PLC0415
+  app = ServerApp()
+
+  @app.main()
+  def main(grid: Any, context: Any) -> None:
+    serve(grid, dict(context.run_config))
+
+  return app
+
+
+# The apps the Flower app's pyproject names (`[tool.flwr.app.components]`).
+client_app = _make_client_app()
+server_app = _make_server_app()
