@@ -94,6 +94,8 @@ algo = "fedavg"
 sites = "a,b"
 round-timeout = 60.0
 wait-sites = 60.0
+config = ""
+overrides = ""
 """
 
 
@@ -119,6 +121,11 @@ class Cluster:
     env["FLWR_HOME"] = str(self.home)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env["JAX_PLATFORMS"] = "cpu"
+    # Each message runs in a fresh ClientApp process: a persistent compilation cache spares
+    # every round after the first its compile.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     self.env = env
 

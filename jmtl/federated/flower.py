@@ -40,6 +40,7 @@ checkpoint written to a temporary name then renamed): `config.json` (the run con
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -65,7 +66,11 @@ class Problem:
   `sites`: site names (index k = position); `params`: initial server parameters (a pytree of
   float32 arrays); `loss_fn(params, batch, key) -> scalar`; `client_tx` / `server_tx`: optax
   transformations (`jmtl.optim.build`); `batches(k, r) -> (tree of [H, ...] arrays, n_k)`: site
-  k's local batches of round r and its example count (FedAvg weight); `seed`: the round keys'.
+  k's local batches of round r and its example count (FedAvg weight); `seed`: the round keys';
+  `groups`: a tree like the parameters of ints (0 = trunk, g >= 1 = task g's head; None = all
+  0) and `holds` [S, G] 0/1 (site k holds group g; None = ones): the grouped mean of
+  `aggregation.grouped_mean` (a head averages over its holders only); `rounds`: the rounds a run
+  config without `rounds` (or with 0) runs.
   """
 
   sites: tuple[str, ...]
@@ -76,6 +81,9 @@ class Problem:
   local_steps: int
   batches: Callable[[int, int], tuple[Any, float]]
   seed: int = 0
+  groups: Any = None
+  holds: Any = None
+  rounds: int = 1
 
 
 def load_problem(run_config: dict) -> Problem:
@@ -90,6 +98,95 @@ def load_problem(run_config: dict) -> Problem:
     raise ValueError(f"run config 'problem' {spec!r} returned {type(problem).__name__}, "
                      f"not a jmtl.federated.flower.Problem")
   return problem
+
+
+def jmtl_problem(run_config: dict) -> Problem:
+  """The Problem of a jmtl federated config: run config `config` (a jmtl config file, the same
+  file on every machine) and `overrides` ("--config.KEY=VALUE ..." separated by spaces).
+
+  The same pieces as `jmtl federated` (`jmtl.federated.loop`): `fed.sites`, the model of
+  `jmtl.train.state.create_train_state` (seeded by `seed`), `loop.make_loss_fn` (the trainer's
+  task losses), `loop.build_optimizers` (`fed.client_*` / `fed.server_*` through
+  `jmtl.optim.build`), `loop.param_groups` and each site's held tasks, the tokenizer
+  (`data.tokenizer`, else trained on the tasks' train text: deterministic, the same on every
+  machine), `loop.partition_records` (`fed.partition`, seeded) and one grain `TrainIterator` per
+  (site, task) with `loop`'s rows per task; a site's round r reads batches r*H .. r*H + H - 1 of
+  its streams (a task it does not hold: its rows with example_weight 0). Data is read on first
+  use (the server never reads it). ConfigError for a bad config, as `jmtl federated`.
+  """
+  import shlex  # noqa: PLC0415
+  from jmtl import cli  # noqa: PLC0415
+  from jmtl import config as config_lib  # noqa: PLC0415
+  from jmtl import tasks as task_registry  # noqa: PLC0415
+  from jmtl.data import pipeline, sources  # noqa: PLC0415
+  from jmtl.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+  from jmtl.federated import loop  # noqa: PLC0415
+  from jmtl.federated import sites as sites_lib  # noqa: PLC0415
+  from jmtl.model.multitask import HeadSpec  # noqa: PLC0415
+  from jmtl.parallel import mesh as mesh_lib  # noqa: PLC0415
+  from jmtl.train import state as state_lib  # noqa: PLC0415
+
+  config = config_lib.complete(config_lib.load_config_file(str(run_config["config"])))
+  cli.apply_overrides(config, shlex.split(str(run_config.get("overrides", ""))))
+  config = config_lib.validate(config)
+  sites = sites_lib.sites_from_config(config)
+  tasks = [task_registry.get_task(n) for n in config.tasks]
+  names = [t.name for t in tasks]
+  kinds = {t.name: t.kind for t in tasks}
+  H, R = int(config.fed.local_steps), int(config.fed.rounds)
+  tokenizer = tokenizer_lib.build_tokenizer(config, tasks, None)
+  client_tx, server_tx = loop.build_optimizers(config)
+  mesh = mesh_lib.make_site_mesh(config.mesh, 1, sites[0].devices)
+  head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
+  state, graphdef, _ = state_lib.create_train_state(config, head_specs, tokenizer.vocab_size,
+                                                    client_tx, mesh)
+  params = jax.device_get(state.params)
+  holds = np.array([[1.0] + [float(t in s.tasks) for t in names] for s in sites], np.float32)
+  data: dict[str, Any] = {}
+
+  def load():
+    records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
+    train, _ = loop.partition_records(config, tasks, sites, records)
+    sizes = {t: len(r) for t, r in records.items()}
+    rates = pipeline.mixture_rates(config.data, sizes, total_steps=R * H)
+    rows = (pipeline.rows_per_task(rates, config.data.batch_size) if len(names) > 1
+            else {names[0]: int(config.data.batch_size)})
+    data.update(train=train, rows=rows)
+
+  def stream(t, recs):
+    cfg = copy.deepcopy(config)
+    cfg.data.batch_size, cfg.data.mixing, cfg.data.mixture = data["rows"][t.name], \
+        "task_per_batch", "proportional"
+    return pipeline.TrainIterator(cfg, [t], tokenizer, records={t.name: recs})
+
+  def batches(k: int, r: int):
+    if not data:
+      load()
+    own = data["train"][sites[k].name]
+    steps = []
+    iters = {t.name: stream(t, own[t.name]) for t in tasks if t.name in own}
+    for _ in range(r * H):  # this round's place in the site's streams
+      for it in iters.values():
+        next(it)
+    blank = {}
+    for t in tasks:
+      if t.name not in iters:
+        holder = next(s.name for s in sites if t.name in data["train"][s.name])
+        b = dict(stream(t, data["train"][holder][t.name][:data["rows"][t.name]])
+                 .streams[t.name][0])
+        b["example_weight"] = np.zeros_like(b["example_weight"])
+        blank[t.name] = b
+    for _ in range(H):
+      steps.append({t.name: (next(iters[t.name])[t.name] if t.name in iters else blank[t.name])
+                    for t in tasks})
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *steps)
+    return stacked, float(sum(len(v) for v in own.values()))
+
+  return Problem(sites=tuple(s.name for s in sites), params=params,
+                 loss_fn=loop.make_loss_fn(config, graphdef, state.rest, kinds),
+                 client_tx=client_tx, server_tx=server_tx, local_steps=H, batches=batches,
+                 seed=int(config.seed), groups=loop.param_groups(params, names), holds=holds,
+                 rounds=R)
 
 
 # ---------------------------------------------------------------- payloads (pytree <-> bytes)
@@ -211,16 +308,20 @@ def _save(path: str, arrays: dict[str, np.ndarray]) -> None:
   os.replace(tmp, path)
 
 
-def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any) -> tuple[Any, np.ndarray]:
+def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups: Any = None,
+              holds: Any = None) -> tuple[Any, np.ndarray]:
   """FedAvg of the sites' deltas with jmtl's aggregation rules: m_k = 1 for each site whose
-  delta arrived (None = lost), w = fedavg_weights(n, m), Delta = grouped_mean over [S, ...]
-  (one group). Returns (Delta, w [S]); Delta = 0 when no site arrived."""
+  delta arrived (None = lost), w = fedavg_weights(n, m), Delta = grouped_mean over the [S, ...]
+  stack (`groups` / `holds` as in `Problem`; None = one group held by all). Returns (Delta,
+  w [S]); Delta = 0 when no site arrived."""
+  S = len(deltas)
   mask = np.array([d is not None for d in deltas], np.float32)
   zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), like)
   stack = jax.tree.map(lambda *xs: np.stack(xs), *[zeros if d is None else d for d in deltas])
   w = aggregation.fedavg_weights(jnp.asarray(examples, jnp.float32), jnp.asarray(mask))
-  groups = jax.tree.map(lambda _: 0, like)
-  delta = aggregation.grouped_mean(stack, groups, w, jnp.ones((len(deltas), 1), jnp.float32))
+  groups = jax.tree.map(lambda _: 0, like) if groups is None else groups
+  holds = np.ones((S, 1), np.float32) if holds is None else np.asarray(holds, np.float32)
+  delta = aggregation.grouped_mean(stack, groups, w, jnp.asarray(holds))
   return delta, np.asarray(w)
 
 
@@ -229,7 +330,7 @@ def serve(grid: Any, run_config: dict) -> Any:
   from flwr.app import ConfigRecord, Message, RecordDict  # noqa: PLC0415
   problem = load_problem(run_config)
   workdir = str(run_config["workdir"])
-  rounds = int(run_config.get("rounds", 1))
+  rounds = int(run_config.get("rounds") or problem.rounds)
   timeout = float(run_config.get("round-timeout", 60.0))
   os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
   rounds_path = os.path.join(workdir, "rounds.jsonl")
@@ -271,7 +372,7 @@ def serve(grid: Any, run_config: dict) -> Any:
                  **{m: float(rep.content["metrics"][m])
                     for m in ("site_loss", "train_loss", "seconds")}}
     part = sorted(info)
-    delta, w = aggregate(deltas, examples, params)
+    delta, w = aggregate(deltas, examples, params, problem.groups, problem.holds)
     applied = bool(part)
     if applied:
       params, opt_state = jax.device_get(step(params, opt_state, delta))
