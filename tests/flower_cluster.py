@@ -73,6 +73,8 @@ build-backend = "hatchling.build"
 [project]
 name = "jmtlflowertest"
 version = "1.0.0"
+description = "jmtl federated rounds on Flower"
+license = "Apache-2.0"
 dependencies = []
 
 [tool.hatch.build.targets.wheel]

@@ -186,7 +186,8 @@ def test_killed_supernode_round_completes_with_the_rest(tmp_path):
 
 
 def test_jmtl_config_on_flower_matches_jmtl_federated(data_dir, tmp_path):
-  """A real jmtl config (BBC topic, a transformer, DiLoCo) on Flower: each round's site losses
+  """`jmtl federated --config.fed.backend=flower` on a real jmtl config (BBC topic, a
+  transformer, DiLoCo) against a local SuperLink + 2 SuperNodes: each round's site losses
   (the loss at the server parameters of that round, so they check the parameters of rounds
   0..R-1) and the bytes equal `jmtl federated`'s mesh simulation of the same config. Two rounds
   keep it under 90 s on a 2-core host (three take ~130 s there); the per-site state kept across
@@ -201,10 +202,18 @@ def test_jmtl_config_on_flower_matches_jmtl_federated(data_dir, tmp_path):
   c = Cluster(tmp_path / "cluster", SITES).start()
   try:
     wd = tmp_path / "flower"
-    out = c.run(wd, problem="jmtl.federated.flower:jmtl_problem", config=config, rounds=0,
-                overrides="--config.fed.rounds=2")
-    assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
-    rows = _wait_rounds(c, wd / "rounds.jsonl", 2, timeout=150)
+    # The user's command: jmtl federated with fed.backend = flower submits the run through
+    # `flwr run` to the SuperLink connection "local" and follows rounds.jsonl.
+    out = subprocess.run(
+        [sys.executable, "-m", "jmtl.cli", "federated", "--config", config, "--workdir", str(wd),
+         "--config.fed.rounds=2", "--config.fed.backend=flower",
+         "--config.fed.flower.superlink=local", "--config.fed.flower.wait_s=150",
+         "--config.fed.flower.round_timeout=120"],
+        env=dict(c.env, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+        capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stdout + out.stderr + c.logs()
+    assert "submitted Flower run" in out.stdout and "round 2: loss" in out.stdout, out.stdout
+    rows = _wait_rounds(c, wd / "rounds.jsonl", 2, timeout=10)
   finally:
     c.stop()
   log, _ = sim.communicate(timeout=150)

@@ -70,7 +70,8 @@ class Problem:
   `groups`: a tree like the parameters of ints (0 = trunk, g >= 1 = task g's head; None = all
   0) and `holds` [S, G] 0/1 (site k holds group g; None = ones): the grouped mean of
   `aggregation.grouped_mean` (a head averages over its holders only); `rounds`: the rounds a run
-  config without `rounds` (or with 0) runs.
+  config without `rounds` (or with 0) runs; `prox_mu`, `reset_client_state`: as in
+  `algorithm.make_site_update`.
   """
 
   sites: tuple[str, ...]
@@ -84,6 +85,8 @@ class Problem:
   groups: Any = None
   holds: Any = None
   rounds: int = 1
+  prox_mu: float = 0.0
+  reset_client_state: bool = False
 
 
 def load_problem(run_config: dict) -> Problem:
@@ -186,7 +189,8 @@ def jmtl_problem(run_config: dict) -> Problem:
                  loss_fn=loop.make_loss_fn(config, graphdef, state.rest, kinds),
                  client_tx=client_tx, server_tx=server_tx, local_steps=H, batches=batches,
                  seed=int(config.seed), groups=loop.param_groups(params, names), holds=holds,
-                 rounds=R)
+                 rounds=R, prox_mu=float(config.fed.prox_mu),
+                 reset_client_state=config.fed.client_state == "reset")
 
 
 # ---------------------------------------------------------------- payloads (pytree <-> bytes)
@@ -242,7 +246,9 @@ def _site(run_id: int, run_config: dict, site: str):
     if site not in problem.sites:
       raise ValueError(f"node config 'site' = {site!r} is not one of {list(problem.sites)}")
     update = algorithm.make_site_update(problem.loss_fn, problem.client_tx,
-                                        local_steps=problem.local_steps)
+                                        local_steps=problem.local_steps,
+                                        prox_mu=problem.prox_mu,
+                                        reset_client_state=problem.reset_client_state)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
     opt_like = jax.tree.map(np.asarray, problem.client_tx.init(params))
     _SITES[key] = (problem, jax.jit(update), params, opt_like)
@@ -406,6 +412,118 @@ def _make_server_app():
     serve(grid, dict(context.run_config))
 
   return app
+
+
+# ---------------------------------------------------------------- submitting a run
+
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "jmtlfederated"
+version = "1.0.0"
+description = "jmtl federated rounds on Flower"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "jmtl"
+
+[tool.flwr.app.components]
+serverapp = "jmtl.federated.flower:server_app"
+clientapp = "jmtl.federated.flower:client_app"
+
+[tool.flwr.app.config]
+problem = "jmtl.federated.flower:jmtl_problem"
+config = ""
+overrides = ""
+workdir = ""
+rounds = 0
+round-timeout = 600.0
+wait-sites = 600.0
+"""
+
+
+def write_app(directory: str) -> str:
+  """Writes the Flower app (pyproject.toml naming `server_app` / `client_app`) that `flwr run`
+  packs and ships; returns `directory`. Its code is jmtl itself, installed on every machine."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "pyproject.toml"), "w", encoding="utf-8") as f:
+    f.write(APP_PYPROJECT)
+  with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
+    f.write("jmtl federated rounds on Flower (jmtl.federated.flower)\n")
+  return directory
+
+
+def run_config_text(items: dict) -> str:
+  """`flwr run --run-config` text: space-separated key=value, values as TOML (JSON-quoted)."""
+  return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
+
+
+def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
+           echo: Callable[[str], None] = print) -> dict:
+  """`jmtl federated` with fed.backend = flower: submits the run (`flwr run`) to the SuperLink
+  connection fed.flower.superlink; the ServerApp writes `workdir` on the SuperLink's machine.
+  `config_path` (absolute) and `overrides` ("--config.KEY=VALUE") must name the same config on
+  every machine. With fed.flower.wait_s > 0, waits for rounds.jsonl to hold fed.rounds lines
+  when `workdir` is visible here. Returns {"run_id", "workdir", "rounds" (lines seen)}.
+  ConfigError (one line) when `flwr` is missing or the SuperLink refuses the run."""
+  import shlex  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+  from jmtl.config import ConfigError  # noqa: PLC0415
+
+  flwr = shutil.which("flwr", path=os.pathsep.join(
+      [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+  if flwr is None:
+    raise ConfigError("config key 'fed.backend' = 'flower' needs Flower's `flwr` command "
+                      "(pip install 'jmtl[flower]')")
+  fed = config.fed
+  items = {"problem": "jmtl.federated.flower:jmtl_problem",
+           "config": os.path.abspath(config_path),
+           "overrides": " ".join(shlex.quote(o) for o in overrides),
+           "workdir": os.path.abspath(workdir), "rounds": int(fed.rounds),
+           "round-timeout": float(fed.flower.round_timeout),
+           "wait-sites": float(fed.flower.wait_sites)}
+  with tempfile.TemporaryDirectory() as tmp:
+    args = [flwr, "run", write_app(tmp)] + ([fed.flower.superlink] if fed.flower.superlink
+                                            else [])
+    args += ["--run-config", run_config_text(items), "--format", "json"]
+    try:
+      out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+      raise ConfigError(f"config key 'fed.flower.superlink': `flwr run` got no answer from the "
+                        f"SuperLink in 300 s ({e})") from None
+  try:
+    answer = json.loads(out.stdout)
+  except ValueError:
+    answer = {"success": False, "error-message": (out.stdout + out.stderr).strip()}
+  if not answer.get("success"):
+    # Flower's message: notes and warnings first, the error last (its last paragraph).
+    msg = " ".join(str(answer.get("error-message", "")).strip().split("\n\n")[-1].split())
+    raise ConfigError(f"config key 'fed.flower.superlink' = {fed.flower.superlink!r}: flwr run "
+                      f"failed: {msg[:400]}")
+  run_id = answer.get("run-id")
+  echo(f"submitted Flower run {run_id}; its server writes {items['workdir']}")
+  path = os.path.join(items["workdir"], "rounds.jsonl")
+  seen, deadline = 0, time.time() + float(fed.flower.wait_s)
+  while time.time() < deadline and seen < int(fed.rounds):
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+      for line in lines[seen:]:
+        row = json.loads(line)
+        echo(f"round {row['round']}: loss {row['loss']} sites {','.join(row['sites'])} "
+             f"{row['seconds']:.1f} s")
+      seen = len(lines)
+    time.sleep(0.5)
+  return {"run_id": run_id, "workdir": items["workdir"], "rounds": seen}
 
 
 # The apps the Flower app's pyproject names (`[tool.flwr.app.components]`).
