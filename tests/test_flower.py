@@ -197,7 +197,8 @@ def test_jmtl_config_on_flower_matches_jmtl_federated(data_dir, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   sim = subprocess.Popen([sys.executable, "-m", "jmtl.cli", "federated", "--config", config,
-                          "--workdir", str(sim_wd), "--config.fed.rounds=2"], env=env, stdout=subprocess.PIPE,
+                          "--workdir", str(sim_wd), "--config.fed.rounds=2"], env=env,
+                         stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
   c = Cluster(tmp_path / "cluster", SITES).start()
   try:
@@ -214,6 +215,9 @@ def test_jmtl_config_on_flower_matches_jmtl_federated(data_dir, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr + c.logs()
     assert "submitted Flower run" in out.stdout and "round 2: loss" in out.stdout, out.stdout
     rows = _wait_rounds(c, wd / "rounds.jsonl", 2, timeout=10)
+  except BaseException:
+    sim.kill()
+    raise
   finally:
     c.stop()
   log, _ = sim.communicate(timeout=150)

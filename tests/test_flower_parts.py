@@ -18,7 +18,8 @@ CONFIG = str(ROOT / "tests" / "configs" / "tiny_fed_flower.py")
 
 
 def test_payload_roundtrip_is_raw_float32_bytes():
-  tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32(2.5) * np.ones((), np.float32),
+  tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+          "b": np.full((), 2.5, np.float32),  # 0-d: Flower's wire format sends it as (1,)
           "c": {"m": np.array([1, -2], np.int32)}}
   rec = flower.to_record(tree)
   assert flower.payload_bytes(rec) == 6 * 4 + 4 + 2 * 4  # values only, no header
@@ -75,3 +76,13 @@ def test_flower_backend_unknown_superlink_connection_is_one_line(tmp_path):
       "jmtl: error: config key 'fed.flower.superlink' = 'nowhere': flwr run failed"), lines
   assert "nowhere" in lines[0][60:]
   assert not (tmp_path / "wd").exists()  # nothing was written
+
+
+def test_flower_backend_refuses_a_workdir_with_a_run(tmp_path):
+  (tmp_path / "wd").mkdir()
+  (tmp_path / "wd" / "rounds.jsonl").write_text('{"round": 1}\n')
+  out = _cli(tmp_path)
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"jmtl: error: --workdir {tmp_path / 'wd'}")
+  assert (tmp_path / "wd" / "rounds.jsonl").read_text() == '{"round": 1}\n'

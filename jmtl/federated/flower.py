@@ -25,9 +25,10 @@ payload bytes of the messages (4 bytes per value, the simulation's accounting), 
 measured wall-clock of the round.
 
 Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
-  problem (str): "module:function" -> Problem;  workdir (str): where the server writes;
-  rounds (int);  round-timeout (float, seconds);  wait-sites (float, seconds to wait for
-  every site's SuperNode before round 0).
+  problem (str): "module:function" -> Problem;  workdir (str): where the server writes (a new
+  run's: one that already holds rounds.jsonl is refused, there is no resume yet);  rounds
+  (int; 0 = the Problem's);  round-timeout (float, seconds);  wait-sites (float, seconds to
+  wait for every site's SuperNode before round 1);  config, overrides (str): `jmtl_problem`'s.
 SuperNode node config: site (str): this SuperNode's site name (one of Problem.sites).
 
 Files in `workdir` (written by the server process only, each line appended and fsynced, each
@@ -338,8 +339,11 @@ def serve(grid: Any, run_config: dict) -> Any:
   workdir = str(run_config["workdir"])
   rounds = int(run_config.get("rounds") or problem.rounds)
   timeout = float(run_config.get("round-timeout", 60.0))
-  os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
   rounds_path = os.path.join(workdir, "rounds.jsonl")
+  if os.path.exists(rounds_path):
+    raise ValueError(f"workdir {workdir} already holds a run ({rounds_path}); Flower runs do "
+                     f"not resume yet: give a new workdir")
+  os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     json.dump({"run_config": dict(run_config), "sites": list(problem.sites)}, f, indent=1)
   S = len(problem.sites)
@@ -485,6 +489,9 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
     raise ConfigError("config key 'fed.backend' = 'flower' needs Flower's `flwr` command "
                       "(pip install 'jmtl[flower]')")
   fed = config.fed
+  if os.path.exists(os.path.join(workdir, "rounds.jsonl")):
+    raise ConfigError(f"--workdir {workdir}: already holds a run (rounds.jsonl); Flower runs do "
+                      f"not resume yet: give a new workdir")
   items = {"problem": "jmtl.federated.flower:jmtl_problem",
            "config": os.path.abspath(config_path),
            "overrides": " ".join(shlex.quote(o) for o in overrides),
