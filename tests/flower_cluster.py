@@ -151,10 +151,18 @@ class Cluster:
           "--port", str(free_port()), "--node-config", f'site="{site}"'], env)
     return self
 
-  def run(self, workdir: Path, **config) -> subprocess.CompletedProcess:
+  def run(self, workdir: Path, *, secagg: bool = False, **config) -> subprocess.CompletedProcess:
     items = {"workdir": str(workdir), **config}
     text = " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
-    return subprocess.run([str(BIN / "flwr"), "run", str(self.app), "local", "--run-config", text,
+    app = self.app
+    if secagg:  # the same app with the SecAgg+ components
+      app = self.tmp / "app_secagg"
+      app.mkdir(exist_ok=True)
+      (app / "pyproject.toml").write_text(APP_TOML.replace(":server_app", ":secagg_server_app")
+                                          .replace(":client_app", ":secagg_client_app")
+                                          .replace("jmtlflowertest", "jmtlflowersecagg"))
+      (app / "README.md").write_text("jmtl Flower SecAgg+ test app\n")
+    return subprocess.run([str(BIN / "flwr"), "run", str(app), "local", "--run-config", text,
                            "--format", "json"], env=self.env, cwd=self.tmp, capture_output=True,
                           text=True, timeout=120)
 

@@ -418,6 +418,126 @@ def _make_server_app():
   return app
 
 
+# ---------------------------------------------------------------- SecAgg+ (Flower's workflow)
+
+def _make_secagg_client_app():
+  """The site for Flower's SecAgg+ workflow (Bell et al. 2020, "Secure single-server aggregation
+  with (poly)logarithmic complexity", as Flower implements it in `secaggplus_mod`): the same
+  `site_round` as `client_app`; the delta leaves and n_k go out through the mod, which clips them
+  to [-clipping_range, clipping_range], quantises and masks them, so the server only learns the
+  n_k-weighted mean over the sites."""
+  from flwr.client import NumPyClient  # noqa: PLC0415
+  from flwr.client.mod import secaggplus_mod  # noqa: PLC0415
+  from flwr.clientapp import ClientApp  # noqa: PLC0415
+
+  class _Site(NumPyClient):
+    def __init__(self, context):
+      self.ctx = context
+
+    def fit(self, parameters, config):
+      site = str(self.ctx.node_config.get("site", ""))
+      problem, update, like, opt_like = _site(self.ctx.run_id, dict(self.ctx.run_config), site)
+      k = problem.sites.index(site)
+      params = jax.tree.unflatten(jax.tree.structure(like),
+                                  [np.asarray(p, np.float32).reshape(np.shape(x))
+                                   for p, x in zip(parameters, jax.tree.leaves(like))])
+      if "client_opt" in self.ctx.state:
+        opt = from_record(self.ctx.state["client_opt"], opt_like)
+      else:
+        opt = problem.client_tx.init(params)
+      delta, opt1, metrics = site_round(problem, update, params, opt, k, int(config["round"]))
+      self.ctx.state["client_opt"] = to_record(opt1)
+      # 0-d leaves go as shape (1,): Flower 1.42's SecAgg+ unmasking skips the offset and the
+      # weight division for 0-d arrays (it rebinds them in a loop), returning ~ 2 x 8 for them.
+      return ([np.atleast_1d(np.asarray(d, np.float32)) for d in jax.tree.leaves(delta)],
+              int(round(metrics["examples"])), {"site": k, **metrics})
+
+  return ClientApp(client_fn=lambda context: _Site(context).to_client(), mods=[secaggplus_mod])
+
+
+def _make_secagg_server_app():
+  """The server for Flower's SecAgg+ workflow: `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+  num_shares = S, reconstruction_threshold = S - 1))` (Flower needs S >= 3) around a legacy
+  Strategy that applies jmtl's server optimizer to the securely aggregated mean delta (the
+  workflow's weighted mean: sum_k n_k delta_k / sum_k n_k, from quantised values) and writes the
+  same rounds.jsonl (without bytes: the masked payloads are the workflow's) and checkpoints."""
+  from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: PLC0415
+  from flwr.server import LegacyContext, ServerConfig  # noqa: PLC0415
+  from flwr.server.strategy import Strategy  # noqa: PLC0415
+  from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow  # noqa: PLC0415
+  from flwr.serverapp import ServerApp  # noqa: PLC0415
+
+  class _Server(Strategy):
+    def __init__(self, problem, run_config):
+      self.problem, self.workdir = problem, str(run_config["workdir"])
+      self.params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
+      tx = optax.with_extra_args_support(problem.server_tx)
+      self.opt_state = tx.init(self.params)
+
+      def step(params, opt_state, delta):
+        u, opt_state = tx.update(delta, opt_state, params)
+        return optax.apply_updates(params, u), opt_state
+      self.step, self.t0 = jax.jit(step), time.time()
+
+    def _leaves(self):
+      return ndarrays_to_parameters([np.asarray(x) for x in jax.tree.leaves(self.params)])
+
+    def initialize_parameters(self, client_manager):
+      return self._leaves()
+
+    def configure_fit(self, server_round, parameters, client_manager):
+      S = len(self.problem.sites)
+      self.t0 = time.time()
+      clients = client_manager.sample(num_clients=S, min_num_clients=S)
+      return [(c, FitIns(self._leaves(), {"round": server_round - 1})) for c in clients]
+
+    def aggregate_fit(self, server_round, results, failures):
+      mean = parameters_to_ndarrays(results[0][1].parameters)  # every result holds the sum
+      delta = jax.tree.unflatten(jax.tree.structure(self.params),
+                                 [np.asarray(m, np.float32).reshape(np.shape(x))
+                                  for m, x in zip(mean, jax.tree.leaves(self.params))])
+      self.params, self.opt_state = jax.device_get(self.step(self.params, self.opt_state, delta))
+      row = {"round": server_round, "secure_aggregation": "secagg+",
+             "sites": sorted(self.problem.sites[int(r.metrics["site"])] for _, r in results
+                             if "site" in r.metrics),
+             "failures": len(failures), "applied": 1, "seconds": time.time() - self.t0}
+      _save(os.path.join(self.workdir, "checkpoints", f"round_{server_round}.npz"),
+            {**{"params" + k: v for k, v in _flat(self.params)},
+             **{"opt_state" + k: v for k, v in _flat(self.opt_state)}})
+      _append(os.path.join(self.workdir, "rounds.jsonl"), row)
+      return self._leaves(), {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+      return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+      return None, {}
+
+    def evaluate(self, server_round, parameters):
+      return None
+
+  app = ServerApp()
+
+  @app.main()
+  def main(grid: Any, context: Any) -> None:
+    run_config = dict(context.run_config)
+    problem = load_problem(run_config)
+    workdir = str(run_config["workdir"])
+    if os.path.exists(os.path.join(workdir, "rounds.jsonl")):
+      raise ValueError(f"workdir {workdir} already holds a run")
+    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+    S = len(problem.sites)
+    rounds = int(run_config.get("rounds") or problem.rounds)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds),
+                           strategy=_Server(problem, run_config))
+    if S < 3:
+      raise ValueError(f"Flower's SecAgg+ needs at least 3 sites, got {S}")
+    DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=S,
+                                                    reconstruction_threshold=S - 1))(grid, legacy)
+
+  return app
+
+
 # ---------------------------------------------------------------- submitting a run
 
 APP_PYPROJECT = """[build-system]
@@ -536,3 +656,5 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
 # The apps the Flower app's pyproject names (`[tool.flwr.app.components]`).
 client_app = _make_client_app()
 server_app = _make_server_app()
+secagg_client_app = _make_secagg_client_app()
+secagg_server_app = _make_secagg_server_app()
