@@ -459,8 +459,14 @@ def run(argv: Sequence[str]) -> int:
   if cmd == "bench" and sub == "federated" and not config.fed.sites:
     raise ConfigError(f"jmtl bench federated needs a federated config (config key 'fed.sites' "
                       f"is empty in {fv.config})")
+  flower = cmd == "federated" and config.get("fed", {}).get("backend") == "flower"
   config = preflight.run(config, cmd, fv.workdir if cmd in ("train", "eval", "sweep", "federated")
-                         else None)
+                         and not flower else None)  # flower: the SuperLink's machine writes it
+  if flower:
+    from jmtl.federated import flower as flower_lib
+    flower_lib.submit(config, fv.config, [a for a in argv[2:] if a.startswith("--config.")],
+                      fv.workdir, echo=lambda s: print(s, flush=True))
+    return 0
   if cmd == "federated":
     from jmtl.federated.loop import federated
     metrics = federated(config, fv.workdir)

@@ -426,7 +426,32 @@ _key("fed.participation", 1.0,
 _key("fed.backend", "shard_map",
      "how the per-site function is mapped over `site`: shard_map (jax.shard_map; a site may "
      "span several devices) or pmap (jax.pmap with the same named collectives; one device per "
-     "site)", choices=("shard_map", "pmap"))
+     "site), or flower: every site is its own process, a Flower SuperNode, and the server a "
+     "Flower ServerApp (`jmtl federated` submits the run to the SuperLink of "
+     "fed.flower.superlink; jmtl.federated.flower)", choices=("shard_map", "pmap", "flower"),
+     rules=((lambda v, c: v != "flower" or (
+         c.fed.aggregator == "fedavg" and c.fed.mode == "sync" and c.fed.participation == 1.0
+         and not c.fed.secure_aggregation and not c.fed.compress and not c.fed.dp.clip_norm > 0
+         and not c.fed.faults.dropout and not c.fed.faults.byzantine
+         and not c.fed.faults.byzantine_fraction and not c.fed.faults.stragglers
+         and not c.fed.deadline_s),
+             "needs fed.aggregator = 'fedavg', fed.mode = 'sync', fed.participation = 1 and no "
+             "fed.secure_aggregation, fed.compress, fed.dp.*, fed.faults.* or fed.deadline_s "
+             "(Flower rounds are synchronous FedAvg rounds of every site, for now)"),))
+_key("fed.flower.superlink", "",
+     "fed.backend=flower: the SuperLink connection `flwr run` uses (a name in the Flower "
+     "configuration file $FLWR_HOME/config.toml, default ~/.flwr; \"\" = its default)",
+     check=(lambda v: isinstance(v, str), "a string"))
+_key("fed.flower.round_timeout", 600.0,
+     "fed.backend=flower: seconds the server waits for the sites' replies in a round; a site "
+     "that has not replied by then is dropped from the round (weights renormalise)", check=gt(0))
+_key("fed.flower.wait_sites", 600.0,
+     "fed.backend=flower: seconds the server waits before round 1 for every site's SuperNode to "
+     "connect (it then starts with those connected)", check=ge(0))
+_key("fed.flower.wait_s", 0.0,
+     "fed.backend=flower: seconds `jmtl federated` waits for the server's rounds.jsonl to reach "
+     "fed.rounds lines (when the workdir is visible here); 0 = return once the run is submitted",
+     check=ge(0))
 _key("fed.client_optimizer", "sgd",
      "client optimizer from the registry (sgd = FedAvg; adamw = DiLoCo's inner step); its other "
      "settings come from optim.*", rules=((lambda v, c: _optim_name_ok(v),

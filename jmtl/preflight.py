@@ -188,16 +188,19 @@ def _federated(config: ml_collections.ConfigDict, device_count: int) -> int:
   from jmtl.federated import faults as faults_lib  # noqa: PLC0415
   faults_lib.from_config(config, [s.name for s in sites])  # names in fed.faults.byzantine
   per_site = sites[0].devices
-  if len(sites) * per_site > device_count:
-    raise ConfigError(f"config key 'fed.sites': {len(sites)} sites x {per_site} devices need "
-                      f"{len(sites) * per_site} devices; {device_count} are available")
+  # fed.backend = flower: every site is its own process (a Flower SuperNode) on its own devices;
+  # here only one site's mesh is checked.
+  mesh_sites = sites[:1] if config.fed.backend == "flower" else sites
+  if len(mesh_sites) * per_site > device_count:
+    raise ConfigError(f"config key 'fed.sites': {len(mesh_sites)} sites x {per_site} devices "
+                      f"need {len(mesh_sites) * per_site} devices; {device_count} are available")
   config_lib.check_mesh(config, per_site)
   if config.fed.backend == "pmap" and per_site != 1:
     raise ConfigError(f"config key 'fed.backend' = 'pmap' maps one device per site, but the "
                       f"sites span {per_site} devices each (field 'devices'); use 'shard_map'")
   rules = tuple(tuple(r) for r in config.mesh.rules)
   try:
-    mesh = fed_loop.build_mesh(config, sites)
+    mesh = fed_loop.build_mesh(config, mesh_sites)
     shards = sharding.batch_shards(mesh, rules)
     sharding.rules_table(rules, mesh)
   except ValueError as e:

@@ -246,15 +246,8 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
   if prox_mu < 0:
     raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
 
-  def objective(x, batch, key, anchor):
-    loss = loss_fn(x, batch, key)
-    if not prox_mu:
-      return loss, loss
-    sq = sum(jnp.sum(jnp.square((a - b).astype(jnp.float32)))
-             for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(anchor)))
-    return loss + 0.5 * prox_mu * sq, loss
-
-  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  site_update = make_site_update(loss_fn, client_tx, local_steps=local_steps, prox_mu=prox_mu,
+                                 reset_client_state=reset_client_state)
   base_key = jax.random.key(int(seed))
   traces = [0]
 
@@ -271,22 +264,11 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
       start = jax.tree.map(lambda x: x[0], own[0])
     else:
       start = jax.lax.pcast(params, SITE, to="varying")
-    if reset_client_state:
-      opt0 = jax.tree.map(lambda a, b: jnp.zeros_like(a) + b, opt0, client_tx.init(start))
-    key = jax.random.fold_in(jax.random.fold_in(base_key, rnd), site)
-
-    def local_step(carry, xs):
-      x, c = carry
-      batch, t = xs
-      (_, loss), g = grad_fn(x, batch, jax.random.fold_in(key, t), start)
-      u, c = client_tx.update(g, c, x)
-      return (optax.apply_updates(x, u), c), loss
-
-    (local, opt1), losses = jax.lax.scan(local_step, (start, opt0),
-                                         (batches, jnp.arange(local_steps)))
+    key = site_key(base_key, rnd, site)
+    delta, opt0, opt1, losses = site_update(start, opt0, batches, key)
     m, n = mask[0], examples[0]
     stale = (rnd - last_round[0] - 1).astype(jnp.float32)
-    delta = jax.tree.map(lambda p, q: (p - q).astype(jnp.float32) * scale[0], start, local)
+    delta = jax.tree.map(lambda d: d * scale[0], delta)
     if byzantine:
       delta = faults_lib.corrupt(delta, modes[0], byzantine_scale,
                                  faults_lib.noise_key(base_key, rnd, site))
@@ -436,6 +418,59 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
 
   round_fn.trace_count = lambda: traces[0]  # type: ignore[attr-defined]
   return round_fn
+
+
+def site_key(base_key: jax.Array, round_index: Any, site: Any) -> jax.Array:
+  """Site k's key of round r: fold_in(fold_in(base_key, r), k) (base_key = key(seed)); its local
+  step t draws dropout from fold_in(that, t), its compression from fold_in(that, _CODEC_KEY)."""
+  return jax.random.fold_in(jax.random.fold_in(base_key, round_index), site)
+
+
+def make_site_update(loss_fn: LossFn, client_tx: optax.GradientTransformation, *,
+                     local_steps: int, prox_mu: float = 0.0, reset_client_state: bool = False
+                     ) -> Callable[..., tuple[Any, Any, Any, jax.Array]]:
+  """One site's local work of a round, shared by the mesh round (`make_round`, inside
+  shard_map / pmap) and the real-process round (`jmtl.federated.flower`, jitted on a site's own
+  devices): `site_update(start, opt, batches, key) -> (delta, opt_in, opt_out, losses)`.
+
+  H = `local_steps` steps of `client_tx` from `start` (x_k <- start; for t < H: g = grad
+  [loss_fn(x_k, batches[t], fold_in(key, t)) + prox_mu/2 ||x_k - start||^2]; u, c <-
+  client_tx.update(g, c, x_k); x_k <- x_k + u; FedProx: Li et al. 2020, arXiv 1812.06127,
+  eq. 2). `batches`: every leaf [H, ...]; `opt`: this site's client state (re-initialised from
+  `start` first with `reset_client_state`; `opt_in` returns the state the steps began from).
+  `delta` = start - x_H (float32 leaves, the pseudo-gradient of FedOpt / DiLoCo's outer
+  gradient), `losses` [H] float32: loss_fn (without the proximal term) at each step.
+  """
+  local_steps = int(local_steps)
+  prox_mu = float(prox_mu)
+
+  def objective(x, batch, key, anchor):
+    loss = loss_fn(x, batch, key)
+    if not prox_mu:
+      return loss, loss
+    sq = sum(jnp.sum(jnp.square((a - b).astype(jnp.float32)))
+             for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(anchor)))
+    return loss + 0.5 * prox_mu * sq, loss
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def site_update(start, opt, batches, key):
+    if reset_client_state:
+      opt = jax.tree.map(lambda a, b: jnp.zeros_like(a) + b, opt, client_tx.init(start))
+
+    def local_step(carry, xs):
+      x, c = carry
+      batch, t = xs
+      (_, loss), g = grad_fn(x, batch, jax.random.fold_in(key, t), start)
+      u, c = client_tx.update(g, c, x)
+      return (optax.apply_updates(x, u), c), loss
+
+    (local, opt1), losses = jax.lax.scan(local_step, (start, opt),
+                                         (batches, jnp.arange(local_steps)))
+    delta = jax.tree.map(lambda p, q: (p - q).astype(jnp.float32), start, local)
+    return delta, opt, opt1, losses
+
+  return site_update
 
 
 BACKENDS = ("shard_map", "pmap")

@@ -1,0 +1,660 @@
+"""Federated rounds across real processes on Flower's deployment engine (SuperLink + SuperNodes).
+
+The mesh simulation (`jmtl.federated.algorithm.make_round`) runs every site inside one jitted
+SPMD program. Here each site is its own process: a Flower SuperNode that runs `client_app`, and
+the server is `server_app` run by the SuperLink. The numbers are the same code:
+
+  site k (`client_app`, jitted on that process's own devices):
+    receives x (float32 leaves) and the round r; key_k = fold_in(fold_in(key(seed), r), k)
+    delta_k, c_k <- algorithm.make_site_update(...)(x, c_k, batches_k(r), key_k)
+      (H local steps of the client optimizer, the function `make_round`'s sites call)
+    c_k (its client optimizer state, DiLoCo's inner AdamW moments) stays on the site, in the
+    SuperNode's per-run `Context.state`; it sends delta_k and n_k (its examples)
+  server (`server_app`):
+    m_k = 1 for the sites that replied within `round-timeout` seconds (a lost site is dropped
+    from that round, the weights renormalise over the rest), w = aggregation.fedavg_weights(n, m)
+    Delta = aggregation.grouped_mean(delta, 0, w, 1);  u, s <- server_tx.update(Delta, s, x);
+    x <- x + u    (FedAvg: McMahan et al. 2017; DiLoCo: Douillard et al. 2023, arXiv
+    2311.08105, Algorithm 1)
+
+What a run computes is a `Problem` (initial parameters, loss, optimizers, each site's batches),
+built in every process by the factory that the run config's `problem` names ("module:function",
+called with the run config dict). Payloads are raw little-endian float32 bytes per leaf (Flower
+`Array` with stype `RAW_STYPE`), so `bytes_up` / `bytes_down` in rounds.jsonl are the measured
+payload bytes of the messages (4 bytes per value, the simulation's accounting), and `seconds` the
+measured wall-clock of the round.
+
+Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
+  problem (str): "module:function" -> Problem;  workdir (str): where the server writes (a new
+  run's: one that already holds rounds.jsonl is refused, there is no resume yet);  rounds
+  (int; 0 = the Problem's);  round-timeout (float, seconds);  wait-sites (float, seconds to
+  wait for every site's SuperNode before round 1);  config, overrides (str): `jmtl_problem`'s.
+SuperNode node config: site (str): this SuperNode's site name (one of Problem.sites).
+
+Files in `workdir` (written by the server process only, each line appended and fsynced, each
+checkpoint written to a temporary name then renamed): `config.json` (the run config and sites),
+`rounds.jsonl` (per round: `round`, `sites` (those that replied), `dropped`, `applied`,
+`loss` (example-weighted L_k), `site_loss`, `weights`, `bytes_up` / `bytes_down` per site and
+`total`, `seconds` (measured), `site_seconds` (each site's measured local work)),
+`checkpoints/round_<r>.npz` (server parameters and optimizer state after round r).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jmtl.federated import aggregation
+from jmtl.federated import algorithm
+
+RAW_STYPE = "raw.le"  # Array.data = the leaf's values, little-endian, C order, no header
+
+
+@dataclasses.dataclass
+class Problem:
+  """What a Flower run computes; every process builds the same one from the run config.
+
+  `sites`: site names (index k = position); `params`: initial server parameters (a pytree of
+  float32 arrays); `loss_fn(params, batch, key) -> scalar`; `client_tx` / `server_tx`: optax
+  transformations (`jmtl.optim.build`); `batches(k, r) -> (tree of [H, ...] arrays, n_k)`: site
+  k's local batches of round r and its example count (FedAvg weight); `seed`: the round keys';
+  `groups`: a tree like the parameters of ints (0 = trunk, g >= 1 = task g's head; None = all
+  0) and `holds` [S, G] 0/1 (site k holds group g; None = ones): the grouped mean of
+  `aggregation.grouped_mean` (a head averages over its holders only); `rounds`: the rounds a run
+  config without `rounds` (or with 0) runs; `prox_mu`, `reset_client_state`: as in
+  `algorithm.make_site_update`.
+  """
+
+  sites: tuple[str, ...]
+  params: Any
+  loss_fn: algorithm.LossFn
+  client_tx: optax.GradientTransformation
+  server_tx: optax.GradientTransformation
+  local_steps: int
+  batches: Callable[[int, int], tuple[Any, float]]
+  seed: int = 0
+  groups: Any = None
+  holds: Any = None
+  rounds: int = 1
+  prox_mu: float = 0.0
+  reset_client_state: bool = False
+
+
+def load_problem(run_config: dict) -> Problem:
+  """The Problem of `run_config["problem"]` ("module:function", called with the run config).
+  ValueError for a malformed spec or a factory that does not return a Problem."""
+  spec = str(run_config.get("problem", ""))
+  module, _, name = spec.partition(":")
+  if not module or not name:
+    raise ValueError(f"run config 'problem' must be 'module:function', got {spec!r}")
+  problem = getattr(importlib.import_module(module), name)(dict(run_config))
+  if not isinstance(problem, Problem):
+    raise ValueError(f"run config 'problem' {spec!r} returned {type(problem).__name__}, "
+                     f"not a jmtl.federated.flower.Problem")
+  return problem
+
+
+def jmtl_problem(run_config: dict) -> Problem:
+  """The Problem of a jmtl federated config: run config `config` (a jmtl config file, the same
+  file on every machine) and `overrides` ("--config.KEY=VALUE ..." separated by spaces).
+
+  The same pieces as `jmtl federated` (`jmtl.federated.loop`): `fed.sites`, the model of
+  `jmtl.train.state.create_train_state` (seeded by `seed`), `loop.make_loss_fn` (the trainer's
+  task losses), `loop.build_optimizers` (`fed.client_*` / `fed.server_*` through
+  `jmtl.optim.build`), `loop.param_groups` and each site's held tasks, the tokenizer
+  (`data.tokenizer`, else trained on the tasks' train text: deterministic, the same on every
+  machine), `loop.partition_records` (`fed.partition`, seeded) and one grain `TrainIterator` per
+  (site, task) with `loop`'s rows per task; a site's round r reads batches r*H .. r*H + H - 1 of
+  its streams (a task it does not hold: its rows with example_weight 0). Data is read on first
+  use (the server never reads it). ConfigError for a bad config, as `jmtl federated`.
+  """
+  import shlex  # noqa: PLC0415
+  from jmtl import cli  # noqa: PLC0415
+  from jmtl import config as config_lib  # noqa: PLC0415
+  from jmtl import tasks as task_registry  # noqa: PLC0415
+  from jmtl.data import pipeline, sources  # noqa: PLC0415
+  from jmtl.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+  from jmtl.federated import loop  # noqa: PLC0415
+  from jmtl.federated import sites as sites_lib  # noqa: PLC0415
+  from jmtl.model.multitask import HeadSpec  # noqa: PLC0415
+  from jmtl.parallel import mesh as mesh_lib  # noqa: PLC0415
+  from jmtl.train import state as state_lib  # noqa: PLC0415
+
+  config = config_lib.complete(config_lib.load_config_file(str(run_config["config"])))
+  cli.apply_overrides(config, shlex.split(str(run_config.get("overrides", ""))))
+  config = config_lib.validate(config)
+  sites = sites_lib.sites_from_config(config)
+  tasks = [task_registry.get_task(n) for n in config.tasks]
+  names = [t.name for t in tasks]
+  kinds = {t.name: t.kind for t in tasks}
+  H, R = int(config.fed.local_steps), int(config.fed.rounds)
+  tokenizer = tokenizer_lib.build_tokenizer(config, tasks, None)
+  client_tx, server_tx = loop.build_optimizers(config)
+  mesh = mesh_lib.make_site_mesh(config.mesh, 1, sites[0].devices)
+  head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
+  state, graphdef, _ = state_lib.create_train_state(config, head_specs, tokenizer.vocab_size,
+                                                    client_tx, mesh)
+  params = jax.device_get(state.params)
+  holds = np.array([[1.0] + [float(t in s.tasks) for t in names] for s in sites], np.float32)
+  data: dict[str, Any] = {}
+
+  def load():
+    records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
+    train, _ = loop.partition_records(config, tasks, sites, records)
+    sizes = {t: len(r) for t, r in records.items()}
+    rates = pipeline.mixture_rates(config.data, sizes, total_steps=R * H)
+    rows = (pipeline.rows_per_task(rates, config.data.batch_size) if len(names) > 1
+            else {names[0]: int(config.data.batch_size)})
+    data.update(train=train, rows=rows)
+
+  def stream(t, recs):
+    cfg = copy.deepcopy(config)
+    cfg.data.batch_size, cfg.data.mixing, cfg.data.mixture = data["rows"][t.name], \
+        "task_per_batch", "proportional"
+    return pipeline.TrainIterator(cfg, [t], tokenizer, records={t.name: recs})
+
+  def batches(k: int, r: int):
+    if not data:
+      load()
+    own = data["train"][sites[k].name]
+    steps = []
+    iters = {t.name: stream(t, own[t.name]) for t in tasks if t.name in own}
+    for _ in range(r * H):  # this round's place in the site's streams
+      for it in iters.values():
+        next(it)
+    blank = {}
+    for t in tasks:
+      if t.name not in iters:
+        holder = next(s.name for s in sites if t.name in data["train"][s.name])
+        b = dict(stream(t, data["train"][holder][t.name][:data["rows"][t.name]])
+                 .streams[t.name][0])
+        b["example_weight"] = np.zeros_like(b["example_weight"])
+        blank[t.name] = b
+    for _ in range(H):
+      steps.append({t.name: (next(iters[t.name])[t.name] if t.name in iters else blank[t.name])
+                    for t in tasks})
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *steps)
+    return stacked, float(sum(len(v) for v in own.values()))
+
+  return Problem(sites=tuple(s.name for s in sites), params=params,
+                 loss_fn=loop.make_loss_fn(config, graphdef, state.rest, kinds),
+                 client_tx=client_tx, server_tx=server_tx, local_steps=H, batches=batches,
+                 seed=int(config.seed), groups=loop.param_groups(params, names), holds=holds,
+                 rounds=R, prox_mu=float(config.fed.prox_mu),
+                 reset_client_state=config.fed.client_state == "reset")
+
+
+# ---------------------------------------------------------------- payloads (pytree <-> bytes)
+
+def _flat(tree: Any) -> list[tuple[str, np.ndarray]]:
+  return [(jax.tree_util.keystr(p), np.asarray(x))
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def to_record(tree: Any):
+  """A Flower ArrayRecord of `tree`'s leaves keyed by their key paths, each leaf's raw
+  little-endian bytes (no header: `payload_bytes` = sum of itemsize x size)."""
+  from flwr.app import Array, ArrayRecord  # noqa: PLC0415  (the `flower` extra)
+  arrays = {}
+  for key, x in _flat(tree):
+    x = np.ascontiguousarray(x, x.dtype.newbyteorder("<"))
+    arrays[key] = Array(dtype=x.dtype.str, shape=tuple(x.shape), stype=RAW_STYPE,
+                        data=x.tobytes())
+  return ArrayRecord(array_dict=arrays)
+
+
+def from_record(record: Any, like: Any) -> Any:
+  """The pytree shaped like `like` from `to_record`'s ArrayRecord; ValueError when a leaf is
+  missing or its dtype / shape differ from `like`'s."""
+  leaves = []
+  for key, x in _flat(like):
+    if key not in record:
+      raise ValueError(f"payload has no leaf {key}")
+    a = record[key]
+    # (Flower's wire format sends a 0-d leaf as shape (1,): sizes, not shapes, are compared.)
+    if (a.stype != RAW_STYPE or np.dtype(a.dtype) != x.dtype or len(a.data) != x.nbytes
+        or int(np.prod(a.shape)) != x.size):
+      raise ValueError(f"payload leaf {key}: {a.stype} {a.dtype} {tuple(a.shape)}, expected "
+                       f"{RAW_STYPE} {x.dtype.str} {x.shape}")
+    leaves.append(np.frombuffer(a.data, np.dtype(a.dtype)).reshape(x.shape))
+  return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def payload_bytes(record: Any) -> int:
+  """Bytes of a payload's values (the measured size of what `to_record` put on the wire)."""
+  return sum(len(a.data) for a in record.values())
+
+
+# ---------------------------------------------------------------- the site (ClientApp)
+
+_SITES: dict[tuple, Any] = {}  # per process: (run id, site) -> (problem, jitted update, like)
+
+
+def _site(run_id: int, run_config: dict, site: str):
+  key = (run_id, site)
+  if key not in _SITES:
+    problem = load_problem(run_config)
+    if site not in problem.sites:
+      raise ValueError(f"node config 'site' = {site!r} is not one of {list(problem.sites)}")
+    update = algorithm.make_site_update(problem.loss_fn, problem.client_tx,
+                                        local_steps=problem.local_steps,
+                                        prox_mu=problem.prox_mu,
+                                        reset_client_state=problem.reset_client_state)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
+    opt_like = jax.tree.map(np.asarray, problem.client_tx.init(params))
+    _SITES[key] = (problem, jax.jit(update), params, opt_like)
+  return _SITES[key]
+
+
+def site_round(problem: Problem, update: Callable, params: Any, opt: Any, k: int, r: int
+               ) -> tuple[Any, Any, dict]:
+  """Site k's round r: its batches, the shared `make_site_update` function (jitted), its key
+  fold_in(fold_in(key(seed), r), k). Returns (delta, new client state, metrics: examples,
+  site_loss (loss before any local step), train_loss (mean over the H steps), seconds)."""
+  t0 = time.perf_counter()
+  batches, n = problem.batches(k, r)
+  key = algorithm.site_key(jax.random.key(int(problem.seed)), r, k)
+  delta, _, opt1, losses = update(params, opt, batches, key)
+  delta, opt1, losses = jax.device_get((delta, opt1, losses))
+  return delta, opt1, {"examples": float(n), "site_loss": float(losses[0]),
+                       "train_loss": float(np.mean(losses)),
+                       "seconds": time.perf_counter() - t0}
+
+
+def _make_client_app():
+  from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: PLC0415
+  from flwr.clientapp import ClientApp  # noqa: PLC0415
+  app = ClientApp()
+
+  @app.train()
+  def train(msg: Message, context: Any) -> Message:
+    site = str(context.node_config.get("site", ""))
+    problem, update, like, opt_like = _site(context.run_id, dict(context.run_config), site)
+    k = problem.sites.index(site)
+    r = int(msg.content["config"]["round"])
+    params = from_record(msg.content["params"], like)
+    if "client_opt" in context.state:  # this site's client state, kept across rounds
+      opt = from_record(context.state["client_opt"], opt_like)
+    else:
+      opt = problem.client_tx.init(params)
+    delta, opt1, metrics = site_round(problem, update, params, opt, k, r)
+    context.state["client_opt"] = to_record(opt1)
+    content = RecordDict({"delta": to_record(delta),
+                          "metrics": MetricRecord({"site": k, **metrics}),
+                          "info": ConfigRecord({"site": site})})
+    return Message(content=content, reply_to=msg)
+
+  return app
+
+
+# ---------------------------------------------------------------- the server (ServerApp)
+
+def _append(path: str, row: dict) -> None:
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _save(path: str, arrays: dict[str, np.ndarray]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups: Any = None,
+              holds: Any = None) -> tuple[Any, np.ndarray]:
+  """FedAvg of the sites' deltas with jmtl's aggregation rules: m_k = 1 for each site whose
+  delta arrived (None = lost), w = fedavg_weights(n, m), Delta = grouped_mean over the [S, ...]
+  stack (`groups` / `holds` as in `Problem`; None = one group held by all). Returns (Delta,
+  w [S]); Delta = 0 when no site arrived."""
+  S = len(deltas)
+  mask = np.array([d is not None for d in deltas], np.float32)
+  zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), like)
+  stack = jax.tree.map(lambda *xs: np.stack(xs), *[zeros if d is None else d for d in deltas])
+  w = aggregation.fedavg_weights(jnp.asarray(examples, jnp.float32), jnp.asarray(mask))
+  groups = jax.tree.map(lambda _: 0, like) if groups is None else groups
+  holds = np.ones((S, 1), np.float32) if holds is None else np.asarray(holds, np.float32)
+  delta = aggregation.grouped_mean(stack, groups, w, jnp.asarray(holds))
+  return delta, np.asarray(w)
+
+
+def serve(grid: Any, run_config: dict) -> Any:
+  """The server's rounds (what `server_app` runs): returns the final server parameters."""
+  from flwr.app import ConfigRecord, Message, RecordDict  # noqa: PLC0415
+  problem = load_problem(run_config)
+  workdir = str(run_config["workdir"])
+  rounds = int(run_config.get("rounds") or problem.rounds)
+  timeout = float(run_config.get("round-timeout", 60.0))
+  rounds_path = os.path.join(workdir, "rounds.jsonl")
+  if os.path.exists(rounds_path):
+    raise ValueError(f"workdir {workdir} already holds a run ({rounds_path}); Flower runs do "
+                     f"not resume yet: give a new workdir")
+  os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({"run_config": dict(run_config), "sites": list(problem.sites)}, f, indent=1)
+  S = len(problem.sites)
+  deadline = time.time() + float(run_config.get("wait-sites", 120.0))
+  nodes = list(grid.get_node_ids())
+  while len(nodes) < S and time.time() < deadline:
+    time.sleep(0.5)
+    nodes = list(grid.get_node_ids())
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
+  server_tx = optax.with_extra_args_support(problem.server_tx)
+  opt_state = server_tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, delta):
+    u, opt_state = server_tx.update(delta, opt_state, params)
+    return optax.apply_updates(params, u), opt_state
+
+  for r in range(rounds):
+    t0 = time.time()
+    record = to_record(params)
+    down = payload_bytes(record)
+    msgs = [Message(content=RecordDict({"params": record,
+                                        "config": ConfigRecord({"round": r})}),
+                    message_type="train", dst_node_id=n) for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    deltas: list[Any] = [None] * S
+    examples = np.zeros(S, np.float32)
+    info: dict[int, dict] = {}
+    for rep in replies:
+      if rep.has_error():
+        continue
+      k = int(rep.content["metrics"]["site"])
+      deltas[k] = from_record(rep.content["delta"], params)
+      examples[k] = float(rep.content["metrics"]["examples"])
+      info[k] = {"up": payload_bytes(rep.content["delta"]),
+                 **{m: float(rep.content["metrics"][m])
+                    for m in ("site_loss", "train_loss", "seconds")}}
+    part = sorted(info)
+    delta, w = aggregate(deltas, examples, params, problem.groups, problem.holds)
+    applied = bool(part)
+    if applied:
+      params, opt_state = jax.device_get(step(params, opt_state, delta))
+    names = [problem.sites[k] for k in part]
+    fw = float(sum(examples[k] for k in part))
+    row = {"round": r + 1, "sites": names,
+           "dropped": [s for k, s in enumerate(problem.sites) if k not in info],
+           "applied": int(applied),
+           "loss": (float(sum(examples[k] * info[k]["site_loss"] for k in part)) / fw
+                    if part else None),
+           "site_loss": {problem.sites[k]: info[k]["site_loss"] for k in part},
+           "weights": {problem.sites[k]: float(w[k]) for k in part},
+           "bytes_up": {**{problem.sites[k]: info[k]["up"] for k in part},
+                        "total": sum(info[k]["up"] for k in part)},
+           "bytes_down": {**{problem.sites[k]: down for k in part}, "total": down * len(part)},
+           "seconds": time.time() - t0,
+           "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part}}
+    _save(os.path.join(workdir, "checkpoints", f"round_{r + 1}.npz"),
+          {**{"params" + k: v for k, v in _flat(params)},
+           **{"opt_state" + k: v for k, v in _flat(opt_state)}})
+    _append(rounds_path, row)
+  return params
+
+
+def _make_server_app():
+  from flwr.serverapp import ServerApp  # noqa: PLC0415
+  app = ServerApp()
+
+  @app.main()
+  def main(grid: Any, context: Any) -> None:
+    serve(grid, dict(context.run_config))
+
+  return app
+
+
+# ---------------------------------------------------------------- SecAgg+ (Flower's workflow)
+
+def _make_secagg_client_app():
+  """The site for Flower's SecAgg+ workflow (Bell et al. 2020, "Secure single-server aggregation
+  with (poly)logarithmic complexity", as Flower implements it in `secaggplus_mod`): the same
+  `site_round` as `client_app`; the delta leaves and n_k go out through the mod, which clips them
+  to [-clipping_range, clipping_range], quantises and masks them, so the server only learns the
+  n_k-weighted mean over the sites."""
+  from flwr.client import NumPyClient  # noqa: PLC0415
+  from flwr.client.mod import secaggplus_mod  # noqa: PLC0415
+  from flwr.clientapp import ClientApp  # noqa: PLC0415
+
+  class _Site(NumPyClient):
+    def __init__(self, context):
+      self.ctx = context
+
+    def fit(self, parameters, config):
+      site = str(self.ctx.node_config.get("site", ""))
+      problem, update, like, opt_like = _site(self.ctx.run_id, dict(self.ctx.run_config), site)
+      k = problem.sites.index(site)
+      params = jax.tree.unflatten(jax.tree.structure(like),
+                                  [np.asarray(p, np.float32).reshape(np.shape(x))
+                                   for p, x in zip(parameters, jax.tree.leaves(like))])
+      if "client_opt" in self.ctx.state:
+        opt = from_record(self.ctx.state["client_opt"], opt_like)
+      else:
+        opt = problem.client_tx.init(params)
+      delta, opt1, metrics = site_round(problem, update, params, opt, k, int(config["round"]))
+      self.ctx.state["client_opt"] = to_record(opt1)
+      # 0-d leaves go as shape (1,): Flower 1.42's SecAgg+ unmasking skips the offset and the
+      # weight division for 0-d arrays (it rebinds them in a loop), returning ~ 2 x 8 for them.
+      return ([np.atleast_1d(np.asarray(d, np.float32)) for d in jax.tree.leaves(delta)],
+              int(round(metrics["examples"])), {"site": k, **metrics})
+
+  return ClientApp(client_fn=lambda context: _Site(context).to_client(), mods=[secaggplus_mod])
+
+
+def _make_secagg_server_app():
+  """The server for Flower's SecAgg+ workflow: `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+  num_shares = S, reconstruction_threshold = S - 1))` (Flower needs S >= 3) around a legacy
+  Strategy that applies jmtl's server optimizer to the securely aggregated mean delta (the
+  workflow's weighted mean: sum_k n_k delta_k / sum_k n_k, from quantised values) and writes the
+  same rounds.jsonl (without bytes: the masked payloads are the workflow's) and checkpoints."""
+  from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: PLC0415
+  from flwr.server import LegacyContext, ServerConfig  # noqa: PLC0415
+  from flwr.server.strategy import Strategy  # noqa: PLC0415
+  from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow  # noqa: PLC0415
+  from flwr.serverapp import ServerApp  # noqa: PLC0415
+
+  class _Server(Strategy):
+    def __init__(self, problem, run_config):
+      self.problem, self.workdir = problem, str(run_config["workdir"])
+      self.params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
+      tx = optax.with_extra_args_support(problem.server_tx)
+      self.opt_state = tx.init(self.params)
+
+      def step(params, opt_state, delta):
+        u, opt_state = tx.update(delta, opt_state, params)
+        return optax.apply_updates(params, u), opt_state
+      self.step, self.t0 = jax.jit(step), time.time()
+
+    def _leaves(self):
+      return ndarrays_to_parameters([np.asarray(x) for x in jax.tree.leaves(self.params)])
+
+    def initialize_parameters(self, client_manager):
+      return self._leaves()
+
+    def configure_fit(self, server_round, parameters, client_manager):
+      S = len(self.problem.sites)
+      self.t0 = time.time()
+      clients = client_manager.sample(num_clients=S, min_num_clients=S)
+      return [(c, FitIns(self._leaves(), {"round": server_round - 1})) for c in clients]
+
+    def aggregate_fit(self, server_round, results, failures):
+      mean = parameters_to_ndarrays(results[0][1].parameters)  # every result holds the sum
+      delta = jax.tree.unflatten(jax.tree.structure(self.params),
+                                 [np.asarray(m, np.float32).reshape(np.shape(x))
+                                  for m, x in zip(mean, jax.tree.leaves(self.params))])
+      self.params, self.opt_state = jax.device_get(self.step(self.params, self.opt_state, delta))
+      row = {"round": server_round, "secure_aggregation": "secagg+",
+             "sites": sorted(self.problem.sites[int(r.metrics["site"])] for _, r in results
+                             if "site" in r.metrics),
+             "failures": len(failures), "applied": 1, "seconds": time.time() - self.t0}
+      _save(os.path.join(self.workdir, "checkpoints", f"round_{server_round}.npz"),
+            {**{"params" + k: v for k, v in _flat(self.params)},
+             **{"opt_state" + k: v for k, v in _flat(self.opt_state)}})
+      _append(os.path.join(self.workdir, "rounds.jsonl"), row)
+      return self._leaves(), {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+      return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+      return None, {}
+
+    def evaluate(self, server_round, parameters):
+      return None
+
+  app = ServerApp()
+
+  @app.main()
+  def main(grid: Any, context: Any) -> None:
+    run_config = dict(context.run_config)
+    problem = load_problem(run_config)
+    workdir = str(run_config["workdir"])
+    if os.path.exists(os.path.join(workdir, "rounds.jsonl")):
+      raise ValueError(f"workdir {workdir} already holds a run")
+    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+    S = len(problem.sites)
+    rounds = int(run_config.get("rounds") or problem.rounds)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds),
+                           strategy=_Server(problem, run_config))
+    if S < 3:
+      raise ValueError(f"Flower's SecAgg+ needs at least 3 sites, got {S}")
+    DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=S,
+                                                    reconstruction_threshold=S - 1))(grid, legacy)
+
+  return app
+
+
+# ---------------------------------------------------------------- submitting a run
+
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "jmtlfederated"
+version = "1.0.0"
+description = "jmtl federated rounds on Flower"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "jmtl"
+
+[tool.flwr.app.components]
+serverapp = "jmtl.federated.flower:server_app"
+clientapp = "jmtl.federated.flower:client_app"
+
+[tool.flwr.app.config]
+problem = "jmtl.federated.flower:jmtl_problem"
+config = ""
+overrides = ""
+workdir = ""
+rounds = 0
+round-timeout = 600.0
+wait-sites = 600.0
+"""
+
+
+def write_app(directory: str) -> str:
+  """Writes the Flower app (pyproject.toml naming `server_app` / `client_app`) that `flwr run`
+  packs and ships; returns `directory`. Its code is jmtl itself, installed on every machine."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "pyproject.toml"), "w", encoding="utf-8") as f:
+    f.write(APP_PYPROJECT)
+  with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
+    f.write("jmtl federated rounds on Flower (jmtl.federated.flower)\n")
+  return directory
+
+
+def run_config_text(items: dict) -> str:
+  """`flwr run --run-config` text: space-separated key=value, values as TOML (JSON-quoted)."""
+  return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
+
+
+def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
+           echo: Callable[[str], None] = print) -> dict:
+  """`jmtl federated` with fed.backend = flower: submits the run (`flwr run`) to the SuperLink
+  connection fed.flower.superlink; the ServerApp writes `workdir` on the SuperLink's machine.
+  `config_path` (absolute) and `overrides` ("--config.KEY=VALUE") must name the same config on
+  every machine. With fed.flower.wait_s > 0, waits for rounds.jsonl to hold fed.rounds lines
+  when `workdir` is visible here. Returns {"run_id", "workdir", "rounds" (lines seen)}.
+  ConfigError (one line) when `flwr` is missing or the SuperLink refuses the run."""
+  import shlex  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+  from jmtl.config import ConfigError  # noqa: PLC0415
+
+  flwr = shutil.which("flwr", path=os.pathsep.join(
+      [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+  if flwr is None:
+    raise ConfigError("config key 'fed.backend' = 'flower' needs Flower's `flwr` command "
+                      "(pip install 'jmtl[flower]')")
+  fed = config.fed
+  if os.path.exists(os.path.join(workdir, "rounds.jsonl")):
+    raise ConfigError(f"--workdir {workdir}: already holds a run (rounds.jsonl); Flower runs do "
+                      f"not resume yet: give a new workdir")
+  items = {"problem": "jmtl.federated.flower:jmtl_problem",
+           "config": os.path.abspath(config_path),
+           "overrides": " ".join(shlex.quote(o) for o in overrides),
+           "workdir": os.path.abspath(workdir), "rounds": int(fed.rounds),
+           "round-timeout": float(fed.flower.round_timeout),
+           "wait-sites": float(fed.flower.wait_sites)}
+  with tempfile.TemporaryDirectory() as tmp:
+    args = [flwr, "run", write_app(tmp)] + ([fed.flower.superlink] if fed.flower.superlink
+                                            else [])
+    args += ["--run-config", run_config_text(items), "--format", "json"]
+    try:
+      out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+      raise ConfigError(f"config key 'fed.flower.superlink': `flwr run` got no answer from the "
+                        f"SuperLink in 300 s ({e})") from None
+  try:
+    answer = json.loads(out.stdout)
+  except ValueError:
+    answer = {"success": False, "error-message": (out.stdout + out.stderr).strip()}
+  if not answer.get("success"):
+    # Flower's message: notes and warnings first, the error last (its last paragraph).
+    msg = " ".join(str(answer.get("error-message", "")).strip().split("\n\n")[-1].split())
+    raise ConfigError(f"config key 'fed.flower.superlink' = {fed.flower.superlink!r}: flwr run "
+                      f"failed: {msg[:400]}")
+  run_id = answer.get("run-id")
+  echo(f"submitted Flower run {run_id}; its server writes {items['workdir']}")
+  path = os.path.join(items["workdir"], "rounds.jsonl")
+  seen, deadline = 0, time.time() + float(fed.flower.wait_s)
+  while time.time() < deadline and seen < int(fed.rounds):
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+      for line in lines[seen:]:
+        row = json.loads(line)
+        echo(f"round {row['round']}: loss {row['loss']} sites {','.join(row['sites'])} "
+             f"{row['seconds']:.1f} s")
+      seen = len(lines)
+    time.sleep(0.5)
+  return {"run_id": run_id, "workdir": items["workdir"], "rounds": seen}
+
+
+# The apps the Flower app's pyproject names (`[tool.flwr.app.components]`).
+client_app = _make_client_app()
+server_app = _make_server_app()
+secagg_client_app = _make_secagg_client_app()
+secagg_server_app = _make_secagg_server_app()

@@ -1,0 +1,52 @@
+"""The tiny Problem of tests/test_flower.py: least squares on D features, every site's batches
+drawn from (seed, site, round) so every process (the test, the ServerApp, each ClientApp) builds
+the same numbers. Run config keys: algo ("fedavg": client sgd(0.2), server sgd(1.0); "diloco":
+client adamw(0.05) whose state each site keeps, server nesterov(0.7, 0.9), both from
+jmtl.optim.build), local-steps, rounds, sites ("a,b,...")."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from jmtl import optim
+from jmtl.defaults import base_config
+from jmtl.federated.flower import Problem
+
+D, B = 5, 8
+
+
+def loss_fn(p, b, key=None):
+  z = b["x"] @ p["w"] + p["b"]
+  return 0.5 * jnp.mean(jnp.square(z - b["y"]))
+
+
+def site_batches(seed, k, r, steps):
+  """Site k's [H, B, D] inputs and [H, B] targets of round r, and its example count."""
+  rng = np.random.default_rng([seed, k, r])
+  w_true = np.random.default_rng(seed).normal(size=D)
+  x = rng.normal(size=(steps, B, D)) + 0.5 * k
+  y = x @ w_true + 0.3 * rng.normal(size=(steps, B))
+  return {"x": x.astype(np.float32), "y": y.astype(np.float32)}, float(10 * (k + 1))
+
+
+def optimizers(algo, rounds, steps):
+  client, server = base_config().optim, base_config().optim
+  client.schedule = server.schedule = "constant"
+  client.warmup_steps = server.warmup_steps = 0
+  client.grad_clip = server.grad_clip = 0.0
+  client.weight_decay = server.weight_decay = 0.0
+  if algo == "fedavg":
+    client.name, client.lr, server.name, server.lr = "sgd", 0.2, "sgd", 1.0
+  else:
+    client.name, client.lr, client.weight_decay = "adamw", 0.05, 0.01
+    server.name, server.lr, server.momentum = "nesterov", 0.7, 0.9
+  return optim.build(client, rounds * steps), optim.build(server, rounds)
+
+
+def make(run_config):
+  steps, rounds = int(run_config["local-steps"]), int(run_config["rounds"])
+  client_tx, server_tx = optimizers(str(run_config["algo"]), rounds, steps)
+  sites = tuple(str(run_config["sites"]).split(","))
+  params = {"w": np.zeros(D, np.float32), "b": np.zeros((), np.float32)}
+  return Problem(sites=sites, params=params, loss_fn=loss_fn, client_tx=client_tx,
+                 server_tx=server_tx, local_steps=steps,
+                 batches=lambda k, r: site_batches(0, k, r, steps), seed=0)
