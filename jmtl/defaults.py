@@ -25,6 +25,7 @@ here is an error.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,16 @@ def ge(lo: float) -> Check:
 def gt(lo: float) -> Check:
   """Value > lo."""
   return (lambda v: v > lo, f"> {lo}")
+
+
+def finite_ge(lo: float) -> Check:
+  """A finite value >= lo (where infinity would turn into NaN downstream)."""
+  return (lambda v: math.isfinite(v) and v >= lo, f"finite and >= {lo}")
+
+
+def finite_gt(lo: float) -> Check:
+  """A finite value > lo."""
+  return (lambda v: math.isfinite(v) and v > lo, f"finite and > {lo}")
 
 
 def between(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> Check:
@@ -487,9 +498,15 @@ _key("fed.trim", 0.1, "aggregator=trimmed_mean: beta, the fraction of participan
      check=between(0, 0.5, open_hi=True))
 _key("fed.byzantine_f", 1, "aggregator=krum: f, the Byzantine sites tolerated; a site's score sums "
      "its squared distances to its n - f - 2 nearest participants (n > 2f + 2 for Krum's "
-     "guarantee)", check=ge(0))
+     "guarantee)", check=ge(0),
+     rules=((lambda v, c: c.fed.aggregator != "krum" or not c.fed.sites or v < len(c.fed.sites),
+             lambda c: f"must be < the number of sites ({len(c.fed.sites)}) with "
+                       f"aggregator=krum"),))
 _key("fed.krum_m", 0, "aggregator=krum: participants with the lowest scores averaged (1 = Krum); "
-     "0 = n - f", check=ge(0))
+     "0 = n - f", check=ge(0),
+     rules=((lambda v, c: c.fed.aggregator != "krum" or not c.fed.sites or v <= len(c.fed.sites),
+             lambda c: f"must be <= the number of sites ({len(c.fed.sites)}) with "
+                       f"aggregator=krum"),))
 _key("fed.faults.dropout", 0.0, "simulated fault: probability that each sampled site drops out of "
      "a round after sampling (seeded by (seed, round)); weights renormalise over the survivors, "
      "a round with none is skipped", check=between(0, 1, open_hi=True))
@@ -499,12 +516,15 @@ _key("fed.faults.byzantine_fraction", 0.0, "simulated fault: round(fraction x si
      "sites drawn once by seed (instead of naming them)", check=between(0, 1, open_hi=True),
      rules=((lambda v, c: not (v and c.fed.faults.byzantine),
              "cannot be set together with fed.faults.byzantine (name the sites or give a "
-             "fraction)"),))
+             "fraction)"),
+            (lambda v, c: not v or not c.fed.sites or round(v * len(c.fed.sites)) >= 1,
+             lambda c: f"gives round(fraction x {len(c.fed.sites)} sites) = 0 Byzantine sites; "
+                       f"use at least {0.5 / len(c.fed.sites):.3g}")))
 _key("fed.faults.attack", "sign_flip", "what a Byzantine site sends: sign_flip (-delta), scale "
      "(fed.faults.scale x delta) or noise (Gaussian with the delta's root-mean-square per value)",
      choices=("sign_flip", "scale", "noise"))
 _key("fed.faults.scale", 10.0, "attack=scale: the factor a Byzantine site multiplies its delta by",
-     check=gt(0))
+     check=finite_gt(0))
 _key("fed.partition", "iid",
      "how each task's training rows are split over its sites: iid (by the sites' shares), "
      "dirichlet (label skew: per class, site proportions ~ Dir(alpha * S * share)), quantity "
@@ -534,7 +554,7 @@ _key("fed.secure_aggregation", False,
              "fixed-point payloads, and DP-FedAvg's clipped sum is not masked)")))
 _key("fed.secagg.clipping_range", 1.0,
      "secure_aggregation: each coordinate of a site's delta is clipped to [-c, c] before its "
-     "public weight is applied (units of the parameters)", check=gt(0))
+     "public weight is applied (units of the parameters)", check=finite_gt(0))
 _key("fed.secagg.quantization_range", 2**22,
      "secure_aggregation: fixed-point levels Q over [-c, c] (step 2c / (Q - 1)); sites x Q/2 "
      "must stay <= 2^31 - 1 so the sum over sites cannot wrap modulo 2^32",
@@ -557,12 +577,12 @@ _key("fed.compress", "",
 _key("fed.compress_block", 256, "fed.compress=int8 / q<b>: values per scale block (one float32 "
      "scale, or lo and hi, per block)", check=ge(1))
 _key("fed.dp.clip_norm", 0.0, "DP-FedAvg (McMahan et al. 2018): clip each site's update to this "
-     "L2 norm C; 0 = differential privacy off", check=ge(0),
+     "L2 norm C; 0 = differential privacy off", check=finite_ge(0),
      rules=((lambda v, c: not v > 0 or c.fed.aggregator == "fedavg",
              "needs fed.aggregator = fedavg (DP-FedAvg weights every participant 1 / (q S))"),))
 _key("fed.dp.noise_multiplier", 0.0, "DP-FedAvg: Gaussian noise std on the sum of clipped "
      "updates, in units of fed.dp.clip_norm (z); 0 = clipping only (epsilon infinite)",
-     check=ge(0), rules=((lambda v, c: not v > 0 or c.fed.dp.clip_norm > 0,
+     check=finite_ge(0), rules=((lambda v, c: not v > 0 or c.fed.dp.clip_norm > 0,
                           "needs fed.dp.clip_norm > 0"),))
 _key("fed.dp.delta", 1e-5, "DP-FedAvg: the delta at which epsilon is reported (rounds.jsonl "
      "dp_epsilon_rdp / dp_epsilon_pld)", check=between(0, 1, open_lo=True, open_hi=True))
@@ -587,7 +607,9 @@ _key("fed.buffer_size", 1,
      "fed.mode=async: updates K the server buffers before it steps (FedBuff's K; K = number of "
      "sites is synchronous FedAvg)", check=ge(1),
      rules=((lambda v, c: not c.fed.sites or v <= len(c.fed.sites),
-             lambda c: f"must be <= the number of sites ({len(c.fed.sites)})"),))
+             lambda c: f"must be <= the number of sites ({len(c.fed.sites)})"),
+            (lambda v, c: v == 1 or c.fed.mode == "async",
+             "is used by fed.mode=async only (set fed.mode=async, or leave it at 1)")))
 _key("fed.faults.stragglers", 0.0,
      "fraction of sites that straggle, drawn per round (seeded by seed, round): their compute "
      "time is multiplied by fed.faults.straggler_slowdown", check=between(0, 1))

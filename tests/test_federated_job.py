@@ -168,6 +168,10 @@ def test_fed_rounds_extend_on_resume_and_cannot_shrink_below_the_checkpoint(
   env = _env(data_dir, cache)
   cmd = [sys.executable, "-m", "jmtl.cli", "federated", "--config", str(TINY), "--workdir",
          str(workdir)]
+  out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "the run already finished at round 6" in out.stdout  # no evaluation again
+  assert _rounds(workdir) == _rounds(reference)
   out = subprocess.run(cmd + ["--config.fed.rounds=5"], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr

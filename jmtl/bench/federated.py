@@ -28,6 +28,7 @@ import numpy as np
 
 from jmtl.bench import common
 from jmtl.bench import step as bench_step
+from jmtl.config import ConfigError
 from jmtl.federated import algorithm
 from jmtl.federated import loop as fed_loop
 from jmtl.federated import sites as sites_lib
@@ -58,6 +59,15 @@ def bench_federated(config: Any, *, warmup: int = 2, iters: int = 5) -> dict[str
   if iters < 1 or warmup < 0:
     raise ValueError(f"iters must be >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
   fed = config.fed
+  unsupported = [k for k, on in (
+      ("fed.compress", bool(fed.compress)), ("fed.dp.clip_norm", fed.dp.clip_norm > 0),
+      ("fed.secure_aggregation", bool(fed.secure_aggregation)),
+      ("fed.mode", fed.mode != "sync"), ("fed.backend", fed.backend == "flower"),
+      ("fed.faults.byzantine", bool(fed.faults.byzantine or fed.faults.byzantine_fraction)))
+      if on]
+  if unsupported:
+    raise ConfigError(f"jmtl bench federated times the plain synchronous round; config keys "
+                      f"{', '.join(unsupported)} are set (unset them to benchmark)")
   sites = sites_lib.sites_from_config(config)
   S, H = len(sites), int(fed.local_steps)
   tasks = [get_task(name) for name in config.tasks]
@@ -80,7 +90,8 @@ def bench_federated(config: Any, *, warmup: int = 2, iters: int = 5) -> dict[str
       fed_loop.make_loss_fn(config, graphdef, state.rest, kinds), client_tx, server_tx,
       site_mesh, local_steps=H, groups=groups, aggregator=fed.aggregator,
       temperature=float(fed.temperature), reset_client_state=fed.client_state == "reset",
-      seed=int(config.seed), prox_mu=float(fed.prox_mu), backend=fed.backend)
+      seed=int(config.seed), prox_mu=float(fed.prox_mu), trim=float(fed.trim),
+      byzantine_f=int(fed.byzantine_f), krum_m=int(fed.krum_m), backend=fed.backend)
   site_batch = _site_batch(config, tasks, sharding_lib.batch_shards(site_mesh, rules))
   site_batches = jax.tree.map(lambda b: np.broadcast_to(b, (S, H) + b.shape).copy(), site_batch)
   examples = np.ones(S, np.float32)

@@ -496,13 +496,19 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   def is_eval(r: int) -> bool:
     return bool(fed.eval_every and r % fed.eval_every == 0) or r == R
 
-  eval_again = bool(start) and is_eval(start) and meta.get("row") is not None
+  results_path = wd / train_loop.outputs_names(config.data.eval_split)[0]
+  finished = _finished(wd / ROUNDS_FILE, results_path, start, R)
+  # A checkpoint taken at an evaluation round holds that round's line (`row`), written only
+  # after the evaluation: the resumed run evaluates it again (still an evaluation round) or
+  # writes it as it is (not one under the resumed config, e.g. more fed.rounds).
+  pending = bool(start) and meta.get("row") is not None and finished is None
+  eval_again = pending and is_eval(start)
   # Round 0 (the initial model, as Flower's server evaluates it) is evaluated when periodic
   # evaluation is on and the run starts from scratch; a restart from scratch drops its lines.
   eval_zero = bool(fed.eval_every) and not start
   writer.truncate_after(start, eval_before=start if eval_again or eval_zero else None)
-  if primary:
-    _truncate_rounds(wd / ROUNDS_FILE, start - 1 if eval_again or eval_zero else start)
+  if primary and finished is None:
+    _truncate_rounds(wd / ROUNDS_FILE, start - 1 if pending or eval_zero else start)
   final: dict[str, float] = {}
 
   def data_state() -> dict:
@@ -570,9 +576,15 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       print(f"received signal {signum}: saved checkpoint at round {r}, exiting", flush=True)
     raise SystemExit(128 + signum)
 
-  if eval_again:
+  if finished is not None:
+    if primary:
+      print(f"the run already finished at round {R}; its final evaluation is in {results_path}",
+            flush=True)
+    return finished
+  if pending:
     row = dict(meta["row"])
-    evaluate(start, row)
+    if eval_again:
+      evaluate(start, row)
     append_line(wd / ROUNDS_FILE, row)
   if eval_zero:
     row = {"round": 0}
@@ -731,7 +743,26 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     if do_eval:
       evaluate(r, row)
       append_line(wd / ROUNDS_FILE, row)
+  if not final:  # shortened to its checkpoint's round, which was not an evaluation round then
+    evaluate(R, {"round": R})  # that round's line is on file already
   return final
+
+
+def _finished(rounds_path: epath.Path, results_path: epath.Path, start: int, R: int
+              ) -> dict | None:
+  """The final metrics when the run is complete (checkpoint at round R, its line the last of
+  rounds.jsonl, eval.json of round R), else None."""
+  if start != R or not rounds_path.exists() or not results_path.exists():
+    return None
+  try:
+    lines = rounds_path.read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    results = json.loads(results_path.read_text())
+  except (ValueError, OSError):
+    return None
+  if last.get("round") != R or results.get("step") != R:
+    return None
+  return {k: v for k, v in results.items() if k not in ("step", "split")}
 
 
 def _changed_eval_keys(wd: epath.Path, config: ml_collections.ConfigDict) -> list[str]:

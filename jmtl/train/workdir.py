@@ -151,23 +151,23 @@ def check_config(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
   (`resume_warnings` says so).
   """
   key, total = _total(config)
+  fp = meta.get("fingerprint")
+  if fp is not None:  # another run's checkpoint first: its keys say more than its length
+    diffs = config_differences(fp["config"], config)
+    if diffs:
+      raise _refuse(workdir, step, "; ".join(diffs), "round" if key == "fed.rounds" else "step")
   if step > total:
     what = "round" if key == "fed.rounds" else "step"
     raise config_lib.ConfigError(
         f"--workdir {workdir} holds a checkpoint at {what} {step}, past {key} = "
         f"{total}; set {key} >= {step} or use a new workdir")
-  fp = meta.get("fingerprint")
-  if fp is None:
-    return
-  diffs = config_differences(fp["config"], config)
-  if diffs:
-    raise _refuse(workdir, step, "; ".join(diffs), "round" if key == "fed.rounds" else "step")
 
 
 def resume_warnings(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
                     workdir: epath.Path, step: int) -> None:
   """Once a checkpoint is accepted: warns (stderr) when it records no fingerprint or when
-  `train.steps` (federated: `fed.rounds`) changed (the learning-rate schedule is then recomputed for the new total)."""
+  `train.steps` (federated: `fed.rounds`) changed (the learning-rate schedule is then
+  recomputed for the new total)."""
   fp = meta.get("fingerprint")
   if fp is None:
     print(f"jmtl: warning: the checkpoint at step {step} in {workdir} records no config "
