@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from jmtl.federated import flower
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -66,39 +68,10 @@ def make_certificates(out: Path) -> dict[str, Path]:
   return paths
 
 
-APP_TOML = """[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "jmtlflowertest"
-version = "1.0.0"
-description = "jmtl federated rounds on Flower"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "jmtl"
-
-[tool.flwr.app.components]
-serverapp = "jmtl.federated.flower:server_app"
-clientapp = "jmtl.federated.flower:client_app"
-
-[tool.flwr.app.config]
-problem = "flower_problem:make"
-workdir = ""
-rounds = 3
-local-steps = 2
-algo = "fedavg"
-sites = "a,b"
-round-timeout = 60.0
-wait-sites = 60.0
-config = ""
-overrides = ""
-"""
+APP_TOML = flower.app_pyproject("jmtlflowertest", {
+    "problem": "flower_problem:make", "workdir": "", "rounds": 3, "local-steps": 2,
+    "algo": "fedavg", "sites": "a,b", "round-timeout": 60.0, "wait-sites": 60.0, "config": "",
+    "overrides": ""})
 
 
 class Cluster:

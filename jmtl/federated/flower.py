@@ -540,12 +540,20 @@ def _make_secagg_server_app():
 
 # ---------------------------------------------------------------- submitting a run
 
-APP_PYPROJECT = """[build-system]
+def app_pyproject(name: str, config: dict[str, Any], *, server: str = "server_app",
+                  client: str = "client_app") -> str:
+  """The pyproject.toml of a Flower app named `name` whose ServerApp / ClientApp are
+  `jmtl.federated.flower:<server>` / `:<client>`, with `[tool.flwr.app.config]` = `config`
+  (str, int and float values)."""
+  def value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, str) else repr(v)
+  lines = "".join(f"{k} = {value(v)}\n" for k, v in config.items())
+  return f"""[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
 
 [project]
-name = "jmtlfederated"
+name = "{name}"
 version = "1.0.0"
 description = "jmtl federated rounds on Flower"
 license = "Apache-2.0"
@@ -558,18 +566,16 @@ packages = ["."]
 publisher = "jmtl"
 
 [tool.flwr.app.components]
-serverapp = "jmtl.federated.flower:server_app"
-clientapp = "jmtl.federated.flower:client_app"
+serverapp = "jmtl.federated.flower:{server}"
+clientapp = "jmtl.federated.flower:{client}"
 
 [tool.flwr.app.config]
-problem = "jmtl.federated.flower:jmtl_problem"
-config = ""
-overrides = ""
-workdir = ""
-rounds = 0
-round-timeout = 600.0
-wait-sites = 600.0
-"""
+{lines}"""
+
+
+APP_PYPROJECT = app_pyproject("jmtlfederated", {
+    "problem": "jmtl.federated.flower:jmtl_problem", "config": "", "overrides": "",
+    "workdir": "", "rounds": 0, "round-timeout": 600.0, "wait-sites": 600.0})
 
 
 def write_app(directory: str) -> str:
