@@ -253,3 +253,17 @@ def signal_step(text: str, sig: int = signal.SIGTERM) -> int:
 def read_trace(path: str | os.PathLike[str]) -> list[str]:
   path = pathlib.Path(path)
   return path.read_text().splitlines() if path.exists() else []
+
+
+def cli_error_line(capsys, argv, code: int = 2) -> str:
+  """Runs `jmtl ARGV...` in-process; asserts it exits `code` with exactly one `jmtl: error:`
+  line on stderr and no traceback; returns that line."""
+  import pytest  # noqa: PLC0415
+  from jmtl import cli  # noqa: PLC0415
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["jmtl", *argv])
+  assert exit_info.value.code == code
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("jmtl: error: "), err
+  assert "Traceback" not in err[0]
+  return err[0]

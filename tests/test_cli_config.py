@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import faults
+
 from jmtl import cli
 from jmtl import config as config_lib
 from jmtl.defaults import base_config
@@ -15,15 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny_sst2.py"
 
 
-def _error_line(capsys, argv) -> str:
-  with pytest.raises(SystemExit) as exit_info:
-    cli.main(["jmtl", *argv])
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1, err
-  assert err[0].startswith("jmtl: error: ")
-  assert "Traceback" not in err[0]
-  return err[0]
+_error_line = faults.cli_error_line
 
 
 def _write(tmp_path, body: str) -> str:

@@ -24,13 +24,7 @@ THREE = ["--config.tasks=sst2,cola,stsb", "--config.data.mixing=mixed",
          "--config.data.length_buckets=16,32", "--config.data.max_train_examples=256"]
 
 
-def _error_line(capsys, argv) -> str:
-  with pytest.raises(SystemExit) as exit_info:
-    cli.main(["jmtl", *argv])
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("jmtl: error: "), err
-  return err[0]
+_error_line = faults.cli_error_line
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -152,13 +152,7 @@ def test_report_refuses_two_runs_of_one_arm_seed_task(fake_runs, tmp_path):
     mtl_report.report_mtl([fake_runs, tmp_path / "again"], tmp_path / "out")
 
 
-def _error_line(capsys, argv) -> str:
-  with pytest.raises(SystemExit) as exit_info:
-    cli.main(["jmtl", *argv])
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("jmtl: error: "), err
-  return err[0]
+_error_line = faults.cli_error_line
 
 
 def test_cli_mistakes_are_one_line(capsys, tmp_path):
