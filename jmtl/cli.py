@@ -87,6 +87,8 @@ _COMMAND_FLAGS = {
     "sweep": ("config", "workdir"), "study": ("config", "workdir"),
     "report": ("workdir", "runs", "out"), "federated": ("config", "workdir"),
 }
+# Subcommands that take fewer flags than their command lists.
+_SUB_FLAGS = {("report", "optim"): ("workdir", "out"), ("report", "mtl"): ("runs", "out")}
 _FLAG_HELP = (
     ("--config FILE", "config file defining get_config() (see configs/, jmtl/defaults.py)"),
     ("--workdir DIR", "run directory (checkpoints, metrics, predictions)"),
@@ -242,6 +244,7 @@ def parse(argv: Sequence[str]):
     fv([argv[0]] + _runs_values([a for a in rest if not a.startswith("--config.")]))
   except flags.Error as e:
     raise UsageError(str(e).splitlines()[0]) from e
+  _check_flags_apply(cmd, sub, fv, overrides)
   if cmd == "report" and sub == "mtl":
     if not fv.runs:
       raise UsageError("jmtl report mtl needs --runs DIR [DIR ...]")
@@ -255,6 +258,24 @@ def parse(argv: Sequence[str]):
   config = load_config_file(fv.config)
   apply_overrides(config, overrides)
   return cmd, sub, config, fv
+
+
+def _check_flags_apply(cmd: str, sub: str | None, fv: flags.FlagValues,
+                       overrides: Sequence[str]) -> None:
+  """Refuses a flag that `jmtl CMD` would parse and then ignore (all commands share one flag
+  set): UsageError naming the flag and the flags the command takes. The owner of which
+  command takes which flag is `_COMMAND_FLAGS` (also what `jmtl CMD --help` lists)."""
+  takes = _SUB_FLAGS.get((cmd, sub), _COMMAND_FLAGS[cmd])
+  given = [name for name in fv if fv[name].present]
+  stray = [name for name in given if name not in takes]
+  if cmd == "report" and overrides:  # a report reads run files, not a config
+    stray.append(overrides[0].split("=", 1)[0])
+  if stray:
+    name = stray[0] if stray[0].startswith("--") else f"--{stray[0]}"
+    command = f"jmtl {cmd}{' ' + sub if sub else ''}"
+    flags_text = ", ".join(f"--{t}" for t in takes)
+    raise UsageError(f"flag {name} does not apply to {command} (its flags: {flags_text}"
+                     f"{', --config.KEY=VALUE' if 'config' in takes else ''})")
 
 
 def _runs_values(args: Sequence[str]) -> list[str]:

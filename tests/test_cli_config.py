@@ -210,3 +210,37 @@ def test_every_key_is_declared_with_a_meaning_and_numeric_keys_with_a_range():
       assert key.check[0](key.default), f"{name}: default {key.default!r} out of its own range"
     if key.choices is not None:
       assert key.default in key.choices, name
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--config", str(TINY), "--workdir", "{w}", "--topology", "v5e-16"], "--topology"),
+    (["train", "--config", str(TINY), "--workdir", "{w}", "--json"], "--json"),
+    (["eval", "--config", str(TINY), "--workdir", "{w}", "--out", "o.json"], "--out"),
+    (["federated", "--config", str(TINY), "--workdir", "{w}", "--runs", "{w}"], "--runs"),
+    (["data", "--config", str(TINY), "--workdir", "{w}"], "--workdir"),
+    (["data", "prepare", "--config", str(TINY), "--json"], "--json"),
+    (["bench", "step", "--config", str(TINY), "--workdir", "{w}"], "--workdir"),
+    (["compile", "--config", str(TINY), "--workdir", "{w}"], "--workdir"),
+    (["report", "optim", "--workdir", "{w}", "--runs", "{w}"], "--runs"),
+    (["report", "mtl", "--runs", "{w}", "--workdir", "{w}"], "--workdir"),
+    (["report", "optim", "--workdir", "{w}", "--config", str(TINY)], "--config"),
+    (["report", "mtl", "--runs", "{w}", "--config.train.steps=3"], "--config.train.steps"),
+], ids=["train-topology", "train-json", "eval-out", "federated-runs", "data-workdir",
+        "prepare-json", "bench-workdir", "compile-workdir", "report-optim-runs",
+        "report-mtl-workdir", "report-config", "report-override"])
+def test_a_flag_the_command_does_not_take_is_refused_naming_it(capsys, tmp_path, argv, flag):
+  """All commands parse one shared flag set: a flag outside the command's own (those its
+  --help lists) was parsed and then ignored; it must be one line naming the flag, exit 2,
+  before any work."""
+  workdir = tmp_path / "w"
+  line = _error_line(capsys, [a.format(w=workdir) for a in argv])
+  assert f"flag {flag} does not apply to jmtl {argv[0]}" in line, line
+  assert not workdir.exists()  # nothing ran (a train run took --topology and trained here)
+
+
+def test_flags_of_each_command_are_still_accepted(capsys, tmp_path):
+  """The refusal above does not touch the flags a command takes: `report optim` with --out
+  gets as far as its own check (no sweep.json in the workdir)."""
+  line = _error_line(capsys, ["report", "optim", "--workdir", str(tmp_path), "--out",
+                              str(tmp_path / "o")])
+  assert "no sweep.json" in line, line
