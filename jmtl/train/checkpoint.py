@@ -9,7 +9,10 @@ writer (`read_only=False`) removes such leftovers when it starts, a reader never
 
 Failures are named: a save that fails (now or in the background) raises `CheckpointError`
 naming the step and the directory; `restore_latest` falls back to the previous step, with a
-warning, when the newest one cannot be read.
+warning, when the newest one cannot be read. No step that holds a checkpoint is ever deleted
+because it failed to restore (the failure may be transient: a bucket read error, memory): the
+writer moves it aside, into `<directory>-unreadable/<step>` (see `unreadable_dir`), so that
+training can write that step again and the files stay for inspection or a manual restore.
 """
 
 from __future__ import annotations
@@ -55,13 +58,29 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=("state", "data", "meta"))
     self._saving: int | None = None  # step of the save in flight, for error messages
+    self._unreadable: list[int] = []  # steps restore_latest could not read (newest first)
+
+  @property
+  def unreadable_dir(self) -> epath.Path:
+    """Where the writer moves steps that failed to restore: `<directory>-unreadable/`, beside
+    the checkpoint directory (Orbax expects nothing but its own step folders inside it)."""
+    return self.directory.parent / f"{self.directory.name}-unreadable"
 
   def remove_incomplete(self) -> None:
     """Removes step directories without orbax's `_CHECKPOINT_METADATA` (a kill while orbax was
-    deleting an old step leaves part of one behind). Call once the workdir's checkpoint is
-    accepted (never on a reader)."""
+    deleting an old step leaves part of one behind), and moves the steps `restore_latest`
+    could not read into `unreadable_dir` (never deleted), each with a warning naming where.
+    Call once the workdir's checkpoint is accepted, on process 0 only (never on a reader).
+
+    Raises:
+      CheckpointError: an unreadable step can be neither moved nor copied aside (it is then
+        left in place, untouched).
+    """
     if self.read_only:
       return
+    for step in self._unreadable:
+      self._set_aside(step)
+    self._unreadable = []
     for step in self._mngr.all_steps():
       step_dir = self.directory / str(step)
       if step_dir.is_dir() and not (step_dir / "_CHECKPOINT_METADATA").exists():
@@ -69,6 +88,32 @@ class Checkpointer:
               f"while deleting or writing it)", file=sys.stderr, flush=True)
         step_dir.rmtree()
     self._mngr.reload()
+
+  def _set_aside(self, step: int) -> None:
+    src = self.directory / str(step)
+    if not src.exists():
+      return
+    aside = self.unreadable_dir
+    dst, n = aside / str(step), 1
+    while dst.exists():  # the same step failed before: keep both
+      dst, n = aside / f"{step}.{n}", n + 1
+    try:
+      aside.mkdir(parents=True, exist_ok=True)
+      try:
+        src.rename(dst)
+      except Exception:  # noqa: BLE001 - a bucket renames no folder: copy, then remove
+        for f in sorted(src.rglob("*")):
+          if f.is_file():
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            f.copy(target)
+        src.rmtree()
+    except Exception as e:  # noqa: BLE001 - whatever failed, the step must not be lost
+      raise CheckpointError(f"checkpoint at step {step} in {self.directory} cannot be restored "
+                            f"and cannot be moved aside to {dst} ({_first_line(e)}); move it "
+                            f"out of {self.directory} by hand, then run again") from e
+    print(f"jmtl: warning: moved the unreadable checkpoint at step {step} to {dst} (kept, not "
+          f"deleted; this run writes step {step} again)", file=sys.stderr, flush=True)
 
   def reload(self) -> None:
     """Re-reads the directory (another process may have changed it)."""
@@ -142,9 +187,11 @@ class Checkpointer:
     """Restores the newest step that can be read, newest first; None when there is none.
 
     A step that fails to restore is reported on stderr (`jmtl: warning: ...` naming the step)
-    and the previous one is tried; unless read-only, the unreadable steps are then deleted so
-    that training can write those steps again. `check(step, meta)` runs on the meta item before
-    the state is read (it raises to refuse the checkpoint: the run's fingerprint). Raises
+    and the previous one is tried. Nothing is deleted, moved or written here: unless
+    read-only, the unreadable steps are remembered and `remove_incomplete` (the writer, once
+    the run is accepted) moves them into `unreadable_dir`, so that training can write those
+    steps again without losing them. `check(step, meta)` runs on the meta item before the
+    state is read (it raises to refuse the checkpoint: the run's fingerprint). Raises
     CheckpointError when steps exist but none can be restored.
     """
     steps = sorted(self._mngr.all_steps(), reverse=True)
@@ -169,8 +216,7 @@ class Checkpointer:
         print(f"jmtl: warning: checkpoint at step {s} in {self.directory} cannot be restored "
               f"({_first_line(e)}); using step {step}", file=sys.stderr, flush=True)
       if not self.read_only:
-        for s in bad:
-          self._mngr.delete(s)
+        self._unreadable = bad
       return step, state, data, meta
     if failures:
       s, e = failures[0]
