@@ -87,3 +87,26 @@ def test_resumed_writer_purges_tensorboard_events_after_the_checkpoint(tmp_path)
   assert starts == [4]
   scalars = [(e.step, e.summary.value[0].simple_value) for e in events if e.HasField("summary")]
   assert scalars == [(2, 2.0), (4, 4.0), (6, 6.0), (4, 40.0)]
+
+
+def test_two_writers_opened_within_one_second_keep_both_event_files(tmp_path, monkeypatch):
+  """tensorboardX names event files by the second (and host) and opens them with "wb": two
+  writers of one workdir opened within the same second (here: the clock tensorboardX reads
+  is frozen) must still write two files, read in opening order, so the first run's events
+  survive and the resumed run's purge applies after them."""
+  import types
+
+  from tensorboardX import event_file_writer
+  monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.7e9))
+  first = writers.MetricWriter(tmp_path)
+  for step in (2, 4, 6):
+    first.write(step, "train", {"train/loss": float(step)})
+  first.close()
+  second = writers.MetricWriter(tmp_path, purge_step=4)
+  second.write(4, "train", {"train/loss": 40.0})
+  second.close()
+  files = sorted((tmp_path / "tb").glob("events.out.tfevents.1700000000.*"))
+  assert len(files) == 2, files
+  events = _events(tmp_path / "tb")
+  scalars = [(e.step, e.summary.value[0].simple_value) for e in events if e.HasField("summary")]
+  assert scalars == [(2, 2.0), (4, 4.0), (6, 6.0), (4, 40.0)]

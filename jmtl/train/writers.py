@@ -62,7 +62,14 @@ class MetricWriter:
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(epath.Path(workdir) / "tb"), purge_step=purge_step)
+      # tensorboardX names an event file `events.out.tfevents.<second>.<host>` and opens it
+      # with mode "wb": a second writer opened within the same second in the same folder
+      # (a restart right after a stop, a clock stepped back) would truncate the first one's
+      # events. The suffix (wall-clock ns, then the process id) makes each name unique and
+      # keeps the files of one second in the order they were opened, the order TensorBoard
+      # reads them in (which `purge_step` relies on).
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tb"), purge_step=purge_step,
+                               filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
   def truncate_after(self, step: int, *, eval_before: int | None = None) -> None:
     """Drops lines with `step` > `step` (left by a run killed after its last checkpoint), and
