@@ -488,30 +488,24 @@ def run(argv: Sequence[str]) -> int:
     flower_lib.submit(config, fv.config, [a for a in argv[2:] if a.startswith("--config.")],
                       fv.workdir, echo=lambda s: print(s, flush=True))
     return 0
-  if cmd == "federated":
-    from jmtl.federated.loop import federated
-    metrics = federated(config, fv.workdir)
-    if not _primary():  # process 0 of a multi-host run wrote the outputs and says so
-      return 0
-    shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()
-                      if isinstance(v, float) and not k.startswith("site/"))
-    print(f"final evaluation ({config.data.eval_split}, round {config.fed.rounds}): "
-          f"{shown or 'no metrics'}; rounds in {pathlib.Path(fv.workdir, 'rounds.jsonl')}, "
-          f"per-site held-out metrics in {pathlib.Path(fv.workdir, 'eval.json')}", flush=True)
-  elif cmd == "eval" and config.fed.sites and pathlib.Path(fv.workdir, "rounds.jsonl").exists():
+  if cmd in ("federated", "train"):
+    from jmtl.train.loop import StopRequest
+    # The run's own handlers end with it; these hold on until its final line is out, so a
+    # signal while it closes (the last checkpoint committing) or right after is answered as
+    # the run answers one: a line naming the saved checkpoint, exit 128 + N.
+    with StopRequest() as stop:
+      _run_job(cmd, config, fv)
+      if stop.signal is None:
+        return 0
+      if _primary():
+        where = (f"round {config.fed.rounds}" if cmd == "federated"
+                 else f"step {config.train.steps}")
+        print(f"received signal {stop.signal}: saved checkpoint at {where}, exiting "
+              f"(the run had finished)", flush=True)
+      return 128 + stop.signal
+  if cmd == "eval" and config.fed.sites and pathlib.Path(fv.workdir, "rounds.jsonl").exists():
     from jmtl.federated.loop import evaluate_workdir
     print(json.dumps(evaluate_workdir(config, fv.workdir), indent=2, sort_keys=True))
-  elif cmd == "train":
-    from jmtl.train.loop import outputs_names, train
-    metrics = train(config, fv.workdir)
-    if not _primary():  # process 0 of a multi-host run wrote the outputs and says so
-      return 0
-    results, folder = outputs_names(config.data.eval_split)
-    shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
-    print(f"final evaluation ({config.data.eval_split}, step {config.train.steps}): "
-          f"{shown or 'no metrics (unlabelled split)'}; written to "
-          f"{pathlib.Path(fv.workdir, results)} and {pathlib.Path(fv.workdir, folder)}/",
-          flush=True)
   elif cmd == "eval":
     from jmtl.train.loop import evaluate_checkpoint
     result = evaluate_checkpoint(config, fv.workdir)
@@ -539,6 +533,31 @@ def run(argv: Sequence[str]) -> int:
       for k, v in result.items():
         print(f"{k:>28}: {v}")
   return 0
+
+
+def _run_job(cmd: str, config, fv) -> None:
+  """`jmtl train` / `jmtl federated`: runs the job, then process 0 prints the final line."""
+  if cmd == "federated":
+    from jmtl.federated.loop import federated
+    metrics = federated(config, fv.workdir)
+    if not _primary():  # process 0 of a multi-host run wrote the outputs and says so
+      return
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                      if isinstance(v, float) and not k.startswith("site/"))
+    print(f"final evaluation ({config.data.eval_split}, round {config.fed.rounds}): "
+          f"{shown or 'no metrics'}; rounds in {pathlib.Path(fv.workdir, 'rounds.jsonl')}, "
+          f"per-site held-out metrics in {pathlib.Path(fv.workdir, 'eval.json')}", flush=True)
+    return
+  from jmtl.train.loop import outputs_names, train
+  metrics = train(config, fv.workdir)
+  if not _primary():
+    return
+  results, folder = outputs_names(config.data.eval_split)
+  shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+  print(f"final evaluation ({config.data.eval_split}, step {config.train.steps}): "
+        f"{shown or 'no metrics (unlabelled split)'}; written to "
+        f"{pathlib.Path(fv.workdir, results)} and {pathlib.Path(fv.workdir, folder)}/",
+        flush=True)
 
 
 def _primary() -> bool:

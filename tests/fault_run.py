@@ -16,6 +16,10 @@
                        (the run waits there: a test can act on a run in progress, then let go)
   eval_error[=N]       evaluate_task raises RuntimeError at its N-th call (without N: every call)
   sigterm_in_eval[=N]  SIGTERM at evaluate_task's N-th call (default 1); the call goes on
+  sigterm_in_close     SIGTERM when the run closes its (writing) Checkpointer, the closer that
+                       waits for the last save to commit; the close goes on
+  sigterm_after_run    SIGTERM as soon as `train` / `federated` has returned (its handlers
+                       removed), before the command prints its final line
 
 Training step K is the 1-based step whose batch is `TrainIterator.__next__` with
 `self.step == K - 1`. With `JMTL_FAULT_TRACE=FILE`, the runner appends one line per produced
@@ -126,6 +130,29 @@ def install(faults: dict[str, str]) -> None:
     return orig_save(self, *args, **kwargs)
 
   checkpoint.Checkpointer.save = save
+
+  orig_close = checkpoint.Checkpointer.close
+
+  def close(self):
+    if "sigterm_in_close" in faults and not self.read_only and once("sigterm_in_close"):
+      _sigterm(faults, "close")
+    return orig_close(self)
+
+  checkpoint.Checkpointer.close = close
+
+  if "sigterm_after_run" in faults:
+    import jmtl.federated.loop as fed_loop  # pylint: disable=import-outside-toplevel
+    import jmtl.train.loop as train_loop  # pylint: disable=import-outside-toplevel
+
+    def after(run):
+      def wrapped(*args, **kwargs):
+        out = run(*args, **kwargs)
+        _sigterm(faults, "after run")
+        return out
+      return wrapped
+
+    train_loop.train = after(train_loop.train)
+    fed_loop.federated = after(fed_loop.federated)
 
   orig_eval = evaluate.evaluate_task
   calls = [0]

@@ -383,3 +383,22 @@ def test_async_run_logs_server_steps_and_resumes_after_sigkill(tmp_path, data_di
   assert again["step"] == 6
   assert again["bbc_topic/accuracy"] == json.loads((ref / "eval.json").read_text())[
       "bbc_topic/accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["sigterm_in_close", "sigterm_after_run"])
+def test_sigterm_as_a_finished_run_closes_prints_its_lines_and_exits_143(
+    fault, tmp_path, data_dir, cache):
+  """SIGTERM while the finished run closes (its last checkpoint committing), or right after it
+  returned (before the final line): the checkpoint of the last round is on disk, the final
+  line and the signal line are printed, exit 128 + 15, as the trainer answers a signal (it
+  was killed silently, or the signal was dropped with exit 0)."""
+  workdir = tmp_path / "w"
+  proc = faults.run(faults.cmd(workdir, "--config.fed.rounds=2", command="federated",
+                               config=TINY), _env(data_dir, cache, fault))
+  assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stderr[-3000:])
+  assert "final evaluation (validation, round 2)" in proc.stdout, proc.stdout[-2000:]
+  assert "received signal 15: saved checkpoint at round 2, exiting" in proc.stdout
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert faults.checkpoint_steps(workdir)[-1] == 2
+  assert [r["round"] for r in _rounds(workdir)] == [0, 1, 2]  # 0: the initial model

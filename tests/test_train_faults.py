@@ -88,6 +88,21 @@ def test_sigterm_commits_named_step_and_resumes_exactly(fault, reference, tmp_pa
   _resume_equals_reference(workdir, reference, env, saved, "--config.train.checkpoint_every=5")
 
 
+@pytest.mark.parametrize("fault", ["sigterm_in_close", "sigterm_after_run"])
+def test_sigterm_as_a_finished_run_closes_prints_its_lines_and_exits_143(fault, tmp_path, env):
+  """SIGTERM while the finished run closes (its last save committing) or right after it
+  returned, before the final line: the final line and the signal line naming the last step
+  are printed and the run exits 143 (the signal was dropped, exit 0, or it killed the process
+  with no line)."""
+  workdir = tmp_path / "w"
+  out = faults.run(cmd(workdir, *BASE, "--config.train.steps=4"), env(fault))
+  assert out.returncode == SIGTERM_EXIT, (out.returncode, out.stderr[-3000:])
+  assert "final evaluation (validation, step 4)" in out.stdout, out.stdout[-2000:]
+  assert faults.signal_step(out.stdout) == 4
+  assert faults.checkpoint_steps(workdir)[-1] == 4
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
 # 2. A failing evaluation: one line, the step's checkpoint committed first, a rerun only evaluates.
 
 @pytest.mark.parametrize("extra,committed", [

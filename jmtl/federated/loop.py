@@ -345,7 +345,7 @@ def federated(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
   """
   wd = train_loop._workdir(workdir)  # noqa: SLF001  (one path on every process)
   with (train_loop._lock(wd, "federated"), workdir_lib.background_errors_to_log(wd),  # noqa: SLF001
-        train_loop._StopRequest() as stop):  # noqa: SLF001
+        train_loop.StopRequest() as stop):
     return train_loop.run_closing(_federated, config, wd, stop)
 
 

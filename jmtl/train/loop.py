@@ -17,7 +17,9 @@ What a run promises (each is tested with injected faults, tests/test_train_fault
   `train.on_nonfinite=halt` no checkpoint at or after a bad step exists.
 - SIGTERM/SIGINT (TPU preemption) are read once per step; the run saves that step, waits until
   the save is committed on disk, says so, and exits 128 + signal. The handlers stay installed
-  until the checkpointer is closed, so a second signal cannot kill a save.
+  until the checkpointer is closed, so a second signal cannot kill a save; under the CLI
+  (`StopRequest` nested) until the final line is out, so a signal while a finished run closes
+  is answered the same way (final line, signal line, 128 + signal), never a silent kill.
 - A checkpoint from a different run (fingerprint: `jmtl.train.workdir`) is refused before any
   work; `config.json` is written only after that check.
 """
@@ -68,16 +70,31 @@ from jmtl.train import workdir as workdir_lib
 from jmtl.train import writers
 
 
-class _StopRequest:
-  """Turns SIGTERM (TPU VM preemption) and SIGINT into a flag the loop reads once per step."""
+class StopRequest:
+  """Turns SIGTERM (TPU VM preemption) and SIGINT into a flag the loop reads once per step.
+
+  `with StopRequest() as stop:` installs the handlers (main thread only) and restores the
+  previous ones on exit. Nested, the inner one is the outer one (`as` gives the outer object;
+  its exit restores nothing), so a caller that must still answer a signal after the run
+  returns (the CLI: its final line, then exit 128 + N) wraps the run in its own: a signal
+  between the run's end and the caller's last line is then recorded, never the default
+  action (killed, exit 143, no line).
+  """
+
+  _active: "StopRequest | None" = None  # the installed one, outermost
 
   def __init__(self):
     self.signal: int | None = None
     self._previous = {}
+    self._outer: StopRequest | None = None
 
-  def __enter__(self):
+  def __enter__(self) -> "StopRequest":
+    if StopRequest._active is not None:
+      self._outer = StopRequest._active
+      return self._outer
     for sig in (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
+    StopRequest._active = self
     return self
 
   def _handle(self, signum, frame):
@@ -86,8 +103,13 @@ class _StopRequest:
       self.signal = signum
 
   def __exit__(self, *exc):
+    if self._outer is not None:
+      self._outer = None
+      return
+    StopRequest._active = None
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    self._previous = {}
 
 
 @contextlib.contextmanager
@@ -295,7 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
   saving on SIGTERM/SIGINT.
   """
   wd = _workdir(workdir)
-  with (_lock(wd, "train"), workdir_lib.background_errors_to_log(wd), _StopRequest() as stop):
+  with (_lock(wd, "train"), workdir_lib.background_errors_to_log(wd), StopRequest() as stop):
     return _train(config, wd, stop)
 
 
@@ -316,12 +338,12 @@ def _lock(wd: epath.Path, command: str):
   return workdir_lib.lock(wd, command) if distributed.is_primary() else contextlib.nullcontext()
 
 
-def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest
+def _train(config: ml_collections.ConfigDict, wd: epath.Path, stop: StopRequest
            ) -> dict[str, float]:
   return run_closing(_train_with, config, wd, stop)
 
 
-def run_closing(body, config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest):
+def run_closing(body, config: ml_collections.ConfigDict, wd: epath.Path, stop: StopRequest):
   """Runs `body(config, wd, stop, checkpointer, closers)` (the trainer's or the federated
   job's), then closes what it opened, whatever happened: its closers (prefetch thread, metric
   writer, progress display), then the checkpointer last, which waits for the saves in flight
@@ -345,7 +367,7 @@ def run_closing(body, config: ml_collections.ConfigDict, wd: epath.Path, stop: _
       raise failure
 
 
-def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: _StopRequest,
+def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: StopRequest,
                 ckpt: checkpoint_lib.Checkpointer, closers: list) -> dict[str, float]:
   """The body of `train`; everything opened is registered in `closers` (closed by `_train`)."""
   found = ckpt.read_latest_meta()
