@@ -117,9 +117,9 @@ def check_coordinator(address: str, process_id: int, timeout_s: float, *,
   (`dist.num_processes`), that the ids are in 0..N-1 and unique (`dist.process_id`; a second
   process 0, which cannot listen, joins as a client to be named), and that the configs equal its
   own (the line `check_same_config` gives); then it closes the port, which
-  `jax.distributed.initialize` binds next (its clients retry until the coordination service is
-  up), answers "ok" or the error line to every process and waits briefly for them to hang up
-  (so that TIME_WAIT stays on their side). Ids that never came by the timeout are named. After a
+  `jax.distributed.initialize` binds next, answers "ok" or the error line to every process and
+  waits briefly for them to hang up (so that TIME_WAIT stays on their side). After an "ok" the
+  others wait until the port listens again (`_wait_for_service`). Ids that never came by the timeout are named. After a
   mistake, process 0 answers at once and still answers latecomers for up to `_ERROR_GRACE_S` s.
   A process that meets something other than the roll call on the port (process 0 has started
   the run already, or another program uses the port) is told so.
@@ -142,7 +142,7 @@ def check_coordinator(address: str, process_id: int, timeout_s: float, *,
   message = {"process_id": int(process_id), "num_processes": int(num_processes),
              "config": config}
   deadline = time.monotonic() + max(timeout_s, 0.0)
-  hung_up = False
+  hung_up = ok = False
   while True:
     try:
       conn = socket.create_connection((host, port), timeout=2.0)
@@ -169,7 +169,10 @@ def check_coordinator(address: str, process_id: int, timeout_s: float, *,
         else:
           if answer.get("error"):
             raise SetupError(str(answer["error"]))
-          return
+          ok = True
+    if ok:
+      _wait_for_service(host, port, time.monotonic() + min(timeout_s, 10.0))
+      return
     if time.monotonic() >= deadline:
       if hung_up:
         raise SetupError(
@@ -183,6 +186,20 @@ def check_coordinator(address: str, process_id: int, timeout_s: float, *,
           f"not reachable within {timeout_s:g} s ({reason}); start process 0 first, or check "
           f"the address and port") from last
     time.sleep(0.5)
+
+
+def _wait_for_service(host: str, port: int, deadline: float) -> None:
+  """After an "ok": polls the port (every 50 ms) until JAX's coordination service listens
+  there, or until `deadline` (then JAX's own timeout applies), so that JAX's client does not meet a refused port, which its gRPC channel
+  answers with a reconnect backoff (measured: ~1 s more to join)."""
+  while True:
+    try:
+      socket.create_connection((host, port), timeout=1.0).close()
+      return
+    except OSError:
+      if time.monotonic() >= deadline:
+        return
+      time.sleep(0.05)
 
 
 def _host_port(address: str) -> tuple[str, int]:
