@@ -13,6 +13,9 @@ on top, so that a run gives the same numbers whatever the process count:
   `agree_max` (an all-reduce of a host value) and `broadcast_text` (process 0's text).
 - Only the primary process (`is_primary`, process 0) writes files other than checkpoints;
   Orbax saves and restores from all processes.
+- Set-up mistakes (a duplicate `dist.process_id`, a `dist.num_processes` that differs or counts
+  processes that never come, different configs) are named in one line before JAX's runtime
+  starts, by a roll call on the coordinator's port (`check_coordinator`).
 """
 
 from __future__ import annotations
