@@ -272,3 +272,33 @@ def test_cli_process_id_out_of_range_is_refused_by_the_config_check(capsys):
       "--config.dist.coordinator_address=localhost:1", "--config.dist.num_processes=2",
       "--config.dist.process_id=2"])
   assert "dist.process_id" in line and "must be < dist.num_processes = 2" in line
+
+
+def test_a_latecomer_meeting_jax_service_is_named():
+  """The real case behind the line above: process 0 has finished its roll call and JAX's
+  coordination service (gRPC) holds the port; a process arriving then (an id given twice with
+  N = 2) is told so at once instead of waiting for an answer."""
+  port = _free_port()
+  service = subprocess.Popen(
+      [sys.executable, "-c", "import jax; jax.distributed.initialize("
+       f"'localhost:{port}', 2, 0, initialization_timeout=30)"],
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 30
+    while True:  # until the service listens
+      try:
+        socket.create_connection(("localhost", port), timeout=1.0).close()
+        break
+      except OSError:
+        assert time.monotonic() < deadline and service.poll() is None, "no JAX service"
+        time.sleep(0.1)
+    start = time.monotonic()
+    with pytest.raises(distributed.SetupError,
+                       match=r"'dist.process_id' = 1: 'localhost:\d+' answered, but not as "
+                             r"jmtl's roll call \(it speaks another protocol\)"):
+      _member(port, 1, 2, timeout=5.0)()
+    assert time.monotonic() - start < 2.0
+  finally:
+    service.kill()
+    service.wait()

@@ -122,10 +122,10 @@ def check_coordinator(address: str, process_id: int, timeout_s: float, *,
   own (the line `check_same_config` gives); then it closes the port, which
   `jax.distributed.initialize` binds next, answers "ok" or the error line to every process and
   waits briefly for them to hang up (so that TIME_WAIT stays on their side). After an "ok" the
-  others wait until the port listens again (`_wait_for_service`). Ids that never came by the timeout are named. After a
-  mistake, process 0 answers at once and still answers latecomers for up to `_ERROR_GRACE_S` s.
-  A process that meets something other than the roll call on the port (process 0 has started
-  the run already, or another program uses the port) is told so.
+  others wait until the port listens again (`_wait_for_service`). Ids that never came by the
+  timeout are named. After a mistake, process 0 answers at once and still answers latecomers for
+  up to `_ERROR_GRACE_S` s. A process that meets something other than the roll call on the port
+  (process 0 has started the run already, or another program uses the port) is told so.
   """
   host, port = _host_port(address)
   if process_id == 0:
@@ -192,9 +192,10 @@ def check_coordinator(address: str, process_id: int, timeout_s: float, *,
 
 
 def _wait_for_service(host: str, port: int, deadline: float) -> None:
-  """After an "ok": polls the port (every 50 ms) until JAX's coordination service listens
-  there, or until `deadline` (then JAX's own timeout applies), so that JAX's client does not meet a refused port, which its gRPC channel
-  answers with a reconnect backoff (measured: ~1 s more to join)."""
+  """After an "ok": polls the port (every 50 ms) until JAX's coordination service listens there,
+  or until `deadline` (then JAX's own timeout applies), so that JAX's client does not meet a
+  refused port, which its gRPC channel answers with a reconnect backoff (measured: ~1 s more to
+  join)."""
   while True:
     try:
       socket.create_connection((host, port), timeout=1.0).close()
