@@ -111,21 +111,28 @@ def _checks(config: ml_collections.ConfigDict, command: str, workdir: str | None
 
 def _join(config: ml_collections.ConfigDict) -> bool:
   """Joins a multi-host run (`dist.initialize`) before anything counts devices and checks that
-  every process has the same config; True when joined. A coordinator that cannot be reached is
-  one line naming the `dist.*` keys (exit 2) where JAX raises (it may also abort the process
-  from C++ after `dist.initialization_timeout_s`)."""
+  every process has the same config; True when joined. Set-up mistakes the roll call finds
+  before JAX's runtime starts (`distributed.check_coordinator`: a coordinator that cannot be
+  reached, a duplicate `dist.process_id`, a `dist.num_processes` that differs or counts
+  processes that never come, different configs) are its line, the same on every process
+  (exit 2); what JAX raises is one line naming the `dist.*` keys (JAX may also abort the
+  process from C++ after `dist.initialization_timeout_s`)."""
   from jmtl.parallel import distributed  # noqa: PLC0415
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
+  # Every process must run the same config (dist.process_id aside): compared by the roll call
+  # before the runtime starts, and again once joined (for clusters JAX detects by itself).
+  flat = {k: v for k, v in workdir_lib.flat_config(config).items() if k != "dist.process_id"}
   try:
-    joined = distributed.initialize(config.dist)
+    joined = distributed.initialize(config.dist, flat)
+  except distributed.SetupError as e:
+    raise ConfigError(str(e)) from e
   except Exception as e:  # noqa: BLE001 - JAX raises RuntimeError/ValueError/XlaRuntimeError
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     raise ConfigError(
         f"config keys 'dist.*' (coordinator_address={config.dist.coordinator_address!r}, "
         f"num_processes={config.dist.num_processes}, process_id={config.dist.process_id}): "
         f"jax.distributed.initialize failed: {first}") from e
-  if joined:  # every process must run the same config (dist.process_id aside)
-    flat = {k: v for k, v in workdir_lib.flat_config(config).items() if k != "dist.process_id"}
+  if joined:
     try:
       distributed.check_same_config(flat)
     except ValueError as e:

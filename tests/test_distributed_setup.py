@@ -1,13 +1,18 @@
-"""Multi-host setup mistakes that JAX's runtime would answer with a C++ abort are caught first:
-one jmtl line naming the coordinator address (exit 2)."""
+"""Multi-host set-up mistakes that JAX's runtime would answer with a C++ abort (after its
+timeout) are caught first, by a roll call of the processes on the coordinator's port: one jmtl
+line naming the key and the values, the same on every process (exit 2)."""
 
+import os
 import pathlib
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
+import faults
 from jmtl.parallel import distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -57,3 +62,243 @@ def test_cli_line_for_an_unreachable_coordinator():
   assert out.returncode == 2, out.stderr
   assert out.stderr.count("\n") == 1 and out.stderr.startswith("jmtl: error: "), out.stderr
   assert f"'localhost:{port}' (process 0) was not reachable within 2 s" in out.stderr
+
+
+# ----------------------------------------------------------------- the roll call (threads)
+# Process 0 and the others run `check_coordinator` in threads of this process; the expected
+# lines are written out by hand from the mistake each test makes.
+
+def _together(calls, start_gaps=None):
+  """Runs each `call()` in its own thread (the i-th after `start_gaps[i]` seconds); returns
+  what each raised (None: it returned)."""
+  results: list = [None] * len(calls)
+
+  def run(i):
+    if start_gaps:
+      time.sleep(start_gaps[i])
+    try:
+      calls[i]()
+    except BaseException as e:  # noqa: BLE001 - the test inspects it
+      results[i] = e
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  assert not any(t.is_alive() for t in threads), "a roll call did not end"
+  return results
+
+
+def _member(port, pid, n, timeout=5.0, config=None):
+  return lambda: distributed.check_coordinator(f"localhost:{port}", pid, timeout,
+                                               num_processes=n, config=config)
+
+
+def _same_line(results) -> str:
+  assert all(isinstance(r, distributed.SetupError) for r in results), results
+  lines = {str(r) for r in results}
+  assert len(lines) == 1, lines
+  return lines.pop()
+
+
+def test_roll_call_passes_and_frees_the_port():
+  port = _free_port()
+  cfg = {"seed": 0, "tasks": ["sst2"]}
+  results = _together([_member(port, p, 3, config=cfg) for p in (0, 2, 1)], [0, 0.2, 0.4])
+  assert results == [None, None, None]
+  with socket.socket() as again:  # what jax.distributed.initialize binds next
+    again.bind(("", port))
+
+
+def test_roll_call_names_a_duplicate_process_id_on_every_process():
+  port = _free_port()
+  # Process 0 then waits for id 2 until its timeout (2 s), answering at once.
+  results = _together([_member(port, 0, 3, 2.0), _member(port, 1, 3, 2.0),
+                       _member(port, 1, 3, 2.0)], [0, 0.2, 0.2])
+  assert _same_line(results) == (
+      "config key 'dist.process_id' = 1 is given to 2 processes; each of the "
+      "dist.num_processes = 3 processes needs its own id in 0..2")
+
+
+def test_roll_call_names_a_second_process_0():
+  """The second process 0 cannot listen; it joins the roll call as id 0 and is named, and so
+  is the real process 1 that comes afterwards (within the grace after a mistake)."""
+  port = _free_port()
+  results = _together([_member(port, 0, 2), _member(port, 0, 2), _member(port, 1, 2)],
+                      [0, 0.5, 1.0])
+  assert _same_line(results) == (
+      "config key 'dist.process_id' = 0 is given to 2 processes; each of the "
+      "dist.num_processes = 2 processes needs its own id in 0..1")
+
+
+def test_roll_call_names_different_num_processes():
+  port = _free_port()
+  results = _together([_member(port, 0, 2, 2.0), _member(port, 1, 3, 2.0)], [0, 0.2])
+  assert _same_line(results) == (
+      "config key 'dist.num_processes' differs between the processes of this run: 2 on "
+      "process 0, 3 on process 1; start every process with the same value")
+
+
+def test_roll_call_names_the_ids_that_never_came():
+  port = _free_port()
+  start = time.monotonic()
+  results = _together([_member(port, 0, 4, timeout=1.5), _member(port, 2, 4, timeout=1.5)],
+                      [0, 0.2])
+  assert _same_line(results) == (
+      "config key 'dist.num_processes' = 4: process ids 1, 3 never joined within 1.5 s "
+      "(dist.initialization_timeout_s; joined: 0, 2); start every process, or lower "
+      "dist.num_processes")
+  assert time.monotonic() - start < 1.5 + 3.0  # process 0's timeout, not the client's margin
+
+
+def test_roll_call_names_the_keys_of_different_configs():
+  port = _free_port()
+  mine = {"seed": 0, "data.batch_size": 8, "tasks": ["sst2"]}
+  theirs = {"seed": 1, "data.batch_size": 8, "tasks": ["sst2"]}
+  results = _together([_member(port, 0, 2, config=mine), _member(port, 1, 2, config=theirs)],
+                      [0, 0.2])
+  assert _same_line(results) == (
+      "the processes of this run have different configs (seed: 0 on process 0, 1 on process 1); "
+      "start every process with the same config and overrides")
+
+
+def test_roll_call_ignores_a_port_probe():
+  port = _free_port()
+
+  def probe():
+    time.sleep(0.2)
+    with socket.create_connection(("localhost", port), timeout=2.0):
+      pass  # connects and hangs up without a word, like a health check
+
+  results = _together([_member(port, 0, 2), probe, _member(port, 1, 2)], [0, 0, 0.6])
+  assert results == [None, None, None]
+
+
+def test_something_else_on_the_port_is_named():
+  """A process that meets another server (JAX's coordination service of a run that already
+  started, another program) instead of the roll call: one line, not a hang."""
+  with socket.socket() as server:
+    server.bind(("localhost", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def serve(reply):
+      conn, _ = server.accept()
+      with conn:
+        conn.recv(1024)
+        if reply:
+          conn.sendall(reply)
+
+    t = threading.Thread(target=serve, args=(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00",))
+    t.start()
+    with pytest.raises(distributed.SetupError,
+                       match=r"^config key 'dist.process_id' = 1: 'localhost:\d+' answered, but "
+                             r"not as jmtl's roll call .*is this id given to two processes"):
+      _member(port, 1, 2, timeout=2.0)()
+    t.join()
+
+    def serve_silently():
+      while True:
+        try:
+          conn, _ = server.accept()
+        except OSError:
+          return
+        conn.close()
+
+    server.settimeout(1.5)
+    t = threading.Thread(target=serve_silently)
+    t.start()
+    with pytest.raises(distributed.SetupError,
+                       match=r"accepted connections but never answered jmtl's roll call within "
+                             r"1 s"):
+      _member(port, 1, 2, timeout=1.0)()
+    t.join()
+
+
+# ----------------------------------------------------------------- the CLI: one line each
+
+def _cli(port, pid, n, *extra, timeout_s=6):
+  return subprocess.Popen(
+      [sys.executable, "-m", "jmtl.cli", "train", "--config",
+       str(REPO / "tests" / "configs" / "tiny_sst2.py"), "--workdir", "/nonexistent/never",
+       "--config.dist.initialize=true", f"--config.dist.coordinator_address=localhost:{port}",
+       f"--config.dist.num_processes={n}", f"--config.dist.process_id={pid}",
+       f"--config.dist.initialization_timeout_s={timeout_s}", *extra],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+
+
+def _lines(procs) -> str:
+  """Every process exits 2 with the same single `jmtl: error:` line on stderr; returns it."""
+  lines = set()
+  for proc in procs:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    assert err.count("\n") == 1 and err.startswith("jmtl: error: "), err[-3000:]
+    lines.add(err.strip())
+  assert len(lines) == 1, lines
+  return lines.pop()
+
+
+def test_cli_duplicate_process_id_is_one_line_on_every_process():
+  port = _free_port()
+  line = _lines([_cli(port, 0, 3), _cli(port, 1, 3), _cli(port, 1, 3)])
+  assert line == ("jmtl: error: config key 'dist.process_id' = 1 is given to 2 processes; each "
+                  "of the dist.num_processes = 3 processes needs its own id in 0..2")
+
+
+def test_cli_num_processes_mismatch_is_one_line_on_every_process():
+  port = _free_port()
+  line = _lines([_cli(port, 0, 3), _cli(port, 1, 2)])
+  assert line == ("jmtl: error: config key 'dist.num_processes' differs between the processes "
+                  "of this run: 3 on process 0, 2 on process 1; start every process with the "
+                  "same value")
+
+
+def test_cli_missing_process_is_named():
+  port = _free_port()
+  line = _lines([_cli(port, 0, 3, timeout_s=5), _cli(port, 1, 3, timeout_s=5)])
+  assert line == ("jmtl: error: config key 'dist.num_processes' = 3: process id 2 never joined "
+                  "within 5 s (dist.initialization_timeout_s; joined: 0, 1); start every process, "
+                  "or lower dist.num_processes")
+
+
+def test_cli_process_id_out_of_range_is_refused_by_the_config_check(capsys):
+  line = faults.cli_error_line(capsys, [
+      "train", "--config", str(REPO / "tests" / "configs" / "tiny_sst2.py"), "--workdir",
+      "/nonexistent/never", "--config.dist.initialize=true",
+      "--config.dist.coordinator_address=localhost:1", "--config.dist.num_processes=2",
+      "--config.dist.process_id=2"])
+  assert "dist.process_id" in line and "must be < dist.num_processes = 2" in line
+
+
+def test_a_latecomer_meeting_jax_service_is_named():
+  """The real case behind the line above: process 0 has finished its roll call and JAX's
+  coordination service (gRPC) holds the port; a process arriving then (an id given twice with
+  N = 2) is told so at once instead of waiting for an answer."""
+  port = _free_port()
+  service = subprocess.Popen(
+      [sys.executable, "-c", "import jax; jax.distributed.initialize("
+       f"'localhost:{port}', 2, 0, initialization_timeout=30)"],
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 30
+    while True:  # until the service listens
+      try:
+        socket.create_connection(("localhost", port), timeout=1.0).close()
+        break
+      except OSError:
+        assert time.monotonic() < deadline and service.poll() is None, "no JAX service"
+        time.sleep(0.1)
+    start = time.monotonic()
+    with pytest.raises(distributed.SetupError,
+                       match=r"'dist.process_id' = 1: 'localhost:\d+' answered, but not as "
+                             r"jmtl's roll call \(it speaks another protocol\)"):
+      _member(port, 1, 2, timeout=5.0)()
+    assert time.monotonic() - start < 2.0
+  finally:
+    service.kill()
+    service.wait()

@@ -13,14 +13,20 @@ on top, so that a run gives the same numbers whatever the process count:
   `agree_max` (an all-reduce of a host value) and `broadcast_text` (process 0's text).
 - Only the primary process (`is_primary`, process 0) writes files other than checkpoints;
   Orbax saves and restores from all processes.
+- Set-up mistakes (a duplicate `dist.process_id`, a `dist.num_processes` that differs or counts
+  processes that never come, different configs) are named in one line before JAX's runtime
+  starts, by a roll call on the coordinator's port (`check_coordinator`).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,15 +43,18 @@ class DistributedError(RuntimeError):
   """A broadcast value failed on process 0 (its message is carried to every process)."""
 
 
-def initialize(dist_cfg: Any) -> bool:
+def initialize(dist_cfg: Any, config: dict[str, Any] | None = None) -> bool:
   """Joins the processes of a multi-host run; returns True when JAX's distributed runtime is on.
 
   `dist.initialize = False` (default): nothing (one process). True: `jax.distributed.initialize`
   with `dist.coordinator_address` ("host:port"), `dist.num_processes` and `dist.process_id`,
   each left to JAX's cluster detection when empty / 0 / -1 (TPU VMs, Slurm, Open MPI fill them
-  in). On CPU the collectives across processes use gloo. Must run before anything touches the
-  devices. Raises whatever `jax.distributed.initialize` raises (a coordinator that cannot be
-  reached, a timeout), and RuntimeError when called twice.
+  in). With the address and the id given, `check_coordinator` runs first (a roll call of the
+  processes when `dist.num_processes` is given too; `config`, the run's flat config without
+  `dist.process_id`, is compared there). On CPU the collectives across processes use gloo.
+  Must run before anything touches the devices. Raises SetupError (a whole error line naming
+  the `dist.*` key) for a set-up mistake the roll call finds, otherwise whatever
+  `jax.distributed.initialize` raises (a timeout), and RuntimeError when called twice.
   """
   if not dist_cfg.initialize:
     return False
@@ -60,7 +69,8 @@ def initialize(dist_cfg: Any) -> bool:
     kwargs["initialization_timeout"] = int(dist_cfg.initialization_timeout_s)
   if "coordinator_address" in kwargs and "process_id" in kwargs:
     check_coordinator(kwargs["coordinator_address"], kwargs["process_id"],
-                      float(dist_cfg.initialization_timeout_s or 300))
+                      float(dist_cfg.initialization_timeout_s or 300),
+                      num_processes=kwargs.get("num_processes", 0), config=config)
   # Only the CPU client's cross-process collectives (harmless on TPU/GPU hosts).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
@@ -70,37 +80,328 @@ def initialize(dist_cfg: Any) -> bool:
   return True
 
 
-def check_coordinator(address: str, process_id: int, timeout_s: float) -> None:
-  """Before JAX's runtime (which aborts the process from C++ on these mistakes): process 0 must
-  be able to listen on the address's port; every other process must reach it (TCP connect,
-  retried until `timeout_s`). Raises RuntimeError naming the address otherwise, or for an
-  address that is not host:port."""
-  import socket  # noqa: PLC0415
-  import time  # noqa: PLC0415
-  host, sep, port_text = address.rpartition(":")
-  if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-    raise RuntimeError(f"coordinator address {address!r} is not host:port")
-  port = int(port_text)
+class SetupError(RuntimeError):
+  """A multi-host set-up mistake found before JAX's runtime starts (`check_coordinator`). The
+  message is the whole error line: it names the `dist.*` key and the values, and every process
+  that took part in the roll call gets the same one."""
+
+
+# The roll call's wire format: one line each way, `_MAGIC` + JSON object + b"\n".
+_MAGIC = b"jmtl-roll-call/1 "
+_MAX_LINE = 1 << 24
+# After a mistake is found, process 0 keeps answering latecomers with it for this long (or
+# until every process id any of them counts has come), so that they print the line too.
+_ERROR_GRACE_S = 5.0
+# The most a connection may take to send its line to process 0 (a silent one is dropped).
+_READ_S = 5.0
+
+
+class _NoAnswer(Exception):
+  """The peer closed the connection before sending a byte (retry: e.g. a listener closing)."""
+
+
+class _NotRollCall(Exception):
+  """The peer answered, but not in the roll call's format (another program on the port)."""
+
+
+def check_coordinator(address: str, process_id: int, timeout_s: float, *,
+                      num_processes: int = 0, config: dict[str, Any] | None = None) -> None:
+  """Checks a multi-host set-up before JAX's runtime, which answers the same mistakes with a
+  C++ abort after its own timeout. Raises SetupError with one line naming the key and values.
+
+  Without `num_processes` (0: detected by JAX), a probe: process 0 must be able to listen on the
+  port of `address` ("host:port"), every other process must reach it (TCP connect, retried
+  until `timeout_s` seconds).
+
+  With `num_processes` N, a roll call over plain TCP on that port: process 0 listens; every
+  other process connects (retried until `timeout_s`) and sends its id, N and `config` (a flat
+  `{dotted key: JSON value}` dict, or None); process 0 waits, at most `timeout_s` s, until ids
+  1..N-1 have come, checks in this order that every N equals its own
+  (`dist.num_processes`), that the ids are in 0..N-1 and unique (`dist.process_id`; a second
+  process 0, which cannot listen, joins as a client to be named), and that the configs equal its
+  own (the line `check_same_config` gives); then it closes the port, which
+  `jax.distributed.initialize` binds next, answers "ok" or the error line to every process and
+  waits briefly for them to hang up (so that TIME_WAIT stays on their side). After an "ok" the
+  others wait until the port listens again (`_wait_for_service`). Ids that never came by the
+  timeout are named. After a mistake, process 0 answers at once and still answers latecomers for
+  up to `_ERROR_GRACE_S` s. A process that meets something other than the roll call on the port
+  (process 0 has started the run already, or another program uses the port) is told so.
+  """
+  host, port = _host_port(address)
   if process_id == 0:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-      try:
-        probe.bind(("", port))
-      except OSError as e:
-        raise RuntimeError(f"process 0 cannot listen on port {port} of {address!r} "
-                           f"({e.strerror or e}); is another run using it?") from e
+    try:
+      listener = _listen(port)
+    except OSError as e:
+      busy = (f"config key 'dist.coordinator_address': process 0 cannot listen on port {port} of "
+              f"{address!r} ({e.strerror or e}); is another run using it, or is "
+              f"dist.process_id = 0 given to two processes?")
+      if num_processes > 0:  # perhaps another process 0 holds the roll call: it names us both
+        _ask_as_second_process_0(host, port, num_processes, config)
+      raise SetupError(busy) from e
+    with listener:
+      if num_processes > 0:
+        _hold_roll_call(listener, num_processes, config, timeout_s)
     return
+  message = {"process_id": int(process_id), "num_processes": int(num_processes),
+             "config": config}
   deadline = time.monotonic() + max(timeout_s, 0.0)
+  hung_up = ok = False
   while True:
     try:
-      with socket.create_connection((host, port), timeout=2.0):
-        return
+      conn = socket.create_connection((host, port), timeout=2.0)
     except OSError as e:
+      last: BaseException = e
+    else:
+      with conn:
+        if num_processes <= 0:
+          return
+        try:
+          answer = _exchange(conn, message, timeout_s + _ERROR_GRACE_S + 10.0)
+        except _NoAnswer as e:
+          hung_up, last = True, e
+        except _NotRollCall as e:
+          raise SetupError(
+              f"config key 'dist.process_id' = {process_id}: {address!r} answered, but not as "
+              f"jmtl's roll call ({e}): process 0 has started the run already with its "
+              f"dist.num_processes = {num_processes} processes (is this id given to two "
+              f"processes?), or another program uses that port") from e
+        except TimeoutError as e:
+          raise SetupError(
+              f"config key 'dist.coordinator_address': process 0 at {address!r} gave no answer "
+              f"to the roll call within {timeout_s + _ERROR_GRACE_S + 10.0:g} s") from e
+        else:
+          if answer.get("error"):
+            raise SetupError(str(answer["error"]))
+          ok = True
+    if ok:
+      _wait_for_service(host, port, time.monotonic() + min(timeout_s, 10.0))
+      return
+    if time.monotonic() >= deadline:
+      if hung_up:
+        raise SetupError(
+            f"config key 'dist.coordinator_address': {address!r} accepted connections but never "
+            f"answered jmtl's roll call within {timeout_s:g} s: process 0 has started the run "
+            f"already (is dist.process_id = {process_id} given to two processes?), or another "
+            f"program uses that port") from last
+      reason = getattr(last, "strerror", None) or last
+      raise SetupError(
+          f"config key 'dist.coordinator_address': the coordinator {address!r} (process 0) was "
+          f"not reachable within {timeout_s:g} s ({reason}); start process 0 first, or check "
+          f"the address and port") from last
+    time.sleep(0.5)
+
+
+def _wait_for_service(host: str, port: int, deadline: float) -> None:
+  """After an "ok": polls the port (every 50 ms) until JAX's coordination service listens there,
+  or until `deadline` (then JAX's own timeout applies), so that JAX's client does not meet a
+  refused port, which its gRPC channel answers with a reconnect backoff (measured: ~1 s more to
+  join)."""
+  while True:
+    try:
+      socket.create_connection((host, port), timeout=1.0).close()
+      return
+    except OSError:
       if time.monotonic() >= deadline:
-        raise RuntimeError(f"the coordinator {address!r} (process 0) was not reachable within "
-                           f"{timeout_s:g} s ({e.strerror or e}); start process 0 first, or "
-                           f"check the address and port") from e
-      time.sleep(0.5)
+        return
+      time.sleep(0.05)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+  host, sep, port_text = address.rpartition(":")
+  if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    raise SetupError(f"config key 'dist.coordinator_address': {address!r} is not host:port")
+  return host.strip("[]"), int(port_text)
+
+
+def _listen(port: int) -> socket.socket:
+  """A listening TCP socket on every address (IPv4 and IPv6 where the host has both), with
+  SO_REUSEADDR (a port whose old connections linger in TIME_WAIT is free) but not SO_REUSEPORT
+  (a port another program listens on is busy)."""
+  dual = socket.has_dualstack_ipv6()
+  return socket.create_server(("", port), family=socket.AF_INET6 if dual else socket.AF_INET,
+                              backlog=1024, dualstack_ipv6=dual)
+
+
+def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
+  conn.sendall(_MAGIC + json.dumps(obj).encode() + b"\n")
+
+
+def _read(conn: socket.socket, timeout_s: float) -> dict[str, Any]:
+  """One roll-call line from `conn` within `timeout_s` s. Raises _NoAnswer (closed before a
+  byte), _NotRollCall (other bytes, or a line that is not a JSON object), TimeoutError."""
+  deadline = time.monotonic() + timeout_s
+  buf = b""
+  while b"\n" not in buf:
+    left = deadline - time.monotonic()
+    if left <= 0:
+      raise TimeoutError("no answer")
+    conn.settimeout(left)
+    try:
+      chunk = conn.recv(65536)
+    except (ConnectionResetError, ConnectionAbortedError) as e:
+      if not buf:
+        raise _NoAnswer(str(e)) from e
+      raise _NotRollCall(f"the connection was reset after {len(buf)} bytes") from e
+    if not chunk:
+      if not buf:
+        raise _NoAnswer("closed")
+      break
+    buf += chunk
+    if not _MAGIC.startswith(buf[:len(_MAGIC)]):
+      raise _NotRollCall("it speaks another protocol")
+    if len(buf) > _MAX_LINE:
+      raise _NotRollCall("its line is too long")
+  line = buf.split(b"\n", 1)[0]
+  if not line.startswith(_MAGIC):
+    raise _NotRollCall("it speaks another protocol")
+  try:
+    obj = json.loads(line[len(_MAGIC):])
+  except ValueError as e:
+    raise _NotRollCall("its line is not JSON") from e
+  if not isinstance(obj, dict):
+    raise _NotRollCall("its line is not a JSON object")
+  return obj
+
+
+def _exchange(conn: socket.socket, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+  """Sends `message` and reads the answer (see `_read`); a reset while sending is _NoAnswer."""
+  try:
+    _send(conn, message)
+  except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
+    raise _NoAnswer(str(e)) from e
+  return _read(conn, timeout_s)
+
+
+def _ask_as_second_process_0(host: str, port: int, num_processes: int,
+                             config: dict[str, Any] | None) -> None:
+  """Process 0 could not listen: if another process 0 holds the roll call there, join it as id 0
+  so that it names the duplicate to everybody (raises SetupError with its line); returns when
+  the port holds something else."""
+  try:
+    with socket.create_connection((host, port), timeout=2.0) as conn:
+      answer = _exchange(conn, {"process_id": 0, "num_processes": int(num_processes),
+                                "config": config}, _READ_S)
+  except (OSError, _NoAnswer, _NotRollCall):
+    return
+  if answer.get("error"):
+    raise SetupError(str(answer["error"]))
+
+
+def _ids(ids: list[int]) -> str:
+  shown = ", ".join(str(i) for i in ids[:10])
+  return shown + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
+
+
+def _roll_call_error(came: list[dict[str, Any]], num_processes: int,
+                     config: dict[str, Any] | None) -> str | None:
+  """The first mistake among the processes that came (their messages), or None."""
+  other_n = [(m["process_id"], m["num_processes"]) for m in came
+             if m["num_processes"] != num_processes]
+  if other_n:
+    shown = ", ".join(f"{n} on process {p}" for p, n in other_n[:5])
+    return (f"config key 'dist.num_processes' differs between the processes of this run: "
+            f"{num_processes} on process 0, {shown}; start every process with the same value")
+  ids = [m["process_id"] for m in came]
+  outside = sorted({p for p in ids if not 0 <= p < num_processes})
+  if outside:
+    return (f"config key 'dist.process_id' = {outside[0]} is not below dist.num_processes = "
+            f"{num_processes}; the ids are 0..{num_processes - 1}")
+  counts = collections.Counter([0, *ids])
+  twice = sorted(p for p, k in counts.items() if k > 1)
+  if twice:
+    return (f"config key 'dist.process_id' = {twice[0]} is given to {counts[twice[0]]} "
+            f"processes; each of the dist.num_processes = {num_processes} processes needs its "
+            f"own id in 0..{num_processes - 1}")
+  if config is not None:
+    diffs = []
+    for m in came:
+      theirs = m.get("config")
+      if isinstance(theirs, dict):
+        diffs += [(m["process_id"], k, theirs.get(k)) for k in sorted(set(config) | set(theirs))
+                  if config.get(k) != theirs.get(k)]
+    if diffs:
+      return _different_configs(config, diffs)
+  return None
+
+
+def _valid(message: dict[str, Any]) -> bool:
+  return (isinstance(message.get("process_id"), int) and
+          isinstance(message.get("num_processes"), int) and
+          (message.get("config") is None or isinstance(message.get("config"), dict)))
+
+
+def _hold_roll_call(listener: socket.socket, num_processes: int, config: dict[str, Any] | None,
+                    timeout_s: float) -> None:
+  """Process 0's side of `check_coordinator`'s roll call on `listener` (closed when everybody
+  came or the time is up, before the answers go out)."""
+  deadline = time.monotonic() + max(timeout_s, 0.0)
+  until = deadline
+  came: list[tuple[socket.socket, dict[str, Any]]] = []
+  answered: set[int] = set()  # indices into `came`
+  error: str | None = None
+
+  def answer(i: int) -> None:
+    try:
+      _send(came[i][0], {"error": error} if error else {"ok": True})
+    except OSError:
+      pass  # it went away; it learns nothing more from us
+    answered.add(i)
+
+  try:
+    while True:
+      expected = num_processes if error is None else max(
+          [num_processes] + [m["num_processes"] for _, m in came])
+      if set(range(1, expected)) <= {m["process_id"] for _, m in came}:
+        break
+      left = until - time.monotonic()
+      if left <= 0:
+        break
+      listener.settimeout(left)
+      try:
+        conn, _ = listener.accept()
+      except TimeoutError:
+        break
+      try:
+        message = _read(conn, min(_READ_S, left + 1.0))
+      except (OSError, _NoAnswer, _NotRollCall):
+        message = None
+      if message is None or not _valid(message):
+        conn.close()  # not one of ours (a port probe, a health check)
+        continue
+      came.append((conn, message))
+      if error is None:
+        error = _roll_call_error([m for _, m in came], num_processes, config)
+        if error is not None:
+          until = min(deadline, time.monotonic() + _ERROR_GRACE_S)
+      if error is not None:
+        for i in range(len(came)):
+          if i not in answered:
+            answer(i)
+    listener.close()  # latecomers are refused from now on; JAX's service binds the port next
+    if error is None and len(came) < num_processes - 1:
+      seen = sorted({0} | {m["process_id"] for _, m in came})
+      missing = [p for p in range(num_processes) if p not in seen]
+      error = (f"config key 'dist.num_processes' = {num_processes}: process id"
+               f"{'s' if len(missing) > 1 else ''} {_ids(missing)} never joined within "
+               f"{timeout_s:g} s (dist.initialization_timeout_s; joined: {_ids(seen)}); start "
+               f"every process, or lower dist.num_processes")
+    for i in range(len(came)):
+      if i not in answered:
+        answer(i)
+    # Let the others hang up first (their side keeps the TIME_WAIT), briefly.
+    hang_up = time.monotonic() + 2.0
+    for conn, _ in came:
+      try:
+        conn.settimeout(max(hang_up - time.monotonic(), 0.01))
+        while conn.recv(4096):
+          pass
+      except OSError:
+        pass
+  finally:
+    for conn, _ in came:
+      conn.close()
+  if error is not None:
+    raise SetupError(error)
 
 
 def is_primary() -> bool:
@@ -271,10 +572,17 @@ def check_same_config(flat: dict[str, Any]) -> None:
   per_process = [json.loads(t) for t in gather_text(mine)]
   diffs = [(p, k, v) for p, d in enumerate(per_process) for k, v in d.items()]
   if diffs:
-    shown = "; ".join(f"{k}: {first.get(k)!r} on process 0, {v!r} on process {p}"
-                      for p, k, v in diffs[:5])
-    raise ValueError(f"the processes of this run have different configs ({shown}); start "
-                     f"every process with the same config and overrides")
+    raise ValueError(_different_configs(first, diffs))
+
+
+def _different_configs(first: dict[str, Any], diffs: list[tuple[int, str, Any]]) -> str:
+  """The error line for configs that differ from process 0's `first`: `diffs` holds
+  (process, key, that process's value); the first 5 are shown. Shared by the roll call
+  (`check_coordinator`) and `check_same_config`."""
+  shown = "; ".join(f"{k}: {first.get(k)!r} on process 0, {v!r} on process {p}"
+                    for p, k, v in diffs[:5])
+  return (f"the processes of this run have different configs ({shown}); start every process "
+          f"with the same config and overrides")
 
 
 def abandon(code: int) -> None:
