@@ -119,9 +119,11 @@ def _join(config: ml_collections.ConfigDict) -> bool:
   process from C++ after `dist.initialization_timeout_s`)."""
   from jmtl.parallel import distributed  # noqa: PLC0415
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
-  # Every process must run the same config (dist.process_id aside): compared by the roll call
+  # Every process must run the same config, but for its own id and its own spelling of process
+  # 0's address (`localhost:1234` on host 0, `host0:1234` elsewhere): compared by the roll call
   # before the runtime starts, and again once joined (for clusters JAX detects by itself).
-  flat = {k: v for k, v in workdir_lib.flat_config(config).items() if k != "dist.process_id"}
+  per_process = ("dist.process_id", "dist.coordinator_address")
+  flat = {k: v for k, v in workdir_lib.flat_config(config).items() if k not in per_process}
   try:
     joined = distributed.initialize(config.dist, flat)
   except distributed.SetupError as e:
