@@ -193,10 +193,20 @@ def test_jmtl_config_on_flower_matches_jmtl_federated(cluster, data_dir, tmp_pat
     assert "submitted Flower run" in out.stdout and "round 2: loss" in out.stdout, out.stdout
     rows = _wait_rounds(cluster, wd / "rounds.jsonl", 2, timeout=10)
     evaluated = _wait_file(cluster, wd / "eval.json")
+    # `jmtl eval` on the Flower workdir (the server state of its last checkpoint), run beside
+    # the simulation when that is still running.
+    again = subprocess.Popen([sys.executable, "-m", "jmtl.cli", "eval", *flower_args,
+                              "--workdir", str(wd)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
   except BaseException:
     sim.kill()
     raise
-  log, _ = sim.communicate(timeout=150)
+  try:
+    log, _ = sim.communicate(timeout=150)
+    shown, err = again.communicate(timeout=150)
+  finally:
+    sim.kill()
+    again.kill()
   assert sim.returncode == 0, log
   ref = [json.loads(x) for x in (sim_wd / "rounds.jsonl").read_text().splitlines()]
   assert [r["round"] for r in rows] == [r["round"] for r in ref] == [1, 2]
@@ -215,12 +225,9 @@ def test_jmtl_config_on_flower_matches_jmtl_federated(cluster, data_dir, tmp_pat
   assert {k: evaluated[k] for k in metrics} == pytest.approx(metrics, rel=1e-4, abs=1e-6)
   assert not any(k.startswith("site/") for k in evaluated)
   assert {k: rows[-1][k] for k in metrics} == pytest.approx(metrics, rel=1e-4, abs=1e-6)
-  # `jmtl eval` on the Flower workdir: the server state of its last checkpoint, the same numbers.
-  again = subprocess.run([sys.executable, "-m", "jmtl.cli", "eval", *flower_args,
-                          "--workdir", str(wd)], env=env, capture_output=True, text=True,
-                         timeout=150)
-  assert again.returncode == 0, again.stdout + again.stderr
-  shown = json.loads(again.stdout[again.stdout.index("{"):])
+  # `jmtl eval` on the Flower workdir gives the server's eval.json numbers again.
+  assert again.returncode == 0, shown + err
+  shown = json.loads(shown[shown.index("{"):])
   assert shown["step"] == 2
   assert {k: shown[k] for k in metrics} == pytest.approx(
       {k: evaluated[k] for k in metrics}, rel=1e-5, abs=1e-6)
