@@ -461,7 +461,7 @@ _key("fed.flower.wait_sites", 600.0,
      "connect (it then starts with those connected)", check=ge(0))
 _key("fed.flower.wait_s", 0.0,
      "fed.backend=flower: seconds `jmtl federated` waits for the server's rounds.jsonl to reach "
-     "fed.rounds lines (when the workdir is visible here); 0 = return once the run is submitted",
+     "round fed.rounds (when the workdir is visible here); 0 = return once the run is submitted",
      check=ge(0))
 _key("fed.client_optimizer", "sgd",
      "client optimizer from the registry (sgd = FedAvg; adamw = DiLoCo's inner step); its other "

@@ -101,6 +101,9 @@ class Cluster:
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    # The SuperExecs (one beside the SuperLink, one per SuperNode) look for a ServerApp /
+    # ClientApp to launch every second by default: every round waits for that poll.
+    env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.2"
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     self.env = env
 
@@ -165,3 +168,38 @@ class Cluster:
   def logs(self) -> str:
     return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}"
                      for f in sorted(self.tmp.glob("*.log")))
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+  """(pid, command line) of every process under `root` (from /proc: Linux)."""
+  children: dict[int, list[int]] = {}
+  for d in Path("/proc").iterdir():
+    if not d.name.isdigit():
+      continue
+    try:
+      stat = (d / "stat").read_text()
+      ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+      continue
+    children.setdefault(ppid, []).append(int(d.name))
+  out, todo = [], list(children.get(root, []))
+  while todo:
+    pid = todo.pop()
+    try:
+      cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+      continue
+    out.append((pid, cmd))
+    todo += children.get(pid, [])
+  return out
+
+
+def kill_serverapp(cluster: Cluster) -> int:
+  """SIGKILL the ServerApp process the SuperLink started (`flwr-serverapp`), as a crashed
+  server machine would; returns its pid. AssertionError when there is none."""
+  pids = [pid for pid, cmd in _descendants(cluster.procs["superlink"].pid)
+          if "flwr-serverapp" in cmd]
+  assert pids, f"no flwr-serverapp process under the SuperLink\n{cluster.logs()}"
+  for pid in pids:
+    os.kill(pid, signal.SIGKILL)
+  return pids[0]

@@ -6,6 +6,10 @@ CA generated here); `flwr run` submits the app whose ServerApp / ClientApp are
 simulation's (`algorithm.make_round` over a 2-site mesh, same per-site function, same data) and
 an independent float64 numpy FedAvg; the measured payload bytes must equal the simulation's
 accounting (4 bytes per float32 value each way, `compression.leaf_bytes` with no codec).
+
+One SuperLink + 2 SuperNodes (the module's `cluster`) serve every 2-site test in turn, so the
+processes start once; the test that kills a SuperNode comes last of those. The SecAgg+ test
+needs 3 sites and starts its own.
 """
 
 import json
@@ -21,11 +25,12 @@ import pytest
 flwr = pytest.importorskip("flwr")  # the `flower` extra
 
 import flower_problem as fp  # noqa: E402
-from flower_cluster import ROOT, Cluster  # noqa: E402
+from flower_cluster import ROOT, Cluster, kill_serverapp  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
 from jmtl.federated import algorithm  # noqa: E402
 from jmtl.federated import compression  # noqa: E402
+from jmtl.federated import flower  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SITES = ["a", "b"]
@@ -42,19 +47,19 @@ def _wait_rounds(cluster, path, n, timeout=120.0, on_line=None):
       on_line(seen)
     if len(lines) >= n:
       return [json.loads(x) for x in lines]
-    time.sleep(0.25)
+    time.sleep(0.1)
   pytest.fail(f"{path} has {len(lines)} of {n} rounds after {timeout} s\n{cluster.logs()}")
 
 
 def _simulate(algo, masks):
   """The same rounds on one 2-site mesh (`algorithm.make_round`); masks[r] = participants."""
   mesh = jax.make_mesh((2,), ("site",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
-  client_tx, server_tx = fp.optimizers(algo, ROUNDS, STEPS)
+  client_tx, server_tx = fp.optimizers(algo, len(masks), STEPS)
   server, clients = algorithm.init(
       {"w": np.zeros(fp.D, np.float32), "b": np.zeros((), np.float32)}, server_tx, client_tx,
       mesh)
   round_fn = algorithm.make_round(fp.loss_fn, client_tx, server_tx, mesh, local_steps=STEPS)
-  for r in range(ROUNDS):
+  for r in range(len(masks)):
     per_site = [fp.site_batches(0, k, r, STEPS) for k in range(2)]
     batches = jax.tree.map(lambda *x: np.stack(x), *[b for b, _ in per_site])
     examples = np.array([n for _, n in per_site], np.float32)
@@ -82,9 +87,13 @@ def _numpy_fedavg(masks, lr=0.2):
   return {"w": w, "b": b}
 
 
-def _server_params(workdir, r):
-  with np.load(workdir / "checkpoints" / f"round_{r}.npz") as z:
-    return {"w": z["params['w']"], "b": z["params['b']"]}
+def _server_params(workdir, r, algo="fedavg", rounds=ROUNDS):
+  """The server parameters of the checkpoint at round r (jmtl's Orbax `Checkpointer`)."""
+  problem = fp.make({"local-steps": STEPS, "rounds": rounds, "algo": algo, "sites": "a,b"})
+  step, params, _, _ = flower.load_checkpoint(str(workdir), problem.params,
+                                              problem.server_tx.init(problem.params), step=r)
+  assert step == r
+  return params
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +130,13 @@ def test_fedavg_on_flower_equals_the_mesh_simulation_and_numpy(cluster, tmp_path
     assert row["weights"] == pytest.approx({"a": 10 / 30, "b": 20 / 30})
     assert row["seconds"] > 0 and all(v > 0 for v in row["site_seconds"].values())
   assert [r["round"] for r in rows] == [1, 2, 3]
-  config = json.loads((wd / "config.json").read_text())
+  config = json.loads((wd / "flower.json").read_text())
   assert config["sites"] == SITES and config["run_config"]["algo"] == "fedavg"
 
 
 def test_diloco_keeps_each_sites_adamw_state_and_equals_the_simulation(cluster, tmp_path):
   wd, rows = _run(cluster, tmp_path, "diloco")
-  got = _server_params(wd, ROUNDS)
+  got = _server_params(wd, ROUNDS, "diloco")
   sim = _simulate("diloco", [np.ones(2, np.float32)] * ROUNDS)
   for k in ("w", "b"):
     np.testing.assert_allclose(got[k], sim[k], atol=1e-5, rtol=1e-5)
@@ -153,20 +162,130 @@ def _simulate_reset():
   return jax.device_get(server.params)
 
 
-def test_killed_supernode_round_completes_with_the_rest(tmp_path):
-  c = Cluster(tmp_path / "cluster", SITES).start()
+def test_jmtl_config_on_flower_matches_jmtl_federated(cluster, data_dir, tmp_path):
+  """`jmtl federated` on a real jmtl config (BBC topic, a transformer, DiLoCo) against the local
+  SuperLink + 2 SuperNodes: each round's site losses (the loss at the server parameters of that
+  round, so they check the parameters of rounds 0..R-1), the bytes and the final evaluation
+  (eval.json, the server's `_run_eval` call) equal `jmtl federated`'s mesh simulation of the
+  same config; `jmtl eval` on the Flower workdir reads its checkpoint and gives eval.json's
+  numbers again. Two rounds; the per-site state kept across rounds is checked by the DiLoCo
+  test above."""
+  config = str(ROOT / "tests" / "configs" / "tiny_fed_flower.py")
+  sim_wd = tmp_path / "sim"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  sim = subprocess.Popen([sys.executable, "-m", "jmtl.cli", "federated", "--config", config,
+                          "--workdir", str(sim_wd), "--config.fed.rounds=2"], env=env,
+                         stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+  flower_args = ["--config", config, "--config.fed.rounds=2", "--config.fed.backend=flower"]
+  flower_env = dict(cluster.env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   try:
-    wd = tmp_path / "wd"
-    out = c.run(wd, algo="fedavg", rounds=ROUNDS, **{"local-steps": STEPS,
-                                                     "round-timeout": 15.0})
-    assert out.returncode == 0, out.stdout + out.stderr
-
-    def kill_after_first(n):
-      if n == 1:
-        c.kill("supernode_b")
-    rows = _wait_rounds(c, wd / "rounds.jsonl", ROUNDS, timeout=150, on_line=kill_after_first)
+    wd = tmp_path / "flower"
+    # The user's command: jmtl federated with fed.backend = flower submits the run through
+    # `flwr run` to the SuperLink connection "local" and follows rounds.jsonl.
+    out = subprocess.run(
+        [sys.executable, "-m", "jmtl.cli", "federated", *flower_args, "--workdir", str(wd),
+         "--config.fed.flower.superlink=local", "--config.fed.flower.wait_s=150",
+         "--config.fed.flower.round_timeout=120"],
+        env=flower_env, capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stdout + out.stderr + cluster.logs()
+    assert "submitted Flower run" in out.stdout and "round 2: loss" in out.stdout, out.stdout
+    rows = _wait_rounds(cluster, wd / "rounds.jsonl", 2, timeout=10)
+    evaluated = _wait_file(cluster, wd / "eval.json")
+    # `jmtl eval` on the Flower workdir (the server state of its last checkpoint), run beside
+    # the simulation when that is still running.
+    again = subprocess.Popen([sys.executable, "-m", "jmtl.cli", "eval", *flower_args,
+                              "--workdir", str(wd)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  except BaseException:
+    sim.kill()
+    raise
+  try:
+    log, _ = sim.communicate(timeout=150)
+    shown, err = again.communicate(timeout=150)
   finally:
-    c.stop()
+    sim.kill()
+    again.kill()
+  assert sim.returncode == 0, log
+  ref = [json.loads(x) for x in (sim_wd / "rounds.jsonl").read_text().splitlines()]
+  assert [r["round"] for r in rows] == [r["round"] for r in ref] == [1, 2]
+  for got, want in zip(rows, ref):
+    assert got["sites"] == want["sites"]
+    assert got["site_loss"] == pytest.approx(want["site_loss"], rel=1e-5, abs=1e-6)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert got["weights"] == pytest.approx(want["weights"], abs=1e-6)
+    assert got["bytes_up"] == want["bytes_up"] and got["bytes_down"] == want["bytes_down"]
+  assert rows[-1]["loss"] < rows[0]["loss"]
+  # The server's evaluation of round 2 equals the simulation's (global metrics; the per-site
+  # held-out ones are the simulation's only: the Flower server reads no site's data).
+  sim_eval = json.loads((sim_wd / "eval.json").read_text())
+  metrics = {k: v for k, v in sim_eval.items() if k.startswith("bbc_topic/")}
+  assert metrics and evaluated["step"] == 2 and evaluated["split"] == sim_eval["split"]
+  assert {k: evaluated[k] for k in metrics} == pytest.approx(metrics, rel=1e-4, abs=1e-6)
+  assert not any(k.startswith("site/") for k in evaluated)
+  assert {k: rows[-1][k] for k in metrics} == pytest.approx(metrics, rel=1e-4, abs=1e-6)
+  # `jmtl eval` on the Flower workdir gives the server's eval.json numbers again.
+  assert again.returncode == 0, shown + err
+  shown = json.loads(shown[shown.index("{"):])
+  assert shown["step"] == 2
+  assert {k: shown[k] for k in metrics} == pytest.approx(
+      {k: evaluated[k] for k in metrics}, rel=1e-5, abs=1e-6)
+
+
+def _wait_file(cluster, path, timeout=60.0):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if path.exists():
+      return json.loads(path.read_text())
+    time.sleep(0.1)
+  pytest.fail(f"no {path} after {timeout} s\n{cluster.logs()}")
+
+
+def test_killed_server_resumes_from_its_checkpoint(cluster, tmp_path):
+  """The server process (the SuperLink's `flwr-serverapp`) SIGKILLed after round 2 of 4, the run
+  submitted again on the same workdir: the new server resumes from the round-2 checkpoint, each
+  round is in rounds.jsonl once, and the final server parameters equal an uninterrupted run's
+  (the mesh simulation of 4 FedAvg rounds, <= 1e-6; FedAvg's sites keep no state)."""
+  wd = tmp_path / "wd"
+  run = dict(algo="fedavg", rounds=4, **{"local-steps": STEPS})
+  out = cluster.run(wd, **run)
+  assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
+  killed = []
+
+  def kill_after_second(n):
+    if n == 2 and not killed:
+      killed.append(kill_serverapp(cluster))
+  _wait_rounds(cluster, wd / "rounds.jsonl", 2, on_line=kill_after_second)
+  assert killed
+  time.sleep(1.0)
+  lines = (wd / "rounds.jsonl").read_text().splitlines()
+  assert len(lines) == 2, lines  # the server is dead: no round 3
+  out = cluster.run(wd, **run)
+  assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
+  rows = _wait_rounds(cluster, wd / "rounds.jsonl", 4)
+  assert [r["round"] for r in rows] == [1, 2, 3, 4]
+  assert all(r["sites"] == SITES and r["applied"] == 1 for r in rows)
+  got = _server_params(wd, 4, rounds=4)
+  sim = _simulate("fedavg", [np.ones(2, np.float32)] * 4)
+  ref = _numpy_fedavg([np.ones(2, np.float32)] * 4)
+  for k in ("w", "b"):
+    np.testing.assert_allclose(got[k], sim[k], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=1e-5)
+
+
+def test_killed_supernode_round_completes_with_the_rest(cluster, tmp_path):
+  """Kills SuperNode b of the module's cluster (so this test comes last of those using it)."""
+  wd = tmp_path / "wd"
+  out = cluster.run(wd, algo="fedavg", rounds=ROUNDS, **{"local-steps": STEPS,
+                                                         "round-timeout": 15.0})
+  assert out.returncode == 0, out.stdout + out.stderr
+
+  def kill_after_first(n):
+    if n == 1:
+      cluster.kill("supernode_b")
+  rows = _wait_rounds(cluster, wd / "rounds.jsonl", ROUNDS, timeout=150,
+                      on_line=kill_after_first)
   assert rows[0]["sites"] == SITES
   for row in rows[1:]:
     assert row["sites"] == ["a"] and row["dropped"] == ["b"] and row["applied"] == 1
@@ -178,59 +297,10 @@ def test_killed_supernode_round_completes_with_the_rest(tmp_path):
   for k in ("w", "b"):
     np.testing.assert_allclose(got[k], sim[k], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=1e-5)
-  # Nothing in the workdir is torn: every line parses, every checkpoint loads, no temp files.
-  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == [
-      f"round_{r}.npz" for r in range(1, ROUNDS + 1)]
-  for r in range(1, ROUNDS + 1):
-    _server_params(wd, r)
-
-
-def test_jmtl_config_on_flower_matches_jmtl_federated(data_dir, tmp_path):
-  """`jmtl federated --config.fed.backend=flower` on a real jmtl config (BBC topic, a
-  transformer, DiLoCo) against a local SuperLink + 2 SuperNodes: each round's site losses
-  (the loss at the server parameters of that round, so they check the parameters of rounds
-  0..R-1) and the bytes equal `jmtl federated`'s mesh simulation of the same config. Two rounds
-  keep it under 90 s on a 2-core host (three take ~130 s there); the per-site state kept across
-  rounds is checked by the DiLoCo test above."""
-  config = str(ROOT / "tests" / "configs" / "tiny_fed_flower.py")
-  sim_wd = tmp_path / "sim"
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  sim = subprocess.Popen([sys.executable, "-m", "jmtl.cli", "federated", "--config", config,
-                          "--workdir", str(sim_wd), "--config.fed.rounds=2"], env=env,
-                         stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-  c = Cluster(tmp_path / "cluster", SITES).start()
-  try:
-    wd = tmp_path / "flower"
-    # The user's command: jmtl federated with fed.backend = flower submits the run through
-    # `flwr run` to the SuperLink connection "local" and follows rounds.jsonl.
-    out = subprocess.run(
-        [sys.executable, "-m", "jmtl.cli", "federated", "--config", config, "--workdir", str(wd),
-         "--config.fed.rounds=2", "--config.fed.backend=flower",
-         "--config.fed.flower.superlink=local", "--config.fed.flower.wait_s=150",
-         "--config.fed.flower.round_timeout=120"],
-        env=dict(c.env, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
-        capture_output=True, text=True, timeout=200)
-    assert out.returncode == 0, out.stdout + out.stderr + c.logs()
-    assert "submitted Flower run" in out.stdout and "round 2: loss" in out.stdout, out.stdout
-    rows = _wait_rounds(c, wd / "rounds.jsonl", 2, timeout=10)
-  except BaseException:
-    sim.kill()
-    raise
-  finally:
-    c.stop()
-  log, _ = sim.communicate(timeout=150)
-  assert sim.returncode == 0, log
-  ref = [json.loads(x) for x in (sim_wd / "rounds.jsonl").read_text().splitlines()]
-  assert [r["round"] for r in rows] == [r["round"] for r in ref] == [1, 2]
-  for got, want in zip(rows, ref):
-    assert got["sites"] == want["sites"]
-    assert got["site_loss"] == pytest.approx(want["site_loss"], rel=1e-5, abs=1e-6)
-    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-    assert got["weights"] == pytest.approx(want["weights"], abs=1e-6)
-    assert got["bytes_up"] == want["bytes_up"] and got["bytes_down"] == want["bytes_down"]
-  assert rows[-1]["loss"] < rows[0]["loss"]
+  # Nothing in the workdir is torn: every line parses, the checkpoints are complete Orbax
+  # steps (keep 1: the last), no temporary leftovers.
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == [str(ROUNDS)]
+  assert (wd / "checkpoints" / str(ROUNDS) / "_CHECKPOINT_METADATA").exists()
 
 
 def test_secagg_plus_workflow_equals_the_plain_weighted_sum(tmp_path):
@@ -251,7 +321,7 @@ def test_secagg_plus_workflow_equals_the_plain_weighted_sum(tmp_path):
   assert [r["sites"] for r in rows] == [sites] * 2
   assert all(r["secure_aggregation"] == "secagg+" and r["failures"] == 0 for r in rows)
   ones = [np.ones(3, np.float32)] * 2
-  got, ref = _server_params(wd, 2), _numpy_fedavg(ones)
+  got, ref = _server_params(wd, 2, rounds=2), _numpy_fedavg(ones)
   # Quantisation bound: a site sends n_k / max_weight x delta_k (max_weight 1000) on a grid of
   # 2 x 8 / 2**22 = 3.8e-6 (stochastic rounding); divided by sum_k n_k / max_weight = 0.06 that
   # is <= 6.4e-5 per site, <= 1.9e-4 per round for 3 sites, < 1e-3 over 2 rounds.

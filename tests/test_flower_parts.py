@@ -1,6 +1,7 @@
 """The parts of jmtl.federated.flower that need no Flower processes: payloads, the server's
 aggregation against numpy, and the one-line errors of `jmtl federated` with fed.backend=flower."""
 
+import json
 import os
 import subprocess
 import sys
@@ -78,11 +79,155 @@ def test_flower_backend_unknown_superlink_connection_is_one_line(tmp_path):
   assert not (tmp_path / "wd").exists()  # nothing was written
 
 
-def test_flower_backend_refuses_a_workdir_with_a_run(tmp_path):
+# ---------------------------------------------------------------- the server in-process
+
+class _Reply:
+  """What `flower.serve` reads of a reply Message: content, has_error(), the id it answers."""
+
+  def __init__(self, content, reply_to):
+    self.content = content
+    self.metadata = type("Metadata", (), {"reply_to_message_id": reply_to})()
+
+  def has_error(self):
+    return False
+
+
+class _Grid:
+  """An in-process stand-in for Flower's Grid: node k + 1 is site k, running the ClientApp's
+  `flower.site_round` with the shared `make_site_update` and keeping its client state, as a
+  SuperNode's Context.state does within one run. `lost` = sites that never reply."""
+
+  runs = 0
+
+  def __init__(self, run_config, lost=()):
+    import jax
+    from flwr.app import MetricRecord, RecordDict
+    _Grid.runs += 1  # a run id of its own: `flower._site` caches per (run, site)
+    self.problem, self.update, self.like, _ = flower._site(-_Grid.runs, run_config, "a")
+    self.jax, self.MetricRecord, self.RecordDict = jax, MetricRecord, RecordDict
+    self.lost, self.opt, self.out = set(lost), {}, {}
+
+  def get_node_ids(self):
+    return [k + 1 for k in range(len(self.problem.sites))]
+
+  def push_messages(self, msgs):
+    ids = []
+    for i, msg in enumerate(msgs):
+      k = msg.metadata.dst_node_id - 1
+      mid = f"m{len(self.out)}_{i}"
+      ids.append(mid)
+      if self.problem.sites[k] in self.lost:
+        continue
+      params = flower.from_record(msg.content["params"], self.like)
+      opt = self.opt.get(k, self.problem.client_tx.init(params))
+      delta, self.opt[k], metrics = flower.site_round(
+          self.problem, self.update, params, opt, k, int(msg.content["config"]["round"]))
+      self.out[mid] = _Reply(self.RecordDict({
+          "delta": flower.to_record(delta),
+          "metrics": self.MetricRecord({"site": k, **metrics})}), mid)
+    return ids
+
+  def pull_messages(self, ids):
+    return [self.out.pop(i) for i in list(ids) if i in self.out]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+  """Flower's Message() reads the process's task identity (a ServerApp process has one)."""
+  from flwr.supercore.task_identity import TaskIdentity
+  for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+    monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _run_config(wd, rounds, **kw):
+  return {"problem": "flower_problem:make", "workdir": str(wd), "rounds": rounds,
+          "local-steps": 2, "algo": "fedavg", "sites": "a,b", "round-timeout": 0.5,
+          "wait-sites": 0.0, **kw}
+
+
+def _final(wd, run_config):
+  import flower_problem as fp
+  problem = fp.make(run_config)
+  opt = problem.server_tx.init(problem.params)
+  return flower.load_checkpoint(str(wd), problem.params, opt)
+
+
+def test_server_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+  """serve() for 2 rounds, then again with rounds = 4 on the same workdir (a restarted server
+  whose rounds.jsonl also holds a line past the checkpoint, as a kill between a line and the
+  next checkpoint can leave with checkpoint_every > 1): the server state continues from the
+  checkpoint, every round is in rounds.jsonl once, and the final parameters equal an
+  uninterrupted 4-round run's and float64 numpy FedAvg's."""
+  import test_flower as tf
+  wd, ref_wd = tmp_path / "wd", tmp_path / "ref"
+  flower.serve(_Grid(_run_config(wd, 2)), _run_config(wd, 2))
+  with open(wd / "rounds.jsonl", "a") as f:
+    f.write('{"round": 3, "sites": ["a"]}\n{"round": 4, "si')  # a dropped line and a torn one
+  flower.serve(_Grid(_run_config(wd, 4)), _run_config(wd, 4))
+  flower.serve(_Grid(_run_config(ref_wd, 4)), _run_config(ref_wd, 4))
+  rows = [json.loads(x) for x in (wd / "rounds.jsonl").read_text().splitlines()]
+  assert [r["round"] for r in rows] == [1, 2, 3, 4]
+  assert all(r["sites"] == ["a", "b"] and r["applied"] == 1 for r in rows)
+  step, got, got_opt, meta = _final(wd, _run_config(wd, 4))
+  _, ref, ref_opt, _ = _final(ref_wd, _run_config(ref_wd, 4))
+  assert step == 4 and meta["backend"] == "flower" and meta["row"]["round"] == 4
+  numpy_ref = tf._numpy_fedavg([np.ones(2, np.float32)] * 4)
+  for k in ("w", "b"):
+    np.testing.assert_allclose(got[k], ref[k], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got[k], numpy_ref[k], atol=1e-5, rtol=1e-5)
+  # One mechanism with `jmtl federated`: Orbax step directories, keep-N (1 here), no leftovers.
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["4"]
+
+
+def test_server_restores_a_missing_line_and_refuses_another_runs_checkpoint(tmp_path):
+  wd = tmp_path / "wd"
+  flower.serve(_Grid(_run_config(wd, 2)), _run_config(wd, 2))
+  lines = (wd / "rounds.jsonl").read_text().splitlines()
+  (wd / "rounds.jsonl").write_text(lines[0] + "\n")  # killed between round 2's save and line
+  flower.serve(_Grid(_run_config(wd, 2)), _run_config(wd, 2))  # done: only the line comes back
+  assert (wd / "rounds.jsonl").read_text().splitlines() == lines
+  with pytest.raises(ValueError) as e:
+    flower.serve(_Grid(_run_config(wd, 3, algo="diloco")), _run_config(wd, 3, algo="diloco"))
+  assert len(str(e.value).splitlines()) == 1
+  assert "another run" in str(e.value) and "algo 'fedavg' -> 'diloco'" in str(e.value)
+  assert (wd / "rounds.jsonl").read_text().splitlines() == lines  # untouched
+
+
+def test_server_drops_a_lost_site_and_renormalises(tmp_path):
+  wd = tmp_path / "wd"
+  flower.serve(_Grid(_run_config(wd, 1), lost={"b"}), _run_config(wd, 1))
+  row = json.loads((wd / "rounds.jsonl").read_text())
+  assert row["sites"] == ["a"] and row["dropped"] == ["b"] and row["weights"] == {"a": 1.0}
+
+
+def _checkpoint(wd, meta):
+  from jmtl.train import checkpoint as checkpoint_lib
+  ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints")
+  ckpt.save(1, {"x": np.zeros(2, np.float32)}, {}, meta)
+  ckpt.close()
+
+
+def test_flower_backend_refuses_a_simulations_checkpoint_in_one_line(tmp_path):
   (tmp_path / "wd").mkdir()
-  (tmp_path / "wd" / "rounds.jsonl").write_text('{"round": 1}\n')
+  _checkpoint(tmp_path / "wd", {"row": None})
   out = _cli(tmp_path)
-  assert out.returncode == 2
+  assert out.returncode == 2, out.stdout + out.stderr
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"jmtl: error: --workdir {tmp_path / 'wd'}")
-  assert (tmp_path / "wd" / "rounds.jsonl").read_text() == '{"round": 1}\n'
+  assert "simulation" in lines[0]
+
+
+def test_flower_backend_refuses_another_configs_checkpoint_naming_the_key(tmp_path):
+  from jmtl import config as config_lib
+  from jmtl.train import workdir as workdir_lib
+  other = config_lib.complete(config_lib.load_config_file(CONFIG))
+  other.model.d_model = 64
+  other.fed.backend = "flower"
+  (tmp_path / "wd").mkdir()
+  _checkpoint(tmp_path / "wd", {"backend": "flower", "row": None, "fingerprint": {
+      "config": workdir_lib.config_fingerprint(other), "tokenizer": "", "steps": 3}})
+  out = _cli(tmp_path)
+  assert out.returncode == 2, out.stdout + out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"jmtl: error: --workdir {tmp_path / 'wd'}")
+  assert "model.d_model 64 -> 32" in lines[0]

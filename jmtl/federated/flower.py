@@ -25,18 +25,37 @@ payload bytes of the messages (4 bytes per value, the simulation's accounting), 
 measured wall-clock of the round.
 
 Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
-  problem (str): "module:function" -> Problem;  workdir (str): where the server writes (a new
-  run's: one that already holds rounds.jsonl is refused, there is no resume yet);  rounds
-  (int; 0 = the Problem's);  round-timeout (float, seconds);  wait-sites (float, seconds to
-  wait for every site's SuperNode before round 1);  config, overrides (str): `jmtl_problem`'s.
+  problem (str): "module:function" -> Problem;  workdir (str): where the server writes (one
+  that holds a checkpoint of this run is resumed, see below);  rounds (int; 0 = the
+  Problem's);  round-timeout (float, seconds);  wait-sites (float, seconds to wait for every
+  site's SuperNode before the first round);  config, overrides (str): `jmtl_problem`'s.
 SuperNode node config: site (str): this SuperNode's site name (one of Problem.sites).
 
-Files in `workdir` (written by the server process only, each line appended and fsynced, each
-checkpoint written to a temporary name then renamed): `config.json` (the run config and sites),
-`rounds.jsonl` (per round: `round`, `sites` (those that replied), `dropped`, `applied`,
-`loss` (example-weighted L_k), `site_loss`, `weights`, `bytes_up` / `bytes_down` per site and
-`total`, `seconds` (measured), `site_seconds` (each site's measured local work)),
-`checkpoints/round_<r>.npz` (server parameters and optimizer state after round r).
+Files in `workdir` (written by the server process only, each line appended and fsynced):
+`flower.json` (the run config and sites), with a jmtl config `config.json` and
+`tokenizer.json` (as `jmtl federated` writes them), `rounds.jsonl` (per round: `round`,
+`sites` (those that replied), `dropped`, `applied`, `loss` (example-weighted L_k),
+`site_loss`, `weights`, `bytes_up` / `bytes_down` per site and `total`, `seconds` (measured),
+`site_seconds` (each site's measured local work), and `<task>/<metric>` at evaluation
+rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
+federated`: written to a temporary directory and renamed, keep-N, meta with the run's
+fingerprint; the tree is `checkpoint_like`: the server parameters and optimizer state), and
+with a jmtl config `eval.json` (the last round's evaluation, `train.loop._run_eval` as in
+`jmtl federated`; round 0 and every fed.eval_every rounds go into rounds.jsonl).
+
+Resume: a server started on a workdir with a checkpoint continues from its latest complete one
+(server parameters, server optimizer state, the round; the lines of rounds.jsonl after it are
+dropped, its own line restored from the checkpoint's meta when a kill came between the two); a
+checkpoint of another run (a simulation's, another config's keys or vocabulary, another run
+config) is refused in one line. The sites' client optimizer states are NOT in the server's
+checkpoint: each lives in its SuperNode's per-run `Context.state`, so a new run (the resumed
+server is a new Flower run) and a restarted SuperNode start it again from
+`client_tx.init(x)` at the server parameters they receive, as `fed.client_state = "reset"`
+does for that round. With FedAvg (client SGD without momentum, stateless) nothing is lost: the
+resumed rounds equal the uninterrupted ones. With DiLoCo the inner AdamW moments restart (the
+rounds after the restart differ from an uninterrupted run's; the server's Nesterov momentum is
+kept). A server restart within a run is not possible in Flower: the run ends with its
+ServerApp.
 """
 
 from __future__ import annotations
@@ -73,6 +92,16 @@ class Problem:
   `aggregation.grouped_mean` (a head averages over its holders only); `rounds`: the rounds a run
   config without `rounds` (or with 0) runs; `prox_mu`, `reset_client_state`: as in
   `algorithm.make_site_update`.
+
+  What the server does with its workdir: a checkpoint (`jmtl.train.checkpoint.Checkpointer`,
+  keeping `keep_checkpoints`) every `checkpoint_every` rounds, at evaluation rounds and at the
+  last; `config` (a jmtl ConfigDict, or None) and `fingerprint` (`workdir.fingerprint`'s
+  config / tokenizer entries; None = the run config's) decide which checkpoints are this run's;
+  `files` {name: text} are written into the workdir when the server starts (config.json,
+  tokenizer.json); `evaluate(params, opt_state, round) -> (metrics {"<task>/<metric>": float},
+  prediction rows per task)` (None = no evaluation) runs every `eval_every` rounds (0 = only
+  the last) and at the last round, whose results `write_outputs(workdir, metrics, rows, round)`
+  writes (eval.json).
   """
 
   sites: tuple[str, ...]
@@ -88,6 +117,14 @@ class Problem:
   rounds: int = 1
   prox_mu: float = 0.0
   reset_client_state: bool = False
+  checkpoint_every: int = 1
+  keep_checkpoints: int = 1
+  config: Any = None
+  fingerprint: dict | None = None
+  files: dict = dataclasses.field(default_factory=dict)
+  evaluate: Callable[[Any, Any, int], tuple[dict, dict]] | None = None
+  eval_every: int = 0
+  write_outputs: Callable[[str, dict, dict, int], None] | None = None
 
 
 def load_problem(run_config: dict) -> Problem:
@@ -128,7 +165,11 @@ def jmtl_problem(run_config: dict) -> Problem:
   from jmtl.federated import sites as sites_lib  # noqa: PLC0415
   from jmtl.model.multitask import HeadSpec  # noqa: PLC0415
   from jmtl.parallel import mesh as mesh_lib  # noqa: PLC0415
+  from etils import epath  # noqa: PLC0415
+  from jmtl.train import loop as train_loop  # noqa: PLC0415
   from jmtl.train import state as state_lib  # noqa: PLC0415
+  from jmtl.train import step as step_lib  # noqa: PLC0415
+  from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
 
   config = config_lib.complete(config_lib.load_config_file(str(run_config["config"])))
   cli.apply_overrides(config, shlex.split(str(run_config.get("overrides", ""))))
@@ -142,8 +183,8 @@ def jmtl_problem(run_config: dict) -> Problem:
   client_tx, server_tx = loop.build_optimizers(config)
   mesh = mesh_lib.make_site_mesh(config.mesh, 1, sites[0].devices)
   head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
-  state, graphdef, _ = state_lib.create_train_state(config, head_specs, tokenizer.vocab_size,
-                                                    client_tx, mesh)
+  state, graphdef, shardings = state_lib.create_train_state(
+      config, head_specs, tokenizer.vocab_size, client_tx, mesh)
   params = jax.device_get(state.params)
   holds = np.array([[1.0] + [float(t in s.tasks) for t in names] for s in sites], np.float32)
   data: dict[str, Any] = {}
@@ -186,12 +227,35 @@ def jmtl_problem(run_config: dict) -> Problem:
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *steps)
     return stacked, float(sum(len(v) for v in own.values()))
 
+  def evaluate(params, opt_state, r: int):
+    """The server model on the tasks' data.eval_split: `train.loop._run_eval`, the call
+    `jmtl federated` makes (`loop._federated`'s evaluate) on a TrainState view of the server."""
+    if "eval" not in data:
+      data["eval"] = (train_loop._eval_sets(config, tasks, tokenizer),  # noqa: SLF001
+                      step_lib.make_predict_fn(graphdef, config, shardings, mesh))
+    sets, predict = data["eval"]
+    view = state_lib.TrainState(step=jnp.int32(r), params=params, rest=state.rest,
+                                opt_state=opt_state, rng=state.rng)
+    return train_loop._run_eval(config, sets, view, graphdef, predict, tokenizer, mesh)  # noqa: SLF001
+
+  def write_outputs(workdir: str, metrics: dict, rows: dict, r: int) -> None:
+    train_loop._write_outputs(epath.Path(workdir), config.data.eval_split, metrics, rows, r)  # noqa: SLF001
+
+  vocab = tokenizer.backend.to_str()
   return Problem(sites=tuple(s.name for s in sites), params=params,
                  loss_fn=loop.make_loss_fn(config, graphdef, state.rest, kinds),
                  client_tx=client_tx, server_tx=server_tx, local_steps=H, batches=batches,
                  seed=int(config.seed), groups=loop.param_groups(params, names), holds=holds,
                  rounds=R, prox_mu=float(config.fed.prox_mu),
-                 reset_client_state=config.fed.client_state == "reset")
+                 reset_client_state=config.fed.client_state == "reset",
+                 checkpoint_every=int(config.fed.checkpoint_every),
+                 keep_checkpoints=int(config.train.keep_checkpoints), config=config,
+                 fingerprint={"config": workdir_lib.config_fingerprint(config),
+                              "tokenizer": workdir_lib.digest_text(vocab), "steps": R},
+                 files={"config.json": config_lib.to_json(config) + "\n",
+                        tokenizer_lib.TOKENIZER_FILE: vocab},
+                 evaluate=evaluate, eval_every=int(config.fed.eval_every),
+                 write_outputs=write_outputs)
 
 
 # ---------------------------------------------------------------- payloads (pytree <-> bytes)
@@ -306,15 +370,6 @@ def _append(path: str, row: dict) -> None:
     os.fsync(f.fileno())
 
 
-def _save(path: str, arrays: dict[str, np.ndarray]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups: Any = None,
               holds: Any = None) -> tuple[Any, np.ndarray]:
   """FedAvg of the sites' deltas with jmtl's aggregation rules: m_k = 1 for each site whose
@@ -332,79 +387,276 @@ def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups:
   return delta, np.asarray(w)
 
 
+PULL_INTERVAL_S = 0.1  # the server's poll for replies (Flower's send_and_receive sleeps 3 s)
+
+
+def send_and_receive(grid: Any, msgs: list, timeout: float | None) -> list:
+  """Flower's `Grid.send_and_receive` (push the messages, pull their replies until all are in
+  or `timeout` seconds passed; None = no limit) polling every PULL_INTERVAL_S seconds instead
+  of Flower's 3 (a round waited 1.5 s on average for that poll alone)."""
+  pending = set(grid.push_messages(msgs))
+  replies: list = []
+  deadline = time.time() + (float("inf") if timeout is None else timeout)
+  while pending:
+    got = list(grid.pull_messages(list(pending)))
+    replies += got
+    pending -= {m.metadata.reply_to_message_id for m in got}
+    if not pending or time.time() >= deadline:
+      break
+    time.sleep(PULL_INTERVAL_S)
+  return replies
+
+
+class _FastGrid:
+  """A Flower Grid whose `send_and_receive` is `send_and_receive` above (for Flower's own
+  workflows, e.g. SecAgg+'s four message stages a round); everything else is the grid's."""
+
+  def __init__(self, grid: Any):
+    self._grid = grid
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._grid, name)
+
+  def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list:
+    return send_and_receive(self._grid, list(messages), timeout)
+
+
+def _fingerprint(problem: Problem, run_config: dict) -> dict:
+  """What a checkpoint of this run depends on: a jmtl config's `workdir.fingerprint`-style
+  config keys (all but `workdir.RESUMABLE`) and vocabulary digest (`Problem.fingerprint`), else
+  the run config without the keys a resumed run may change (`RESUMABLE_RUN_CONFIG`)."""
+  if problem.fingerprint is not None:
+    return dict(problem.fingerprint)
+  return {"run_config": {k: v for k, v in sorted(run_config.items())
+                         if k not in RESUMABLE_RUN_CONFIG},
+          "sites": list(problem.sites)}
+
+
+# Run config keys a resumed run may change (the others must equal the checkpoint's).
+RESUMABLE_RUN_CONFIG = ("workdir", "rounds", "round-timeout", "wait-sites", "config",
+                        "overrides")
+
+
+def _check_checkpoint(problem: Problem, run_config: dict, workdir: str, step: int,
+                      meta: dict) -> None:
+  """Refuses (ValueError, one line; a jmtl config: ConfigError naming the keys, as `jmtl
+  federated` does) a checkpoint that is not this run's: not a Flower server's, or another
+  config / run config."""
+  if meta.get("backend") != "flower":
+    raise ValueError(f"--workdir {workdir} holds a checkpoint at round {step} that is not a "
+                     f"Flower run's (a `jmtl federated` simulation's?): use a new workdir")
+  if problem.config is not None:
+    from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
+    from etils import epath  # noqa: PLC0415
+    workdir_lib.check_config(meta, problem.config, workdir=epath.Path(workdir), step=step)
+    workdir_lib.check_vocabulary(meta, problem.fingerprint["tokenizer"],
+                                 workdir=epath.Path(workdir), step=step)
+    return
+  saved, now = meta.get("fingerprint", {}), _fingerprint(problem, run_config)
+  diffs = [f"{k} {saved.get('run_config', {}).get(k)!r} -> {now['run_config'].get(k)!r}"
+           for k in sorted(set(saved.get("run_config", {})) | set(now["run_config"]))
+           if saved.get("run_config", {}).get(k) != now["run_config"].get(k)]
+  if saved.get("sites") != now["sites"]:
+    diffs.append(f"sites {saved.get('sites')} -> {now['sites']}")
+  if diffs:
+    raise ValueError(f"--workdir {workdir} holds a checkpoint at round {step} of another run "
+                     f"({'; '.join(diffs)}): use a new workdir or the same run config")
+
+
+def checkpoint_like(params: Any, opt_state: Any) -> dict:
+  """The tree a Flower server checkpoint holds: {"server": {"params", "opt_state"}} (the
+  `server` part of `jmtl.federated.loop.checkpoint_tree`; the sites' client states live on the
+  SuperNodes, not here)."""
+  return {"server": {"params": params, "opt_state": opt_state}}
+
+
+def _abstract(tree: Any) -> Any:
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                     sharding=sharding), tree)
+
+
+def load_checkpoint(workdir: str, params: Any, opt_state: Any, *, step: int | None = None
+                    ) -> tuple[int, Any, Any, dict]:
+  """Reads a Flower server checkpoint of `workdir` (the latest, or round `step`), shaped like
+  `params` / `opt_state`: returns (round, params, opt_state, meta) as numpy trees.
+  CheckpointError / FileNotFoundError when there is none to read."""
+  from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    tree, _, meta = ckpt.restore(step, _abstract(checkpoint_like(params, opt_state)))
+  finally:
+    ckpt.close()
+  tree = jax.device_get(tree)
+  return step, tree["server"]["params"], tree["server"]["opt_state"], meta
+
+
+def _last_round(path: str) -> int | None:
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  try:
+    return int(json.loads(lines[-1])["round"]) if lines else None
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+class _Server:
+  """The server side shared by `serve` and the SecAgg+ strategy: the workdir (lock-free: one
+  server process per run), the jmtl `Checkpointer` (Orbax, atomic, keep-N), resume from the
+  latest complete checkpoint, the server optimizer step, evaluation and rounds.jsonl."""
+
+  def __init__(self, problem: Problem, run_config: dict):
+    from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
+    from jmtl.federated import loop  # noqa: PLC0415
+    self.problem, self.run_config = problem, run_config
+    self.workdir = str(run_config["workdir"])
+    self.rounds = int(run_config.get("rounds") or problem.rounds)
+    self.rounds_path = os.path.join(self.workdir, "rounds.jsonl")
+    os.makedirs(self.workdir, exist_ok=True)
+    self.params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
+    tx = optax.with_extra_args_support(problem.server_tx)
+    self.opt_state = jax.tree.map(np.asarray, tx.init(self.params))
+
+    @jax.jit
+    def step(params, opt_state, delta):
+      u, opt_state = tx.update(delta, opt_state, params)
+      return optax.apply_updates(params, u), opt_state
+    self._step = step
+    self.fp = _fingerprint(problem, run_config)
+    self.ckpt = checkpoint_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                            keep=problem.keep_checkpoints)
+    try:
+      found = self.ckpt.read_latest_meta()
+      if found is not None:  # another run's checkpoint is refused before anything is written
+        _check_checkpoint(problem, run_config, self.workdir, found[0], found[1])
+      restored = self.ckpt.restore_latest(
+          _abstract(checkpoint_like(self.params, self.opt_state)),
+          check=lambda s, m: _check_checkpoint(problem, run_config, self.workdir, s, m))
+    except BaseException:
+      self.ckpt.close()
+      raise
+    self.start = 0
+    if restored is not None:
+      self.start, tree, _, meta = restored
+      tree = jax.device_get(tree)
+      self.params, self.opt_state = tree["server"]["params"], tree["server"]["opt_state"]
+      print(f"resumed from checkpoint at round {self.start}", flush=True)
+    self.ckpt.remove_incomplete()
+    # rounds.jsonl: the lines of rounds past the checkpoint are dropped (their rounds run
+    # again); the checkpoint's own line, when a kill came between the save and the line, is
+    # written from the checkpoint's meta.
+    from etils import epath  # noqa: PLC0415
+    eval_zero = problem.evaluate is not None and bool(problem.eval_every) and not self.start
+    loop._truncate_rounds(epath.Path(self.rounds_path),  # noqa: SLF001
+                          -1 if eval_zero else self.start)
+    if restored is not None and meta.get("row") and _last_round(self.rounds_path) != self.start:
+      _append(self.rounds_path, meta["row"])
+    for name, text in problem.files.items():
+      with open(os.path.join(self.workdir, name), "w", encoding="utf-8") as f:
+        f.write(text)
+    with open(os.path.join(self.workdir, "flower.json"), "w", encoding="utf-8") as f:
+      json.dump({"run_config": dict(run_config), "sites": list(problem.sites)}, f, indent=1)
+    if eval_zero:
+      row = {"round": 0}  # the initial model, as `jmtl federated` evaluates it
+      self.evaluate(0, row)
+      _append(self.rounds_path, row)
+
+  def apply(self, delta: Any) -> None:
+    """x, s <- server_tx step with the aggregated delta (`optax.apply_updates`)."""
+    self.params, self.opt_state = jax.device_get(self._step(self.params, self.opt_state, delta))
+
+  def evaluate(self, r: int, row: dict) -> None:
+    """The Problem's evaluation of the server parameters (a jmtl config: the trainer's
+    `_run_eval` on the tasks' data.eval_split, as `jmtl federated`); metrics go into `row`,
+    and at the last round into eval.json (`train.loop._write_outputs`)."""
+    metrics, pred_rows = self.problem.evaluate(self.params, self.opt_state, r)
+    row.update({k: (float(v) if np.isfinite(v) else None) for k, v in metrics.items()})
+    if r == self.rounds and self.problem.write_outputs is not None:
+      self.problem.write_outputs(self.workdir, metrics, pred_rows, r)
+
+  def end_round(self, r: int, row: dict) -> None:
+    """After round r: evaluation (fed.eval_every and the last round), the checkpoint
+    (`Problem.checkpoint_every`, evaluation rounds and the last round; saved and committed
+    before the line), then the line of rounds.jsonl."""
+    last = r == self.rounds
+    evaluated = self.problem.evaluate is not None and (
+        last or bool(self.problem.eval_every and r % self.problem.eval_every == 0))
+    if evaluated:
+      self.evaluate(r, row)
+    if last or r % self.problem.checkpoint_every == 0 or evaluated:
+      self.ckpt.save(r, checkpoint_like(self.params, self.opt_state), {},
+                     {"row": row, "backend": "flower", "fingerprint": self.fp})
+      self.ckpt.wait()
+    _append(self.rounds_path, row)
+
+  def close(self) -> None:
+    self.ckpt.close()
+
+
 def serve(grid: Any, run_config: dict) -> Any:
-  """The server's rounds (what `server_app` runs): returns the final server parameters."""
+  """The server's rounds (what `server_app` runs): resumes from the workdir's latest
+  checkpoint (`_Server`), runs the remaining rounds; returns the final server parameters."""
   from flwr.app import ConfigRecord, Message, RecordDict  # noqa: PLC0415
   problem = load_problem(run_config)
-  workdir = str(run_config["workdir"])
-  rounds = int(run_config.get("rounds") or problem.rounds)
   timeout = float(run_config.get("round-timeout", 60.0))
-  rounds_path = os.path.join(workdir, "rounds.jsonl")
-  if os.path.exists(rounds_path):
-    raise ValueError(f"workdir {workdir} already holds a run ({rounds_path}); Flower runs do "
-                     f"not resume yet: give a new workdir")
-  os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump({"run_config": dict(run_config), "sites": list(problem.sites)}, f, indent=1)
+  server = _Server(problem, run_config)
+  try:
+    S = len(problem.sites)
+    deadline = time.time() + float(run_config.get("wait-sites", 120.0))
+    while len(list(grid.get_node_ids())) < S and time.time() < deadline:
+      time.sleep(PULL_INTERVAL_S)
+    for r in range(server.start, server.rounds):
+      server.end_round(r + 1, _round(grid, server, problem, r, timeout, Message, RecordDict,
+                                     ConfigRecord))
+  finally:
+    server.close()
+  return server.params
+
+
+def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord) -> dict:  # noqa: N803
+  """Round r (0-based): the messages out, the replies in, aggregation and the server step;
+  returns the round's rounds.jsonl row."""
   S = len(problem.sites)
-  deadline = time.time() + float(run_config.get("wait-sites", 120.0))
-  nodes = list(grid.get_node_ids())
-  while len(nodes) < S and time.time() < deadline:
-    time.sleep(0.5)
-    nodes = list(grid.get_node_ids())
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
-  server_tx = optax.with_extra_args_support(problem.server_tx)
-  opt_state = server_tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, delta):
-    u, opt_state = server_tx.update(delta, opt_state, params)
-    return optax.apply_updates(params, u), opt_state
-
-  for r in range(rounds):
-    t0 = time.time()
-    record = to_record(params)
-    down = payload_bytes(record)
-    msgs = [Message(content=RecordDict({"params": record,
-                                        "config": ConfigRecord({"round": r})}),
-                    message_type="train", dst_node_id=n) for n in grid.get_node_ids()]
-    replies = list(grid.send_and_receive(msgs, timeout=timeout))
-    deltas: list[Any] = [None] * S
-    examples = np.zeros(S, np.float32)
-    info: dict[int, dict] = {}
-    for rep in replies:
-      if rep.has_error():
-        continue
-      k = int(rep.content["metrics"]["site"])
-      deltas[k] = from_record(rep.content["delta"], params)
-      examples[k] = float(rep.content["metrics"]["examples"])
-      info[k] = {"up": payload_bytes(rep.content["delta"]),
-                 **{m: float(rep.content["metrics"][m])
-                    for m in ("site_loss", "train_loss", "seconds")}}
-    part = sorted(info)
-    delta, w = aggregate(deltas, examples, params, problem.groups, problem.holds)
-    applied = bool(part)
-    if applied:
-      params, opt_state = jax.device_get(step(params, opt_state, delta))
-    names = [problem.sites[k] for k in part]
-    fw = float(sum(examples[k] for k in part))
-    row = {"round": r + 1, "sites": names,
-           "dropped": [s for k, s in enumerate(problem.sites) if k not in info],
-           "applied": int(applied),
-           "loss": (float(sum(examples[k] * info[k]["site_loss"] for k in part)) / fw
-                    if part else None),
-           "site_loss": {problem.sites[k]: info[k]["site_loss"] for k in part},
-           "weights": {problem.sites[k]: float(w[k]) for k in part},
-           "bytes_up": {**{problem.sites[k]: info[k]["up"] for k in part},
-                        "total": sum(info[k]["up"] for k in part)},
-           "bytes_down": {**{problem.sites[k]: down for k in part}, "total": down * len(part)},
-           "seconds": time.time() - t0,
-           "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part}}
-    _save(os.path.join(workdir, "checkpoints", f"round_{r + 1}.npz"),
-          {**{"params" + k: v for k, v in _flat(params)},
-           **{"opt_state" + k: v for k, v in _flat(opt_state)}})
-    _append(rounds_path, row)
-  return params
+  t0 = time.time()
+  record = to_record(server.params)
+  down = payload_bytes(record)
+  msgs = [Message(content=RecordDict({"params": record, "config": ConfigRecord({"round": r})}),
+                  message_type="train", dst_node_id=n) for n in grid.get_node_ids()]
+  replies = send_and_receive(grid, msgs, timeout)
+  deltas: list[Any] = [None] * S
+  examples = np.zeros(S, np.float32)
+  info: dict[int, dict] = {}
+  for rep in replies:
+    if rep.has_error():
+      continue
+    k = int(rep.content["metrics"]["site"])
+    deltas[k] = from_record(rep.content["delta"], server.params)
+    examples[k] = float(rep.content["metrics"]["examples"])
+    info[k] = {"up": payload_bytes(rep.content["delta"]),
+               **{m: float(rep.content["metrics"][m])
+                  for m in ("site_loss", "train_loss", "seconds")}}
+  part = sorted(info)
+  delta, w = aggregate(deltas, examples, server.params, problem.groups, problem.holds)
+  if part:
+    server.apply(delta)
+  fw = float(sum(examples[k] for k in part))
+  return {"round": r + 1, "sites": [problem.sites[k] for k in part],
+          "dropped": [s for k, s in enumerate(problem.sites) if k not in info],
+          "applied": int(bool(part)),
+          "loss": (float(sum(examples[k] * info[k]["site_loss"] for k in part)) / fw
+                   if part else None),
+          "site_loss": {problem.sites[k]: info[k]["site_loss"] for k in part},
+          "weights": {problem.sites[k]: float(w[k]) for k in part},
+          "bytes_up": {**{problem.sites[k]: info[k]["up"] for k in part},
+                       "total": sum(info[k]["up"] for k in part)},
+          "bytes_down": {**{problem.sites[k]: down for k in part}, "total": down * len(part)},
+          "seconds": time.time() - t0,
+          "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part}}
 
 
 def _make_server_app():
@@ -467,20 +719,12 @@ def _make_secagg_server_app():
   from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow  # noqa: PLC0415
   from flwr.serverapp import ServerApp  # noqa: PLC0415
 
-  class _Server(Strategy):
-    def __init__(self, problem, run_config):
-      self.problem, self.workdir = problem, str(run_config["workdir"])
-      self.params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
-      tx = optax.with_extra_args_support(problem.server_tx)
-      self.opt_state = tx.init(self.params)
-
-      def step(params, opt_state, delta):
-        u, opt_state = tx.update(delta, opt_state, params)
-        return optax.apply_updates(params, u), opt_state
-      self.step, self.t0 = jax.jit(step), time.time()
+  class _Strategy(Strategy):
+    def __init__(self, server: _Server):
+      self.server, self.problem, self.t0 = server, server.problem, time.time()
 
     def _leaves(self):
-      return ndarrays_to_parameters([np.asarray(x) for x in jax.tree.leaves(self.params)])
+      return ndarrays_to_parameters([np.asarray(x) for x in jax.tree.leaves(self.server.params)])
 
     def initialize_parameters(self, client_manager):
       return self._leaves()
@@ -489,22 +733,22 @@ def _make_secagg_server_app():
       S = len(self.problem.sites)
       self.t0 = time.time()
       clients = client_manager.sample(num_clients=S, min_num_clients=S)
-      return [(c, FitIns(self._leaves(), {"round": server_round - 1})) for c in clients]
+      r = self.server.start + server_round - 1  # a resumed run continues at its round
+      return [(c, FitIns(self._leaves(), {"round": r})) for c in clients]
 
     def aggregate_fit(self, server_round, results, failures):
+      like = self.server.params
       mean = parameters_to_ndarrays(results[0][1].parameters)  # every result holds the sum
-      delta = jax.tree.unflatten(jax.tree.structure(self.params),
+      delta = jax.tree.unflatten(jax.tree.structure(like),
                                  [np.asarray(m, np.float32).reshape(np.shape(x))
-                                  for m, x in zip(mean, jax.tree.leaves(self.params))])
-      self.params, self.opt_state = jax.device_get(self.step(self.params, self.opt_state, delta))
-      row = {"round": server_round, "secure_aggregation": "secagg+",
-             "sites": sorted(self.problem.sites[int(r.metrics["site"])] for _, r in results
-                             if "site" in r.metrics),
+                                  for m, x in zip(mean, jax.tree.leaves(like))])
+      self.server.apply(delta)
+      r = self.server.start + server_round
+      row = {"round": r, "secure_aggregation": "secagg+",
+             "sites": sorted(self.problem.sites[int(res.metrics["site"])] for _, res in results
+                             if "site" in res.metrics),
              "failures": len(failures), "applied": 1, "seconds": time.time() - self.t0}
-      _save(os.path.join(self.workdir, "checkpoints", f"round_{server_round}.npz"),
-            {**{"params" + k: v for k, v in _flat(self.params)},
-             **{"opt_state" + k: v for k, v in _flat(self.opt_state)}})
-      _append(os.path.join(self.workdir, "rounds.jsonl"), row)
+      self.server.end_round(r, row)
       return self._leaves(), {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -522,18 +766,19 @@ def _make_secagg_server_app():
   def main(grid: Any, context: Any) -> None:
     run_config = dict(context.run_config)
     problem = load_problem(run_config)
-    workdir = str(run_config["workdir"])
-    if os.path.exists(os.path.join(workdir, "rounds.jsonl")):
-      raise ValueError(f"workdir {workdir} already holds a run")
-    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
     S = len(problem.sites)
-    rounds = int(run_config.get("rounds") or problem.rounds)
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds),
-                           strategy=_Server(problem, run_config))
     if S < 3:
       raise ValueError(f"Flower's SecAgg+ needs at least 3 sites, got {S}")
-    DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=S,
-                                                    reconstruction_threshold=S - 1))(grid, legacy)
+    server = _Server(problem, run_config)
+    try:
+      legacy = LegacyContext(context=context,
+                             config=ServerConfig(num_rounds=server.rounds - server.start),
+                             strategy=_Strategy(server))
+      if server.rounds > server.start:
+        DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+            num_shares=S, reconstruction_threshold=S - 1))(_FastGrid(grid), legacy)
+    finally:
+      server.close()
 
   return app
 
@@ -594,13 +839,39 @@ def run_config_text(items: dict) -> str:
   return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
+def check_workdir(config: Any, workdir: str) -> None:
+  """When `workdir` (visible here) holds a checkpoint, refuses it unless it is this config's
+  Flower run (ConfigError, one line, naming the keys that differ, as `jmtl federated` does):
+  the server then resumes from it. A workdir on another machine is checked by the server."""
+  from etils import epath  # noqa: PLC0415
+  from jmtl.config import ConfigError  # noqa: PLC0415
+  from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
+  from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  try:
+    found = ckpt.read_latest_meta()
+  finally:
+    ckpt.close()
+  if found is None:
+    return
+  step, meta = found
+  if meta.get("backend") != "flower":
+    raise ConfigError(f"--workdir {workdir} holds a checkpoint at round {step} of a `jmtl "
+                      f"federated` simulation, not of a Flower run: use a new workdir")
+  workdir_lib.check_config(meta, config, workdir=epath.Path(workdir), step=step)
+
+
 def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
            echo: Callable[[str], None] = print) -> dict:
   """`jmtl federated` with fed.backend = flower: submits the run (`flwr run`) to the SuperLink
   connection fed.flower.superlink; the ServerApp writes `workdir` on the SuperLink's machine.
   `config_path` (absolute) and `overrides` ("--config.KEY=VALUE") must name the same config on
   every machine. With fed.flower.wait_s > 0, waits for rounds.jsonl to hold fed.rounds lines
-  when `workdir` is visible here. Returns {"run_id", "workdir", "rounds" (lines seen)}.
+  when `workdir` is visible here. Returns {"run_id", "workdir", "rounds" (the last round
+  seen)}. A workdir with a checkpoint of this config's Flower run is resumed by the server
+  (`check_workdir` refuses another run's here when the workdir is visible).
   ConfigError (one line) when `flwr` is missing or the SuperLink refuses the run."""
   import shlex  # noqa: PLC0415
   import shutil  # noqa: PLC0415
@@ -615,9 +886,7 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
     raise ConfigError("config key 'fed.backend' = 'flower' needs Flower's `flwr` command "
                       "(pip install 'jmtl[flower]')")
   fed = config.fed
-  if os.path.exists(os.path.join(workdir, "rounds.jsonl")):
-    raise ConfigError(f"--workdir {workdir}: already holds a run (rounds.jsonl); Flower runs do "
-                      f"not resume yet: give a new workdir")
+  check_workdir(config, workdir)
   items = {"problem": "jmtl.federated.flower:jmtl_problem",
            "config": os.path.abspath(config_path),
            "overrides": " ".join(shlex.quote(o) for o in overrides),
@@ -645,18 +914,26 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
   run_id = answer.get("run-id")
   echo(f"submitted Flower run {run_id}; its server writes {items['workdir']}")
   path = os.path.join(items["workdir"], "rounds.jsonl")
-  seen, deadline = 0, time.time() + float(fed.flower.wait_s)
-  while time.time() < deadline and seen < int(fed.rounds):
+  last, deadline = -1, time.time() + float(fed.flower.wait_s)
+  while time.time() < deadline and last < int(fed.rounds):
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
-      for line in lines[seen:]:
-        row = json.loads(line)
-        echo(f"round {row['round']}: loss {row['loss']} sites {','.join(row['sites'])} "
-             f"{row['seconds']:.1f} s")
-      seen = len(lines)
-    time.sleep(0.5)
-  return {"run_id": run_id, "workdir": items["workdir"], "rounds": seen}
+      for line in lines:
+        try:
+          row = json.loads(line)
+        except ValueError:  # a line being written
+          break
+        if row["round"] <= last:
+          continue
+        last = int(row["round"])
+        if "sites" in row:
+          echo(f"round {row['round']}: loss {row['loss']} sites {','.join(row['sites'])} "
+               f"{row['seconds']:.1f} s")
+        else:  # round 0: the evaluation of the initial model
+          echo(f"round {row['round']}: evaluated")
+    time.sleep(0.2)
+  return {"run_id": run_id, "workdir": items["workdir"], "rounds": max(last, 0)}
 
 
 # The apps the Flower app's pyproject names (`[tool.flwr.app.components]`).

@@ -778,8 +778,10 @@ def _changed_eval_keys(wd: epath.Path, config: ml_collections.ConfigDict) -> lis
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
                      ) -> dict[str, float]:
-  """`jmtl eval` on a federated workdir: the server parameters of the latest checkpoint on the
-  global evaluation split (writes eval.json / predictions like the trainer's eval)."""
+  """`jmtl eval` on a federated workdir (`jmtl federated`'s, or a Flower server's with
+  fed.backend = flower: its checkpoint holds the server state only): the server parameters of
+  the latest checkpoint on the global evaluation split (writes eval.json / predictions like the
+  trainer's eval)."""
   wd = train_loop._workdir(workdir)  # noqa: SLF001
   with train_loop._lock(wd, "eval"):  # noqa: SLF001
     ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", read_only=True)
@@ -801,6 +803,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
         error_feedback=compression.parse(config.fed.compress,
                                          config.fed.compress_block).error_feedback)
     tree = checkpoint_tree(server, clients)
+    if found[1].get("backend") == "flower":  # a Flower server's: no client states (the sites')
+      tree = {"server": {"params": server.params, "opt_state": server.opt_state}}
     tree_sh = jax.tree.map(lambda x: x.sharding, tree)
     step, tree, _, _ = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh))
     ckpt.close()

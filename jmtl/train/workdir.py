@@ -45,7 +45,7 @@ RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.checkp
              "data.dir", "data.tfds_dir", "data.tfds_download_dir", "data.tfds_manual_dir",
              "data.tokenizer", "data.max_eval_examples",
              "data.eval_split", "model.init_from", "mesh.", "dist.", "sweep.", "fed.rounds",
-             "fed.eval_every", "fed.checkpoint_every", "fed.log_every")
+             "fed.eval_every", "fed.checkpoint_every", "fed.log_every", "fed.flower.")
 
 LOCK_NAME = ".jmtl.lock"
 
