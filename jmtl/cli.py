@@ -56,7 +56,7 @@ COMMAND_USAGE = {
     "study": "jmtl study mtl --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "report": "jmtl report optim --workdir DIR [--out DIR] | "
               "jmtl report mtl --runs DIR [DIR ...] [--out DIR]",
-    "federated": "jmtl federated --config FILE --workdir DIR [--config.KEY=VALUE ...]",
+    "federated": "jmtl federated --config FILE --workdir DIR [--backend NAME] [--config.KEY=VALUE ...]",
 }
 COMMAND_HELP = {
     "train": "Train; resumes from the latest checkpoint in --workdir.",
@@ -85,7 +85,7 @@ _COMMAND_FLAGS = {
     "train": ("config", "workdir"), "eval": ("config", "workdir"), "data": ("config",),
     "bench": ("config", "json", "out"), "compile": ("config", "topology", "json", "out"),
     "sweep": ("config", "workdir"), "study": ("config", "workdir"),
-    "report": ("workdir", "runs", "out"), "federated": ("config", "workdir"),
+    "report": ("workdir", "runs", "out"), "federated": ("config", "workdir", "backend"),
 }
 # Subcommands that take fewer flags than their command lists.
 _SUB_FLAGS = {("report", "optim"): ("workdir", "out"), ("report", "mtl"): ("runs", "out")}
@@ -96,6 +96,8 @@ _FLAG_HELP = (
     ("--json", "bench, compile: print the result as JSON"),
     ("--runs DIR...", "report mtl: run directories, or folders holding them"),
     ("--out FILE|DIR", "bench, compile: also write the JSON here; report: output directory"),
+    ("--backend NAME", "federated: shorthand for --config.fed.backend=NAME (shard_map, pmap, "
+                       "flower)"),
 )
 USAGE = "usage: " + "\n       ".join(COMMAND_USAGE[c] for c in COMMANDS)
 HELP = "\n".join([
@@ -120,7 +122,18 @@ def _make_flags() -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_multi_string("runs", None, "report mtl: run directories or folders of them.",
                             flag_values=fv)
+  flags.DEFINE_string("backend", None, "federated: shorthand for --config.fed.backend.",
+                      flag_values=fv)
   return fv
+
+
+def config_overrides(args: Sequence[str], fv: flags.FlagValues) -> list[str]:
+  """The `--config.KEY=VALUE` overrides of a command line, in order, with the shorthand
+  `--backend NAME` as `--config.fed.backend=NAME` after them (it wins)."""
+  overrides = [a for a in args if a.startswith("--config.")]
+  if fv["backend"].present:
+    overrides.append(f"--config.fed.backend={fv.backend}")
+  return overrides
 
 
 class UsageError(ConfigError):
@@ -238,12 +251,12 @@ def parse(argv: Sequence[str]):
       raise UsageError(f"jmtl data: unknown subcommand {rest[0]!r}; use jmtl data --config FILE "
                        f"or jmtl data {' | '.join(DATA_SUBCOMMANDS)} --config FILE")
     sub, rest = rest[0], rest[1:]
-  overrides = [a for a in rest if a.startswith("--config.")]
   fv = _make_flags()
   try:
     fv([argv[0]] + _runs_values([a for a in rest if not a.startswith("--config.")]))
   except flags.Error as e:
     raise UsageError(str(e).splitlines()[0]) from e
+  overrides = config_overrides(rest, fv)
   _check_flags_apply(cmd, sub, fv, overrides)
   if cmd == "report" and sub == "mtl":
     if not fv.runs:
@@ -485,7 +498,7 @@ def run(argv: Sequence[str]) -> int:
                          and not flower else None)  # flower: the SuperLink's machine writes it
   if flower:
     from jmtl.federated import flower as flower_lib
-    flower_lib.submit(config, fv.config, [a for a in argv[2:] if a.startswith("--config.")],
+    flower_lib.submit(config, fv.config, config_overrides(argv[2:], fv),
                       fv.workdir, echo=lambda s: print(s, flush=True))
     return 0
   if cmd in ("federated", "train"):
