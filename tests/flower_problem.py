@@ -2,13 +2,15 @@
 drawn from (seed, site, round) so every process (the test, the ServerApp, each ClientApp) builds
 the same numbers. Run config keys: algo ("fedavg": client sgd(0.2), server sgd(1.0); "diloco":
 client adamw(0.05) whose state each site keeps, server nesterov(0.7, 0.9), both from
-jmtl.optim.build), local-steps, rounds, sites ("a,b,...")."""
+jmtl.optim.build), local-steps, rounds, sites ("a,b,..."), compress (a `fed.compress` spec;
+absent or "" = raw float32 payloads)."""
 
 import jax.numpy as jnp
 import numpy as np
 
 from jmtl import optim
 from jmtl.defaults import base_config
+from jmtl.federated import compression
 from jmtl.federated.flower import Problem
 
 D, B = 5, 8
@@ -49,4 +51,5 @@ def make(run_config):
   params = {"w": np.zeros(D, np.float32), "b": np.zeros((), np.float32)}
   return Problem(sites=sites, params=params, loss_fn=loss_fn, client_tx=client_tx,
                  server_tx=server_tx, local_steps=steps,
-                 batches=lambda k, r: site_batches(0, k, r, steps), seed=0)
+                 batches=lambda k, r: site_batches(0, k, r, steps), seed=0,
+                 codec=compression.parse(str(run_config.get("compress", ""))))

@@ -51,14 +51,16 @@ def _wait_rounds(cluster, path, n, timeout=120.0, on_line=None):
   pytest.fail(f"{path} has {len(lines)} of {n} rounds after {timeout} s\n{cluster.logs()}")
 
 
-def _simulate(algo, masks):
-  """The same rounds on one 2-site mesh (`algorithm.make_round`); masks[r] = participants."""
+def _simulate(algo, masks, codec=None):
+  """The same rounds on one 2-site mesh (`algorithm.make_round`); masks[r] = participants;
+  `codec`: fed.compress's Codec (None = off)."""
   mesh = jax.make_mesh((2,), ("site",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
   client_tx, server_tx = fp.optimizers(algo, len(masks), STEPS)
   server, clients = algorithm.init(
       {"w": np.zeros(fp.D, np.float32), "b": np.zeros((), np.float32)}, server_tx, client_tx,
-      mesh)
-  round_fn = algorithm.make_round(fp.loss_fn, client_tx, server_tx, mesh, local_steps=STEPS)
+      mesh, error_feedback=codec is not None and codec.error_feedback)
+  round_fn = algorithm.make_round(fp.loss_fn, client_tx, server_tx, mesh, local_steps=STEPS,
+                                  codec=codec)
   for r in range(len(masks)):
     per_site = [fp.site_batches(0, k, r, STEPS) for k in range(2)]
     batches = jax.tree.map(lambda *x: np.stack(x), *[b for b, _ in per_site])

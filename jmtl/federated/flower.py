@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -75,8 +76,10 @@ import optax
 
 from jmtl.federated import aggregation
 from jmtl.federated import algorithm
+from jmtl.federated import compression
 
 RAW_STYPE = "raw.le"  # Array.data = the leaf's values, little-endian, C order, no header
+CODEC_STYPE = "jmtl.compress"  # Array.data = `compression.to_bytes` of the leaves a site sends
 
 
 @dataclasses.dataclass
@@ -97,7 +100,8 @@ class Problem:
   keeping `keep_checkpoints`) every `checkpoint_every` rounds, at evaluation rounds and at the
   last; `config` (a jmtl ConfigDict, or None) and `fingerprint` (`workdir.fingerprint`'s
   config / tokenizer entries; None = the run config's) decide which checkpoints are this run's;
-  `files` {name: text} are written into the workdir when the server starts (config.json,
+  `codec`: the sites' uplink compression (`compression.parse` of `fed.compress`; None or a
+  disabled Codec = raw float32 leaves). `files` {name: text} are written into the workdir when the server starts (config.json,
   tokenizer.json); `evaluate(params, opt_state, round) -> (metrics {"<task>/<metric>": float},
   prediction rows per task)` (None = no evaluation) runs every `eval_every` rounds (0 = only
   the last) and at the last round, whose results `write_outputs(workdir, metrics, rows, round)`
@@ -125,6 +129,7 @@ class Problem:
   evaluate: Callable[[Any, Any, int], tuple[dict, dict]] | None = None
   eval_every: int = 0
   write_outputs: Callable[[str, dict, dict, int], None] | None = None
+  codec: compression.Codec | None = None
 
 
 def load_problem(run_config: dict) -> Problem:
@@ -255,7 +260,8 @@ def jmtl_problem(run_config: dict) -> Problem:
                  files={"config.json": config_lib.to_json(config) + "\n",
                         tokenizer_lib.TOKENIZER_FILE: vocab},
                  evaluate=evaluate, eval_every=int(config.fed.eval_every),
-                 write_outputs=write_outputs)
+                 write_outputs=write_outputs,
+                 codec=compression.parse(config.fed.compress, config.fed.compress_block))
 
 
 # ---------------------------------------------------------------- payloads (pytree <-> bytes)
@@ -297,6 +303,104 @@ def from_record(record: Any, like: Any) -> Any:
 def payload_bytes(record: Any) -> int:
   """Bytes of a payload's values (the measured size of what `to_record` put on the wire)."""
   return sum(len(a.data) for a in record.values())
+
+
+# ---------------------------------------------------------------- compressed payloads
+
+def codec_of(problem: Problem) -> compression.Codec | None:
+  """The Problem's codec when it compresses, else None (raw float32 leaves)."""
+  codec = problem.codec
+  return codec if codec is not None and codec.enabled else None
+
+
+def sent_leaves(problem: Problem, k: int) -> list[float]:
+  """Per parameter leaf (tree order) 1.0 when site k sends it (it holds the leaf's group:
+  `Problem.holds[k, groups]`), else 0.0; the simulation's per-site `sent` flags."""
+  leaves = jax.tree.leaves(problem.params)
+  groups = ([0] * len(leaves) if problem.groups is None
+            else [int(g) for g in jax.tree.leaves(problem.groups)])
+  holds = (np.ones((len(problem.sites), 1), np.float32) if problem.holds is None
+           else np.asarray(problem.holds, np.float32))
+  return [float(holds[k, g]) for g in groups]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_leaves(codec: compression.Codec, delta: Any, residual: Any, key: jax.Array,
+                   sent: list) -> tuple[list, Any]:
+  """`compression.apply`'s per-leaf steps, returning the encodings instead of the decoded
+  update: leaf i: x = (delta_i + e_i) s_i, enc_i = encode(x, fold_in(key, i)), and with error
+  feedback e_i <- x - decode(enc_i) s_i (the site takes part)."""
+  leaves, treedef = jax.tree.flatten(delta)
+  res = jax.tree.leaves(residual) if residual is not None else [None] * len(leaves)
+  encs, new_res = [], []
+  for i, (d, e, s) in enumerate(zip(leaves, res, sent)):
+    x = (d + e if e is not None else d) * s
+    enc = compression.encode(codec, x.reshape(-1), jax.random.fold_in(key, i))
+    encs.append(enc)
+    if e is not None:
+      new_res.append(x - compression.decode(codec, enc, x.size).reshape(x.shape) * s)
+  return encs, (jax.tree.unflatten(treedef, new_res) if residual is not None else None)
+
+
+def encode_update(problem: Problem, k: int, r: int, delta: Any, residual: Any
+                  ) -> tuple[Any, Any]:
+  """Site k's round-r update as the simulation compresses it (`algorithm.make_round`'s codec
+  hook: `compression.apply` with key fold_in(site_key(key(seed), r, k), _CODEC_KEY), leaf i
+  with fold_in(that, i)), serialised: an ArrayRecord holding one Array (stype CODEC_STYPE,
+  dtype uint8) whose data is `compression.to_bytes` of the leaves the site holds, in tree order
+  (exactly sum of `compression.leaf_bytes`, the simulation's `bytes_up`). `residual`: the
+  site's error-feedback tree (float32 like the parameters; None without top-k). Returns
+  (record, new residual)."""
+  from flwr.app import Array, ArrayRecord  # noqa: PLC0415
+  codec = codec_of(problem)
+  sent = sent_leaves(problem, k)
+  key = jax.random.fold_in(algorithm.site_key(jax.random.key(int(problem.seed)), r, k),
+                           algorithm._CODEC_KEY)  # noqa: SLF001
+  delta = jax.tree.map(lambda x: np.asarray(x, np.float32), delta)
+  encs, residual = jax.device_get(_encode_leaves(
+      codec, delta, residual, key, [np.float32(f) for f in sent]))
+  leaves = jax.tree.leaves(delta)
+  chosen = [i for i, f in enumerate(sent) if f]
+  data = compression.to_bytes(codec, [encs[i] for i in chosen], [leaves[i].size for i in chosen])
+  record = ArrayRecord(array_dict={"payload": Array(
+      dtype="|u1", shape=(len(data),), stype=CODEC_STYPE, data=data)})
+  return record, residual
+
+
+def decode_update(problem: Problem, k: int, record: Any, like: Any) -> Any:
+  """The float32 update tree (shaped like `like`) of site k's `encode_update` record: the
+  leaves it sent decoded (`compression.from_bytes`, `decode_host`), the others 0 (as the
+  simulation's unsent leaves). ValueError for a payload of another stype or length."""
+  codec = codec_of(problem)
+  if "payload" not in record or record["payload"].stype != CODEC_STYPE:
+    raise ValueError(f"site {problem.sites[k]!r} sent no {CODEC_STYPE} payload")
+  leaves, treedef = jax.tree.flatten(like)
+  sent = sent_leaves(problem, k)
+  chosen = [i for i, f in enumerate(sent) if f]
+  encs = compression.from_bytes(codec, record["payload"].data,
+                                [int(np.size(leaves[i])) for i in chosen])
+  out = [np.zeros(np.shape(x), np.float32) for x in leaves]
+  for i, enc in zip(chosen, encs):
+    out[i] = compression.decode_host(codec, enc, int(np.size(leaves[i]))).reshape(
+        np.shape(leaves[i]))
+  return jax.tree.unflatten(treedef, out)
+
+
+def site_reply(problem: Problem, update: Callable, params: Any, opt: Any, residual: Any,
+               k: int, r: int) -> tuple[Any, Any, Any, dict]:
+  """Site k's round r as its ClientApp runs it: `site_round`, then its update as a payload
+  record (raw float32 leaves, `to_record`, or with a codec `encode_update`). `residual`: its
+  error-feedback tree (None = zeros, or no codec / no top-k). Returns (payload record, new
+  client state, new residual (None without error feedback), metrics)."""
+  delta, opt1, metrics = site_round(problem, update, params, opt, k, r)
+  codec = codec_of(problem)
+  if codec is None:
+    return to_record(delta), opt1, None, metrics
+  if codec.error_feedback and residual is None:
+    residual = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), params)
+  record, residual = encode_update(problem, k, r, delta,
+                                   residual if codec.error_feedback else None)
+  return record, opt1, residual, metrics
 
 
 # ---------------------------------------------------------------- the site (ClientApp)
@@ -351,9 +455,13 @@ def _make_client_app():
       opt = from_record(context.state["client_opt"], opt_like)
     else:
       opt = problem.client_tx.init(params)
-    delta, opt1, metrics = site_round(problem, update, params, opt, k, r)
+    residual = (from_record(context.state["residual"], like)
+                if "residual" in context.state else None)  # error feedback, kept likewise
+    payload, opt1, residual, metrics = site_reply(problem, update, params, opt, residual, k, r)
     context.state["client_opt"] = to_record(opt1)
-    content = RecordDict({"delta": to_record(delta),
+    if residual is not None:
+      context.state["residual"] = to_record(residual)
+    content = RecordDict({"delta": payload,
                           "metrics": MetricRecord({"site": k, **metrics}),
                           "info": ConfigRecord({"site": site})})
     return Message(content=content, reply_to=msg)
@@ -635,7 +743,9 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
     if rep.has_error():
       continue
     k = int(rep.content["metrics"]["site"])
-    deltas[k] = from_record(rep.content["delta"], server.params)
+    deltas[k] = (decode_update(problem, k, rep.content["delta"], server.params)
+                 if codec_of(problem) is not None
+                 else from_record(rep.content["delta"], server.params))
     examples[k] = float(rep.content["metrics"]["examples"])
     info[k] = {"up": payload_bytes(rep.content["delta"]),
                **{m: float(rep.content["metrics"][m])
