@@ -5,7 +5,8 @@ CA generated here); `flwr run` submits the app whose ServerApp / ClientApp are
 `jmtl.federated.flower`'s. The server parameters after 3 rounds must equal the single-mesh
 simulation's (`algorithm.make_round` over a 2-site mesh, same per-site function, same data) and
 an independent float64 numpy FedAvg; the measured payload bytes must equal the simulation's
-accounting (4 bytes per float32 value each way, `compression.leaf_bytes` with no codec).
+accounting (4 bytes per float32 value each way, `compression.leaf_bytes` with no codec; with
+fed.compress the bytes of each site's encoding).
 
 One SuperLink + 2 SuperNodes (the module's `cluster`) serve every 2-site test in turn, so the
 processes start once; the test that kills a SuperNode comes last of those. The SecAgg+ test
@@ -105,30 +106,38 @@ def cluster(tmp_path_factory):
   c.stop()
 
 
-def _run(cluster, tmp_path, algo):
+def _run(cluster, tmp_path, algo, **extra):
   wd = tmp_path / f"wd_{algo}"
-  out = cluster.run(wd, algo=algo, rounds=ROUNDS, **{"local-steps": STEPS})
+  out = cluster.run(wd, algo=algo, rounds=ROUNDS, **{"local-steps": STEPS}, **extra)
   assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
   return wd, _wait_rounds(cluster, wd / "rounds.jsonl", ROUNDS)
 
 
-def test_fedavg_on_flower_equals_the_mesh_simulation_and_numpy(cluster, tmp_path):
-  wd, rows = _run(cluster, tmp_path, "fedavg")
+# "topk:0.1+int8": each site's payload is `compression.to_bytes` of its top-k + int8 encoding
+# (by hand: per leaf 1 index byte + 1 int8 value + a float32 scale = 6 bytes, 2 leaves), its
+# error-feedback residual kept in its SuperNode's Context.state across the 3 rounds (each
+# round's ClientApp is a fresh process).
+@pytest.mark.parametrize("compress, up", [("", 4 * (fp.D + 1)), ("topk:0.1+int8", 12)])
+def test_fedavg_on_flower_equals_the_mesh_simulation_and_numpy(cluster, tmp_path, compress, up):
+  wd, rows = _run(cluster, tmp_path, "fedavg", compress=compress)
   got = _server_params(wd, ROUNDS)
   ones = [np.ones(2, np.float32)] * ROUNDS
-  sim = _simulate("fedavg", ones)
-  ref = _numpy_fedavg(ones)
+  codec = compression.parse(compress)
+  sim = _simulate("fedavg", ones, codec=codec if codec.enabled else None)
   for k in ("w", "b"):
     np.testing.assert_allclose(got[k], sim[k], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=1e-5)
+  if not compress:
+    ref = _numpy_fedavg(ones)
+    for k in ("w", "b"):
+      np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=1e-5)
   assert abs(float(got["w"].sum())) > 0.1  # it moved
   values = fp.D + 1
-  accounted = sum(compression.leaf_bytes(compression.parse(""), n) for n in (fp.D, 1))
-  assert accounted == 4 * values
+  accounted = sum(compression.leaf_bytes(codec, n) for n in (fp.D, 1))
+  assert accounted == up
   for row in rows:
     assert row["sites"] == SITES and row["applied"] == 1 and row["dropped"] == []
     assert row["bytes_up"] == {"a": accounted, "b": accounted, "total": 2 * accounted}
-    assert row["bytes_down"] == {"a": accounted, "b": accounted, "total": 2 * accounted}
+    assert row["bytes_down"] == {"a": 4 * values, "b": 4 * values, "total": 8 * values}
     assert row["weights"] == pytest.approx({"a": 10 / 30, "b": 20 / 30})
     assert row["seconds"] > 0 and all(v > 0 for v in row["site_seconds"].values())
   assert [r["round"] for r in rows] == [1, 2, 3]

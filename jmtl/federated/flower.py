@@ -22,7 +22,11 @@ built in every process by the factory that the run config's `problem` names ("mo
 called with the run config dict). Payloads are raw little-endian float32 bytes per leaf (Flower
 `Array` with stype `RAW_STYPE`), so `bytes_up` / `bytes_down` in rounds.jsonl are the measured
 payload bytes of the messages (4 bytes per value, the simulation's accounting), and `seconds` the
-measured wall-clock of the round.
+measured wall-clock of the round. With a codec (`Problem.codec`, `fed.compress`) site k sends
+instead `compression.to_bytes` of the leaves it holds, encoded as the simulation's codec hook
+encodes them (same keys, same error feedback; `encode_update`), and its top-k residual e_k
+stays in its `Context.state` beside c_k; the server decodes (`decode_update`) and aggregates
+the decoded deltas, and `bytes_up` is that payload's length (`compression.leaf_bytes`).
 
 Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
   problem (str): "module:function" -> Problem;  workdir (str): where the server writes (one
