@@ -70,6 +70,7 @@ import functools
 import importlib
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -786,6 +787,80 @@ def _make_server_app():
 
 # ---------------------------------------------------------------- SecAgg+ (Flower's workflow)
 
+SECAGG_MAX_WEIGHT = 1000.0  # run config `secagg-max-weight` default (Flower's SecAggPlusWorkflow's)
+SECAGG_CLIPPING_RANGE = 8.0  # Flower's defaults, passed explicitly
+SECAGG_QUANTIZATION_RANGE = 2**22
+SECAGG_MODULUS_RANGE = 2**32
+SECAGG_REFUSAL = "jmtl secagg+ refusal"  # marks a site's refusal in the error the server receives
+
+
+class SecAggRangeError(ValueError):
+  """A site's update that Flower's SecAgg+ mod would clip or zero-weight (a wrong mean)."""
+
+
+def secagg_check(leaves: list[np.ndarray], n_k: float, max_weight: float, clipping_range: float,
+                 target_range: int, *, site: str = "?") -> float:
+  """Refuses an update whose securely aggregated mean would be silently wrong in Flower 1.42's
+  `secaggplus_mod`. The mod (`_collect_masked_vectors`) sends for site k
+
+    q_k = round(n_k / max_weight * target_range),  y_k = clip(delta_k * q_k / target_range,
+    -clipping_range, clipping_range)  (float32, as the mod computes it)
+
+  quantised to `target_range` levels, and the server divides sum_k y_k by sum_k q_k /
+  target_range. That equals sum_k n_k delta_k / sum_k n_k (up to quantisation) iff no
+  coordinate is clipped and q_k >= 1; when n_k > max_weight the mod only logs a warning.
+  `leaves`: the float32 arrays the site returns (any shapes); `n_k` >= 0: its example count.
+  Returns max_k |y_k| (the largest scaled coordinate, <= clipping_range). Raises
+  SecAggRangeError (message starting with SECAGG_REFUSAL, naming the run config key
+  `secagg-max-weight` and the value that would fit) when a scaled coordinate is above
+  `clipping_range` or not finite, or when n_k > 0 rounds to q_k = 0 (the site's weight lost)."""
+  ratio = n_k / max_weight
+  q = round(ratio * target_range)
+  dq = q / target_range
+  if n_k > 0 and q == 0:
+    raise SecAggRangeError(
+        f"{SECAGG_REFUSAL}: site {site!r}: n_k = {n_k:g} examples / secagg-max-weight "
+        f"{max_weight:g} rounds to weight 0 of {target_range} levels: lower the run config key "
+        f"secagg-max-weight to <= {n_k * target_range:g}")
+  top = 0.0
+  for x in leaves:
+    y = np.asarray(x, np.float32) * dq  # the mod's `parameters_multiply` (float32)
+    if y.size == 0:
+      continue
+    if not np.all(np.isfinite(y)):
+      raise SecAggRangeError(f"{SECAGG_REFUSAL}: site {site!r}: its update is not finite")
+    top = max(top, float(np.max(np.abs(y))))
+  if top > clipping_range:
+    big = top / dq if dq else 0.0
+    raise SecAggRangeError(
+        f"{SECAGG_REFUSAL}: site {site!r}: n_k = {n_k:g} examples x max|delta| = {big:.4g} / "
+        f"secagg-max-weight {max_weight:g} = {top:.4g} exceeds SecAgg+'s clipping range "
+        f"{clipping_range:g}, so the masked mean would be clipped (wrong): raise the run config "
+        f"key secagg-max-weight to >= {n_k * big / clipping_range:.4g}")
+  return top
+
+
+def secagg_refusals(failures: list) -> list[str]:
+  """The sites' SecAggRangeError messages among a SecAgg+ round's failures (Flower's
+  `Exception(Error(code, reason))`, the reason holding the site's exception text)."""
+  out = []
+  for f in failures:
+    err = f.args[0] if isinstance(f, BaseException) and f.args else f
+    text = str(getattr(err, "reason", err))
+    if SECAGG_REFUSAL in text:
+      out.append(text[text.index(SECAGG_REFUSAL):].rstrip("'>"))
+  return out
+
+
+def secagg_max_weight(run_config: dict) -> float:
+  """The run config's `secagg-max-weight` (> 0 and finite; absent or 0 = SECAGG_MAX_WEIGHT).
+  ValueError (one line) otherwise."""
+  w = float(run_config.get("secagg-max-weight") or SECAGG_MAX_WEIGHT)
+  if not (np.isfinite(w) and w > 0):
+    raise ValueError(f"run config key secagg-max-weight must be > 0, got {w}")
+  return w
+
+
 def _make_secagg_client_app():
   """The site for Flower's SecAgg+ workflow (Bell et al. 2020, "Secure single-server aggregation
   with (poly)logarithmic complexity", as Flower implements it in `secaggplus_mod`): the same
@@ -795,6 +870,8 @@ def _make_secagg_client_app():
   from flwr.client import NumPyClient  # noqa: PLC0415
   from flwr.client.mod import secaggplus_mod  # noqa: PLC0415
   from flwr.clientapp import ClientApp  # noqa: PLC0415
+  from flwr.common.secure_aggregation.secaggplus_constants import (  # noqa: PLC0415
+      RECORD_KEY_STATE)
 
   class _Site(NumPyClient):
     def __init__(self, context):
@@ -812,11 +889,19 @@ def _make_secagg_client_app():
       else:
         opt = problem.client_tx.init(params)
       delta, opt1, metrics = site_round(problem, update, params, opt, k, int(config["round"]))
-      self.ctx.state["client_opt"] = to_record(opt1)
       # 0-d leaves go as shape (1,): Flower 1.42's SecAgg+ unmasking skips the offset and the
       # weight division for 0-d arrays (it rebinds them in a loop), returning ~ 2 x 8 for them.
-      return ([np.atleast_1d(np.asarray(d, np.float32)) for d in jax.tree.leaves(delta)],
-              int(round(metrics["examples"])), {"site": k, **metrics})
+      leaves = [np.atleast_1d(np.asarray(d, np.float32)) for d in jax.tree.leaves(delta)]
+      n_k = int(round(metrics["examples"]))
+      # The mod's parameters of this round (its setup stage stored them in the Context).
+      mod = self.ctx.state.config_records.get(RECORD_KEY_STATE)
+      if mod is None or "max_weight" not in mod:
+        raise SecAggRangeError(f"{SECAGG_REFUSAL}: site {site!r}: no SecAgg+ setup state "
+                               f"(run secagg_client_app with secagg_server_app)")
+      secagg_check(leaves, n_k, float(mod["max_weight"]), float(mod["clipping_range"]),
+                   int(mod["target_range"]), site=site)  # raises: the round stops
+      self.ctx.state["client_opt"] = to_record(opt1)
+      return leaves, n_k, {"site": k, **metrics}
 
   return ClientApp(client_fn=lambda context: _Site(context).to_client(), mods=[secaggplus_mod])
 
@@ -831,11 +916,14 @@ def _make_secagg_server_app():
   from flwr.server import LegacyContext, ServerConfig  # noqa: PLC0415
   from flwr.server.strategy import Strategy  # noqa: PLC0415
   from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow  # noqa: PLC0415
+  from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD  # noqa: PLC0415
+  from flwr.server.workflow.constant import Key as WorkflowKey  # noqa: PLC0415
   from flwr.serverapp import ServerApp  # noqa: PLC0415
 
   class _Strategy(Strategy):
-    def __init__(self, server: _Server):
+    def __init__(self, server: _Server, max_weight: float):
       self.server, self.problem, self.t0 = server, server.problem, time.time()
+      self.max_weight = max_weight
 
     def _leaves(self):
       return ndarrays_to_parameters([np.asarray(x) for x in jax.tree.leaves(self.server.params)])
@@ -850,7 +938,31 @@ def _make_secagg_server_app():
       r = self.server.start + server_round - 1  # a resumed run continues at its round
       return [(c, FitIns(self._leaves(), {"round": r})) for c in clients]
 
+    def refuse(self, server_round, reasons, failures):
+      """A round a site refused (`secagg_check`) or whose weights would wrap: nothing applied;
+      the line (applied 0, `error`) goes to rounds.jsonl, and the run stops (RuntimeError)."""
+      r = self.server.start + server_round
+      msg = "; ".join(reasons)
+      _append(self.server.rounds_path, {
+          "round": r, "secure_aggregation": "secagg+", "sites": [], "failures": len(failures),
+          "applied": 0, "max_weight": self.max_weight, "error": msg,
+          "seconds": time.time() - self.t0})
+      print(f"round {r}: secure aggregation refused, nothing applied: {msg}", file=sys.stderr,
+            flush=True)
+      raise RuntimeError(f"round {r}: secure aggregation refused: {msg}")
+
     def aggregate_fit(self, server_round, results, failures):
+      if secagg_refusals(failures):
+        self.refuse(server_round, secagg_refusals(failures), failures)
+      # The mod's weight factors q_k = round(n_k / max_weight * Q) are summed mod 2**32 with
+      # the masks; a sum at or above 2**32 wraps (a wrong mean). n_k is in the clear (FitRes).
+      q = sum(round(res.num_examples / self.max_weight * SECAGG_QUANTIZATION_RANGE)
+              for _, res in results)
+      if q >= SECAGG_MODULUS_RANGE:
+        self.refuse(server_round, [
+            f"the sites' weights sum_k round(n_k / secagg-max-weight {self.max_weight:g} x "
+            f"2**22) = {q} reach the modulus 2**32 and wrap: raise the run config key "
+            f"secagg-max-weight"], failures)
       like = self.server.params
       mean = parameters_to_ndarrays(results[0][1].parameters)  # every result holds the sum
       delta = jax.tree.unflatten(jax.tree.structure(like),
@@ -858,7 +970,7 @@ def _make_secagg_server_app():
                                   for m, x in zip(mean, jax.tree.leaves(like))])
       self.server.apply(delta)
       r = self.server.start + server_round
-      row = {"round": r, "secure_aggregation": "secagg+",
+      row = {"round": r, "secure_aggregation": "secagg+", "max_weight": self.max_weight,
              "sites": sorted(self.problem.sites[int(res.metrics["site"])] for _, res in results
                              if "site" in res.metrics),
              "failures": len(failures), "applied": 1, "seconds": time.time() - self.t0}
@@ -874,23 +986,42 @@ def _make_secagg_server_app():
     def evaluate(self, server_round, parameters):
       return None
 
+  class _Workflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, stopping a round that a site refused (`secagg_check`) right
+    after the masked vectors come in, whether or not enough sites are left to unmask."""
+
+    def collect_masked_vectors_stage(self, grid, context, state):
+      ok = super().collect_masked_vectors_stage(grid, context, state)
+      reasons = secagg_refusals(state.failures)
+      if reasons:
+        cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+        context.strategy.refuse(int(cfg[WorkflowKey.CURRENT_ROUND]), reasons, state.failures)
+      return ok
+
   app = ServerApp()
 
   @app.main()
   def main(grid: Any, context: Any) -> None:
     run_config = dict(context.run_config)
+    max_weight = secagg_max_weight(run_config)
     problem = load_problem(run_config)
     S = len(problem.sites)
     if S < 3:
       raise ValueError(f"Flower's SecAgg+ needs at least 3 sites, got {S}")
+    if S * SECAGG_QUANTIZATION_RANGE >= SECAGG_MODULUS_RANGE:  # the quantised sum would wrap
+      most = SECAGG_MODULUS_RANGE // SECAGG_QUANTIZATION_RANGE - 1
+      raise ValueError(f"Flower's SecAgg+ sums at most {most} sites' 2**22-level values "
+                       f"below its modulus 2**32, got {S}")
     server = _Server(problem, run_config)
     try:
       legacy = LegacyContext(context=context,
                              config=ServerConfig(num_rounds=server.rounds - server.start),
-                             strategy=_Strategy(server))
+                             strategy=_Strategy(server, max_weight))
       if server.rounds > server.start:
-        DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-            num_shares=S, reconstruction_threshold=S - 1))(_FastGrid(grid), legacy)
+        DefaultWorkflow(fit_workflow=_Workflow(
+            num_shares=S, reconstruction_threshold=S - 1, max_weight=max_weight,
+            clipping_range=SECAGG_CLIPPING_RANGE, quantization_range=SECAGG_QUANTIZATION_RANGE,
+            modulus_range=SECAGG_MODULUS_RANGE))(_FastGrid(grid), legacy)
     finally:
       server.close()
 
