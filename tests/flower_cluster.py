@@ -71,7 +71,7 @@ def make_certificates(out: Path) -> dict[str, Path]:
 APP_TOML = flower.app_pyproject("jmtlflowertest", {
     "problem": "flower_problem:make", "workdir": "", "rounds": 3, "local-steps": 2,
     "algo": "fedavg", "sites": "a,b", "round-timeout": 60.0, "wait-sites": 60.0, "config": "",
-    "overrides": "", "compress": ""})
+    "overrides": "", "compress": "", "secagg-max-weight": 1000.0})
 
 
 class Cluster:

@@ -331,6 +331,7 @@ def test_secagg_plus_workflow_equals_the_plain_weighted_sum(tmp_path):
     c.stop()
   assert [r["sites"] for r in rows] == [sites] * 2
   assert all(r["secure_aggregation"] == "secagg+" and r["failures"] == 0 for r in rows)
+  assert all(r["max_weight"] == 1000.0 for r in rows)
   ones = [np.ones(3, np.float32)] * 2
   got, ref = _server_params(wd, 2, rounds=2), _numpy_fedavg(ones)
   # Quantisation bound: a site sends n_k / max_weight x delta_k (max_weight 1000) on a grid of
@@ -339,3 +340,29 @@ def test_secagg_plus_workflow_equals_the_plain_weighted_sum(tmp_path):
   for k in ("w", "b"):
     np.testing.assert_allclose(got[k], ref[k], atol=1e-3)
   assert np.abs(got["w"]).sum() > 0.1
+
+
+def test_secagg_plus_stops_a_round_whose_sites_the_mod_would_clip(tmp_path):
+  """secagg-max-weight 1e-3: every site's n_k / max_weight x delta_k is far above Flower's
+  clipping range 8, which Flower's mod would clip with only a warning (a wrong mean). The sites
+  refuse (`flower.secagg_check`), the server writes round 1 as not applied with the sites'
+  error, saves no checkpoint and ends the run (no round 2)."""
+  sites = ["a", "b", "c"]
+  c = Cluster(tmp_path / "cluster", sites).start()
+  try:
+    wd = tmp_path / "wd"
+    out = c.run(wd, secagg=True, algo="fedavg", rounds=2, sites="a,b,c",
+                **{"local-steps": STEPS, "secagg-max-weight": 1e-3})
+    assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
+    rows = _wait_rounds(c, wd / "rounds.jsonl", 1, timeout=150)
+    time.sleep(3.0)  # a second round would have started its setup stage by now
+    rows = [json.loads(x) for x in (wd / "rounds.jsonl").read_text().splitlines()]
+  finally:
+    c.stop()
+  assert len(rows) == 1, rows
+  row = rows[0]
+  assert row["round"] == 1 and row["applied"] == 0 and row["sites"] == []
+  assert row["max_weight"] == 1e-3 and row["failures"] >= 1
+  assert flower.SECAGG_REFUSAL in row["error"] and "raise the run config key" in row["error"]
+  assert "secagg-max-weight to >=" in row["error"]
+  assert not (wd / "checkpoints").exists() or not any((wd / "checkpoints").iterdir())
