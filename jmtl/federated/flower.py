@@ -32,7 +32,10 @@ Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --r
   problem (str): "module:function" -> Problem;  workdir (str): where the server writes (one
   that holds a checkpoint of this run is resumed, see below);  rounds (int; 0 = the
   Problem's);  round-timeout (float, seconds);  wait-sites (float, seconds to wait for every
-  site's SuperNode before the first round);  config, overrides (str): `jmtl_problem`'s.
+  site's SuperNode before the first round);  config, overrides (str): `jmtl_problem`'s;
+  secagg-max-weight (float > 0, default 1000; `secagg_server_app` only): the SecAgg+
+  workflow's max_weight (see `secagg_check`: a site whose scaled update would be clipped
+  refuses, and the round stops with `applied` 0 and `error` in rounds.jsonl).
 SuperNode node config: site (str): this SuperNode's site name (one of Problem.sites).
 
 Files in `workdir` (written by the server process only, each line appended and fsynced):
@@ -866,7 +869,9 @@ def _make_secagg_client_app():
   with (poly)logarithmic complexity", as Flower implements it in `secaggplus_mod`): the same
   `site_round` as `client_app`; the delta leaves and n_k go out through the mod, which clips them
   to [-clipping_range, clipping_range], quantises and masks them, so the server only learns the
-  n_k-weighted mean over the sites."""
+  n_k-weighted mean over the sites. Before that, `secagg_check` (with the mod's max_weight and
+  ranges from its setup stage) refuses an update the mod would clip: the site raises
+  SecAggRangeError, which the server reads from the round's failures and stops the round."""
   from flwr.client import NumPyClient  # noqa: PLC0415
   from flwr.client.mod import secaggplus_mod  # noqa: PLC0415
   from flwr.clientapp import ClientApp  # noqa: PLC0415
@@ -911,7 +916,11 @@ def _make_secagg_server_app():
   num_shares = S, reconstruction_threshold = S - 1))` (Flower needs S >= 3) around a legacy
   Strategy that applies jmtl's server optimizer to the securely aggregated mean delta (the
   workflow's weighted mean: sum_k n_k delta_k / sum_k n_k, from quantised values) and writes the
-  same rounds.jsonl (without bytes: the masked payloads are the workflow's) and checkpoints."""
+  same rounds.jsonl (without bytes: the masked payloads are the workflow's) and checkpoints.
+  max_weight is the run config's `secagg-max-weight`; clipping 8, 2**22 levels, modulus 2**32
+  (Flower's defaults). A round with a site's refusal (`secagg_check`) or whose weight factors
+  sum_k q_k reach 2**32 is written with `applied` 0 and `error`, nothing is applied, and the
+  run ends (RuntimeError); more than 1023 sites are refused (ValueError)."""
   from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: PLC0415
   from flwr.server import LegacyContext, ServerConfig  # noqa: PLC0415
   from flwr.server.strategy import Strategy  # noqa: PLC0415
