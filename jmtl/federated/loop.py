@@ -489,7 +489,10 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       workdir_lib.write_text_atomic(wd / "tokenizer.json", tokenizer.backend.to_str())
   distributed.barrier("jmtl_federated_workdir_ready")
   ckpt.reload()
-  writer = writers.MetricWriter(wd) if primary else writers.NullWriter()
+  # Resumed: TensorBoard hides the interrupted run's events after the checkpoint, as
+  # `truncate_after` below drops its metrics.jsonl lines (the trainer does the same).
+  writer = (writers.MetricWriter(wd, purge_step=start + 1 if start else None) if primary
+            else writers.NullWriter())
   closers.append(writer.close)
   append_line = _append_line if primary else (lambda p, row: None)
 
