@@ -462,12 +462,17 @@ def run(argv: Sequence[str]) -> int:
           f"{', '.join(result['files'])}", flush=True)
     return 0
   if cmd == "study":
-    result = _study_mtl(config, fv, argv)
-    done = sum(1 for r in result["runs"] if r["status"] == "ok")
-    print(f"study done: {done} of {len(result['runs'])} run(s) finished "
-          f"({len(result['runs']) - done} diverged); {pathlib.Path(fv.workdir, 'study.json')}; "
-          f"report: jmtl report mtl --runs {fv.workdir} --out DIR", flush=True)
-    return 0
+    from jmtl.train.loop import StopRequest
+    # Held over the whole study: a signal during a run is answered by the trainer (checkpoint,
+    # line, 128 + N); one between runs or after the last is recorded here and answered before
+    # the next run (`jmtl.study.runs.stop_if_signalled`) or below.
+    with StopRequest() as stop:
+      result = _study_mtl(config, fv, argv)
+      done = sum(1 for r in result["runs"] if r["status"] == "ok")
+      print(f"study done: {done} of {len(result['runs'])} run(s) finished "
+            f"({len(result['runs']) - done} diverged); {pathlib.Path(fv.workdir, 'study.json')}; "
+            f"report: jmtl report mtl --runs {fv.workdir} --out DIR", flush=True)
+      return _finished_anyway(stop, "study")
   if cmd == "report":
     from jmtl.study.report import report_optim
     if not pathlib.Path(fv.workdir, "sweep.json").is_file():
@@ -516,23 +521,32 @@ def run(argv: Sequence[str]) -> int:
         print(f"received signal {stop.signal}: saved checkpoint at {where}, exiting "
               f"(the run had finished)", flush=True)
       return 128 + stop.signal
-  if cmd == "eval" and config.fed.sites and pathlib.Path(fv.workdir, "rounds.jsonl").exists():
-    from jmtl.federated.loop import evaluate_workdir
-    print(json.dumps(evaluate_workdir(config, fv.workdir), indent=2, sort_keys=True))
-  elif cmd == "eval":
-    from jmtl.train.loop import evaluate_checkpoint
-    result = evaluate_checkpoint(config, fv.workdir)
-    if _primary():
-      print(json.dumps(result, indent=2, sort_keys=True))
-  elif cmd == "data":
+  if cmd == "eval":
+    from jmtl.train.loop import StopRequest
+    # A signal during the evaluation stops it between tasks with one line (nothing to save);
+    # one after it wrote its outputs is answered once they are printed.
+    with StopRequest() as stop:
+      if config.fed.sites and pathlib.Path(fv.workdir, "rounds.jsonl").exists():
+        from jmtl.federated.loop import evaluate_workdir
+        result = evaluate_workdir(config, fv.workdir)
+      else:
+        from jmtl.train.loop import evaluate_checkpoint
+        result = evaluate_checkpoint(config, fv.workdir)
+      if _primary():
+        print(json.dumps(result, indent=2, sort_keys=True), flush=True)
+      return _finished_anyway(stop, "evaluation")
+  if cmd == "data":
     print(describe_data(config))
     if config.fed.sites:
       from jmtl.federated.loop import partition_table
       print(partition_table(config))
   elif cmd == "sweep":
     from jmtl.study.sweep import run_sweep
-    result = run_sweep(config, fv.workdir)
-    print(json.dumps(result, indent=2, sort_keys=True, default=str)[:4000])
+    from jmtl.train.loop import StopRequest
+    with StopRequest() as stop:  # as for `jmtl study` above
+      result = run_sweep(config, fv.workdir)
+      print(json.dumps(result, indent=2, sort_keys=True, default=str)[:4000], flush=True)
+      return _finished_anyway(stop, "sweep")
   else:
     result = _bench(sub, config)
     text = json.dumps(result, indent=2, sort_keys=True)
@@ -546,6 +560,17 @@ def run(argv: Sequence[str]) -> int:
       for k, v in result.items():
         print(f"{k:>28}: {v}")
   return 0
+
+
+def _finished_anyway(stop, what: str) -> int:
+  """Exit code of a study / sweep / evaluation that finished (its results written and printed)
+  although signal N arrived near its end: 128 + N after one line saying so; else 0."""
+  if stop.signal is None:
+    return 0
+  if _primary():
+    print(f"received signal {stop.signal}: the {what} had finished (results written), exiting",
+          flush=True)
+  return 128 + stop.signal
 
 
 def _run_job(cmd: str, config, fv) -> None:

@@ -489,7 +489,10 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       workdir_lib.write_text_atomic(wd / "tokenizer.json", tokenizer.backend.to_str())
   distributed.barrier("jmtl_federated_workdir_ready")
   ckpt.reload()
-  writer = writers.MetricWriter(wd) if primary else writers.NullWriter()
+  # Resumed: TensorBoard hides the interrupted run's events after the checkpoint, as
+  # `truncate_after` below drops its metrics.jsonl lines (the trainer does the same).
+  writer = (writers.MetricWriter(wd, purge_step=start + 1 if start else None) if primary
+            else writers.NullWriter())
   closers.append(writer.close)
   append_line = _append_line if primary else (lambda p, row: None)
 
@@ -783,38 +786,44 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
   the latest checkpoint on the global evaluation split (writes eval.json / predictions like the
   trainer's eval)."""
   wd = train_loop._workdir(workdir)  # noqa: SLF001
-  with train_loop._lock(wd, "eval"):  # noqa: SLF001
+  with train_loop._lock(wd, "eval"), train_loop.StopRequest() as stop:  # noqa: SLF001
     ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", read_only=True)
-    found = ckpt.read_latest_meta()
-    if found is None:
-      raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in {ckpt.directory}")
-    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
-    sites = sites_lib.sites_from_config(config)
-    mesh = build_mesh(config, sites)
-    tasks = [task_registry.get_task(name) for name in config.tasks]
-    tokenizer = train_loop._tokenizer(config, tasks, wd)  # noqa: SLF001
-    client_tx, server_tx = build_optimizers(config)
-    head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
-    state, graphdef, shardings = state_lib.create_train_state(
-        config, head_specs, tokenizer.vocab_size, client_tx, mesh)
-    server, clients = algorithm.init(
-        state.params, server_tx, client_tx, mesh, param_shardings=shardings.params,
-        site_starts=config.fed.mode == "async",
-        error_feedback=compression.parse(config.fed.compress,
-                                         config.fed.compress_block).error_feedback)
-    tree = checkpoint_tree(server, clients)
-    if found[1].get("backend") == "flower":  # a Flower server's: no client states (the sites')
-      tree = {"server": {"params": server.params, "opt_state": server.opt_state}}
-    tree_sh = jax.tree.map(lambda x: x.sharding, tree)
-    step, tree, _, _ = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh))
-    ckpt.close()
+    try:  # closed whatever happens (a refused checkpoint, a failed restore)
+      found = ckpt.read_latest_meta()
+      if found is None:
+        raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in "
+                                     f"{ckpt.directory}")
+      workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+      sites = sites_lib.sites_from_config(config)
+      mesh = build_mesh(config, sites)
+      tasks = [task_registry.get_task(name) for name in config.tasks]
+      tokenizer = train_loop._tokenizer(config, tasks, wd)  # noqa: SLF001
+      client_tx, server_tx = build_optimizers(config)
+      head_specs = {t.name: HeadSpec(t.kind, t.num_labels) for t in tasks}
+      state, graphdef, shardings = state_lib.create_train_state(
+          config, head_specs, tokenizer.vocab_size, client_tx, mesh)
+      server, clients = algorithm.init(
+          state.params, server_tx, client_tx, mesh, param_shardings=shardings.params,
+          site_starts=config.fed.mode == "async",
+          error_feedback=compression.parse(config.fed.compress,
+                                           config.fed.compress_block).error_feedback)
+      tree = checkpoint_tree(server, clients)
+      if found[1].get("backend") == "flower":  # a Flower server's: no client states (the sites')
+        tree = {"server": {"params": server.params, "opt_state": server.opt_state}}
+      tree_sh = jax.tree.map(lambda x: x.sharding, tree)
+      step, tree, _, _ = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh))
+    finally:
+      ckpt.close()
     view = state_lib.TrainState(step=jnp.int32(step), params=tree["server"]["params"],
                                 rest=state.rest, opt_state=tree["server"]["opt_state"],
                                 rng=state.rng)
     predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
-    metrics, rows = train_loop._run_eval(  # noqa: SLF001
+    out = train_loop._run_eval(  # noqa: SLF001
         config, train_loop._eval_sets(config, tasks, tokenizer), view, graphdef, predict,  # noqa: SLF001
-        tokenizer, mesh)
+        tokenizer, mesh, should_stop=train_loop.eval_stop_check(stop))
+    if out is None:
+      train_loop.eval_stopped(stop)
+    metrics, rows = out
     # The run's per-site held-out results of this step (`site/...`) are kept, not dropped:
     # this evaluation recomputes the global split only.
     results = wd / train_loop.outputs_names(config.data.eval_split)[0]

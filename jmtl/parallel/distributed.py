@@ -489,6 +489,15 @@ def agree_max(value: int) -> int:
   return int(np.max(got))
 
 
+def gather_int(value: int) -> list[int]:
+  """Every process's int, in process order (a collective: every process must call it at the
+  same point; `[value]` with one process)."""
+  if not multi_process():
+    return [int(value)]
+  got = multihost_utils.process_allgather(np.array([int(value)], np.int32))
+  return [int(v) for v in np.asarray(got).reshape(-1)]
+
+
 def stop_flag_fn(mesh: jax.sharding.Mesh) -> Callable[[int], jax.Array]:
   """`fn(local_value) -> int32 scalar` (replicated): the max over processes, dispatched
   asynchronously like a train step (no host wait), so a per-step stop flag can ride along with

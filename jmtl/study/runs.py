@@ -58,8 +58,10 @@ def execute(label: str, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
   Returns `{"status": "ok" | "diverged", "seconds", "metrics" (eval.json; {} when diverged),
   "other_code" (a reused run trained by code other than `code`), "assumed_defaults" (the
   compared keys its config.json lacks)}`. Raises ValueError when a finished run belongs to
-  another config, or when training returned without writing eval.json.
+  another config, or when training returned without writing eval.json; SystemExit(128 + N)
+  when signal N arrived before this run (`stop_if_signalled`).
   """
+  stop_if_signalled(label, tag)
   eval_path, info_path = run_dir / "eval.json", run_dir / RUN_INFO
   info = read_json(info_path) if info_path.exists() else {}
   if not eval_path.exists() and info.get("status") != "diverged":
@@ -91,6 +93,20 @@ def execute(label: str, cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
     metrics = read_json(eval_path)
   return {"status": info.get("status", "ok"), "seconds": info.get("seconds"),
           "metrics": metrics, "other_code": other_code, "assumed_defaults": assumed}
+
+
+def stop_if_signalled(label: str, tag: str) -> None:
+  """Between runs: after SIGTERM/SIGINT (recorded by the caller's `StopRequest`, the CLI's),
+  one line and SystemExit(128 + signal) before the next run `label` starts. A signal during a
+  run is answered by the trainer (it saves a checkpoint and exits); either way every finished
+  run and checkpoint is on disk, and the same command resumes the study."""
+  from jmtl.train.loop import StopRequest  # noqa: PLC0415 (imports jax)
+  signum = StopRequest.pending()
+  if signum is None:
+    return
+  print(f"[{tag}] received signal {signum}: stopped before {label} (finished runs and their "
+        f"checkpoints are saved; run the same command again to resume), exiting", flush=True)
+  raise SystemExit(128 + signum)
 
 
 def drop_stale_metrics(run_dir: pathlib.Path) -> None:

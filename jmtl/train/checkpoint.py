@@ -13,6 +13,11 @@ warning, when the newest one cannot be read. No step that holds a checkpoint is 
 because it failed to restore (the failure may be transient: a bucket read error, memory): the
 writer moves it aside, into `<directory>-unreadable/<step>` (see `unreadable_dir`), so that
 training can write that step again and the files stay for inspection or a manual restore.
+
+With several processes (each reads its own shards) the processes agree on every step they try:
+a step counts as readable only if it reads on all of them, so all restore the same step, the
+newest one every process can read (a step unreadable on one host only, e.g. a corrupt local
+cache or a failed read there, is skipped by all).
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import json
+
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jmtl.parallel import distributed
 from jmtl.train import CheckpointError
 
 
@@ -57,6 +65,12 @@ class Checkpointer:
     )
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=("state", "data", "meta"))
+    # The prefix of the barrier that ends each restore (Orbax's Checkpointer.restore), which a
+    # process whose read failed joins (`_on_every_process`); the manager's checkpointer sets it
+    # (orbax 0.12: "" rather than the options' None).
+    self._barrier_prefix = getattr(getattr(self._mngr, "_checkpointer", None),
+                                   "_barrier_sync_key_prefix",
+                                   options.multiprocessing_options.barrier_sync_key_prefix)
     self._saving: int | None = None  # step of the save in flight, for error messages
     self._unreadable: list[int] = []  # steps restore_latest could not read (newest first)
 
@@ -193,25 +207,29 @@ class Checkpointer:
     steps again without losing them. `check(step, meta)` runs on the meta item before the
     state is read (it raises to refuse the checkpoint: the run's fingerprint). Raises
     CheckpointError when steps exist but none can be restored.
+
+    With several processes every process must call this at the same point: the steps tried
+    are those any process sees, and a step is used only if it reads on every process (each
+    read is followed by an all-gather of the outcome), so all processes restore the same step.
     """
-    steps = sorted(self._mngr.all_steps(), reverse=True)
+    steps = self._steps_seen_by_any_process()
     bad: list[int] = []
     failures = []
     for step in steps:
-      try:
-        meta = self.restore_meta(step)
-      except Exception as e:  # noqa: BLE001 - a corrupt checkpoint: try the previous one
-        failures.append((step, e))
+      meta, error = self._on_every_process(step, lambda s=step: self.restore_meta(s))
+      if error is not None:
+        failures.append((step, error))
         bad.append(step)
         continue
       if check is not None:
         check(step, meta)
-      try:
-        state, data, meta = self.restore(step, abstract_state)
-      except Exception as e:  # noqa: BLE001
-        failures.append((step, e))
+      restored, error = self._on_every_process(
+          step, lambda s=step: self.restore(s, abstract_state))
+      if error is not None:
+        failures.append((step, error))
         bad.append(step)
         continue
+      state, data, meta = restored
       for s, e in failures:
         print(f"jmtl: warning: checkpoint at step {s} in {self.directory} cannot be restored "
               f"({_first_line(e)}); using step {step}", file=sys.stderr, flush=True)
@@ -223,6 +241,42 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory} can be restored (step {s}: "
                             f"{_first_line(e)}; tried steps {steps})")
     return None
+
+  def _steps_seen_by_any_process(self) -> list[int]:
+    """The steps in the directory, newest first; with several processes the union of what each
+    sees (a step one process does not see then fails there, in `_on_every_process`)."""
+    mine = sorted(self._mngr.all_steps())
+    if not distributed.multi_process():
+      return mine[::-1]
+    seen = {s for text in distributed.gather_text(json.dumps(mine)) for s in json.loads(text)}
+    return sorted(seen, reverse=True)
+
+  def _on_every_process(self, step: int, read: Callable[[], Any]
+                        ) -> tuple[Any, BaseException | None]:
+    """(`read()`, None) when it succeeds on every process, else (None, the error: this
+    process's own, or a CheckpointError naming the processes where it failed).
+
+    Orbax ends a restore with a barrier across all processes; a process whose read failed has
+    not reached it while its peers that read the step wait there, so it joins that barrier
+    (same name) before the all-gather of the outcomes: every process then makes the same calls
+    in the same order, and none waits forever.
+    """
+    try:
+      if step not in self._mngr.all_steps():
+        raise FileNotFoundError(f"step {step} is not visible on process {jax.process_index()}")
+      out, error = read(), None
+    except Exception as e:  # noqa: BLE001 - any failure makes the step unreadable here
+      out, error = None, e
+      if distributed.multi_process():
+        ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key(
+            "Checkpointer:restore", prefix=self._barrier_prefix))
+    if not distributed.multi_process():
+      return out, error
+    failed = [p for p, f in enumerate(distributed.gather_int(int(error is not None))) if f]
+    if error is None and failed:
+      return None, CheckpointError(f"step {step} cannot be read on process(es) "
+                                   f"{', '.join(map(str, failed))}")
+    return out, error
 
   def read_latest_meta(self) -> tuple[int, dict] | None:
     """(step, meta) of the newest step whose meta item reads; None when there is none."""

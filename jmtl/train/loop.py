@@ -34,7 +34,8 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,12 @@ class StopRequest:
       self._previous[sig] = signal.signal(sig, self._handle)
     StopRequest._active = self
     return self
+
+  @classmethod
+  def pending(cls) -> int | None:
+    """The signal the installed (outermost) StopRequest recorded; None when none is installed
+    or no signal arrived."""
+    return cls._active.signal if cls._active is not None else None
 
   def _handle(self, signum, frame):
     del frame
@@ -631,28 +638,50 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   ckpt_dir = wd / "checkpoints"
   if not ckpt_dir.is_dir():
     raise config_lib.ConfigError(f"--workdir {wd}: no checkpoints/ directory (train first)")
-  with _lock(wd, "eval"):
+  with _lock(wd, "eval"), StopRequest() as stop:
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
-    found = ckpt.read_latest_meta()
-    if found is None:
-      raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in {ckpt_dir}")
-    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
-    mesh, tasks, tokenizer, _, state, graphdef, shardings = _prepare(config, wd)
-    vocab = workdir_lib.digest_text(tokenizer.backend.to_str())
+    try:  # closed whatever happens (a refused checkpoint, a failed restore)
+      found = ckpt.read_latest_meta()
+      if found is None:
+        raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in {ckpt_dir}")
+      workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+      mesh, tasks, tokenizer, _, state, graphdef, shardings = _prepare(config, wd)
+      vocab = workdir_lib.digest_text(tokenizer.backend.to_str())
 
-    def check(step, meta):
-      workdir_lib.check_config(meta, config, workdir=wd, step=step)
-      workdir_lib.check_vocabulary(meta, vocab, workdir=wd, step=step)
+      def check(step, meta):
+        workdir_lib.check_config(meta, config, workdir=wd, step=step)
+        workdir_lib.check_vocabulary(meta, vocab, workdir=wd, step=step)
 
-    restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state, shardings), check=check)
-    ckpt.close()
+      restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state, shardings),
+                                     check=check)
+    finally:
+      ckpt.close()
     step, state = restored[0], restored[1]
     predict = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
-    metrics, rows = _run_eval(config, _eval_sets(config, tasks, tokenizer), state, graphdef,
-                              predict, tokenizer, mesh)
+    out = _run_eval(config, _eval_sets(config, tasks, tokenizer), state, graphdef, predict,
+                    tokenizer, mesh, should_stop=eval_stop_check(stop))
+    if out is None:
+      eval_stopped(stop)
+    metrics, rows = out
     if distributed.is_primary():
       _write_outputs(wd, config.data.eval_split, metrics, rows, step)
   return {"step": step, "split": config.data.eval_split, **metrics}
+
+
+def eval_stop_check(stop: StopRequest) -> Callable[[], bool]:
+  """`should_stop` for `_run_eval` outside training (`jmtl eval`): whether a signal arrived,
+  agreed by all processes (a collective per call, made between tasks on every process)."""
+  return lambda: distributed.agree_max(stop.signal or 0) > 0
+
+
+def eval_stopped(stop: StopRequest) -> NoReturn:
+  """`jmtl eval` stopped by SIGTERM/SIGINT: nothing to save (no outputs were written); one
+  line, exit 128 + signal (the signal number agreed by all processes)."""
+  signum = distributed.agree_max(stop.signal or 0)
+  if distributed.is_primary():
+    print(f"received signal {signum}: evaluation stopped, nothing to save (no outputs "
+          f"written), exiting", flush=True)
+  raise SystemExit(128 + signum)
 
 
 def load_metrics(workdir: str | os.PathLike[str]) -> list[dict]:
