@@ -267,3 +267,28 @@ def cli_error_line(capsys, argv, code: int = 2) -> str:
   assert len(err) == 1 and err[0].startswith("jmtl: error: "), err
   assert "Traceback" not in err[0]
   return err[0]
+
+
+def cli_in_process(argv: Sequence[str], capfd, monkeypatch, environ: Mapping[str, str] = (),
+                   cwd: str | os.PathLike[str] = REPO) -> subprocess.CompletedProcess:
+  """`jmtl ARGV...` run in this process as `python -m jmtl.cli` runs it (`cli.main`, its
+  SystemExit code), in `cwd` with `environ` set; stdout and stderr are read at the file
+  descriptors (C++ and absl output included) and a Python warning raised during the call is
+  written to the returned stderr (a subprocess would print it there). For checks that end
+  before any real work (a config error): no interpreter start and no jax import per case."""
+  import warnings  # noqa: PLC0415
+  from jmtl import cli  # noqa: PLC0415
+  for key, value in dict(environ).items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.chdir(cwd)
+  capfd.readouterr()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      cli.main(["jmtl", *argv])
+      code = 0
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  out = capfd.readouterr()
+  err = out.err + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+  return subprocess.CompletedProcess(["jmtl", *argv], code, out.out, err)

@@ -28,8 +28,9 @@ def _env(data_dir, cache, fault=""):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
+def cache(jax_cache):
+  """The session's JAX compilation cache (conftest.py)."""
+  return jax_cache
 
 
 def _rounds(workdir):
@@ -245,7 +246,7 @@ def _leaf_sizes(workdir, tasks_):
   return [int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
-@pytest.mark.parametrize("override,message", [
+BAD_FED_KEYS = [
     ("--config.fed.participation=0", "config key 'fed.participation' = 0.0 must be in (0, 1]"),
     ("--config.fed.client_optimizer=sgdd", "config key 'fed.client_optimizer' = 'sgdd' is not an "
                                            "optimizer name"),
@@ -256,12 +257,17 @@ def _leaf_sizes(workdir, tasks_):
                                            "federated runs train each site on the plain sum"),
     ("--config.fed.compress=topk:0.1+q9", "config key 'fed.compress' = 'topk:0.1+q9' must be a "
                                           "compression spec"),
-])
-def test_bad_fed_keys_are_one_line_exit_2(override, message, tmp_path, data_dir):
-  env = _env(data_dir, None)
-  out = subprocess.run([sys.executable, "-m", "jmtl.cli", "federated", "--config", str(TINY),
-                        "--workdir", str(tmp_path / "w"), override], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_FED_KEYS)
+def test_bad_fed_keys_are_one_line_exit_2(override, message, tmp_path, data_dir, capfd,
+                                         monkeypatch):
+  # In-process (`cli.main`, the same exit code and stderr); the command as a process:
+  # test_a_bad_fed_key_ends_the_process_with_exit_2_and_one_line below.
+  out = faults.cli_in_process(["federated", "--config", str(TINY), "--workdir",
+                               str(tmp_path / "w"), override], capfd, monkeypatch,
+                              {"JMTL_DATA_DIR": str(data_dir)})
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.count("\n") == 1 and out.stderr.startswith("jmtl: error: "), out.stderr
   assert message in out.stderr
@@ -277,7 +283,8 @@ BAD_SITES = [
 
 
 @pytest.mark.parametrize("entry,message", BAD_SITES)
-def test_a_bad_site_entry_is_one_line_naming_it(entry, message, tmp_path, data_dir):
+def test_a_bad_site_entry_is_one_line_naming_it(entry, message, tmp_path, data_dir, capfd,
+                                                monkeypatch):
   cfg = tmp_path / "bad.py"
   cfg.write_text(
       "import importlib.util, sys\n"
@@ -287,13 +294,26 @@ def test_a_bad_site_entry_is_one_line_naming_it(entry, message, tmp_path, data_d
       "  c = m.get_config()\n"
       f"  c.fed.sites = ({entry},) + tuple(c.fed.sites[1:])\n"
       "  return c\n")
-  out = subprocess.run([sys.executable, "-m", "jmtl.cli", "federated", "--config", str(cfg),
-                        "--workdir", str(tmp_path / "w")], env=_env(data_dir, None), cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+  out = faults.cli_in_process(["federated", "--config", str(cfg), "--workdir",
+                               str(tmp_path / "w")], capfd, monkeypatch,
+                              {"JMTL_DATA_DIR": str(data_dir)})
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.count("\n") == 1, out.stderr
   assert f"jmtl: error: config key 'fed.sites' {message}" in out.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_a_bad_fed_key_ends_the_process_with_exit_2_and_one_line(tmp_path, data_dir):
+  """`python -m jmtl.cli federated` with a bad key: the process's exit status is 2 and its
+  stderr one line (nothing else at start-up or exit); the other bad keys and site entries are
+  checked in-process above."""
+  override, message = BAD_FED_KEYS[0]
+  out = subprocess.run([sys.executable, "-m", "jmtl.cli", "federated", "--config", str(TINY),
+                        "--workdir", str(tmp_path / "w"), override], env=_env(data_dir, None),
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.count("\n") == 1 and out.stderr.startswith("jmtl: error: "), out.stderr
+  assert message in out.stderr
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import AxisType
 from scipy import stats
 
+from faults import cli_in_process  # tests/faults.py (not jmtl.federated.faults)
 from jmtl import federated as fed
 from jmtl.federated import faults, robust
 
@@ -323,33 +324,63 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny_fed.py"
 
 
-def _env(data_dir):
+def _env(data_dir, cache=None):
+  """8 CPU devices and the data root; with `cache`, the session's JAX compilation cache
+  (conftest.py: the job's programs are the same as tests/test_federated_job.py's, loaded, not
+  compiled again)."""
   env = dict(os.environ, JMTL_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   env.pop("JMTL_FAULT", None)
+  if cache is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
 
 
-@pytest.mark.parametrize("override,message", [
+BAD_KEYS = [
     ("--config.fed.faults.byzantine=a,zz", "config key 'fed.faults.byzantine' = ('a', 'zz') names "
                                            "'zz', which is not a site of fed.sites"),
     ("--config.fed.faults.dropout=1", "config key 'fed.faults.dropout' = 1.0 must be in [0, 1)"),
     ("--config.fed.faults.attack=lie", "config key 'fed.faults.attack' = 'lie' is not one of: "
                                        "sign_flip, scale, noise"),
     ("--config.fed.trim=0.5", "config key 'fed.trim' = 0.5 must be in [0, 0.5)"),
-])
-def test_bad_fault_and_robust_keys_are_one_line_exit_2(override, message, tmp_path, data_dir):
-  out = subprocess.run([sys.executable, "-m", "jmtl.cli", "federated", "--config", str(TINY),
-                        "--workdir", str(tmp_path / "w"), override], env=_env(data_dir),
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+]
+
+
+def _bad_key_run(override, tmp_path, data_dir, capfd=None, monkeypatch=None):
+  """`jmtl federated` on the tiny config with `override`: in this process (`cli.main`, the
+  same exit code and stderr) when given capfd, else as a `python -m jmtl.cli` process."""
+  argv = ["federated", "--config", str(TINY), "--workdir", str(tmp_path / "w"), override]
+  if capfd is not None:
+    return cli_in_process(argv, capfd, monkeypatch, _env(data_dir), cwd=REPO)
+  return subprocess.run([sys.executable, "-m", "jmtl.cli", *argv], env=_env(data_dir),
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_line_exit_2(out, message, tmp_path):
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.count("\n") == 1 and out.stderr.startswith("jmtl: error: "), out.stderr
   assert message in out.stderr, out.stderr
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("override,message", BAD_KEYS)
+def test_bad_fault_and_robust_keys_are_one_line_exit_2(override, message, tmp_path, data_dir,
+                                                       capfd, monkeypatch):
+  _assert_one_line_exit_2(_bad_key_run(override, tmp_path, data_dir, capfd, monkeypatch),
+                          message, tmp_path)
+
+
+def test_a_bad_fault_key_ends_the_process_with_exit_2_and_one_line(tmp_path, data_dir):
+  """The same check on the `python -m jmtl.cli` process itself (exit status, all of stderr,
+  start-up and exit included), for one of the keys above."""
+  override, message = BAD_KEYS[0]
+  _assert_one_line_exit_2(_bad_key_run(override, tmp_path, data_dir), message, tmp_path)
+
+
 @pytest.mark.slow
-def test_job_with_dropout_and_a_byzantine_site_under_krum_logs_both(tmp_path, data_dir):
+def test_job_with_dropout_and_a_byzantine_site_under_krum_logs_both(tmp_path, data_dir,
+                                                                    jax_cache):
   # Seed 0, dropout 0.6 over 4 sites (faults.dropout): round 1 loses all four (skipped), round 2
   # keeps a, b, d; a is Byzantine (x10), so Krum (f = 1, m = n - f = 2) keeps b and d.
   wd = tmp_path / "w"
@@ -358,7 +389,7 @@ def test_job_with_dropout_and_a_byzantine_site_under_krum_logs_both(tmp_path, da
        str(wd), "--config.fed.rounds=2", "--config.fed.eval_every=0",
        "--config.fed.aggregator=krum", "--config.fed.faults.dropout=0.6",
        "--config.fed.faults.byzantine=a", "--config.fed.faults.attack=scale"],
-      env=_env(data_dir), cwd=REPO, capture_output=True, text=True, timeout=600)
+      env=_env(data_dir, jax_cache), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "round 1: no site left after the deadline and dropout; round skipped" in out.stderr
   rows = [json.loads(line) for line in (wd / "rounds.jsonl").read_text().splitlines()]
