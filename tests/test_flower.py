@@ -117,7 +117,11 @@ def _run(cluster, tmp_path, algo, **extra):
 # (by hand: per leaf 1 index byte + 1 int8 value + a float32 scale = 6 bytes, 2 leaves), its
 # error-feedback residual kept in its SuperNode's Context.state across the 3 rounds (each
 # round's ClientApp is a fresh process).
-@pytest.mark.parametrize("compress, up", [("", 4 * (fp.D + 1)), ("topk:0.1+int8", 12)])
+@pytest.mark.parametrize("compress, up", [
+    ("", 4 * (fp.D + 1)),
+    # Compression's equality is also checked in-process (test_flower_parts); this case shows the
+    # top-k residual surviving in Context.state across the per-message ClientApp processes.
+    pytest.param("topk:0.1+int8", 12, marks=pytest.mark.long)])
 def test_fedavg_on_flower_equals_the_mesh_simulation_and_numpy(cluster, tmp_path, compress, up):
   wd, rows = _run(cluster, tmp_path, "fedavg", compress=compress)
   got = _server_params(wd, ROUNDS)
@@ -145,6 +149,7 @@ def test_fedavg_on_flower_equals_the_mesh_simulation_and_numpy(cluster, tmp_path
   assert config["sites"] == SITES and config["run_config"]["algo"] == "fedavg"
 
 
+@pytest.mark.long
 def test_diloco_keeps_each_sites_adamw_state_and_equals_the_simulation(cluster, tmp_path):
   wd, rows = _run(cluster, tmp_path, "diloco")
   got = _server_params(wd, ROUNDS, "diloco")
@@ -253,6 +258,7 @@ def _wait_file(cluster, path, timeout=60.0):
   pytest.fail(f"no {path} after {timeout} s\n{cluster.logs()}")
 
 
+@pytest.mark.long
 def test_killed_server_resumes_from_its_checkpoint(cluster, tmp_path):
   """The server process (the SuperLink's `flwr-serverapp`) SIGKILLed after round 2 of 4, the run
   submitted again on the same workdir: the new server resumes from the round-2 checkpoint, each
@@ -342,6 +348,7 @@ def test_secagg_plus_workflow_equals_the_plain_weighted_sum(tmp_path):
   assert np.abs(got["w"]).sum() > 0.1
 
 
+@pytest.mark.long
 def test_secagg_plus_stops_a_round_whose_sites_the_mod_would_clip(tmp_path):
   """secagg-max-weight 1e-3: every site's n_k / max_weight x delta_k is far above Flower's
   clipping range 8, which Flower's mod would clip with only a warning (a wrong mean). The sites

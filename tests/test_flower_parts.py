@@ -269,6 +269,7 @@ def test_compressed_payloads_equal_the_simulation_and_its_byte_accounting(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_jmtl_config_with_compression_matches_jmtl_federated(tmp_path, data_dir):
   """A real jmtl config (`tiny_fed_flower.py`: BBC topic, transformer, DiLoCo) with
   fed.compress = topk:0.1+int8 through the Flower server (in-process stand-in Grid, the
