@@ -46,7 +46,7 @@ STUDIES = ("mtl",)
 DATA_SUBCOMMANDS = ("prepare",)
 COMMAND_USAGE = {
     "train": "jmtl train --config FILE --workdir DIR [--config.KEY=VALUE ...]",
-    "eval": "jmtl eval --config FILE --workdir DIR [--config.KEY=VALUE ...]",
+    "eval": "jmtl eval --config FILE --workdir DIR [--backend NAME] [--config.KEY=VALUE ...]",
     "data": "jmtl data [prepare] --config FILE [--config.KEY=VALUE ...]",
     "bench": "jmtl bench {step,data,loop,optimizer,scaling,federated} --config FILE [--json] [--out FILE] "
              "[--config.KEY=VALUE ...]",
@@ -82,7 +82,7 @@ COMMAND_HELP = {
                  "aggregation); resumes from the latest checkpoint in --workdir.",
 }
 _COMMAND_FLAGS = {
-    "train": ("config", "workdir"), "eval": ("config", "workdir"), "data": ("config",),
+    "train": ("config", "workdir"), "eval": ("config", "workdir", "backend"), "data": ("config",),
     "bench": ("config", "json", "out"), "compile": ("config", "topology", "json", "out"),
     "sweep": ("config", "workdir"), "study": ("config", "workdir"),
     "report": ("workdir", "runs", "out"), "federated": ("config", "workdir", "backend"),
@@ -96,8 +96,8 @@ _FLAG_HELP = (
     ("--json", "bench, compile: print the result as JSON"),
     ("--runs DIR...", "report mtl: run directories, or folders holding them"),
     ("--out FILE|DIR", "bench, compile: also write the JSON here; report: output directory"),
-    ("--backend NAME", "federated: shorthand for --config.fed.backend=NAME (shard_map, pmap, "
-                       "flower)"),
+    ("--backend NAME", "federated, eval: shorthand for --config.fed.backend=NAME (shard_map, "
+                       "pmap, flower)"),
 )
 USAGE = "usage: " + "\n       ".join(COMMAND_USAGE[c] for c in COMMANDS)
 HELP = "\n".join([
@@ -122,7 +122,7 @@ def _make_flags() -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_multi_string("runs", None, "report mtl: run directories or folders of them.",
                             flag_values=fv)
-  flags.DEFINE_string("backend", None, "federated: shorthand for --config.fed.backend.",
+  flags.DEFINE_string("backend", None, "federated, eval: shorthand for --config.fed.backend.",
                       flag_values=fv)
   return fv
 

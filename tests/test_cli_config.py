@@ -247,8 +247,9 @@ def test_flags_of_each_command_are_still_accepted(capsys, tmp_path):
 
 
 def test_backend_flag_is_the_fed_backend_key_and_only_for_federated(capsys, tmp_path):
-  """`jmtl federated --backend NAME` (the issue's command line) sets fed.backend, after and
-  over any --config.fed.backend; other commands refuse it in one line."""
+  """`jmtl federated --backend NAME` (the issue's command line) and `jmtl eval --backend NAME`
+  set fed.backend, after and over any --config.fed.backend; other commands refuse it in one
+  line."""
   fed = str(REPO / "tests" / "configs" / "tiny_fed.py")
   _, _, config, _ = cli.parse(["jmtl", "federated", "--config", fed, "--workdir",
                                str(tmp_path), "--config.fed.backend=shard_map",
@@ -257,6 +258,9 @@ def test_backend_flag_is_the_fed_backend_key_and_only_for_federated(capsys, tmp_
   _, _, config, _ = cli.parse(["jmtl", "federated", "--config", fed, "--workdir",
                                str(tmp_path)])
   assert config.fed.backend == "shard_map"  # the default when the flag is absent
+  _, _, config, _ = cli.parse(["jmtl", "eval", "--config", fed, "--workdir", str(tmp_path),
+                               "--backend", "flower"])  # evaluating a Flower workdir
+  assert config.fed.backend == "flower"
   line = _error_line(capsys, ["train", "--config", str(TINY), "--workdir", str(tmp_path / "w"),
                               "--backend", "pmap"])
   assert "flag --backend does not apply to jmtl train" in line, line
