@@ -84,28 +84,31 @@ def test_flower_backend_unknown_superlink_connection_is_one_line(tmp_path):
 class _Reply:
   """What `flower.serve` reads of a reply Message: content, has_error(), the id it answers."""
 
-  def __init__(self, content, reply_to):
-    self.content = content
-    self.metadata = type("Metadata", (), {"reply_to_message_id": reply_to})()
+  def __init__(self, content, reply_to, src_node_id=0, error=None):
+    self.content, self.error = content, error
+    self.metadata = type("Metadata", (), {"reply_to_message_id": reply_to,
+                                          "src_node_id": src_node_id})()
 
   def has_error(self):
-    return False
+    return self.error is not None
 
 
 class _Grid:
   """An in-process stand-in for Flower's Grid: node k + 1 is site k, running the ClientApp's
   `flower.site_round` with the shared `make_site_update` and keeping its client state, as a
-  SuperNode's Context.state does within one run. `lost` = sites that never reply."""
+  SuperNode's Context.state does within one run. `lost` = sites that never reply; `failing` =
+  sites whose ClientApp raises (their reply carries a Flower `Error`, as a SuperNode sends)."""
 
   runs = 0
 
-  def __init__(self, run_config, lost=()):
+  def __init__(self, run_config, lost=(), failing=()):
     import jax
     from flwr.app import MetricRecord, RecordDict
     _Grid.runs += 1  # a run id of its own: `flower._site` caches per (run, site)
     self.problem, self.update, self.like, _ = flower._site(-_Grid.runs, run_config, "a")
     self.jax, self.MetricRecord, self.RecordDict = jax, MetricRecord, RecordDict
     self.lost, self.opt, self.residual, self.out = set(lost), {}, {}, {}
+    self.failing = set(failing)
 
   def get_node_ids(self):
     return [k + 1 for k in range(len(self.problem.sites))]
@@ -117,6 +120,12 @@ class _Grid:
       mid = f"m{len(self.out)}_{i}"
       ids.append(mid)
       if self.problem.sites[k] in self.lost:
+        continue
+      if self.problem.sites[k] in self.failing:
+        from flwr.app import Error
+        self.out[mid] = _Reply(None, mid, k + 1, Error(
+            code=0, reason="ValueError: node config 'site' = 'zz' is not one of ['a', 'b']\n"
+                           "Traceback (most recent call last): ..."))
         continue
       params = flower.from_record(msg.content["params"], self.like)
       opt = self.opt.get(k, self.problem.client_tx.init(params))
@@ -199,6 +208,52 @@ def test_server_drops_a_lost_site_and_renormalises(tmp_path):
   flower.serve(_Grid(_run_config(wd, 1), lost={"b"}), _run_config(wd, 1))
   row = json.loads((wd / "rounds.jsonl").read_text())
   assert row["sites"] == ["a"] and row["dropped"] == ["b"] and row["weights"] == {"a": 1.0}
+
+
+def test_server_records_and_prints_a_sites_error_reply(tmp_path, capfd):
+  """A SuperNode whose ClientApp raised (an unknown node config site) is not silent: the
+  round's line holds `errors` {node id: the error's first line} and the server says it."""
+  wd = tmp_path / "wd"
+  flower.serve(_Grid(_run_config(wd, 1), failing={"b"}), _run_config(wd, 1))
+  row = json.loads((wd / "rounds.jsonl").read_text())
+  first = "ValueError: node config 'site' = 'zz' is not one of ['a', 'b']"
+  assert row["sites"] == ["a"] and row["dropped"] == ["b"] and row["errors"] == {"2": first}
+  err = capfd.readouterr().err
+  assert f"round 1: node 2 replied with an error: {first}" in err
+  flower.serve(_Grid(_run_config(tmp_path / "ok", 1)), _run_config(tmp_path / "ok", 1))
+  assert "errors" not in json.loads((tmp_path / "ok" / "rounds.jsonl").read_text())
+
+
+def with_outputs(run_config):
+  """flower_problem's Problem with an evaluation and a `write_outputs` that records what the
+  workdir held when it was called (the last round's committed checkpoint and line?)."""
+  import flower_problem as fp
+  from jmtl.train import checkpoint as checkpoint_lib
+  problem = fp.make(run_config)
+  wd = str(run_config["workdir"])
+
+  def write_outputs(workdir, metrics, rows, r):
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+      committed = ckpt.latest_step()
+    finally:
+      ckpt.close()
+    lines = Path(workdir, "rounds.jsonl").read_text().splitlines()
+    Path(workdir, "eval.json").write_text(json.dumps({
+        "round": r, "committed": committed, "last_line": json.loads(lines[-1])["round"]}))
+
+  problem.evaluate = lambda params, opt, r: ({"t/m": float(r)}, {})
+  problem.write_outputs = write_outputs
+  assert wd
+  return problem
+
+
+def test_server_writes_eval_json_after_the_last_checkpoint_and_line(tmp_path):
+  wd = tmp_path / "wd"
+  rc = _run_config(wd, 2, problem="test_flower_parts:with_outputs")
+  flower.serve(_Grid(rc), rc)
+  assert json.loads((wd / "eval.json").read_text()) == {"round": 2, "committed": 2,
+                                                        "last_line": 2}
 
 
 def _checkpoint(wd, meta):

@@ -43,11 +43,12 @@ Files in `workdir` (written by the server process only, each line appended and f
 `tokenizer.json` (as `jmtl federated` writes them), `rounds.jsonl` (per round: `round`,
 `sites` (those that replied), `dropped`, `applied`, `loss` (example-weighted L_k),
 `site_loss`, `weights`, `bytes_up` / `bytes_down` per site and `total`, `seconds` (measured),
-`site_seconds` (each site's measured local work), and `<task>/<metric>` at evaluation
-rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
+`site_seconds` (each site's measured local work), `errors` {node id: first line of the
+error} when a SuperNode's ClientApp raised (also printed on the server's stderr), and
+`<task>/<metric>` at evaluation rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
 federated`: written to a temporary directory and renamed, keep-N, meta with the run's
 fingerprint; the tree is `checkpoint_like`: the server parameters and optimizer state), and
-with a jmtl config `eval.json` (the last round's evaluation, `train.loop._run_eval` as in
+with a jmtl config `eval.json` (written after the last round's checkpoint and line: the last round's evaluation, `train.loop._run_eval` as in
 `jmtl federated`; round 0 and every fed.eval_every rounds go into rounds.jsonl).
 
 Resume: a server started on a workdir with a checkpoint continues from its latest complete one
@@ -656,7 +657,7 @@ class _Server:
     except BaseException:
       self.ckpt.close()
       raise
-    self.start = 0
+    self.start, self._outputs = 0, None
     if restored is not None:
       self.start, tree, _, meta = restored
       tree = jax.device_get(tree)
@@ -689,17 +690,20 @@ class _Server:
   def evaluate(self, r: int, row: dict) -> None:
     """The Problem's evaluation of the server parameters (a jmtl config: the trainer's
     `_run_eval` on the tasks' data.eval_split, as `jmtl federated`); metrics go into `row`,
-    and at the last round into eval.json (`train.loop._write_outputs`)."""
+    and at the last round into eval.json (`train.loop._write_outputs`), which `end_round`
+    writes only after that round's checkpoint is committed and its line appended (a kill in
+    between leaves no eval.json claiming a round that never completed)."""
     metrics, pred_rows = self.problem.evaluate(self.params, self.opt_state, r)
     row.update({k: (float(v) if np.isfinite(v) else None) for k, v in metrics.items()})
     if r == self.rounds and self.problem.write_outputs is not None:
-      self.problem.write_outputs(self.workdir, metrics, pred_rows, r)
+      self._outputs = (metrics, pred_rows)  # written by end_round after checkpoint and line
 
   def end_round(self, r: int, row: dict) -> None:
     """After round r: evaluation (fed.eval_every and the last round), the checkpoint
     (`Problem.checkpoint_every`, evaluation rounds and the last round; saved and committed
-    before the line), then the line of rounds.jsonl."""
+    before the line), then the line of rounds.jsonl, then (last round) eval.json."""
     last = r == self.rounds
+    self._outputs = None
     evaluated = self.problem.evaluate is not None and (
         last or bool(self.problem.eval_every and r % self.problem.eval_every == 0))
     if evaluated:
@@ -709,6 +713,8 @@ class _Server:
                      {"row": row, "backend": "flower", "fingerprint": self.fp})
       self.ckpt.wait()
     _append(self.rounds_path, row)
+    if self._outputs is not None and self.problem.write_outputs is not None:
+      self.problem.write_outputs(self.workdir, *self._outputs, r)
 
   def close(self) -> None:
     self.ckpt.close()
@@ -747,8 +753,14 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
   deltas: list[Any] = [None] * S
   examples = np.zeros(S, np.float32)
   info: dict[int, dict] = {}
+  errors: dict[str, str] = {}
   for rep in replies:
-    if rep.has_error():
+    if rep.has_error():  # a SuperNode whose ClientApp raised (e.g. an unknown node config site)
+      node = str(rep.metadata.src_node_id)
+      reason = str(getattr(rep.error, "reason", "") or rep.error).strip()
+      errors[node] = (reason.splitlines() or [""])[0]
+      print(f"round {r + 1}: node {node} replied with an error: {errors[node]}",
+            file=sys.stderr, flush=True)
       continue
     k = int(rep.content["metrics"]["site"])
     deltas[k] = (decode_update(problem, k, rep.content["delta"], server.params)
@@ -774,7 +786,8 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
                        "total": sum(info[k]["up"] for k in part)},
           "bytes_down": {**{problem.sites[k]: down for k in part}, "total": down * len(part)},
           "seconds": time.time() - t0,
-          "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part}}
+          "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part},
+          **({"errors": errors} if errors else {})}
 
 
 def _make_server_app():
