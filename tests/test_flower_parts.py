@@ -355,3 +355,81 @@ def test_jmtl_config_with_compression_matches_jmtl_federated(tmp_path, data_dir)
     assert got["site_loss"] == pytest.approx(want["site_loss"], rel=1e-5, abs=1e-6)
     assert got["bytes_up"] == want["bytes_up"] and got["bytes_down"] == want["bytes_down"]
   assert rows[0]["bytes_up"]["a"] < rows[0]["bytes_down"]["a"] / 10  # it compressed
+
+
+# ---------------------------------------------------------------- following a submitted run
+
+def _line(r, loss):
+  return json.dumps({"round": r, "sites": ["a", "b"], "loss": loss, "seconds": 0.5}) + "\n"
+
+
+def _started(wd, submission, rows):
+  """What a server of submission `submission` has written: flower.json naming it, the lines."""
+  wd.mkdir(exist_ok=True)
+  (wd / "flower.json").write_text(json.dumps({"run_config": {"submission": submission}}))
+  (wd / "rounds.jsonl").write_text("".join(_line(r, loss) for r, loss in rows))
+
+
+def _follow(wd, status, **kw):
+  said = []
+  kw = {"submission": "s1", "resumed": None, "wait_s": 30.0, **kw}
+  try:
+    last = flower.follow(str(wd), 4, 7, status=status, echo=said.append, poll_s=0.01,
+                         status_every_s=0.0, **kw)
+  except flower.RunError as e:
+    return said, e
+  return said, last
+
+
+def test_follow_ends_with_one_line_when_the_flower_run_failed(tmp_path):
+  wd = tmp_path / "wd"
+  _started(wd, "s1", [(1, 0.9), (2, 0.8)])  # the server died after round 2 of 4
+  t0 = __import__("time").time()
+  said, err = _follow(wd, lambda: ("finished:failed", "ServerApp raised"))
+  assert __import__("time").time() - t0 < 5  # not the full wait_s
+  assert said == ["round 1: loss 0.9 sites a,b 0.5 s", "round 2: loss 0.8 sites a,b 0.5 s"]
+  assert isinstance(err, flower.RunError) and len(str(err).splitlines()) == 1
+  assert str(err).startswith("the Flower run 7 ended (finished:failed) after round 2 of 4")
+  assert "ServerApp raised" in str(err)
+
+
+def test_follow_says_when_wait_s_runs_out(tmp_path):
+  wd = tmp_path / "wd"
+  _started(wd, "s1", [(1, 0.9)])
+  said, err = _follow(wd, lambda: ("running", ""), wait_s=0.3)
+  assert said == ["round 1: loss 0.9 sites a,b 0.5 s"]
+  assert isinstance(err, flower.RunError) and str(err).startswith(
+      "stopped waiting for the Flower run 7 after fed.flower.wait_s = 0.3 s at round 1 of 4 "
+      "(run status: running)")
+
+
+def test_follow_after_a_resume_prints_only_this_runs_rounds(tmp_path):
+  """The killed run left rounds 1-4 (3 and 4 past its checkpoint at round 2, loss 99): none of
+  them is printed or counted; the new server drops 3-4, names its submission, redoes them."""
+  import threading
+  import time
+  wd = tmp_path / "wd"
+  _started(wd, "old", [(1, 0.9), (2, 0.8), (3, 99.0), (4, 99.0)])
+
+  def server():
+    time.sleep(0.3)
+    (wd / "rounds.jsonl").write_text(_line(1, 0.9) + _line(2, 0.8))  # truncated past round 2
+    (wd / "flower.json").write_text(json.dumps({"run_config": {"submission": "s1"}}))
+    for r in (3, 4):
+      time.sleep(0.1)
+      with open(wd / "rounds.jsonl", "a") as f:
+        f.write(_line(r, 0.7 - 0.1 * (r - 3)))
+
+  thread = threading.Thread(target=server)
+  thread.start()
+  said, last = _follow(wd, lambda: ("running", ""), resumed=2)
+  thread.join()
+  assert last == 4
+  assert said == ["resuming from round 2", "round 3: loss 0.7 sites a,b 0.5 s",
+                  "round 4: loss 0.6 sites a,b 0.5 s"]
+
+
+def test_follow_a_completed_run_whose_workdir_is_elsewhere_returns(tmp_path):
+  said, last = _follow(tmp_path / "absent", lambda: ("finished:completed", ""))
+  assert last == 0 and said == [f"the Flower run 7 ended (finished:completed); its server "
+                                f"wrote {tmp_path / 'absent'} on its own machine"]

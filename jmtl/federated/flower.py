@@ -551,7 +551,7 @@ def _fingerprint(problem: Problem, run_config: dict) -> dict:
 
 # Run config keys a resumed run may change (the others must equal the checkpoint's).
 RESUMABLE_RUN_CONFIG = ("workdir", "rounds", "round-timeout", "wait-sites", "config",
-                        "overrides")
+                        "overrides", "submission")
 
 
 def _check_checkpoint(problem: Problem, run_config: dict, workdir: str, step: int,
@@ -1087,7 +1087,8 @@ clientapp = "jmtl.federated.flower:{client}"
 
 APP_PYPROJECT = app_pyproject("jmtlfederated", {
     "problem": "jmtl.federated.flower:jmtl_problem", "config": "", "overrides": "",
-    "workdir": "", "rounds": 0, "round-timeout": 600.0, "wait-sites": 600.0})
+    "workdir": "", "rounds": 0, "round-timeout": 600.0, "wait-sites": 600.0,
+    "submission": ""})
 
 
 def write_app(directory: str) -> str:
@@ -1106,28 +1107,130 @@ def run_config_text(items: dict) -> str:
   return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
-def check_workdir(config: Any, workdir: str) -> None:
+def check_workdir(config: Any, workdir: str) -> int | None:
   """When `workdir` (visible here) holds a checkpoint, refuses it unless it is this config's
   Flower run (ConfigError, one line, naming the keys that differ, as `jmtl federated` does):
-  the server then resumes from it. A workdir on another machine is checked by the server."""
+  the server then resumes from it. Returns the round of its latest complete checkpoint (None:
+  none here). A workdir on another machine is checked by the server."""
   from etils import epath  # noqa: PLC0415
   from jmtl.config import ConfigError  # noqa: PLC0415
   from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    return
+    return None
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     found = ckpt.read_latest_meta()
   finally:
     ckpt.close()
   if found is None:
-    return
+    return None
   step, meta = found
   if meta.get("backend") != "flower":
     raise ConfigError(f"--workdir {workdir} holds a checkpoint at round {step} of a `jmtl "
                       f"federated` simulation, not of a Flower run: use a new workdir")
   workdir_lib.check_config(meta, config, workdir=epath.Path(workdir), step=step)
+  return int(step)
+
+
+class RunError(RuntimeError):
+  """The followed Flower run ended before its last round, or fed.flower.wait_s ran out first
+  (`jmtl federated` prints it as one line `jmtl: error: ...` and exits 1)."""
+
+
+def run_status(flwr: str, superlink: str, run_id: Any) -> tuple[str, str] | None:
+  """(status, details) of Flower run `run_id` as `flwr ls [superlink] --run-id ID --format
+  json` reports it (status: "pending", "starting", "running", "finished:completed",
+  "finished:failed", "finished:stopped"); None when the SuperLink does not answer."""
+  import subprocess  # noqa: PLC0415
+  args = [flwr, "ls"] + ([superlink] if superlink else []) + [
+      "--run-id", str(run_id), "--format", "json"]
+  try:
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    runs = json.loads(out.stdout).get("runs") or []
+  except (subprocess.TimeoutExpired, ValueError, AttributeError, OSError):
+    return None
+  for run in runs:
+    if str(run.get("run-id")) == str(run_id):
+      return str(run.get("status", "")), str(run.get("status-details") or "")
+  return None
+
+
+def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: int | None,
+           wait_s: float, status: Callable[[], tuple[str, str] | None],
+           echo: Callable[[str], None] = print, poll_s: float = 0.2,
+           status_every_s: float = 2.0) -> int:
+  """Follows the rounds.jsonl lines that THIS run's server writes until round `rounds`.
+
+  A line counts only once `workdir`/flower.json names `submission` (the run config key the
+  server writes there after it dropped the lines past its checkpoint, see `_Server`) and its
+  round is past `resumed` (the latest complete checkpoint's round when submitted; the killed
+  run's later lines are dropped and redone by the server). `status()` (every status_every_s
+  seconds: `run_status`) tells when the Flower run has finished. Returns the last round seen.
+  RunError (one line) when the run finished before round `rounds` or `wait_s` ran out."""
+  path, meta = os.path.join(workdir, "rounds.jsonl"), os.path.join(workdir, "flower.json")
+  start = resumed or 0
+  last, deadline, asked, ended = start, time.time() + float(wait_s), 0.0, None
+  if resumed is not None:
+    echo(f"resuming from round {resumed}")
+
+  def ours() -> bool:
+    try:
+      with open(meta, encoding="utf-8") as f:
+        return json.load(f)["run_config"].get("submission") == submission
+    except (OSError, ValueError, KeyError, TypeError):
+      return False
+
+  def read() -> None:
+    nonlocal last
+    if not ours() or not os.path.exists(path):
+      return
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except ValueError:  # a line being written
+        break
+      if int(row["round"]) <= last:
+        continue
+      last = int(row["round"])
+      if "sites" in row:
+        loss = row.get("loss")
+        echo(f"round {row['round']}: loss {loss} sites {','.join(row['sites'])} "
+             f"{row.get('seconds', 0.0):.1f} s"
+             + (f" errors {row['errors']}" if row.get("errors") else ""))
+      else:  # round 0: the evaluation of the initial model
+        echo(f"round {row['round']}: evaluated")
+
+  while last < rounds:
+    read()
+    if last >= rounds:
+      break
+    if ended is not None:
+      st, details = ended
+      raise RunError(f"the Flower run {run_id} ended ({st}) after round {max(last, start)} of "
+                     f"{rounds}" + (f" ({' '.join(details.split())[:300]})" if details else "")
+                     + f"; its server's log: `flwr log {run_id}`; submit again to resume from "
+                     f"its last checkpoint")
+    now = time.time()
+    if now >= deadline:
+      got = status()
+      raise RunError(f"stopped waiting for the Flower run {run_id} after fed.flower.wait_s = "
+                     f"{float(wait_s):g} s at round {max(last, start)} of {rounds} (run status: "
+                     f"{got[0] if got else 'unknown'}); its server writes {workdir}")
+    if now - asked >= status_every_s:
+      asked = now
+      got = status()
+      if got is not None and got[0].startswith("finished"):
+        if got[0] == "finished:completed" and not ours():  # its workdir is not visible here
+          echo(f"the Flower run {run_id} ended ({got[0]}); its server wrote {workdir} on its "
+               f"own machine")
+          return last
+        ended = got  # read the file once more: the last lines may have landed meanwhile
+        continue
+    time.sleep(poll_s)
+  return last
 
 
 def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
@@ -1135,11 +1238,14 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
   """`jmtl federated` with fed.backend = flower: submits the run (`flwr run`) to the SuperLink
   connection fed.flower.superlink; the ServerApp writes `workdir` on the SuperLink's machine.
   `config_path` (absolute) and `overrides` ("--config.KEY=VALUE") must name the same config on
-  every machine. With fed.flower.wait_s > 0, waits for rounds.jsonl to hold fed.rounds lines
-  when `workdir` is visible here. Returns {"run_id", "workdir", "rounds" (the last round
-  seen)}. A workdir with a checkpoint of this config's Flower run is resumed by the server
-  (`check_workdir` refuses another run's here when the workdir is visible).
-  ConfigError (one line) when `flwr` is missing or the SuperLink refuses the run."""
+  every machine. With fed.flower.wait_s > 0, follows this run's lines of rounds.jsonl until
+  round fed.rounds (`follow`; a resumed run: only the rounds past the checkpoint, after
+  "resuming from round c") and asks the SuperLink for the run's status (`run_status`).
+  Returns {"run_id", "workdir", "rounds" (the last round seen)}. A workdir with a checkpoint
+  of this config's Flower run is resumed by the server (`check_workdir` refuses another run's
+  here when the workdir is visible). ConfigError (one line) when `flwr` is missing or the
+  SuperLink refuses the run; RunError (one line) when the run ended before its last round
+  or wait_s ran out first."""
   import shlex  # noqa: PLC0415
   import shutil  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
@@ -1153,13 +1259,14 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
     raise ConfigError("config key 'fed.backend' = 'flower' needs Flower's `flwr` command "
                       "(pip install 'jmtl[flower]')")
   fed = config.fed
-  check_workdir(config, workdir)
+  resumed = check_workdir(config, workdir)
+  submission = f"{time.time_ns():x}-{os.getpid()}"  # names this submission in flower.json
   items = {"problem": "jmtl.federated.flower:jmtl_problem",
            "config": os.path.abspath(config_path),
            "overrides": " ".join(shlex.quote(o) for o in overrides),
            "workdir": os.path.abspath(workdir), "rounds": int(fed.rounds),
            "round-timeout": float(fed.flower.round_timeout),
-           "wait-sites": float(fed.flower.wait_sites)}
+           "wait-sites": float(fed.flower.wait_sites), "submission": submission}
   with tempfile.TemporaryDirectory() as tmp:
     args = [flwr, "run", write_app(tmp)] + ([fed.flower.superlink] if fed.flower.superlink
                                             else [])
@@ -1180,26 +1287,11 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
                       f"failed: {msg[:400]}")
   run_id = answer.get("run-id")
   echo(f"submitted Flower run {run_id}; its server writes {items['workdir']}")
-  path = os.path.join(items["workdir"], "rounds.jsonl")
-  last, deadline = -1, time.time() + float(fed.flower.wait_s)
-  while time.time() < deadline and last < int(fed.rounds):
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-      for line in lines:
-        try:
-          row = json.loads(line)
-        except ValueError:  # a line being written
-          break
-        if row["round"] <= last:
-          continue
-        last = int(row["round"])
-        if "sites" in row:
-          echo(f"round {row['round']}: loss {row['loss']} sites {','.join(row['sites'])} "
-               f"{row['seconds']:.1f} s")
-        else:  # round 0: the evaluation of the initial model
-          echo(f"round {row['round']}: evaluated")
-    time.sleep(0.2)
+  last = -1
+  if float(fed.flower.wait_s) > 0:
+    last = follow(items["workdir"], int(fed.rounds), run_id, submission=submission,
+                  resumed=resumed, wait_s=float(fed.flower.wait_s), echo=echo,
+                  status=lambda: run_status(flwr, fed.flower.superlink, run_id))
   return {"run_id": run_id, "workdir": items["workdir"], "rounds": max(last, 0)}
 
 
