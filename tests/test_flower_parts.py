@@ -433,3 +433,17 @@ def test_follow_a_completed_run_whose_workdir_is_elsewhere_returns(tmp_path):
   said, last = _follow(tmp_path / "absent", lambda: ("finished:completed", ""))
   assert last == 0 and said == [f"the Flower run 7 ended (finished:completed); its server "
                                 f"wrote {tmp_path / 'absent'} on its own machine"]
+
+
+def test_cli_prints_a_failed_flower_run_in_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
+  from jmtl import cli
+
+  def failed(*args, **kwargs):
+    raise flower.RunError("the Flower run 7 ended (finished:failed) after round 2 of 4; x")
+  monkeypatch.setattr(flower, "submit", failed)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["jmtl", "federated", "--config", CONFIG, "--workdir", str(tmp_path / "wd"),
+              "--config.fed.backend=flower"])
+  assert e.value.code == 1
+  assert capsys.readouterr().err.strip().splitlines() == [
+      "jmtl: error: the Flower run 7 ended (finished:failed) after round 2 of 4; x"]
