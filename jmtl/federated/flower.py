@@ -1159,7 +1159,7 @@ def run_status(flwr: str, superlink: str, run_id: Any) -> tuple[str, str] | None
 def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: int | None,
            wait_s: float, status: Callable[[], tuple[str, str] | None],
            echo: Callable[[str], None] = print, poll_s: float = 0.2,
-           status_every_s: float = 2.0) -> int:
+           status_every_s: float = 5.0) -> int:
   """Follows the rounds.jsonl lines that THIS run's server writes until round `rounds`.
 
   A line counts only once `workdir`/flower.json names `submission` (the run config key the
