@@ -254,6 +254,12 @@ def test_server_writes_eval_json_after_the_last_checkpoint_and_line(tmp_path):
   flower.serve(_Grid(rc), rc)
   assert json.loads((wd / "eval.json").read_text()) == {"round": 2, "committed": 2,
                                                         "last_line": 2}
+  (wd / "eval.json").unlink()  # killed after the last line, before eval.json
+  lines = (wd / "rounds.jsonl").read_text()
+  flower.serve(_Grid(rc), rc)  # submitted again: no round runs, eval.json comes back
+  assert json.loads((wd / "eval.json").read_text()) == {"round": 2, "committed": 2,
+                                                        "last_line": 2}
+  assert (wd / "rounds.jsonl").read_text() == lines
 
 
 def _checkpoint(wd, meta):

@@ -53,7 +53,9 @@ with a jmtl config `eval.json` (written after the last round's checkpoint and li
 
 Resume: a server started on a workdir with a checkpoint continues from its latest complete one
 (server parameters, server optimizer state, the round; the lines of rounds.jsonl after it are
-dropped, its own line restored from the checkpoint's meta when a kill came between the two); a
+dropped, its own line restored from the checkpoint's meta when a kill came between the two;
+a finished run submitted again writes eval.json again, which a kill after the last line can
+have left out); a
 checkpoint of another run (a simulation's, another config's keys or vocabulary, another run
 config) is refused in one line. The sites' client optimizer states are NOT in the server's
 checkpoint: each lives in its SuperNode's per-run `Context.state`, so a new run (the resumed
@@ -678,6 +680,12 @@ class _Server:
         f.write(text)
     with open(os.path.join(self.workdir, "flower.json"), "w", encoding="utf-8") as f:
       json.dump({"run_config": dict(run_config), "sites": list(problem.sites)}, f, indent=1)
+    if (restored is not None and self.start == self.rounds and problem.evaluate is not None
+        and problem.write_outputs is not None):
+      # A finished run submitted again: eval.json again (a kill after the last line and
+      # before eval.json left none; the evaluation of the same parameters is the same).
+      problem.write_outputs(self.workdir, *problem.evaluate(self.params, self.opt_state,
+                                                            self.start), self.start)
     if eval_zero:
       row = {"round": 0}  # the initial model, as `jmtl federated` evaluates it
       self.evaluate(0, row)
