@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -390,9 +391,9 @@ def _follow(wd, status, **kw):
 def test_follow_ends_with_one_line_when_the_flower_run_failed(tmp_path):
   wd = tmp_path / "wd"
   _started(wd, "s1", [(1, 0.9), (2, 0.8)])  # the server died after round 2 of 4
-  t0 = __import__("time").time()
+  t0 = time.time()
   said, err = _follow(wd, lambda: ("finished:failed", "ServerApp raised"))
-  assert __import__("time").time() - t0 < 5  # not the full wait_s
+  assert time.time() - t0 < 5  # not the full wait_s
   assert said == ["round 1: loss 0.9 sites a,b 0.5 s", "round 2: loss 0.8 sites a,b 0.5 s"]
   assert isinstance(err, flower.RunError) and len(str(err).splitlines()) == 1
   assert str(err).startswith("the Flower run 7 ended (finished:failed) after round 2 of 4")
@@ -413,7 +414,6 @@ def test_follow_after_a_resume_prints_only_this_runs_rounds(tmp_path):
   """The killed run left rounds 1-4 (3 and 4 past its checkpoint at round 2, loss 99): none of
   them is printed or counted; the new server drops 3-4, names its submission, redoes them."""
   import threading
-  import time
   wd = tmp_path / "wd"
   _started(wd, "old", [(1, 0.9), (2, 0.8), (3, 99.0), (4, 99.0)])
 
