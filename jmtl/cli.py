@@ -503,8 +503,12 @@ def run(argv: Sequence[str]) -> int:
                          and not flower else None)  # flower: the SuperLink's machine writes it
   if flower:
     from jmtl.federated import flower as flower_lib
-    flower_lib.submit(config, fv.config, config_overrides(argv[2:], fv),
-                      fv.workdir, echo=lambda s: print(s, flush=True))
+    try:
+      flower_lib.submit(config, fv.config, config_overrides(argv[2:], fv),
+                        fv.workdir, echo=lambda s: print(s, flush=True))
+    except flower_lib.RunError as e:  # the run failed, or wait_s ran out: one line, exit 1
+      print(f"jmtl: error: {_one_line(str(e))}", file=sys.stderr)
+      return 1
     return 0
   if cmd in ("federated", "train"):
     from jmtl.train.loop import StopRequest

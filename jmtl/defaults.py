@@ -460,8 +460,10 @@ _key("fed.flower.wait_sites", 600.0,
      "fed.backend=flower: seconds the server waits before round 1 for every site's SuperNode to "
      "connect (it then starts with those connected)", check=ge(0))
 _key("fed.flower.wait_s", 0.0,
-     "fed.backend=flower: seconds `jmtl federated` waits for the server's rounds.jsonl to reach "
-     "round fed.rounds (when the workdir is visible here); 0 = return once the run is submitted",
+     "fed.backend=flower: seconds `jmtl federated` follows this run's rounds.jsonl lines until "
+     "round fed.rounds (when the workdir is visible here); a run that ends first (`flwr ls` "
+     "status finished) or a wait that runs out is one `jmtl: error:` line and exit 1; "
+     "0 = return once the run is submitted",
      check=ge(0))
 _key("fed.client_optimizer", "sgd",
      "client optimizer from the registry (sgd = FedAvg; adamw = DiLoCo's inner step); its other "

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,28 +85,31 @@ def test_flower_backend_unknown_superlink_connection_is_one_line(tmp_path):
 class _Reply:
   """What `flower.serve` reads of a reply Message: content, has_error(), the id it answers."""
 
-  def __init__(self, content, reply_to):
-    self.content = content
-    self.metadata = type("Metadata", (), {"reply_to_message_id": reply_to})()
+  def __init__(self, content, reply_to, src_node_id=0, error=None):
+    self.content, self.error = content, error
+    self.metadata = type("Metadata", (), {"reply_to_message_id": reply_to,
+                                          "src_node_id": src_node_id})()
 
   def has_error(self):
-    return False
+    return self.error is not None
 
 
 class _Grid:
   """An in-process stand-in for Flower's Grid: node k + 1 is site k, running the ClientApp's
   `flower.site_round` with the shared `make_site_update` and keeping its client state, as a
-  SuperNode's Context.state does within one run. `lost` = sites that never reply."""
+  SuperNode's Context.state does within one run. `lost` = sites that never reply; `failing` =
+  sites whose ClientApp raises (their reply carries a Flower `Error`, as a SuperNode sends)."""
 
   runs = 0
 
-  def __init__(self, run_config, lost=()):
+  def __init__(self, run_config, lost=(), failing=()):
     import jax
     from flwr.app import MetricRecord, RecordDict
     _Grid.runs += 1  # a run id of its own: `flower._site` caches per (run, site)
     self.problem, self.update, self.like, _ = flower._site(-_Grid.runs, run_config, "a")
     self.jax, self.MetricRecord, self.RecordDict = jax, MetricRecord, RecordDict
     self.lost, self.opt, self.residual, self.out = set(lost), {}, {}, {}
+    self.failing = set(failing)
 
   def get_node_ids(self):
     return [k + 1 for k in range(len(self.problem.sites))]
@@ -117,6 +121,12 @@ class _Grid:
       mid = f"m{len(self.out)}_{i}"
       ids.append(mid)
       if self.problem.sites[k] in self.lost:
+        continue
+      if self.problem.sites[k] in self.failing:
+        from flwr.app import Error
+        self.out[mid] = _Reply(None, mid, k + 1, Error(
+            code=0, reason="ValueError: node config 'site' = 'zz' is not one of ['a', 'b']\n"
+                           "Traceback (most recent call last): ..."))
         continue
       params = flower.from_record(msg.content["params"], self.like)
       opt = self.opt.get(k, self.problem.client_tx.init(params))
@@ -199,6 +209,58 @@ def test_server_drops_a_lost_site_and_renormalises(tmp_path):
   flower.serve(_Grid(_run_config(wd, 1), lost={"b"}), _run_config(wd, 1))
   row = json.loads((wd / "rounds.jsonl").read_text())
   assert row["sites"] == ["a"] and row["dropped"] == ["b"] and row["weights"] == {"a": 1.0}
+
+
+def test_server_records_and_prints_a_sites_error_reply(tmp_path, capfd):
+  """A SuperNode whose ClientApp raised (an unknown node config site) is not silent: the
+  round's line holds `errors` {node id: the error's first line} and the server says it."""
+  wd = tmp_path / "wd"
+  flower.serve(_Grid(_run_config(wd, 1), failing={"b"}), _run_config(wd, 1))
+  row = json.loads((wd / "rounds.jsonl").read_text())
+  first = "ValueError: node config 'site' = 'zz' is not one of ['a', 'b']"
+  assert row["sites"] == ["a"] and row["dropped"] == ["b"] and row["errors"] == {"2": first}
+  err = capfd.readouterr().err
+  assert f"round 1: node 2 replied with an error: {first}" in err
+  flower.serve(_Grid(_run_config(tmp_path / "ok", 1)), _run_config(tmp_path / "ok", 1))
+  assert "errors" not in json.loads((tmp_path / "ok" / "rounds.jsonl").read_text())
+
+
+def with_outputs(run_config):
+  """flower_problem's Problem with an evaluation and a `write_outputs` that records what the
+  workdir held when it was called (the last round's committed checkpoint and line?)."""
+  import flower_problem as fp
+  from jmtl.train import checkpoint as checkpoint_lib
+  problem = fp.make(run_config)
+  wd = str(run_config["workdir"])
+
+  def write_outputs(workdir, metrics, rows, r):
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+      committed = ckpt.latest_step()
+    finally:
+      ckpt.close()
+    lines = Path(workdir, "rounds.jsonl").read_text().splitlines()
+    Path(workdir, "eval.json").write_text(json.dumps({
+        "round": r, "committed": committed, "last_line": json.loads(lines[-1])["round"]}))
+
+  problem.evaluate = lambda params, opt, r: ({"t/m": float(r)}, {})
+  problem.write_outputs = write_outputs
+  assert wd
+  return problem
+
+
+def test_server_writes_eval_json_after_the_last_checkpoint_and_line(tmp_path):
+  wd = tmp_path / "wd"
+  rc = _run_config(wd, 2, problem="test_flower_parts:with_outputs")
+  flower.serve(_Grid(rc), rc)
+  assert json.loads((wd / "eval.json").read_text()) == {"round": 2, "committed": 2,
+                                                        "last_line": 2}
+  (wd / "eval.json").unlink()  # killed after the last line, before eval.json
+  lines = (wd / "rounds.jsonl").read_text()
+  flower.serve(_Grid(rc), rc)  # submitted again: no round runs, eval.json comes back
+  assert json.loads((wd / "eval.json").read_text()) == {"round": 2, "committed": 2,
+                                                        "last_line": 2}
+  assert (wd / "rounds.jsonl").read_text() == lines
 
 
 def _checkpoint(wd, meta):
@@ -300,3 +362,94 @@ def test_jmtl_config_with_compression_matches_jmtl_federated(tmp_path, data_dir)
     assert got["site_loss"] == pytest.approx(want["site_loss"], rel=1e-5, abs=1e-6)
     assert got["bytes_up"] == want["bytes_up"] and got["bytes_down"] == want["bytes_down"]
   assert rows[0]["bytes_up"]["a"] < rows[0]["bytes_down"]["a"] / 10  # it compressed
+
+
+# ---------------------------------------------------------------- following a submitted run
+
+def _line(r, loss):
+  return json.dumps({"round": r, "sites": ["a", "b"], "loss": loss, "seconds": 0.5}) + "\n"
+
+
+def _started(wd, submission, rows):
+  """What a server of submission `submission` has written: flower.json naming it, the lines."""
+  wd.mkdir(exist_ok=True)
+  (wd / "flower.json").write_text(json.dumps({"run_config": {"submission": submission}}))
+  (wd / "rounds.jsonl").write_text("".join(_line(r, loss) for r, loss in rows))
+
+
+def _follow(wd, status, **kw):
+  said = []
+  kw = {"submission": "s1", "resumed": None, "wait_s": 30.0, **kw}
+  try:
+    last = flower.follow(str(wd), 4, 7, status=status, echo=said.append, poll_s=0.01,
+                         status_every_s=0.0, **kw)
+  except flower.RunError as e:
+    return said, e
+  return said, last
+
+
+def test_follow_ends_with_one_line_when_the_flower_run_failed(tmp_path):
+  wd = tmp_path / "wd"
+  _started(wd, "s1", [(1, 0.9), (2, 0.8)])  # the server died after round 2 of 4
+  t0 = time.time()
+  said, err = _follow(wd, lambda: ("finished:failed", "ServerApp raised"))
+  assert time.time() - t0 < 5  # not the full wait_s
+  assert said == ["round 1: loss 0.9 sites a,b 0.5 s", "round 2: loss 0.8 sites a,b 0.5 s"]
+  assert isinstance(err, flower.RunError) and len(str(err).splitlines()) == 1
+  assert str(err).startswith("the Flower run 7 ended (finished:failed) after round 2 of 4")
+  assert "ServerApp raised" in str(err)
+
+
+def test_follow_says_when_wait_s_runs_out(tmp_path):
+  wd = tmp_path / "wd"
+  _started(wd, "s1", [(1, 0.9)])
+  said, err = _follow(wd, lambda: ("running", ""), wait_s=0.3)
+  assert said == ["round 1: loss 0.9 sites a,b 0.5 s"]
+  assert isinstance(err, flower.RunError) and str(err).startswith(
+      "stopped waiting for the Flower run 7 after fed.flower.wait_s = 0.3 s at round 1 of 4 "
+      "(run status: running)")
+
+
+def test_follow_after_a_resume_prints_only_this_runs_rounds(tmp_path):
+  """The killed run left rounds 1-4 (3 and 4 past its checkpoint at round 2, loss 99): none of
+  them is printed or counted; the new server drops 3-4, names its submission, redoes them."""
+  import threading
+  wd = tmp_path / "wd"
+  _started(wd, "old", [(1, 0.9), (2, 0.8), (3, 99.0), (4, 99.0)])
+
+  def server():
+    time.sleep(0.3)
+    (wd / "rounds.jsonl").write_text(_line(1, 0.9) + _line(2, 0.8))  # truncated past round 2
+    (wd / "flower.json").write_text(json.dumps({"run_config": {"submission": "s1"}}))
+    for r in (3, 4):
+      time.sleep(0.1)
+      with open(wd / "rounds.jsonl", "a") as f:
+        f.write(_line(r, 0.7 - 0.1 * (r - 3)))
+
+  thread = threading.Thread(target=server)
+  thread.start()
+  said, last = _follow(wd, lambda: ("running", ""), resumed=2)
+  thread.join()
+  assert last == 4
+  assert said == ["resuming from round 2", "round 3: loss 0.7 sites a,b 0.5 s",
+                  "round 4: loss 0.6 sites a,b 0.5 s"]
+
+
+def test_follow_a_completed_run_whose_workdir_is_elsewhere_returns(tmp_path):
+  said, last = _follow(tmp_path / "absent", lambda: ("finished:completed", ""))
+  assert last == 0 and said == [f"the Flower run 7 ended (finished:completed); its server "
+                                f"wrote {tmp_path / 'absent'} on its own machine"]
+
+
+def test_cli_prints_a_failed_flower_run_in_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
+  from jmtl import cli
+
+  def failed(*args, **kwargs):
+    raise flower.RunError("the Flower run 7 ended (finished:failed) after round 2 of 4; x")
+  monkeypatch.setattr(flower, "submit", failed)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["jmtl", "federated", "--config", CONFIG, "--workdir", str(tmp_path / "wd"),
+              "--config.fed.backend=flower"])
+  assert e.value.code == 1
+  assert capsys.readouterr().err.strip().splitlines() == [
+      "jmtl: error: the Flower run 7 ended (finished:failed) after round 2 of 4; x"]

@@ -43,16 +43,19 @@ Files in `workdir` (written by the server process only, each line appended and f
 `tokenizer.json` (as `jmtl federated` writes them), `rounds.jsonl` (per round: `round`,
 `sites` (those that replied), `dropped`, `applied`, `loss` (example-weighted L_k),
 `site_loss`, `weights`, `bytes_up` / `bytes_down` per site and `total`, `seconds` (measured),
-`site_seconds` (each site's measured local work), and `<task>/<metric>` at evaluation
-rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
+`site_seconds` (each site's measured local work), `errors` {node id: first line of the
+error} when a SuperNode's ClientApp raised (also printed on the server's stderr), and
+`<task>/<metric>` at evaluation rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
 federated`: written to a temporary directory and renamed, keep-N, meta with the run's
 fingerprint; the tree is `checkpoint_like`: the server parameters and optimizer state), and
-with a jmtl config `eval.json` (the last round's evaluation, `train.loop._run_eval` as in
+with a jmtl config `eval.json` (written after the last round's checkpoint and line: the last round's evaluation, `train.loop._run_eval` as in
 `jmtl federated`; round 0 and every fed.eval_every rounds go into rounds.jsonl).
 
 Resume: a server started on a workdir with a checkpoint continues from its latest complete one
 (server parameters, server optimizer state, the round; the lines of rounds.jsonl after it are
-dropped, its own line restored from the checkpoint's meta when a kill came between the two); a
+dropped, its own line restored from the checkpoint's meta when a kill came between the two;
+a finished run submitted again writes eval.json again, which a kill after the last line can
+have left out); a
 checkpoint of another run (a simulation's, another config's keys or vocabulary, another run
 config) is refused in one line. The sites' client optimizer states are NOT in the server's
 checkpoint: each lives in its SuperNode's per-run `Context.state`, so a new run (the resumed
@@ -550,7 +553,7 @@ def _fingerprint(problem: Problem, run_config: dict) -> dict:
 
 # Run config keys a resumed run may change (the others must equal the checkpoint's).
 RESUMABLE_RUN_CONFIG = ("workdir", "rounds", "round-timeout", "wait-sites", "config",
-                        "overrides")
+                        "overrides", "submission")
 
 
 def _check_checkpoint(problem: Problem, run_config: dict, workdir: str, step: int,
@@ -656,7 +659,7 @@ class _Server:
     except BaseException:
       self.ckpt.close()
       raise
-    self.start = 0
+    self.start, self._outputs = 0, None
     if restored is not None:
       self.start, tree, _, meta = restored
       tree = jax.device_get(tree)
@@ -677,6 +680,12 @@ class _Server:
         f.write(text)
     with open(os.path.join(self.workdir, "flower.json"), "w", encoding="utf-8") as f:
       json.dump({"run_config": dict(run_config), "sites": list(problem.sites)}, f, indent=1)
+    if (restored is not None and self.start == self.rounds and problem.evaluate is not None
+        and problem.write_outputs is not None):
+      # A finished run submitted again: eval.json again (a kill after the last line and
+      # before eval.json left none; the evaluation of the same parameters is the same).
+      problem.write_outputs(self.workdir, *problem.evaluate(self.params, self.opt_state,
+                                                            self.start), self.start)
     if eval_zero:
       row = {"round": 0}  # the initial model, as `jmtl federated` evaluates it
       self.evaluate(0, row)
@@ -689,17 +698,20 @@ class _Server:
   def evaluate(self, r: int, row: dict) -> None:
     """The Problem's evaluation of the server parameters (a jmtl config: the trainer's
     `_run_eval` on the tasks' data.eval_split, as `jmtl federated`); metrics go into `row`,
-    and at the last round into eval.json (`train.loop._write_outputs`)."""
+    and at the last round into eval.json (`train.loop._write_outputs`), which `end_round`
+    writes only after that round's checkpoint is committed and its line appended (a kill in
+    between leaves no eval.json claiming a round that never completed)."""
     metrics, pred_rows = self.problem.evaluate(self.params, self.opt_state, r)
     row.update({k: (float(v) if np.isfinite(v) else None) for k, v in metrics.items()})
     if r == self.rounds and self.problem.write_outputs is not None:
-      self.problem.write_outputs(self.workdir, metrics, pred_rows, r)
+      self._outputs = (metrics, pred_rows)  # written by end_round after checkpoint and line
 
   def end_round(self, r: int, row: dict) -> None:
     """After round r: evaluation (fed.eval_every and the last round), the checkpoint
     (`Problem.checkpoint_every`, evaluation rounds and the last round; saved and committed
-    before the line), then the line of rounds.jsonl."""
+    before the line), then the line of rounds.jsonl, then (last round) eval.json."""
     last = r == self.rounds
+    self._outputs = None
     evaluated = self.problem.evaluate is not None and (
         last or bool(self.problem.eval_every and r % self.problem.eval_every == 0))
     if evaluated:
@@ -709,6 +721,8 @@ class _Server:
                      {"row": row, "backend": "flower", "fingerprint": self.fp})
       self.ckpt.wait()
     _append(self.rounds_path, row)
+    if self._outputs is not None and self.problem.write_outputs is not None:
+      self.problem.write_outputs(self.workdir, *self._outputs, r)
 
   def close(self) -> None:
     self.ckpt.close()
@@ -747,8 +761,14 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
   deltas: list[Any] = [None] * S
   examples = np.zeros(S, np.float32)
   info: dict[int, dict] = {}
+  errors: dict[str, str] = {}
   for rep in replies:
-    if rep.has_error():
+    if rep.has_error():  # a SuperNode whose ClientApp raised (e.g. an unknown node config site)
+      node = str(rep.metadata.src_node_id)
+      reason = str(getattr(rep.error, "reason", "") or rep.error).strip()
+      errors[node] = (reason.splitlines() or [""])[0]
+      print(f"round {r + 1}: node {node} replied with an error: {errors[node]}",
+            file=sys.stderr, flush=True)
       continue
     k = int(rep.content["metrics"]["site"])
     deltas[k] = (decode_update(problem, k, rep.content["delta"], server.params)
@@ -774,7 +794,8 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
                        "total": sum(info[k]["up"] for k in part)},
           "bytes_down": {**{problem.sites[k]: down for k in part}, "total": down * len(part)},
           "seconds": time.time() - t0,
-          "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part}}
+          "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part},
+          **({"errors": errors} if errors else {})}
 
 
 def _make_server_app():
@@ -1074,7 +1095,8 @@ clientapp = "jmtl.federated.flower:{client}"
 
 APP_PYPROJECT = app_pyproject("jmtlfederated", {
     "problem": "jmtl.federated.flower:jmtl_problem", "config": "", "overrides": "",
-    "workdir": "", "rounds": 0, "round-timeout": 600.0, "wait-sites": 600.0})
+    "workdir": "", "rounds": 0, "round-timeout": 600.0, "wait-sites": 600.0,
+    "submission": ""})
 
 
 def write_app(directory: str) -> str:
@@ -1093,28 +1115,130 @@ def run_config_text(items: dict) -> str:
   return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
-def check_workdir(config: Any, workdir: str) -> None:
+def check_workdir(config: Any, workdir: str) -> int | None:
   """When `workdir` (visible here) holds a checkpoint, refuses it unless it is this config's
   Flower run (ConfigError, one line, naming the keys that differ, as `jmtl federated` does):
-  the server then resumes from it. A workdir on another machine is checked by the server."""
+  the server then resumes from it. Returns the round of its latest complete checkpoint (None:
+  none here). A workdir on another machine is checked by the server."""
   from etils import epath  # noqa: PLC0415
   from jmtl.config import ConfigError  # noqa: PLC0415
   from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    return
+    return None
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     found = ckpt.read_latest_meta()
   finally:
     ckpt.close()
   if found is None:
-    return
+    return None
   step, meta = found
   if meta.get("backend") != "flower":
     raise ConfigError(f"--workdir {workdir} holds a checkpoint at round {step} of a `jmtl "
                       f"federated` simulation, not of a Flower run: use a new workdir")
   workdir_lib.check_config(meta, config, workdir=epath.Path(workdir), step=step)
+  return int(step)
+
+
+class RunError(RuntimeError):
+  """The followed Flower run ended before its last round, or fed.flower.wait_s ran out first
+  (`jmtl federated` prints it as one line `jmtl: error: ...` and exits 1)."""
+
+
+def run_status(flwr: str, superlink: str, run_id: Any) -> tuple[str, str] | None:
+  """(status, details) of Flower run `run_id` as `flwr ls [superlink] --run-id ID --format
+  json` reports it (status: "pending", "starting", "running", "finished:completed",
+  "finished:failed", "finished:stopped"); None when the SuperLink does not answer."""
+  import subprocess  # noqa: PLC0415
+  args = [flwr, "ls"] + ([superlink] if superlink else []) + [
+      "--run-id", str(run_id), "--format", "json"]
+  try:
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    runs = json.loads(out.stdout).get("runs") or []
+  except (subprocess.TimeoutExpired, ValueError, AttributeError, OSError):
+    return None
+  for run in runs:
+    if str(run.get("run-id")) == str(run_id):
+      return str(run.get("status", "")), str(run.get("status-details") or "")
+  return None
+
+
+def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: int | None,
+           wait_s: float, status: Callable[[], tuple[str, str] | None],
+           echo: Callable[[str], None] = print, poll_s: float = 0.2,
+           status_every_s: float = 5.0) -> int:
+  """Follows the rounds.jsonl lines that THIS run's server writes until round `rounds`.
+
+  A line counts only once `workdir`/flower.json names `submission` (the run config key the
+  server writes there after it dropped the lines past its checkpoint, see `_Server`) and its
+  round is past `resumed` (the latest complete checkpoint's round when submitted; the killed
+  run's later lines are dropped and redone by the server). `status()` (every status_every_s
+  seconds: `run_status`) tells when the Flower run has finished. Returns the last round seen.
+  RunError (one line) when the run finished before round `rounds` or `wait_s` ran out."""
+  path, meta = os.path.join(workdir, "rounds.jsonl"), os.path.join(workdir, "flower.json")
+  start = resumed or 0
+  last, deadline, asked, ended = start, time.time() + float(wait_s), 0.0, None
+  if resumed is not None:
+    echo(f"resuming from round {resumed}")
+
+  def ours() -> bool:
+    try:
+      with open(meta, encoding="utf-8") as f:
+        return json.load(f)["run_config"].get("submission") == submission
+    except (OSError, ValueError, KeyError, TypeError):
+      return False
+
+  def read() -> None:
+    nonlocal last
+    if not ours() or not os.path.exists(path):
+      return
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except ValueError:  # a line being written
+        break
+      if int(row["round"]) <= last:
+        continue
+      last = int(row["round"])
+      if "sites" in row:
+        loss = row.get("loss")
+        echo(f"round {row['round']}: loss {loss} sites {','.join(row['sites'])} "
+             f"{row.get('seconds', 0.0):.1f} s"
+             + (f" errors {row['errors']}" if row.get("errors") else ""))
+      else:  # round 0: the evaluation of the initial model
+        echo(f"round {row['round']}: evaluated")
+
+  while last < rounds:
+    read()
+    if last >= rounds:
+      break
+    if ended is not None:
+      st, details = ended
+      raise RunError(f"the Flower run {run_id} ended ({st}) after round {max(last, start)} of "
+                     f"{rounds}" + (f" ({' '.join(details.split())[:300]})" if details else "")
+                     + f"; its server's log: `flwr log {run_id}`; submit again to resume from "
+                     f"its last checkpoint")
+    now = time.time()
+    if now >= deadline:
+      got = status()
+      raise RunError(f"stopped waiting for the Flower run {run_id} after fed.flower.wait_s = "
+                     f"{float(wait_s):g} s at round {max(last, start)} of {rounds} (run status: "
+                     f"{got[0] if got else 'unknown'}); its server writes {workdir}")
+    if now - asked >= status_every_s:
+      asked = now
+      got = status()
+      if got is not None and got[0].startswith("finished"):
+        if got[0] == "finished:completed" and not ours():  # its workdir is not visible here
+          echo(f"the Flower run {run_id} ended ({got[0]}); its server wrote {workdir} on its "
+               f"own machine")
+          return last
+        ended = got  # read the file once more: the last lines may have landed meanwhile
+        continue
+    time.sleep(poll_s)
+  return last
 
 
 def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
@@ -1122,11 +1246,14 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
   """`jmtl federated` with fed.backend = flower: submits the run (`flwr run`) to the SuperLink
   connection fed.flower.superlink; the ServerApp writes `workdir` on the SuperLink's machine.
   `config_path` (absolute) and `overrides` ("--config.KEY=VALUE") must name the same config on
-  every machine. With fed.flower.wait_s > 0, waits for rounds.jsonl to hold fed.rounds lines
-  when `workdir` is visible here. Returns {"run_id", "workdir", "rounds" (the last round
-  seen)}. A workdir with a checkpoint of this config's Flower run is resumed by the server
-  (`check_workdir` refuses another run's here when the workdir is visible).
-  ConfigError (one line) when `flwr` is missing or the SuperLink refuses the run."""
+  every machine. With fed.flower.wait_s > 0, follows this run's lines of rounds.jsonl until
+  round fed.rounds (`follow`; a resumed run: only the rounds past the checkpoint, after
+  "resuming from round c") and asks the SuperLink for the run's status (`run_status`).
+  Returns {"run_id", "workdir", "rounds" (the last round seen)}. A workdir with a checkpoint
+  of this config's Flower run is resumed by the server (`check_workdir` refuses another run's
+  here when the workdir is visible). ConfigError (one line) when `flwr` is missing or the
+  SuperLink refuses the run; RunError (one line) when the run ended before its last round
+  or wait_s ran out first."""
   import shlex  # noqa: PLC0415
   import shutil  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
@@ -1140,13 +1267,14 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
     raise ConfigError("config key 'fed.backend' = 'flower' needs Flower's `flwr` command "
                       "(pip install 'jmtl[flower]')")
   fed = config.fed
-  check_workdir(config, workdir)
+  resumed = check_workdir(config, workdir)
+  submission = f"{time.time_ns():x}-{os.getpid()}"  # names this submission in flower.json
   items = {"problem": "jmtl.federated.flower:jmtl_problem",
            "config": os.path.abspath(config_path),
            "overrides": " ".join(shlex.quote(o) for o in overrides),
            "workdir": os.path.abspath(workdir), "rounds": int(fed.rounds),
            "round-timeout": float(fed.flower.round_timeout),
-           "wait-sites": float(fed.flower.wait_sites)}
+           "wait-sites": float(fed.flower.wait_sites), "submission": submission}
   with tempfile.TemporaryDirectory() as tmp:
     args = [flwr, "run", write_app(tmp)] + ([fed.flower.superlink] if fed.flower.superlink
                                             else [])
@@ -1167,26 +1295,11 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
                       f"failed: {msg[:400]}")
   run_id = answer.get("run-id")
   echo(f"submitted Flower run {run_id}; its server writes {items['workdir']}")
-  path = os.path.join(items["workdir"], "rounds.jsonl")
-  last, deadline = -1, time.time() + float(fed.flower.wait_s)
-  while time.time() < deadline and last < int(fed.rounds):
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-      for line in lines:
-        try:
-          row = json.loads(line)
-        except ValueError:  # a line being written
-          break
-        if row["round"] <= last:
-          continue
-        last = int(row["round"])
-        if "sites" in row:
-          echo(f"round {row['round']}: loss {row['loss']} sites {','.join(row['sites'])} "
-               f"{row['seconds']:.1f} s")
-        else:  # round 0: the evaluation of the initial model
-          echo(f"round {row['round']}: evaluated")
-    time.sleep(0.2)
+  last = -1
+  if float(fed.flower.wait_s) > 0:
+    last = follow(items["workdir"], int(fed.rounds), run_id, submission=submission,
+                  resumed=resumed, wait_s=float(fed.flower.wait_s), echo=echo,
+                  status=lambda: run_status(flwr, fed.flower.superlink, run_id))
   return {"run_id": run_id, "workdir": items["workdir"], "rounds": max(last, 0)}
 
 
