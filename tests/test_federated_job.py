@@ -28,9 +28,8 @@ def _env(data_dir, cache, fault=""):
 
 
 @pytest.fixture(scope="module")
-def cache(jax_cache):
-  """The session's JAX compilation cache (conftest.py)."""
-  return jax_cache
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
 
 
 def _rounds(workdir):
