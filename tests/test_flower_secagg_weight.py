@@ -124,6 +124,6 @@ def test_refusals_are_read_from_flowers_failures():
 def test_max_weight_run_config_key():
   assert flower.secagg_max_weight({}) == 1000.0
   assert flower.secagg_max_weight({"secagg-max-weight": 250000.0}) == 250000.0
-  for bad in (-1.0, float("inf")):
+  for bad in (-1.0, float("inf"), "abc"):  # one line naming the key, not float()'s error
     with pytest.raises(ValueError, match="secagg-max-weight"):
       flower.secagg_max_weight({"secagg-max-weight": bad})

@@ -675,11 +675,12 @@ class _Server:
                           -1 if eval_zero else self.start)
     if restored is not None and meta.get("row") and _last_round(self.rounds_path) != self.start:
       _append(self.rounds_path, meta["row"])
-    for name, text in problem.files.items():
-      with open(os.path.join(self.workdir, name), "w", encoding="utf-8") as f:
-        f.write(text)
-    with open(os.path.join(self.workdir, "flower.json"), "w", encoding="utf-8") as f:
-      json.dump({"run_config": dict(run_config), "sites": list(problem.sites)}, f, indent=1)
+    from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
+    wd = epath.Path(self.workdir)
+    for name, text in problem.files.items():  # a reader sees the old file or the whole new one
+      workdir_lib.write_text_atomic(wd / name, text)
+    workdir_lib.write_text_atomic(wd / "flower.json", json.dumps(
+        {"run_config": dict(run_config), "sites": list(problem.sites)}, indent=1))
     if (restored is not None and self.start == self.rounds and problem.evaluate is not None
         and problem.write_outputs is not None):
       # A finished run submitted again: eval.json again (a kill after the last line and
@@ -879,9 +880,13 @@ def secagg_refusals(failures: list) -> list[str]:
 def secagg_max_weight(run_config: dict) -> float:
   """The run config's `secagg-max-weight` (> 0 and finite; absent or 0 = SECAGG_MAX_WEIGHT).
   ValueError (one line) otherwise."""
-  w = float(run_config.get("secagg-max-weight") or SECAGG_MAX_WEIGHT)
+  given = run_config.get("secagg-max-weight") or SECAGG_MAX_WEIGHT
+  try:
+    w = float(given)
+  except (TypeError, ValueError):
+    w = float("nan")
   if not (np.isfinite(w) and w > 0):
-    raise ValueError(f"run config key secagg-max-weight must be > 0, got {w}")
+    raise ValueError(f"run config key secagg-max-weight must be > 0, got {given!r}")
   return w
 
 
