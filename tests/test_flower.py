@@ -320,21 +320,33 @@ def test_killed_supernode_round_completes_with_the_rest(cluster, tmp_path):
   assert (wd / "checkpoints" / str(ROUNDS) / "_CHECKPOINT_METADATA").exists()
 
 
+def _secagg_rounds(tmp_path, sites, lines, settle_s=0.0, **config):
+  """A 2-round FedAvg run through Flower's SecAgg+ on its own cluster of `sites` (workdir
+  tmp_path / "wd"): waits for `lines` lines of rounds.jsonl, then `settle_s` seconds (time for
+  a further round to show, when the test expects none), and returns every line written."""
+  c = Cluster(tmp_path / "cluster", sites).start()
+  try:
+    wd = tmp_path / "wd"
+    out = c.run(wd, secagg=True, algo="fedavg", rounds=2, sites=",".join(sites),
+                **{"local-steps": STEPS, **config})
+    assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
+    rows = _wait_rounds(c, wd / "rounds.jsonl", lines, timeout=150)
+    if settle_s:
+      time.sleep(settle_s)
+      rows = [json.loads(x) for x in (wd / "rounds.jsonl").read_text().splitlines()]
+    return rows
+  finally:
+    c.stop()
+
+
 def test_secagg_plus_workflow_equals_the_plain_weighted_sum(tmp_path):
   """Flower's SecAgg+ (masked, quantised: clipping range 8, 2**22 levels; it needs >= 3 sites)
   over 2 FedAvg rounds (each round is 4 message stages, each a fresh ClientApp process: ~40 s a
   round here): the server parameters equal the plain weighted sum's (float64 numpy FedAvg) up to
   quantisation."""
   sites = ["a", "b", "c"]
-  c = Cluster(tmp_path / "cluster", sites).start()
-  try:
-    wd = tmp_path / "wd"
-    out = c.run(wd, secagg=True, algo="fedavg", rounds=2, sites="a,b,c",
-                **{"local-steps": STEPS})
-    assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
-    rows = _wait_rounds(c, wd / "rounds.jsonl", 2, timeout=150)
-  finally:
-    c.stop()
+  wd = tmp_path / "wd"
+  rows = _secagg_rounds(tmp_path, sites, 2)
   assert [r["sites"] for r in rows] == [sites] * 2
   assert all(r["secure_aggregation"] == "secagg+" and r["failures"] == 0 for r in rows)
   assert all(r["max_weight"] == 1000.0 for r in rows)
@@ -354,18 +366,9 @@ def test_secagg_plus_stops_a_round_whose_sites_the_mod_would_clip(tmp_path):
   clipping range 8, which Flower's mod would clip with only a warning (a wrong mean). The sites
   refuse (`flower.secagg_check`), the server writes round 1 as not applied with the sites'
   error, saves no checkpoint and ends the run (no round 2)."""
-  sites = ["a", "b", "c"]
-  c = Cluster(tmp_path / "cluster", sites).start()
-  try:
-    wd = tmp_path / "wd"
-    out = c.run(wd, secagg=True, algo="fedavg", rounds=2, sites="a,b,c",
-                **{"local-steps": STEPS, "secagg-max-weight": 1e-3})
-    assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
-    rows = _wait_rounds(c, wd / "rounds.jsonl", 1, timeout=150)
-    time.sleep(3.0)  # a second round would have started its setup stage by now
-    rows = [json.loads(x) for x in (wd / "rounds.jsonl").read_text().splitlines()]
-  finally:
-    c.stop()
+  wd = tmp_path / "wd"
+  rows = _secagg_rounds(tmp_path, ["a", "b", "c"], 1, settle_s=3.0,
+                        **{"secagg-max-weight": 1e-3})
   assert len(rows) == 1, rows
   row = rows[0]
   assert row["round"] == 1 and row["applied"] == 0 and row["sites"] == []
