@@ -67,10 +67,14 @@ class Checkpointer:
                                        item_names=("state", "data", "meta"))
     # The prefix of the barrier that ends each restore (Orbax's Checkpointer.restore), which a
     # process whose read failed joins (`_on_every_process`); the manager's checkpointer sets it
-    # (orbax 0.12: "" rather than the options' None).
-    self._barrier_prefix = getattr(getattr(self._mngr, "_checkpointer", None),
-                                   "_barrier_sync_key_prefix",
-                                   options.multiprocessing_options.barrier_sync_key_prefix)
+    # (orbax 0.12: "" rather than the options' None). Only a multi-process run joins it.
+    self._barrier_prefix = None
+    if distributed.multi_process():
+      try:
+        self._barrier_prefix = barrier_prefix(self._mngr)
+      except BaseException:
+        self._mngr.close()
+        raise
     self._saving: int | None = None  # step of the save in flight, for error messages
     self._unreadable: list[int] = []  # steps restore_latest could not read (newest first)
 
@@ -293,6 +297,24 @@ class Checkpointer:
       self.wait()
     finally:
       self._mngr.close()
+
+
+def barrier_prefix(manager: Any) -> str | None:
+  """The barrier name prefix Orbax's restore ends with: the private `_barrier_sync_key_prefix`
+  of `manager`'s checkpointer (orbax-checkpoint 0.12). A process whose read failed must join
+  that very barrier, so an Orbax without it is an error, not a guessed name (which would leave
+  the other processes waiting at Orbax's barrier until its timeout).
+
+  Raises:
+    CheckpointError: the attribute is missing (naming the installed orbax-checkpoint version).
+  """
+  checkpointer = getattr(manager, "_checkpointer", None)
+  if not hasattr(checkpointer, "_barrier_sync_key_prefix"):
+    raise CheckpointError(
+        f"orbax-checkpoint {getattr(ocp, '__version__', '?')}: its CheckpointManager's "
+        f"checkpointer has no `_barrier_sync_key_prefix`, the name of the barrier a multi-process "
+        f"restore ends with (orbax-checkpoint 0.12 has it): install orbax-checkpoint 0.12")
+  return checkpointer._barrier_sync_key_prefix  # noqa: SLF001
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:
