@@ -459,6 +459,11 @@ _key("fed.flower.round_timeout", 600.0,
 _key("fed.flower.wait_sites", 600.0,
      "fed.backend=flower: seconds the server waits before round 1 for every site's SuperNode to "
      "connect (it then starts with those connected)", check=ge(0))
+_key("fed.flower.max_empty_rounds", 3,
+     "fed.backend=flower: the server stops the run (its checkpoint kept, one line naming the "
+     "rounds without a reply, the Flower run failed: `jmtl federated` exits 1) after this many "
+     "consecutive rounds in which no site's reply was applied (every site gone); 0 = never stop",
+     check=ge(0))
 _key("fed.flower.wait_s", 0.0,
      "fed.backend=flower: seconds `jmtl federated` follows this run's rounds.jsonl lines until "
      "round fed.rounds (when the workdir is visible here); a run that ends first (`flwr ls` "

@@ -95,47 +95,46 @@ class _Reply:
 
 
 class _Grid:
-  """An in-process stand-in for Flower's Grid: node k + 1 is site k, running the ClientApp's
-  `flower.site_round` with the shared `make_site_update` and keeping its client state, as a
-  SuperNode's Context.state does within one run. `lost` = sites that never reply; `failing` =
-  sites whose ClientApp raises (their reply carries a Flower `Error`, as a SuperNode sends)."""
+  """An in-process stand-in for Flower's Grid: node k + 1 runs the ClientApp's
+  `flower.site_train` for site `nodes[k]` (default: node k + 1 is site k), keeping its state in
+  a RecordDict as a SuperNode's Context.state does within one run. `lost` = sites (or (site, round) pairs)
+  that never get the message (never reply); `failing` = sites whose ClientApp raises (their reply carries a Flower `Error`, as a
+  SuperNode sends); `late` = (site, round) pairs whose site runs the round but whose reply
+  never arrives (the server's round-timeout drops it)."""
 
   runs = 0
 
-  def __init__(self, run_config, lost=(), failing=()):
-    import jax
-    from flwr.app import MetricRecord, RecordDict
+  def __init__(self, run_config, lost=(), failing=(), late=(), nodes=None):
+    from flwr.app import RecordDict
     _Grid.runs += 1  # a run id of its own: `flower._site` caches per (run, site)
-    self.problem, self.update, self.like, _ = flower._site(-_Grid.runs, run_config, "a")
-    self.jax, self.MetricRecord, self.RecordDict = jax, MetricRecord, RecordDict
-    self.lost, self.opt, self.residual, self.out = set(lost), {}, {}, {}
-    self.failing = set(failing)
+    self.run_id, self.run_config = -_Grid.runs, dict(run_config)
+    self.problem = flower._site(self.run_id, self.run_config, "a")[0]
+    self.nodes = list(self.problem.sites if nodes is None else nodes)
+    self.lost, self.failing, self.late, self.out = set(lost), set(failing), set(late), {}
+    self.state = [RecordDict() for _ in self.nodes]  # each node's Context.state
 
   def get_node_ids(self):
-    return [k + 1 for k in range(len(self.problem.sites))]
+    return [k + 1 for k in range(len(self.nodes))]
 
   def push_messages(self, msgs):
     ids = []
     for i, msg in enumerate(msgs):
-      k = msg.metadata.dst_node_id - 1
-      mid = f"m{len(self.out)}_{i}"
+      node = msg.metadata.dst_node_id
+      site = self.nodes[node - 1]
+      mid = f"m{len(self.out)}_{i}_{time.time_ns()}"
       ids.append(mid)
-      if self.problem.sites[k] in self.lost:
+      if site in self.lost or (site, int(msg.content["config"]["round"])) in self.lost:
         continue
-      if self.problem.sites[k] in self.failing:
+      if site in self.failing:
         from flwr.app import Error
-        self.out[mid] = _Reply(None, mid, k + 1, Error(
+        self.out[mid] = _Reply(None, mid, node, Error(
             code=0, reason="ValueError: node config 'site' = 'zz' is not one of ['a', 'b']\n"
                            "Traceback (most recent call last): ..."))
         continue
-      params = flower.from_record(msg.content["params"], self.like)
-      opt = self.opt.get(k, self.problem.client_tx.init(params))
-      payload, self.opt[k], self.residual[k], metrics = flower.site_reply(
-          self.problem, self.update, params, opt, self.residual.get(k), k,
-          int(msg.content["config"]["round"]))
-      self.out[mid] = _Reply(self.RecordDict({
-          "delta": payload,
-          "metrics": self.MetricRecord({"site": k, **metrics})}), mid)
+      content = flower.site_train(msg.content, self.state[node - 1], site, self.run_id,
+                                  self.run_config)
+      if (site, int(msg.content["config"]["round"])) not in self.late:
+        self.out[mid] = _Reply(content, mid, node)
     return ids
 
   def pull_messages(self, ids):

@@ -32,7 +32,9 @@ Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --r
   problem (str): "module:function" -> Problem;  workdir (str): where the server writes (one
   that holds a checkpoint of this run is resumed, see below);  rounds (int; 0 = the
   Problem's);  round-timeout (float, seconds);  wait-sites (float, seconds to wait for every
-  site's SuperNode before the first round);  config, overrides (str): `jmtl_problem`'s;
+  site's SuperNode before the first round);  max-empty-rounds (int, default 3; 0 = never):
+  the server stops the run after that many consecutive rounds without an applied reply
+  (`serve`);  config, overrides (str): `jmtl_problem`'s;
   secagg-max-weight (float > 0, default 1000; `secagg_server_app` only): the SecAgg+
   workflow's max_weight (see `secagg_check`: a site whose scaled update would be clipped
   refuses, and the round stops with `applied` 0 and `error` in rounds.jsonl).
@@ -47,7 +49,7 @@ Files in `workdir` (written by the server process only, each line appended and f
 error} when a SuperNode's ClientApp raised (also printed on the server's stderr), and
 `<task>/<metric>` at evaluation rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
 federated`: written to a temporary directory and renamed, keep-N, meta with the run's
-fingerprint; the tree is `checkpoint_like`: the server parameters and optimizer state), and
+fingerprint; the tree is `loop.flower_checkpoint_tree`: the server parameters and optimizer state), and
 with a jmtl config `eval.json` (written after the last round's checkpoint and line: the last round's evaluation, `train.loop._run_eval` as in
 `jmtl federated`; round 0 and every fed.eval_every rounds go into rounds.jsonl).
 
@@ -450,32 +452,59 @@ def site_round(problem: Problem, update: Callable, params: Any, opt: Any, k: int
                        "seconds": time.perf_counter() - t0}
 
 
+def site_train(content: Any, state: Any, site: str, run_id: int, run_config: dict) -> Any:
+  """What site `site`'s ClientApp does with the server's round-r message `content` (a Flower
+  RecordDict: "params", "config" {"round": r, "applied": per site, the token of its latest
+  reply a round applied, space-separated}), keeping its state in `state` (its SuperNode's per-run
+  `Context.state`, a RecordDict). Returns the reply content: "delta" (the payload,
+  `site_reply`), "metrics" (site index, examples, losses, seconds), "info" {"site", "reply": a
+  token naming this reply}.
+
+  The top-k error-feedback residual e_k is committed only for a reply the server applied: the
+  new e_k of round r waits in `state` ("residual_pending", with its reply token) and becomes
+  the site's residual ("residual") when the site's next message lists that token; a reply the
+  server dropped (it came after `round-timeout`, or was refused) leaves e_k as if the site had
+  not taken part in that round, as the simulation's mask-0 sites keep theirs
+  (`compression.apply`). The client optimizer state is kept across rounds as before."""
+  import uuid  # noqa: PLC0415
+  from flwr.app import ConfigRecord, MetricRecord, RecordDict  # noqa: PLC0415
+  problem, update, like, opt_like = _site(run_id, run_config, site)
+  k = problem.sites.index(site)
+  cfg = content["config"]
+  r = int(cfg["round"])
+  params = from_record(content["params"], like)
+  if "client_opt" in state:  # this site's client state, kept across rounds
+    opt = from_record(state["client_opt"], opt_like)
+  else:
+    opt = problem.client_tx.init(params)
+  if "residual_pending" in state:  # last round's residual: kept iff the server applied it
+    token = str(state["residual_token"]["reply"])
+    if token in str(cfg.get("applied", "")).split():
+      state["residual"] = state["residual_pending"]
+    del state["residual_pending"]
+    del state["residual_token"]
+  residual = (from_record(state["residual"], like)
+              if "residual" in state else None)  # error feedback
+  payload, opt1, residual, metrics = site_reply(problem, update, params, opt, residual, k, r)
+  state["client_opt"] = to_record(opt1)
+  token = f"{site}.{r}.{uuid.uuid4().hex}"
+  if residual is not None:
+    state["residual_pending"] = to_record(residual)
+    state["residual_token"] = ConfigRecord({"reply": token})
+  return RecordDict({"delta": payload, "metrics": MetricRecord({"site": k, **metrics}),
+                     "info": ConfigRecord({"site": site, "reply": token})})
+
+
 def _make_client_app():
-  from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: PLC0415
+  from flwr.app import Message  # noqa: PLC0415
   from flwr.clientapp import ClientApp  # noqa: PLC0415
   app = ClientApp()
 
   @app.train()
   def train(msg: Message, context: Any) -> Message:
     site = str(context.node_config.get("site", ""))
-    problem, update, like, opt_like = _site(context.run_id, dict(context.run_config), site)
-    k = problem.sites.index(site)
-    r = int(msg.content["config"]["round"])
-    params = from_record(msg.content["params"], like)
-    if "client_opt" in context.state:  # this site's client state, kept across rounds
-      opt = from_record(context.state["client_opt"], opt_like)
-    else:
-      opt = problem.client_tx.init(params)
-    residual = (from_record(context.state["residual"], like)
-                if "residual" in context.state else None)  # error feedback, kept likewise
-    payload, opt1, residual, metrics = site_reply(problem, update, params, opt, residual, k, r)
-    context.state["client_opt"] = to_record(opt1)
-    if residual is not None:
-      context.state["residual"] = to_record(residual)
-    content = RecordDict({"delta": payload,
-                          "metrics": MetricRecord({"site": k, **metrics}),
-                          "info": ConfigRecord({"site": site})})
-    return Message(content=content, reply_to=msg)
+    return Message(content=site_train(msg.content, context.state, site, context.run_id,
+                                      dict(context.run_config)), reply_to=msg)
 
   return app
 
@@ -483,10 +512,16 @@ def _make_client_app():
 # ---------------------------------------------------------------- the server (ServerApp)
 
 def _append(path: str, row: dict) -> None:
-  with open(path, "a", encoding="utf-8") as f:
-    f.write(json.dumps(row) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+  """One line of rounds.jsonl: `jmtl federated`'s `_append_line` (strict JSON: a non-finite
+  value is refused, the rows hold None for it; a bucket path rewritten atomically)."""
+  from etils import epath  # noqa: PLC0415
+  from jmtl.federated import loop  # noqa: PLC0415
+  loop._append_line(epath.Path(path), row)  # noqa: SLF001
+
+
+def _finite(v: float) -> float | None:
+  """`v` as a float, None when it is not finite (NaN / inf: JSON null, as `jmtl federated`)."""
+  return float(v) if np.isfinite(v) else None
 
 
 def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups: Any = None,
@@ -553,7 +588,7 @@ def _fingerprint(problem: Problem, run_config: dict) -> dict:
 
 # Run config keys a resumed run may change (the others must equal the checkpoint's).
 RESUMABLE_RUN_CONFIG = ("workdir", "rounds", "round-timeout", "wait-sites", "config",
-                        "overrides", "submission")
+                        "overrides", "submission", "max-empty-rounds")
 
 
 def _check_checkpoint(problem: Problem, run_config: dict, workdir: str, step: int,
@@ -582,13 +617,6 @@ def _check_checkpoint(problem: Problem, run_config: dict, workdir: str, step: in
                      f"({'; '.join(diffs)}): use a new workdir or the same run config")
 
 
-def checkpoint_like(params: Any, opt_state: Any) -> dict:
-  """The tree a Flower server checkpoint holds: {"server": {"params", "opt_state"}} (the
-  `server` part of `jmtl.federated.loop.checkpoint_tree`; the sites' client states live on the
-  SuperNodes, not here)."""
-  return {"server": {"params": params, "opt_state": opt_state}}
-
-
 def _abstract(tree: Any) -> Any:
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
@@ -600,13 +628,14 @@ def load_checkpoint(workdir: str, params: Any, opt_state: Any, *, step: int | No
   """Reads a Flower server checkpoint of `workdir` (the latest, or round `step`), shaped like
   `params` / `opt_state`: returns (round, params, opt_state, meta) as numpy trees.
   CheckpointError / FileNotFoundError when there is none to read."""
+  from jmtl.federated import loop  # noqa: PLC0415
   from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    tree, _, meta = ckpt.restore(step, _abstract(checkpoint_like(params, opt_state)))
+    tree, _, meta = ckpt.restore(step, _abstract(loop.flower_checkpoint_tree(params, opt_state)))
   finally:
     ckpt.close()
   tree = jax.device_get(tree)
@@ -625,18 +654,34 @@ def _last_round(path: str) -> int | None:
 
 
 class _Server:
-  """The server side shared by `serve` and the SecAgg+ strategy: the workdir (lock-free: one
-  server process per run), the jmtl `Checkpointer` (Orbax, atomic, keep-N), resume from the
-  latest complete checkpoint, the server optimizer step, evaluation and rounds.jsonl."""
+  """The server side shared by `serve` and the SecAgg+ strategy: the workdir and its lock (the
+  trainer's `workdir.lock`, held from the start until `close`: a second server on the same
+  workdir, e.g. a run submitted again while the old server still runs, is refused in one line
+  naming the workdir and the holder), the jmtl `Checkpointer` (Orbax, atomic, keep-N), resume
+  from the latest complete checkpoint, the server optimizer step, evaluation and rounds.jsonl
+  (`jmtl federated`'s `_append_line`). Whatever raises in `__init__` closes the checkpointer and
+  releases the lock; `close` does both after the run (the caller's `finally`; a process killed
+  outright, SIGKILL or an unhandled SIGTERM, loses its `flock` with its file descriptors)."""
 
   def __init__(self, problem: Problem, run_config: dict):
-    from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
-    from jmtl.federated import loop  # noqa: PLC0415
+    import contextlib  # noqa: PLC0415
+    from etils import epath  # noqa: PLC0415
+    from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
     self.problem, self.run_config = problem, run_config
     self.workdir = str(run_config["workdir"])
     self.rounds = int(run_config.get("rounds") or problem.rounds)
     self.rounds_path = os.path.join(self.workdir, "rounds.jsonl")
-    os.makedirs(self.workdir, exist_ok=True)
+    self._closing = contextlib.ExitStack()
+    self._closing.enter_context(workdir_lib.lock(epath.Path(self.workdir), "flower server"))
+    try:
+      self._open(problem, run_config)
+    except BaseException:
+      self._closing.close()  # the checkpointer (when opened), then the lock
+      raise
+
+  def _open(self, problem: Problem, run_config: dict) -> None:
+    from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
+    from jmtl.federated import loop  # noqa: PLC0415
     self.params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
     tx = optax.with_extra_args_support(problem.server_tx)
     self.opt_state = jax.tree.map(np.asarray, tx.init(self.params))
@@ -649,17 +694,16 @@ class _Server:
     self.fp = _fingerprint(problem, run_config)
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                             keep=problem.keep_checkpoints)
-    try:
-      found = self.ckpt.read_latest_meta()
-      if found is not None:  # another run's checkpoint is refused before anything is written
-        _check_checkpoint(problem, run_config, self.workdir, found[0], found[1])
-      restored = self.ckpt.restore_latest(
-          _abstract(checkpoint_like(self.params, self.opt_state)),
-          check=lambda s, m: _check_checkpoint(problem, run_config, self.workdir, s, m))
-    except BaseException:
-      self.ckpt.close()
-      raise
+    self._closing.callback(self.ckpt.close)
+    found = self.ckpt.read_latest_meta()
+    if found is not None:  # another run's checkpoint is refused before anything is written
+      _check_checkpoint(problem, run_config, self.workdir, found[0], found[1])
+    restored = self.ckpt.restore_latest(
+        _abstract(loop.flower_checkpoint_tree(self.params, self.opt_state)),
+        check=lambda s, m: _check_checkpoint(problem, run_config, self.workdir, s, m))
     self.start, self._outputs = 0, None
+    # Per site, the token of its latest reply that a round applied (`_round`, `site_train`).
+    self.applied_replies: dict[int, str] = {}
     if restored is not None:
       self.start, tree, _, meta = restored
       tree = jax.device_get(tree)
@@ -680,7 +724,8 @@ class _Server:
     for name, text in problem.files.items():  # a reader sees the old file or the whole new one
       workdir_lib.write_text_atomic(wd / name, text)
     workdir_lib.write_text_atomic(wd / "flower.json", json.dumps(
-        {"run_config": dict(run_config), "sites": list(problem.sites)}, indent=1))
+        {"run_config": dict(run_config), "sites": list(problem.sites),
+         "resumed_from": self.start if restored is not None else None}, indent=1))
     if (restored is not None and self.start == self.rounds and problem.evaluate is not None
         and problem.write_outputs is not None):
       # A finished run submitted again: eval.json again (a kill after the last line and
@@ -711,6 +756,7 @@ class _Server:
     """After round r: evaluation (fed.eval_every and the last round), the checkpoint
     (`Problem.checkpoint_every`, evaluation rounds and the last round; saved and committed
     before the line), then the line of rounds.jsonl, then (last round) eval.json."""
+    from jmtl.federated import loop  # noqa: PLC0415
     last = r == self.rounds
     self._outputs = None
     evaluated = self.problem.evaluate is not None and (
@@ -718,7 +764,7 @@ class _Server:
     if evaluated:
       self.evaluate(r, row)
     if last or r % self.problem.checkpoint_every == 0 or evaluated:
-      self.ckpt.save(r, checkpoint_like(self.params, self.opt_state), {},
+      self.ckpt.save(r, loop.flower_checkpoint_tree(self.params, self.opt_state), {},
                      {"row": row, "backend": "flower", "fingerprint": self.fp})
       self.ckpt.wait()
     _append(self.rounds_path, row)
@@ -726,74 +772,117 @@ class _Server:
       self.problem.write_outputs(self.workdir, *self._outputs, r)
 
   def close(self) -> None:
-    self.ckpt.close()
+    """Closes the checkpointer (waits for a save in flight), then releases the workdir lock."""
+    self._closing.close()
+
+
+MAX_EMPTY_ROUNDS = 3  # run config `max-empty-rounds` default (fed.flower.max_empty_rounds)
+
+
+class EmptyRoundsError(RuntimeError):
+  """`serve` stopped: `max-empty-rounds` consecutive rounds had no applied reply."""
 
 
 def serve(grid: Any, run_config: dict) -> Any:
   """The server's rounds (what `server_app` runs): resumes from the workdir's latest
-  checkpoint (`_Server`), runs the remaining rounds; returns the final server parameters."""
+  checkpoint (`_Server`), runs the remaining rounds; returns the final server parameters.
+
+  After `max-empty-rounds` (run config; fed.flower.max_empty_rounds, default 3; 0 = never)
+  consecutive rounds in which no reply was applied (every site gone), the run stops: each of
+  those rounds' line and checkpoint are written as usual (the parameters are unchanged), then
+  one line on stderr and EmptyRoundsError (the Flower run ends failed; submitting it again
+  resumes from the checkpoint)."""
   from flwr.app import ConfigRecord, Message, RecordDict  # noqa: PLC0415
   problem = load_problem(run_config)
   timeout = float(run_config.get("round-timeout", 60.0))
+  most = int(run_config.get("max-empty-rounds", MAX_EMPTY_ROUNDS))
   server = _Server(problem, run_config)
   try:
     S = len(problem.sites)
     deadline = time.time() + float(run_config.get("wait-sites", 120.0))
     while len(list(grid.get_node_ids())) < S and time.time() < deadline:
       time.sleep(PULL_INTERVAL_S)
+    empty = 0
     for r in range(server.start, server.rounds):
-      server.end_round(r + 1, _round(grid, server, problem, r, timeout, Message, RecordDict,
-                                     ConfigRecord))
+      row = _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
+      server.end_round(r + 1, row)
+      empty = 0 if row["applied"] else empty + 1
+      if most and empty >= most:
+        msg = (f"{empty} consecutive rounds ({r + 2 - empty}-{r + 1}) had no applied reply "
+               f"(max-empty-rounds {most}): stopping at round {r + 1} of {server.rounds}, its "
+               f"checkpoint kept; submit the run again once the sites are back")
+        print(f"jmtl: error: {msg}", file=sys.stderr, flush=True)
+        raise EmptyRoundsError(msg)
   finally:
     server.close()
   return server.params
 
 
 def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord) -> dict:  # noqa: N803
-  """Round r (0-based): the messages out, the replies in, aggregation and the server step;
-  returns the round's rounds.jsonl row."""
+  """Round r (0-based): the messages out (with each site's latest applied reply token,
+  `site_train`), the replies in, aggregation and the server step; returns the round's
+  rounds.jsonl row. A second node claiming a site that already replied this round is refused
+  (first reply kept; a line on stderr and in the row's `errors`); `bytes_down` counts every
+  message sent to a node that replied, the refused ones included."""
   S = len(problem.sites)
   t0 = time.time()
   record = to_record(server.params)
   down = payload_bytes(record)
-  msgs = [Message(content=RecordDict({"params": record, "config": ConfigRecord({"round": r})}),
+  applied = " ".join(server.applied_replies[k] for k in sorted(server.applied_replies))
+  msgs = [Message(content=RecordDict({"params": record,
+                                      "config": ConfigRecord({"round": r, "applied": applied})}),
                   message_type="train", dst_node_id=n) for n in grid.get_node_ids()]
   replies = send_and_receive(grid, msgs, timeout)
   deltas: list[Any] = [None] * S
   examples = np.zeros(S, np.float32)
   info: dict[int, dict] = {}
   errors: dict[str, str] = {}
+  claimed: dict[int, str] = {}  # site -> the node whose reply counts
+  refused = 0
   for rep in replies:
+    node = str(rep.metadata.src_node_id)
     if rep.has_error():  # a SuperNode whose ClientApp raised (e.g. an unknown node config site)
-      node = str(rep.metadata.src_node_id)
       reason = str(getattr(rep.error, "reason", "") or rep.error).strip()
       errors[node] = (reason.splitlines() or [""])[0]
       print(f"round {r + 1}: node {node} replied with an error: {errors[node]}",
             file=sys.stderr, flush=True)
       continue
     k = int(rep.content["metrics"]["site"])
+    if k in claimed:  # two SuperNodes with one node config site: the first reply counts
+      errors[node] = (f"node {node} claims site {problem.sites[k]!r}, which node {claimed[k]} "
+                      f"already replied for: its reply is refused (give each SuperNode its own "
+                      f"node config site)")
+      print(f"round {r + 1}: {errors[node]}", file=sys.stderr, flush=True)
+      refused += 1
+      continue
+    claimed[k] = node
     deltas[k] = (decode_update(problem, k, rep.content["delta"], server.params)
                  if codec_of(problem) is not None
                  else from_record(rep.content["delta"], server.params))
     examples[k] = float(rep.content["metrics"]["examples"])
-    info[k] = {"up": payload_bytes(rep.content["delta"]),
+    token = (str(rep.content["info"]["reply"])
+             if "info" in rep.content and "reply" in rep.content["info"] else None)
+    info[k] = {"up": payload_bytes(rep.content["delta"]), "token": token,
                **{m: float(rep.content["metrics"][m])
                   for m in ("site_loss", "train_loss", "seconds")}}
   part = sorted(info)
   delta, w = aggregate(deltas, examples, server.params, problem.groups, problem.holds)
   if part:
     server.apply(delta)
+  server.applied_replies.update({k: info[k]["token"] for k in part
+                                 if info[k]["token"] is not None})
   fw = float(sum(examples[k] for k in part))
   return {"round": r + 1, "sites": [problem.sites[k] for k in part],
           "dropped": [s for k, s in enumerate(problem.sites) if k not in info],
           "applied": int(bool(part)),
-          "loss": (float(sum(examples[k] * info[k]["site_loss"] for k in part)) / fw
+          "loss": (_finite(sum(examples[k] * info[k]["site_loss"] for k in part) / fw)
                    if part else None),
-          "site_loss": {problem.sites[k]: info[k]["site_loss"] for k in part},
+          "site_loss": {problem.sites[k]: _finite(info[k]["site_loss"]) for k in part},
           "weights": {problem.sites[k]: float(w[k]) for k in part},
           "bytes_up": {**{problem.sites[k]: info[k]["up"] for k in part},
                        "total": sum(info[k]["up"] for k in part)},
-          "bytes_down": {**{problem.sites[k]: down for k in part}, "total": down * len(part)},
+          "bytes_down": {**{problem.sites[k]: down for k in part},
+                         "total": down * (len(part) + refused)},
           "seconds": time.time() - t0,
           "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part},
           **({"errors": errors} if errors else {})}
@@ -987,9 +1076,8 @@ def _make_secagg_server_app():
       raise RuntimeError(f"round {r}: secure aggregation refused: {msg}")
 
     def aggregate_fit(self, server_round, results, failures):
-      if secagg_refusals(failures):
-        self.refuse(server_round, secagg_refusals(failures), failures)
-      # The mod's weight factors q_k = round(n_k / max_weight * Q) are summed mod 2**32 with
+      # (A site's refusal never gets here: `_Workflow` stops the round when the masked vectors
+      # come in, the stage whose `fit` raised it.) The mod's weight factors q_k = round(n_k / max_weight * Q) are summed mod 2**32 with
       # the masks; a sum at or above 2**32 wraps (a wrong mean). n_k is in the clear (FitRes).
       q = sum(round(res.num_examples / self.max_weight * SECAGG_QUANTIZATION_RANGE)
               for _, res in results)
@@ -1101,7 +1189,7 @@ clientapp = "jmtl.federated.flower:{client}"
 APP_PYPROJECT = app_pyproject("jmtlfederated", {
     "problem": "jmtl.federated.flower:jmtl_problem", "config": "", "overrides": "",
     "workdir": "", "rounds": 0, "round-timeout": 600.0, "wait-sites": 600.0,
-    "submission": ""})
+    "max-empty-rounds": MAX_EMPTY_ROUNDS, "submission": ""})
 
 
 def write_app(directory: str) -> str:
@@ -1181,22 +1269,39 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
   run's later lines are dropped and redone by the server). `status()` (every status_every_s
   seconds: `run_status`) tells when the Flower run has finished. Returns the last round seen.
   RunError (one line) when the run finished before round `rounds` or `wait_s` ran out."""
+  from etils import epath  # noqa: PLC0415
+  from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
   path, meta = os.path.join(workdir, "rounds.jsonl"), os.path.join(workdir, "flower.json")
   start = resumed or 0
   last, deadline, asked, ended = start, time.time() + float(wait_s), 0.0, None
-  if resumed is not None:
-    echo(f"resuming from round {resumed}")
+  started = False  # this submission's server has written flower.json
 
-  def ours() -> bool:
+  def server_meta() -> dict | None:
     try:
       with open(meta, encoding="utf-8") as f:
-        return json.load(f)["run_config"].get("submission") == submission
-    except (OSError, ValueError, KeyError, TypeError):
-      return False
+        got = json.load(f)
+      return got if got["run_config"].get("submission") == submission else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+      return None
+
+  def ours() -> bool:
+    return server_meta() is not None
 
   def read() -> None:
-    nonlocal last
-    if not ours() or not os.path.exists(path):
+    nonlocal last, start, started
+    if not started:
+      got = server_meta()
+      if got is None:
+        return
+      started = True
+      # The round the server restored (it may be older than the checkpoint seen at submission,
+      # when a newer one does not read); a server that does not say: the one seen then.
+      start = got["resumed_from"] if "resumed_from" in got else resumed
+      if start is not None:
+        echo(f"resuming from round {start}")
+      start = int(start or 0)
+      last = start
+    if not os.path.exists(path):
       return
     with open(path, encoding="utf-8") as f:
       lines = f.read().splitlines()
@@ -1243,6 +1348,11 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
         ended = got  # read the file once more: the last lines may have landed meanwhile
         continue
     time.sleep(poll_s)
+  # The server writes eval.json after the last line, then closes its checkpointer and releases
+  # the workdir's lock: a command right after this one (`jmtl eval`) finds the workdir free.
+  while (ours() and workdir_lib._is_locked(epath.Path(workdir))  # noqa: SLF001
+         and time.time() < deadline):
+    time.sleep(poll_s)
   return last
 
 
@@ -1279,7 +1389,8 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
            "overrides": " ".join(shlex.quote(o) for o in overrides),
            "workdir": os.path.abspath(workdir), "rounds": int(fed.rounds),
            "round-timeout": float(fed.flower.round_timeout),
-           "wait-sites": float(fed.flower.wait_sites), "submission": submission}
+           "wait-sites": float(fed.flower.wait_sites),
+           "max-empty-rounds": int(fed.flower.max_empty_rounds), "submission": submission}
   with tempfile.TemporaryDirectory() as tmp:
     args = [flwr, "run", write_app(tmp)] + ([fed.flower.superlink] if fed.flower.superlink
                                             else [])

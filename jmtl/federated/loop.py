@@ -293,6 +293,13 @@ def checkpoint_tree(server: algorithm.ServerState, clients: algorithm.ClientStat
   return {"server": server._asdict(), "clients": c}
 
 
+def flower_checkpoint_tree(params: Any, opt_state: Any) -> dict:
+  """The tree a Flower server checkpoint holds (`jmtl.federated.flower`): {"server": {"params",
+  "opt_state"}}, the `server` part of `checkpoint_tree` (the sites' client states live on the
+  SuperNodes, not in the server's checkpoint)."""
+  return {"server": {"params": params, "opt_state": opt_state}}
+
+
 def _stack(trees: list[Any]) -> Any:
   return jax.tree.map(lambda *xs: np.stack(xs), *trees)
 
@@ -809,7 +816,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
                                            config.fed.compress_block).error_feedback)
       tree = checkpoint_tree(server, clients)
       if found[1].get("backend") == "flower":  # a Flower server's: no client states (the sites')
-        tree = {"server": {"params": server.params, "opt_state": server.opt_state}}
+        tree = flower_checkpoint_tree(server.params, server.opt_state)
       tree_sh = jax.tree.map(lambda x: x.sharding, tree)
       step, tree, _, _ = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh))
     finally:
