@@ -25,7 +25,8 @@ payload bytes of the messages (4 bytes per value, the simulation's accounting), 
 measured wall-clock of the round. With a codec (`Problem.codec`, `fed.compress`) site k sends
 instead `compression.to_bytes` of the leaves it holds, encoded as the simulation's codec hook
 encodes them (same keys, same error feedback; `encode_update`), and its top-k residual e_k
-stays in its `Context.state` beside c_k; the server decodes (`decode_update`) and aggregates
+stays in its `Context.state` beside c_k, committed only once the server applied the reply
+(`site_train`); the server decodes (`decode_update`) and aggregates
 the decoded deltas, and `bytes_up` is that payload's length (`compression.leaf_bytes`).
 
 Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
@@ -40,7 +41,8 @@ Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --r
   refuses, and the round stops with `applied` 0 and `error` in rounds.jsonl).
 SuperNode node config: site (str): this SuperNode's site name (one of Problem.sites).
 
-Files in `workdir` (written by the server process only, each line appended and fsynced):
+Files in `workdir` (written by the server process only, which holds the workdir's lock,
+`jmtl.train.workdir.lock`, while it runs; lines appended by `jmtl federated`'s writer):
 `flower.json` (the run config and sites), with a jmtl config `config.json` and
 `tokenizer.json` (as `jmtl federated` writes them), `rounds.jsonl` (per round: `round`,
 `sites` (those that replied), `dropped`, `applied`, `loss` (example-weighted L_k),
@@ -1265,8 +1267,11 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
 
   A line counts only once `workdir`/flower.json names `submission` (the run config key the
   server writes there after it dropped the lines past its checkpoint, see `_Server`) and its
-  round is past `resumed` (the latest complete checkpoint's round when submitted; the killed
-  run's later lines are dropped and redone by the server). `status()` (every status_every_s
+  round is past the round the server restored (flower.json's `resumed_from`, printed as
+  "resuming from round c"; a server that does not write it: `resumed`, the latest complete
+  checkpoint's round when submitted; the killed run's later lines are dropped and redone by
+  the server). After the last round it waits (within `wait_s`) until the server released the
+  workdir's lock, so a command right after this one finds the workdir free. `status()` (every status_every_s
   seconds: `run_status`) tells when the Flower run has finished. Returns the last round seen.
   RunError (one line) when the run finished before round `rounds` or `wait_s` ran out."""
   from etils import epath  # noqa: PLC0415
