@@ -71,14 +71,17 @@ def make_certificates(out: Path) -> dict[str, Path]:
 APP_TOML = flower.app_pyproject("jmtlflowertest", {
     "problem": "flower_problem:make", "workdir": "", "rounds": 3, "local-steps": 2,
     "algo": "fedavg", "sites": "a,b", "round-timeout": 60.0, "wait-sites": 60.0, "config": "",
-    "overrides": "", "compress": "", "secagg-max-weight": 1000.0})
+    "overrides": "", "compress": "", "secagg-max-weight": 1000.0,
+    "max-empty-rounds": flower.MAX_EMPTY_ROUNDS})
 
 
 class Cluster:
-  """SuperLink + one SuperNode per site on localhost, TLS; `run(**run_config)` submits a run."""
+  """SuperLink + one SuperNode per site on localhost, TLS; `run(**run_config)` submits a run.
+  `extra` {name: site}: more SuperNodes (process `supernode_<name>`) with that node config site
+  (a second claimant of a site)."""
 
-  def __init__(self, tmp: Path, sites: list[str]):
-    self.tmp, self.sites = tmp, sites
+  def __init__(self, tmp: Path, sites: list[str], extra: dict[str, str] | None = None):
+    self.tmp, self.sites, self.extra = tmp, sites, dict(extra or {})
     self.procs: dict[str, subprocess.Popen] = {}
     self.certs = make_certificates(tmp / "certs")
     self.port = free_port()
@@ -119,9 +122,9 @@ class Cluster:
         "--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"]),
         "--host", "127.0.0.1", "--port", str(self.port),
         "--disable-runtime-dependency-installation"])
-    for site in self.sites:
-      env = dict(self.env, FLWR_HOME=str(self.tmp / f"home_{site}"))
-      self._start(f"supernode_{site}", [
+    for name, site in [(s, s) for s in self.sites] + list(self.extra.items()):
+      env = dict(self.env, FLWR_HOME=str(self.tmp / f"home_{name}"))
+      self._start(f"supernode_{name}", [
           str(BIN / "flower-supernode"), "--root-certificates", str(self.certs["ca"]),
           "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
           "--port", str(free_port()), "--node-config", f'site="{site}"'], env)

@@ -302,3 +302,64 @@ def test_max_empty_rounds_is_a_checked_config_key(tmp_path):
   config.fed.flower.max_empty_rounds = -1
   with pytest.raises(ConfigError, match="fed.flower.max_empty_rounds"):
     config_lib.validate(config)
+
+
+# ---------------------------------------------------------------- 1, 9, 10 on a real cluster
+
+def _finished(cluster, run_id, monkeypatch, timeout=150.0):
+  from flower_cluster import BIN
+  monkeypatch.setenv("FLWR_HOME", str(cluster.home))
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    got = flower.run_status(str(BIN / "flwr"), "local", run_id)
+    if got is not None and got[0].startswith("finished"):
+      return got
+    time.sleep(1.0)
+  pytest.fail(f"the Flower run {run_id} has not finished after {timeout} s\n{cluster.logs()}")
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_cluster_lock_second_claimant_and_every_site_gone(tmp_path, monkeypatch):
+  """A real SuperLink with SuperNodes a, b and a second one claiming a. (1) A run on a workdir
+  whose lock is held fails at once, writing nothing. (9) Each round keeps one reply for a and
+  names the refused claimant in `errors`; bytes_down counts its download. (10) With every
+  SuperNode killed after round 1, round 2 applies nothing and, max-empty-rounds being 1, the
+  run stops (failed) with round 2's checkpoint, and the workdir's lock is released."""
+  from flower_cluster import Cluster
+  import test_flower as tf
+  c = Cluster(tmp_path / "cluster", ["a", "b"], extra={"a2": "a"}).start()
+  try:
+    held = tmp_path / "held"
+    with workdir_lib.lock(epath.Path(held), "test"):
+      out = c.run(held, algo="fedavg", rounds=2, **{"local-steps": tf.STEPS})
+      assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
+      status = _finished(c, json.loads(out.stdout)["run-id"], monkeypatch)
+      assert status[0] == "finished:failed", (status, c.logs())
+      assert not (held / "rounds.jsonl").exists() and not (held / "checkpoints").exists()
+    wd = tmp_path / "wd"
+    out = c.run(wd, algo="fedavg", rounds=5, **{"local-steps": tf.STEPS, "round-timeout": 20.0,
+                                                "max-empty-rounds": 1})
+    assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
+
+    def kill_all(n):
+      if n == 2:
+        for name in ("supernode_a", "supernode_b", "supernode_a2"):
+          c.kill(name)
+    rows = tf._wait_rounds(c, wd / "rounds.jsonl", 3, timeout=200, on_line=kill_all)
+    assert all(r["sites"] == ["a", "b"] and r["applied"] == 1 for r in rows[:2])
+    # The server starts once 2 SuperNodes are in: the third is there by round 2 at the latest.
+    claimed = [r for r in rows[:2] if r.get("errors")]
+    assert claimed, rows
+    for r in claimed:
+      (why,) = r["errors"].values()
+      assert "claims site 'a', which node" in why and "its reply is refused" in why, why
+      assert r["bytes_down"]["total"] == 3 * 4 * 6
+    assert rows[2]["applied"] == 0 and rows[2]["sites"] == []
+    status = _finished(c, json.loads(out.stdout)["run-id"], monkeypatch)
+    assert status[0] == "finished:failed", (status, c.logs())
+    assert len(_rows(wd)) == 3 and _free(wd)
+    step, _, _, meta = _final(wd, _run_config(wd, 5))
+    assert step == 3 and meta["row"]["applied"] == 0
+  finally:
+    c.stop()
