@@ -59,6 +59,7 @@ from jmtl.eval import metrics as metrics_lib
 from jmtl.eval import predictions as predictions_lib
 from jmtl.study import mtl_report
 from jmtl.study import report as report_lib
+from jmtl.study import runs as runs_lib
 from jmtl.study import sweep as sweep_lib
 
 ROUNDS_FILE = "rounds.jsonl"  # jmtl.federated.loop.ROUNDS_FILE (that module imports jax)
@@ -193,7 +194,7 @@ def report_federated(run_dirs: Sequence[str | os.PathLike[str]],
     raise ValueError(f"--runs: the runs were trained for different study.target values "
                      f"{targets}; report one study at a time")
   target = targets[0] or None
-  arms = mtl_report._order([r["arm"] for r in runs])  # noqa: SLF001 (first-seen order)
+  arms = _arm_order(runs, run_dirs)
   cfg_of = {a: next(r["config"] for r in runs if r["arm"] == a) for a in arms}
   for a in arms:
     if not cfg_of[a].get("study", {}).get("parts"):
@@ -269,6 +270,21 @@ def report_federated(run_dirs: Sequence[str | os.PathLike[str]],
   (out / "clouds.csv").write_text(_clouds_csv(report))
   predictions_lib.write_json_atomic(out / "report.json", report)
   return report
+
+
+def _arm_order(runs: Sequence[dict], run_dirs: Sequence[Any]) -> list[str]:
+  """Arms without a `study.reference` (the reference, FedAvg) first, then the others; each
+  group in the order of the studies' study.json (the study config's `study.arms`), then in
+  the order found."""
+  listed = []
+  for d in run_dirs:
+    path = pathlib.Path(d) / "study.json"
+    if path.is_file():
+      listed += list(runs_lib.read_json(path).get("arms", {}))
+  found = mtl_report._order(listed + [r["arm"] for r in runs])  # noqa: SLF001
+  present = {r["arm"] for r in runs}
+  refs = {r["arm"]: bool(r["reference"]) for r in runs}
+  return sorted((a for a in found if a in present), key=lambda a: refs[a])
 
 
 def _num(x) -> str:
