@@ -16,11 +16,14 @@ accuracy and MRPC F1 on the first 256 dev rows of each. A model that predicts "p
 every MRPC pair scores F1 82.8 there, so the target asks for SST-2 accuracy of about 57 or more
 with that MRPC behaviour (the untrained model scored 67.8: 52.7 + 82.8).
 
-Cost, measured on a 2-core CPU host shared with other jobs (load average 9-12): one round of
-fedavg (4 sites x 10 local steps of 16 rows, 64 tokens) takes 2.0-2.5 s of compute
-(median 2.1 s over rounds 2-8 of `jmtl federated --config configs/fed_study_fedavg.py
---config.fed.rounds=8`); MEASURED_RUN. The 4 sites are 4 devices:
-run it with XLA_FLAGS=--xla_force_host_platform_device_count=4 on a CPU host:
+Cost, measured on a 2-core CPU host shared with other jobs: one round of fedavg (4 sites x
+10 local steps of 16 rows of 64 tokens) took a median 2.0 s (1.6-2.5 s; rounds 2-8 of
+`jmtl federated --config configs/fed_study_fedavg.py --config.fed.rounds=8`, load average
+9-12) and a median 3.4 s (2.1-4.1 s; rounds 2-20 of a 20-round run, load average 14-18);
+that 20-round run took 299 s of wall time in all (start-up, compilation, 5 evaluations of dev
+and the sites' held-out rows). At that pace a 60-round run takes about 10-15 minutes, and the
+48 runs 8-12 hours of this host. The 4 sites are 4 devices: on a CPU host run it with
+XLA_FLAGS=--xla_force_host_platform_device_count=4:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 jmtl study federated \
       --config configs/fed_study.py --workdir runs/fed_study
