@@ -198,10 +198,10 @@ def test_centralized_arm_matches_total_compute():
                                           "central/seed1"]
   fed, central = runs[0][1], runs[1][1]
   S, H, R, B = len(fed.fed.sites), fed.fed.local_steps, fed.fed.rounds, fed.data.batch_size
-  assert (S, H, R, B) == (4, 2, 3, 8)
+  assert (S, H, R, B) == (4, 2, 2, 8)
   # the federated run: S x H x R local steps of B rows; the centralized one: H x R of S x B
   assert central.train.steps * central.data.batch_size == S * H * R * B
-  assert (central.train.steps, central.data.batch_size) == (6, 32)
+  assert (central.train.steps, central.data.batch_size) == (4, 32)
   assert central.fed.sites == () and central.optim.name == "adamw"
   assert central.optim.lr == pytest.approx(3e-3)  # fed.client_lr
   assert central.train.eval_every == 2 and central.fed.local_steps == 2
@@ -239,7 +239,7 @@ def test_study_resumes_and_ignores_a_changed_target(tmp_path, capsys):
   study_lib.run_study(study2, arms2, tmp_path / "w", train_fn=again)
   assert again.calls == []
   assert capsys.readouterr().out.count("done before, skipped") == 4
-  study3, arms3 = _tiny(over + ["--config.fed.rounds=4"])
+  study3, arms3 = _tiny(over + ["--config.fed.rounds=3"])
   with pytest.raises(ValueError, match="different config .*'fed.rounds'"):
     study_lib.run_study(study3, arms3, tmp_path / "w", train_fn=FakeTrainer())
 
@@ -288,7 +288,7 @@ def test_cli_mistakes_are_one_line(capsys, tmp_path, fake_study):
 
 @pytest.mark.slow
 def test_tiny_study_resume_and_report_through_the_cli(data_dir, tmp_path, capsys):
-  """2 arms (FedAvg over 4 sites; its centralized baseline) x 2 seeds, 3 rounds of 2 local
+  """2 arms (FedAvg over 4 sites; its centralized baseline) x 2 seeds, 2 rounds of 2 local
   steps on real SST-2 rows; a second invocation trains nothing; the report's numbers equal
   those computed here from the files it read."""
   work, out = tmp_path / "w", tmp_path / "report"
@@ -300,7 +300,7 @@ def test_tiny_study_resume_and_report_through_the_cli(data_dir, tmp_path, capsys
   text = capsys.readouterr().out
   assert text.count("done before, skipped") == 4 and ": training" not in text
   central = json.loads((work / "central" / "seed0" / "config.json").read_text())
-  assert central["fed"]["sites"] == [] and central["train"]["steps"] == 6
+  assert central["fed"]["sites"] == [] and central["train"]["steps"] == 4
   assert central["data"]["batch_size"] == 32
   assert cli.run(["jmtl", "report", "federated", "--runs", str(work), "--out", str(out)]) == 0
   rep = json.loads((out / "report.json").read_text())
@@ -314,7 +314,7 @@ def test_tiny_study_resume_and_report_through_the_cli(data_dir, tmp_path, capsys
   for s in (0, 1):
     run = work / "fedavg" / f"seed{s}"
     lines = rows(run / "rounds.jsonl")
-    assert [x["round"] for x in lines] == [0, 1, 2, 3]
+    assert [x["round"] for x in lines] == [0, 1, 2]
     finals.append(json.loads((run / "eval.json").read_text())["sst2/accuracy"])
     first = next((x["round"] for x in lines if x["round"] > 0
                   and x["sst2/accuracy"] >= target), None)
@@ -330,7 +330,7 @@ def test_tiny_study_resume_and_report_through_the_cli(data_dir, tmp_path, capsys
   for s in (0, 1):
     run = work / "central" / f"seed{s}"
     evals = [x for x in rows(run / "metrics.jsonl") if x.get("split") == "eval"]
-    assert [x["step"] for x in evals] == [2, 4, 6]  # every H = 2 steps: one round's work
+    assert [x["step"] for x in evals] == [2, 4]  # every H = 2 steps: one round's work
     c_finals.append(json.loads((run / "eval.json").read_text())["sst2/accuracy"])
     c_reached.append(next((x["step"] // 2 for x in evals if x["sst2/accuracy"] >= target),
                           None))

@@ -184,10 +184,10 @@ def centralized_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   H x R steps of the summed batch S x B rows, so both compute the same S x H x R x B
   forward/backward passes over rows of the same tasks and mixture. Optimizer
   `fed.client_optimizer` at `fed.client_lr` (the local steps' rule; `optim.*` otherwise, as the
-  clients get it); evaluation every `fed.eval_every` x H steps (one per H steps, the round's
-  work, when 0: only at the end), checkpoints every `fed.checkpoint_every` x H, train lines
-  every H. `fed.sites` is emptied; `fed.rounds` / `fed.local_steps` stay, so the report maps
-  step s to round s / H. Differences left: the centralized run trains on every training row
+  clients get it); evaluation every `fed.eval_every` x H steps (0: only at the end),
+  checkpoints every `fed.checkpoint_every` x H, train lines every H; no stragglers (a
+  simulation of sites). `fed.sites` is emptied; `fed.rounds` / `fed.local_steps` stay, so
+  the report maps step s to round ceil(s / H). Differences left: the centralized run trains on every training row
   (the federated one holds `fed.holdout` of each site's rows out) in one data order.
   ConfigError when `config` has no `fed.sites`."""
   fed = config.fed
@@ -291,16 +291,22 @@ def run_study(study: ml_collections.ConfigDict, arms: Sequence[Arm],
   return result
 
 
+def _arm_summary(a: Arm) -> dict:
+  out = {"config": a.path, "single_task": a.single_task, "reference": a.reference,
+         "tasks": list(a.config.tasks)}
+  if not a.config.fed.sites:
+    return {**out, "steps": a.config.train.steps}
+  fed = a.config.fed  # a federated study's arm: its rounds x local steps
+  return {**out, "centralized": a.centralized, "parts": list(a.config.study.parts),
+          "rounds": fed.rounds, "local_steps": fed.local_steps,
+          "steps": fed.rounds * fed.local_steps if a.centralized else None}
+
+
 def _summary(study: ml_collections.ConfigDict, arms: Sequence[Arm], records: list[dict]) -> dict:
   return {
       "seeds": list(study.study.seeds),
       "target": float(study.study.target),
-      "arms": {a.name: {"config": a.path, "single_task": a.single_task,
-                        "reference": a.reference, "tasks": list(a.config.tasks),
-                        "steps": a.config.train.steps,
-                        **({"centralized": a.centralized, "parts": list(a.config.study.parts),
-                            "rounds": a.config.fed.rounds} if a.config.fed.sites else {})}
-               for a in arms},
+      "arms": {a.name: _arm_summary(a) for a in arms},
       "reused_other_code": [r["dir"] for r in records if r.get("other_code")],
       "assumed_defaults": {r["dir"]: r["assumed_defaults"] for r in records
                            if r.get("assumed_defaults")},

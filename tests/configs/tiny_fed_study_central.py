@@ -1,5 +1,5 @@
 """Tiny centralized arm of the federated smoke study: the FedAvg arm's setting as one plain run
-of 3 x 2 steps of the 4 x 8 = 32-row summed batch (`study.centralized`)."""
+of 2 x 2 steps of the 4 x 8 = 32-row summed batch (`study.centralized`)."""
 
 import pathlib
 
