@@ -340,3 +340,34 @@ def test_tiny_study_resume_and_report_through_the_cli(data_dir, tmp_path, capsys
   assert c["paired"]["per_seed"] == pytest.approx(
       {"0": c_finals[0] - finals[0], "1": c_finals[1] - finals[1]})
   assert (out / "federated.csv").is_file() and (out / "dev_vs_sim_seconds.png").is_file()
+
+
+def test_study_config_plans_every_arm_and_passes_preflight(data_dir):
+  """configs/fed_study.py: 16 arms x 3 seeds = 48 runs; every arm's run config passes the
+  checks of the command that trains it (`jmtl federated`, or `jmtl train` for the centralized
+  arm: data files, the mesh of 4 sites against this process's devices)."""
+  from jmtl import preflight
+  path = REPO / "configs" / "fed_study.py"
+  study = config_lib.validate(config_lib.load_config_file(path), check_files=False)
+  arms = study_lib.load_arms(study, path, [f"--config.data.dir={data_dir}"],
+                             cli.apply_overrides, kind="federated")
+  parts = {p: [a.name for a in arms if p in a.config.study.parts] for p in fed_report.PARTS}
+  assert parts == {
+      "central": ["fedavg", "central"], "noniid": ["fedavg", "iid", "alpha1", "alpha01"],
+      "aggregation": ["fedavg", "dynamic", "gradient", "fedadam", "diloco", "fedbuff"],
+      "compression": ["fedavg", "int8", "q4", "topk"], "dp": ["fedavg", "dp_z1", "dp_z01"],
+      "clouds": ["fedavg", "fedbuff", "deadline"]}
+  assert all(a.reference == "fedavg" for a in arms[1:]) and arms[0].reference == ""
+  runs = study_lib.plan(study, arms)
+  assert len(runs) == 48 and {cfg.study.target for _, cfg in runs} == {70.0}
+  checked = set()
+  for run, cfg in runs:
+    if run.arm == "central":  # 4 sites x 10 local steps x 60 rounds of 16 rows
+      assert (cfg.train.steps, cfg.data.batch_size) == (600, 64) and cfg.optim.lr == 2e-3
+    elif run.arm == "fedbuff":  # 120 server steps of K = 2 site jobs = 60 rounds x 4 sites
+      assert (cfg.fed.rounds, cfg.fed.buffer_size) == (120, 2)
+    else:
+      assert (cfg.fed.rounds, cfg.fed.local_steps, len(cfg.fed.sites)) == (60, 10, 4)
+    if run.arm not in checked:
+      checked.add(run.arm)
+      preflight.run(cfg, "federated" if cfg.fed.sites else "train", None)
