@@ -79,6 +79,9 @@ def fake_study(tmp_path):
   for s in range(3):
     _write_fed_run(root / "fedavg" / f"seed{s}", _config("fedavg", s, everything), FEDAVG[s],
                    seconds=[2.0 + 0.5 * s, 3.0, 2.5, 4.0], up=1000)
+    _write_fed_run(root / "buff" / f"seed{s}",
+                   _config("buff", s, ["clouds"], "fedavg", mode="async", buffer_size=2),
+                   INT8[s], seconds=[1.0] * 4, up=500)
     _write_fed_run(root / "int8" / f"seed{s}",
                    _config("int8", s, ["compression"], "fedavg", compress="int8"), INT8[s],
                    seconds=[1.0] * 4, up=250)
@@ -144,6 +147,10 @@ def test_report_matches_hand_computed_values(fake_study, tmp_path):
   assert c["rounds_to_target"] == [3, 4] and c["sim_s_to_target"]["n"] == 0
   assert c["bytes_up"]["n"] == 0 and c["paired"]["per_seed"] == pytest.approx(
       {"0": -1.0, "1": -1.0})
+
+  b = t["buff"]  # asynchronous: a round is a server step, so rounds are not paired with FedAvg's
+  assert b["paired"]["n"] == 3 and "paired_rounds" not in b
+  assert rep["settings"]["clouds"]["buff"] == "async FedBuff K=2"
 
   d = t["dp"]
   assert d["epsilon_rdp"]["values"] == [4.0, 4.0]

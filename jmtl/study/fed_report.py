@@ -32,7 +32,9 @@ Per run (definitions; every value is read, not re-estimated):
 
 Per arm and part: mean ± sample std (ddof=1) over seeds; rounds and seconds to target: the
 seeds that reached it (k/n) and their mean; paired by seed against `study.reference` (FedAvg):
-Δ final score and Δ rounds to target (seeds where both reached it) with mean ± std, the 95 %
+Δ final score and Δ rounds to target (seeds where both reached it; only between arms whose
+round means the same: not for an asynchronous arm, whose round is one server step of
+fed.buffer_size site jobs) with mean ± std, the 95 %
 confidence interval mean ± t(0.975, n-1) · std / sqrt(n) (Student's t, n >= 2) and the seeds
 ahead (`jmtl.study.report.paired_differences`). Curves are means over seeds at the rounds
 every seed evaluated (`jmtl.study.report.mean_curve`).
@@ -247,8 +249,10 @@ def report_federated(run_dirs: Sequence[str | os.PathLike[str]],
     if ref and ref in summaries and ref != a:
       cell["paired"] = report_lib.paired_differences(records(a, "final"), records(ref, "final"),
                                                      report_lib.SCORE, [])
-      cell["paired_rounds"] = report_lib.paired_differences(
-          records(a, "rounds_to_target"), records(ref, "rounds_to_target"), report_lib.SCORE, [])
+      if _round_unit(cfg_of[a]) == _round_unit(cfg_of[ref]):  # else rounds are not comparable
+        cell["paired_rounds"] = report_lib.paired_differences(
+            records(a, "rounds_to_target"), records(ref, "rounds_to_target"),
+            report_lib.SCORE, [])
     table[a] = cell
 
   parts = {p: [a for a in arms if p in table[a]["parts"]] for p in PARTS}
@@ -270,6 +274,13 @@ def report_federated(run_dirs: Sequence[str | os.PathLike[str]],
   (out / "clouds.csv").write_text(_clouds_csv(report))
   predictions_lib.write_json_atomic(out / "report.json", report)
   return report
+
+
+def _round_unit(cfg: Mapping[str, Any]) -> tuple:
+  """What one `round` of a run is: a synchronous round of all sampled sites, or (fed.mode =
+  async) one server step of fed.buffer_size site jobs."""
+  fed = cfg.get("fed", {})
+  return ("async", fed.get("buffer_size")) if fed.get("mode") == "async" else ("sync",)
 
 
 def _arm_order(runs: Sequence[dict], run_dirs: Sequence[Any]) -> list[str]:
@@ -353,7 +364,9 @@ def _markdown(report: dict, run_dirs: Sequence[Any], out: pathlib.Path) -> str:
            + "Rounds / simulated seconds to target: mean over the seeds that reached it (k/n). "
            "Δ vs reference: per seed, the arm minus its reference arm (study.reference), mean ± "
            "std [95 % CI, Student's t over seeds] (seeds where the arm is higher / paired); for "
-           "rounds to target, lower is faster (seeds where both reached it).", "", "Arms:", ""]
+           "rounds to target, lower is faster (seeds where both reached it; not given for an "
+           "asynchronous arm, whose round is one server step of fed.buffer_size site jobs: "
+           "compare it in simulated seconds).", "", "Arms:", ""]
   for a, s in report["arms"].items():
     note = f"{s['finished']} finished run(s)"
     if s["diverged"]:
