@@ -27,8 +27,8 @@ Per run (definitions; every value is read, not re-estimated):
   `dp_epsilon_rdp` / `dp_epsilon_pld` (at fed.dp.delta; None = infinite or no DP);
 * cost = the last line's cumulative `sim_cost` per cloud and `sim_cost_total` (dollars); per
   cloud also its site-rounds: (site, round) pairs in which one of its sites took part, and
-  those in which one was sampled but dropped (deadline). rounds.jsonl holds no per-site seconds, so time per cloud is not shown;
-  the run's simulated seconds are.
+  those in which one was sampled but dropped (deadline). rounds.jsonl holds no per-site
+  seconds, so time per cloud is not shown; the run's simulated seconds are.
 
 Per arm and part: mean ± sample std (ddof=1) over seeds; rounds and seconds to target: the
 seeds that reached it (k/n) and their mean; paired by seed against `study.reference` (FedAvg):

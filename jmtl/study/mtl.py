@@ -187,8 +187,9 @@ def centralized_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   clients get it); evaluation every `fed.eval_every` x H steps (0: only at the end),
   checkpoints every `fed.checkpoint_every` x H, train lines every H; no stragglers (a
   simulation of sites). `fed.sites` is emptied; `fed.rounds` / `fed.local_steps` stay, so
-  the report maps step s to round ceil(s / H). Differences left: the centralized run trains on every training row
-  (the federated one holds `fed.holdout` of each site's rows out) in one data order.
+  the report maps step s to round ceil(s / H). Differences left: the centralized run trains
+  on every training row (the federated one holds `fed.holdout` of each site's rows out), in
+  one data order.
   ConfigError when `config` has no `fed.sites`."""
   fed = config.fed
   if not fed.sites:
