@@ -11,6 +11,8 @@
   jmtl report optim --workdir DIR [--out DIR]                 (tables, ablation, loss curves)
   jmtl study mtl --config configs/mtl_study.py --workdir DIR  (multi-task study: arms x seeds)
   jmtl report mtl --runs DIR [DIR ...] [--out DIR]            (task x arm table, paired CIs, curves)
+  jmtl study federated --config configs/fed_study.py --workdir DIR  (federated study: arms x seeds)
+  jmtl report federated --runs DIR [DIR ...] [--out DIR]      (parts (a)-(f): tables, plots)
   jmtl --help | jmtl CMD --help | jmtl --version
 
 Every command with a config runs `jmtl.preflight.run` before any work. Never a traceback for a
@@ -41,8 +43,8 @@ from jmtl.train import NonFiniteError
 
 COMMANDS = ("train", "eval", "data", "bench", "compile", "sweep", "study", "report", "federated")
 BENCHES = ("step", "data", "loop", "optimizer", "scaling", "federated")
-REPORTS = ("optim", "mtl")
-STUDIES = ("mtl",)
+REPORTS = ("optim", "mtl", "federated")
+STUDIES = ("mtl", "federated")
 DATA_SUBCOMMANDS = ("prepare",)
 COMMAND_USAGE = {
     "train": "jmtl train --config FILE --workdir DIR [--config.KEY=VALUE ...]",
@@ -53,9 +55,9 @@ COMMAND_USAGE = {
     "compile": "jmtl compile --config FILE [--topology NAME] [--json] [--out FILE] "
                "[--config.KEY=VALUE ...]",
     "sweep": "jmtl sweep --config FILE --workdir DIR [--config.KEY=VALUE ...]",
-    "study": "jmtl study mtl --config FILE --workdir DIR [--config.KEY=VALUE ...]",
+    "study": "jmtl study {mtl,federated} --config FILE --workdir DIR [--config.KEY=VALUE ...]",
     "report": "jmtl report optim --workdir DIR [--out DIR] | "
-              "jmtl report mtl --runs DIR [DIR ...] [--out DIR]",
+              "jmtl report {mtl,federated} --runs DIR [DIR ...] [--out DIR]",
     "federated": "jmtl federated --config FILE --workdir DIR [--backend NAME] [--config.KEY=VALUE ...]",
 }
 COMMAND_HELP = {
@@ -72,12 +74,17 @@ COMMAND_HELP = {
                "such as v5e-16): sharding rules that do not divide, per-device memory, fits. "
                "Exit 1 when it does not fit.",
     "sweep": "The optimizer study: optimizers x learning rates x seeds; writes sweep.json.",
-    "study": "The multi-task study: every arm of study.arms (configs/mtl_*.py) x study.seeds, "
-             "one run after another; finished runs are skipped; writes study.json. Overrides "
-             "of study.arms / study.seeds change the study config, all others every arm.",
+    "study": "A study: every arm of study.arms x study.seeds, one run after another; "
+             "finished runs are skipped; writes study.json. mtl: the multi-task study "
+             "(configs/mtl_*.py); federated: the federated study (configs/fed_study_*.py; "
+             "federated runs and a centralized baseline). Overrides of study.arms / "
+             "study.seeds / study.target change the study config, all others every arm.",
     "report": "optim: tables, ablation and loss curves of a finished sweep. mtl: the task x "
               "arm table (mean ± std over seeds, paired differences against the single-task "
-              "arm with 95 % CI; Markdown + CSV) and PNG curves of the runs under --runs.",
+              "arm with 95 % CI; Markdown + CSV) and PNG curves of the runs under --runs. "
+              "federated: per part (a)-(f) of the federated study, final dev score, rounds "
+              "and simulated seconds to study.target, bytes, epsilon, cost per cloud, paired "
+              "differences against FedAvg with 95 % CI (Markdown + CSV) and PNG plots.",
     "federated": "Federated training over the sites of fed.sites (rounds of local steps and "
                  "aggregation); resumes from the latest checkpoint in --workdir.",
 }
@@ -88,13 +95,14 @@ _COMMAND_FLAGS = {
     "report": ("workdir", "runs", "out"), "federated": ("config", "workdir", "backend"),
 }
 # Subcommands that take fewer flags than their command lists.
-_SUB_FLAGS = {("report", "optim"): ("workdir", "out"), ("report", "mtl"): ("runs", "out")}
+_SUB_FLAGS = {("report", "optim"): ("workdir", "out"), ("report", "mtl"): ("runs", "out"),
+              ("report", "federated"): ("runs", "out")}
 _FLAG_HELP = (
     ("--config FILE", "config file defining get_config() (see configs/, jmtl/defaults.py)"),
     ("--workdir DIR", "run directory (checkpoints, metrics, predictions)"),
     ("--topology NAME", "compile: local (default) or a TPU slice: v4-N, v5e-N, v5p-N, v6e-N"),
     ("--json", "bench, compile: print the result as JSON"),
-    ("--runs DIR...", "report mtl: run directories, or folders holding them"),
+    ("--runs DIR...", "report mtl, federated: run directories, or folders holding them"),
     ("--out FILE|DIR", "bench, compile: also write the JSON here; report: output directory"),
     ("--backend NAME", "federated, eval: shorthand for --config.fed.backend=NAME (shard_map, "
                        "pmap, flower)"),
@@ -258,9 +266,9 @@ def parse(argv: Sequence[str]):
     raise UsageError(str(e).splitlines()[0]) from e
   overrides = config_overrides(rest, fv)
   _check_flags_apply(cmd, sub, fv, overrides)
-  if cmd == "report" and sub == "mtl":
+  if cmd == "report" and sub in ("mtl", "federated"):
     if not fv.runs:
-      raise UsageError("jmtl report mtl needs --runs DIR [DIR ...]")
+      raise UsageError(f"jmtl report {sub} needs --runs DIR [DIR ...]")
   elif cmd in ("train", "eval", "sweep", "study", "report", "federated") and not fv.workdir:
     raise UsageError(f"jmtl {cmd} needs --workdir DIR")
   if cmd == "report":
@@ -310,21 +318,25 @@ def _runs_values(args: Sequence[str]) -> list[str]:
   return out
 
 
-def _report_mtl(fv) -> dict:
-  """`jmtl report mtl`: a missing folder, no run of an arm or an unreadable run file is a
-  ConfigError naming it."""
-  from jmtl.study.mtl_report import report_mtl
+def _report_runs(sub: str, fv) -> dict:
+  """`jmtl report mtl` / `jmtl report federated`: a missing folder, no run of an arm or an
+  unreadable run file is a ConfigError naming it."""
+  if sub == "federated":
+    from jmtl.study.fed_report import report_federated as report
+  else:
+    from jmtl.study.mtl_report import report_mtl as report
   out = fv.out or str(pathlib.Path(fv.runs[0], "report"))
   try:
-    return report_mtl(fv.runs, out)
+    return report(fv.runs, out)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from e
 
 
-def _study_mtl(config, fv, argv: Sequence[str]) -> dict:
-  """`jmtl study mtl`: loads the arms (the overrides other than study.arms / study.seeds apply
-  to each), checks every run's config with the preflight of `jmtl train` before the first run,
-  then runs the study."""
+def _study(sub: str, config, fv, argv: Sequence[str]) -> dict:
+  """`jmtl study mtl` / `jmtl study federated`: loads the arms (the overrides other than the
+  study config's keys apply to each), checks every run's config with the preflight of the
+  command that trains it (`jmtl federated` for a federated run, else `jmtl train`) before the
+  first run, then runs the study."""
   from jmtl import config as config_lib
   from jmtl import preflight
   from jmtl.study import mtl as mtl_study
@@ -332,13 +344,13 @@ def _study_mtl(config, fv, argv: Sequence[str]) -> dict:
     raise ConfigError(f"--workdir {fv.workdir} is a file")
   _, arm_overrides = mtl_study.split_overrides([a for a in argv if a.startswith("--config.")])
   config = config_lib.validate(config, check_files=False)
-  arms = mtl_study.load_arms(config, fv.config, arm_overrides, apply_overrides)
+  arms = mtl_study.load_arms(config, fv.config, arm_overrides, apply_overrides, kind=sub)
   checked = set()
   for run, cfg in mtl_study.plan(config, arms):
     if (run.arm, run.task) not in checked:  # seeds do not change what preflight checks
       checked.add((run.arm, run.task))
       try:
-        preflight.run(cfg, "train", None)
+        preflight.run(cfg, "federated" if cfg.fed.sites else "train", None)
       except ConfigError as e:
         raise ConfigError(f"arm {run.arm!r}{' task ' + repr(run.task) if run.task else ''}: "
                           f"{e}") from e
@@ -455,8 +467,8 @@ def run(argv: Sequence[str]) -> int:
   """Runs one command line; returns the exit code. User mistakes raise ConfigError, checked by
   `jmtl.preflight.run` before any work."""
   cmd, sub, config, fv = parse(argv)
-  if cmd == "report" and sub == "mtl":
-    result = _report_mtl(fv)
+  if cmd == "report" and sub in ("mtl", "federated"):
+    result = _report_runs(sub, fv)
     print(f"report of {sum(a['finished'] for a in result['arms'].values())} finished run(s) "
           f"({len(result['arms'])} arms) written to {fv.out or pathlib.Path(fv.runs[0], 'report')}: "
           f"{', '.join(result['files'])}", flush=True)
@@ -467,11 +479,11 @@ def run(argv: Sequence[str]) -> int:
     # line, 128 + N); one between runs or after the last is recorded here and answered before
     # the next run (`jmtl.study.runs.stop_if_signalled`) or below.
     with StopRequest() as stop:
-      result = _study_mtl(config, fv, argv)
+      result = _study(sub, config, fv, argv)
       done = sum(1 for r in result["runs"] if r["status"] == "ok")
       print(f"study done: {done} of {len(result['runs'])} run(s) finished "
             f"({len(result['runs']) - done} diverged); {pathlib.Path(fv.workdir, 'study.json')}; "
-            f"report: jmtl report mtl --runs {fv.workdir} --out DIR", flush=True)
+            f"report: jmtl report {sub} --runs {fv.workdir} --out DIR", flush=True)
       return _finished_anyway(stop, "study")
   if cmd == "report":
     from jmtl.study.report import report_optim

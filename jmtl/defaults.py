@@ -683,10 +683,29 @@ _key("study.reference", "",
      "arm whose runs this arm is paired with, seed by seed, in `jmtl report mtl` (its "
      "single-task counterpart); '' = none")
 _key("study.arms", (),
-     "jmtl study mtl: the arms' config files, relative to the study config's folder",
+     "jmtl study mtl / federated: the arms' config files, relative to the study config's folder",
      check=_strs())
-_key("study.seeds", (0, 1, 2), "jmtl study mtl: values of `seed` each arm is trained with",
+_key("study.seeds", (0, 1, 2),
+     "jmtl study mtl / federated: values of `seed` each arm is trained with",
      check=_ints(0, at_least=2, distinct=True))
+# Federated study (`jmtl study federated`, `jmtl report federated`; jmtl.study.fed_report).
+_key("study.centralized", False,
+     "federated study: the arm is the centralized baseline of its federated config at equal "
+     "total compute: one plain training run of fed.rounds x fed.local_steps steps of the summed "
+     "batch (number of fed.sites x data.batch_size rows), optimizer fed.client_optimizer at "
+     "fed.client_lr (jmtl.study.mtl.run_config; the arm config keeps fed.sites, the run's "
+     "config.json has none)")
+_key("study.parts", (),
+     "federated study: the parts of `jmtl report federated` the arm is shown in (central, "
+     "noniid, aggregation, compression, dp, clouds: issue 15's (a)-(f))",
+     check=(lambda v: isinstance(v, (tuple, list)) and all(
+         p in ("central", "noniid", "aggregation", "compression", "dp", "clouds") for p in v),
+            "a tuple of: central, noniid, aggregation, compression, dp, clouds"))
+_key("study.target", 0.0,
+     "federated study: the dev score (percent, mean over tasks of each task's first metric) "
+     "whose first reaching `jmtl report federated` counts in rounds and simulated seconds; set "
+     "in the study config before any result is seen, copied into every run's config; 0 = none",
+     check=ge(0))
 
 
 def _fresh(value: Any) -> Any:

@@ -52,7 +52,8 @@ def find_runs(dirs: Sequence[str | os.PathLike[str]]) -> tuple[list[dict], list[
   """The run directories under `dirs` (each a run or a folder of runs): (runs, ignored), where
   `ignored` lists folders with a config.json that names no arm. Each run is `{"dir", "arm",
   "seed", "tasks", "single_task", "reference", "status" ("ok", "diverged", "unfinished"),
-  "metrics", "rows"}`. FileNotFoundError for a missing folder; ValueError naming the file for
+  "metrics", "rows", "config" (config.json)}`. FileNotFoundError for a missing folder;
+  ValueError naming the file for
   an unreadable config.json, eval.json or metrics.jsonl."""
   found, ignored, seen = [], [], set()
   for d in dirs:
@@ -85,7 +86,8 @@ def find_runs(dirs: Sequence[str | os.PathLike[str]]) -> tuple[list[dict], list[
                     "tasks": list(cfg.get("tasks", ())),
                     "single_task": bool(study.get("single_task", False)),
                     "reference": study.get("reference", "") or "", "status": status,
-                    "metrics": metrics, "rows": report_lib.read_metrics(path.parent)})
+                    "metrics": metrics, "rows": report_lib.read_metrics(path.parent),
+                    "config": cfg})
   return found, ignored
 
 

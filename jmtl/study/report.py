@@ -60,9 +60,10 @@ def load_sweep(sweep_dir: str | os.PathLike[str]) -> dict:
   return data
 
 
-def read_metrics(run_dir: pathlib.Path) -> list[dict]:
-  """The rows of `<run_dir>/metrics.jsonl`; ValueError naming the file and line when one is bad."""
-  path = run_dir / "metrics.jsonl"
+def read_metrics(run_dir: pathlib.Path, name: str = "metrics.jsonl") -> list[dict]:
+  """The rows of `<run_dir>/<name>` (a JSON-lines file: metrics.jsonl, a federated run's
+  rounds.jsonl); [] when it is absent; ValueError naming the file and line when one is bad."""
+  path = run_dir / name
   if not path.is_file():
     return []
   rows = []

@@ -1,4 +1,4 @@
-"""The run executor shared by the studies (`jmtl sweep`, `jmtl study mtl`).
+"""The run executor shared by the studies (`jmtl sweep`, `jmtl study mtl` / `federated`).
 
 A study is a list of training runs, each in its own directory under the study's workdir, run
 one after another. `execute` trains a run unless its results exist: a run whose `eval.json`
@@ -119,9 +119,9 @@ def drop_stale_metrics(run_dir: pathlib.Path) -> None:
 
 def check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> list[str]:
   """A finished run is reused only if its `config.json` (written by the trainer) matches, apart
-  from the `sweep` section and the keys that only other optimizers read (`optim.OWN_KEYS`),
-  neither of which changes the run. A key missing from `config.json` (one
-  added to jmtl after the run) counts at its default, as it does when a run resumes. Returns
+  from the `sweep` section, `study.target` (read by `jmtl report federated` only) and the keys
+  that only other optimizers read (`optim.OWN_KEYS`), none of which changes the run. A key
+  missing from `config.json` (one added to jmtl after the run) counts at its default, as it does when a run resumes. Returns
   those missing keys (of the ones compared)."""
   path = run_dir / "config.json"
   if not path.exists():
@@ -133,7 +133,7 @@ def check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> 
   with_defaults.update(saved_keys)
   ignored = ({k for keys in optim.OWN_KEYS.values() for k in keys}
              - set(optim.OWN_KEYS.get(cfg.optim.name, ())))
-  keep = lambda k: not k.startswith("sweep.") and k not in ignored
+  keep = lambda k: not k.startswith("sweep.") and k != "study.target" and k not in ignored
   saved = {k: v for k, v in with_defaults.items() if keep(k)}
   expected = {k: v for k, v in flat(json.loads(config_lib.to_json(cfg))).items() if keep(k)}
   diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
