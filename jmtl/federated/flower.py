@@ -550,11 +550,12 @@ def send_and_receive(grid: Any, msgs: list, timeout: float | None) -> list:
   """Flower's `Grid.send_and_receive` (push the messages, pull their replies until all are in
   or `timeout` seconds passed; None = no limit) polling every PULL_INTERVAL_S seconds instead
   of Flower's 3 (a round waited 1.5 s on average for that poll alone)."""
-  pending = set(grid.push_messages(msgs))
+  ids = list(grid.push_messages(msgs))
+  pending = set(ids)
   replies: list = []
   deadline = time.time() + (float("inf") if timeout is None else timeout)
-  while pending:
-    got = list(grid.pull_messages(list(pending)))
+  while pending:  # asked for in push order (a set's order differs from process to process)
+    got = list(grid.pull_messages([i for i in ids if i in pending]))
     replies += got
     pending -= {m.metadata.reply_to_message_id for m in got}
     if not pending or time.time() >= deadline:
