@@ -9,7 +9,9 @@ the server is `server_app` run by the SuperLink. The numbers are the same code:
     delta_k, c_k <- algorithm.make_site_update(...)(x, c_k, batches_k(r), key_k)
       (H local steps of the client optimizer, the function `make_round`'s sites call)
     c_k (its client optimizer state, DiLoCo's inner AdamW moments) stays on the site, in the
-    SuperNode's per-run `Context.state`; it sends delta_k and n_k (its examples)
+    SuperNode's per-run `Context.state`, committed only once the server applied the reply
+    (`site_train`: a dropped reply leaves c_k as a mask-0 site of the simulation keeps it);
+    it sends delta_k and n_k (its examples)
   server (`server_app`):
     m_k = 1 for the sites that replied within `round-timeout` seconds (a lost site is dropped
     from that round, the weights renormalise over the rest), w = aggregation.fedavg_weights(n, m)
@@ -25,8 +27,8 @@ payload bytes of the messages (4 bytes per value, the simulation's accounting), 
 measured wall-clock of the round. With a codec (`Problem.codec`, `fed.compress`) site k sends
 instead `compression.to_bytes` of the leaves it holds, encoded as the simulation's codec hook
 encodes them (same keys, same error feedback; `encode_update`), and its top-k residual e_k
-stays in its `Context.state` beside c_k, committed only once the server applied the reply
-(`site_train`); the server decodes (`decode_update`) and aggregates
+stays in its `Context.state` beside c_k, committed, as c_k, only once the server applied the
+reply (`site_train`, `commit_pending`); the server decodes (`decode_update`) and aggregates
 the decoded deltas, and `bytes_up` is that payload's length (`compression.leaf_bytes`).
 
 Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
@@ -454,6 +456,42 @@ def site_round(problem: Problem, update: Callable, params: Any, opt: Any, k: int
                        "seconds": time.perf_counter() - t0}
 
 
+PENDING = "pending"  # Context.state: a reply's site state, committed once the server applied it
+PENDING_TOKEN = "pending_token"  # Context.state: {"reply": the token of that reply}
+
+
+def set_pending(state: Any, token: str, **records: Any) -> None:
+  """Keeps `records` (name -> ArrayRecord; None = none) in the site's `state` (a Flower
+  RecordDict, its SuperNode's Context.state) as the state of the reply `token`, replacing any
+  earlier pending state: `commit_pending` makes them the site's once the server applied that
+  reply. Each record is stored as `state[f"{PENDING}.{name}"]`."""
+  from flwr.app import ConfigRecord  # noqa: PLC0415
+  for key in [key for key in state if key.startswith(PENDING + ".")]:
+    del state[key]
+  for name, record in records.items():
+    if record is not None:
+      state[f"{PENDING}.{name}"] = record
+  state[PENDING_TOKEN] = ConfigRecord({"reply": token})
+
+
+def commit_pending(state: Any, applied: str) -> bool:
+  """The site's side of the reply token: when `state` holds the pending state of a reply
+  (`set_pending`) whose token is among `applied` (the server's space-separated tokens of each
+  site's latest applied reply), each pending record `name` becomes `state[name]`; either way the
+  pending state is removed (a dropped reply's state is discarded). Returns True when it was
+  committed."""
+  if PENDING_TOKEN not in state:
+    return False
+  token = str(state[PENDING_TOKEN]["reply"])
+  keep = token in applied.split()
+  for key in [key for key in state if key.startswith(PENDING + ".")]:
+    if keep:
+      state[key[len(PENDING) + 1:]] = state[key]
+    del state[key]
+  del state[PENDING_TOKEN]
+  return keep
+
+
 def site_train(content: Any, state: Any, site: str, run_id: int, run_config: dict) -> Any:
   """What site `site`'s ClientApp does with the server's round-r message `content` (a Flower
   RecordDict: "params", "config" {"round": r, "applied": per site, the token of its latest
@@ -462,12 +500,14 @@ def site_train(content: Any, state: Any, site: str, run_id: int, run_config: dic
   `site_reply`), "metrics" (site index, examples, losses, seconds), "info" {"site", "reply": a
   token naming this reply}.
 
-  The top-k error-feedback residual e_k is committed only for a reply the server applied: the
-  new e_k of round r waits in `state` ("residual_pending", with its reply token) and becomes
-  the site's residual ("residual") when the site's next message lists that token; a reply the
-  server dropped (it came after `round-timeout`, or was refused) leaves e_k as if the site had
-  not taken part in that round, as the simulation's mask-0 sites keep theirs
-  (`compression.apply`). The client optimizer state is kept across rounds as before."""
+  The site's state that a round moves on, its client optimizer state c_k ("client_opt", DiLoCo's
+  inner AdamW moments) and its top-k error-feedback residual e_k ("residual"), is committed only
+  for a reply the server applied: round r's new c_k and e_k wait in `state` ("pending", with
+  this reply's token in "pending_token") and become the site's ("client_opt", "residual") when
+  the site's next message lists that token (`commit_pending`); a reply the server dropped (it
+  came after `round-timeout`, or was refused) leaves c_k and e_k as if the site had not taken
+  part in that round, as the simulation keeps a mask-0 site's client state and residual
+  (`algorithm.make_round`, `compression.apply`)."""
   import uuid  # noqa: PLC0415
   from flwr.app import ConfigRecord, MetricRecord, RecordDict  # noqa: PLC0415
   problem, update, like, opt_like = _site(run_id, run_config, site)
@@ -475,24 +515,15 @@ def site_train(content: Any, state: Any, site: str, run_id: int, run_config: dic
   cfg = content["config"]
   r = int(cfg["round"])
   params = from_record(content["params"], like)
-  if "client_opt" in state:  # this site's client state, kept across rounds
-    opt = from_record(state["client_opt"], opt_like)
-  else:
-    opt = problem.client_tx.init(params)
-  if "residual_pending" in state:  # last round's residual: kept iff the server applied it
-    token = str(state["residual_token"]["reply"])
-    if token in str(cfg.get("applied", "")).split():
-      state["residual"] = state["residual_pending"]
-    del state["residual_pending"]
-    del state["residual_token"]
+  commit_pending(state, str(cfg.get("applied", "")))
+  opt = (from_record(state["client_opt"], opt_like) if "client_opt" in state
+         else problem.client_tx.init(params))
   residual = (from_record(state["residual"], like)
               if "residual" in state else None)  # error feedback
   payload, opt1, residual, metrics = site_reply(problem, update, params, opt, residual, k, r)
-  state["client_opt"] = to_record(opt1)
   token = f"{site}.{r}.{uuid.uuid4().hex}"
-  if residual is not None:
-    state["residual_pending"] = to_record(residual)
-    state["residual_token"] = ConfigRecord({"reply": token})
+  set_pending(state, token, client_opt=to_record(opt1),
+              residual=None if residual is None else to_record(residual))
   return RecordDict({"delta": payload, "metrics": MetricRecord({"site": k, **metrics}),
                      "info": ConfigRecord({"site": site, "reply": token})})
 
