@@ -73,6 +73,22 @@ def failing_eval(run_config):
   return problem
 
 
+def test_submitting_to_a_held_workdir_is_refused_locally_naming_the_holder(tmp_path):
+  """`jmtl federated --backend flower` on a workdir whose lock a running server holds: one
+  line naming the workdir and the holder, exit 2, before `flwr run` (the SuperLink connection
+  'nowhere' would otherwise be the error) and without writing anything."""
+  from test_flower_parts import _cli
+  wd = tmp_path / "wd"
+  with workdir_lib.lock(epath.Path(wd), "flower server"):
+    out = _cli(tmp_path, "--config.fed.flower.superlink=nowhere")
+  assert out.returncode == 2, out.stdout + out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f"jmtl: error: --workdir {wd} is in use by a running jmtl "), lines
+  assert f"(pid {os.getpid()} on " in lines[0] and "flwr run" not in lines[0]
+  assert sorted(os.listdir(wd)) == [workdir_lib.LOCK_NAME]
+
+
 def test_a_server_that_raises_closes_its_checkpointer_and_releases_the_lock(tmp_path,
                                                                            monkeypatch):
   closed = []

@@ -1242,14 +1242,18 @@ def run_config_text(items: dict) -> str:
 
 
 def check_workdir(config: Any, workdir: str) -> int | None:
-  """When `workdir` (visible here) holds a checkpoint, refuses it unless it is this config's
-  Flower run (ConfigError, one line, naming the keys that differ, as `jmtl federated` does):
-  the server then resumes from it. Returns the round of its latest complete checkpoint (None:
-  none here). A workdir on another machine is checked by the server."""
+  """Refuses (ConfigError, one line) a `workdir` visible here whose lock a running jmtl holds
+  (a Flower server still running there: the message names the workdir and the holder,
+  `workdir.check_unlocked`), so nothing is submitted that its server would refuse; when it
+  holds a checkpoint, refuses it unless it is this config's Flower run (naming the keys that
+  differ, as `jmtl federated` does): the server then resumes from it. Returns the round of its
+  latest complete checkpoint (None: none here). A workdir on another machine is checked by the
+  server."""
   from etils import epath  # noqa: PLC0415
   from jmtl.config import ConfigError  # noqa: PLC0415
   from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
+  workdir_lib.check_unlocked(epath.Path(os.path.abspath(workdir)))
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     return None
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
