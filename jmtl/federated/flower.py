@@ -38,8 +38,13 @@ Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --r
   site's SuperNode before the first round);  max-empty-rounds (int, default 3; 0 = never):
   the server stops the run after that many consecutive rounds without an applied reply
   (`serve`);  config, overrides (str): `jmtl_problem`'s;
-  secagg-max-weight (float > 0, default 1000; `secagg_server_app` only): the SecAgg+
-  workflow's max_weight (see `secagg_check`: a site whose scaled update would be clipped
+  secure-aggregation (bool, default false; fed.secure_aggregation): the rounds go through
+  Flower's SecAgg+ workflow (`serve_secagg` in the ServerApp, `secaggplus_mod` in the
+  ClientApp, `secagg_train`) instead of plain payloads;  secagg-max-weight (float > 0,
+  default 1000; fed.flower.secagg_max_weight), secagg-clipping-range (float > 0, default 8,
+  Flower's; fed.secagg.clipping_range), secagg-quantization-range (int, default 2**22;
+  fed.secagg.quantization_range): the SecAgg+ workflow's max_weight, clipping_range and
+  quantization_range (see `secagg_check`: a site whose scaled update would be clipped
   refuses, and the round stops with `applied` 0 and `error` in rounds.jsonl).
 SuperNode node config: site (str): this SuperNode's site name (one of Problem.sites).
 
@@ -535,6 +540,8 @@ def _make_client_app():
 
   @app.train()
   def train(msg: Message, context: Any) -> Message:
+    if secure_aggregation(dict(context.run_config)):
+      return secagg_train(msg, context)
     site = str(context.node_config.get("site", ""))
     return Message(content=site_train(msg.content, context.state, site, context.run_id,
                                       dict(context.run_config)), reply_to=msg)
@@ -927,7 +934,10 @@ def _make_server_app():
 
   @app.main()
   def main(grid: Any, context: Any) -> None:
-    serve(grid, dict(context.run_config))
+    if secure_aggregation(dict(context.run_config)):
+      serve_secagg(grid, context)
+    else:
+      serve(grid, dict(context.run_config))
 
   return app
 
@@ -1012,75 +1022,118 @@ def secagg_max_weight(run_config: dict) -> float:
   return w
 
 
-def _make_secagg_client_app():
-  """The site for Flower's SecAgg+ workflow (Bell et al. 2020, "Secure single-server aggregation
-  with (poly)logarithmic complexity", as Flower implements it in `secaggplus_mod`): the same
-  `site_round` as `client_app`; the delta leaves and n_k go out through the mod, which clips them
-  to [-clipping_range, clipping_range], quantises and masks them, so the server only learns the
-  n_k-weighted mean over the sites. Before that, `secagg_check` (with the mod's max_weight and
-  ranges from its setup stage) refuses an update the mod would clip: the site raises
-  SecAggRangeError, which the server reads from the round's failures and stops the round."""
+def secure_aggregation(run_config: dict) -> bool:
+  """Whether the run goes through Flower's SecAgg+ (run config `secure-aggregation`, from
+  fed.secure_aggregation; absent = False). Accepts a TOML bool, 0/1 or "true"/"false"."""
+  v = run_config.get("secure-aggregation", False)
+  return v.strip().lower() in ("1", "true", "yes") if isinstance(v, str) else bool(v)
+
+
+def secagg_ranges(run_config: dict) -> tuple[float, int]:
+  """(clipping_range, quantization_range) of the SecAgg+ workflow: run config
+  `secagg-clipping-range` (fed.secagg.clipping_range; absent or 0 = SECAGG_CLIPPING_RANGE) and
+  `secagg-quantization-range` (fed.secagg.quantization_range; absent or 0 =
+  SECAGG_QUANTIZATION_RANGE). ValueError (one line) for a clipping range that is not finite and
+  > 0 or fewer than 2 levels."""
+  c = run_config.get("secagg-clipping-range") or SECAGG_CLIPPING_RANGE
+  q = run_config.get("secagg-quantization-range") or SECAGG_QUANTIZATION_RANGE
+  try:
+    c, q = float(c), int(q)
+  except (TypeError, ValueError):
+    raise ValueError(f"run config keys secagg-clipping-range / secagg-quantization-range must "
+                     f"be numbers, got {c!r} / {q!r}") from None
+  if not (np.isfinite(c) and c > 0) or q < 2:
+    raise ValueError(f"run config keys secagg-clipping-range must be > 0 and "
+                     f"secagg-quantization-range >= 2, got {c!r} / {q!r}")
+  return c, q
+
+
+def _secagg_site(context: Any):
+  """The Flower `Client` of one SecAgg+ round stage at site `node_config["site"]` (what Flower's
+  legacy handler calls `fit` on): `site_round` as `site_train` runs it, the delta leaves and n_k
+  returned for `secaggplus_mod` to clip, quantise and mask. Before that, `secagg_check` (with
+  the mod's max_weight and ranges from its setup stage) refuses an update the mod would clip:
+  the site raises SecAggRangeError, which the server reads from the round's failures. The
+  client optimizer state is committed by the reply token as in `site_train` (`set_pending` /
+  `commit_pending`; the token goes back in the fit metrics "reply", the applied ones come in
+  the fit config "applied")."""
   from flwr.client import NumPyClient  # noqa: PLC0415
-  from flwr.client.mod import secaggplus_mod  # noqa: PLC0415
-  from flwr.clientapp import ClientApp  # noqa: PLC0415
   from flwr.common.secure_aggregation.secaggplus_constants import (  # noqa: PLC0415
       RECORD_KEY_STATE)
 
   class _Site(NumPyClient):
-    def __init__(self, context):
-      self.ctx = context
-
     def fit(self, parameters, config):
-      site = str(self.ctx.node_config.get("site", ""))
-      problem, update, like, opt_like = _site(self.ctx.run_id, dict(self.ctx.run_config), site)
+      import uuid  # noqa: PLC0415
+      site = str(context.node_config.get("site", ""))
+      problem, update, like, opt_like = _site(context.run_id, dict(context.run_config), site)
       k = problem.sites.index(site)
       params = jax.tree.unflatten(jax.tree.structure(like),
                                   [np.asarray(p, np.float32).reshape(np.shape(x))
                                    for p, x in zip(parameters, jax.tree.leaves(like))])
-      if "client_opt" in self.ctx.state:
-        opt = from_record(self.ctx.state["client_opt"], opt_like)
-      else:
-        opt = problem.client_tx.init(params)
-      delta, opt1, metrics = site_round(problem, update, params, opt, k, int(config["round"]))
+      commit_pending(context.state, str(config.get("applied", "")))
+      opt = (from_record(context.state["client_opt"], opt_like) if "client_opt" in context.state
+             else problem.client_tx.init(params))
+      r = int(config["round"])
+      delta, opt1, metrics = site_round(problem, update, params, opt, k, r)
       # 0-d leaves go as shape (1,): Flower 1.42's SecAgg+ unmasking skips the offset and the
       # weight division for 0-d arrays (it rebinds them in a loop), returning ~ 2 x 8 for them.
       leaves = [np.atleast_1d(np.asarray(d, np.float32)) for d in jax.tree.leaves(delta)]
       n_k = int(round(metrics["examples"]))
       # The mod's parameters of this round (its setup stage stored them in the Context).
-      mod = self.ctx.state.config_records.get(RECORD_KEY_STATE)
+      mod = context.state.config_records.get(RECORD_KEY_STATE)
       if mod is None or "max_weight" not in mod:
         raise SecAggRangeError(f"{SECAGG_REFUSAL}: site {site!r}: no SecAgg+ setup state "
-                               f"(run secagg_client_app with secagg_server_app)")
+                               f"(the run config's secure-aggregation is on at the server?)")
       secagg_check(leaves, n_k, float(mod["max_weight"]), float(mod["clipping_range"]),
                    int(mod["target_range"]), site=site)  # raises: the round stops
-      self.ctx.state["client_opt"] = to_record(opt1)
-      return leaves, n_k, {"site": k, **metrics}
+      token = f"{site}.{r}.{uuid.uuid4().hex}"
+      set_pending(context.state, token, client_opt=to_record(opt1))
+      return leaves, n_k, {"site": k, "reply": token, **metrics}
 
-  return ClientApp(client_fn=lambda context: _Site(context).to_client(), mods=[secaggplus_mod])
+  return _Site().to_client()
 
 
-def _make_secagg_server_app():
-  """The server for Flower's SecAgg+ workflow: `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-  num_shares = S, reconstruction_threshold = S - 1))` (Flower needs S >= 3) around a legacy
-  Strategy that applies jmtl's server optimizer to the securely aggregated mean delta (the
-  workflow's weighted mean: sum_k n_k delta_k / sum_k n_k, from quantised values) and writes the
-  same rounds.jsonl (without bytes: the masked payloads are the workflow's) and checkpoints.
-  max_weight is the run config's `secagg-max-weight`; clipping 8, 2**22 levels, modulus 2**32
-  (Flower's defaults). A round with a site's refusal (`secagg_check`) or whose weight factors
-  sum_k q_k reach 2**32 is written with `applied` 0 and `error`, nothing is applied, and the
-  run ends (RuntimeError); more than 1023 sites are refused (ValueError)."""
+def secagg_train(msg: Any, context: Any) -> Any:
+  """A SecAgg+ round stage at a site (`client_app` when the run config's `secure-aggregation`
+  is on): Flower's `secaggplus_mod` (Bell et al. 2020, "Secure single-server aggregation with
+  (poly)logarithmic complexity", as Flower implements it) answers the setup, key-sharing and
+  unmasking stages itself and calls `_secagg_site`'s `fit` (through Flower's legacy message
+  handler) for the masked-vector stage."""
+  from flwr.client.message_handler.message_handler import (  # noqa: PLC0415
+      handle_legacy_message_from_msgtype)
+  from flwr.client.mod import secaggplus_mod  # noqa: PLC0415
+  return secaggplus_mod(msg, context, lambda m, c: handle_legacy_message_from_msgtype(
+      client_fn=_secagg_site, message=m, context=c))
+
+
+def serve_secagg(grid: Any, context: Any) -> None:
+  """The server's rounds through Flower's SecAgg+ workflow (`server_app` when the run config's
+  `secure-aggregation` is on): `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares = S,
+  reconstruction_threshold = S - 1))` (Flower needs S >= 3) around a legacy Strategy that
+  applies jmtl's server optimizer to the securely aggregated mean delta (the workflow's weighted
+  mean: sum_k n_k delta_k / sum_k n_k, from quantised values) and writes the same rounds.jsonl
+  (without bytes: the masked payloads are the workflow's) and checkpoints (`_Server`: the
+  workdir lock, resume). max_weight is the run config's `secagg-max-weight`, clipping range and
+  levels `secagg_ranges`, modulus 2**32 (Flower's). A round with a site's refusal
+  (`secagg_check`) or whose weight factors sum_k q_k reach 2**32 is written with `applied` 0
+  and `error`, nothing is applied, and the run ends (RuntimeError); sites x levels at or above
+  2**32 (the quantised sum would wrap) are refused (ValueError). The sites' client optimizer
+  states follow the reply tokens of `site_train` (a site's token is recorded as applied when
+  the round's secure sum included it)."""
   from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: PLC0415
   from flwr.server import LegacyContext, ServerConfig  # noqa: PLC0415
   from flwr.server.strategy import Strategy  # noqa: PLC0415
   from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow  # noqa: PLC0415
   from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD  # noqa: PLC0415
   from flwr.server.workflow.constant import Key as WorkflowKey  # noqa: PLC0415
-  from flwr.serverapp import ServerApp  # noqa: PLC0415
+
+  run_config = dict(context.run_config)
+  max_weight = secagg_max_weight(run_config)
+  clipping_range, levels = secagg_ranges(run_config)
 
   class _Strategy(Strategy):
-    def __init__(self, server: _Server, max_weight: float):
+    def __init__(self, server: _Server):
       self.server, self.problem, self.t0 = server, server.problem, time.time()
-      self.max_weight = max_weight
 
     def _leaves(self):
       return ndarrays_to_parameters([np.asarray(x) for x in jax.tree.leaves(self.server.params)])
@@ -1093,7 +1146,9 @@ def _make_secagg_server_app():
       self.t0 = time.time()
       clients = client_manager.sample(num_clients=S, min_num_clients=S)
       r = self.server.start + server_round - 1  # a resumed run continues at its round
-      return [(c, FitIns(self._leaves(), {"round": r})) for c in clients]
+      applied = " ".join(self.server.applied_replies[k]
+                         for k in sorted(self.server.applied_replies))
+      return [(c, FitIns(self._leaves(), {"round": r, "applied": applied})) for c in clients]
 
     def refuse(self, server_round, reasons, failures):
       """A round a site refused (`secagg_check`) or whose weights would wrap: nothing applied;
@@ -1102,7 +1157,7 @@ def _make_secagg_server_app():
       msg = "; ".join(reasons)
       _append(self.server.rounds_path, {
           "round": r, "secure_aggregation": "secagg+", "sites": [], "failures": len(failures),
-          "applied": 0, "max_weight": self.max_weight, "error": msg,
+          "applied": 0, "max_weight": max_weight, "error": msg,
           "seconds": time.time() - self.t0})
       print(f"round {r}: secure aggregation refused, nothing applied: {msg}", file=sys.stderr,
             flush=True)
@@ -1110,14 +1165,14 @@ def _make_secagg_server_app():
 
     def aggregate_fit(self, server_round, results, failures):
       # (A site's refusal never gets here: `_Workflow` stops the round when the masked vectors
-      # come in, the stage whose `fit` raised it.) The mod's weight factors q_k = round(n_k / max_weight * Q) are summed mod 2**32 with
-      # the masks; a sum at or above 2**32 wraps (a wrong mean). n_k is in the clear (FitRes).
-      q = sum(round(res.num_examples / self.max_weight * SECAGG_QUANTIZATION_RANGE)
-              for _, res in results)
+      # come in, the stage whose `fit` raised it.) The mod's weight factors
+      # q_k = round(n_k / max_weight * Q) are summed mod 2**32 with the masks; a sum at or
+      # above 2**32 wraps (a wrong mean). n_k is in the clear (FitRes).
+      q = sum(round(res.num_examples / max_weight * levels) for _, res in results)
       if q >= SECAGG_MODULUS_RANGE:
         self.refuse(server_round, [
-            f"the sites' weights sum_k round(n_k / secagg-max-weight {self.max_weight:g} x "
-            f"2**22) = {q} reach the modulus 2**32 and wrap: raise the run config key "
+            f"the sites' weights sum_k round(n_k / secagg-max-weight {max_weight:g} x "
+            f"{levels}) = {q} reach the modulus 2**32 and wrap: raise the run config key "
             f"secagg-max-weight"], failures)
       like = self.server.params
       mean = parameters_to_ndarrays(results[0][1].parameters)  # every result holds the sum
@@ -1125,8 +1180,11 @@ def _make_secagg_server_app():
                                  [np.asarray(m, np.float32).reshape(np.shape(x))
                                   for m, x in zip(mean, jax.tree.leaves(like))])
       self.server.apply(delta)
+      self.server.applied_replies.update({
+          int(res.metrics["site"]): str(res.metrics["reply"]) for _, res in results
+          if "site" in res.metrics and "reply" in res.metrics})
       r = self.server.start + server_round
-      row = {"round": r, "secure_aggregation": "secagg+", "max_weight": self.max_weight,
+      row = {"round": r, "secure_aggregation": "secagg+", "max_weight": max_weight,
              "sites": sorted(self.problem.sites[int(res.metrics["site"])] for _, res in results
                              if "site" in res.metrics),
              "failures": len(failures), "applied": 1, "seconds": time.time() - self.t0}
@@ -1154,34 +1212,29 @@ def _make_secagg_server_app():
         context.strategy.refuse(int(cfg[WorkflowKey.CURRENT_ROUND]), reasons, state.failures)
       return ok
 
-  app = ServerApp()
-
-  @app.main()
-  def main(grid: Any, context: Any) -> None:
-    run_config = dict(context.run_config)
-    max_weight = secagg_max_weight(run_config)
-    problem = load_problem(run_config)
-    S = len(problem.sites)
-    if S < 3:
-      raise ValueError(f"Flower's SecAgg+ needs at least 3 sites, got {S}")
-    if S * SECAGG_QUANTIZATION_RANGE >= SECAGG_MODULUS_RANGE:  # the quantised sum would wrap
-      most = SECAGG_MODULUS_RANGE // SECAGG_QUANTIZATION_RANGE - 1
-      raise ValueError(f"Flower's SecAgg+ sums at most {most} sites' 2**22-level values "
-                       f"below its modulus 2**32, got {S}")
-    server = _Server(problem, run_config)
-    try:
-      legacy = LegacyContext(context=context,
-                             config=ServerConfig(num_rounds=server.rounds - server.start),
-                             strategy=_Strategy(server, max_weight))
-      if server.rounds > server.start:
-        DefaultWorkflow(fit_workflow=_Workflow(
-            num_shares=S, reconstruction_threshold=S - 1, max_weight=max_weight,
-            clipping_range=SECAGG_CLIPPING_RANGE, quantization_range=SECAGG_QUANTIZATION_RANGE,
-            modulus_range=SECAGG_MODULUS_RANGE))(_FastGrid(grid), legacy)
-    finally:
-      server.close()
-
-  return app
+  problem = load_problem(run_config)
+  S = len(problem.sites)
+  if S < 3:
+    raise ValueError(f"Flower's SecAgg+ needs at least 3 sites, got {S}")
+  if S * levels >= SECAGG_MODULUS_RANGE:  # the quantised sum would wrap
+    most = (SECAGG_MODULUS_RANGE - 1) // levels
+    raise ValueError(f"Flower's SecAgg+ sums at most {most} sites' {levels}-level values "
+                     f"below its modulus 2**32, got {S}")
+  if problem.holds is not None and not np.all(np.asarray(problem.holds) == 1):
+    raise ValueError("Flower's SecAgg+ averages every leaf over every site: each site must "
+                     "hold every task (a head's mean over its holders is not a secure sum)")
+  server = _Server(problem, run_config)
+  try:
+    legacy = LegacyContext(context=context,
+                           config=ServerConfig(num_rounds=server.rounds - server.start),
+                           strategy=_Strategy(server))
+    if server.rounds > server.start:
+      DefaultWorkflow(fit_workflow=_Workflow(
+          num_shares=S, reconstruction_threshold=S - 1, max_weight=max_weight,
+          clipping_range=clipping_range, quantization_range=levels,
+          modulus_range=SECAGG_MODULUS_RANGE))(_FastGrid(grid), legacy)
+  finally:
+    server.close()
 
 
 # ---------------------------------------------------------------- submitting a run
@@ -1192,7 +1245,7 @@ def app_pyproject(name: str, config: dict[str, Any], *, server: str = "server_ap
   `jmtl.federated.flower:<server>` / `:<client>`, with `[tool.flwr.app.config]` = `config`
   (str, int and float values)."""
   def value(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, str) else repr(v)
+    return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
   lines = "".join(f"{k} = {value(v)}\n" for k, v in config.items())
   return f"""[build-system]
 requires = ["hatchling"]
@@ -1222,7 +1275,9 @@ clientapp = "jmtl.federated.flower:{client}"
 APP_PYPROJECT = app_pyproject("jmtlfederated", {
     "problem": "jmtl.federated.flower:jmtl_problem", "config": "", "overrides": "",
     "workdir": "", "rounds": 0, "round-timeout": 600.0, "wait-sites": 600.0,
-    "max-empty-rounds": MAX_EMPTY_ROUNDS, "submission": ""})
+    "max-empty-rounds": MAX_EMPTY_ROUNDS, "submission": "", "secure-aggregation": False,
+    "secagg-max-weight": SECAGG_MAX_WEIGHT, "secagg-clipping-range": SECAGG_CLIPPING_RANGE,
+    "secagg-quantization-range": SECAGG_QUANTIZATION_RANGE})
 
 
 def write_app(directory: str) -> str:
@@ -1422,6 +1477,14 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
     raise ConfigError("config key 'fed.backend' = 'flower' needs Flower's `flwr` command "
                       "(pip install 'jmtl[flower]')")
   fed = config.fed
+  if fed.secure_aggregation:
+    from jmtl.federated import sites as sites_lib  # noqa: PLC0415
+    partial = [s.name for s in sites_lib.sites_from_config(config)
+               if set(s.tasks) != set(config.tasks)]
+    if partial:
+      raise ConfigError(f"config key 'fed.secure_aggregation' with fed.backend = 'flower' needs "
+                        f"every site to hold every task (Flower's SecAgg+ averages each leaf "
+                        f"over all sites); fed.sites {partial} hold only some")
   resumed = check_workdir(config, workdir)
   submission = f"{time.time_ns():x}-{os.getpid()}"  # names this submission in flower.json
   items = {"problem": "jmtl.federated.flower:jmtl_problem",
@@ -1430,7 +1493,11 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
            "workdir": os.path.abspath(workdir), "rounds": int(fed.rounds),
            "round-timeout": float(fed.flower.round_timeout),
            "wait-sites": float(fed.flower.wait_sites),
-           "max-empty-rounds": int(fed.flower.max_empty_rounds), "submission": submission}
+           "max-empty-rounds": int(fed.flower.max_empty_rounds), "submission": submission,
+           "secure-aggregation": bool(fed.secure_aggregation),
+           "secagg-max-weight": float(fed.flower.secagg_max_weight),
+           "secagg-clipping-range": float(fed.secagg.clipping_range),
+           "secagg-quantization-range": int(fed.secagg.quantization_range)}
   with tempfile.TemporaryDirectory() as tmp:
     args = [flwr, "run", write_app(tmp)] + ([fed.flower.superlink] if fed.flower.superlink
                                             else [])
@@ -1462,5 +1529,3 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
 # The apps the Flower app's pyproject names (`[tool.flwr.app.components]`).
 client_app = _make_client_app()
 server_app = _make_server_app()
-secagg_client_app = _make_secagg_client_app()
-secagg_server_app = _make_secagg_server_app()
