@@ -35,7 +35,9 @@ def _config(sites=3, **fed):
 def test_secure_aggregation_is_a_flower_option_with_three_sites_or_more():
   config = _config(3, secure_aggregation=True)
   assert config.fed.secure_aggregation and config.fed.flower.secagg_max_weight == 1000.0
-  with pytest.raises(ConfigError, match=r"fed.secure_aggregation.*at least 3 sites \(Flower.s SecAgg\+ workflow\), got 2"):
+  with pytest.raises(ConfigError,
+                     match=r"fed.secure_aggregation.*at least 3 sites \(Flower.s SecAgg\+ "
+                           r"workflow\), got 2"):
     _config(2, secure_aggregation=True)
   with pytest.raises(ConfigError, match="fed.flower.secagg_max_weight"):
     _config(3, secure_aggregation=True, **{"flower.secagg_max_weight": 0.0})
