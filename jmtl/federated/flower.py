@@ -588,13 +588,16 @@ def send_and_receive(grid: Any, msgs: list, timeout: float | None) -> list:
   """Flower's `Grid.send_and_receive` (push the messages, pull their replies until all are in
   or `timeout` seconds passed; None = no limit) polling every PULL_INTERVAL_S seconds instead
   of Flower's 3 (a round waited 1.5 s on average for that poll alone)."""
-  pending = set(grid.push_messages(msgs))
+  # The ids in push order (a dict, not a set: the pulls, and so which of two replies for one
+  # site counts first in `_round`, do not depend on string hashing).
+  pending = dict.fromkeys(grid.push_messages(msgs))
   replies: list = []
   deadline = time.time() + (float("inf") if timeout is None else timeout)
   while pending:
     got = list(grid.pull_messages(list(pending)))
     replies += got
-    pending -= {m.metadata.reply_to_message_id for m in got}
+    for m in got:
+      pending.pop(m.metadata.reply_to_message_id, None)
     if not pending or time.time() >= deadline:
       break
     time.sleep(PULL_INTERVAL_S)
