@@ -123,7 +123,10 @@ class Problem:
   last; `config` (a jmtl ConfigDict, or None) and `fingerprint` (`workdir.fingerprint`'s
   config / tokenizer entries; None = the run config's) decide which checkpoints are this run's;
   `codec`: the sites' uplink compression (`compression.parse` of `fed.compress`; None or a
-  disabled Codec = raw float32 leaves). `files` {name: text} are written into the workdir when the server starts (config.json,
+  disabled Codec = raw float32 leaves); `aggregator`: "fedavg" or a Byzantine-robust rule of
+  `jmtl.federated.robust.RULES` (median, trimmed_mean with `trim`, krum with `byzantine_f`,
+  `krum_m`: fed.aggregator, fed.trim, fed.byzantine_f, fed.krum_m), applied by `aggregate`.
+  `files` {name: text} are written into the workdir when the server starts (config.json,
   tokenizer.json); `evaluate(params, opt_state, round) -> (metrics {"<task>/<metric>": float},
   prediction rows per task)` (None = no evaluation) runs every `eval_every` rounds (0 = only
   the last) and at the last round, whose results `write_outputs(workdir, metrics, rows, round)`
@@ -152,6 +155,10 @@ class Problem:
   eval_every: int = 0
   write_outputs: Callable[[str, dict, dict, int], None] | None = None
   codec: compression.Codec | None = None
+  aggregator: str = "fedavg"
+  trim: float = 0.1
+  byzantine_f: int = 0
+  krum_m: int = 0
 
 
 def load_problem(run_config: dict) -> Problem:
@@ -283,7 +290,9 @@ def jmtl_problem(run_config: dict) -> Problem:
                         tokenizer_lib.TOKENIZER_FILE: vocab},
                  evaluate=evaluate, eval_every=int(config.fed.eval_every),
                  write_outputs=write_outputs,
-                 codec=compression.parse(config.fed.compress, config.fed.compress_block))
+                 codec=compression.parse(config.fed.compress, config.fed.compress_block),
+                 aggregator=str(config.fed.aggregator), trim=float(config.fed.trim),
+                 byzantine_f=int(config.fed.byzantine_f), krum_m=int(config.fed.krum_m))
 
 
 # ---------------------------------------------------------------- payloads (pytree <-> bytes)
@@ -565,20 +574,50 @@ def _finite(v: float) -> float | None:
 
 
 def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups: Any = None,
-              holds: Any = None) -> tuple[Any, np.ndarray]:
-  """FedAvg of the sites' deltas with jmtl's aggregation rules: m_k = 1 for each site whose
-  delta arrived (None = lost), w = fedavg_weights(n, m), Delta = grouped_mean over the [S, ...]
-  stack (`groups` / `holds` as in `Problem`; None = one group held by all). Returns (Delta,
-  w [S]); Delta = 0 when no site arrived."""
+              holds: Any = None, *, rule: str = "fedavg", trim: float = 0.1,
+              byzantine_f: int = 0, krum_m: int = 0) -> tuple[Any, np.ndarray]:
+  """The sites' deltas aggregated with jmtl's rules: m_k = 1 for each site whose delta arrived
+  (None = lost; its row of the [S, ...] stack is zeros, masked), `groups` / `holds` as in
+  `Problem` (None = one group held by all). `rule` "fedavg": w = fedavg_weights(n, m), Delta =
+  grouped_mean over the stack; a rule of `robust.RULES` (median, trimmed_mean with beta =
+  `trim`, krum with f = `byzantine_f`, m = `krum_m`): (Delta, w) = `robust.aggregate(stack,
+  groups, m, holds, rule, ...)`, the call the simulation's round makes (`algorithm.make_round`,
+  its stacked path; n_k does not enter). Returns (Delta float32 like `like`, w [S]); Delta = 0
+  when no site arrived. ValueError for another rule."""
+  from jmtl.federated import robust  # noqa: PLC0415
   S = len(deltas)
   mask = np.array([d is not None for d in deltas], np.float32)
   zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), like)
   stack = jax.tree.map(lambda *xs: np.stack(xs), *[zeros if d is None else d for d in deltas])
-  w = aggregation.fedavg_weights(jnp.asarray(examples, jnp.float32), jnp.asarray(mask))
   groups = jax.tree.map(lambda _: 0, like) if groups is None else groups
   holds = np.ones((S, 1), np.float32) if holds is None else np.asarray(holds, np.float32)
+  if rule in robust.RULES:
+    delta, w = _robust_aggregate(stack, groups, mask, holds, rule, float(trim),
+                                 int(byzantine_f), int(krum_m))
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), delta), np.asarray(w)
+  if rule != "fedavg":
+    raise ValueError(f"the Flower server aggregates with fedavg or {', '.join(robust.RULES)}, "
+                     f"got {rule!r}")
+  w = aggregation.fedavg_weights(jnp.asarray(examples, jnp.float32), jnp.asarray(mask))
   delta = aggregation.grouped_mean(stack, groups, w, jnp.asarray(holds))
   return delta, np.asarray(w)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7))
+def _robust_aggregate_jit(stack, groups_def, mask, holds, rule, trim, byzantine_f, krum_m):
+  from jmtl.federated import robust  # noqa: PLC0415
+  treedef, leaves = groups_def
+  groups = jax.tree.unflatten(treedef, list(leaves))
+  return robust.aggregate(stack, groups, mask, holds, rule, trim=trim, byzantine_f=byzantine_f,
+                          krum_m=krum_m)
+
+
+def _robust_aggregate(stack, groups, mask, holds, rule, trim, byzantine_f, krum_m):
+  """`robust.aggregate` jitted as in the simulation's round (the group ids static)."""
+  leaves, treedef = jax.tree.flatten(groups)
+  return _robust_aggregate_jit(stack, (treedef, tuple(int(g) for g in leaves)),
+                               jnp.asarray(mask), jnp.asarray(holds), rule, trim, byzantine_f,
+                               krum_m)
 
 
 PULL_INTERVAL_S = 0.1  # the server's poll for replies (Flower's send_and_receive sleeps 3 s)
@@ -909,7 +948,9 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
                **{m: float(rep.content["metrics"][m])
                   for m in ("site_loss", "train_loss", "seconds")}}
   part = sorted(info)
-  delta, w = aggregate(deltas, examples, server.params, problem.groups, problem.holds)
+  delta, w = aggregate(deltas, examples, server.params, problem.groups, problem.holds,
+                       rule=problem.aggregator, trim=problem.trim,
+                       byzantine_f=problem.byzantine_f, krum_m=problem.krum_m)
   if part:
     server.apply(delta)
   server.applied_replies.update({k: info[k]["token"] for k in part
