@@ -394,3 +394,51 @@ def test_secagg_plus_stops_a_round_whose_sites_the_mod_would_clip(tmp_path):
   assert flower.SECAGG_REFUSAL in row["error"] and "raise the run config key" in row["error"]
   assert "secagg-max-weight to >=" in row["error"]
   assert not (wd / "checkpoints").exists() or not any((wd / "checkpoints").iterdir())
+
+
+@pytest.mark.long
+def test_jmtl_federated_with_secure_aggregation_equals_the_plain_flower_run(data_dir, tmp_path):
+  """The user's command on a real jmtl config: `jmtl federated --config.fed.backend=flower` on
+  tests/configs/tiny_fed_flower_secagg.py (BBC topic, a transformer, DiLoCo, 3 sites,
+  fed.secure_aggregation on) against a local SuperLink + 3 SuperNodes (TLS), then the same
+  command with fed.secure_aggregation off: the server parameters after the round agree
+  within the fixed-point step. Bound: SecAgg+ sends n_k / max_weight x delta_k (max_weight
+  1000, n_k ~ 36 examples a site) on a grid of 2 c / Q (c = fed.secagg.clipping_range 1, Q =
+  2**22), divided by sum_k n_k / max_weight ~ 0.108: <= 3 x 4.8e-7 / 0.108 = 1.3e-5 per
+  coordinate of the round's mean delta; the server's first Nesterov step (lr 0.7, momentum
+  0.9) scales it by 0.7 x 1.9 = 1.33: atol 2e-5 (rounds past the first are left out: the
+  sites' AdamW, m / sqrt(v) on coordinates with tiny gradients, amplifies a 1e-5 difference in
+  the parameters it starts from well past the quantisation step: 1.6e-4 seen after 2 rounds).
+  """
+  config = str(ROOT / "tests" / "configs" / "tiny_fed_flower_secagg.py")
+  c = Cluster(tmp_path / "cluster", ["a", "b", "c"]).start()
+  env = dict(c.env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  try:
+    for name, extra in (("secagg", []), ("plain", ["--config.fed.secure_aggregation=False"])):
+      out = subprocess.run(
+          [sys.executable, "-m", "jmtl.cli", "federated", "--config", config,
+           "--config.fed.backend=flower", *extra, "--workdir", str(tmp_path / name),
+           "--config.fed.flower.superlink=local", "--config.fed.flower.wait_s=500",
+           "--config.fed.flower.round_timeout=300"],
+          env=env, capture_output=True, text=True, timeout=560)
+      assert out.returncode == 0, out.stdout + out.stderr + c.logs()
+      assert "round 1:" in out.stdout, out.stdout
+  finally:
+    c.stop()
+  rows = {n: [json.loads(x) for x in (tmp_path / n / "rounds.jsonl").read_text().splitlines()]
+          for n in ("secagg", "plain")}
+  assert [r.get("secure_aggregation") for r in rows["secagg"]] == ["secagg+"]
+  assert all(r["applied"] == 1 and r["sites"] == ["a", "b", "c"] for r in rows["secagg"])
+  assert all("secure_aggregation" not in r for r in rows["plain"])
+  problem = flower.jmtl_problem({"config": config, "overrides": "--config.fed.backend=flower"})
+  opt = problem.server_tx.init(problem.params)
+  got = flower.load_checkpoint(str(tmp_path / "secagg"), problem.params, opt)
+  ref = flower.load_checkpoint(str(tmp_path / "plain"), problem.params, opt)
+  assert got[0] == ref[0] == 1
+  moved = 0.0
+  for a, b, x0 in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1]),
+                      jax.tree.leaves(problem.params)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
+    moved = max(moved, float(np.max(np.abs(np.asarray(b) - np.asarray(x0)))))
+  assert moved > 1e-3  # the round moved the parameters far more than the tolerance
+  assert (tmp_path / "secagg" / "eval.json").exists()
