@@ -18,6 +18,9 @@ the server is `server_app` run by the SuperLink. The numbers are the same code:
     Delta = aggregation.grouped_mean(delta, 0, w, 1);  u, s <- server_tx.update(Delta, s, x);
     x <- x + u    (FedAvg: McMahan et al. 2017; DiLoCo: Douillard et al. 2023, arXiv
     2311.08105, Algorithm 1)
+    With a Byzantine-robust `Problem.aggregator` (median, trimmed_mean, krum) Delta is instead
+    `robust.aggregate` of the [S, ...] stack, the simulation's call (`aggregate`); with the run
+    config's `secure-aggregation` the rounds go through Flower's SecAgg+ (`serve_secagg`).
 
 What a run computes is a `Problem` (initial parameters, loss, optimizers, each site's batches),
 built in every process by the factory that the run config's `problem` names ("module:function",
