@@ -441,14 +441,16 @@ _key("fed.backend", "shard_map",
      "Flower ServerApp (`jmtl federated` submits the run to the SuperLink of "
      "fed.flower.superlink; jmtl.federated.flower)", choices=("shard_map", "pmap", "flower"),
      rules=((lambda v, c: v != "flower" or (
-         c.fed.aggregator == "fedavg" and c.fed.mode == "sync" and c.fed.participation == 1.0
-         and not c.fed.secure_aggregation and not c.fed.dp.clip_norm > 0
+         c.fed.aggregator in ("fedavg", "median", "trimmed_mean", "krum")
+         and c.fed.mode == "sync" and c.fed.participation == 1.0
+         and not c.fed.dp.clip_norm > 0
          and not c.fed.faults.dropout and not c.fed.faults.byzantine
          and not c.fed.faults.byzantine_fraction and not c.fed.faults.stragglers
          and not c.fed.deadline_s),
-             "needs fed.aggregator = 'fedavg', fed.mode = 'sync', fed.participation = 1 and no "
-             "fed.secure_aggregation, fed.dp.*, fed.faults.* or fed.deadline_s "
-             "(Flower rounds are synchronous FedAvg rounds of every site, for now)"),))
+             "needs fed.aggregator in ('fedavg', 'median', 'trimmed_mean', 'krum'), fed.mode = "
+             "'sync', fed.participation = 1 and no "
+             "fed.dp.*, fed.faults.* or fed.deadline_s "
+             "(Flower rounds are synchronous rounds of every site, for now)"),))
 _key("fed.flower.superlink", "",
      "fed.backend=flower: the SuperLink connection `flwr run` uses (a name in the Flower "
      "configuration file $FLWR_HOME/config.toml, default ~/.flwr; \"\" = its default)",
@@ -464,6 +466,12 @@ _key("fed.flower.max_empty_rounds", 3,
      "rounds without a reply, the Flower run failed: `jmtl federated` exits 1) after this many "
      "consecutive rounds in which no site's reply was applied (every site gone); 0 = never stop",
      check=ge(0))
+_key("fed.flower.secagg_max_weight", 1000.0,
+     "fed.backend=flower with fed.secure_aggregation: the max_weight of Flower's SecAgg+ "
+     "(SecAggPlusWorkflow; its default): site k's delta goes out scaled by q_k / Q, q_k = "
+     "round(n_k / max_weight x Q) (n_k its examples), and a site whose scaled delta would be "
+     "clipped or whose q_k rounds to 0 refuses (jmtl.federated.flower.secagg_check)",
+     check=finite_gt(0))
 _key("fed.flower.wait_s", 0.0,
      "fed.backend=flower: seconds `jmtl federated` follows this run's rounds.jsonl lines until "
      "round fed.rounds (when the workdir is visible here); a run that ends first (`flwr ls` "
@@ -558,10 +566,15 @@ _key("fed.secure_aggregation", False,
                        f"update)"),
             (lambda v, c: not v or (not c.fed.compress and not c.fed.dp.clip_norm > 0),
              "is not combined with fed.compress or fed.dp.* yet (the secure sum sends its own "
-             "fixed-point payloads, and DP-FedAvg's clipped sum is not masked)")))
+             "fixed-point payloads, and DP-FedAvg's clipped sum is not masked)"),
+            (lambda v, c: not v or c.fed.backend != "flower" or len(c.fed.sites) >= 3,
+             lambda c: f"with fed.backend = 'flower' needs at least 3 sites (Flower's SecAgg+ "
+                       f"workflow), got {len(c.fed.sites)}")))
 _key("fed.secagg.clipping_range", 1.0,
      "secure_aggregation: each coordinate of a site's delta is clipped to [-c, c] before its "
-     "public weight is applied (units of the parameters)", check=finite_gt(0))
+     "public weight is applied (units of the parameters); fed.backend=flower: Flower SecAgg+'s "
+     "clipping_range, over the scaled delta n_k / fed.flower.secagg_max_weight x delta_k, which "
+     "a site refuses to send rather than clip", check=finite_gt(0))
 _key("fed.secagg.quantization_range", 2**22,
      "secure_aggregation: fixed-point levels Q over [-c, c] (step 2c / (Q - 1)); sites x Q/2 "
      "must stay <= 2^31 - 1 so the sum over sites cannot wrap modulo 2^32",

@@ -71,7 +71,9 @@ def make_certificates(out: Path) -> dict[str, Path]:
 APP_TOML = flower.app_pyproject("jmtlflowertest", {
     "problem": "flower_problem:make", "workdir": "", "rounds": 3, "local-steps": 2,
     "algo": "fedavg", "sites": "a,b", "round-timeout": 60.0, "wait-sites": 60.0, "config": "",
-    "overrides": "", "compress": "", "secagg-max-weight": 1000.0,
+    "overrides": "", "compress": "", "secure-aggregation": False, "secagg-max-weight": 1000.0,
+    "secagg-clipping-range": flower.SECAGG_CLIPPING_RANGE,
+    "secagg-quantization-range": flower.SECAGG_QUANTIZATION_RANGE,
     "max-empty-rounds": flower.MAX_EMPTY_ROUNDS})
 
 
@@ -131,16 +133,12 @@ class Cluster:
     return self
 
   def run(self, workdir: Path, *, secagg: bool = False, **config) -> subprocess.CompletedProcess:
-    items = {"workdir": str(workdir), **config}
+    """`flwr run` of the app with run config `config` and `workdir`; `secagg`: the run config
+    key `secure-aggregation` on (what `jmtl federated` sets from fed.secure_aggregation)."""
+    items = {"workdir": str(workdir), **({"secure-aggregation": True} if secagg else {}),
+             **config}
     text = " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
     app = self.app
-    if secagg:  # the same app with the SecAgg+ components
-      app = self.tmp / "app_secagg"
-      app.mkdir(exist_ok=True)
-      (app / "pyproject.toml").write_text(APP_TOML.replace(":server_app", ":secagg_server_app")
-                                          .replace(":client_app", ":secagg_client_app")
-                                          .replace("jmtlflowertest", "jmtlflowersecagg"))
-      (app / "README.md").write_text("jmtl Flower SecAgg+ test app\n")
     return subprocess.run([str(BIN / "flwr"), "run", str(app), "local", "--run-config", text,
                            "--format", "json"], env=self.env, cwd=self.tmp, capture_output=True,
                           text=True, timeout=120)

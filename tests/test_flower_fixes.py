@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -70,6 +71,22 @@ def failing_eval(run_config):
     return {"t/m": 0.0}, {}
   problem.evaluate, problem.eval_every = evaluate, 1
   return problem
+
+
+def test_submitting_to_a_held_workdir_is_refused_locally_naming_the_holder(tmp_path):
+  """`jmtl federated --backend flower` on a workdir whose lock a running server holds: one
+  line naming the workdir and the holder, exit 2, before `flwr run` (the SuperLink connection
+  'nowhere' would otherwise be the error) and without writing anything."""
+  from test_flower_parts import _cli
+  wd = tmp_path / "wd"
+  with workdir_lib.lock(epath.Path(wd), "flower server"):
+    out = _cli(tmp_path, "--config.fed.flower.superlink=nowhere")
+  assert out.returncode == 2, out.stdout + out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f"jmtl: error: --workdir {wd} is in use by a running jmtl "), lines
+  assert f"(pid {os.getpid()} on " in lines[0] and "flwr run" not in lines[0]
+  assert sorted(os.listdir(wd)) == [workdir_lib.LOCK_NAME]
 
 
 def test_a_server_that_raises_closes_its_checkpointer_and_releases_the_lock(tmp_path,
@@ -221,6 +238,56 @@ def test_a_dropped_reply_leaves_the_sites_residual_as_if_the_round_had_not_happe
   _, ref, _, _ = _final(tmp_path / "absent", absent)
   for k in ("w", "b"):
     np.testing.assert_array_equal(got[k], ref[k])
+
+
+def test_a_dropped_reply_leaves_the_sites_optimizer_state_as_if_the_round_had_not_happened(
+    tmp_path):
+  """DiLoCo (client AdamW, whose moments each site keeps in its Context.state); site b runs
+  round 2 (index 1) but its reply comes after the round timeout (dropped). Reference: the same
+  run where b never got round 2's message (the simulation's mask-0 site keeps its client state).
+  b's committed client optimizer state, its round-3 reply and the final parameters must equal
+  the reference's (saving round 2's moments when b replied made them differ)."""
+  runs = {n: _run_config(tmp_path / n, 3, algo="diloco") for n in ("dropped", "absent", "applied")}
+  grids = {"dropped": _Grid(runs["dropped"], late={("b", 1)}),
+           "absent": _Grid(runs["absent"], lost={("b", 1)}), "applied": _Grid(runs["applied"])}
+  for n, g in grids.items():
+    flower.serve(g, runs[n])
+  rows = {n: _rows(tmp_path / n) for n in grids}
+  assert [r["sites"] for r in rows["dropped"]] == [["a", "b"], ["a"], ["a", "b"]]
+  assert rows["dropped"][2]["site_loss"] == rows["absent"][2]["site_loss"]
+  problem = grids["dropped"].problem
+  opt_like = problem.client_tx.init(problem.params)
+  opt = {n: jax.tree.leaves(flower.from_record(g.state[1]["client_opt"], opt_like))
+         for n, g in grids.items()}
+  assert len(opt["dropped"]) == len(opt["absent"]) >= 4  # AdamW's count, mu and nu
+  for got, ref in zip(opt["dropped"], opt["absent"]):
+    np.testing.assert_array_equal(got, ref)
+  assert any(not np.array_equal(got, ref) for got, ref in zip(opt["dropped"], opt["applied"]))
+  # The round-1 moments, by hand: AdamW's first moment after b's H = 2 steps of round 1 is
+  # nonzero; they are the state b committed (round 2 never was).
+  assert any(np.any(np.asarray(x) != 0) for x in opt["dropped"])
+  _, got, _, _ = _final(tmp_path / "dropped", runs["dropped"])
+  _, ref, _, _ = _final(tmp_path / "absent", runs["absent"])
+  for k in ("w", "b"):
+    np.testing.assert_array_equal(got[k], ref[k])
+
+
+def test_a_sites_pending_state_is_committed_only_for_an_applied_token():
+  """`set_pending` / `commit_pending`, the one mechanism for the residual and the client
+  optimizer state: committed iff the token is among the applied ones, discarded otherwise."""
+  from flwr.app import RecordDict
+  state = RecordDict()
+  one = flower.to_record({"x": np.ones(3, np.float32)})
+  two = flower.to_record({"x": np.full(3, 2.0, np.float32)})
+  assert not flower.commit_pending(state, "")  # nothing pending: nothing happens
+  flower.set_pending(state, "b.0.t1", client_opt=one, residual=None)
+  assert "client_opt" not in state and "residual" not in state
+  assert flower.commit_pending(state, "a.0.t0 b.0.t1")
+  assert np.frombuffer(state["client_opt"]["['x']"].data, np.float32).tolist() == [1, 1, 1]
+  flower.set_pending(state, "b.1.t2", client_opt=two, residual=two)
+  assert not flower.commit_pending(state, "a.1.t3 b.0.t1")  # b's round-2 reply was dropped
+  assert np.frombuffer(state["client_opt"]["['x']"].data, np.float32).tolist() == [1, 1, 1]
+  assert "residual" not in state and sorted(state) == ["client_opt"]
 
 
 # ---------------------------------------------------------------- 8: the round restored

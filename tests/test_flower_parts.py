@@ -63,7 +63,7 @@ def _cli(tmp_path, *overrides):
 
 
 def test_flower_backend_refuses_what_it_does_not_run_in_one_line(tmp_path):
-  out = _cli(tmp_path, "--config.fed.aggregator=median")
+  out = _cli(tmp_path, "--config.fed.aggregator=dynamic")
   assert out.returncode == 2
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("jmtl: error: config key 'fed.backend'")

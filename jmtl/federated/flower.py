@@ -9,13 +9,18 @@ the server is `server_app` run by the SuperLink. The numbers are the same code:
     delta_k, c_k <- algorithm.make_site_update(...)(x, c_k, batches_k(r), key_k)
       (H local steps of the client optimizer, the function `make_round`'s sites call)
     c_k (its client optimizer state, DiLoCo's inner AdamW moments) stays on the site, in the
-    SuperNode's per-run `Context.state`; it sends delta_k and n_k (its examples)
+    SuperNode's per-run `Context.state`, committed only once the server applied the reply
+    (`site_train`: a dropped reply leaves c_k as a mask-0 site of the simulation keeps it);
+    it sends delta_k and n_k (its examples)
   server (`server_app`):
     m_k = 1 for the sites that replied within `round-timeout` seconds (a lost site is dropped
     from that round, the weights renormalise over the rest), w = aggregation.fedavg_weights(n, m)
     Delta = aggregation.grouped_mean(delta, 0, w, 1);  u, s <- server_tx.update(Delta, s, x);
     x <- x + u    (FedAvg: McMahan et al. 2017; DiLoCo: Douillard et al. 2023, arXiv
     2311.08105, Algorithm 1)
+    With a Byzantine-robust `Problem.aggregator` (median, trimmed_mean, krum) Delta is instead
+    `robust.aggregate` of the [S, ...] stack, the simulation's call (`aggregate`); with the run
+    config's `secure-aggregation` the rounds go through Flower's SecAgg+ (`serve_secagg`).
 
 What a run computes is a `Problem` (initial parameters, loss, optimizers, each site's batches),
 built in every process by the factory that the run config's `problem` names ("module:function",
@@ -25,8 +30,8 @@ payload bytes of the messages (4 bytes per value, the simulation's accounting), 
 measured wall-clock of the round. With a codec (`Problem.codec`, `fed.compress`) site k sends
 instead `compression.to_bytes` of the leaves it holds, encoded as the simulation's codec hook
 encodes them (same keys, same error feedback; `encode_update`), and its top-k residual e_k
-stays in its `Context.state` beside c_k, committed only once the server applied the reply
-(`site_train`); the server decodes (`decode_update`) and aggregates
+stays in its `Context.state` beside c_k, committed, as c_k, only once the server applied the
+reply (`site_train`, `commit_pending`); the server decodes (`decode_update`) and aggregates
 the decoded deltas, and `bytes_up` is that payload's length (`compression.leaf_bytes`).
 
 Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
@@ -36,8 +41,13 @@ Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --r
   site's SuperNode before the first round);  max-empty-rounds (int, default 3; 0 = never):
   the server stops the run after that many consecutive rounds without an applied reply
   (`serve`);  config, overrides (str): `jmtl_problem`'s;
-  secagg-max-weight (float > 0, default 1000; `secagg_server_app` only): the SecAgg+
-  workflow's max_weight (see `secagg_check`: a site whose scaled update would be clipped
+  secure-aggregation (bool, default false; fed.secure_aggregation): the rounds go through
+  Flower's SecAgg+ workflow (`serve_secagg` in the ServerApp, `secaggplus_mod` in the
+  ClientApp, `secagg_train`) instead of plain payloads;  secagg-max-weight (float > 0,
+  default 1000; fed.flower.secagg_max_weight), secagg-clipping-range (float > 0, default 8,
+  Flower's; fed.secagg.clipping_range), secagg-quantization-range (int, default 2**22;
+  fed.secagg.quantization_range): the SecAgg+ workflow's max_weight, clipping_range and
+  quantization_range (see `secagg_check`: a site whose scaled update would be clipped
   refuses, and the round stops with `applied` 0 and `error` in rounds.jsonl).
 SuperNode node config: site (str): this SuperNode's site name (one of Problem.sites).
 
@@ -116,7 +126,10 @@ class Problem:
   last; `config` (a jmtl ConfigDict, or None) and `fingerprint` (`workdir.fingerprint`'s
   config / tokenizer entries; None = the run config's) decide which checkpoints are this run's;
   `codec`: the sites' uplink compression (`compression.parse` of `fed.compress`; None or a
-  disabled Codec = raw float32 leaves). `files` {name: text} are written into the workdir when the server starts (config.json,
+  disabled Codec = raw float32 leaves); `aggregator`: "fedavg" or a Byzantine-robust rule of
+  `jmtl.federated.robust.RULES` (median, trimmed_mean with `trim`, krum with `byzantine_f`,
+  `krum_m`: fed.aggregator, fed.trim, fed.byzantine_f, fed.krum_m), applied by `aggregate`.
+  `files` {name: text} are written into the workdir when the server starts (config.json,
   tokenizer.json); `evaluate(params, opt_state, round) -> (metrics {"<task>/<metric>": float},
   prediction rows per task)` (None = no evaluation) runs every `eval_every` rounds (0 = only
   the last) and at the last round, whose results `write_outputs(workdir, metrics, rows, round)`
@@ -145,6 +158,10 @@ class Problem:
   eval_every: int = 0
   write_outputs: Callable[[str, dict, dict, int], None] | None = None
   codec: compression.Codec | None = None
+  aggregator: str = "fedavg"
+  trim: float = 0.1
+  byzantine_f: int = 0
+  krum_m: int = 0
 
 
 def load_problem(run_config: dict) -> Problem:
@@ -276,7 +293,9 @@ def jmtl_problem(run_config: dict) -> Problem:
                         tokenizer_lib.TOKENIZER_FILE: vocab},
                  evaluate=evaluate, eval_every=int(config.fed.eval_every),
                  write_outputs=write_outputs,
-                 codec=compression.parse(config.fed.compress, config.fed.compress_block))
+                 codec=compression.parse(config.fed.compress, config.fed.compress_block),
+                 aggregator=str(config.fed.aggregator), trim=float(config.fed.trim),
+                 byzantine_f=int(config.fed.byzantine_f), krum_m=int(config.fed.krum_m))
 
 
 # ---------------------------------------------------------------- payloads (pytree <-> bytes)
@@ -454,6 +473,42 @@ def site_round(problem: Problem, update: Callable, params: Any, opt: Any, k: int
                        "seconds": time.perf_counter() - t0}
 
 
+PENDING = "pending"  # Context.state: a reply's site state, committed once the server applied it
+PENDING_TOKEN = "pending_token"  # Context.state: {"reply": the token of that reply}
+
+
+def set_pending(state: Any, token: str, **records: Any) -> None:
+  """Keeps `records` (name -> ArrayRecord; None = none) in the site's `state` (a Flower
+  RecordDict, its SuperNode's Context.state) as the state of the reply `token`, replacing any
+  earlier pending state: `commit_pending` makes them the site's once the server applied that
+  reply. Each record is stored as `state[f"{PENDING}.{name}"]`."""
+  from flwr.app import ConfigRecord  # noqa: PLC0415
+  for key in [key for key in state if key.startswith(PENDING + ".")]:
+    del state[key]
+  for name, record in records.items():
+    if record is not None:
+      state[f"{PENDING}.{name}"] = record
+  state[PENDING_TOKEN] = ConfigRecord({"reply": token})
+
+
+def commit_pending(state: Any, applied: str) -> bool:
+  """The site's side of the reply token: when `state` holds the pending state of a reply
+  (`set_pending`) whose token is among `applied` (the server's space-separated tokens of each
+  site's latest applied reply), each pending record `name` becomes `state[name]`; either way the
+  pending state is removed (a dropped reply's state is discarded). Returns True when it was
+  committed."""
+  if PENDING_TOKEN not in state:
+    return False
+  token = str(state[PENDING_TOKEN]["reply"])
+  keep = token in applied.split()
+  for key in [key for key in state if key.startswith(PENDING + ".")]:
+    if keep:
+      state[key[len(PENDING) + 1:]] = state[key]
+    del state[key]
+  del state[PENDING_TOKEN]
+  return keep
+
+
 def site_train(content: Any, state: Any, site: str, run_id: int, run_config: dict) -> Any:
   """What site `site`'s ClientApp does with the server's round-r message `content` (a Flower
   RecordDict: "params", "config" {"round": r, "applied": per site, the token of its latest
@@ -462,12 +517,14 @@ def site_train(content: Any, state: Any, site: str, run_id: int, run_config: dic
   `site_reply`), "metrics" (site index, examples, losses, seconds), "info" {"site", "reply": a
   token naming this reply}.
 
-  The top-k error-feedback residual e_k is committed only for a reply the server applied: the
-  new e_k of round r waits in `state` ("residual_pending", with its reply token) and becomes
-  the site's residual ("residual") when the site's next message lists that token; a reply the
-  server dropped (it came after `round-timeout`, or was refused) leaves e_k as if the site had
-  not taken part in that round, as the simulation's mask-0 sites keep theirs
-  (`compression.apply`). The client optimizer state is kept across rounds as before."""
+  The site's state that a round moves on, its client optimizer state c_k ("client_opt", DiLoCo's
+  inner AdamW moments) and its top-k error-feedback residual e_k ("residual"), is committed only
+  for a reply the server applied: round r's new c_k and e_k wait in `state` ("pending", with
+  this reply's token in "pending_token") and become the site's ("client_opt", "residual") when
+  the site's next message lists that token (`commit_pending`); a reply the server dropped (it
+  came after `round-timeout`, or was refused) leaves c_k and e_k as if the site had not taken
+  part in that round, as the simulation keeps a mask-0 site's client state and residual
+  (`algorithm.make_round`, `compression.apply`)."""
   import uuid  # noqa: PLC0415
   from flwr.app import ConfigRecord, MetricRecord, RecordDict  # noqa: PLC0415
   problem, update, like, opt_like = _site(run_id, run_config, site)
@@ -475,24 +532,15 @@ def site_train(content: Any, state: Any, site: str, run_id: int, run_config: dic
   cfg = content["config"]
   r = int(cfg["round"])
   params = from_record(content["params"], like)
-  if "client_opt" in state:  # this site's client state, kept across rounds
-    opt = from_record(state["client_opt"], opt_like)
-  else:
-    opt = problem.client_tx.init(params)
-  if "residual_pending" in state:  # last round's residual: kept iff the server applied it
-    token = str(state["residual_token"]["reply"])
-    if token in str(cfg.get("applied", "")).split():
-      state["residual"] = state["residual_pending"]
-    del state["residual_pending"]
-    del state["residual_token"]
+  commit_pending(state, str(cfg.get("applied", "")))
+  opt = (from_record(state["client_opt"], opt_like) if "client_opt" in state
+         else problem.client_tx.init(params))
   residual = (from_record(state["residual"], like)
               if "residual" in state else None)  # error feedback
   payload, opt1, residual, metrics = site_reply(problem, update, params, opt, residual, k, r)
-  state["client_opt"] = to_record(opt1)
   token = f"{site}.{r}.{uuid.uuid4().hex}"
-  if residual is not None:
-    state["residual_pending"] = to_record(residual)
-    state["residual_token"] = ConfigRecord({"reply": token})
+  set_pending(state, token, client_opt=to_record(opt1),
+              residual=None if residual is None else to_record(residual))
   return RecordDict({"delta": payload, "metrics": MetricRecord({"site": k, **metrics}),
                      "info": ConfigRecord({"site": site, "reply": token})})
 
@@ -504,6 +552,8 @@ def _make_client_app():
 
   @app.train()
   def train(msg: Message, context: Any) -> Message:
+    if secure_aggregation(dict(context.run_config)):
+      return secagg_train(msg, context)
     site = str(context.node_config.get("site", ""))
     return Message(content=site_train(msg.content, context.state, site, context.run_id,
                                       dict(context.run_config)), reply_to=msg)
@@ -527,20 +577,50 @@ def _finite(v: float) -> float | None:
 
 
 def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups: Any = None,
-              holds: Any = None) -> tuple[Any, np.ndarray]:
-  """FedAvg of the sites' deltas with jmtl's aggregation rules: m_k = 1 for each site whose
-  delta arrived (None = lost), w = fedavg_weights(n, m), Delta = grouped_mean over the [S, ...]
-  stack (`groups` / `holds` as in `Problem`; None = one group held by all). Returns (Delta,
-  w [S]); Delta = 0 when no site arrived."""
+              holds: Any = None, *, rule: str = "fedavg", trim: float = 0.1,
+              byzantine_f: int = 0, krum_m: int = 0) -> tuple[Any, np.ndarray]:
+  """The sites' deltas aggregated with jmtl's rules: m_k = 1 for each site whose delta arrived
+  (None = lost; its row of the [S, ...] stack is zeros, masked), `groups` / `holds` as in
+  `Problem` (None = one group held by all). `rule` "fedavg": w = fedavg_weights(n, m), Delta =
+  grouped_mean over the stack; a rule of `robust.RULES` (median, trimmed_mean with beta =
+  `trim`, krum with f = `byzantine_f`, m = `krum_m`): (Delta, w) = `robust.aggregate(stack,
+  groups, m, holds, rule, ...)`, the call the simulation's round makes (`algorithm.make_round`,
+  its stacked path; n_k does not enter). Returns (Delta float32 like `like`, w [S]); Delta = 0
+  when no site arrived. ValueError for another rule."""
+  from jmtl.federated import robust  # noqa: PLC0415
   S = len(deltas)
   mask = np.array([d is not None for d in deltas], np.float32)
   zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), like)
   stack = jax.tree.map(lambda *xs: np.stack(xs), *[zeros if d is None else d for d in deltas])
-  w = aggregation.fedavg_weights(jnp.asarray(examples, jnp.float32), jnp.asarray(mask))
   groups = jax.tree.map(lambda _: 0, like) if groups is None else groups
   holds = np.ones((S, 1), np.float32) if holds is None else np.asarray(holds, np.float32)
+  if rule in robust.RULES:
+    delta, w = _robust_aggregate(stack, groups, mask, holds, rule, float(trim),
+                                 int(byzantine_f), int(krum_m))
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), delta), np.asarray(w)
+  if rule != "fedavg":
+    raise ValueError(f"the Flower server aggregates with fedavg or {', '.join(robust.RULES)}, "
+                     f"got {rule!r}")
+  w = aggregation.fedavg_weights(jnp.asarray(examples, jnp.float32), jnp.asarray(mask))
   delta = aggregation.grouped_mean(stack, groups, w, jnp.asarray(holds))
   return delta, np.asarray(w)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7))
+def _robust_aggregate_jit(stack, groups_def, mask, holds, rule, trim, byzantine_f, krum_m):
+  from jmtl.federated import robust  # noqa: PLC0415
+  treedef, leaves = groups_def
+  groups = jax.tree.unflatten(treedef, list(leaves))
+  return robust.aggregate(stack, groups, mask, holds, rule, trim=trim, byzantine_f=byzantine_f,
+                          krum_m=krum_m)
+
+
+def _robust_aggregate(stack, groups, mask, holds, rule, trim, byzantine_f, krum_m):
+  """`robust.aggregate` jitted as in the simulation's round (the group ids static)."""
+  leaves, treedef = jax.tree.flatten(groups)
+  return _robust_aggregate_jit(stack, (treedef, tuple(int(g) for g in leaves)),
+                               jnp.asarray(mask), jnp.asarray(holds), rule, trim, byzantine_f,
+                               krum_m)
 
 
 PULL_INTERVAL_S = 0.1  # the server's poll for replies (Flower's send_and_receive sleeps 3 s)
@@ -550,14 +630,16 @@ def send_and_receive(grid: Any, msgs: list, timeout: float | None) -> list:
   """Flower's `Grid.send_and_receive` (push the messages, pull their replies until all are in
   or `timeout` seconds passed; None = no limit) polling every PULL_INTERVAL_S seconds instead
   of Flower's 3 (a round waited 1.5 s on average for that poll alone)."""
-  ids = list(grid.push_messages(msgs))
-  pending = set(ids)
+  # The ids in push order (a dict, not a set: the pulls, and so which of two replies for one
+  # site counts first in `_round`, do not depend on string hashing).
+  pending = dict.fromkeys(grid.push_messages(msgs))
   replies: list = []
   deadline = time.time() + (float("inf") if timeout is None else timeout)
-  while pending:  # asked for in push order (a set's order differs from process to process)
-    got = list(grid.pull_messages([i for i in ids if i in pending]))
+  while pending:
+    got = list(grid.pull_messages(list(pending)))
     replies += got
-    pending -= {m.metadata.reply_to_message_id for m in got}
+    for m in got:
+      pending.pop(m.metadata.reply_to_message_id, None)
     if not pending or time.time() >= deadline:
       break
     time.sleep(PULL_INTERVAL_S)
@@ -869,7 +951,9 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
                **{m: float(rep.content["metrics"][m])
                   for m in ("site_loss", "train_loss", "seconds")}}
   part = sorted(info)
-  delta, w = aggregate(deltas, examples, server.params, problem.groups, problem.holds)
+  delta, w = aggregate(deltas, examples, server.params, problem.groups, problem.holds,
+                       rule=problem.aggregator, trim=problem.trim,
+                       byzantine_f=problem.byzantine_f, krum_m=problem.krum_m)
   if part:
     server.apply(delta)
   server.applied_replies.update({k: info[k]["token"] for k in part
@@ -897,7 +981,10 @@ def _make_server_app():
 
   @app.main()
   def main(grid: Any, context: Any) -> None:
-    serve(grid, dict(context.run_config))
+    if secure_aggregation(dict(context.run_config)):
+      serve_secagg(grid, context)
+    else:
+      serve(grid, dict(context.run_config))
 
   return app
 
@@ -982,75 +1069,118 @@ def secagg_max_weight(run_config: dict) -> float:
   return w
 
 
-def _make_secagg_client_app():
-  """The site for Flower's SecAgg+ workflow (Bell et al. 2020, "Secure single-server aggregation
-  with (poly)logarithmic complexity", as Flower implements it in `secaggplus_mod`): the same
-  `site_round` as `client_app`; the delta leaves and n_k go out through the mod, which clips them
-  to [-clipping_range, clipping_range], quantises and masks them, so the server only learns the
-  n_k-weighted mean over the sites. Before that, `secagg_check` (with the mod's max_weight and
-  ranges from its setup stage) refuses an update the mod would clip: the site raises
-  SecAggRangeError, which the server reads from the round's failures and stops the round."""
+def secure_aggregation(run_config: dict) -> bool:
+  """Whether the run goes through Flower's SecAgg+ (run config `secure-aggregation`, from
+  fed.secure_aggregation; absent = False). Accepts a TOML bool, 0/1 or "true"/"false"."""
+  v = run_config.get("secure-aggregation", False)
+  return v.strip().lower() in ("1", "true", "yes") if isinstance(v, str) else bool(v)
+
+
+def secagg_ranges(run_config: dict) -> tuple[float, int]:
+  """(clipping_range, quantization_range) of the SecAgg+ workflow: run config
+  `secagg-clipping-range` (fed.secagg.clipping_range; absent or 0 = SECAGG_CLIPPING_RANGE) and
+  `secagg-quantization-range` (fed.secagg.quantization_range; absent or 0 =
+  SECAGG_QUANTIZATION_RANGE). ValueError (one line) for a clipping range that is not finite and
+  > 0 or fewer than 2 levels."""
+  c = run_config.get("secagg-clipping-range") or SECAGG_CLIPPING_RANGE
+  q = run_config.get("secagg-quantization-range") or SECAGG_QUANTIZATION_RANGE
+  try:
+    c, q = float(c), int(q)
+  except (TypeError, ValueError):
+    raise ValueError(f"run config keys secagg-clipping-range / secagg-quantization-range must "
+                     f"be numbers, got {c!r} / {q!r}") from None
+  if not (np.isfinite(c) and c > 0) or q < 2:
+    raise ValueError(f"run config keys secagg-clipping-range must be > 0 and "
+                     f"secagg-quantization-range >= 2, got {c!r} / {q!r}")
+  return c, q
+
+
+def _secagg_site(context: Any):
+  """The Flower `Client` of one SecAgg+ round stage at site `node_config["site"]` (what Flower's
+  legacy handler calls `fit` on): `site_round` as `site_train` runs it, the delta leaves and n_k
+  returned for `secaggplus_mod` to clip, quantise and mask. Before that, `secagg_check` (with
+  the mod's max_weight and ranges from its setup stage) refuses an update the mod would clip:
+  the site raises SecAggRangeError, which the server reads from the round's failures. The
+  client optimizer state is committed by the reply token as in `site_train` (`set_pending` /
+  `commit_pending`; the token goes back in the fit metrics "reply", the applied ones come in
+  the fit config "applied")."""
   from flwr.client import NumPyClient  # noqa: PLC0415
-  from flwr.client.mod import secaggplus_mod  # noqa: PLC0415
-  from flwr.clientapp import ClientApp  # noqa: PLC0415
   from flwr.common.secure_aggregation.secaggplus_constants import (  # noqa: PLC0415
       RECORD_KEY_STATE)
 
   class _Site(NumPyClient):
-    def __init__(self, context):
-      self.ctx = context
-
     def fit(self, parameters, config):
-      site = str(self.ctx.node_config.get("site", ""))
-      problem, update, like, opt_like = _site(self.ctx.run_id, dict(self.ctx.run_config), site)
+      import uuid  # noqa: PLC0415
+      site = str(context.node_config.get("site", ""))
+      problem, update, like, opt_like = _site(context.run_id, dict(context.run_config), site)
       k = problem.sites.index(site)
       params = jax.tree.unflatten(jax.tree.structure(like),
                                   [np.asarray(p, np.float32).reshape(np.shape(x))
                                    for p, x in zip(parameters, jax.tree.leaves(like))])
-      if "client_opt" in self.ctx.state:
-        opt = from_record(self.ctx.state["client_opt"], opt_like)
-      else:
-        opt = problem.client_tx.init(params)
-      delta, opt1, metrics = site_round(problem, update, params, opt, k, int(config["round"]))
+      commit_pending(context.state, str(config.get("applied", "")))
+      opt = (from_record(context.state["client_opt"], opt_like) if "client_opt" in context.state
+             else problem.client_tx.init(params))
+      r = int(config["round"])
+      delta, opt1, metrics = site_round(problem, update, params, opt, k, r)
       # 0-d leaves go as shape (1,): Flower 1.42's SecAgg+ unmasking skips the offset and the
       # weight division for 0-d arrays (it rebinds them in a loop), returning ~ 2 x 8 for them.
       leaves = [np.atleast_1d(np.asarray(d, np.float32)) for d in jax.tree.leaves(delta)]
       n_k = int(round(metrics["examples"]))
       # The mod's parameters of this round (its setup stage stored them in the Context).
-      mod = self.ctx.state.config_records.get(RECORD_KEY_STATE)
+      mod = context.state.config_records.get(RECORD_KEY_STATE)
       if mod is None or "max_weight" not in mod:
         raise SecAggRangeError(f"{SECAGG_REFUSAL}: site {site!r}: no SecAgg+ setup state "
-                               f"(run secagg_client_app with secagg_server_app)")
+                               f"(the run config's secure-aggregation is on at the server?)")
       secagg_check(leaves, n_k, float(mod["max_weight"]), float(mod["clipping_range"]),
                    int(mod["target_range"]), site=site)  # raises: the round stops
-      self.ctx.state["client_opt"] = to_record(opt1)
-      return leaves, n_k, {"site": k, **metrics}
+      token = f"{site}.{r}.{uuid.uuid4().hex}"
+      set_pending(context.state, token, client_opt=to_record(opt1))
+      return leaves, n_k, {"site": k, "reply": token, **metrics}
 
-  return ClientApp(client_fn=lambda context: _Site(context).to_client(), mods=[secaggplus_mod])
+  return _Site().to_client()
 
 
-def _make_secagg_server_app():
-  """The server for Flower's SecAgg+ workflow: `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-  num_shares = S, reconstruction_threshold = S - 1))` (Flower needs S >= 3) around a legacy
-  Strategy that applies jmtl's server optimizer to the securely aggregated mean delta (the
-  workflow's weighted mean: sum_k n_k delta_k / sum_k n_k, from quantised values) and writes the
-  same rounds.jsonl (without bytes: the masked payloads are the workflow's) and checkpoints.
-  max_weight is the run config's `secagg-max-weight`; clipping 8, 2**22 levels, modulus 2**32
-  (Flower's defaults). A round with a site's refusal (`secagg_check`) or whose weight factors
-  sum_k q_k reach 2**32 is written with `applied` 0 and `error`, nothing is applied, and the
-  run ends (RuntimeError); more than 1023 sites are refused (ValueError)."""
+def secagg_train(msg: Any, context: Any) -> Any:
+  """A SecAgg+ round stage at a site (`client_app` when the run config's `secure-aggregation`
+  is on): Flower's `secaggplus_mod` (Bell et al. 2020, "Secure single-server aggregation with
+  (poly)logarithmic complexity", as Flower implements it) answers the setup, key-sharing and
+  unmasking stages itself and calls `_secagg_site`'s `fit` (through Flower's legacy message
+  handler) for the masked-vector stage."""
+  from flwr.client.message_handler.message_handler import (  # noqa: PLC0415
+      handle_legacy_message_from_msgtype)
+  from flwr.client.mod import secaggplus_mod  # noqa: PLC0415
+  return secaggplus_mod(msg, context, lambda m, c: handle_legacy_message_from_msgtype(
+      client_fn=_secagg_site, message=m, context=c))
+
+
+def serve_secagg(grid: Any, context: Any) -> None:
+  """The server's rounds through Flower's SecAgg+ workflow (`server_app` when the run config's
+  `secure-aggregation` is on): `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares = S,
+  reconstruction_threshold = S - 1))` (Flower needs S >= 3) around a legacy Strategy that
+  applies jmtl's server optimizer to the securely aggregated mean delta (the workflow's weighted
+  mean: sum_k n_k delta_k / sum_k n_k, from quantised values) and writes the same rounds.jsonl
+  (without bytes: the masked payloads are the workflow's) and checkpoints (`_Server`: the
+  workdir lock, resume). max_weight is the run config's `secagg-max-weight`, clipping range and
+  levels `secagg_ranges`, modulus 2**32 (Flower's). A round with a site's refusal
+  (`secagg_check`) or whose weight factors sum_k q_k reach 2**32 is written with `applied` 0
+  and `error`, nothing is applied, and the run ends (RuntimeError); sites x levels at or above
+  2**32 (the quantised sum would wrap) are refused (ValueError). The sites' client optimizer
+  states follow the reply tokens of `site_train` (a site's token is recorded as applied when
+  the round's secure sum included it)."""
   from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: PLC0415
   from flwr.server import LegacyContext, ServerConfig  # noqa: PLC0415
   from flwr.server.strategy import Strategy  # noqa: PLC0415
   from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow  # noqa: PLC0415
   from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD  # noqa: PLC0415
   from flwr.server.workflow.constant import Key as WorkflowKey  # noqa: PLC0415
-  from flwr.serverapp import ServerApp  # noqa: PLC0415
+
+  run_config = dict(context.run_config)
+  max_weight = secagg_max_weight(run_config)
+  clipping_range, levels = secagg_ranges(run_config)
 
   class _Strategy(Strategy):
-    def __init__(self, server: _Server, max_weight: float):
+    def __init__(self, server: _Server):
       self.server, self.problem, self.t0 = server, server.problem, time.time()
-      self.max_weight = max_weight
 
     def _leaves(self):
       return ndarrays_to_parameters([np.asarray(x) for x in jax.tree.leaves(self.server.params)])
@@ -1063,7 +1193,9 @@ def _make_secagg_server_app():
       self.t0 = time.time()
       clients = client_manager.sample(num_clients=S, min_num_clients=S)
       r = self.server.start + server_round - 1  # a resumed run continues at its round
-      return [(c, FitIns(self._leaves(), {"round": r})) for c in clients]
+      applied = " ".join(self.server.applied_replies[k]
+                         for k in sorted(self.server.applied_replies))
+      return [(c, FitIns(self._leaves(), {"round": r, "applied": applied})) for c in clients]
 
     def refuse(self, server_round, reasons, failures):
       """A round a site refused (`secagg_check`) or whose weights would wrap: nothing applied;
@@ -1072,7 +1204,7 @@ def _make_secagg_server_app():
       msg = "; ".join(reasons)
       _append(self.server.rounds_path, {
           "round": r, "secure_aggregation": "secagg+", "sites": [], "failures": len(failures),
-          "applied": 0, "max_weight": self.max_weight, "error": msg,
+          "applied": 0, "max_weight": max_weight, "error": msg,
           "seconds": time.time() - self.t0})
       print(f"round {r}: secure aggregation refused, nothing applied: {msg}", file=sys.stderr,
             flush=True)
@@ -1080,14 +1212,14 @@ def _make_secagg_server_app():
 
     def aggregate_fit(self, server_round, results, failures):
       # (A site's refusal never gets here: `_Workflow` stops the round when the masked vectors
-      # come in, the stage whose `fit` raised it.) The mod's weight factors q_k = round(n_k / max_weight * Q) are summed mod 2**32 with
-      # the masks; a sum at or above 2**32 wraps (a wrong mean). n_k is in the clear (FitRes).
-      q = sum(round(res.num_examples / self.max_weight * SECAGG_QUANTIZATION_RANGE)
-              for _, res in results)
+      # come in, the stage whose `fit` raised it.) The mod's weight factors
+      # q_k = round(n_k / max_weight * Q) are summed mod 2**32 with the masks; a sum at or
+      # above 2**32 wraps (a wrong mean). n_k is in the clear (FitRes).
+      q = sum(round(res.num_examples / max_weight * levels) for _, res in results)
       if q >= SECAGG_MODULUS_RANGE:
         self.refuse(server_round, [
-            f"the sites' weights sum_k round(n_k / secagg-max-weight {self.max_weight:g} x "
-            f"2**22) = {q} reach the modulus 2**32 and wrap: raise the run config key "
+            f"the sites' weights sum_k round(n_k / secagg-max-weight {max_weight:g} x "
+            f"{levels}) = {q} reach the modulus 2**32 and wrap: raise the run config key "
             f"secagg-max-weight"], failures)
       like = self.server.params
       mean = parameters_to_ndarrays(results[0][1].parameters)  # every result holds the sum
@@ -1095,8 +1227,11 @@ def _make_secagg_server_app():
                                  [np.asarray(m, np.float32).reshape(np.shape(x))
                                   for m, x in zip(mean, jax.tree.leaves(like))])
       self.server.apply(delta)
+      self.server.applied_replies.update({
+          int(res.metrics["site"]): str(res.metrics["reply"]) for _, res in results
+          if "site" in res.metrics and "reply" in res.metrics})
       r = self.server.start + server_round
-      row = {"round": r, "secure_aggregation": "secagg+", "max_weight": self.max_weight,
+      row = {"round": r, "secure_aggregation": "secagg+", "max_weight": max_weight,
              "sites": sorted(self.problem.sites[int(res.metrics["site"])] for _, res in results
                              if "site" in res.metrics),
              "failures": len(failures), "applied": 1, "seconds": time.time() - self.t0}
@@ -1124,34 +1259,29 @@ def _make_secagg_server_app():
         context.strategy.refuse(int(cfg[WorkflowKey.CURRENT_ROUND]), reasons, state.failures)
       return ok
 
-  app = ServerApp()
-
-  @app.main()
-  def main(grid: Any, context: Any) -> None:
-    run_config = dict(context.run_config)
-    max_weight = secagg_max_weight(run_config)
-    problem = load_problem(run_config)
-    S = len(problem.sites)
-    if S < 3:
-      raise ValueError(f"Flower's SecAgg+ needs at least 3 sites, got {S}")
-    if S * SECAGG_QUANTIZATION_RANGE >= SECAGG_MODULUS_RANGE:  # the quantised sum would wrap
-      most = SECAGG_MODULUS_RANGE // SECAGG_QUANTIZATION_RANGE - 1
-      raise ValueError(f"Flower's SecAgg+ sums at most {most} sites' 2**22-level values "
-                       f"below its modulus 2**32, got {S}")
-    server = _Server(problem, run_config)
-    try:
-      legacy = LegacyContext(context=context,
-                             config=ServerConfig(num_rounds=server.rounds - server.start),
-                             strategy=_Strategy(server, max_weight))
-      if server.rounds > server.start:
-        DefaultWorkflow(fit_workflow=_Workflow(
-            num_shares=S, reconstruction_threshold=S - 1, max_weight=max_weight,
-            clipping_range=SECAGG_CLIPPING_RANGE, quantization_range=SECAGG_QUANTIZATION_RANGE,
-            modulus_range=SECAGG_MODULUS_RANGE))(_FastGrid(grid), legacy)
-    finally:
-      server.close()
-
-  return app
+  problem = load_problem(run_config)
+  S = len(problem.sites)
+  if S < 3:
+    raise ValueError(f"Flower's SecAgg+ needs at least 3 sites, got {S}")
+  if S * levels >= SECAGG_MODULUS_RANGE:  # the quantised sum would wrap
+    most = (SECAGG_MODULUS_RANGE - 1) // levels
+    raise ValueError(f"Flower's SecAgg+ sums at most {most} sites' {levels}-level values "
+                     f"below its modulus 2**32, got {S}")
+  if problem.holds is not None and not np.all(np.asarray(problem.holds) == 1):
+    raise ValueError("Flower's SecAgg+ averages every leaf over every site: each site must "
+                     "hold every task (a head's mean over its holders is not a secure sum)")
+  server = _Server(problem, run_config)
+  try:
+    legacy = LegacyContext(context=context,
+                           config=ServerConfig(num_rounds=server.rounds - server.start),
+                           strategy=_Strategy(server))
+    if server.rounds > server.start:
+      DefaultWorkflow(fit_workflow=_Workflow(
+          num_shares=S, reconstruction_threshold=S - 1, max_weight=max_weight,
+          clipping_range=clipping_range, quantization_range=levels,
+          modulus_range=SECAGG_MODULUS_RANGE))(_FastGrid(grid), legacy)
+  finally:
+    server.close()
 
 
 # ---------------------------------------------------------------- submitting a run
@@ -1162,7 +1292,7 @@ def app_pyproject(name: str, config: dict[str, Any], *, server: str = "server_ap
   `jmtl.federated.flower:<server>` / `:<client>`, with `[tool.flwr.app.config]` = `config`
   (str, int and float values)."""
   def value(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, str) else repr(v)
+    return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
   lines = "".join(f"{k} = {value(v)}\n" for k, v in config.items())
   return f"""[build-system]
 requires = ["hatchling"]
@@ -1192,7 +1322,9 @@ clientapp = "jmtl.federated.flower:{client}"
 APP_PYPROJECT = app_pyproject("jmtlfederated", {
     "problem": "jmtl.federated.flower:jmtl_problem", "config": "", "overrides": "",
     "workdir": "", "rounds": 0, "round-timeout": 600.0, "wait-sites": 600.0,
-    "max-empty-rounds": MAX_EMPTY_ROUNDS, "submission": ""})
+    "max-empty-rounds": MAX_EMPTY_ROUNDS, "submission": "", "secure-aggregation": False,
+    "secagg-max-weight": SECAGG_MAX_WEIGHT, "secagg-clipping-range": SECAGG_CLIPPING_RANGE,
+    "secagg-quantization-range": SECAGG_QUANTIZATION_RANGE})
 
 
 def write_app(directory: str) -> str:
@@ -1212,14 +1344,18 @@ def run_config_text(items: dict) -> str:
 
 
 def check_workdir(config: Any, workdir: str) -> int | None:
-  """When `workdir` (visible here) holds a checkpoint, refuses it unless it is this config's
-  Flower run (ConfigError, one line, naming the keys that differ, as `jmtl federated` does):
-  the server then resumes from it. Returns the round of its latest complete checkpoint (None:
-  none here). A workdir on another machine is checked by the server."""
+  """Refuses (ConfigError, one line) a `workdir` visible here whose lock a running jmtl holds
+  (a Flower server still running there: the message names the workdir and the holder,
+  `workdir.check_unlocked`), so nothing is submitted that its server would refuse; when it
+  holds a checkpoint, refuses it unless it is this config's Flower run (naming the keys that
+  differ, as `jmtl federated` does): the server then resumes from it. Returns the round of its
+  latest complete checkpoint (None: none here). A workdir on another machine is checked by the
+  server."""
   from etils import epath  # noqa: PLC0415
   from jmtl.config import ConfigError  # noqa: PLC0415
   from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
+  workdir_lib.check_unlocked(epath.Path(os.path.abspath(workdir)))
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     return None
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
@@ -1388,6 +1524,14 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
     raise ConfigError("config key 'fed.backend' = 'flower' needs Flower's `flwr` command "
                       "(pip install 'jmtl[flower]')")
   fed = config.fed
+  if fed.secure_aggregation:
+    from jmtl.federated import sites as sites_lib  # noqa: PLC0415
+    partial = [s.name for s in sites_lib.sites_from_config(config)
+               if set(s.tasks) != set(config.tasks)]
+    if partial:
+      raise ConfigError(f"config key 'fed.secure_aggregation' with fed.backend = 'flower' needs "
+                        f"every site to hold every task (Flower's SecAgg+ averages each leaf "
+                        f"over all sites); fed.sites {partial} hold only some")
   resumed = check_workdir(config, workdir)
   submission = f"{time.time_ns():x}-{os.getpid()}"  # names this submission in flower.json
   items = {"problem": "jmtl.federated.flower:jmtl_problem",
@@ -1396,7 +1540,11 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
            "workdir": os.path.abspath(workdir), "rounds": int(fed.rounds),
            "round-timeout": float(fed.flower.round_timeout),
            "wait-sites": float(fed.flower.wait_sites),
-           "max-empty-rounds": int(fed.flower.max_empty_rounds), "submission": submission}
+           "max-empty-rounds": int(fed.flower.max_empty_rounds), "submission": submission,
+           "secure-aggregation": bool(fed.secure_aggregation),
+           "secagg-max-weight": float(fed.flower.secagg_max_weight),
+           "secagg-clipping-range": float(fed.secagg.clipping_range),
+           "secagg-quantization-range": int(fed.secagg.quantization_range)}
   with tempfile.TemporaryDirectory() as tmp:
     args = [flwr, "run", write_app(tmp)] + ([fed.flower.superlink] if fed.flower.superlink
                                             else [])
@@ -1428,5 +1576,3 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
 # The apps the Flower app's pyproject names (`[tool.flwr.app.components]`).
 client_app = _make_client_app()
 server_app = _make_server_app()
-secagg_client_app = _make_secagg_client_app()
-secagg_server_app = _make_secagg_server_app()

@@ -333,6 +333,15 @@ def _is_locked(workdir: epath.Path) -> bool:
     os.close(fd)
 
 
+def check_unlocked(workdir: epath.Path) -> None:
+  """ConfigError (one line naming `workdir` and the lock's holder, "pid P on HOST") when a
+  running jmtl holds the workdir's lock (`lock`); a bucket path has none and passes."""
+  if _is_locked(workdir):
+    raise config_lib.ConfigError(f"--workdir {workdir} is in use by a running jmtl "
+                                 f"({_holder(workdir / LOCK_NAME)}); wait for it to finish or "
+                                 f"use another workdir")
+
+
 def _writable(p: epath.Path) -> bool:
   """Local: the nearest existing ancestor is a writable directory."""
   q = epath.Path(p)
@@ -368,10 +377,7 @@ def preflight(config: Any, workdir: str, command: str) -> None:
     raise config_lib.ConfigError(f"--workdir {p} is not writable")
   if command == "eval" and not ckpt_dir.is_dir():
     raise config_lib.ConfigError(f"--workdir {p}: no checkpoints/ directory (train first)")
-  if _is_locked(p):
-    raise config_lib.ConfigError(f"--workdir {p} is in use by a running jmtl "
-                                 f"({_holder(p / LOCK_NAME)}); wait for it to finish or use "
-                                 f"another workdir")
+  check_unlocked(p)
   if ckpt_dir.is_dir():
     from jmtl.train import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
     found = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True).read_latest_meta()
