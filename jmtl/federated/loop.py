@@ -536,8 +536,15 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     """The stop signal: the local flag, or (several processes) its maximum over processes, a
     collective every process reaches at the same point, so all stop at the same round."""
     if multi:
-      return distributed.agree_max(stop.signal or 0) or None
+      agreed[0] = max(agreed[0], distributed.agree_max(distributed.stop_code(stop.signal)))
+      return (distributed.stop_origin(agreed[0]) or (None,))[0]
     return stop.signal
+
+  agreed = [0]  # multi: the agreed `distributed.stop_code` (which process got which signal)
+
+  def announce(signum: int, rest: str) -> None:
+    distributed.announce_stop(agreed[0] if multi else distributed.stop_code(signum, 0),
+                              stop.signal, rest)
 
   def save(r: int, row: dict | None) -> None:
     try:
@@ -574,16 +581,13 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
 
   def stop_now(r: int, signum: int) -> None:
     if not r:  # during the round-0 evaluation: no round done, nothing to save
-      if primary:
-        print(f"received signal {signum}: stopped before round 1, nothing to save; exiting",
-              flush=True)
+      announce(signum, "stopped before round 1, nothing to save; exiting")
       raise SystemExit(128 + signum)
     ckpt.wait()
     if not ckpt.committed(r):
       raise CheckpointError(f"received signal {signum}, but the checkpoint at round {r} "
                             f"is not on disk (latest: {ckpt.latest_step()}) in {ckpt.directory}")
-    if primary:
-      print(f"received signal {signum}: saved checkpoint at round {r}, exiting", flush=True)
+    announce(signum, f"saved checkpoint at round {r}, exiting")
     raise SystemExit(128 + signum)
 
   if finished is not None:
