@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import signal
 import socket
 
@@ -267,11 +268,13 @@ def test_checkpoint_refused_on_one_host_stops_both_with_one_line(tmp_path, data_
   """Resuming where process 1 reads other SST-2 labels than the checkpoint was trained on: only
   process 1 can tell, yet both must stop (exit 2, the same line naming process 1) instead of
   process 0 waiting in the restore for a peer that left."""
-  work = tmp_path / "work"
-  one(work, data_dir, cache, *SST2, fault="sigterm_at=3", expect=SIGTERM_EXIT)
+  work, short = tmp_path / "work", ("--config.train.steps=2", *SST2[1:],
+                                     "--config.data.max_eval_examples=16")
+  one(work, data_dir, cache, *short)
   kept = faults.checkpoint_steps(work)
+  assert kept == [2]
   other = _other_sst2_labels(tmp_path / "data", data_dir)
-  results = two(work, data_dir, cache, *SST2, data_by_process=(None, other), expect=(2, 2),
+  results = two(work, data_dir, cache, *short, data_by_process=(None, other), expect=(2, 2),
                 timeout=240)
   line = _one_error_line(results)
   assert line.startswith(f"jmtl: error: process 1: --workdir {work} holds a checkpoint (step "
@@ -296,3 +299,30 @@ def test_fresh_run_with_other_data_on_one_host_stops_both_with_one_line(
                   "the same data files (data.dir / $JMTL_DATA_DIR)"), line
   assert not (work / "checkpoints").exists() or not any((work / "checkpoints").iterdir())
   assert not (work / "metrics.jsonl").exists()
+
+
+def test_federated_sigterm_on_one_host_is_named_by_both(tmp_path, data_dir, cache):
+  """`jmtl federated` shares the agreed stop: SIGTERM reaching process 1 only stops both at the
+  same round (exit 143); process 0 names process 1, which says the same on its stderr."""
+  work, port = tmp_path / "work", _port()
+  jobs = [faults.Job(_fed_cmd(work, "--config.fed.rounds=6", "--config.fed.checkpoint_every=1",
+                              "--config.dist.initialize=true",
+                              f"--config.dist.coordinator_address=localhost:{port}",
+                              "--config.dist.num_processes=2", f"--config.dist.process_id={pid}"),
+                     _env(data_dir, cache, 4), logs=tmp_path / "logs")
+          for pid in range(2)]
+  try:
+    faults.wait_until(lambda: 1 in faults.checkpoint_steps(work), jobs[1], what="round 1 saved")
+    jobs[1].signal(signal.SIGTERM)
+    results = [job.wait(240) for job in jobs]
+  finally:
+    for job in jobs:
+      if job.poll() is None:
+        job.proc.kill()
+        job.proc.wait()
+  assert [r.returncode for r in results] == [SIGTERM_EXIT] * 2, [r.stderr[-2000:] for r in results]
+  said = re.search(r"process 1 received signal 15: saved checkpoint at round (\d+), exiting",
+                   results[0].stdout)
+  assert said is not None, results[0].stdout[-2000:]
+  assert said.group(0) in results[1].stderr, results[1].stderr[-2000:]
+  assert faults.checkpoint_steps(work)[-1] == int(said.group(1)) < 6
