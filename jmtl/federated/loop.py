@@ -358,8 +358,11 @@ def federated(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
 
 def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   found = ckpt.read_latest_meta()
-  if found is not None:  # refuse another run's checkpoint before any work or any write
-    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+  # Refuse another run's checkpoint before any work or any write, decided by all processes.
+  distributed.decide_together(
+      lambda: found is not None and workdir_lib.check_config(found[1], config, workdir=wd,
+                                                             step=found[0]),
+      config_lib.ConfigError)
 
   fed = config.fed
   sites = sites_lib.sites_from_config(config)
@@ -801,10 +804,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", read_only=True)
     try:  # closed whatever happens (a refused checkpoint, a failed restore)
       found = ckpt.read_latest_meta()
-      if found is None:
-        raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in "
-                                     f"{ckpt.directory}")
-      workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+      distributed.decide_together(  # a host that sees no checkpoint stops every process
+          lambda: train_loop.check_found(found, config, wd, ckpt.directory),
+          config_lib.ConfigError)
       sites = sites_lib.sites_from_config(config)
       mesh = build_mesh(config, sites)
       tasks = [task_registry.get_task(name) for name in config.tasks]

@@ -674,9 +674,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
     try:  # closed whatever happens (a refused checkpoint, a failed restore)
       found = ckpt.read_latest_meta()
-      if found is None:
-        raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in {ckpt_dir}")
-      workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+      distributed.decide_together(  # a host that sees no checkpoint stops every process
+          lambda: check_found(found, config, wd, ckpt_dir), config_lib.ConfigError)
       mesh, tasks, tokenizer, _, state, graphdef, shardings = _prepare(config, wd)
       vocab = workdir_lib.digest_text(tokenizer.backend.to_str())
 
@@ -698,6 +697,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
     if distributed.is_primary():
       _write_outputs(wd, config.data.eval_split, metrics, rows, step)
   return {"step": step, "split": config.data.eval_split, **metrics}
+
+
+def check_found(found: tuple[int, dict] | None, config: ml_collections.ConfigDict,
+                wd: epath.Path, ckpt_dir: epath.Path) -> None:
+  """For `jmtl eval`: ConfigError when `found` (`Checkpointer.read_latest_meta`) is None or
+  its config is another run's (`workdir_lib.check_config`)."""
+  if found is None:
+    raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in {ckpt_dir}")
+  workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
 
 
 def eval_stop_check(stop: StopRequest) -> Callable[[], bool]:
