@@ -568,8 +568,8 @@ def decide_together(check: Callable[[], Any], error: type[Exception]) -> None:
     return
   who = f"process {refused[0]}"
   if len(refused) > 1:
-    who = f"process {refused[0]} (also refused on process{'es' if len(refused) > 2 else ''} " \
-          f"{_ids(refused[1:])})"
+    who += (f" (also refused on process{'es' if len(refused) > 2 else ''} "
+            f"{_ids(refused[1:])})")
   raise error(f"{who}: {texts[refused[0]]}") from mine
 
 
