@@ -287,6 +287,14 @@ def test_stop_code_carries_the_signal_and_the_lowest_process_that_got_it():
   assert distributed.stop_origin(max(codes)) == (15, 2)
 
 
+def test_refusal_line_names_the_first_refusing_process_and_the_others():
+  assert distributed.refusal_line(["", "", ""]) is None
+  assert distributed.refusal_line(["", "data differ"]) == "process 1: data differ"
+  assert distributed.refusal_line(["a", "", "b"]) == "process 0 (also refused on process 2): a"
+  assert (distributed.refusal_line(["", "x", "y", "z"])
+          == "process 1 (also refused on processes 2, 3): x")
+
+
 def test_cli_missing_process_is_named():
   port = _free_port()
   line = _lines([_cli(port, 0, 3, timeout_s=5), _cli(port, 1, 3, timeout_s=5)])

@@ -563,14 +563,23 @@ def decide_together(check: Callable[[], Any], error: type[Exception]) -> None:
   except error as e:
     mine = e
   texts = gather_text("" if mine is None else (str(mine) or type(mine).__name__))
+  line = refusal_line(texts)
+  if line is not None:
+    raise error(line) from mine
+
+
+def refusal_line(texts: list[str]) -> str | None:
+  """The message `decide_together` raises for the processes' messages `texts` (in process
+  order, "" where the check passed): the first refusing process's, prefixed with its id and
+  the ids of the others that refused; None when none refused."""
   refused = [p for p, t in enumerate(texts) if t]
   if not refused:
-    return
+    return None
   who = f"process {refused[0]}"
   if len(refused) > 1:
     who += (f" (also refused on process{'es' if len(refused) > 2 else ''} "
             f"{_ids(refused[1:])})")
-  raise error(f"{who}: {texts[refused[0]]}") from mine
+  return f"{who}: {texts[refused[0]]}"
 
 
 def differing_processes(value: str) -> list[int]:
