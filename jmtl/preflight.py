@@ -38,6 +38,12 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 # Commands that join a multi-host run when `dist.initialize` is set.
 DISTRIBUTED_COMMANDS = ("train", "eval", "federated")
+# Config keys each process of a multi-host run may set for itself: its own id, its own spelling
+# of process 0's address (`localhost:1234` on host 0, `host0:1234` elsewhere), its console
+# display and how long it waits for the others to join. None changes what is computed; every
+# other key must be the same on all processes (the roll call and `check_same_config`).
+PER_PROCESS_KEYS = ("dist.process_id", "dist.coordinator_address", "train.progress",
+                    "dist.initialization_timeout_s")
 
 
 def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
@@ -119,11 +125,9 @@ def _join(config: ml_collections.ConfigDict) -> bool:
   process from C++ after `dist.initialization_timeout_s`)."""
   from jmtl.parallel import distributed  # noqa: PLC0415
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
-  # Every process must run the same config, but for its own id and its own spelling of process
-  # 0's address (`localhost:1234` on host 0, `host0:1234` elsewhere): compared by the roll call
+  # Every process must run the same config but for PER_PROCESS_KEYS: compared by the roll call
   # before the runtime starts, and again once joined (for clusters JAX detects by itself).
-  per_process = ("dist.process_id", "dist.coordinator_address")
-  flat = {k: v for k, v in workdir_lib.flat_config(config).items() if k not in per_process}
+  flat = {k: v for k, v in workdir_lib.flat_config(config).items() if k not in PER_PROCESS_KEYS}
   try:
     joined = distributed.initialize(config.dist, flat)
   except distributed.SetupError as e:

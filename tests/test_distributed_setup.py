@@ -264,6 +264,37 @@ def test_cli_config_difference_names_the_key_but_not_the_coordinator_spelling():
   assert "train.steps" in line and "coordinator_address" not in line, line
 
 
+def test_cli_per_host_display_and_timeout_are_not_config_differences():
+  """Each host may choose its own progress display and join timeout (they change no number);
+  a key that does change the numbers is still named, alone."""
+  port = _free_port()
+  line = _lines([_cli(port, 0, 2, "--config.train.progress=bar", "--config.train.steps=3"),
+                 _cli(port, 1, 2, "--config.train.progress=none", timeout_s=9)])
+  assert line == ("jmtl: error: the processes of this run have different configs (train.steps: "
+                  "3 on process 0, 12 on process 1); start every process with the same config "
+                  "and overrides"), line
+
+
+def test_stop_code_carries_the_signal_and_the_lowest_process_that_got_it():
+  # code = signal * 2**16 + (2**16 - 1 - process): by hand, SIGTERM (15) on process 1.
+  assert distributed.stop_code(15, 1) == 15 * 65536 + 65534 == 1048574
+  assert distributed.stop_code(None, 3) == 0 and distributed.stop_origin(0) is None
+  assert distributed.stop_origin(1048574) == (15, 1)
+  # The maximum over processes: the largest signal wins, then the lowest process id.
+  codes = [distributed.stop_code(s, p) for p, s in enumerate([None, 15, 15, 2])]
+  assert distributed.stop_origin(max(codes)) == (15, 1)
+  codes = [distributed.stop_code(s, p) for p, s in enumerate([2, None, 15])]
+  assert distributed.stop_origin(max(codes)) == (15, 2)
+
+
+def test_refusal_line_names_the_first_refusing_process_and_the_others():
+  assert distributed.refusal_line(["", "", ""]) is None
+  assert distributed.refusal_line(["", "data differ"]) == "process 1: data differ"
+  assert distributed.refusal_line(["a", "", "b"]) == "process 0 (also refused on process 2): a"
+  assert (distributed.refusal_line(["", "x", "y", "z"])
+          == "process 1 (also refused on processes 2, 3): x")
+
+
 def test_cli_missing_process_is_named():
   port = _free_port()
   line = _lines([_cli(port, 0, 3, timeout_s=5), _cli(port, 1, 3, timeout_s=5)])

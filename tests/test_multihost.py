@@ -3,7 +3,10 @@ distributed runtime, gloo collectives) and must give what one process with 8 dev
 
 - The same losses (<= 1e-5 relative) and the same predictions on every task kind
   (classification, regression, extractive QA, summarization), written once, by process 0.
-- SIGTERM reaching one process only: both save the same step, exit 143, one message.
+- SIGTERM reaching one process only: both save the same step, exit 143; process 0 says which
+  process received it, and that process says so on its own stderr.
+- A check one host may fail alone (its data differ from the checkpoint's, or from process 0's)
+  stops every process with the same one line naming that process, exit 2; nobody hangs.
 - A checkpoint written by the 2-process run resumes in a 1-process run, and the other way
   round, ending with the uninterrupted run's train lines and eval.json.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import signal
 import socket
 
@@ -64,8 +68,11 @@ def one(workdir, data_dir, cache, *extra, config=faults.TINY, fault="", expect=0
 
 
 def two(workdir, data_dir, cache, *extra, config=faults.TINY, faults_by_process=("", ""),
-        expect=(0, 0), extra_by_process=((), ())):
-  """A 2-process run, 4 CPU devices each, joined through a coordinator on localhost."""
+        expect=(0, 0), extra_by_process=((), ()), data_by_process=(None, None),
+        timeout=faults.TIMEOUT):
+  """A 2-process run, 4 CPU devices each, joined through a coordinator on localhost (process
+  `p` reads `data_by_process[p]` when given, else `data_dir`). A process still running after
+  `timeout` s fails the test, and both are killed."""
   port = _port()
   jobs = []
   for pid in range(2):
@@ -73,9 +80,16 @@ def two(workdir, data_dir, cache, *extra, config=faults.TINY, faults_by_process=
                       f"--config.dist.coordinator_address=localhost:{port}",
                       "--config.dist.num_processes=2", f"--config.dist.process_id={pid}",
                       config=config)
-    jobs.append(faults.Job(argv, _env(data_dir, cache, 4, faults_by_process[pid]),
+    jobs.append(faults.Job(argv, _env(data_by_process[pid] or data_dir, cache, 4,
+                                      faults_by_process[pid]),
                            logs=pathlib.Path(str(workdir) + ".logs")))
-  results = [job.wait() for job in jobs]
+  try:
+    results = [job.wait(timeout) for job in jobs]
+  finally:
+    for job in jobs:
+      if job.poll() is None:
+        job.proc.kill()
+        job.proc.wait()
   for pid, (res, want) in enumerate(zip(results, expect)):
     assert res.returncode == want, (
         f"process {pid}: exit {res.returncode}, expected {want}\n"
@@ -134,6 +148,12 @@ def test_sigterm_on_one_host_saves_one_step_then_resumes_in_one_process(
   lines = [faults.SIGNAL_LINE.search(r.stdout) for r in results]
   assert lines[0] is not None and lines[1] is None, [r.stdout for r in results]
   step = int(lines[0].group(2))
+  # Process 0 never received the signal: its line names the process that did, and that
+  # process says the same on its own stderr (where its user looks).
+  said = f"process 1 received signal 15: saved checkpoint at step {step}, exiting"
+  assert said in results[0].stdout, results[0].stdout[-2000:]
+  assert said in results[1].stderr, results[1].stderr[-2000:]
+  assert "process 0 received" not in results[0].stdout + results[1].stderr
   assert faults.checkpoint_steps(work) == [step] and 1 <= step < 6
   out = one(work, data_dir, cache, *SST2)
   assert f"resumed from checkpoint at step {step}" in out.stdout
@@ -213,3 +233,96 @@ def test_federated_sites_on_two_processes_equal_one_process_and_resume_across(
   for key, value in want.items():
     if isinstance(value, float):
       assert math.isclose(got[key], value, rel_tol=1e-5, abs_tol=1e-6), (key, got[key], value)
+
+
+def _other_sst2_labels(root: pathlib.Path, data_dir: pathlib.Path) -> pathlib.Path:
+  """A data root like `data_dir` whose SST-2 train file has every label flipped (0 <-> 1):
+  the same sentences, other training data (what a host with a stale copy would read)."""
+  glue = root / "glue"
+  (glue / "SST-2").mkdir(parents=True)
+  for entry in (data_dir / "glue").iterdir():
+    if entry.name != "SST-2":
+      (glue / entry.name).symlink_to(entry)
+  for entry in (data_dir / "glue" / "SST-2").iterdir():
+    if entry.name != "train.tsv":
+      (glue / "SST-2" / entry.name).symlink_to(entry)
+  lines = (data_dir / "glue" / "SST-2" / "train.tsv").read_text().splitlines()
+  flipped = [lines[0]] + [f"{t}\t{1 - int(y)}" for t, y in (x.rsplit("\t", 1) for x in lines[1:])]
+  (glue / "SST-2" / "train.tsv").write_text("\n".join(flipped) + "\n")
+  return root
+
+
+def _one_error_line(results) -> str:
+  """Every process printed the same single `jmtl: error:` line and no traceback; returns it."""
+  lines = set()
+  for res in results:
+    errors = [x for x in res.stderr.splitlines() if x.startswith("jmtl: ")]
+    assert len(errors) == 1 and errors[0].startswith("jmtl: error: "), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    lines.add(errors[0])
+  assert len(lines) == 1, lines
+  return lines.pop()
+
+
+def test_checkpoint_refused_on_one_host_stops_both_with_one_line(tmp_path, data_dir, cache):
+  """Resuming where process 1 reads other SST-2 labels than the checkpoint was trained on: only
+  process 1 can tell, yet both must stop (exit 2, the same line naming process 1) instead of
+  process 0 waiting in the restore for a peer that left."""
+  work, short = tmp_path / "work", ("--config.train.steps=2", *SST2[1:],
+                                     "--config.data.max_eval_examples=16")
+  one(work, data_dir, cache, *short)
+  kept = faults.checkpoint_steps(work)
+  assert kept == [2]
+  other = _other_sst2_labels(tmp_path / "data", data_dir)
+  results = two(work, data_dir, cache, *short, data_by_process=(None, other), expect=(2, 2),
+                timeout=240)
+  line = _one_error_line(results)
+  assert line.startswith(f"jmtl: error: process 1: --workdir {work} holds a checkpoint (step "
+                         f"{kept[-1]}) of a different run: the training data of task 'sst2' "
+                         f"differ"), line
+  assert "resumed" not in results[0].stdout
+  assert faults.checkpoint_steps(work) == kept
+
+
+def test_fresh_run_with_other_data_on_one_host_stops_both_with_one_line(
+    tmp_path, data_dir, cache):
+  """A fresh run where process 1 reads other SST-2 training data than process 0 would train
+  on a mix of the two without a word: both stop before the first step, naming the task and
+  process 1, and nothing is written."""
+  work = tmp_path / "work"
+  other = _other_sst2_labels(tmp_path / "data", data_dir)
+  results = two(work, data_dir, cache, *SST2, data_by_process=(None, other), expect=(2, 2),
+                timeout=240)
+  line = _one_error_line(results)
+  assert line == ("jmtl: error: the training data of task 'sst2' differ between the processes "
+                  "of this run (process 1 read other rows than process 0); give every host "
+                  "the same data files (data.dir / $JMTL_DATA_DIR)"), line
+  assert not (work / "checkpoints").exists() or not any((work / "checkpoints").iterdir())
+  assert not (work / "metrics.jsonl").exists()
+
+
+def test_federated_sigterm_on_one_host_is_named_by_both(tmp_path, data_dir, cache):
+  """`jmtl federated` shares the agreed stop: SIGTERM reaching process 1 only stops both at the
+  same round (exit 143); process 0 names process 1, which says the same on its stderr."""
+  work, port = tmp_path / "work", _port()
+  jobs = [faults.Job(_fed_cmd(work, "--config.fed.rounds=6", "--config.fed.checkpoint_every=1",
+                              "--config.dist.initialize=true",
+                              f"--config.dist.coordinator_address=localhost:{port}",
+                              "--config.dist.num_processes=2", f"--config.dist.process_id={pid}"),
+                     _env(data_dir, cache, 4), logs=tmp_path / "logs")
+          for pid in range(2)]
+  try:
+    faults.wait_until(lambda: 1 in faults.checkpoint_steps(work), jobs[1], what="round 1 saved")
+    jobs[1].signal(signal.SIGTERM)
+    results = [job.wait(240) for job in jobs]
+  finally:
+    for job in jobs:
+      if job.poll() is None:
+        job.proc.kill()
+        job.proc.wait()
+  assert [r.returncode for r in results] == [SIGTERM_EXIT] * 2, [r.stderr[-2000:] for r in results]
+  said = re.search(r"process 1 received signal 15: saved checkpoint at round (\d+), exiting",
+                   results[0].stdout)
+  assert said is not None, results[0].stdout[-2000:]
+  assert said.group(0) in results[1].stderr, results[1].stderr[-2000:]
+  assert faults.checkpoint_steps(work)[-1] == int(said.group(1)) < 6

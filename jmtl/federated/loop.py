@@ -358,8 +358,11 @@ def federated(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
 
 def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
   found = ckpt.read_latest_meta()
-  if found is not None:  # refuse another run's checkpoint before any work or any write
-    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+  # Refuse another run's checkpoint before any work or any write, decided by all processes.
+  distributed.decide_together(
+      lambda: found is not None and workdir_lib.check_config(found[1], config, workdir=wd,
+                                                             step=found[0]),
+      config_lib.ConfigError)
 
   fed = config.fed
   sites = sites_lib.sites_from_config(config)
@@ -536,8 +539,15 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     """The stop signal: the local flag, or (several processes) its maximum over processes, a
     collective every process reaches at the same point, so all stop at the same round."""
     if multi:
-      return distributed.agree_max(stop.signal or 0) or None
+      agreed[0] = max(agreed[0], distributed.agree_max(distributed.stop_code(stop.signal)))
+      return (distributed.stop_origin(agreed[0]) or (None,))[0]
     return stop.signal
+
+  agreed = [0]  # multi: the agreed `distributed.stop_code` (which process got which signal)
+
+  def announce(signum: int, rest: str) -> None:
+    distributed.announce_stop(agreed[0] if multi else distributed.stop_code(signum, 0),
+                              stop.signal, rest)
 
   def save(r: int, row: dict | None) -> None:
     try:
@@ -574,16 +584,13 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
 
   def stop_now(r: int, signum: int) -> None:
     if not r:  # during the round-0 evaluation: no round done, nothing to save
-      if primary:
-        print(f"received signal {signum}: stopped before round 1, nothing to save; exiting",
-              flush=True)
+      announce(signum, "stopped before round 1, nothing to save; exiting")
       raise SystemExit(128 + signum)
     ckpt.wait()
     if not ckpt.committed(r):
       raise CheckpointError(f"received signal {signum}, but the checkpoint at round {r} "
                             f"is not on disk (latest: {ckpt.latest_step()}) in {ckpt.directory}")
-    if primary:
-      print(f"received signal {signum}: saved checkpoint at round {r}, exiting", flush=True)
+    announce(signum, f"saved checkpoint at round {r}, exiting")
     raise SystemExit(128 + signum)
 
   if finished is not None:
@@ -797,10 +804,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", read_only=True)
     try:  # closed whatever happens (a refused checkpoint, a failed restore)
       found = ckpt.read_latest_meta()
-      if found is None:
-        raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in "
-                                     f"{ckpt.directory}")
-      workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+      distributed.decide_together(  # a host that sees no checkpoint stops every process
+          lambda: train_loop.check_found(found, config, wd, ckpt.directory),
+          config_lib.ConfigError)
       sites = sites_lib.sites_from_config(config)
       mesh = build_mesh(config, sites)
       tasks = [task_registry.get_task(name) for name in config.tasks]

@@ -10,7 +10,9 @@ on top, so that a run gives the same numbers whatever the process count:
   `global_array` assembles one global `jax.Array` from those rows.
 - Outputs are fetched with `to_host` (an all-gather when other processes hold parts).
 - Decisions that must agree (stop after a signal, the tokenizer of a run) are made once:
-  `agree_max` (an all-reduce of a host value) and `broadcast_text` (process 0's text).
+  `agree_max` (an all-reduce of a host value) and `broadcast_text` (process 0's text); a
+  check that may fail on one host only (a checkpoint of other data) is decided together
+  (`decide_together`), and a stop names the process that received the signal (`stop_code`).
 - Only the primary process (`is_primary`, process 0) writes files other than checkpoints;
   Orbax saves and restores from all processes.
 - Set-up mistakes (a duplicate `dist.process_id`, a `dist.num_processes` that differs or counts
@@ -540,6 +542,98 @@ def broadcast_text(make: Callable[[], str]) -> str:
   if flag:
     raise DistributedError(f"process 0: {message}")
   return message
+
+
+def decide_together(check: Callable[[], Any], error: type[Exception]) -> None:
+  """Runs `check()` on every process and makes its verdict the run's: when it raised `error`
+  on any process, every process raises `error` with one and the same message, the first
+  refusing process's, prefixed with the processes that refused (`process 1: ...`).
+
+  A verdict one process reaches alone (a checkpoint that does not match the data that host
+  reads) would otherwise send it out of the run while the others wait in the next collective
+  (Orbax's restore barrier) forever. A collective (an all-gather of the messages): every
+  process must call it at the same point. One process: `check()` as is.
+  """
+  if not multi_process():
+    check()
+    return
+  mine: Exception | None = None
+  try:
+    check()
+  except error as e:
+    mine = e
+  texts = gather_text("" if mine is None else (str(mine) or type(mine).__name__))
+  line = refusal_line(texts)
+  if line is not None:
+    raise error(line) from mine
+
+
+def refusal_line(texts: list[str]) -> str | None:
+  """The message `decide_together` raises for the processes' messages `texts` (in process
+  order, "" where the check passed): the first refusing process's, prefixed with its id and
+  the ids of the others that refused; None when none refused."""
+  refused = [p for p, t in enumerate(texts) if t]
+  if not refused:
+    return None
+  who = f"process {refused[0]}"
+  if len(refused) > 1:
+    who += (f" (also refused on process{'es' if len(refused) > 2 else ''} "
+            f"{_ids(refused[1:])})")
+  return f"{who}: {texts[refused[0]]}"
+
+
+def differing_processes(value: str) -> list[int]:
+  """The processes whose `value` differs from process 0's, in order (a collective: every
+  process must call it at the same point, and all get the same list; [] with one process)."""
+  if not multi_process():
+    return []
+  texts = gather_text(value)
+  return [p for p, t in enumerate(texts) if t != texts[0]]
+
+
+# An agreed stop carries which process received which signal: `stop_code` packs both into one
+# int whose maximum over processes (`agree_max`, `stop_flag_fn`) is the largest signal number,
+# and among the processes that received it the lowest id.
+_STOP_IDS = 1 << 16
+
+
+def stop_code(signum: int | None, process: int | None = None) -> int:
+  """This process's stop value for an all-reduce max: 0 without a signal, else
+  `signum * 65536 + (65535 - process)` (`process`: this process's index when None)."""
+  if not signum:
+    return 0
+  process = jax.process_index() if process is None else process
+  return int(signum) * _STOP_IDS + (_STOP_IDS - 1 - process)
+
+
+def stop_origin(code: int) -> tuple[int, int] | None:
+  """(signal number, process that received it) of an agreed `stop_code`; None for 0."""
+  if not code:
+    return None
+  return code // _STOP_IDS, _STOP_IDS - 1 - code % _STOP_IDS
+
+
+def announce_stop(code: int, own: int | None, rest: str) -> None:
+  """The line of a stop agreed as `code` (`stop_code`, maxed over processes), `rest` being
+  what was done (`saved checkpoint at step 4, exiting`).
+
+  One process: `received signal N: rest` on stdout. Several: process 0 prints `process P
+  received signal N: rest` on stdout (P received it, not necessarily process 0), and a process
+  other than 0 that received signal `own` itself prints `process Q received signal own: rest`
+  on its own stderr, so the host where the signal was sent says what became of it.
+  """
+  origin = stop_origin(code)
+  if origin is None:
+    return
+  signum, process = origin
+  if not multi_process():
+    print(f"received signal {signum}: {rest}", flush=True)
+    return
+  if is_primary():
+    print(f"process {process} received signal {signum}: {rest}", flush=True)
+  elif own:
+    print(f"process {jax.process_index()} received signal {own}: {rest}", file=sys.stderr,
+          flush=True)
 
 
 def check_same(what: str, value: str) -> None:

@@ -32,6 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jmtl.config import ConfigError
 from jmtl.parallel import distributed
 from jmtl.train import CheckpointError
 
@@ -209,7 +210,10 @@ class Checkpointer:
     read-only, the unreadable steps are remembered and `remove_incomplete` (the writer, once
     the run is accepted) moves them into `unreadable_dir`, so that training can write those
     steps again without losing them. `check(step, meta)` runs on the meta item before the
-    state is read (it raises to refuse the checkpoint: the run's fingerprint). Raises
+    state is read (it raises ConfigError to refuse the checkpoint: the run's fingerprint); with
+    several processes the refusal is decided together (`distributed.decide_together`): when
+    one process refuses, every process raises the same ConfigError naming it, and none enters
+    Orbax's restore (whose barrier would wait for the refusing one forever). Raises
     CheckpointError when steps exist but none can be restored.
 
     With several processes every process must call this at the same point: the steps tried
@@ -225,8 +229,8 @@ class Checkpointer:
         failures.append((step, error))
         bad.append(step)
         continue
-      if check is not None:
-        check(step, meta)
+      if check is not None:  # every process's verdict, agreed before any enters the restore
+        distributed.decide_together(lambda s=step, m=meta: check(s, m), ConfigError)
       restored, error = self._on_every_process(
           step, lambda s=step: self.restore(s, abstract_state))
       if error is not None:

@@ -328,6 +328,29 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) ->
     return _train(config, wd, stop)
 
 
+def _check_same_data(fp: dict[str, Any]) -> None:
+  """Raises ConfigError on every process when a process read other training data or built
+  another vocabulary than process 0 (its per-task digests in the run's fingerprint,
+  `workdir_lib.fingerprint`): such hosts would train on a mix of two data sets without a
+  word. A collective; no-op with one process."""
+  if not distributed.multi_process():
+    return
+  for what in sorted(fp["data"]):
+    others = distributed.differing_processes(fp["data"][what])
+    if others:
+      raise config_lib.ConfigError(
+          f"the training data of task {what!r} differ between the processes of this run "
+          f"(process{'es' if len(others) > 1 else ''} {', '.join(map(str, others))} read other "
+          f"rows than process 0); give every host the same data files (data.dir / "
+          f"$JMTL_DATA_DIR)")
+  others = distributed.differing_processes(fp["tokenizer"])
+  if others:
+    raise config_lib.ConfigError(
+        f"the vocabulary differs between the processes of this run (process"
+        f"{'es' if len(others) > 1 else ''} {', '.join(map(str, others))} built another one "
+        f"than process 0); give every host the same data.tokenizer file")
+
+
 def _workdir(workdir: str | os.PathLike[str]) -> epath.Path:
   """The workdir as one epath; with several processes it must be the same path on all of them
   (a shared file system or a bucket: Orbax writes one checkpoint from all processes)."""
@@ -378,8 +401,12 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: StopReq
                 ckpt: checkpoint_lib.Checkpointer, closers: list) -> dict[str, float]:
   """The body of `train`; everything opened is registered in `closers` (closed by `_train`)."""
   found = ckpt.read_latest_meta()
-  if found is not None:  # refuse another run's checkpoint before any work or any write
-    workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+  # Refuse another run's checkpoint before any work or any write (decided by all processes
+  # together: a host that sees other files must not leave the others waiting).
+  distributed.decide_together(
+      lambda: found is not None and workdir_lib.check_config(found[1], config, workdir=wd,
+                                                             step=found[0]),
+      config_lib.ConfigError)
 
   mesh, tasks, tokenizer, tx, state, graphdef, shardings = _prepare(config, wd)
   train_step = step_lib.make_train_step(graphdef, tx, {t.name: t.kind for t in tasks}, config,
@@ -429,6 +456,7 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: StopReq
     logging.info("resumed from step %d", start)
     if primary:
       print(f"resumed from checkpoint at step {start}", flush=True)
+  _check_same_data(fp)
 
   # The workdir is this run's now: only from here on is anything written into it, and only
   # by process 0 (checkpoints are written by all processes, through Orbax).
@@ -459,8 +487,9 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: StopReq
   # With several processes a signal may reach one host only: each step carries the maximum
   # signal number over the processes (an all-reduce dispatched with the step), and every
   # process stops at the first step whose drained value is set, so all save the same step.
+  # The value is `distributed.stop_code` (signal and process), so the line names who got it.
   stop_flag = distributed.stop_flag_fn(mesh) if multi else None
-  agreed = [0]  # multi: the largest signal number seen in drained steps
+  agreed = [0]  # multi: the largest stop code seen in drained steps
 
   total = config.train.steps
   split = config.data.eval_split
@@ -485,7 +514,7 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: StopReq
     todo, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
     for s, ms in jax.device_get(todo):
       host = {k: float(v) for k, v in ms.items()}
-      agreed[0] = max(agreed[0], int(host.pop("stop", 0)))
+      agreed[0] = max(agreed[0], int(host.pop("stop", 0)))  # a stop_code
       if host["nonfinite"]:
         in_batch = {k.split("/")[1]: v for k, v in host.items()
                     if k.startswith("train/") and k.endswith("/loss") and k.count("/") == 2}
@@ -518,15 +547,20 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: StopReq
     """The signal this step stops for: the local flag (one process) or the value all processes
     agreed on through the drained steps (several); the one read of the stop flag per step."""
     if multi:
-      return agreed[0] or None
+      return (distributed.stop_origin(agreed[0]) or (None,))[0]
     return stop.signal
 
   def signal_agreed() -> int | None:
     """Between evaluation tasks: the local flag, or a blocking all-reduce of it (several)."""
     if multi:
-      agreed[0] = max(agreed[0], distributed.agree_max(stop.signal or 0))
-      return agreed[0] or None
+      agreed[0] = max(agreed[0], distributed.agree_max(distributed.stop_code(stop.signal)))
+      return (distributed.stop_origin(agreed[0]) or (None,))[0]
     return stop.signal
+
+  def announce(signum: int, rest: str) -> None:
+    """The stop's line (`distributed.announce_stop`: which process received the signal)."""
+    distributed.announce_stop(agreed[0] if multi else distributed.stop_code(signum, 0),
+                              stop.signal, rest)
 
   def stop_now(step: int, signum: int) -> None:
     """After a signal: the checkpoint of `step` is issued; wait until it is on disk, say so."""
@@ -534,8 +568,7 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: StopReq
     if not ckpt.committed(step):
       raise CheckpointError(f"received signal {signum}, but the checkpoint at step {step} "
                             f"is not on disk (latest: {ckpt.latest_step()}) in {ckpt.directory}")
-    if primary:
-      print(f"received signal {signum}: saved checkpoint at step {step}, exiting", flush=True)
+    announce(signum, f"saved checkpoint at step {step}, exiting")
     raise SystemExit(128 + signum)
 
   def evaluate(step: int) -> None:
@@ -568,9 +601,8 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: StopReq
 
   early = signal_agreed()
   if early is not None:  # a signal during set-up: nothing new to save
-    if primary:
-      print(f"received signal {early} before the first step: nothing to save "
-            f"(latest checkpoint: {start or 'none'}), exiting", flush=True)
+    announce(early, f"stopped before the first step, nothing to save (latest checkpoint: "
+                    f"{start or 'none'}), exiting")
     raise SystemExit(128 + early)
   if eval_again:
     evaluate(start)
@@ -582,7 +614,7 @@ def _train_with(config: ml_collections.ConfigDict, wd: epath.Path, stop: StopReq
     state, m = train_step(state, batch, jnp.float32(meta["val_metric"]),
                           jnp.int32(meta["val_count"]))
     if multi:
-      m = {**m, "stop": stop_flag(stop.signal or 0)}
+      m = {**m, "stop": stop_flag(distributed.stop_code(stop.signal))}
     pending.append((step, m))
     if compile_s is None:  # this process's first step: compilation + one step, timed apart
       jax.block_until_ready(m)
@@ -642,9 +674,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
     try:  # closed whatever happens (a refused checkpoint, a failed restore)
       found = ckpt.read_latest_meta()
-      if found is None:
-        raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in {ckpt_dir}")
-      workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+      distributed.decide_together(  # a host that sees no checkpoint stops every process
+          lambda: check_found(found, config, wd, ckpt_dir), config_lib.ConfigError)
       mesh, tasks, tokenizer, _, state, graphdef, shardings = _prepare(config, wd)
       vocab = workdir_lib.digest_text(tokenizer.backend.to_str())
 
@@ -668,20 +699,28 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   return {"step": step, "split": config.data.eval_split, **metrics}
 
 
+def check_found(found: tuple[int, dict] | None, config: ml_collections.ConfigDict,
+                wd: epath.Path, ckpt_dir: epath.Path) -> None:
+  """For `jmtl eval`: ConfigError when `found` (`Checkpointer.read_latest_meta`) is None or
+  its config is another run's (`workdir_lib.check_config`)."""
+  if found is None:
+    raise config_lib.ConfigError(f"--workdir {wd}: no complete checkpoint in {ckpt_dir}")
+  workdir_lib.check_config(found[1], config, workdir=wd, step=found[0])
+
+
 def eval_stop_check(stop: StopRequest) -> Callable[[], bool]:
   """`should_stop` for `_run_eval` outside training (`jmtl eval`): whether a signal arrived,
   agreed by all processes (a collective per call, made between tasks on every process)."""
-  return lambda: distributed.agree_max(stop.signal or 0) > 0
+  return lambda: distributed.agree_max(distributed.stop_code(stop.signal)) > 0
 
 
 def eval_stopped(stop: StopRequest) -> NoReturn:
   """`jmtl eval` stopped by SIGTERM/SIGINT: nothing to save (no outputs were written); one
   line, exit 128 + signal (the signal number agreed by all processes)."""
-  signum = distributed.agree_max(stop.signal or 0)
-  if distributed.is_primary():
-    print(f"received signal {signum}: evaluation stopped, nothing to save (no outputs "
-          f"written), exiting", flush=True)
-  raise SystemExit(128 + signum)
+  code = distributed.agree_max(distributed.stop_code(stop.signal))
+  distributed.announce_stop(code, stop.signal, "evaluation stopped, nothing to save (no outputs "
+                            "written), exiting")
+  raise SystemExit(128 + distributed.stop_origin(code)[0])
 
 
 def load_metrics(workdir: str | os.PathLike[str]) -> list[dict]:
