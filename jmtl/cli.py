@@ -360,7 +360,7 @@ def _study(sub: str, config, fv, argv: Sequence[str]) -> dict:
     raise ConfigError(str(e)) from e
 
 
-def _bench(sub: str, config) -> dict:
+def _bench(sub: str, config, out: str | None = None) -> dict:
   if sub == "step":
     from jmtl.bench.step import bench_step
     return bench_step(config)
@@ -372,7 +372,8 @@ def _bench(sub: str, config) -> dict:
     return bench_loop(config)
   if sub == "scaling":
     from jmtl.bench.scaling import bench_scaling
-    return bench_scaling(config)
+    # Rows go to --out as each finishes (a killed bench keeps them); one line per row here.
+    return bench_scaling(config, out=out, echo=lambda s: print(s, file=sys.stderr, flush=True))
   if sub == "federated":
     from jmtl.bench.federated import bench_federated
     return bench_federated(config)
@@ -564,7 +565,7 @@ def run(argv: Sequence[str]) -> int:
       print(json.dumps(result, indent=2, sort_keys=True, default=str)[:4000], flush=True)
       return _finished_anyway(stop, "sweep")
   else:
-    result = _bench(sub, config)
+    result = _bench(sub, config, fv.out)
     text = json.dumps(result, indent=2, sort_keys=True)
     if fv.out:
       pathlib.Path(fv.out).write_text(text + "\n")
