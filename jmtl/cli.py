@@ -271,6 +271,12 @@ def parse(argv: Sequence[str]):
       raise UsageError(f"jmtl report {sub} needs --runs DIR [DIR ...]")
   elif cmd in ("train", "eval", "sweep", "study", "report", "federated") and not fv.workdir:
     raise UsageError(f"jmtl {cmd} needs --workdir DIR")
+  from jmtl.defaults import malformed_uri
+  for flag, path in (("--workdir", fv.workdir), ("--out", fv.out), *(("--runs", r) for r in
+                                                                    (fv.runs or ()))):
+    if path and malformed_uri(path):  # `gs:/b/x` would be a local folder ./gs:/b/x
+      raise ConfigError(f"{flag} {path}: looks like a URI missing a slash (did you mean "
+                        f"{malformed_uri(path)}{path.split(':/', 1)[1]}?)")
   if cmd == "report":
     return cmd, sub, None, fv
   if not fv.config:
