@@ -38,6 +38,9 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 # Commands that join a multi-host run when `dist.initialize` is set.
 DISTRIBUTED_COMMANDS = ("train", "eval", "federated")
+# The keys `jmtl data prepare` reads (jmtl.data.prepare); only their values are checked for it.
+PREPARE_KEYS = ("tasks", "data.dir", "data.tfds_dir", "data.tfds_download_dir",
+                "data.tfds_manual_dir")
 
 
 def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
@@ -55,6 +58,8 @@ def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
   stops every process with one line."""
   if command not in COMMANDS:
     raise ValueError(f"preflight: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  if command == "prepare":  # reads only these keys: the training checks must not block it
+    return config_lib.validate(config, check_files=False, keys=PREPARE_KEYS)
   federated = command == "federated" or (
       command in ("eval", "data", "bench") and bool(config.get("fed", {}).get("sites")))
   files = command not in ("bench", "prepare", "compile")
