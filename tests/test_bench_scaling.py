@@ -53,15 +53,25 @@ def _tiny_config():
   return c
 
 
-# Encoder parameters of the tiny size by hand: vocab x d + layers x (4 d^2 + 2 d d_ff).
-TINY_PARAMS = 8000 * 128 + 2 * (4 * 128 * 128 + 2 * 128 * 512)
+def _hand_params(d=128, ff=512, layers=2, vocab=8000, max_pos=32) -> int:
+  """The tiny model with the SST-2 head, counted as tests/test_compile.py counts it: per layer
+  q, k, v, o (d*d + d each), FFN (d*ff + ff + ff*d + d), two LayerNorms (2d each); embedding
+  LayerNorm (2d); pooler (d*d + d); 2-class classifier (2d + 2); token, position and 2 segment
+  embeddings."""
+  per_layer = 4 * (d * d + d) + (d * ff + ff + ff * d + d) + 2 * 2 * d
+  return layers * per_layer + 2 * d + (d * d + d) + (d * 2 + 2) + (vocab + max_pos + 2) * d
 
 
 def test_layout_bytes_by_hand():
-  # 16 bytes per parameter (value, gradient, two Adam moments), one copy per data replica,
-  # times the headroom factor 2.
-  assert scaling.layout_bytes("tiny", (8, 1, 1)) == 2 * 16 * TINY_PARAMS * 8
-  assert scaling.layout_bytes("tiny", (1, 1, 8)) == 2 * 16 * TINY_PARAMS
+  # data=8 replicates everything: per device 4 bytes x (parameters + gradients + 2 Adam moments)
+  # = 16 bytes per parameter, plus the optimizer's two int32 step counters (8 bytes), on 8
+  # devices, times the headroom factor 2.
+  c = _tiny_config()
+  assert scaling.layout_bytes(scaling.sized(c, "tiny", (8, 1, 1))) == (
+      2 * 8 * (16 * _hand_params() + 8))
+  # fsdp=8 splits it 8 ways except the small replicated biases: a little over 1/8 of that.
+  fsdp = scaling.layout_bytes(scaling.sized(c, "tiny", (1, 8, 1)))
+  assert 2 * 16 * _hand_params() <= fsdp <= 1.05 * 2 * 16 * _hand_params()
 
 
 def test_available_bytes_is_what_psutil_reports():
@@ -71,9 +81,10 @@ def test_available_bytes_is_what_psutil_reports():
 
 
 def test_row_over_available_memory_is_skipped_with_reason_and_rows_stream(monkeypatch, tmp_path):
-  # Room for one copy of the tiny state (x2 headroom) but not 8: data=8 is skipped, fsdp=8 runs.
-  monkeypatch.setattr(scaling, "available_bytes", lambda: 4 * 16 * TINY_PARAMS)
+  # Room for the fsdp row (about one copy of the tiny state, x2 headroom) but not for data=8's
+  # eight copies: data is skipped, fsdp runs.
   c = _tiny_config()
+  monkeypatch.setattr(scaling, "available_bytes", lambda: 4 * 2 * 16 * _hand_params())
   c.bench.sizes = ("tiny",)
   c.bench.layouts = ("data", "fsdp")
   out = tmp_path / "scaling.json"

@@ -49,12 +49,11 @@ def layouts(n: int) -> dict[str, tuple[int, int, int]]:
   return out
 
 
-# Host memory the state of one row may take, as a multiple of its replicated copies: the
-# parameters, gradients and two Adam moments (`replicated_state_bytes`) plus as much again for
-# what the step holds at once (the updated state before the old one is freed, XLA's compile
-# buffers, activations). A margin chosen, not measured: the guard only has to stop a row from
-# swapping the host or being killed by the OOM killer, and a killed bench keeps its finished
-# rows anyway (`out`).
+# Host memory one row may take, as a multiple of what its devices hold of parameters,
+# gradients and optimizer state (`layout_bytes`): as much again for what the step holds at once
+# (the updated state before the old one is freed, XLA's buffers, activations). A margin chosen,
+# not measured: the guard only has to keep a row from swapping the host or being killed by the
+# OOM killer, and a killed bench keeps its finished rows anyway (`out`).
 HEADROOM = 2.0
 
 
@@ -67,11 +66,17 @@ def replicated_state_bytes(size: str) -> int:
   return 16 * params
 
 
-def layout_bytes(size: str, layout: tuple[int, int, int]) -> int:
-  """~host bytes one row of `size` under `layout` = (data, fsdp, tensor) needs when every device
-  lives in this host's RAM (CPU devices): each device holds 1 / (fsdp x tensor) of the state,
-  so n devices hold `data` full copies; times HEADROOM."""
-  return int(HEADROOM * replicated_state_bytes(size) * layout[0])
+def layout_bytes(config: Any) -> int:
+  """~host bytes one row (`config` from `sized`) needs when every device lives in this host's
+  RAM (CPU devices): HEADROOM x the devices' sum of parameters, gradients (sharded as the
+  parameters) and optimizer state, per device as the trainer shards them under the row's mesh
+  (`jmtl.bench.compile.compile_check` without compiling: shapes only, nothing allocated). So a
+  dimension the tensor axis does not divide (12 heads over 8 devices), which the trainer
+  replicates, counts as replicated."""
+  from jmtl.bench import compile as compile_lib  # noqa: PLC0415 - imports the trainer
+  r = compile_lib.compile_check(config, compile_lib.local_target(), compile_step=False)
+  per_device = 2 * r["params_bytes_per_device"] + r["opt_state_bytes_per_device"]
+  return int(HEADROOM * r["devices"] * per_device)
 
 
 def available_bytes() -> int:
@@ -153,18 +158,19 @@ def bench_scaling(config: Any, *, sizes: Sequence[str] | None = None,
     for name in names:
       gc.collect()
       jax.clear_caches()  # the previous row's executables and their buffers
-      need, free = layout_bytes(size, table[name]), available_bytes()
+      row_config = sized(config, size, table[name])
+      need, free = layout_bytes(row_config), available_bytes()
       if need > free:
-        record({"size": size, "layout": name, "skipped": (
-            f"needs ~{need / 2**30:.1f} GiB of host memory ({table[name][0]} copies of "
-            f"parameters, gradients and Adam moments x {HEADROOM:g}), "
-            f"{free / 2**30:.1f} GiB available")})
+        record({"size": size, "layout": name, "needs_bytes": need, "available_bytes": free,
+                "skipped": (f"needs ~{need / 2**30:.1f} GiB of host memory (parameters, "
+                            f"gradients and optimizer state of all {n} devices x {HEADROOM:g}), "
+                            f"{free / 2**30:.1f} GiB available")})
         continue
-      r = bench_step(sized(config, size, table[name]), warmup=warmup, iters=iters)
+      r = bench_step(row_config, warmup=warmup, iters=iters)
       r.update(size=size, layout=name,
                fsdp_param_ratio=r["params_bytes_per_device"] / r["params_bytes_replicated"],
                opt_state_ratio=r["opt_state_bytes_per_device"] / r["opt_state_bytes_replicated"],
-               peak_rss_bytes=_peak_rss_bytes())
+               needs_bytes=need, peak_rss_bytes=_peak_rss_bytes())
       record(r)
   result["complete"] = True
   if out is not None:
