@@ -57,15 +57,6 @@ def layouts(n: int) -> dict[str, tuple[int, int, int]]:
 HEADROOM = 2.0
 
 
-def replicated_state_bytes(size: str) -> int:
-  """~bytes of one full copy of the encoder's parameters, gradients and two Adam moments
-  (16 bytes per float32 parameter; parameters ~ vocab d + layers (4 d^2 + 2 d d_ff))."""
-  s = SIZES[size]
-  d = s["d_model"]
-  params = s["vocab"] * d + s["layers"] * (4 * d * d + 2 * d * s["d_ff"])
-  return 16 * params
-
-
 def layout_bytes(config: Any) -> int:
   """~host bytes one row (`config` from `sized`) needs when every device lives in this host's
   RAM (CPU devices): HEADROOM x the devices' sum of parameters, gradients (sharded as the
