@@ -196,6 +196,9 @@ def main_wrapper(fn, argv: list[str] | None = None) -> int:
   except LaunchError as e:
     print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
     return 2
+  except BrokenPipeError:  # `--dry-run | head -1`: the reader left; no traceback
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush
+    return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 def positive(value: str) -> int:
