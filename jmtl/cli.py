@@ -100,7 +100,8 @@ _SUB_FLAGS = {("report", "optim"): ("workdir", "out"), ("report", "mtl"): ("runs
 _FLAG_HELP = (
     ("--config FILE", "config file defining get_config() (see configs/, jmtl/defaults.py)"),
     ("--workdir DIR", "run directory (checkpoints, metrics, predictions)"),
-    ("--topology NAME", "compile: local (default) or a TPU slice: v4-N, v5e-N, v5p-N, v6e-N"),
+    ("--topology NAME", "compile: local (default) or a TPU slice: v4-N, v5e-N (= v5litepod-N), "
+                        "v5p-N, v6e-N"),
     ("--json", "bench, compile: print the result as JSON"),
     ("--runs DIR...", "report mtl, federated: run directories, or folders holding them"),
     ("--out FILE|DIR", "bench, compile: also write the JSON here; report: output directory"),

@@ -181,8 +181,8 @@ _key("data.dir", "", "root of the data files; '' = $JMTL_DATA_DIR", check=_URI_O
 _key("data.tfds_dir", "", "TFDS data_dir for tasks read through tfds.data_source; '' = off",
      check=_URI_OK)
 _key("data.tfds_download_dir", "",
-     "jmtl data prepare: where TFDS downloads and extracts archives; '' = <data.tfds_dir>/downloads",
-     check=_URI_OK)
+     "jmtl data prepare: where TFDS downloads and extracts archives; '' = "
+     "<data.tfds_dir>/downloads", check=_URI_OK)
 _key("data.tfds_manual_dir", "",
      "jmtl data prepare: folder of manually downloaded archives (TFDS manual_dir; a file is used "
      "when its name and sha256 match TFDS's registered checksum); '' = <download dir>/manual",

@@ -238,7 +238,8 @@ def plan_delete(a, extra: list[str]) -> list:
 # ------------------------------------------------------------------------------------- main
 def parser() -> C.Parser:
   p = C.Parser(prog="tpu_vm.py", description=__doc__.split("\n\n")[0])
-  sub = p.add_subparsers(dest="cmd", required=True, metavar="{create,setup,run,stop,logs,copy-back,delete}")
+  sub = p.add_subparsers(dest="cmd", required=True,
+                         metavar="{create,setup,run,stop,logs,copy-back,delete}")
 
   def common(sp, slices=True, where=True):
     if where:

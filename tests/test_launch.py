@@ -191,7 +191,8 @@ def test_gpu_node(fake_bin):
   c = fake_bin[0].parent / "c.py"
   c.write_text("")
   r = launch(fake_bin, "gpu_node.py", "--config", "c.py", "--workdir", "w")
-  assert r.returncode == 0 and called(fake_bin) == [["jmtl", "train", "--config", "c.py", "--workdir", "w"]]
+  assert r.returncode == 0
+  assert called(fake_bin) == [["jmtl", "train", "--config", "c.py", "--workdir", "w"]]
 
 
 def test_slurm_script(fake_bin, tmp_path):
@@ -215,8 +216,8 @@ def test_slurm_script(fake_bin, tmp_path):
   assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in text
   (srun,) = [l for l in text.splitlines() if l.startswith("srun ")]
   assert shlex.split(srun)[2] == "--cpus-per-task=$SLURM_CPUS_ON_NODE"
-  assert shlex.split(srun)[3:] == ["jmtl", "train", "--config", "configs/quickstart.py", "--workdir",
-                                   "/shared/runs/q", "--config.dist.initialize=true",
+  assert shlex.split(srun)[3:] == ["jmtl", "train", "--config", "configs/quickstart.py",
+                                   "--workdir", "/shared/runs/q", "--config.dist.initialize=true",
                                    "--config.train.steps=1000"]
   assert text.rstrip().splitlines()[-1] == "# submit with: sbatch jmtl.sbatch"
   assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
@@ -305,7 +306,8 @@ def test_run_checks_config_here_and_in_head_and_workdir_scheme(fake_bin):
   untracked = ROOT / "configs" / f"_untracked_{os.getpid()}.py"
   untracked.write_text("")
   try:
-    assert "not in the commit" in _error(fake_bin, "tpu_vm.py", *run, str(untracked.relative_to(ROOT)))
+    line = _error(fake_bin, "tpu_vm.py", *run, str(untracked.relative_to(ROOT)))
+    assert "not in the commit" in line
   finally:
     untracked.unlink()
   line = _error(fake_bin, "tpu_vm.py", "run", "--name", "n", "--zone", "z", "--config",

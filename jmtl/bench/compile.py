@@ -8,10 +8,11 @@ hardware runs it.
 
 Targets (`--topology`):
 - `local` (default): this host's devices (`jax.devices()`); it always compiles.
-- `v4-N`, `v5e-N` (= `v5litepod-N`), `v5p-N`, `v6e-N`: Cloud TPU slices named as Google Cloud names them (jmtl.tpu_names; v4 and
-  v5p count TensorCores, two per chip, so `v4-32` is 16 chips; v5e and v6e count chips). Their
-  devices come from `jax.experimental.topologies.get_topology_desc`, which needs the TPU runtime
-  (`libtpu`, the version `jax[tpu]` pins) but no TPU: XLA's TPU compiler runs on this host.
+- `v4-N`, `v5e-N` (= `v5litepod-N`), `v5p-N`, `v6e-N`: Cloud TPU slices named as Google Cloud
+  names them (the table is jmtl.tpu_names; v4 and v5p count TensorCores, two per chip, so
+  `v4-32` is 16 chips; v5e and v6e count chips). Their devices come from
+  `jax.experimental.topologies.get_topology_desc`, which needs the TPU runtime (`libtpu`, the
+  version `jax[tpu]` pins) but no TPU: XLA's TPU compiler runs on this host.
   Without the runtime, the checks that need no compiler still run over an
   `AbstractMesh` of the target's shape: every sharding rule's divisibility and the per-device
   bytes of parameters and optimizer state.
