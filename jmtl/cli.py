@@ -100,7 +100,8 @@ _SUB_FLAGS = {("report", "optim"): ("workdir", "out"), ("report", "mtl"): ("runs
 _FLAG_HELP = (
     ("--config FILE", "config file defining get_config() (see configs/, jmtl/defaults.py)"),
     ("--workdir DIR", "run directory (checkpoints, metrics, predictions)"),
-    ("--topology NAME", "compile: local (default) or a TPU slice: v4-N, v5e-N, v5p-N, v6e-N"),
+    ("--topology NAME", "compile: local (default) or a TPU slice: v4-N, v5e-N (= v5litepod-N), "
+                        "v5p-N, v6e-N"),
     ("--json", "bench, compile: print the result as JSON"),
     ("--runs DIR...", "report mtl, federated: run directories, or folders holding them"),
     ("--out FILE|DIR", "bench, compile: also write the JSON here; report: output directory"),
@@ -271,6 +272,12 @@ def parse(argv: Sequence[str]):
       raise UsageError(f"jmtl report {sub} needs --runs DIR [DIR ...]")
   elif cmd in ("train", "eval", "sweep", "study", "report", "federated") and not fv.workdir:
     raise UsageError(f"jmtl {cmd} needs --workdir DIR")
+  from jmtl.defaults import malformed_uri
+  for flag, path in (("--workdir", fv.workdir), ("--out", fv.out), *(("--runs", r) for r in
+                                                                    (fv.runs or ()))):
+    if path and malformed_uri(path):  # `gs:/b/x` would be a local folder ./gs:/b/x
+      raise ConfigError(f"{flag} {path}: looks like a URI missing a slash (did you mean "
+                        f"{malformed_uri(path)}{path.split(':/', 1)[1]}?)")
   if cmd == "report":
     return cmd, sub, None, fv
   if not fv.config:
@@ -360,7 +367,7 @@ def _study(sub: str, config, fv, argv: Sequence[str]) -> dict:
     raise ConfigError(str(e)) from e
 
 
-def _bench(sub: str, config) -> dict:
+def _bench(sub: str, config, out: str | None = None) -> dict:
   if sub == "step":
     from jmtl.bench.step import bench_step
     return bench_step(config)
@@ -372,7 +379,8 @@ def _bench(sub: str, config) -> dict:
     return bench_loop(config)
   if sub == "scaling":
     from jmtl.bench.scaling import bench_scaling
-    return bench_scaling(config)
+    # Rows go to --out as each finishes (a killed bench keeps them); one line per row here.
+    return bench_scaling(config, out=out, echo=lambda s: print(s, file=sys.stderr, flush=True))
   if sub == "federated":
     from jmtl.bench.federated import bench_federated
     return bench_federated(config)
@@ -564,7 +572,7 @@ def run(argv: Sequence[str]) -> int:
       print(json.dumps(result, indent=2, sort_keys=True, default=str)[:4000], flush=True)
       return _finished_anyway(stop, "sweep")
   else:
-    result = _bench(sub, config)
+    result = _bench(sub, config, fv.out)
     text = json.dumps(result, indent=2, sort_keys=True)
     if fv.out:
       pathlib.Path(fv.out).write_text(text + "\n")

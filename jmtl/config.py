@@ -14,7 +14,7 @@ import importlib.util
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -151,20 +151,22 @@ def _holds(predicate: Any, *args: Any) -> bool:
     return False
 
 
-def check_values(cfg: ml_collections.ConfigDict) -> None:
-  """Choices, ranges and cross-key rules of `jmtl.defaults.KEYS` (no registry, devices, files).
+def check_values(cfg: ml_collections.ConfigDict, keys: Sequence[str] | None = None) -> None:
+  """Choices, ranges and cross-key rules of `jmtl.defaults.KEYS` (no registry, devices, files);
+  `keys`: only these keys' declarations (default: all).
 
   Every key's own choices and range are checked before any cross-key rule, so a rule only
   ever sees values that are individually valid. Raises ConfigError naming the first bad key.
   """
-  for key, decl in KEYS.items():
+  decls = KEYS if keys is None else {k: KEYS[k] for k in keys}
+  for key, decl in decls.items():
     value = _get(cfg, key)
     if decl.choices is not None and value not in decl.choices:
       raise ConfigError(f"config key {key!r} = {show(value)} is not one of: "
                         f"{', '.join(map(str, decl.choices))}")
     if decl.check is not None and not _holds(decl.check[0], value):
       raise ConfigError(f"config key {key!r} = {show(value)} must be {decl.check[1]}")
-  for key, decl in KEYS.items():
+  for key, decl in decls.items():
     value = _get(cfg, key)
     for predicate, text in decl.rules:
       if not _holds(predicate, value, cfg):
@@ -199,21 +201,25 @@ def check_mesh(cfg: ml_collections.ConfigDict, device_count: int) -> None:
 
 
 def validate(cfg: ml_collections.ConfigDict, *, device_count: int | None = None,
-             check_registry: bool = True, check_files: bool = True) -> ml_collections.ConfigDict:
-  """Checks `cfg` completely and returns it completed with defaults; raises ConfigError."""
+             check_registry: bool = True, check_files: bool = True,
+             keys: Sequence[str] | None = None) -> ml_collections.ConfigDict:
+  """Checks `cfg` completely and returns it completed with defaults; raises ConfigError.
+
+  `keys`: check the values (and registries) of these keys only, for a command that reads no
+  others (`jmtl data prepare`); every key's type is still checked."""
   check_keys_and_types(cfg)
   cfg = complete(cfg)
-  check_values(cfg)
+  check_values(cfg, keys)
   if device_count is not None:
     check_mesh(cfg, device_count)
   if check_registry:
-    _check_registries(cfg)
+    _check_registries(cfg, optimizer=keys is None or "optim.name" in keys)
   if check_files:
     _check_files(cfg)
   return cfg
 
 
-def _check_registries(cfg: ml_collections.ConfigDict) -> None:
+def _check_registries(cfg: ml_collections.ConfigDict, optimizer: bool = True) -> None:
   from jmtl import tasks as task_registry  # tasks/ is below config's callers; imported lazily
   from jmtl import optim
 
@@ -222,7 +228,7 @@ def _check_registries(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config key 'tasks': unknown task {name!r}; known tasks: "
                         f"{', '.join(sorted(task_registry.TASKS))}")
   known = sorted(optim.NAMES)
-  if cfg.optim.name not in known:
+  if optimizer and cfg.optim.name not in known:
     raise ConfigError(f"config key 'optim.name' = {cfg.optim.name!r} is not one of: {', '.join(known)}")
 
 

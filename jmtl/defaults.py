@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +116,19 @@ def _strs(*, at_least: int = 0) -> Check:
           f"a tuple of >= {at_least} distinct names" if at_least else "a tuple of distinct names")
 
 
+def malformed_uri(path: str) -> str | None:
+  """The `scheme://` a path seems to mean when it starts `name:/` with one slash (`gs:/b/x`, a
+  typo for `gs://b/x` that would otherwise be a local folder `./gs:/b/x`), else None. A scheme
+  is a letter then letters, digits, '+', '-', '.' (RFC 3986 section 3.1), here >= 2 characters
+  so that a drive letter (`C:/x`) is not one."""
+  m = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", str(path))
+  return f"{m.group(1)}://" if m else None
+
+
+_URI_OK: Check = (lambda v: malformed_uri(v) is None,
+                  "a local path or a URI with '://' (not 'name:/...': a missing slash)")
+
+
 def _has_span_qa(c: Any) -> bool:
   """Whether a task of `c.tasks` reads SQuAD-style windows (unknown names: the registry check
   reports those)."""
@@ -163,13 +177,16 @@ _key("tasks", ("sst2",), "task names from the registry (`jmtl.tasks.TASKS`)",
      check=_strs(at_least=1))
 
 # ------------------------------------------------------------------ data
-_key("data.dir", "", "root of the data files; '' = $JMTL_DATA_DIR")
-_key("data.tfds_dir", "", "TFDS data_dir for tasks read through tfds.data_source; '' = off")
+_key("data.dir", "", "root of the data files; '' = $JMTL_DATA_DIR", check=_URI_OK)
+_key("data.tfds_dir", "", "TFDS data_dir for tasks read through tfds.data_source; '' = off",
+     check=_URI_OK)
 _key("data.tfds_download_dir", "",
-     "jmtl data prepare: where TFDS downloads and extracts archives; '' = <data.tfds_dir>/downloads")
+     "jmtl data prepare: where TFDS downloads and extracts archives; '' = "
+     "<data.tfds_dir>/downloads", check=_URI_OK)
 _key("data.tfds_manual_dir", "",
      "jmtl data prepare: folder of manually downloaded archives (TFDS manual_dir; a file is used "
-     "when its name and sha256 match TFDS's registered checksum); '' = <download dir>/manual")
+     "when its name and sha256 match TFDS's registered checksum); '' = <download dir>/manual",
+     check=_URI_OK)
 _key("data.tokenizer", "", "path to tokenizer.json or vocab.txt (UTF-8); '' = train one")
 _key("data.tokenizer_kind", "wordpiece", "kind of tokenizer trained when data.tokenizer is ''",
      choices=("wordpiece", "bpe"))
@@ -719,6 +736,22 @@ _key("study.target", 0.0,
      "whose first reaching `jmtl report federated` counts in rounds and simulated seconds; set "
      "in the study config before any result is seen, copied into every run's config; 0 = none",
      check=ge(0))
+
+
+# ------------------------------------------------------------------ benchmarks
+# (`jmtl bench scaling`; jmtl.bench.scaling)
+BENCH_SIZES = ("tiny", "small", "base")
+BENCH_LAYOUTS = ("data", "fsdp", "tensor", "mixed")
+_key("bench.sizes", BENCH_SIZES,
+     "jmtl bench scaling: model sizes to run, in this order (base is the ~125M-parameter "
+     "GPT-2 small shape; jmtl.bench.scaling.SIZES)",
+     check=(lambda v: len(v) >= 1 and len(set(v)) == len(v) and set(v) <= set(BENCH_SIZES),
+            f"a non-empty tuple of distinct names from {', '.join(BENCH_SIZES)}"))
+_key("bench.layouts", (),
+     "jmtl bench scaling: mesh layouts to run for each size, in this order; () = every layout "
+     "the device count allows (mixed needs >= 8 devices, a multiple of 4)",
+     check=(lambda v: len(set(v)) == len(v) and set(v) <= set(BENCH_LAYOUTS),
+            f"() or a tuple of distinct names from {', '.join(BENCH_LAYOUTS)}"))
 
 
 def _fresh(value: Any) -> Any:

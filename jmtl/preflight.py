@@ -44,6 +44,9 @@ DISTRIBUTED_COMMANDS = ("train", "eval", "federated")
 # other key must be the same on all processes (the roll call and `check_same_config`).
 PER_PROCESS_KEYS = ("dist.process_id", "dist.coordinator_address", "train.progress",
                     "dist.initialization_timeout_s")
+# The keys `jmtl data prepare` reads (jmtl.data.prepare); only their values are checked for it.
+PREPARE_KEYS = ("tasks", "data.dir", "data.tfds_dir", "data.tfds_download_dir",
+                "data.tfds_manual_dir")
 
 
 def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
@@ -61,6 +64,8 @@ def run(config: ml_collections.ConfigDict, command: str, workdir: str | None, *,
   stops every process with one line."""
   if command not in COMMANDS:
     raise ValueError(f"preflight: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  if command == "prepare":  # reads only these keys: the training checks must not block it
+    return config_lib.validate(config, check_files=False, keys=PREPARE_KEYS)
   federated = command == "federated" or (
       command in ("eval", "data", "bench") and bool(config.get("fed", {}).get("sites")))
   files = command not in ("bench", "prepare", "compile")

@@ -160,12 +160,45 @@ def jax_requirement(commit: str | None = None) -> str:
   return re.sub(r"\s+", "", m.group(1))
 
 
+def tpu_names():
+  """jmtl/tpu_names.py, the table of TPU generations `jmtl compile` also reads, loaded by path
+  (standard library only: neither jmtl nor jax is imported)."""
+  import importlib.util  # noqa: PLC0415
+  path = REPO_ROOT / "jmtl" / "tpu_names.py"
+  spec = importlib.util.spec_from_file_location("_jmtl_tpu_names", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses looks the module up while the file runs
+  spec.loader.exec_module(module)
+  return module
+
+
+def check_config(config: str, base: str | os.PathLike[str] | None = None) -> None:
+  """LaunchError unless `config` (relative to `base`, default the current directory) is a file
+  here: a typo must not cost a queued job or a slice's start-up."""
+  path = Path(base or ".") / config
+  if not path.is_file():
+    where = f" (relative to {base})" if base is not None and not Path(config).is_absolute() else ""
+    raise LaunchError(f"--config {config}: no such file{where}")
+
+
+def check_uri(flag: str, path: str) -> None:
+  """LaunchError for `name:/...` (a URI missing a slash, e.g. gs:/b/x for gs://b/x), which jmtl
+  would take for a local folder."""
+  m = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", path)
+  if m:
+    raise LaunchError(f"{flag} {path}: looks like a URI missing a slash (did you mean "
+                      f"{m.group(1)}://{path.split(':/', 1)[1]}?)")
+
+
 def main_wrapper(fn, argv: list[str] | None = None) -> int:
   try:
     return fn(sys.argv[1:] if argv is None else argv)
   except LaunchError as e:
     print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
     return 2
+  except BrokenPipeError:  # `--dry-run | head -1`: the reader left; no traceback
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush
+    return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 def positive(value: str) -> int:

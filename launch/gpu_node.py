@@ -48,6 +48,8 @@ def plan(a, extra: list[str]) -> list:
 def main(argv: list[str]) -> int:
   own, extra = C.split_extra(argv)
   a = parser().parse_args(own)
+  C.check_config(a.config)
+  C.check_uri("--workdir", a.workdir)
   return C.run_plan(plan(a, extra), a.dry_run)
 
 

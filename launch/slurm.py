@@ -6,7 +6,8 @@ Standard library only; never imports jmtl. Writes a batch script and submits it 
 runs nothing, so `slurm.py ... --dry-run > job.sbatch` gives a script to edit and submit.
 
   slurm.py --nodes N --gpus-per-node G --config C --workdir W [--job-name jmtl] [--time T]
-           [--partition P] [--account A] [--cpus-per-task K] [--chdir DIR] [--venv DIR]
+           [--partition P] [--account A] [--cpus-per-task K] [--signal-before 120] [--requeue]
+           [--chdir DIR] [--venv DIR]
            [--mem-fraction 0.9] [--env KEY=VALUE ...] [--script FILE] [--dry-run]
            [-- extra jmtl train args]
 
@@ -15,6 +16,10 @@ runs nothing, so `slurm.py ... --dry-run > job.sbatch` gives a script to edit an
 step), the process count and the process id from SLURM_* variables. That detection would also
 pin each process to the single GPU numbered SLURM_LOCALID; the script exports
 JAX_LOCAL_DEVICE_IDS=0,...,G-1 so that the one process of each node drives all G GPUs.
+
+Time limits and preemption: Slurm sends SIGTERM --signal-before seconds before --time runs out
+(and at preemption); jmtl then saves a checkpoint of the current step and exits 143. Submitting
+the same script again (or --requeue, for preemption) resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -39,7 +44,14 @@ def parser() -> C.Parser:
   p.add_argument("--time", help="wall-clock limit, e.g. 04:00:00")
   p.add_argument("--partition")
   p.add_argument("--account")
-  p.add_argument("--cpus-per-task", type=C.positive)
+  p.add_argument("--cpus-per-task", type=C.positive,
+                 help="CPUs of the one task per node (default: all of the node's: --exclusive)")
+  p.add_argument("--signal-before", type=C.nonneg, default=120, metavar="S",
+                 help="SIGTERM jmtl S seconds before the time limit, so it saves a checkpoint "
+                 "and exits (#SBATCH --signal=TERM@S; default 120; 0 = none)")
+  p.add_argument("--requeue", action="store_true",
+                 help="#SBATCH --requeue: a preempted job is queued again and resumes from the "
+                 "latest checkpoint in --workdir")
   p.add_argument("--chdir", default=str(C.REPO_ROOT),
                  help="working directory of the job (default: this checkout)")
   p.add_argument("--venv", help="virtualenv whose bin/jmtl to run (default: jmtl on PATH)")
@@ -47,7 +59,7 @@ def parser() -> C.Parser:
                  help="XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.9)")
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="more environment for jmtl (repeatable)")
-  p.add_argument("--script", help="where to write the batch script (default: ./jmtl-<job-name>.sbatch)")
+  p.add_argument("--script", help="where to write the batch script (default: ./<job-name>.sbatch)")
   p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
   return p
 
@@ -56,8 +68,12 @@ def batch_script(a, extra: list[str]) -> str:
   jmtl = os.path.join(a.venv, "bin", "jmtl") if a.venv else "jmtl"
   sb = [f"--job-name={a.job_name}", f"--nodes={a.nodes}", "--ntasks-per-node=1",
         f"--gpus-per-node={a.gpus_per_node}"]
-  if a.cpus_per_task:
-    sb.append(f"--cpus-per-task={a.cpus_per_task}")
+  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05), so it is given to both.
+  sb.append(f"--cpus-per-task={a.cpus_per_task}" if a.cpus_per_task else "--exclusive")
+  if a.signal_before:
+    sb.append(f"--signal=TERM@{a.signal_before}")
+  if a.requeue:
+    sb.append("--requeue")
   if a.time:
     sb.append(f"--time={a.time}")
   if a.partition:
@@ -76,7 +92,11 @@ def batch_script(a, extra: list[str]) -> str:
       "# One process per node drives all of its GPUs (JAX's Slurm detection alone would give it",
       "# only GPU SLURM_LOCALID); coordinator, process count and id come from SLURM_* variables.",
       *(f"export {k}={shlex.quote(v)}" for k, v in (e.split("=", 1) for e in env)),
-      f"srun --kill-on-bad-exit=1 {shlex.join(train)}",
+      "# The one task of a node gets all the CPUs the job holds there (srun does not inherit",
+      "# sbatch's --cpus-per-task).",
+      "srun --kill-on-bad-exit=1 --cpus-per-task="
+      + (str(a.cpus_per_task) if a.cpus_per_task else '"$SLURM_CPUS_ON_NODE"')
+      + f" {shlex.join(train)}",
       "",
   ])
 
@@ -84,6 +104,8 @@ def batch_script(a, extra: list[str]) -> str:
 def main(argv: list[str]) -> int:
   own, extra = C.split_extra(argv)
   a = parser().parse_args(own)
+  C.check_config(a.config, a.chdir)
+  C.check_uri("--workdir", a.workdir)
   text = batch_script(a, extra)
   path = a.script or f"{a.job_name}.sbatch"
   if a.dry_run:

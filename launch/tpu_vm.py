@@ -10,9 +10,10 @@ commands (one per line, shell-quoted) and run nothing.
   tpu_vm.py setup     --name N --zone Z [--num-slices K] [--python 3.12] [--extras tfds]
   tpu_vm.py run       --name N --zone Z --config C --workdir gs://bucket/run [--num-slices K]
                       [--env KEY=VALUE ...] [-- extra jmtl train args, e.g. --config.train.steps=100]
+  tpu_vm.py stop      --name N --zone Z [--num-slices K]   (SIGTERM: the run checkpoints, exits)
   tpu_vm.py logs      --name N --zone Z [--worker 0] [--slice 0] [--lines 100] [--follow]
   tpu_vm.py copy-back --workdir gs://bucket/run --to DIR
-  tpu_vm.py delete    --name N --zone Z
+  tpu_vm.py delete    --name N --zone Z [--num-slices K] [--force]
 
 Capacity comes from a queued resource named N. One slice is one TPU node, also named N
 (`--node-id N`); K slices are nodes N-0 ... N-(K-1) (`--node-count K --node-prefix N`), and
@@ -32,17 +33,15 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-# Runtime (software) version per TPU generation, from the Cloud TPU docs; --runtime-version wins.
-RUNTIMES = {
-    "v4": "tpu-ubuntu2204-base",
-    "v5litepod": "v2-alpha-tpuv5-lite",
-    "v5p": "v2-alpha-tpuv5",
-    "v6e": "v2-alpha-tpuv6e",
-}
+# TPU generations, slice sizes and default runtime (software) versions: the table jmtl compile
+# reads too (jmtl/tpu_names.py); --runtime-version wins.
+TPU = C.tpu_names()
+RUNTIMES = {g.name: g.runtime for g in TPU.GENERATIONS.values()}
 
 VENV = "~/jmtl-venv"
 SRC = "~/jmtl"
 LOG = "~/jmtl-logs/train.log"
+PID = "~/jmtl-logs/train.pid"  # the running jmtl train of this worker (`stop` signals it)
 UV = "~/.local/bin/uv"
 
 
@@ -53,6 +52,12 @@ def _name(value: str) -> str:
   return value
 
 
+
+
+def _worker(value: str) -> str:
+  if value != "all" and not value.isdigit():
+    raise argparse.ArgumentTypeError(f"{value!r} is not a worker index (0, 1, ...) or 'all'")
+  return value
 
 
 def rq(arg: str) -> str:
@@ -84,15 +89,15 @@ def on_all(a, make) -> C.Parallel:
 
 # ----------------------------------------------------------------------------------- create
 def plan_create(a, extra: list[str]) -> list:
-  runtime = a.runtime_version
-  if runtime is None:
-    gen = a.accelerator_type.rsplit("-", 1)[0]
-    if gen not in RUNTIMES:
-      raise C.LaunchError(f"no default runtime for {a.accelerator_type!r}; give --runtime-version")
-    runtime = RUNTIMES[gen]
+  try:  # v5e-16 or v5litepod-16 (gcloud's spelling, which the command gets)
+    gen, _ = TPU.parse(a.accelerator_type)
+    accelerator = TPU.gcloud_name(a.accelerator_type)
+  except ValueError as e:
+    raise C.LaunchError(f"--accelerator-type: {e}") from None
+  runtime = a.runtime_version or gen.runtime
   gcloud = ["gcloud", "alpha"] if a.tier == "best-effort" else ["gcloud"]
   argv = [*gcloud, "compute", "tpus", "queued-resources", "create", a.name, *_where(a),
-          f"--accelerator-type={a.accelerator_type}", f"--runtime-version={runtime}"]
+          f"--accelerator-type={accelerator}", f"--runtime-version={runtime}"]
   if a.num_slices == 1:
     argv.append(f"--node-id={a.name}")
   else:
@@ -151,6 +156,12 @@ def plan_setup(a, extra: list[str]) -> list:
 # -------------------------------------------------------------------------------------- run
 def plan_run(a, extra: list[str]) -> list:
   env = C.parse_env(a.env)
+  C.check_uri("--workdir", a.workdir)
+  _check_shipped_config(a.config)
+  dcn = [x for x in extra if x.startswith("--config.mesh.dcn_data")]
+  if dcn:
+    raise C.LaunchError(f"{dcn[0]} after --: run sets mesh.dcn_data from --num-slices "
+                        f"({a.num_slices}); give --num-slices instead")
   if not a.workdir.startswith("gs://"):
     print("tpu_vm.py: warning: a multi-host run needs a workdir every worker can reach (gs://...); "
           f"{a.workdir!r} is on each worker's own disk", file=sys.stderr)
@@ -166,7 +177,35 @@ def plan_run(a, extra: list[str]) -> list:
       f"mkdir -p {os.path.dirname(LOG)}",
       f'echo "=== jmtl train $(date -u +%FT%TZ) on $(hostname), commit $(cat COMMIT) ===" >> {LOG}',
       # `&` ends the background command; `&;` would be a syntax error.
-      f"nohup {cmd} >> {LOG} 2>&1 < /dev/null & " + 'echo "$(hostname): started pid $!"',
+      f"nohup {cmd} >> {LOG} 2>&1 < /dev/null & " + f'echo $! > {PID}; '
+      + 'echo "$(hostname): started pid $!"',
+  ])
+  return [on_all(a, lambda n: ssh(a, n, script))]
+
+
+def _check_shipped_config(config: str) -> None:
+  """--config must exist here (relative to the repository root) and in the commit `setup`
+  ships (HEAD): the workers run that commit, not the working tree."""
+  C.check_config(config, C.REPO_ROOT)
+  path = os.path.relpath(os.path.realpath(C.REPO_ROOT / config), os.path.realpath(C.REPO_ROOT))
+  if path.startswith(".."):
+    raise C.LaunchError(f"--config {config}: outside the repository, so not on the workers")
+  if not C.git("ls-tree", "--name-only", "HEAD", "--", path):
+    raise C.LaunchError(f"--config {config}: not in the commit the workers get (HEAD); "
+                        f"commit it and run setup again")
+
+
+# ------------------------------------------------------------------------------------- stop
+def plan_stop(a, extra: list[str]) -> list:
+  """SIGTERM to the jmtl train that `run` started on every worker: it saves a checkpoint of
+  the current step, prints `received signal 15: saved checkpoint at step N, exiting` to the
+  log and exits 143; `run` on the same --workdir resumes from it."""
+  script = "; ".join([
+      "set -u",
+      f"if [ ! -s {PID} ]; then echo \"$(hostname): no run started here\"; exit 0; fi",
+      f"p=$(cat {PID})",
+      'if kill -TERM "$p" 2>/dev/null; then echo "$(hostname): sent SIGTERM to pid $p"; '
+      'else echo "$(hostname): pid $p is not running"; fi',
   ])
   return [on_all(a, lambda n: ssh(a, n, script))]
 
@@ -189,15 +228,18 @@ def plan_copy_back(a, extra: list[str]) -> list:
 
 
 def plan_delete(a, extra: list[str]) -> list:
-  # --force also deletes the TPU node(s) the queued resource holds.
+  # One queued resource holds all --num-slices nodes, so deleting it covers every slice.
+  # gcloud's --force also deletes the TPU node(s) it holds; without it gcloud refuses to delete
+  # a queued resource whose nodes exist.
   return [["gcloud", "compute", "tpus", "queued-resources", "delete", a.name, *_where(a),
-           "--force", "--quiet"]]
+           *(["--force"] if a.force else []), "--quiet"]]
 
 
 # ------------------------------------------------------------------------------------- main
 def parser() -> C.Parser:
   p = C.Parser(prog="tpu_vm.py", description=__doc__.split("\n\n")[0])
-  sub = p.add_subparsers(dest="cmd", required=True, metavar="{create,setup,run,logs,copy-back,delete}")
+  sub = p.add_subparsers(dest="cmd", required=True,
+                         metavar="{create,setup,run,stop,logs,copy-back,delete}")
 
   def common(sp, slices=True, where=True):
     if where:
@@ -211,7 +253,8 @@ def parser() -> C.Parser:
 
   c = sub.add_parser("create", help="queued resource, then wait until ACTIVE")
   common(c)
-  c.add_argument("--accelerator-type", required=True, help="e.g. v5litepod-16, v4-32, v6e-8")
+  c.add_argument("--accelerator-type", required=True,
+                 help="slice name, e.g. v5litepod-16 (= v5e-16), v4-32, v5p-8, v6e-8")
   c.add_argument("--runtime-version", help="TPU software version (default by generation: "
                  + ", ".join(f"{k} {v}" for k, v in RUNTIMES.items()) + ")")
   tier = c.add_mutually_exclusive_group()
@@ -243,7 +286,7 @@ def parser() -> C.Parser:
 
   lg = sub.add_parser("logs", help="tail one worker's log")
   common(lg)
-  lg.add_argument("--worker", default="0", help="worker index, or 'all'")
+  lg.add_argument("--worker", default="0", type=_worker, help="worker index, or 'all'")
   lg.add_argument("--slice", type=C.nonneg, default=0, help="which slice's node (multislice)")
   lg.add_argument("--lines", type=C.positive, default=100)
   lg.add_argument("--follow", action="store_true", help="keep following (tail -F)")
@@ -253,13 +296,18 @@ def parser() -> C.Parser:
   cb.add_argument("--workdir", required=True)
   cb.add_argument("--to", required=True)
 
-  d = sub.add_parser("delete", help="delete the queued resource and its node(s)")
-  common(d, slices=False)
+  d = sub.add_parser("delete", help="delete the queued resource (and, with --force, its node(s))")
+  common(d)
+  d.add_argument("--force", action="store_true",
+                 help="also delete the TPU node(s) the queued resource holds (gcloud --force)")
+
+  st = sub.add_parser("stop", help="SIGTERM the run on every worker: it checkpoints and exits")
+  common(st)
   return p
 
 
-PLANS = {"create": plan_create, "setup": plan_setup, "run": plan_run, "logs": plan_logs,
-         "copy-back": plan_copy_back, "delete": plan_delete}
+PLANS = {"create": plan_create, "setup": plan_setup, "run": plan_run, "stop": plan_stop,
+         "logs": plan_logs, "copy-back": plan_copy_back, "delete": plan_delete}
 
 
 def main(argv: list[str]) -> int:

@@ -156,7 +156,27 @@ def test_cli_rule_that_does_not_divide_exits_2_naming_it(capsys):
 def test_cli_unknown_topology_exits_2_one_line(capsys):
   code, stdout, err = _run(capsys, ["--config", str(TINY), "--topology", "v9x-8"])
   assert code == 2 and stdout == "" and len(err) == 1
-  assert err[0].startswith("jmtl: error: --topology 'v9x-8' is unknown")
+  assert err[0].startswith("jmtl: error: --topology: unknown accelerator type 'v9x-8'")
+
+
+def test_both_spellings_of_v5e_name_one_slice():
+  # Google Cloud's pages say v5e-16; gcloud --accelerator-type says v5litepod-16: 16 chips, 4x4.
+  for name in ("v5e-16", "v5litepod-16"):
+    t = compile_lib.get_target(name)
+    assert (t.num_devices, t.topology, t.memory_bytes) == (16, "v5e:4x4", 16 * 2**30), name
+  with pytest.raises(ConfigError, match="no such v5e slice"):
+    compile_lib.get_target("v5litepod-7")
+
+
+def test_cli_dcn_data_is_checked_against_the_slice(capsys):
+  # 3 does not divide the 16-device data axis; 2 does, but one slice is no multislice.
+  code, stdout, err = _run(capsys, ["--config", str(TINY), "--topology", "v5e-16",
+                                    "--config.mesh.dcn_data=3"])
+  assert code == 2 and stdout == "" and len(err) == 1
+  assert "mesh.dcn_data=3 does not divide the data axis size 16" in err[0]
+  code, _, err = _run(capsys, ["--config", str(TINY), "--topology", "v5e-16",
+                               "--config.mesh.dcn_data=2"])
+  assert code == 2 and len(err) == 1 and "is one slice" in err[0]
 
 
 def test_cli_mesh_that_does_not_fit_the_slice_exits_2(capsys):

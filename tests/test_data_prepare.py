@@ -259,7 +259,8 @@ def test_failures_are_classified():
   except requests.exceptions.ConnectionError as e:
     err = prepare.failure("rte", "glue/rte", e)
   assert isinstance(err, prepare.PrepareError)
-  assert str(err).startswith("task 'rte': TFDS glue/rte: a download failed, no network? "
+  assert str(err).startswith("task 'rte': TFDS glue/rte: a download from "
+                             "dl.fbaipublicfiles.com failed, no network? "
                              "(ConnectionError: Failed to resolve")
   assert "data.tfds_manual_dir" in str(err)
   try:
@@ -294,3 +295,68 @@ def test_bucket_path_without_its_filesystem_names_key_and_package(capsys, argv, 
   line = _one_error(code, out, err, 2)
   assert f"config key '{key}' = gs://jmtl-x/" in line
   assert "cannot access it (ImportError: Please install gcsfs" in line
+
+
+# ------------------------------------------------------------------ review fixes (issue 13)
+def test_unusable_tfds_dir_is_one_line_naming_the_key(capsys):
+  code, out, err = _cli(capsys, "data", "prepare", "--config", str(TINY), "--config.tasks=sst2",
+                        "--config.data.tfds_dir=/proc/nope")
+  line = _one_error(code, out, err, 2)
+  assert "config key 'data.tfds_dir' = '/proc/nope': cannot create it" in line
+
+
+def test_long_download_error_keeps_host_and_manual_dir_advice():
+  requests = pytest.importorskip("requests")
+  text = ("HTTPSConnectionPool(host='dl.fbaipublicfiles.com', port=443): Max retries exceeded "
+          "with url: /glue/data/SST-2.zip " + "x" * 1000 + " (Caused by NameResolutionError)")
+  err = prepare.failure("sst2", "glue/sst2", requests.exceptions.ConnectionError(text))
+  msg = str(err)
+  assert "a download from dl.fbaipublicfiles.com failed" in msg and " ... " in msg
+  assert "(Caused by NameResolutionError)" in msg  # the end of the cause is kept
+  assert msg.endswith("into data.tfds_manual_dir") and len(msg) < 600
+
+
+def test_failed_preparation_removes_partial_downloads_and_empty_dataset_dirs(tmp_path,
+                                                                             monkeypatch):
+  """A builder standing in for TFDS's: it leaves what an interrupted download leaves (a
+  `*.tmp.*` folder with a partial file, the dataset's empty version folders), then fails."""
+  requests = pytest.importorskip("requests")
+  tfds_dir, downloads = tmp_path / "tfds", tmp_path / "downloads"
+  (tfds_dir / "glue" / "cola").mkdir(parents=True)  # an earlier dataset: must stay
+  (tfds_dir / "glue" / "cola" / "keep.txt").write_text("x")
+  (downloads / "old.zip").parent.mkdir(parents=True)
+  (downloads / "old.zip").write_text("cached")
+
+  class Builder:
+    def is_prepared(self):
+      return False
+
+    def download_and_prepare(self, **_):
+      part = downloads / "dl.fbaipublicfiles.com_SST-2.zip.tmp.0123abcd"
+      part.mkdir()
+      (part / "SST-2.zip").write_bytes(b"partial")
+      (tfds_dir / "glue" / "sst2" / "2.0.0").mkdir(parents=True)
+      raise requests.exceptions.ConnectionError("Failed to resolve 'dl.fbaipublicfiles.com'")
+
+  monkeypatch.setattr(prepare, "builder_of", lambda name, data_dir: Builder())
+  cfg = ConfigDict({"tasks": ("sst2",), "data": {
+      "dir": "", "tfds_dir": str(tfds_dir), "tfds_download_dir": str(downloads),
+      "tfds_manual_dir": ""}})
+  with pytest.raises(prepare.PrepareError, match="a download from dl.fbaipublicfiles.com"):
+    prepare.prepare(cfg, echo=lambda s: None)
+  left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+  assert left == ["downloads", "downloads/old.zip", "tfds", "tfds/glue", "tfds/glue/cola",
+                  "tfds/glue/cola/keep.txt"]
+
+
+def test_training_checks_do_not_block_prepare():
+  from jmtl import preflight
+  from jmtl.config import ConfigError, load_config_file
+  c = load_config_file(TINY)
+  c.tasks = ("squad",)
+  c.data.max_len = 32
+  c.data.doc_stride = 64  # a SQuAD-window rule of training, not of preparing
+  c.optim.name = "no_such_optimizer"
+  assert preflight.run(c, "prepare", None).data.doc_stride == 64
+  with pytest.raises(ConfigError, match="data.doc_stride"):
+    preflight.run(c, "train", None)

@@ -47,11 +47,11 @@ def launch(fake_bin, script: str, *args: str, cwd=None) -> subprocess.CompletedP
                         text=True, env=env, cwd=cwd or bin_dir.parent, timeout=60)
 
 
-def dry(fake_bin, script: str, *args: str) -> list[list[str]]:
+def dry(fake_bin, script: str, *args: str, cwd=None) -> list[list[str]]:
   """Runs with --dry-run, checks nothing was called, returns the printed commands split into words."""
   args = list(args)
   args.insert(args.index("--") if "--" in args else len(args), "--dry-run")
-  r = launch(fake_bin, script, *args)
+  r = launch(fake_bin, script, *args, cwd=cwd)
   assert r.returncode == 0, r.stderr
   assert not fake_bin[1].exists(), f"dry run called: {fake_bin[1].read_text()}"
   return [shlex.split(line, comments=True) for line in r.stdout.splitlines()]
@@ -160,9 +160,12 @@ def test_logs_copy_back_delete(fake_bin):
   mkdir, rsync = dry(fake_bin, "tpu_vm.py", "copy-back", "--workdir", "gs://b/run", "--to", "runs/r")
   assert mkdir == ["mkdir", "-p", "runs/r"]
   assert rsync == ["gcloud", "storage", "rsync", "--recursive", "gs://b/run", "runs/r"]
-  (delete,) = dry(fake_bin, "tpu_vm.py", "delete", "--name", "ms", "--zone", "z")
+  (delete,) = dry(fake_bin, "tpu_vm.py", "delete", "--name", "ms", "--zone", "z",
+                  "--num-slices", "2", "--force")
   assert delete[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "ms"]
   assert {"--force", "--quiet", "--zone=z"} <= set(delete)
+  (keep_nodes,) = dry(fake_bin, "tpu_vm.py", "delete", "--name", "ms", "--zone", "z")
+  assert "--force" not in keep_nodes and "--quiet" in keep_nodes
 
 
 def test_without_dry_run_runs_exactly_the_printed_commands(fake_bin):
@@ -177,21 +180,28 @@ def test_without_dry_run_runs_exactly_the_printed_commands(fake_bin):
 # ------------------------------------------------------------------------------- gpu, slurm
 def test_gpu_node(fake_bin):
   (cmd,) = dry(fake_bin, "gpu_node.py", "--config", "configs/quickstart.py", "--workdir", "runs/q",
-               "--gpus", "4", "--", "--config.train.steps=5")
+               "--gpus", "4", "--", "--config.train.steps=5", cwd=ROOT)
   assert cmd == ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
                  "jmtl", "train", "--config", "configs/quickstart.py", "--workdir", "runs/q",
                  "--config.train.steps=5"]
-  (all_gpus,) = dry(fake_bin, "gpu_node.py", "--config", "c", "--workdir", "w", "--mem-fraction", "0.5")
+  (all_gpus,) = dry(fake_bin, "gpu_node.py", "--config", "configs/quickstart.py", "--workdir", "w",
+                    "--mem-fraction", "0.5", cwd=ROOT)
   assert not any(w.startswith("CUDA_VISIBLE_DEVICES") for w in all_gpus)
   assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.5" in all_gpus
-  r = launch(fake_bin, "gpu_node.py", "--config", "c", "--workdir", "w")
-  assert r.returncode == 0 and called(fake_bin) == [["jmtl", "train", "--config", "c", "--workdir", "w"]]
+  c = fake_bin[0].parent / "c.py"
+  c.write_text("")
+  r = launch(fake_bin, "gpu_node.py", "--config", "c.py", "--workdir", "w")
+  assert r.returncode == 0
+  assert called(fake_bin) == [["jmtl", "train", "--config", "c.py", "--workdir", "w"]]
 
 
 def test_slurm_script(fake_bin, tmp_path):
+  chdir = tmp_path / "shared" / "jmtl"  # the job's directory, as the login node sees it
+  (chdir / "configs").mkdir(parents=True)
+  (chdir / "configs" / "quickstart.py").write_text("")
   args = ["--nodes", "2", "--gpus-per-node", "8", "--config", "configs/quickstart.py",
           "--workdir", "/shared/runs/q", "--time", "04:00:00", "--partition", "gpu",
-          "--chdir", "/shared/jmtl", "--", "--config.train.steps=1000"]
+          "--chdir", str(chdir), "--", "--config.train.steps=1000"]
   r = launch(fake_bin, "slurm.py", *args[:-2], "--dry-run", *args[-2:])
   assert r.returncode == 0, r.stderr
   assert not fake_bin[1].exists() and not list(tmp_path.glob("*.sbatch"))
@@ -200,11 +210,14 @@ def test_slurm_script(fake_bin, tmp_path):
   header = dict(re.findall(r"^#SBATCH (--[\w-]+)=(\S+)$", text, re.M))
   assert header == {"--job-name": "jmtl", "--nodes": "2", "--ntasks-per-node": "1",
                     "--gpus-per-node": "8", "--time": "04:00:00", "--partition": "gpu",
-                    "--output": "jmtl-%j.out", "--chdir": "/shared/jmtl"}
+                    "--output": "jmtl-%j.out", "--chdir": str(chdir),
+                    "--signal": "TERM@120"}
+  assert "#SBATCH --exclusive" in text and "#SBATCH --requeue" not in text
   assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in text
   (srun,) = [l for l in text.splitlines() if l.startswith("srun ")]
-  assert shlex.split(srun)[2:] == ["jmtl", "train", "--config", "configs/quickstart.py", "--workdir",
-                                   "/shared/runs/q", "--config.dist.initialize=true",
+  assert shlex.split(srun)[2] == "--cpus-per-task=$SLURM_CPUS_ON_NODE"
+  assert shlex.split(srun)[3:] == ["jmtl", "train", "--config", "configs/quickstart.py",
+                                   "--workdir", "/shared/runs/q", "--config.dist.initialize=true",
                                    "--config.train.steps=1000"]
   assert text.rstrip().splitlines()[-1] == "# submit with: sbatch jmtl.sbatch"
   assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
@@ -254,3 +267,101 @@ def test_dry_run_after_double_dash_is_refused(fake_bin):
 def test_scripts_never_import_jmtl_or_jax():
   for p in LAUNCH.glob("*.py"):
     assert not re.search(r"^\s*(import|from)\s+(jmtl|jax)\b", p.read_text(), re.M), p
+
+
+# ------------------------------------------------------------------ review fixes (issue 13)
+def _error(fake_bin, script, *args):
+  args = list(args)
+  args.insert(args.index("--") if "--" in args else len(args), "--dry-run")
+  r = launch(fake_bin, script, *args)
+  lines = r.stderr.splitlines()
+  assert r.returncode == 2 and r.stdout == "" and len(lines) == 1, r.stderr
+  assert not fake_bin[1].exists()
+  return lines[0]
+
+
+def test_create_takes_both_spellings_of_v5e_and_names_unknown_types(fake_bin):
+  for spelling in ("v5e-16", "v5litepod-16"):
+    create, _ = dry(fake_bin, "tpu_vm.py", "create", "--name", "a", "--zone", "z",
+                    "--accelerator-type", spelling)
+    # gcloud's own spelling, and the v5e runtime of the Cloud TPU docs.
+    assert "--accelerator-type=v5litepod-16" in create
+    assert "--runtime-version=v2-alpha-tpuv5-lite" in create
+  base = ["create", "--name", "a", "--zone", "z", "--accelerator-type"]
+  assert "unknown accelerator type 'tpu7x-8'" in _error(fake_bin, "tpu_vm.py", *base, "tpu7x-8")
+  assert "no such v5e slice" in _error(fake_bin, "tpu_vm.py", *base, "v5litepod-7")
+  assert "no such v4 slice" in _error(fake_bin, "tpu_vm.py", *base, "v4-6")
+
+
+def test_run_refuses_dcn_data_that_num_slices_sets(fake_bin):
+  line = _error(fake_bin, "tpu_vm.py", "run", "--name", "ms", "--zone", "z", "--num-slices", "2",
+                "--config", "configs/quickstart.py", "--workdir", "gs://b/r", "--",
+                "--config.mesh.dcn_data=3")
+  assert "--config.mesh.dcn_data=3" in line and "--num-slices" in line
+
+
+def test_run_checks_config_here_and_in_head_and_workdir_scheme(fake_bin):
+  run = ["run", "--name", "n", "--zone", "z", "--workdir", "gs://b/r", "--config"]
+  assert "no such file" in _error(fake_bin, "tpu_vm.py", *run, "configs/nope.py")
+  untracked = ROOT / "configs" / f"_untracked_{os.getpid()}.py"
+  untracked.write_text("")
+  try:
+    line = _error(fake_bin, "tpu_vm.py", *run, str(untracked.relative_to(ROOT)))
+    assert "not in the commit" in line
+  finally:
+    untracked.unlink()
+  line = _error(fake_bin, "tpu_vm.py", "run", "--name", "n", "--zone", "z", "--config",
+                "configs/quickstart.py", "--workdir", "gs:/b/r")
+  assert "gs://b/r" in line
+
+
+def test_logs_worker_must_be_an_index_or_all(fake_bin):
+  assert "-1" in _error(fake_bin, "tpu_vm.py", "logs", "--name", "n", "--zone", "z",
+                        "--worker=-1")
+  (cmd,) = dry(fake_bin, "tpu_vm.py", "logs", "--name", "n", "--zone", "z", "--worker", "all")
+  assert "--worker=all" in cmd
+
+
+def test_stop_sends_sigterm_to_the_started_run_on_every_worker(fake_bin, tmp_path):
+  cmds = dry(fake_bin, "tpu_vm.py", "stop", "--name", "ms", "--zone", "z", "--num-slices", "2")
+  assert [c[5] for c in cmds] == ["ms-0", "ms-1"] and all("--worker=all" in c for c in cmds)
+  # `run` records the pid that `stop` signals.
+  (run,) = dry(fake_bin, "tpu_vm.py", "run", "--name", "n", "--zone", "z", "--config",
+               "configs/quickstart.py", "--workdir", "gs://b/r")
+  assert "echo $! > ~/jmtl-logs/train.pid" in remote(run)
+  # The stop script, run by bash in a fake home, delivers SIGTERM to that process.
+  home = tmp_path / "home"
+  (home / "jmtl-logs").mkdir(parents=True)
+  victim = subprocess.Popen(["sleep", "60"])
+  try:
+    (home / "jmtl-logs" / "train.pid").write_text(f"{victim.pid}\n")
+    r = subprocess.run(["bash", "-c", remote(cmds[0])], capture_output=True, text=True,
+                       env=dict(os.environ, HOME=str(home)), timeout=30)
+    assert r.returncode == 0 and f"sent SIGTERM to pid {victim.pid}" in r.stdout, r
+    assert victim.wait(timeout=10) == -15  # killed by signal 15
+  finally:
+    if victim.poll() is None:
+      victim.kill()
+
+
+def test_gpu_node_checks_config_and_workdir(fake_bin):
+  assert "--config nope.py: no such file" in _error(fake_bin, "gpu_node.py", "--config",
+                                                    "nope.py", "--workdir", "w")
+
+
+def test_slurm_cpus_signal_requeue_and_config_check(fake_bin, tmp_path):
+  (tmp_path / "c.py").write_text("")
+  base = ["--nodes", "1", "--gpus-per-node", "2", "--workdir", "w", "--chdir", str(tmp_path)]
+  r = launch(fake_bin, "slurm.py", *base, "--config", "c.py", "--cpus-per-task", "16",
+             "--signal-before", "300", "--requeue", "--dry-run")
+  assert r.returncode == 0, r.stderr
+  sb = set(re.findall(r"^#SBATCH (\S+)$", r.stdout, re.M))
+  assert {"--cpus-per-task=16", "--signal=TERM@300", "--requeue"} <= sb and "--exclusive" not in sb
+  (srun,) = [l for l in r.stdout.splitlines() if l.startswith("srun ")]
+  assert "--cpus-per-task=16" in srun.split()
+  r = launch(fake_bin, "slurm.py", *base, "--config", "c.py", "--signal-before", "0", "--dry-run")
+  assert "--signal" not in r.stdout
+  line = _error(fake_bin, "slurm.py", *base, "--config", "nope.py")
+  assert "--config nope.py: no such file" in line and str(tmp_path) in line
+  help_text = " ".join(launch(fake_bin, "slurm.py", "--help").stdout.split()).replace("- ", "-")
+  assert "./<job-name>.sbatch" in help_text and "jmtl-<job-name>" not in help_text

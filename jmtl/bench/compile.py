@@ -8,10 +8,11 @@ hardware runs it.
 
 Targets (`--topology`):
 - `local` (default): this host's devices (`jax.devices()`); it always compiles.
-- `v4-N`, `v5e-N`, `v5p-N`, `v6e-N`: Cloud TPU slices named as Google Cloud names them (v4 and
-  v5p count TensorCores, two per chip, so `v4-32` is 16 chips; v5e and v6e count chips). Their
-  devices come from `jax.experimental.topologies.get_topology_desc`, which needs the TPU runtime
-  (`libtpu`, the version `jax[tpu]` pins) but no TPU: XLA's TPU compiler runs on this host.
+- `v4-N`, `v5e-N` (= `v5litepod-N`), `v5p-N`, `v6e-N`: Cloud TPU slices named as Google Cloud
+  names them (the table is jmtl.tpu_names; v4 and v5p count TensorCores, two per chip, so
+  `v4-32` is 16 chips; v5e and v6e count chips). Their devices come from
+  `jax.experimental.topologies.get_topology_desc`, which needs the TPU runtime (`libtpu`, the
+  version `jax[tpu]` pins) but no TPU: XLA's TPU compiler runs on this host.
   Without the runtime, the checks that need no compiler still run over an
   `AbstractMesh` of the target's shape: every sharding rule's divisibility and the per-device
   bytes of parameters and optimizer state.
@@ -49,6 +50,7 @@ import numpy as np
 from jmtl import mtl as mtl_lib
 from jmtl import optim
 from jmtl.bench.step import synthetic_batch
+from jmtl import tpu_names
 from jmtl.config import ConfigError
 from jmtl.data import features
 from jmtl.data import pipeline
@@ -65,37 +67,9 @@ GIB = 2**30
 LIBTPU_REQUIREMENT = "libtpu==0.0.42.*"
 
 
-@dataclasses.dataclass(frozen=True)
-class TpuGeneration:
-  """One Cloud TPU generation.
-
-  prefix: the generation in libtpu's topology names ("v5e:4x4"); hbm_bytes: HBM per chip;
-  cores_in_name: TensorCores per chip counted by the slice name (v4-32 = 16 chips);
-  chip_config: "megacore" (the two cores of a chip are one JAX device) or "default";
-  shapes: chips -> the slice's chip grid.
-  """
-  prefix: str
-  hbm_bytes: int
-  cores_in_name: int
-  chip_config: str
-  shapes: dict[int, tuple[int, ...]]
-
-
-# Chip grids of the slice sizes Cloud TPU offers (the Cloud TPU documentation's v4, v5e, v5p and
-# v6e pages, "supported configurations"; the same names MaxText's accelerator_to_spec_map uses).
-_GRID_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
-            256: (16, 16)}
-_GRID_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
-            128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16)}
-
-# HBM per chip from the Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4,
-# /v5e, /v5p, /v6e): v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e (Trillium) 32 GiB.
-TPU_GENERATIONS = {
-    "v4": TpuGeneration("v4", 32 * GIB, 2, "megacore", _GRID_3D),
-    "v5e": TpuGeneration("v5e", 16 * GIB, 1, "default", _GRID_2D),
-    "v5p": TpuGeneration("v5", 95 * GIB, 2, "megacore", _GRID_3D),
-    "v6e": TpuGeneration("v6e", 32 * GIB, 1, "default", _GRID_2D),
-}
+# The generations and slice sizes (one table shared with launch/tpu_vm.py).
+TpuGeneration = tpu_names.Generation
+TPU_GENERATIONS = tpu_names.GENERATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,20 +95,15 @@ def tpu_target(name: str) -> Target:
 
   Raises ConfigError (one line naming `--topology`) for an unknown generation or slice size.
   """
-  gen_name, _, count = name.partition("-")
-  gen = TPU_GENERATIONS.get(gen_name)
-  if gen is None or not count.isdigit():
-    raise ConfigError(f"--topology {name!r} is unknown; use local or GEN-N with GEN one of "
-                      f"{', '.join(TPU_GENERATIONS)} (e.g. v5e-16, v4-32, v5p-8, v6e-8)")
-  chips, rem = divmod(int(count), gen.cores_in_name)
-  if rem or chips not in gen.shapes:
-    sizes = ", ".join(f"{gen_name}-{c * gen.cores_in_name}" for c in sorted(gen.shapes))
-    raise ConfigError(f"--topology {name!r}: no such {gen_name} slice; known sizes: {sizes}")
+  try:
+    gen, chips = tpu_names.parse(name)
+  except ValueError as e:
+    raise ConfigError(f"--topology: {e}; or use local") from None
   grid = gen.shapes[chips]
   # Chips per host: 2x2 (4 chips) on multi-host slices; a single-host slice is one host.
   bounds = (2, 2, 1) if chips >= 16 or len(grid) == 3 else (grid + (1,) * 3)[:3]
   return Target(name=name, platform="tpu", num_devices=chips, memory_bytes=gen.hbm_bytes,
-                memory_source=f"HBM per {gen_name} chip", topology=f"{gen.prefix}:"
+                memory_source=f"HBM per {gen.name} chip", topology=f"{gen.prefix}:"
                 + "x".join(map(str, grid)), chip_config=gen.chip_config, host_bounds=bounds)
 
 
@@ -166,6 +135,14 @@ def target_mesh(config: Any, target: Target) -> jax.sharding.Mesh | jax.sharding
   (`get_topology_desc`, needs libtpu) or, without the runtime, an `AbstractMesh`."""
   if target.topology is None:
     return mesh_lib.make_mesh(config.mesh)
+  dcn = int(config.mesh.dcn_data)
+  if dcn > 1:  # as make_mesh checks it over local devices: a slice target is one slice
+    data = mesh_lib.mesh_shape((config.mesh.data, config.mesh.fsdp, config.mesh.tensor),
+                               target.num_devices)[0]
+    if data % dcn:
+      raise ValueError(f"mesh.dcn_data={dcn} does not divide the data axis size {data}.")
+    raise ValueError(f"mesh.dcn_data={dcn} but --topology {target.name} is one slice; compile "
+                     f"one slice of the multislice run with mesh.dcn_data=1")
   if not tpu_runtime_available():
     return mesh_lib.abstract_mesh(config.mesh, target.num_devices)
   from jax.experimental import topologies  # noqa: PLC0415

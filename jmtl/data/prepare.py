@@ -29,9 +29,12 @@ tensorflow-datasets missing, a dataset name the installed TFDS does not know).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import importlib
 import io
 import os
+import re
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -123,6 +126,15 @@ def _lines(text: str) -> str:
   return " ".join(keep)
 
 
+def _shorten(text: str, limit: int) -> str:
+  """`text` cut in the middle (" ... ") to at most `limit` characters: both ends stay, so a
+  message keeps its start and its cause at the end (a host, an errno)."""
+  if len(text) <= limit:
+    return text
+  head = (limit - 5) * 2 // 3
+  return f"{text[:head]} ... {text[len(text) - (limit - 5 - head):]}"
+
+
 def failure(task: str, name: str, e: BaseException) -> Exception:
   """The one-line error (ConfigError: exit 2, PrepareError: exit 1) for `e`, raised while
   preparing TFDS dataset `name` of `task`. An OSError that is none of these is returned as it
@@ -141,12 +153,16 @@ def failure(task: str, name: str, e: BaseException) -> Exception:
                           f"which is not installed (pip install tensorflow-cpu)")
   net = _network_error(e)
   if net is not None:
-    return PrepareError(f"{what}: a download failed, no network? ({type(net).__name__}: "
-                        f"{_lines(net)[:300]}); offline, put the dataset's original files "
-                        f"into data.tfds_manual_dir")
+    text = _lines(net)
+    host = re.search(r"host='([^']+)'|[Rr]esolve '([^']+)'|https?://([^/\s:'\"]+)", text)
+    where = f" from {next(g for g in host.groups() if g)}" if host else ""
+    return PrepareError(f"{what}: a download{where} failed, no network? ({type(net).__name__}: "
+                        f"{_shorten(text, 240)}); offline, put the dataset's original files "
+                        f"(named as in TFDS's checksums file, e.g. SST-2.zip) into "
+                        f"data.tfds_manual_dir")
   if isinstance(e, OSError):
     return e
-  return PrepareError(f"{what}: {kind}: {_lines(e)[:500]}")
+  return PrepareError(f"{what}: {kind}: {_shorten(_lines(e), 500)}")
 
 
 def prepare(config: Any, echo: Callable[[str], None] = print) -> list[dict]:
@@ -166,10 +182,11 @@ def prepare(config: Any, echo: Callable[[str], None] = print) -> list[dict]:
       raise ConfigError(f"config key 'data.tfds_dir' is empty: jmtl data prepare writes the "
                         f"TFDS datasets of {', '.join(t.name for t in needed)} there (e.g. "
                         f"--config.data.tfds_dir=gs://BUCKET/tfds)")
-    config_lib.path_exists(tfds_dir, "config key 'data.tfds_dir' =")
-    for key in ("tfds_download_dir", "tfds_manual_dir"):
-      if data[key]:
-        config_lib.path_exists(data[key], f"config key 'data.{key}' =")
+    _writable_dir(tfds_dir, "data.tfds_dir")
+    if data.tfds_download_dir:
+      _writable_dir(data.tfds_download_dir, "data.tfds_download_dir")
+    if data.tfds_manual_dir:  # may be missing: TFDS asks for it only when it needs a file
+      config_lib.path_exists(data.tfds_manual_dir, "config key 'data.tfds_manual_dir' =")
   done: dict[str, dict] = {}
   out = []
   for task in tasks:
@@ -194,20 +211,77 @@ def prepare(config: Any, echo: Callable[[str], None] = print) -> list[dict]:
   return out
 
 
+def _writable_dir(path: str, key: str) -> None:
+  """Makes folder `path` (config key `key`) if it is missing; ConfigError naming the key when
+  it cannot be reached, made or (local) written."""
+  what = f"config key '{key}' = {path!r}"
+  if not config_lib.path_exists(path, f"config key '{key}' ="):
+    try:
+      epath.Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise ConfigError(f"{what}: cannot create it ({e.strerror or e})") from e
+  elif not epath.Path(path).is_dir():
+    raise ConfigError(f"{what} is not a folder")
+  if not config_lib.is_bucket(path) and not os.access(path, os.W_OK | os.X_OK):
+    raise ConfigError(f"{what}: not writable")
+
+
+_PARTIAL = ("*.tmp.*", "*incomplete*")  # TFDS's unfinished downloads and dataset folders
+
+
+def _local_tree(roots: list[str]) -> set[str]:
+  """Every path under the local folders `roots` (buckets are left out)."""
+  found = set()
+  for root in roots:
+    if config_lib.is_bucket(root) or not os.path.isdir(root):
+      continue
+    for folder, dirs, files in os.walk(root):
+      found.update(os.path.join(folder, n) for n in dirs + files)
+  return found
+
+
+def _remove_leftovers(roots: list[str], before: set[str]) -> list[str]:
+  """After a failed preparation: removes what it left under the local `roots` that was not
+  there `before`: partial downloads and dataset folders (`_PARTIAL` names), then the folders
+  left empty, deepest first. Returns the removed paths. Bucket paths are not cleaned."""
+  removed = []
+  new = sorted(_local_tree(roots) - before, key=lambda p: -p.count(os.sep))
+  for path in new:
+    if not os.path.lexists(path):
+      continue
+    if any(fnmatch.fnmatch(os.path.basename(path), pat) for pat in _PARTIAL):
+      shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+      removed.append(path)
+  for path in new:
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+      os.rmdir(path)
+      removed.append(path)
+  return removed
+
+
 def _prepare_one(task: str, name: str, data: Any, tfds_dir: str) -> dict:
   """Builds one dataset. TFDS's own console output (progress bars, banners) goes to the absl
-  log at INFO, so the command prints only its own lines."""
+  log at INFO, so the command prints only its own lines. After a failure, what the attempt
+  left in the local data.tfds_dir and download dir is removed (`_remove_leftovers`)."""
   text = io.StringIO()
+  roots = [tfds_dir] + ([data.tfds_download_dir] if data.tfds_download_dir else [])
+  before = _local_tree(roots)
   try:
-    with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-      tfds = _tfds()
-      builder = builder_of(name, tfds_dir)
-      ready = builder.is_prepared()
-      if not ready:
-        builder.download_and_prepare(
-            download_dir=data.tfds_download_dir or None,
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=data.tfds_manual_dir or None))
+    try:
+      with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+        tfds = _tfds()
+        builder = builder_of(name, tfds_dir)
+        ready = builder.is_prepared()
+        if not ready:
+          builder.download_and_prepare(
+              download_dir=data.tfds_download_dir or None,
+              download_config=tfds.download.DownloadConfig(
+                  manual_dir=data.tfds_manual_dir or None))
+    except BaseException:
+      removed = _remove_leftovers(roots, before)
+      if removed:
+        logging.info("removed what the failed preparation of %s left: %s", name, removed)
+      raise
   except ConfigError:
     raise
   except PrepareError as e:
