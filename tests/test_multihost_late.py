@@ -4,8 +4,9 @@ other (a slow compile, a persistent-cache miss on one host, a slow first batch).
 On CPU, XLA builds a gloo context at the first collective over a new set of devices and waits
 for the other processes there with a fixed 30 s timeout; `distributed.first_run_sync` makes
 every process wait for the others at the coordination service's barrier instead (timeout
-dist.initialization_timeout_s). Here process 1 holds its first batch for 40 s: both processes
-must finish with the numbers of a 1-process run.
+dist.initialization_timeout_s). Here process 1 holds its first batch until 40 s after process 0
+has compiled the train step: both processes must finish with the numbers of a 1-process run
+(without `first_run_sync` process 0 fails after 30 s and process 1 aborts).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from test_multihost import SST2, _env, _port
 from jmtl.parallel import distributed
 
 HOLD_S = 40.0  # > gloo's 30 s key-value wait
+COMPILED = "Finished XLA compilation of jit(step)"  # jax_log_compiles' line
 
 
 def test_first_run_sync_is_the_plain_call_with_one_process():
@@ -75,6 +77,8 @@ def test_process_reaching_first_train_step_40s_late_gives_the_one_process_run(
     env = _env(data_dir, cache, 4, f"hold_at=1:{release}" if pid else "")
     if pid:
       env["JMTL_FAULT_TRACE"] = str(trace)
+    else:
+      env["JAX_LOG_COMPILES"] = "1"  # says when process 0 has compiled the train step
     argv = faults.cmd(work, *SST2, "--config.dist.initialize=true",
                       f"--config.dist.coordinator_address=localhost:{port}",
                       "--config.dist.num_processes=2", f"--config.dist.process_id={pid}")
@@ -82,6 +86,10 @@ def test_process_reaching_first_train_step_40s_late_gives_the_one_process_run(
   try:
     faults.wait_until(lambda: trace.exists() and "hold 1" in trace.read_text(), jobs[1],
                       timeout=300, what="process 1 holding its first batch")
+    # From here process 0 is at the train step's first run (its compile has finished), and
+    # process 1 reaches it more than HOLD_S s later.
+    faults.wait_until(lambda: COMPILED in jobs[0].err_path.read_text(), jobs[0], timeout=300,
+                      what="process 0 compiling the train step")
     held = time.monotonic()
     # Process 0 must still be running (waiting for process 1) when the hold ends.
     while time.monotonic() - held < HOLD_S:
