@@ -125,8 +125,8 @@ def greedy_decode(head: nnx.Module, encoder_states: Array, encoder_mask: Array, 
   _check_args(encoder_states, encoder_mask, max_len, no_repeat_ngram)
   graphdefs, states = _split(head, embedding)
   return _greedy_synced(graphdefs, states, encoder_states, encoder_mask, source_ids,
-                 bos_id=int(bos_id), eos_id=int(eos_id), pad_id=int(pad_id), max_len=int(max_len),
-                 no_repeat_ngram=int(no_repeat_ngram))
+                        bos_id=int(bos_id), eos_id=int(eos_id), pad_id=int(pad_id),
+                        max_len=int(max_len), no_repeat_ngram=int(no_repeat_ngram))
 
 
 # ---------------------------------------------------------------------------- beam search
@@ -208,10 +208,10 @@ def beam_search(head: nnx.Module, encoder_states: Array, encoder_mask: Array, *,
     raise ValueError(f"beam_size (eval.beam_size) must be >= 1, got {beam_size}")
   graphdefs, states = _split(head, embedding)
   return _beam_synced(graphdefs, states, encoder_states, encoder_mask, source_ids,
-               jnp.float32(length_penalty),
-               bos_id=int(bos_id), eos_id=int(eos_id), pad_id=int(pad_id),
-               max_len=int(max_len), beam_size=int(beam_size),
-               no_repeat_ngram=int(no_repeat_ngram))
+                      jnp.float32(length_penalty),
+                      bos_id=int(bos_id), eos_id=int(eos_id), pad_id=int(pad_id),
+                      max_len=int(max_len), beam_size=int(beam_size),
+                      no_repeat_ngram=int(no_repeat_ngram))
 
 
 # ---------------------------------------------------------------------------- generate
@@ -244,7 +244,7 @@ def generate(model: Any, task_batch: dict[str, Any], task: str, *, eval_cfg, bos
   trunk_def, trunk_state = nnx.split(model.trunk)
   mask = jnp.asarray(task_batch["attention_mask"])
   hidden = _encode_synced(trunk_def, trunk_state, jnp.asarray(task_batch["input_ids"]),
-                   jnp.asarray(task_batch["segment_ids"]), mask)
+                          jnp.asarray(task_batch["segment_ids"]), mask)
   embedding = model.trunk.token_embedding if head.tie_embeddings else None
   source_ids = (jnp.asarray(task_batch["input_ids"], jnp.int32)
                 if getattr(head, "use_copy", False) else None)

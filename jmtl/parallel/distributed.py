@@ -623,7 +623,7 @@ def _signature(args: tuple, kwargs: dict) -> Any:
   sig = []
   for x in leaves:
     if isinstance(x, jax.Array):
-      sig.append((x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding))  # keys: none
+      sig.append((x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding))  # key arrays: none
     elif isinstance(x, (np.ndarray, np.generic)):
       sig.append((np.shape(x), np.asarray(x).dtype))
     else:
@@ -659,8 +659,8 @@ def first_run_sync(fn: Any, name: str) -> Callable[..., Any]:
   shapes, dtypes, shardings, static values) this wrapper has not seen first compiles ahead
   (`fn.lower(...).compile()`; `fn`'s own cache then serves the call, with no second trace or
   compile), then waits at the barrier `jmtl/first-run/<name>/<i>` (the i-th new executable met
-  under `name` in this process, the same on every process because they run the same program) from
-  `orbax.checkpoint.multihost.get_barrier_sync_fn`, for at most dist.initialization_timeout_s
+  under `name` in this process, the same on every process because they run the same program)
+  from `orbax.checkpoint.multihost.get_barrier_sync_fn`, for at most dist.initialization_timeout_s
   seconds (a process that never comes: JaxRuntimeError DEADLINE_EXCEEDED, which the CLI
   reports as a lost process), then calls `fn`. With one process it calls `fn` directly (no
   ahead-of-time compile, no extra trace). `name` must be unique per function (e.g.

@@ -86,7 +86,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   `state_shardings` and the `batch` rule, state donated); `step_fn` adds shape checks and
   casts `val_metric` to float32 and `val_count` to int32 so the cache key never changes, and
   with several processes makes them all reach each new executable's first run together
-  (`distributed.first_run_sync`); `step_fn.trace_count()` says how many times the step was traced (compiled).
+  (`distributed.first_run_sync`); `step_fn.trace_count()` says how many times the step was
+  traced (compiled).
   """
   tx = optax.with_extra_args_support(tx)
   rules = tuple(tuple(r) for r in config.mesh.rules)
