@@ -66,6 +66,7 @@ from jmtl.federated import robust
 from jmtl.federated import secagg
 from jmtl.federated import compression
 from jmtl.federated import privacy
+from jmtl.parallel import distributed
 from jmtl.parallel.mesh import SITE_AXIS
 
 SITE = SITE_AXIS
@@ -405,11 +406,13 @@ def make_round(loss_fn: LossFn, client_tx: optax.GradientTransformation,
                    "weights": site_sh, "delta_norm": rep, "applied": rep}
       if secure is not None:
         metric_sh["secagg_clipped"] = rep
-      compiled[key] = jax.jit(
+      # Every process reaches each new executable's first run together
+      # (`distributed.first_run_sync`: a late one would fail the others' first collective).
+      compiled[key] = distributed.first_run_sync(jax.jit(
           round_body,
           in_shardings=(server_sh, client_sh, batch_sh, site_sh, site_sh, site_sh, site_sh,
                         site_sh, site_sh, site_sh, extra_sh),
-          out_shardings=(server_sh, client_sh, metric_sh), donate_argnums=(0, 1))
+          out_shardings=(server_sh, client_sh, metric_sh), donate_argnums=(0, 1)), "fed_round")
     args = jax.device_put(
         (site_batches, jnp.asarray(examples, jnp.float32), jnp.asarray(mask, jnp.float32),
          jnp.asarray(holds), jnp.asarray(modes), jnp.asarray(scale), seeds, coef, extra),

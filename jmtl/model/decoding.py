@@ -124,9 +124,9 @@ def greedy_decode(head: nnx.Module, encoder_states: Array, encoder_mask: Array, 
   `source_ids` [B,L]: the source tokens, for a copying head."""
   _check_args(encoder_states, encoder_mask, max_len, no_repeat_ngram)
   graphdefs, states = _split(head, embedding)
-  return _greedy(graphdefs, states, encoder_states, encoder_mask, source_ids,
-                 bos_id=int(bos_id), eos_id=int(eos_id), pad_id=int(pad_id), max_len=int(max_len),
-                 no_repeat_ngram=int(no_repeat_ngram))
+  return _greedy_synced(graphdefs, states, encoder_states, encoder_mask, source_ids,
+                        bos_id=int(bos_id), eos_id=int(eos_id), pad_id=int(pad_id),
+                        max_len=int(max_len), no_repeat_ngram=int(no_repeat_ngram))
 
 
 # ---------------------------------------------------------------------------- beam search
@@ -207,11 +207,11 @@ def beam_search(head: nnx.Module, encoder_states: Array, encoder_mask: Array, *,
   if beam_size < 1:
     raise ValueError(f"beam_size (eval.beam_size) must be >= 1, got {beam_size}")
   graphdefs, states = _split(head, embedding)
-  return _beam(graphdefs, states, encoder_states, encoder_mask, source_ids,
-               jnp.float32(length_penalty),
-               bos_id=int(bos_id), eos_id=int(eos_id), pad_id=int(pad_id),
-               max_len=int(max_len), beam_size=int(beam_size),
-               no_repeat_ngram=int(no_repeat_ngram))
+  return _beam_synced(graphdefs, states, encoder_states, encoder_mask, source_ids,
+                      jnp.float32(length_penalty),
+                      bos_id=int(bos_id), eos_id=int(eos_id), pad_id=int(pad_id),
+                      max_len=int(max_len), beam_size=int(beam_size),
+                      no_repeat_ngram=int(no_repeat_ngram))
 
 
 # ---------------------------------------------------------------------------- generate
@@ -219,6 +219,13 @@ def beam_search(head: nnx.Module, encoder_states: Array, encoder_mask: Array, *,
 def _encode(graphdef, state, input_ids, segment_ids, attention_mask) -> Array:
   trunk = nnx.merge(graphdef, state)
   return trunk(input_ids, segment_ids, attention_mask, deterministic=True)
+
+
+# With several processes, every process reaches each new executable's first run together
+# (a late one would otherwise fail the others' first collective: `distributed.first_run_sync`).
+_greedy_synced = distributed.first_run_sync(_greedy, "decode_greedy")
+_beam_synced = distributed.first_run_sync(_beam, "decode_beam")
+_encode_synced = distributed.first_run_sync(_encode, "decode_encode")
 
 
 def generate(model: Any, task_batch: dict[str, Any], task: str, *, eval_cfg, bos_id: int,
@@ -236,8 +243,8 @@ def generate(model: Any, task_batch: dict[str, Any], task: str, *, eval_cfg, bos
   head = model.heads[task]
   trunk_def, trunk_state = nnx.split(model.trunk)
   mask = jnp.asarray(task_batch["attention_mask"])
-  hidden = _encode(trunk_def, trunk_state, jnp.asarray(task_batch["input_ids"]),
-                   jnp.asarray(task_batch["segment_ids"]), mask)
+  hidden = _encode_synced(trunk_def, trunk_state, jnp.asarray(task_batch["input_ids"]),
+                          jnp.asarray(task_batch["segment_ids"]), mask)
   embedding = model.trunk.token_embedding if head.tie_embeddings else None
   source_ids = (jnp.asarray(task_batch["input_ids"], jnp.int32)
                 if getattr(head, "use_copy", False) else None)

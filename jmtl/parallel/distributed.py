@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost as ocp_multihost
 
 _log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def initialize(dist_cfg: Any, config: dict[str, Any] | None = None) -> bool:
   # Only the CPU client's cross-process collectives (harmless on TPU/GPU hosts).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
+  global _first_run_timeout_s
+  _first_run_timeout_s = float(dist_cfg.initialization_timeout_s or _DEFAULT_TIMEOUT_S)
   _log.info("distributed: process %d of %d, %d local / %d global devices",
             jax.process_index(), jax.process_count(), jax.local_device_count(),
             jax.device_count())
@@ -507,7 +510,8 @@ def stop_flag_fn(mesh: jax.sharding.Mesh) -> Callable[[int], jax.Array]:
   axes = tuple(mesh.axis_names)
   sh = NamedSharding(mesh, PartitionSpec(axes))
   n = mesh.size
-  reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  reduce = first_run_sync(jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec())),
+                          "stop_flag")
 
   def fn(local_value: int) -> jax.Array:
     x = jax.make_array_from_callback(
@@ -695,6 +699,84 @@ def abandon(code: int) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)  # pylint: disable=protected-access
+
+
+# How long `first_run_sync` waits at its barrier: dist.initialization_timeout_s (set by
+# `initialize`; 0 there = this default, JAX's own join timeout).
+_DEFAULT_TIMEOUT_S = 300.0
+_first_run_timeout_s = _DEFAULT_TIMEOUT_S
+# How many new executables `first_run_sync` has met per name (the barriers' key suffix).
+_first_runs: collections.Counter[str] = collections.Counter()
+
+
+def _signature(args: tuple, kwargs: dict) -> Any:
+  """What a jitted function's executable depends on: the pytree structure of the arguments and,
+  per leaf, (shape, dtype, weak_type, sharding) for arrays, the value for anything else (a
+  static argument; `repr` when it is not hashable)."""
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  sig = []
+  for x in leaves:
+    if isinstance(x, jax.Array):
+      sig.append((x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding))  # key arrays: none
+    elif isinstance(x, (np.ndarray, np.generic)):
+      sig.append((np.shape(x), np.asarray(x).dtype))
+    else:
+      try:
+        hash(x)
+        sig.append((type(x), x))
+      except TypeError:
+        sig.append((type(x), repr(x)))
+  return treedef, tuple(sig)
+
+
+def first_run_sync(fn: Any, name: str) -> Callable[..., Any]:
+  """`fn` (a `jax.jit` function) made safe against one process reaching a new executable's
+  collectives much later than the others (a slow compile, a persistent-cache miss on one host,
+  a slow first batch). Same call signature and results as `fn`.
+
+  Why: on CPU, XLA's cross-process collectives use gloo. A gloo context belongs to a *clique*
+  (the set of global devices of one collective's replica group), not to an executable: the
+  first collective over a device set builds it (`connectFullMesh`), each rank publishing its
+  address under the key `gloo/<device ids>/<rank>` in the coordination service's key-value
+  store and reading the others' with a fixed 30 s `GetKeyValue` timeout (a failing key such as
+  `cpu:gloo/0,1,2,3,2048,2049,2050,2051/4` names the 8 devices of the train step's all-reduce
+  and rank 4, process 1's first device). Measured (jax 0.10, 2 processes x 4 CPU devices): a
+  new executable whose collective runs over a device set an earlier executable already used
+  waits 40 s for a late process without error (the context is reused and its operations have
+  no such timeout), while a first collective over a new device set (the train step's 8-device
+  all-reduce after the start-up checks' 2-device ones) fails after 30 s, and jax has no setting
+  for that timeout. So the danger is the first run of an executable; this wrapper makes every
+  process reach it together, through the coordination service's barrier (whose timeout is
+  settable) instead of through gloo.
+
+  How: with more than one process, a call whose signature (`_signature`: argument structure,
+  shapes, dtypes, shardings, static values) this wrapper has not seen first compiles ahead
+  (`fn.lower(...).compile()`; `fn`'s own cache then serves the call, with no second trace or
+  compile), then waits at the barrier `jmtl/first-run/<name>/<i>` (the i-th new executable met
+  under `name` in this process, the same on every process because they run the same program)
+  from `orbax.checkpoint.multihost.get_barrier_sync_fn`, for at most dist.initialization_timeout_s
+  seconds (a process that never comes: JaxRuntimeError DEADLINE_EXCEEDED, which the CLI
+  reports as a lost process), then calls `fn`. With one process it calls `fn` directly (no
+  ahead-of-time compile, no extra trace). `name` must be unique per function (e.g.
+  "train_step"); the wrapper keeps `fn` as `.jitted`.
+  """
+  seen: set[Any] = set()
+
+  def call(*args: Any, **kwargs: Any) -> Any:
+    if jax.process_count() > 1:
+      sig = _signature(args, kwargs)
+      if sig not in seen:
+        fn.lower(*args, **kwargs).compile()
+        index = _first_runs[name]
+        _first_runs[name] += 1
+        _log.info("first run of %s #%d: waiting for every process", name, index)
+        ocp_multihost.get_barrier_sync_fn()(key=f"jmtl/first-run/{name}/{index}",
+                                            timeout_ms=int(_first_run_timeout_s * 1000))
+        seen.add(sig)
+    return fn(*args, **kwargs)
+
+  call.jitted = fn  # type: ignore[attr-defined]
+  return call
 
 
 def barrier(name: str) -> None:

@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jmtl import mtl as mtl_lib
+from jmtl.parallel import distributed
 from jmtl.parallel import sharding as sharding_lib
 from jmtl.train.state import TrainState
 
@@ -83,8 +84,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   trunk's coefficient of grad L_t is beta_t w_t), `grad_norm` (global L2 norm of the
   gradients), `nonfinite`, `skipped`. The jitted function is `step_fn.jitted` (in/out shardings from
   `state_shardings` and the `batch` rule, state donated); `step_fn` adds shape checks and
-  casts `val_metric` to float32 and `val_count` to int32 so the cache key never changes;
-  `step_fn.trace_count()` says how many times the step was traced (compiled).
+  casts `val_metric` to float32 and `val_count` to int32 so the cache key never changes, and
+  with several processes makes them all reach each new executable's first run together
+  (`distributed.first_run_sync`); `step_fn.trace_count()` says how many times the step was
+  traced (compiled).
   """
   tx = optax.with_extra_args_support(tx)
   rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -174,6 +177,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_sh, rep, rep),
                    out_shardings=(state_shardings, rep), donate_argnums=0)
+  synced = distributed.first_run_sync(jitted, "train_step")
 
   def step_fn(state: TrainState, batch: Batch, val_metric: Any = 0.0, val_count: Any = 0):
     unknown = sorted(set(batch) - set(kinds))
@@ -184,7 +188,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                        f"{balancing.weighting.name!r} need every task in every batch "
                        f"(data.mixing = 'mixed'); this batch has {sorted(batch)}")
     sharding_lib.check_batch(batch, mesh, rules)
-    return jitted(state, batch, jnp.asarray(val_metric, jnp.float32),
+    return synced(state, batch, jnp.asarray(val_metric, jnp.float32),
                   jnp.asarray(val_count, jnp.int32))
 
   step_fn.jitted = jitted  # type: ignore[attr-defined]
@@ -198,7 +202,8 @@ def make_predict_fn(graphdef: nnx.GraphDef, config: Any, state_shardings: TrainS
 
   `task` is static (one compilation per task and batch shape); the batch is sharded by the
   `batch` rule (its rows must be a multiple of the batch shards: ValueError otherwise),
-  parameters as in `state_shardings`. The jitted function is `fn.jitted`.
+  parameters as in `state_shardings`. With several processes, each new executable's first run
+  waits for every process (`distributed.first_run_sync`). The jitted function is `fn.jitted`.
   """
   rules = tuple(tuple(r) for r in config.mesh.rules)
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
@@ -210,11 +215,12 @@ def make_predict_fn(graphdef: nnx.GraphDef, config: Any, state_shardings: TrainS
 
   jitted = jax.jit(predict, static_argnums=3,
                    in_shardings=(state_shardings.params, state_shardings.rest, batch_sh))
+  synced = distributed.first_run_sync(jitted, "predict")
 
   def predict_fn(params: nnx.State, rest: nnx.State, task_batch: Mapping[str, Any],
                  task: str) -> dict[str, jax.Array]:
     sharding_lib.check_batch({task: task_batch}, mesh, rules)
-    return jitted(params, rest, task_batch, task)
+    return synced(params, rest, task_batch, task)
 
   predict_fn.jitted = jitted  # type: ignore[attr-defined]
   return predict_fn
