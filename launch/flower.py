@@ -5,7 +5,8 @@ Standard library only; never imports jmtl. --dry-run prints the exact commands a
 
   flower.py certs --host H [--out DIR] [--days 365]
       a CA (ca.pem, ca.key: keep ca.key off the sites) and the SuperLink's server certificate
-      for H (server.pem, server.key), with openssl (>= 3.0)
+      for H and for localhost / 127.0.0.1 / ::1, which the SuperLink's own SuperExec dials
+      (server.pem, server.key), with openssl (>= 3.0)
   flower.py superlink [--certs DIR] [--port 9093] [--database PATH] [--env KEY=VALUE ...]
       the SuperLink (Fleet, Control and runtime APIs on one HTTPS port), on the server machine
   flower.py supernode --superlink H:PORT --site NAME [--ca PATH] [--port 9094]
@@ -21,6 +22,7 @@ compilation cache (--cache) at a directory: only a site's first round compiles.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import sys
@@ -30,44 +32,61 @@ import _common as C  # noqa: E402
 
 
 def parser() -> C.Parser:
-  p = C.Parser(prog="flower.py", description=__doc__.split("\n\n")[0])
+  fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # --help shows defaults
+  p = C.Parser(prog="flower.py", description=__doc__.split("\n\n")[0], **fmt)
   sub = p.add_subparsers(dest="cmd", required=True)
-  c = sub.add_parser("certs", help="CA + SuperLink server certificate (openssl)")
+  c = sub.add_parser("certs", help="CA + SuperLink server certificate (openssl)", **fmt)
   c.add_argument("--host", required=True, help="the SuperLink's DNS name or IP address")
-  c.add_argument("--out", default="certs")
-  c.add_argument("--days", type=C.positive, default=365)
-  s = sub.add_parser("superlink", help="start the SuperLink (TLS)")
+  c.add_argument("--out", default="certs", help="directory for ca.pem, ca.key, server.pem, "
+                 "server.key")
+  c.add_argument("--days", type=C.positive, default=365, help="validity of both certificates")
+  s = sub.add_parser("superlink", help="start the SuperLink (TLS)", **fmt)
   s.add_argument("--certs", default="certs", help="directory of ca.pem, server.pem, server.key")
-  s.add_argument("--port", type=C.positive, default=9093)
+  s.add_argument("--port", type=C.positive, default=9093,
+                 help="the one HTTPS port of the Fleet, Control and runtime APIs")
   s.add_argument("--database", default="superlink.db", help="the SuperLink's state (SQLite)")
-  s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-  n = sub.add_parser("supernode", help="start one site's SuperNode")
+  s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                 help="more environment, e.g. JMTL_DATA_DIR=/data (repeatable)")
+  n = sub.add_parser("supernode", help="start one site's SuperNode", **fmt)
   n.add_argument("--superlink", required=True, help="H:PORT of the SuperLink")
   n.add_argument("--site", required=True, help="the site's name in fed.sites")
   n.add_argument("--ca", default="certs/ca.pem", help="the CA certificate (ca.pem)")
   n.add_argument("--port", type=C.positive, default=9094,
-                 help="the SuperNode's local runtime API port (localhost only)")
+                 help="the SuperNode's local runtime API port (localhost only; several "
+                 "SuperNodes on one host need one port each)")
   n.add_argument("--cache", default="jax-cache", help="JAX persistent compilation cache dir")
   n.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="more environment, e.g. JMTL_DATA_DIR=/data (repeatable)")
-  r = sub.add_parser("run", help="jmtl federated --config.fed.backend=flower")
-  r.add_argument("--config", required=True)
+  r = sub.add_parser("run", help="jmtl federated --config.fed.backend=flower", **fmt)
+  r.add_argument("--config", required=True, help="the jmtl config (same path on every site)")
   r.add_argument("--workdir", required=True, help="written by the server (SuperLink machine)")
   r.add_argument("--connection", default="", help="SuperLink connection name ('' = default)")
   r.add_argument("--wait-s", type=C.nonneg, default=0,
-                 help="follow rounds.jsonl this long (when the workdir is visible here)")
-  r.add_argument("--jmtl", default="jmtl", help="the jmtl executable (default: jmtl on PATH)")
+                 help="seconds to follow the run's rounds.jsonl (fed.flower.wait_s; the "
+                 "workdir must be visible here); 0 = return once submitted, then follow it "
+                 "with `flwr log RUN_ID` or the workdir's rounds.jsonl")
+  r.add_argument("--jmtl", default="jmtl", help="the jmtl executable (a name is looked up on PATH)")
   for q in (c, s, n, r):
     q.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   return p
 
 
+# Names the server certificate holds besides --host: the SuperLink's own SuperExec (the process
+# that starts each run's ServerApp) dials the SuperLink at 127.0.0.1:<port>, and gRPC checks the
+# certificate against that name (RFC 6125; without it: "certificate is not valid for
+# '127.0.0.1'", and no ServerApp can run).
+LOCAL_NAMES = ("DNS:localhost", "IP:127.0.0.1", "IP:::1")
+
+
 def _san(host: str) -> str:
+  """The server certificate's subjectAltName: --host (IP: for an address, else DNS:), then
+  LOCAL_NAMES, each once."""
   try:
-    ipaddress.ip_address(host)
-    return f"subjectAltName=IP:{host}"
+    own = f"IP:{ipaddress.ip_address(host)}"
   except ValueError:
-    return f"subjectAltName=DNS:{host}"
+    own = f"DNS:{host}"
+  names = [own] + [n for n in LOCAL_NAMES if n != own]
+  return "subjectAltName=" + ",".join(names)
 
 
 def plan(a, extra: list[str]) -> list:
