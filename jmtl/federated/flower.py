@@ -58,7 +58,10 @@ Files in `workdir` (written by the server process only, which holds the workdir'
 `sites` (those that replied), `dropped`, `applied`, `loss` (example-weighted L_k),
 `site_loss`, `weights`, `bytes_up` / `bytes_down` per site and `total`, `seconds` (measured),
 `site_seconds` (each site's measured local work), `errors` {node id: first line of the
-error} when a SuperNode's ClientApp raised (also printed on the server's stderr), and
+error} when a SuperNode's ClientApp raised or the SuperLink answered for a node it lost (under
+the node the message was sent to; also printed on the server's stderr), `timed_out` (the sites,
+or "node <id>" for a node not yet heard from, whose reply did not come within round-timeout;
+also on stderr; `bytes_down`'s `total` counts every message sent, theirs included), and
 `<task>/<metric>` at evaluation rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
 federated`: written to a temporary directory and renamed, keep-N, meta with the run's
 fingerprint; the tree is `loop.flower_checkpoint_tree`: the server parameters and optimizer state), and
@@ -626,13 +629,20 @@ def _robust_aggregate(stack, groups, mask, holds, rule, trim, byzantine_f, krum_
 PULL_INTERVAL_S = 0.1  # the server's poll for replies (Flower's send_and_receive sleeps 3 s)
 
 
-def send_and_receive(grid: Any, msgs: list, timeout: float | None) -> list:
+def send_and_receive(grid: Any, msgs: list, timeout: float | None,
+                     sent: dict | None = None) -> list:
   """Flower's `Grid.send_and_receive` (push the messages, pull their replies until all are in
   or `timeout` seconds passed; None = no limit) polling every PULL_INTERVAL_S seconds instead
-  of Flower's 3 (a round waited 1.5 s on average for that poll alone)."""
+  of Flower's 3 (a round waited 1.5 s on average for that poll alone). `sent` (a dict), when
+  given, receives {message id: the node it was sent to (dst_node_id)} in push order: a reply's
+  `reply_to_message_id` names its node there, also for an error reply that the SuperLink wrote
+  itself for a node it lost (whose src_node_id is the SuperLink's, not the node's)."""
   # The ids in push order (a dict, not a set: the pulls, and so which of two replies for one
   # site counts first in `_round`, do not depend on string hashing).
-  pending = dict.fromkeys(grid.push_messages(msgs))
+  ids = list(grid.push_messages(msgs))
+  if sent is not None:
+    sent.update(zip(ids, (m.metadata.dst_node_id for m in msgs)))
+  pending = dict.fromkeys(ids)
   replies: list = []
   deadline = time.time() + (float("inf") if timeout is None else timeout)
   while pending:
@@ -789,6 +799,8 @@ class _Server:
     self.start, self._outputs = 0, None
     # Per site, the token of its latest reply that a round applied (`_round`, `site_train`).
     self.applied_replies: dict[int, str] = {}
+    # Node id (str) -> the site its applied replies were for (names a timed-out node).
+    self.node_sites: dict[str, str] = {}
     if restored is not None:
       self.start, tree, _, meta = restored
       tree = jax.device_get(tree)
@@ -907,8 +919,12 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
   """Round r (0-based): the messages out (with each site's latest applied reply token,
   `site_train`), the replies in, aggregation and the server step; returns the round's
   rounds.jsonl row. A second node claiming a site that already replied this round is refused
-  (first reply kept; a line on stderr and in the row's `errors`); `bytes_down` counts every
-  message sent to a node that replied, the refused ones included."""
+  (first reply kept; a line on stderr and in the row's `errors`). An error reply goes into
+  `errors` under the node its message was sent to; the nodes that did not reply within
+  `timeout` into `timed_out` (site names, "node <id>" for a node that never replied in this
+  run; a line on stderr). `bytes_down` per site: the sites whose reply was applied; its
+  `total`: every message sent (each one was there to download: a refused claimant's, an error
+  reply's and a timed-out node's too)."""
   S = len(problem.sites)
   t0 = time.time()
   record = to_record(server.params)
@@ -917,15 +933,19 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
   msgs = [Message(content=RecordDict({"params": record,
                                       "config": ConfigRecord({"round": r, "applied": applied})}),
                   message_type="train", dst_node_id=n) for n in grid.get_node_ids()]
-  replies = send_and_receive(grid, msgs, timeout)
+  sent: dict = {}  # message id -> the node it went to
+  replies = send_and_receive(grid, msgs, timeout, sent)
   deltas: list[Any] = [None] * S
   examples = np.zeros(S, np.float32)
   info: dict[int, dict] = {}
   errors: dict[str, str] = {}
   claimed: dict[int, str] = {}  # site -> the node whose reply counts
-  refused = 0
+  answered: set = set()  # the message ids that got a reply
   for rep in replies:
-    node = str(rep.metadata.src_node_id)
+    answered.add(rep.metadata.reply_to_message_id)
+    # The node the message went to (a SuperNode the SuperLink lost gets an error reply whose
+    # src_node_id is the SuperLink's own id).
+    node = str(sent.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id))
     if rep.has_error():  # a SuperNode whose ClientApp raised (e.g. an unknown node config site)
       reason = str(getattr(rep.error, "reason", "") or rep.error).strip()
       errors[node] = (reason.splitlines() or [""])[0]
@@ -938,9 +958,9 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
                       f"already replied for: its reply is refused (give each SuperNode its own "
                       f"node config site)")
       print(f"round {r + 1}: {errors[node]}", file=sys.stderr, flush=True)
-      refused += 1
       continue
     claimed[k] = node
+    server.node_sites[node] = problem.sites[k]
     deltas[k] = (decode_update(problem, k, rep.content["delta"], server.params)
                  if codec_of(problem) is not None
                  else from_record(rep.content["delta"], server.params))
@@ -950,6 +970,13 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
     info[k] = {"up": payload_bytes(rep.content["delta"]), "token": token,
                **{m: float(rep.content["metrics"][m])
                   for m in ("site_loss", "train_loss", "seconds")}}
+  # Nodes whose reply did not come within round-timeout: named by the site they last replied
+  # for in this run (`_Server.node_sites`), else "node <id>".
+  timed_out = sorted({server.node_sites.get(str(n), f"node {n}")
+                      for i, n in sent.items() if i not in answered})
+  if timed_out:
+    print(f"round {r + 1}: no reply within round-timeout {timeout:g} s from "
+          f"{', '.join(timed_out)}", file=sys.stderr, flush=True)
   part = sorted(info)
   delta, w = aggregate(deltas, examples, server.params, problem.groups, problem.holds,
                        rule=problem.aggregator, trim=problem.trim,
@@ -969,10 +996,11 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
           "bytes_up": {**{problem.sites[k]: info[k]["up"] for k in part},
                        "total": sum(info[k]["up"] for k in part)},
           "bytes_down": {**{problem.sites[k]: down for k in part},
-                         "total": down * (len(part) + refused)},
+                         "total": down * len(sent)},
           "seconds": time.time() - t0,
           "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part},
-          **({"errors": errors} if errors else {})}
+          **({"errors": errors} if errors else {}),
+          **({"timed_out": timed_out} if timed_out else {})}
 
 
 def _make_server_app():
