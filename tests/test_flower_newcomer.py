@@ -88,3 +88,43 @@ def test_a_node_that_never_replied_is_named_by_its_id(tmp_path):
   (row,) = _rows(wd)
   assert row["sites"] == ["a"] and row["timed_out"] == ["node 2"]
   assert row["bytes_down"]["total"] == 2 * DOWN
+
+
+@pytest.mark.slow
+def test_jmtl_eval_of_a_flower_workdir_runs_on_a_one_device_host(tmp_path, data_dir):
+  """A Flower server checkpoint of tiny_fed_flower.py (2 sites x 1 device), made in-process by
+  the server (`flower._Server`, the Problem every SuperNode builds: `jmtl_problem`) with
+  parameters moved off their initial values, is evaluated by `jmtl eval --backend flower` in a
+  process with ONE device (the SuperLink host): it runs (no 'need 2 devices' traceback) and its
+  metrics equal the server's own evaluation of those parameters (`Problem.evaluate`, the call
+  the server makes at its last round)."""
+  import jax
+  config = str(ROOT / "tests" / "configs" / "tiny_fed_flower.py")
+  wd = tmp_path / "wd"
+  rc = {"problem": "jmtl.federated.flower:jmtl_problem", "config": config,
+        "overrides": "--config.fed.rounds=1 --config.fed.backend=flower", "workdir": str(wd),
+        "rounds": 1, "round-timeout": 60.0, "wait-sites": 0.0}
+  problem = flower.jmtl_problem(rc)
+  evaluate, problem.evaluate = problem.evaluate, None
+  server = flower._Server(problem, rc)  # noqa: SLF001
+  try:
+    rng = np.random.default_rng(0)
+    server.params = jax.tree.map(
+        lambda x: (x + 0.05 * rng.standard_normal(np.shape(x))).astype(np.float32),
+        server.params)
+    server.end_round(1, {"round": 1, "sites": ["a", "b"], "applied": 1})
+  finally:
+    server.close()
+  want, _ = evaluate(server.params, server.opt_state, 1)
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JMTL_DATA_DIR=str(data_dir),
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run([sys.executable, "-m", "jmtl.cli", "eval", "--config", config,
+                        "--backend", "flower", "--workdir", str(wd),
+                        "--config.fed.rounds=1"], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stdout + out.stderr
+  got = json.loads((wd / "eval.json").read_text())
+  assert got["step"] == 1
+  assert want and set(want) <= set(got)
+  for k, v in want.items():
+    assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k

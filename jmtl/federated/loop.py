@@ -150,6 +150,16 @@ def build_mesh(config: ml_collections.ConfigDict, sites: list[sites_lib.Site]):
   return mesh_lib.make_site_mesh(config.mesh, len(sites), sites[0].devices)
 
 
+def server_eval_mesh():
+  """The mesh `jmtl eval` evaluates a Flower server checkpoint on: one site of every device
+  this process has, all on the data axis (data = D, fsdp = tensor = 1; D = jax.device_count()).
+  A Flower checkpoint holds the server state only (`flower_checkpoint_tree`), so it needs
+  none of the sites' devices (the SuperLink host may have one device for S sites)."""
+  n = jax.device_count()
+  return mesh_lib.make_site_mesh(ml_collections.ConfigDict({"data": n, "fsdp": 1, "tensor": 1}),
+                                 1, n)
+
+
 def local_sites(mesh) -> set[int]:
   """Indices of the sites with a device on this process (all of them with one process)."""
   me = jax.process_index()
@@ -796,9 +806,10 @@ def _changed_eval_keys(wd: epath.Path, config: ml_collections.ConfigDict) -> lis
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
                      ) -> dict[str, float]:
   """`jmtl eval` on a federated workdir (`jmtl federated`'s, or a Flower server's with
-  fed.backend = flower: its checkpoint holds the server state only): the server parameters of
-  the latest checkpoint on the global evaluation split (writes eval.json / predictions like the
-  trainer's eval)."""
+  fed.backend = flower: its checkpoint holds the server state only, evaluated on every device
+  of this host, `server_eval_mesh`, not the sites' mesh): the server parameters of the latest
+  checkpoint on the global evaluation split (writes eval.json / predictions like the trainer's
+  eval)."""
   wd = train_loop._workdir(workdir)  # noqa: SLF001
   with train_loop._lock(wd, "eval"), train_loop.StopRequest() as stop:  # noqa: SLF001
     ckpt = checkpoint_lib.Checkpointer(wd / "checkpoints", read_only=True)
@@ -807,8 +818,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
       distributed.decide_together(  # a host that sees no checkpoint stops every process
           lambda: train_loop.check_found(found, config, wd, ckpt.directory),
           config_lib.ConfigError)
-      sites = sites_lib.sites_from_config(config)
-      mesh = build_mesh(config, sites)
+      flower = found[1].get("backend") == "flower"  # a Flower server's: the server state only
+      mesh = (server_eval_mesh() if flower
+              else build_mesh(config, sites_lib.sites_from_config(config)))
       tasks = [task_registry.get_task(name) for name in config.tasks]
       tokenizer = train_loop._tokenizer(config, tasks, wd)  # noqa: SLF001
       client_tx, server_tx = build_optimizers(config)
@@ -821,7 +833,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
           error_feedback=compression.parse(config.fed.compress,
                                            config.fed.compress_block).error_feedback)
       tree = checkpoint_tree(server, clients)
-      if found[1].get("backend") == "flower":  # a Flower server's: no client states (the sites')
+      if flower:  # no client states (they are the sites')
         tree = flower_checkpoint_tree(server.params, server.opt_state)
       tree_sh = jax.tree.map(lambda x: x.sharding, tree)
       step, tree, _, _ = ckpt.restore_latest(checkpoint_lib.abstract_like(tree, tree_sh))
