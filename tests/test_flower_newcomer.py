@@ -128,3 +128,40 @@ def test_jmtl_eval_of_a_flower_workdir_runs_on_a_one_device_host(tmp_path, data_
   assert want and set(want) <= set(got)
   for k, v in want.items():
     assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def every_fifth(run_config):
+  """flower_problem's Problem checkpointing every 5 rounds (fed.checkpoint_every's default)."""
+  import flower_problem as fp
+  problem = fp.make(run_config)
+  problem.checkpoint_every = 5
+  return problem
+
+
+def test_the_stop_message_says_a_resume_needs_a_saved_checkpoint(tmp_path, capfd):
+  """Every site gone from round 1 with checkpoint_every 5: the server stops after 2 empty
+  rounds having saved no checkpoint, and says that submitting again starts at round 1 (the
+  old message promised a kept checkpoint). With a checkpoint it names its round."""
+  wd = tmp_path / "wd"
+  rc = _run_config(wd, 6, problem="test_flower_newcomer:every_fifth",
+                   **{"max-empty-rounds": 2, "round-timeout": 0.1})
+  with pytest.raises(flower.EmptyRoundsError) as e:
+    flower.serve(_Grid(rc, lost={"a", "b"}), rc)
+  assert not any((wd / "checkpoints").iterdir())
+  assert "none was saved yet" in str(e.value) and "starts at round 1" in str(e.value)
+  rc = _run_config(tmp_path / "one", 6, **{"max-empty-rounds": 2, "round-timeout": 0.1})
+  with pytest.raises(flower.EmptyRoundsError) as e:
+    flower.serve(_Grid(rc, lost={(s, r) for s in "ab" for r in range(1, 6)}), rc)
+  assert str(e.value).endswith("it resumes from its last checkpoint, round 3")
+
+
+def test_a_failed_runs_line_says_whether_a_checkpoint_exists(tmp_path):
+  from test_flower_parts import _checkpoint, _follow, _started
+  wd = tmp_path / "wd"
+  _started(wd, "s1", [(1, 0.9)])
+  _, err = _follow(wd, lambda: ("finished:failed", ""))
+  assert isinstance(err, flower.RunError) and len(str(err).splitlines()) == 1
+  assert f"no checkpoint in {wd}" in str(err) and "else it starts at round 1" in str(err)
+  _checkpoint(wd, {"backend": "flower"})  # round 1
+  _, err = _follow(wd, lambda: ("finished:failed", ""))
+  assert str(err).endswith("submit again to resume from its last checkpoint (round 1)")

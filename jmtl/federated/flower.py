@@ -905,9 +905,13 @@ def serve(grid: Any, run_config: dict) -> Any:
       server.end_round(r + 1, row)
       empty = 0 if row["applied"] else empty + 1
       if most and empty >= most:
+        c = server.ckpt.latest_step()
         msg = (f"{empty} consecutive rounds ({r + 2 - empty}-{r + 1}) had no applied reply "
-               f"(max-empty-rounds {most}): stopping at round {r + 1} of {server.rounds}, its "
-               f"checkpoint kept; submit the run again once the sites are back")
+               f"(max-empty-rounds {most}): stopping at round {r + 1} of {server.rounds}; "
+               f"submit the run again once the sites are back: it resumes from its last "
+               + (f"checkpoint, round {c}" if c is not None else
+                  "checkpoint only if one exists, and none was saved yet "
+                  "(fed.checkpoint_every): it starts at round 1"))
         print(f"jmtl: error: {msg}", file=sys.stderr, flush=True)
         raise EmptyRoundsError(msg)
   finally:
@@ -1424,6 +1428,35 @@ def run_status(flwr: str, superlink: str, run_id: Any) -> tuple[str, str] | None
   return None
 
 
+def saved_round(workdir: str) -> int | None:
+  """The round of the latest complete checkpoint in `workdir` (None: none, or the workdir is
+  not visible here)."""
+  from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return None
+  try:
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  except Exception:  # noqa: BLE001  (a hint only: an unreadable directory is "none")
+    return None
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def resume_hint(workdir: str) -> str:
+  """What submitting the run again does: it resumes from the latest checkpoint only if one
+  exists (the server saves every fed.checkpoint_every rounds, default 5, at evaluation rounds
+  and at the last: a run stopped early may have saved none)."""
+  c = saved_round(workdir)
+  if c is not None:
+    return f"submit again to resume from its last checkpoint (round {c})"
+  where = "in " + workdir if os.path.isdir(workdir) else "visible here"
+  return (f"no checkpoint {where} (the server saves every fed.checkpoint_every rounds and at "
+          f"the last): submitting again resumes from the last checkpoint only if the server "
+          f"saved one, else it starts at round 1")
+
+
 def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: int | None,
            wait_s: float, status: Callable[[], tuple[str, str] | None],
            echo: Callable[[str], None] = print, poll_s: float = 0.2,
@@ -1499,8 +1532,7 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
       st, details = ended
       raise RunError(f"the Flower run {run_id} ended ({st}) after round {max(last, start)} of "
                      f"{rounds}" + (f" ({' '.join(details.split())[:300]})" if details else "")
-                     + f"; its server's log: `flwr log {run_id}`; submit again to resume from "
-                     f"its last checkpoint")
+                     + f"; its server's log: `flwr log {run_id}`; " + resume_hint(workdir))
     now = time.time()
     if now >= deadline:
       got = status()
