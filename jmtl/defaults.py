@@ -493,7 +493,8 @@ _key("fed.flower.wait_s", 0.0,
      "fed.backend=flower: seconds `jmtl federated` follows this run's rounds.jsonl lines until "
      "round fed.rounds (when the workdir is visible here); a run that ends first (`flwr ls` "
      "status finished) or a wait that runs out is one `jmtl: error:` line and exit 1; "
-     "0 = return once the run is submitted",
+     "0 = return once the run is submitted (then follow it with `flwr log RUN_ID` or the "
+     "workdir's rounds.jsonl on the SuperLink's machine)",
      check=ge(0))
 _key("fed.client_optimizer", "sgd",
      "client optimizer from the registry (sgd = FedAvg; adamw = DiLoCo's inner step); its other "

@@ -69,6 +69,8 @@ with a jmtl config `eval.json` (written after the last round's checkpoint and li
 `jmtl federated`; round 0 and every fed.eval_every rounds go into rounds.jsonl).
 
 Resume: a server started on a workdir with a checkpoint continues from its latest complete one
+(only a checkpoint that exists: `Problem.checkpoint_every`, fed.checkpoint_every rounds, at
+evaluation rounds and the last; a run stopped before its first save starts at round 1)
 (server parameters, server optimizer state, the round; the lines of rounds.jsonl after it are
 dropped, its own line restored from the checkpoint's meta when a kill came between the two;
 a finished run submitted again writes eval.json again, which a kill after the last line can
