@@ -11,10 +11,14 @@ Arms (each a config file beside this one; the shared setting is configs/fed_stud
   per cloud, with 20 % stragglers per round in every arm.
 16 arms x 3 seeds = 48 runs. Every arm is paired with `fedavg` seed by seed.
 
-Target (`study.target`, fixed before any run of the study): dev score 70, the mean of SST-2
-accuracy and MRPC F1 on the first 256 dev rows of each. A model that predicts "paraphrase" for
-every MRPC pair scores F1 82.8 there, so the target asks for SST-2 accuracy of about 57 or more
-with that MRPC behaviour (the untrained model scored 67.8: 52.7 + 82.8).
+Target (`study.target`, `study.target_metric`, fixed before any run of the study): SST-2
+accuracy 70 on its first 256 dev rows (the untrained model scores 52.7). The runs train on
+SST-2 and MRPC, but MRPC is not in the target: a model that predicts "paraphrase" for every
+MRPC pair already scores F1 82.8 there, so a mean with MRPC F1 would reward the trivial answer
+(the first design's target, 70 on the mean of SST-2 accuracy and MRPC F1, asked for SST-2
+accuracy of only about 57; changed before any run). 70 is 17 points above the untrained score,
+a point a learning model passes mid-run, so rounds to it measure the speed of convergence the
+paper claims for dynamic weighting, not final quality (the report's final scores show that).
 
 Cost, measured on a 2-core CPU host shared with other jobs: one round of fedavg (4 sites x
 10 local steps of 16 rows of 64 tokens) took a median 2.0 s (1.6-2.5 s; rounds 2-8 of
@@ -43,4 +47,5 @@ def get_config():
                   "fed_study_deadline.py")
   c.study.seeds = (0, 1, 2)
   c.study.target = 70.0
+  c.study.target_metric = "sst2/accuracy"
   return c

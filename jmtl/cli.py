@@ -78,13 +78,15 @@ COMMAND_HELP = {
              "finished runs are skipped; writes study.json. mtl: the multi-task study "
              "(configs/mtl_*.py); federated: the federated study (configs/fed_study_*.py; "
              "federated runs and a centralized baseline). Overrides of study.arms / "
-             "study.seeds / study.target change the study config, all others every arm.",
+             "study.seeds / study.target / study.target_metric change the study config, all "
+             "others every arm.",
     "report": "optim: tables, ablation and loss curves of a finished sweep. mtl: the task x "
               "arm table (mean ± std over seeds, paired differences against the single-task "
               "arm with 95 % CI; Markdown + CSV) and PNG curves of the runs under --runs. "
               "federated: per part (a)-(f) of the federated study, final dev score, rounds "
-              "and simulated seconds to study.target, bytes, epsilon, cost per cloud, paired "
-              "differences against FedAvg with 95 % CI (Markdown + CSV) and PNG plots.",
+              "and simulated seconds to study.target (on study.target_metric), bytes, "
+              "epsilon, cost per cloud, paired differences against FedAvg with 95 % CI "
+              "(Markdown + CSV) and PNG plots.",
     "federated": "Federated training over the sites of fed.sites (rounds of local steps and "
                  "aggregation); resumes from the latest checkpoint in --workdir.",
 }

@@ -737,6 +737,12 @@ _key("study.target", 0.0,
      "whose first reaching `jmtl report federated` counts in rounds and simulated seconds; set "
      "in the study config before any result is seen, copied into every run's config; 0 = none",
      check=ge(0))
+_key("study.target_metric", "",
+     "federated study: the dev metric ('task/metric', e.g. 'sst2/accuracy', percent) that "
+     "`jmtl report federated` scores runs by (final score and rounds to study.target); '' = the "
+     "mean over tasks of each task's first metric; set with study.target, copied into every run",
+     check=(lambda v: isinstance(v, str) and (v == "" or (v.count("/") == 1 and all(
+         v.split("/")))), "'' or 'task/metric', e.g. 'sst2/accuracy'"))
 
 
 # ------------------------------------------------------------------ benchmarks

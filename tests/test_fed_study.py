@@ -190,6 +190,37 @@ def test_report_refuses_mixed_targets_and_bad_lines(fake_study, tmp_path):
     fed_report.report_federated([fake_study], tmp_path / "o")
 
 
+def _set_study(root, **keys):
+  """Rewrites `study.<key>` in every config.json under `root` (as a study config sets them)."""
+  for path in root.rglob("config.json"):
+    cfg = json.loads(path.read_text())
+    cfg["study"].update(keys)
+    path.write_text(json.dumps(cfg))
+
+
+def test_report_scores_by_target_metric(fake_study, tmp_path):
+  # study.target_metric = sst2/accuracy, target 60: the score is SST-2 accuracy alone (by hand
+  # from FEDAVG / INT8 / CENTRAL above; round 0 never counts).
+  _set_study(fake_study, target=60.0, target_metric="sst2/accuracy")
+  rep = fed_report.report_federated([fake_study], tmp_path / "r")
+  assert rep["target"] == 60.0 and rep["target_metric"] == "sst2/accuracy"
+  t = rep["table"]
+  assert t["fedavg"]["final"]["values"] == [66.0, 62.0, 56.0]
+  assert t["fedavg"]["rounds_to_target"] == [2, 4, None]  # seed 2: 70 at round 0 only
+  assert t["int8"]["final"]["values"] == [70.0, 64.0, 62.0]
+  assert t["int8"]["rounds_to_target"] == [2, 2, 4]
+  assert t["central"]["rounds_to_target"] == [3, 4]  # steps 12 (61) and 20 (60), H = 5
+  md = (tmp_path / "r" / "federated.md").read_text()
+  assert "Dev score = sst2/accuracy (study.target_metric, percent)" in md
+  _set_study(fake_study, target_metric="rte/accuracy")
+  with pytest.raises(ValueError, match="study.target_metric 'rte/accuracy' names a task the "
+                                       "run did not train"):
+    fed_report.report_federated([fake_study], tmp_path / "r")
+  _set_study(fake_study / "int8", target_metric="mrpc/f1")
+  with pytest.raises(ValueError, match="different study.target_metric"):
+    fed_report.report_federated([fake_study], tmp_path / "r")
+
+
 def _tiny(overrides=()):
   study = config_lib.load_config_file(TINY)
   study_over, arm_over = study_lib.split_overrides(list(overrides))
@@ -246,6 +277,9 @@ def test_study_resumes_and_ignores_a_changed_target(tmp_path, capsys):
   study_lib.run_study(study2, arms2, tmp_path / "w", train_fn=again)
   assert again.calls == []
   assert capsys.readouterr().out.count("done before, skipped") == 4
+  study2b, arms2b = _tiny(over + ["--config.study.target_metric=sst2/accuracy"])
+  study_lib.run_study(study2b, arms2b, tmp_path / "w", train_fn=again)  # report-only too
+  assert again.calls == []
   study3, arms3 = _tiny(over + ["--config.fed.rounds=3"])
   with pytest.raises(ValueError, match="different config .*'fed.rounds'"):
     study_lib.run_study(study3, arms3, tmp_path / "w", train_fn=FakeTrainer())
@@ -291,6 +325,9 @@ def test_cli_mistakes_are_one_line(capsys, tmp_path, fake_study):
   assert "'study.target' = -1.0 must be >= 0" in _error_line(
       capsys, ["study", "federated", "--config", str(study), "--workdir", str(tmp_path / "w"),
                "--config.study.target=-1"])
+  assert "'study.target_metric' = 'sst2' must be '' or 'task/metric'" in _error_line(
+      capsys, ["study", "federated", "--config", str(study), "--workdir", str(tmp_path / "w"),
+               "--config.study.target_metric=sst2"])
 
 
 @pytest.mark.slow
@@ -367,6 +404,7 @@ def test_study_config_plans_every_arm_and_passes_preflight(data_dir):
   assert all(a.reference == "fedavg" for a in arms[1:]) and arms[0].reference == ""
   runs = study_lib.plan(study, arms)
   assert len(runs) == 48 and {cfg.study.target for _, cfg in runs} == {70.0}
+  assert {cfg.study.target_metric for _, cfg in runs} == {"sst2/accuracy"}
   checked = set()
   for run, cfg in runs:
     if run.arm == "central":  # 4 sites x 10 local steps x 60 rounds of 16 rows

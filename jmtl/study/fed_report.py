@@ -9,7 +9,8 @@ accuracy), clouds (f: simulated time and cost per cloud; synchronous, deadline, 
 
 Per run (definitions; every value is read, not re-estimated):
 
-* dev score = the mean over the run's tasks of each task's first metric
+* dev score = the metric `study.target_metric` names (e.g. `sst2/accuracy`) when the study sets
+  one, else the mean over the run's tasks of each task's first metric
   (`jmtl.eval.metrics.primary_metric_keys`; percent); `final` from eval.json; the curve from
   the evaluated lines of rounds.jsonl (a federated run: x = `round`, round 0 = the initial
   model) or of metrics.jsonl (a centralized run: x = ceil(step / fed.local_steps), the round
@@ -93,11 +94,12 @@ def score(metrics: Mapping[str, Any], keys: Sequence[str]) -> float | None:
   return float(sum(vals) / len(vals))
 
 
-def run_summary(run: Mapping[str, Any], target: float | None) -> dict:
+def run_summary(run: Mapping[str, Any], target: float | None, metric: str = "") -> dict:
   """The per-run values of the module docstring from a `find_runs` record (its directory's
-  rounds.jsonl is read here; ValueError naming file and line when a line is bad)."""
+  rounds.jsonl is read here; ValueError naming file and line when a line is bad). `metric`:
+  `study.target_metric` ('' = the mean of each task's first metric)."""
   cfg = run["config"]
-  keys = metrics_lib.primary_metric_keys(run["tasks"])
+  keys = [metric] if metric else metrics_lib.primary_metric_keys(run["tasks"])
   fed, study = cfg.get("fed", {}), cfg.get("study", {})
   H = max(int(fed.get("local_steps", 1)), 1)
   centralized = bool(study.get("centralized"))
@@ -196,6 +198,15 @@ def report_federated(run_dirs: Sequence[str | os.PathLike[str]],
     raise ValueError(f"--runs: the runs were trained for different study.target values "
                      f"{targets}; report one study at a time")
   target = targets[0] or None
+  metrics = sorted({str(r["config"].get("study", {}).get("target_metric", "")) for r in runs})
+  if len(metrics) > 1:
+    raise ValueError(f"--runs: the runs were trained for different study.target_metric values "
+                     f"{metrics}; report one study at a time")
+  metric = metrics[0]
+  for r in runs:
+    if metric and metric.split("/")[0] not in r["tasks"]:
+      raise ValueError(f"{r['dir']}: study.target_metric {metric!r} names a task the run did "
+                       f"not train (tasks: {', '.join(r['tasks'])})")
   arms = _arm_order(runs, run_dirs)
   cfg_of = {a: next(r["config"] for r in runs if r["arm"] == a) for a in arms}
   for a in arms:
@@ -211,7 +222,7 @@ def report_federated(run_dirs: Sequence[str | os.PathLike[str]],
         raise ValueError(f"two runs of arm {r['arm']!r}, seed {r['seed']}: "
                          f"{next(s['dir'] for s in summaries[r['arm']] if s['seed'] == r['seed'])}"
                          f" and {r['dir']}; pass only one to --runs")
-      summaries[r["arm"]].append(run_summary(r, target))
+      summaries[r["arm"]].append(run_summary(r, target, metric))
       status[r["arm"]]["finished"] += 1
     else:
       status[r["arm"]][r["status"]].append(r["dir"])
@@ -264,7 +275,8 @@ def report_federated(run_dirs: Sequence[str | os.PathLike[str]],
                 "clock": report_lib.mean_curve([s["clock"] for s in summaries[a]])
                 if not table[a]["centralized"] else []} for a in arms}
   files = _plots(parts, table, curves, out)
-  report = {"target": target, "arms": status, "parts": parts, "settings": settings,
+  report = {"target": target, "target_metric": metric, "arms": status, "parts": parts,
+            "settings": settings,
             "table": table, "curves": curves, "ignored": ignored,
             "per_run": {a: [{k: v for k, v in s.items() if k not in ("curve", "clock")}
                             for s in summaries[a]] for a in arms},
@@ -357,8 +369,11 @@ def _markdown(report: dict, run_dirs: Sequence[Any], out: pathlib.Path) -> str:
   lines = ["# Federated study", "",
            "Made by `jmtl report federated --runs "
            + " ".join(str(d) for d in run_dirs) + f" --out {out}` from the runs of "
-           "`jmtl study federated`. Dev score = mean over tasks of each task's first metric "
-           "(percent); values are mean ± sample std (ddof=1) over seeds. "
+           "`jmtl study federated`. Dev score = "
+           + (f"{report['target_metric']} (study.target_metric, percent); "
+              if report.get("target_metric") else
+              "mean over tasks of each task's first metric (percent); ")
+           + "values are mean ± sample std (ddof=1) over seeds. "
            + (f"Target dev score: {t:g} (study.target, fixed before the runs). " if t else
               "No study.target: no rounds to target. ")
            + "Rounds / simulated seconds to target: mean over the seeds that reached it (k/n). "

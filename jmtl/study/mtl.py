@@ -24,16 +24,16 @@ interrupted study resumes where it stopped. Arms that train their own tokenizer
 (`<W>/tokenizer.json`), so single-task and multi-task models see the same token ids.
 `<W>/study.json` holds the arms and every run's status and final metrics.
 
-Command-line overrides (`--config.KEY=VALUE`) of `study.arms`, `study.seeds` and
-`study.target` change the study config; every other override applies to every arm config (e.g.
-`--config.train.steps=4`).
+Command-line overrides (`--config.KEY=VALUE`) of `study.arms`, `study.seeds`,
+`study.target` and `study.target_metric` change the study config; every other override applies
+to every arm config (e.g. `--config.train.steps=4`).
 
 The federated study (`kind="federated"`, configs/fed_study.py): every arm is a federated config
 (`fed.sites`) trained by `jmtl.federated.loop.federated` in `<W>/<arm>/seed<s>/`, except a
 centralized arm (`study.centralized`), a plain `jmtl.train.loop.train` run at equal total
 compute (`run_config`); `study.reference` names the arm it is paired with (FedAvg), which need
-not be single-task; the study config's `study.target` is copied into every run's config (the
-report reads it there; a changed target does not invalidate finished runs:
+not be single-task; the study config's `study.target` and `study.target_metric` are copied into
+every run's config (the report reads them there; a changed target does not invalidate finished runs:
 `jmtl.study.runs.check_same_config` ignores it).
 """
 
@@ -52,7 +52,8 @@ from jmtl.data import pipeline
 from jmtl.eval import predictions as predictions_lib
 from jmtl.study import runs as runs_lib
 
-STUDY_KEYS = ("study.arms", "study.seeds", "study.target")  # overrides of these: study config
+# Overrides of these change the study config; all others apply to every arm.
+STUDY_KEYS = ("study.arms", "study.seeds", "study.target", "study.target_metric")
 KINDS = ("mtl", "federated")
 TOKENIZER_KEYS = ("data.vocab_size", "data.tokenizer_kind", "data.lowercase",
                   "data.max_train_examples", "data.dir", "data.split_seed")
@@ -220,6 +221,7 @@ def plan(study: ml_collections.ConfigDict, arms: Sequence[Arm]) -> list[tuple[Ru
         cfg = run_config(arm, run)
         with cfg.unlocked():
           cfg.study.target = float(study.study.target)
+          cfg.study.target_metric = str(study.study.target_metric)
         out.append((run, config_lib.validate(cfg, check_files=False)))
   return out
 
@@ -307,6 +309,7 @@ def _summary(study: ml_collections.ConfigDict, arms: Sequence[Arm], records: lis
   return {
       "seeds": list(study.study.seeds),
       "target": float(study.study.target),
+      "target_metric": str(study.study.target_metric),
       "arms": {a.name: _arm_summary(a) for a in arms},
       "reused_other_code": [r["dir"] for r in records if r.get("other_code")],
       "assumed_defaults": {r["dir"]: r["assumed_defaults"] for r in records

@@ -119,7 +119,8 @@ def drop_stale_metrics(run_dir: pathlib.Path) -> None:
 
 def check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> list[str]:
   """A finished run is reused only if its `config.json` (written by the trainer) matches, apart
-  from the `sweep` section, `study.target` (read by `jmtl report federated` only) and the keys
+  from the `sweep` section, `study.target` and `study.target_metric` (read by `jmtl report
+  federated` only) and the keys
   that only other optimizers read (`optim.OWN_KEYS`), none of which changes the run. A key
   missing from `config.json` (one added to jmtl after the run) counts at its default, as it does when a run resumes. Returns
   those missing keys (of the ones compared)."""
@@ -133,7 +134,8 @@ def check_same_config(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> 
   with_defaults.update(saved_keys)
   ignored = ({k for keys in optim.OWN_KEYS.values() for k in keys}
              - set(optim.OWN_KEYS.get(cfg.optim.name, ())))
-  keep = lambda k: not k.startswith("sweep.") and k != "study.target" and k not in ignored
+  keep = lambda k: (not k.startswith("sweep.") and k not in ("study.target", "study.target_metric")
+                    and k not in ignored)
   saved = {k: v for k, v in with_defaults.items() if keep(k)}
   expected = {k: v for k, v in flat(json.loads(config_lib.to_json(cfg))).items() if keep(k)}
   diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
