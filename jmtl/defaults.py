@@ -458,16 +458,20 @@ _key("fed.backend", "shard_map",
      "Flower ServerApp (`jmtl federated` submits the run to the SuperLink of "
      "fed.flower.superlink; jmtl.federated.flower)", choices=("shard_map", "pmap", "flower"),
      rules=((lambda v, c: v != "flower" or (
-         c.fed.aggregator in ("fedavg", "median", "trimmed_mean", "krum")
-         and c.fed.mode == "sync" and c.fed.participation == 1.0
+         c.fed.mode == "sync" and c.fed.participation == 1.0
          and not c.fed.dp.clip_norm > 0
          and not c.fed.faults.dropout and not c.fed.faults.byzantine
          and not c.fed.faults.byzantine_fraction and not c.fed.faults.stragglers
          and not c.fed.deadline_s),
-             "needs fed.aggregator in ('fedavg', 'median', 'trimmed_mean', 'krum'), fed.mode = "
-             "'sync', fed.participation = 1 and no "
+             "needs fed.mode = 'sync', fed.participation = 1 and no "
              "fed.dp.*, fed.faults.* or fed.deadline_s "
-             "(Flower rounds are synchronous rounds of every site, for now)"),))
+             "(Flower rounds are synchronous rounds of every site, for now)"),
+            (lambda v, c: v != "flower" or not c.fed.secure_aggregation
+             or c.fed.aggregator == "fedavg",
+             lambda c: f"with fed.secure_aggregation needs fed.aggregator = 'fedavg', got "
+                       f"{c.fed.aggregator!r} (Flower's SecAgg+ sums updates scaled by weights "
+                       f"each site knows alone; {c.fed.aggregator!r} weights need every site's "
+                       f"loss or update first)"),))
 _key("fed.flower.superlink", "",
      "fed.backend=flower: the SuperLink connection `flwr run` uses (a name in the Flower "
      "configuration file $FLWR_HOME/config.toml, default ~/.flwr; \"\" = its default)",

@@ -3,8 +3,9 @@ drawn from (seed, site, round) so every process (the test, the ServerApp, each C
 the same numbers. Run config keys: algo ("fedavg": client sgd(0.2), server sgd(1.0); "diloco":
 client adamw(0.05) whose state each site keeps, server nesterov(0.7, 0.9), both from
 jmtl.optim.build), local-steps, rounds, sites ("a,b,..."), compress (a `fed.compress` spec;
-absent or "" = raw float32 payloads), aggregator (fed.aggregator: fedavg, median, trimmed_mean,
-krum; absent = fedavg), trim, byzantine-f, krum-m (fed.trim, fed.byzantine_f, fed.krum_m)."""
+absent or "" = raw float32 payloads), aggregator (fed.aggregator: fedavg, dynamic, gradient,
+median, trimmed_mean, krum; absent = fedavg), temperature, trim, byzantine-f, krum-m
+(fed.temperature, fed.trim, fed.byzantine_f, fed.krum_m)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +56,7 @@ def make(run_config):
                  batches=lambda k, r: site_batches(0, k, r, steps), seed=0,
                  codec=compression.parse(str(run_config.get("compress", ""))),
                  aggregator=str(run_config.get("aggregator", "fedavg")),
+                 temperature=float(run_config.get("temperature", 1.0)),
                  trim=float(run_config.get("trim", 0.1)),
                  byzantine_f=int(run_config.get("byzantine-f", 0)),
                  krum_m=int(run_config.get("krum-m", 0)))

@@ -63,11 +63,11 @@ def _cli(tmp_path, *overrides):
 
 
 def test_flower_backend_refuses_what_it_does_not_run_in_one_line(tmp_path):
-  out = _cli(tmp_path, "--config.fed.aggregator=dynamic")
+  out = _cli(tmp_path, "--config.fed.mode=async")
   assert out.returncode == 2
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("jmtl: error: config key 'fed.backend'")
-  assert "fed.aggregator" in lines[0] and "fed.compress" not in lines[0]  # compress runs now
+  assert "fed.mode" in lines[0] and "fed.compress" not in lines[0]  # compress runs now
 
 
 def test_flower_backend_unknown_superlink_connection_is_one_line(tmp_path):

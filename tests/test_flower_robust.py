@@ -91,7 +91,7 @@ def test_round_one_median_is_numpys_median_of_the_sites_deltas(tmp_path):
   np.testing.assert_allclose(got["b"], -med[fp.D], rtol=1e-5, atol=1e-6)
 
 
-def test_the_flower_backend_accepts_the_robust_aggregators_only():
+def test_the_flower_backend_accepts_every_aggregator_and_secagg_with_fedavg_only():
   from jmtl import config as config_lib
   from jmtl.config import ConfigError
   from test_flower_parts import CONFIG
@@ -100,7 +100,12 @@ def test_the_flower_backend_accepts_the_robust_aggregators_only():
     config.fed.backend, config.fed.aggregator = "flower", rule
     config.fed.byzantine_f = 0
     assert config_lib.validate(config).fed.aggregator == rule
-  config = config_lib.complete(config_lib.load_config_file(CONFIG))
-  config.fed.backend, config.fed.aggregator = "flower", "gradient"
-  with pytest.raises(ConfigError, match=r"config key 'fed.backend'.*fed.aggregator in"):
-    config_lib.validate(config)
+  for rule in ("dynamic", "gradient"):  # on Flower too (tests/test_flower_dynamic.py)
+    config = config_lib.complete(config_lib.load_config_file(CONFIG))
+    config.fed.backend, config.fed.aggregator = "flower", rule
+    assert config_lib.validate(config).fed.aggregator == rule
+    config.fed.secure_aggregation = True  # SecAgg+ on Flower: fedavg weights only
+    with pytest.raises(ConfigError, match=r"config key 'fed.backend'.*with "
+                                          r"fed.secure_aggregation needs fed.aggregator = "
+                                          r"'fedavg', got '" + rule + "'"):
+      config_lib.validate(config)

@@ -18,9 +18,12 @@ the server is `server_app` run by the SuperLink. The numbers are the same code:
     Delta = aggregation.grouped_mean(delta, 0, w, 1);  u, s <- server_tx.update(Delta, s, x);
     x <- x + u    (FedAvg: McMahan et al. 2017; DiLoCo: Douillard et al. 2023, arXiv
     2311.08105, Algorithm 1)
-    With a Byzantine-robust `Problem.aggregator` (median, trimmed_mean, krum) Delta is instead
-    `robust.aggregate` of the [S, ...] stack, the simulation's call (`aggregate`); with the run
-    config's `secure-aggregation` the rounds go through Flower's SecAgg+ (`serve_secagg`).
+    With `Problem.aggregator` "dynamic" / "gradient" w is instead the simulation's
+    `aggregation.dynamic_weights` (from the sites' reported L_k and the server's memory of
+    each site's previous loss and last round) / `alignment_weights`; with a Byzantine-robust
+    rule (median, trimmed_mean, krum) Delta is `robust.aggregate` of the [S, ...] stack, the
+    simulation's call (`aggregate`); with the run config's `secure-aggregation` the rounds go
+    through Flower's SecAgg+ (`serve_secagg`, FedAvg weights).
 
 What a run computes is a `Problem` (initial parameters, loss, optimizers, each site's batches),
 built in every process by the factory that the run config's `problem` names ("module:function",
@@ -64,7 +67,9 @@ or "node <id>" for a node not yet heard from, whose reply did not come within ro
 also on stderr; `bytes_down`'s `total` counts every message sent, theirs included), and
 `<task>/<metric>` at evaluation rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
 federated`: written to a temporary directory and renamed, keep-N, meta with the run's
-fingerprint; the tree is `loop.flower_checkpoint_tree`: the server parameters and optimizer state), and
+fingerprint and, for aggregator "dynamic", each site's previous loss and last round
+(`site_memory`); the tree is `loop.flower_checkpoint_tree`: the server parameters and optimizer
+state), and
 with a jmtl config `eval.json` (written after the last round's checkpoint and line: the last round's evaluation, `train.loop._run_eval` as in
 `jmtl federated`; round 0 and every fed.eval_every rounds go into rounds.jsonl).
 
@@ -131,9 +136,11 @@ class Problem:
   last; `config` (a jmtl ConfigDict, or None) and `fingerprint` (`workdir.fingerprint`'s
   config / tokenizer entries; None = the run config's) decide which checkpoints are this run's;
   `codec`: the sites' uplink compression (`compression.parse` of `fed.compress`; None or a
-  disabled Codec = raw float32 leaves); `aggregator`: "fedavg" or a Byzantine-robust rule of
-  `jmtl.federated.robust.RULES` (median, trimmed_mean with `trim`, krum with `byzantine_f`,
-  `krum_m`: fed.aggregator, fed.trim, fed.byzantine_f, fed.krum_m), applied by `aggregate`.
+  disabled Codec = raw float32 leaves); `aggregator`: "fedavg", "dynamic" or "gradient" (the
+  weighted rules of `jmtl.federated.aggregation`, with `temperature`: fed.temperature) or a
+  Byzantine-robust rule of `jmtl.federated.robust.RULES` (median, trimmed_mean with `trim`,
+  krum with `byzantine_f`, `krum_m`: fed.aggregator, fed.trim, fed.byzantine_f, fed.krum_m),
+  applied by `aggregate`.
   `files` {name: text} are written into the workdir when the server starts (config.json,
   tokenizer.json); `evaluate(params, opt_state, round) -> (metrics {"<task>/<metric>": float},
   prediction rows per task)` (None = no evaluation) runs every `eval_every` rounds (0 = only
@@ -164,6 +171,7 @@ class Problem:
   write_outputs: Callable[[str, dict, dict, int], None] | None = None
   codec: compression.Codec | None = None
   aggregator: str = "fedavg"
+  temperature: float = 1.0
   trim: float = 0.1
   byzantine_f: int = 0
   krum_m: int = 0
@@ -299,7 +307,8 @@ def jmtl_problem(run_config: dict) -> Problem:
                  evaluate=evaluate, eval_every=int(config.fed.eval_every),
                  write_outputs=write_outputs,
                  codec=compression.parse(config.fed.compress, config.fed.compress_block),
-                 aggregator=str(config.fed.aggregator), trim=float(config.fed.trim),
+                 aggregator=str(config.fed.aggregator),
+                 temperature=float(config.fed.temperature), trim=float(config.fed.trim),
                  byzantine_f=int(config.fed.byzantine_f), krum_m=int(config.fed.krum_m))
 
 
@@ -583,15 +592,23 @@ def _finite(v: float) -> float | None:
 
 def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups: Any = None,
               holds: Any = None, *, rule: str = "fedavg", trim: float = 0.1,
-              byzantine_f: int = 0, krum_m: int = 0) -> tuple[Any, np.ndarray]:
+              byzantine_f: int = 0, krum_m: int = 0, temperature: float = 1.0,
+              site_loss: Any = None, prev_loss: Any = None, staleness: Any = None
+              ) -> tuple[Any, np.ndarray]:
   """The sites' deltas aggregated with jmtl's rules: m_k = 1 for each site whose delta arrived
   (None = lost; its row of the [S, ...] stack is zeros, masked), `groups` / `holds` as in
   `Problem` (None = one group held by all). `rule` "fedavg": w = fedavg_weights(n, m), Delta =
-  grouped_mean over the stack; a rule of `robust.RULES` (median, trimmed_mean with beta =
+  grouped_mean over the stack; "dynamic": w = `aggregation.dynamic_weights(L, P, n, tau, m, T)`
+  from `site_loss` L [S] (each site's loss before its local steps), `prev_loss` P [S] (its loss
+  when it last took part, 0 = never) and `staleness` tau [S] (rounds since then, minus one;
+  `_Server.staleness`); "gradient": c_k = `aggregation.trunk_cosine` of each delta with the
+  FedAvg mean, w = `alignment_weights(c, n, m, T)`; T = `temperature` (fed.temperature). These
+  are the simulation's calls with the site axis as the leading array axis (axis_name None)
+  instead of the mesh's `site` axis. A rule of `robust.RULES` (median, trimmed_mean with beta =
   `trim`, krum with f = `byzantine_f`, m = `krum_m`): (Delta, w) = `robust.aggregate(stack,
   groups, m, holds, rule, ...)`, the call the simulation's round makes (`algorithm.make_round`,
   its stacked path; n_k does not enter). Returns (Delta float32 like `like`, w [S]); Delta = 0
-  when no site arrived. ValueError for another rule."""
+  when no site arrived. ValueError for another rule, or "dynamic" without the loss arrays."""
   from jmtl.federated import robust  # noqa: PLC0415
   S = len(deltas)
   mask = np.array([d is not None for d in deltas], np.float32)
@@ -603,12 +620,28 @@ def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups:
     delta, w = _robust_aggregate(stack, groups, mask, holds, rule, float(trim),
                                  int(byzantine_f), int(krum_m))
     return jax.tree.map(lambda a: np.asarray(a, np.float32), delta), np.asarray(w)
-  if rule != "fedavg":
-    raise ValueError(f"the Flower server aggregates with fedavg or {', '.join(robust.RULES)}, "
-                     f"got {rule!r}")
-  w = aggregation.fedavg_weights(jnp.asarray(examples, jnp.float32), jnp.asarray(mask))
-  delta = aggregation.grouped_mean(stack, groups, w, jnp.asarray(holds))
+  if rule not in WEIGHTED_RULES:
+    raise ValueError(f"the Flower server aggregates with {', '.join(WEIGHTED_RULES)} or "
+                     f"{', '.join(robust.RULES)}, got {rule!r}")
+  n, m, held = (jnp.asarray(examples, jnp.float32), jnp.asarray(mask), jnp.asarray(holds))
+  if rule == "dynamic":
+    if site_loss is None or prev_loss is None or staleness is None:
+      raise ValueError("aggregator 'dynamic' needs site_loss, prev_loss and staleness")
+    w = aggregation.dynamic_weights(jnp.asarray(site_loss, jnp.float32),
+                                    jnp.asarray(prev_loss, jnp.float32), n,
+                                    jnp.maximum(jnp.asarray(staleness, jnp.float32), 0.0), m,
+                                    float(temperature))
+  elif rule == "gradient":
+    mean = aggregation.grouped_mean(stack, groups, aggregation.fedavg_weights(n, m), held)
+    cos = aggregation.trunk_cosine(stack, groups, mean)
+    w = aggregation.alignment_weights(cos, n, m, float(temperature))
+  else:
+    w = aggregation.fedavg_weights(n, m)
+  delta = aggregation.grouped_mean(stack, groups, w, held)
   return delta, np.asarray(w)
+
+
+WEIGHTED_RULES = ("fedavg", "dynamic", "gradient")  # `aggregate`'s weighted means
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7))
@@ -803,10 +836,20 @@ class _Server:
     self.applied_replies: dict[int, str] = {}
     # Node id (str) -> the site its applied replies were for (names a timed-out node).
     self.node_sites: dict[str, str] = {}
+    # Per site, the simulation's `ServerState.prev_loss` / `last_round`: its loss when it last
+    # took part (0 = never) and that round (0-based; -1 = never), for aggregator "dynamic"
+    # (kept in the checkpoint's meta, `site_memory`).
+    S = len(problem.sites)
+    self.prev_loss = np.zeros(S, np.float32)
+    self.last_round = np.full(S, -1, np.int32)
     if restored is not None:
       self.start, tree, _, meta = restored
       tree = jax.device_get(tree)
       self.params, self.opt_state = tree["server"]["params"], tree["server"]["opt_state"]
+      memory = meta.get("site_memory")
+      if memory is not None:
+        self.prev_loss = np.asarray(memory["prev_loss"], np.float32).reshape(S)
+        self.last_round = np.asarray(memory["last_round"], np.int32).reshape(S)
       print(f"resumed from checkpoint at round {self.start}", flush=True)
     self.ckpt.remove_incomplete()
     # rounds.jsonl: the lines of rounds past the checkpoint are dropped (their rounds run
@@ -840,6 +883,16 @@ class _Server:
     """x, s <- server_tx step with the aggregated delta (`optax.apply_updates`)."""
     self.params, self.opt_state = jax.device_get(self._step(self.params, self.opt_state, delta))
 
+  def staleness(self, r: int) -> np.ndarray:
+    """tau_k = r - last_round_k - 1 for round r (0-based), the simulation's `stale`."""
+    return (r - self.last_round - 1).astype(np.float32)
+
+  def remember(self, r: int, site_loss: dict[int, float]) -> None:
+    """After round r (0-based): each site that took part remembers its loss and the round
+    (the simulation's new `ServerState.prev_loss` / `last_round`)."""
+    for k, v in site_loss.items():
+      self.prev_loss[k], self.last_round[k] = np.float32(v), r
+
   def evaluate(self, r: int, row: dict) -> None:
     """The Problem's evaluation of the server parameters (a jmtl config: the trainer's
     `_run_eval` on the tasks' data.eval_split, as `jmtl federated`); metrics go into `row`,
@@ -863,8 +916,11 @@ class _Server:
     if evaluated:
       self.evaluate(r, row)
     if last or r % self.problem.checkpoint_every == 0 or evaluated:
-      self.ckpt.save(r, loop.flower_checkpoint_tree(self.params, self.opt_state), {},
-                     {"row": row, "backend": "flower", "fingerprint": self.fp})
+      meta = {"row": row, "backend": "flower", "fingerprint": self.fp}
+      if self.problem.aggregator == "dynamic":  # float32 values: exact in JSON doubles
+        meta["site_memory"] = {"prev_loss": [float(v) for v in self.prev_loss],
+                               "last_round": [int(v) for v in self.last_round]}
+      self.ckpt.save(r, loop.flower_checkpoint_tree(self.params, self.opt_state), {}, meta)
       self.ckpt.wait()
     _append(self.rounds_path, row)
     if self._outputs is not None and self.problem.write_outputs is not None:
@@ -984,11 +1040,17 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
     print(f"round {r + 1}: no reply within round-timeout {timeout:g} s from "
           f"{', '.join(timed_out)}", file=sys.stderr, flush=True)
   part = sorted(info)
+  site_loss = np.zeros(S, np.float32)
+  for k in part:
+    site_loss[k] = info[k]["site_loss"]
   delta, w = aggregate(deltas, examples, server.params, problem.groups, problem.holds,
                        rule=problem.aggregator, trim=problem.trim,
-                       byzantine_f=problem.byzantine_f, krum_m=problem.krum_m)
+                       byzantine_f=problem.byzantine_f, krum_m=problem.krum_m,
+                       temperature=problem.temperature, site_loss=site_loss,
+                       prev_loss=server.prev_loss, staleness=server.staleness(r))
   if part:
     server.apply(delta)
+  server.remember(r, {k: info[k]["site_loss"] for k in part})
   server.applied_replies.update({k: info[k]["token"] for k in part
                                  if info[k]["token"] is not None})
   fw = float(sum(examples[k] for k in part))
