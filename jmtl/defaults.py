@@ -459,12 +459,11 @@ _key("fed.backend", "shard_map",
      "fed.flower.superlink; jmtl.federated.flower)", choices=("shard_map", "pmap", "flower"),
      rules=((lambda v, c: v != "flower" or (
          c.fed.mode == "sync" and c.fed.participation == 1.0
-         and not c.fed.dp.clip_norm > 0
          and not c.fed.faults.dropout and not c.fed.faults.byzantine
          and not c.fed.faults.byzantine_fraction and not c.fed.faults.stragglers
          and not c.fed.deadline_s),
              "needs fed.mode = 'sync', fed.participation = 1 and no "
-             "fed.dp.*, fed.faults.* or fed.deadline_s "
+             "fed.faults.* or fed.deadline_s "
              "(Flower rounds are synchronous rounds of every site, for now)"),
             (lambda v, c: v != "flower" or not c.fed.secure_aggregation
              or c.fed.aggregator == "fedavg",

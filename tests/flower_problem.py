@@ -5,7 +5,8 @@ client adamw(0.05) whose state each site keeps, server nesterov(0.7, 0.9), both 
 jmtl.optim.build), local-steps, rounds, sites ("a,b,..."), compress (a `fed.compress` spec;
 absent or "" = raw float32 payloads), aggregator (fed.aggregator: fedavg, dynamic, gradient,
 median, trimmed_mean, krum; absent = fedavg), temperature, trim, byzantine-f, krum-m
-(fed.temperature, fed.trim, fed.byzantine_f, fed.krum_m)."""
+(fed.temperature, fed.trim, fed.byzantine_f, fed.krum_m), dp-clip, dp-z, dp-delta (fed.dp.*:
+DP-FedAvg with sampling rate 1; absent or dp-clip 0 = off)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from jmtl import optim
 from jmtl.defaults import base_config
 from jmtl.federated import compression
+from jmtl.federated import privacy
 from jmtl.federated.flower import Problem
 
 D, B = 5, 8
@@ -59,4 +61,7 @@ def make(run_config):
                  temperature=float(run_config.get("temperature", 1.0)),
                  trim=float(run_config.get("trim", 0.1)),
                  byzantine_f=int(run_config.get("byzantine-f", 0)),
-                 krum_m=int(run_config.get("krum-m", 0)))
+                 krum_m=int(run_config.get("krum-m", 0)),
+                 dp=(privacy.DPConfig(float(run_config["dp-clip"]), float(run_config["dp-z"]),
+                                      float(run_config.get("dp-delta", 1e-5)), 1.0)
+                     if float(run_config.get("dp-clip", 0)) > 0 else None))

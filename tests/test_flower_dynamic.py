@@ -85,18 +85,21 @@ def test_a_resumed_dynamic_run_equals_the_uninterrupted_one(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.long
-@pytest.mark.parametrize("rule", ["dynamic", "gradient"])
-def test_jmtl_config_with_weighted_aggregators_matches_jmtl_federated(tmp_path, data_dir, rule):
+@pytest.mark.parametrize("spec", [
+    ("--config.fed.aggregator=dynamic", "--config.fed.temperature=0.5"),
+    ("--config.fed.aggregator=gradient", "--config.fed.temperature=0.5"),
+    ("--config.fed.dp.clip_norm=0.5", "--config.fed.dp.noise_multiplier=0.3")])
+def test_jmtl_config_with_weighted_aggregators_matches_jmtl_federated(tmp_path, data_dir, spec):
   """A real jmtl config (`tiny_fed_flower.py`: BBC topic, transformer, DiLoCo), 3 rounds with
-  fed.aggregator = `rule` (T = 0.5), through the Flower server (in-process stand-in Grid, the
-  Problem of `flower.jmtl_problem`) against `jmtl federated`'s mesh simulation of the same
-  config: each round's site losses (rel 1e-5) and aggregation weights (rel 1e-4) agree."""
+  fed.aggregator = dynamic or gradient (T = 0.5), or DP-FedAvg, through the Flower server
+  (in-process stand-in Grid, the Problem of `flower.jmtl_problem`) against `jmtl federated`'s
+  mesh simulation of the same config: each round's site losses (rel 1e-5), aggregation weights
+  (rel 1e-4) and epsilons agree."""
   import os
   import subprocess
   import sys
   from test_flower_parts import CONFIG, ROOT
-  spec = ["--config.fed.rounds=3", f"--config.fed.aggregator={rule}",
-          "--config.fed.temperature=0.5"]
+  spec = ["--config.fed.rounds=3", *spec]
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   sim_wd = tmp_path / "sim"
@@ -115,3 +118,5 @@ def test_jmtl_config_with_weighted_aggregators_matches_jmtl_federated(tmp_path, 
   for g, w in zip(got, want):
     assert g["site_loss"] == pytest.approx(w["site_loss"], rel=1e-5, abs=1e-6)
     assert g["weights"] == pytest.approx(w["weights"], rel=1e-4)
+    for k in ("dp_epsilon_rdp", "dp_epsilon_pld"):
+      assert g.get(k) == pytest.approx(w.get(k), rel=1e-9)

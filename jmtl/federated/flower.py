@@ -22,8 +22,10 @@ the server is `server_app` run by the SuperLink. The numbers are the same code:
     `aggregation.dynamic_weights` (from the sites' reported L_k and the server's memory of
     each site's previous loss and last round) / `alignment_weights`; with a Byzantine-robust
     rule (median, trimmed_mean, krum) Delta is `robust.aggregate` of the [S, ...] stack, the
-    simulation's call (`aggregate`); with the run config's `secure-aggregation` the rounds go
-    through Flower's SecAgg+ (`serve_secagg`, FedAvg weights).
+    simulation's call (`aggregate`); with `Problem.dp` (fed.dp.*) Delta is DP-FedAvg's noised
+    sum of clipped updates over q S (`aggregate`; epsilon in rounds.jsonl); with the run
+    config's `secure-aggregation` the rounds go through Flower's SecAgg+ (`serve_secagg`,
+    FedAvg weights).
 
 What a run computes is a `Problem` (initial parameters, loss, optimizers, each site's batches),
 built in every process by the factory that the run config's `problem` names ("module:function",
@@ -64,8 +66,9 @@ Files in `workdir` (written by the server process only, which holds the workdir'
 error} when a SuperNode's ClientApp raised or the SuperLink answered for a node it lost (under
 the node the message was sent to; also printed on the server's stderr), `timed_out` (the sites,
 or "node <id>" for a node not yet heard from, whose reply did not come within round-timeout;
-also on stderr; `bytes_down`'s `total` counts every message sent, theirs included), and
-`<task>/<metric>` at evaluation rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
+also on stderr; `bytes_down`'s `total` counts every message sent, theirs included),
+`dp_epsilon_rdp` / `dp_epsilon_pld` with fed.dp.* (`dp_epsilon`), and `<task>/<metric>` at
+evaluation rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
 federated`: written to a temporary directory and renamed, keep-N, meta with the run's
 fingerprint and, for aggregator "dynamic", each site's previous loss and last round
 (`site_memory`); the tree is `loop.flower_checkpoint_tree`: the server parameters and optimizer
@@ -112,6 +115,7 @@ import optax
 from jmtl.federated import aggregation
 from jmtl.federated import algorithm
 from jmtl.federated import compression
+from jmtl.federated import privacy
 
 RAW_STYPE = "raw.le"  # Array.data = the leaf's values, little-endian, C order, no header
 CODEC_STYPE = "jmtl.compress"  # Array.data = `compression.to_bytes` of the leaves a site sends
@@ -140,7 +144,9 @@ class Problem:
   weighted rules of `jmtl.federated.aggregation`, with `temperature`: fed.temperature) or a
   Byzantine-robust rule of `jmtl.federated.robust.RULES` (median, trimmed_mean with `trim`,
   krum with `byzantine_f`, `krum_m`: fed.aggregator, fed.trim, fed.byzantine_f, fed.krum_m),
-  applied by `aggregate`.
+  applied by `aggregate`; `dp`: DP-FedAvg (`jmtl.federated.privacy.DPConfig` of fed.dp.*, its
+  sampling rate 1: every site is asked every round; None = off), applied by `aggregate` on the
+  server (central DP: the server sees each update, clips it, and adds the noise).
   `files` {name: text} are written into the workdir when the server starts (config.json,
   tokenizer.json); `evaluate(params, opt_state, round) -> (metrics {"<task>/<metric>": float},
   prediction rows per task)` (None = no evaluation) runs every `eval_every` rounds (0 = only
@@ -172,6 +178,7 @@ class Problem:
   codec: compression.Codec | None = None
   aggregator: str = "fedavg"
   temperature: float = 1.0
+  dp: Any = None  # privacy.DPConfig (fed.dp.*) or None
   trim: float = 0.1
   byzantine_f: int = 0
   krum_m: int = 0
@@ -309,6 +316,7 @@ def jmtl_problem(run_config: dict) -> Problem:
                  codec=compression.parse(config.fed.compress, config.fed.compress_block),
                  aggregator=str(config.fed.aggregator),
                  temperature=float(config.fed.temperature), trim=float(config.fed.trim),
+                 dp=privacy.from_config(config.fed, 1.0),
                  byzantine_f=int(config.fed.byzantine_f), krum_m=int(config.fed.krum_m))
 
 
@@ -593,8 +601,8 @@ def _finite(v: float) -> float | None:
 def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups: Any = None,
               holds: Any = None, *, rule: str = "fedavg", trim: float = 0.1,
               byzantine_f: int = 0, krum_m: int = 0, temperature: float = 1.0,
-              site_loss: Any = None, prev_loss: Any = None, staleness: Any = None
-              ) -> tuple[Any, np.ndarray]:
+              site_loss: Any = None, prev_loss: Any = None, staleness: Any = None,
+              dp: Any = None, noise_key: Any = None) -> tuple[Any, np.ndarray]:
   """The sites' deltas aggregated with jmtl's rules: m_k = 1 for each site whose delta arrived
   (None = lost; its row of the [S, ...] stack is zeros, masked), `groups` / `holds` as in
   `Problem` (None = one group held by all). `rule` "fedavg": w = fedavg_weights(n, m), Delta =
@@ -607,8 +615,14 @@ def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups:
   instead of the mesh's `site` axis. A rule of `robust.RULES` (median, trimmed_mean with beta =
   `trim`, krum with f = `byzantine_f`, m = `krum_m`): (Delta, w) = `robust.aggregate(stack,
   groups, m, holds, rule, ...)`, the call the simulation's round makes (`algorithm.make_round`,
-  its stacked path; n_k does not enter). Returns (Delta float32 like `like`, w [S]); Delta = 0
-  when no site arrived. ValueError for another rule, or "dynamic" without the loss arrays."""
+  its stacked path; n_k does not enter). With `dp` (a `privacy.DPConfig`; rule fedavg): DP-FedAvg
+  as the simulation's round computes it (`jmtl.federated.privacy`): each arrived delta, its
+  leaves of groups the site does not hold zeroed, clipped to global norm C (`privacy.clip`),
+  summed, then `privacy.noise_and_scale` with `noise_key` (the simulation's: fold_in(fold_in(
+  key(seed), algorithm._NOISE_KEY), round)) and S_g = the sites holding each leaf; w_k = m_k /
+  (q S). Returns (Delta float32 like `like`, w [S]); Delta = 0 when no site arrived (with DP:
+  the noise alone, scaled, as the simulation). ValueError for another rule, "dynamic" without
+  the loss arrays, or `dp` with a rule other than fedavg or without `noise_key`."""
   from jmtl.federated import robust  # noqa: PLC0415
   S = len(deltas)
   mask = np.array([d is not None for d in deltas], np.float32)
@@ -624,6 +638,20 @@ def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups:
     raise ValueError(f"the Flower server aggregates with {', '.join(WEIGHTED_RULES)} or "
                      f"{', '.join(robust.RULES)}, got {rule!r}")
   n, m, held = (jnp.asarray(examples, jnp.float32), jnp.asarray(mask), jnp.asarray(holds))
+  if dp is not None:
+    if rule != "fedavg" or noise_key is None:
+      raise ValueError(f"DP-FedAvg needs rule fedavg and a noise_key, got {rule!r}")
+    total = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), like)
+    for k, d in enumerate(deltas):
+      if d is None:
+        continue
+      sent = jax.tree.map(lambda x, g, k=k: x * holds[k, g], d, groups)
+      bounded, _ = privacy.clip(sent, dp.clip_norm)
+      total = jax.tree.map(lambda a, b: a + np.asarray(b, np.float32), total, bounded)
+    holders = jax.tree.map(lambda g: jnp.sum(held[:, g]), groups)
+    delta = privacy.noise_and_scale(total, noise_key, dp, holders)
+    return (jax.tree.map(lambda a: np.asarray(a, np.float32), delta),
+            np.asarray(m / (dp.sampling_rate * S)))
   if rule == "dynamic":
     if site_loss is None or prev_loss is None or staleness is None:
       raise ValueError("aggregator 'dynamic' needs site_loss, prev_loss and staleness")
@@ -1047,7 +1075,9 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
                        rule=problem.aggregator, trim=problem.trim,
                        byzantine_f=problem.byzantine_f, krum_m=problem.krum_m,
                        temperature=problem.temperature, site_loss=site_loss,
-                       prev_loss=server.prev_loss, staleness=server.staleness(r))
+                       prev_loss=server.prev_loss, staleness=server.staleness(r),
+                       dp=problem.dp, noise_key=None if problem.dp is None else noise_key(
+                           problem.seed, r))
   if part:
     server.apply(delta)
   server.remember(r, {k: info[k]["site_loss"] for k in part})
@@ -1067,8 +1097,23 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
                          "total": down * len(sent)},
           "seconds": time.time() - t0,
           "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part},
+          **(dp_epsilon(problem.dp, r + 1) if problem.dp is not None else {}),
           **({"errors": errors} if errors else {}),
           **({"timed_out": timed_out} if timed_out else {})}
+
+
+def noise_key(seed: int, r: int) -> jax.Array:
+  """DP-FedAvg's noise key of round r (0-based): the simulation's (`algorithm.make_round`)."""
+  base = jax.random.key(int(seed))
+  return jax.random.fold_in(jax.random.fold_in(base, algorithm._NOISE_KEY), r)  # noqa: SLF001
+
+
+def dp_epsilon(dp: Any, rounds: int) -> dict:
+  """rounds.jsonl's `dp_epsilon_rdp` / `dp_epsilon_pld` after `rounds` rounds (every round
+  counts, one without an applied reply too, as in `jmtl federated`): `privacy.epsilon` at
+  fed.dp.delta; None for an infinite epsilon (z = 0)."""
+  rdp, pld = privacy.epsilon(dp.noise_multiplier, dp.sampling_rate, rounds, dp.delta)
+  return {"dp_epsilon_rdp": _finite(rdp), "dp_epsilon_pld": _finite(pld)}
 
 
 def _make_server_app():
