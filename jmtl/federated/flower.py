@@ -947,11 +947,26 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
   errors: dict[str, str] = {}
   claimed: dict[int, str] = {}  # site -> the node whose reply counts
   answered: set = set()  # the message ids that got a reply
+  # A site's owner (the node whose reply it last applied) goes first, whatever order the replies
+  # came in: with two claimants the owner's reply counts while it answers, and another node
+  # takes the site over only in a round its owner does not answer (its state then moves on).
+  owner = {site: node for node, site in server.node_sites.items()}
+
+  def site_of(rep: Any) -> str | None:
+    try:
+      return None if rep.has_error() else problem.sites[int(rep.content["metrics"]["site"])]
+    except (KeyError, IndexError, TypeError, ValueError):
+      return None
+
+  def node_of(rep: Any) -> str:
+    return str(sent.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id))
+
+  replies = sorted(replies, key=lambda rep: owner.get(site_of(rep)) != node_of(rep))
   for rep in replies:
     answered.add(rep.metadata.reply_to_message_id)
     # The node the message went to (a SuperNode the SuperLink lost gets an error reply whose
     # src_node_id is the SuperLink's own id).
-    node = str(sent.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id))
+    node = node_of(rep)
     if rep.has_error():  # a SuperNode whose ClientApp raised (e.g. an unknown node config site)
       reason = str(getattr(rep.error, "reason", "") or rep.error).strip()
       errors[node] = (reason.splitlines() or [""])[0]
@@ -962,10 +977,13 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
     if k in claimed:  # two SuperNodes with one node config site: the first reply counts
       errors[node] = (f"node {node} claims site {problem.sites[k]!r}, which node {claimed[k]} "
                       f"already replied for: its reply is refused (give each SuperNode its own "
-                      f"node config site)")
+                      f"node config site; it takes the site over only in a round node "
+                      f"{claimed[k]} does not answer)")
       print(f"round {r + 1}: {errors[node]}", file=sys.stderr, flush=True)
       continue
     claimed[k] = node
+    for other in [n for n, s in server.node_sites.items() if s == problem.sites[k]]:
+      del server.node_sites[other]  # one owner per site
     server.node_sites[node] = problem.sites[k]
     deltas[k] = (decode_update(problem, k, rep.content["delta"], server.params)
                  if codec_of(problem) is not None
