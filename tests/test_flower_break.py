@@ -71,3 +71,139 @@ def test_a_site_claimed_twice_keeps_its_owner_whatever_order_the_replies_come_in
   assert [r["sites"] for r in rows] == [["a", "b"]] * 4
   assert "errors" not in rows[2]  # node 3 alone answered for a
   assert "node 1 claims site 'a', which node 3 already replied for" in rows[3]["errors"]["1"]
+
+
+# ---------------------------------------------------------------- SecAgg+ rounds that halt
+
+class _SilentGrid:
+  """A Grid whose `nodes` SuperNodes are connected but never answer (hung, or gone before the
+  SuperLink noticed): what Flower's SecAgg+ workflow sees when too few sites take part."""
+
+  def __init__(self, nodes):
+    self.nodes, self.pushed = list(nodes), 0
+    self.run = type("Run", (), {"run_id": 1})()
+
+  def get_node_ids(self):
+    return list(self.nodes)
+
+  def push_messages(self, msgs):
+    msgs = list(msgs)
+    self.pushed += len(msgs)
+    return [f"m{self.pushed}_{i}" for i in range(len(msgs))]
+
+  def pull_messages(self, ids):
+    return []
+
+
+def _in_thread(fn, within_s):
+  """What `fn()` raised (None when it returned), failing the test when it has not ended within
+  `within_s` seconds (the thread is a daemon: a hung server does not hang the test run)."""
+  import threading
+  out = []
+
+  def run():
+    try:
+      fn()
+      out.append(None)
+    except BaseException as e:  # noqa: BLE001 - handed to the test
+      out.append(e)
+  t = threading.Thread(target=run, daemon=True)
+  t.start()
+  t.join(within_s)
+  assert out, f"still running after {within_s:g} s (hung)"
+  return out[0]
+
+
+def _secagg_context(run_config):
+  from flwr.app import Context, RecordDict
+  return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                 run_config=dict(run_config))
+
+
+@pytest.mark.parametrize("nodes", [(), (1, 2, 3)], ids=["no-supernode", "silent-supernodes"])
+def test_a_secagg_round_too_few_sites_answer_is_written_and_counts_as_empty(tmp_path, capfd,
+                                                                             nodes):
+  """SecAgg+ on the server (`serve_secagg`, Flower's own workflow) with every SuperNode gone
+  (none connected) or connected but silent. Before: `configure_fit`'s `sample(S, S)` waited up
+  to a day for S sites and the workflow's stages waited forever for replies (no timeout), and a
+  round the workflow halted wrote no line and no checkpoint (Flower only logs it). Now each such
+  round takes round-timeout, is written with applied 0 and the stage that halted, and after
+  max-empty-rounds of them the run stops with the plain server's one line."""
+  wd = tmp_path / "wd"
+  rc = _run_config(wd, 4, sites="a,b,c", **{"secure-aggregation": True, "round-timeout": 0.3,
+                                           "max-empty-rounds": 2})
+  raised = _in_thread(lambda: flower.serve_secagg(_SilentGrid(nodes), _secagg_context(rc)),
+                      within_s=60.0)
+  assert isinstance(raised, flower.EmptyRoundsError), raised
+  assert str(raised).startswith("2 consecutive rounds (1-2) had no applied reply")
+  rows = _rows(wd)
+  assert [(r["round"], r["applied"], r["sites"]) for r in rows] == [(1, 0, []), (2, 0, [])]
+  stage = "setup"  # nobody answered its first stage
+  for r in rows:
+    assert r["error"].startswith(f"secure aggregation halted at its {stage} stage: 0 of 3 "
+                                 f"sites active, SecAgg+ needs 2") and r["loss"] is None
+  err = capfd.readouterr().err
+  assert "jmtl: error: 2 consecutive rounds (1-2) had no applied reply" in err
+  step, got, _, meta = _final(wd, rc)  # round 2's checkpoint: the initial parameters
+  assert step == 2 and meta["row"]["applied"] == 0
+  for k in ("w", "b"):
+    np.testing.assert_array_equal(got[k], np.zeros_like(got[k]))
+
+
+class _SecAggGrid(_SilentGrid):
+  """A Grid whose node k + 1 is site `sites[k]` running the ClientApp's SecAgg+ side in process
+  (`flower.secagg_train`: Flower's `secaggplus_mod` around the site's fit), each with its own
+  Context (node config `site`, its state kept across messages as a SuperNode's within a run);
+  message ids set as Flower's in-memory grid sets them."""
+
+  def __init__(self, run_config, sites):
+    from flwr.app import Context, RecordDict
+    super().__init__(range(1, len(sites) + 1))
+    self.contexts = {k + 1: Context(run_id=-7, node_id=k + 1, node_config={"site": s},
+                                    state=RecordDict(), run_config=dict(run_config))
+                     for k, s in enumerate(sites)}
+    self.out = {}
+
+  def push_messages(self, msgs):
+    import copy
+    import uuid
+    ids = []
+    for msg in msgs:
+      mid = str(uuid.uuid4())
+      msg.metadata.__dict__["_message_id"] = mid
+      ids.append(mid)
+      # A copy, as the wire gives each node its own (the workflow sends one content to all).
+      self.out[mid] = flower.secagg_train(copy.deepcopy(msg),
+                                          self.contexts[msg.metadata.dst_node_id])
+    return ids
+
+  def pull_messages(self, ids):
+    return [self.out.pop(i) for i in list(ids) if i in self.out]
+
+
+def test_a_secagg_round_writes_its_loss_as_a_plain_round_does(tmp_path):
+  """Flower's SecAgg+ workflow and mod in process, 3 sites, 2 FedAvg rounds: each line carries
+  `loss`, the n_k-weighted mean of the sites' site_loss (in the clear in their FitRes, as n_k),
+  equal to the plain run's line (round 1: the same parameters, so the same numbers); before it
+  had none (`jmtl federated` printed `loss None`). The parameters equal the plain run's within
+  SecAgg+'s quantisation bound, K x 2 x clipping range / sum_k q_k per round (see README)."""
+  wd, ref_wd = tmp_path / "wd", tmp_path / "ref"
+  rc = _run_config(wd, 2, sites="a,b,c", **{"secure-aggregation": True, "round-timeout": 30.0})
+  ref_rc = _run_config(ref_wd, 2, sites="a,b,c")
+  assert _in_thread(lambda: flower.serve_secagg(_SecAggGrid(rc, "abc"), _secagg_context(rc)),
+                    within_s=120.0) is None
+  flower.serve(_Grid(ref_rc), ref_rc)
+  rows, ref = _rows(wd), _rows(ref_wd)
+  assert [(r["round"], r["applied"], r["sites"]) for r in rows] == [(1, 1, ["a", "b", "c"]),
+                                                                    (2, 1, ["a", "b", "c"])]
+  assert rows[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-6)
+  # By hand from the plain run's per-site losses and n_k = 10, 20, 30 (flower_problem).
+  n = {"a": 10.0, "b": 20.0, "c": 30.0}
+  assert rows[0]["loss"] == pytest.approx(
+      sum(n[s] * ref[0]["site_loss"][s] for s in n) / sum(n.values()), rel=1e-6)
+  assert rows[1]["loss"] == pytest.approx(ref[1]["loss"], rel=1e-3)
+  _, got, _, _ = _final(wd, rc)
+  _, want, _, _ = _final(ref_wd, ref_rc)
+  bound = 2 * 3 * 2 * 8.0 / round(60 / 1000 * 2**22)  # 2 rounds x K x 2 x c / sum_k q_k
+  for k in ("w", "b"):
+    np.testing.assert_allclose(got[k], want[k], atol=bound, rtol=0)

@@ -906,19 +906,27 @@ def serve(grid: Any, run_config: dict) -> Any:
       row = _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
       server.end_round(r + 1, row)
       empty = 0 if row["applied"] else empty + 1
-      if most and empty >= most:
-        c = server.ckpt.latest_step()
-        msg = (f"{empty} consecutive rounds ({r + 2 - empty}-{r + 1}) had no applied reply "
-               f"(max-empty-rounds {most}): stopping at round {r + 1} of {server.rounds}; "
-               f"submit the run again once the sites are back: it resumes from its last "
-               + (f"checkpoint, round {c}" if c is not None else
-                  "checkpoint only if one exists, and none was saved yet "
-                  "(fed.checkpoint_every): it starts at round 1"))
-        print(f"jmtl: error: {msg}", file=sys.stderr, flush=True)
-        raise EmptyRoundsError(msg)
+      _stop_if_empty(server, empty, r + 1, most)
   finally:
     server.close()
   return server.params
+
+
+def _stop_if_empty(server: _Server, empty: int, r: int, most: int) -> None:
+  """After round r (1-based), the `empty`-th consecutive round without an applied reply: when
+  `most` > 0 and empty >= most, one line `jmtl: error: ...` on stderr (the rounds, the limit,
+  the checkpoint a resubmitted run resumes from) and EmptyRoundsError."""
+  if not (most and empty >= most):
+    return
+  c = server.ckpt.latest_step()
+  msg = (f"{empty} consecutive rounds ({r + 1 - empty}-{r}) had no applied reply "
+         f"(max-empty-rounds {most}): stopping at round {r} of {server.rounds}; "
+         f"submit the run again once the sites are back: it resumes from its last "
+         + (f"checkpoint, round {c}" if c is not None else
+            "checkpoint only if one exists, and none was saved yet "
+            "(fed.checkpoint_every): it starts at round 1"))
+  print(f"jmtl: error: {msg}", file=sys.stderr, flush=True)
+  raise EmptyRoundsError(msg)
 
 
 def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord) -> dict:  # noqa: N803
@@ -1229,10 +1237,14 @@ def serve_secagg(grid: Any, context: Any) -> None:
   run_config = dict(context.run_config)
   max_weight = secagg_max_weight(run_config)
   clipping_range, levels = secagg_ranges(run_config)
+  timeout = float(run_config.get("round-timeout", 60.0))
+  wait_sites = max(timeout, float(run_config.get("wait-sites", 120.0)))
+  most = int(run_config.get("max-empty-rounds", MAX_EMPTY_ROUNDS))
 
   class _Strategy(Strategy):
     def __init__(self, server: _Server):
       self.server, self.problem, self.t0 = server, server.problem, time.time()
+      self.empty = 0  # consecutive rounds without an applied secure sum
 
     def _leaves(self):
       return ndarrays_to_parameters([np.asarray(x) for x in jax.tree.leaves(self.server.params)])
@@ -1243,7 +1255,11 @@ def serve_secagg(grid: Any, context: Any) -> None:
     def configure_fit(self, server_round, parameters, client_manager):
       S = len(self.problem.sites)
       self.t0 = time.time()
-      clients = client_manager.sample(num_clients=S, min_num_clients=S)
+      # Every connected site, after waiting at most round-timeout for all S (Flower's
+      # `sample(S, S)` blocks up to a day while a SuperNode is gone); fewer than the
+      # reconstruction threshold halt the round's setup stage (`_Workflow`: a line, applied 0).
+      client_manager.wait_for(S, timeout=wait_sites if server_round == 1 else timeout)
+      clients = list(client_manager.all().values())
       r = self.server.start + server_round - 1  # a resumed run continues at its round
       applied = " ".join(self.server.applied_replies[k]
                          for k in sorted(self.server.applied_replies))
@@ -1283,12 +1299,38 @@ def serve_secagg(grid: Any, context: Any) -> None:
           int(res.metrics["site"]): str(res.metrics["reply"]) for _, res in results
           if "site" in res.metrics and "reply" in res.metrics})
       r = self.server.start + server_round
+      # The round's loss: the n_k-weighted mean of the sites' site_loss (in the clear in their
+      # FitRes metrics, as n_k is), as a plain round's `loss`.
+      losses = [(float(res.num_examples), float(res.metrics["site_loss"])) for _, res in results
+                if "site_loss" in res.metrics]
+      n = sum(w for w, _ in losses)
       row = {"round": r, "secure_aggregation": "secagg+", "max_weight": max_weight,
              "sites": sorted(self.problem.sites[int(res.metrics["site"])] for _, res in results
                              if "site" in res.metrics),
-             "failures": len(failures), "applied": 1, "seconds": time.time() - self.t0}
+             "failures": len(failures), "applied": 1,
+             "loss": _finite(sum(w * v for w, v in losses) / n) if n > 0 else None,
+             "seconds": time.time() - self.t0}
       self.server.end_round(r, row)
+      self.empty = 0
       return self._leaves(), {}
+
+    def halted(self, server_round, stage, state):
+      """A round Flower's workflow halted (too few sites answered a stage: SecAgg+ needs
+      `reconstruction_threshold` of them): nothing applied; the round is written as a plain
+      round without replies (`end_round`: evaluation, checkpoint, the line with applied 0 and
+      `error`) and counts towards max-empty-rounds."""
+      r = self.server.start + server_round
+      active = len(getattr(state, "active_node_ids", ()) or ())
+      threshold = getattr(state, "threshold", 0) or S - 1
+      msg = (f"secure aggregation halted at its {stage} stage: {active} of {S} sites active, "
+             f"SecAgg+ needs {threshold}; nothing applied")
+      print(f"round {r}: {msg}", file=sys.stderr, flush=True)
+      self.server.end_round(r, {
+          "round": r, "secure_aggregation": "secagg+", "max_weight": max_weight, "sites": [],
+          "failures": len(getattr(state, "failures", ()) or ()), "applied": 0, "loss": None,
+          "error": msg, "seconds": time.time() - self.t0})
+      self.empty += 1
+      _stop_if_empty(self.server, self.empty, r, most)
 
     def configure_evaluate(self, server_round, parameters, client_manager):
       return []
@@ -1302,6 +1344,20 @@ def serve_secagg(grid: Any, context: Any) -> None:
   class _Workflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow, stopping a round that a site refused (`secagg_check`) right
     after the masked vectors come in, whether or not enough sites are left to unmask."""
+
+    def __call__(self, grid, context):
+      """Flower's `SecAggPlusWorkflow.__call__` (its four stages in order), telling the strategy
+      when a stage halts the round (Flower's only logs it and goes on to the next round)."""
+      from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (  # noqa: PLC0415
+          WorkflowState)
+      state = WorkflowState()
+      for name, step in (("setup", self.setup_stage), ("share-keys", self.share_keys_stage),
+                         ("collect-masked-vectors", self.collect_masked_vectors_stage),
+                         ("unmask", self.unmask_stage)):
+        if not step(grid, context, state):
+          cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+          context.strategy.halted(int(cfg[WorkflowKey.CURRENT_ROUND]), name, state)
+          return
 
     def collect_masked_vectors_stage(self, grid, context, state):
       ok = super().collect_masked_vectors_stage(grid, context, state)
@@ -1331,7 +1387,7 @@ def serve_secagg(grid: Any, context: Any) -> None:
       DefaultWorkflow(fit_workflow=_Workflow(
           num_shares=S, reconstruction_threshold=S - 1, max_weight=max_weight,
           clipping_range=clipping_range, quantization_range=levels,
-          modulus_range=SECAGG_MODULUS_RANGE))(_FastGrid(grid), legacy)
+          modulus_range=SECAGG_MODULUS_RANGE, timeout=timeout))(_FastGrid(grid), legacy)
   finally:
     server.close()
 
@@ -1538,9 +1594,12 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
       last = int(row["round"])
       if "sites" in row:
         loss = row.get("loss")
-        echo(f"round {row['round']}: loss {loss} sites {','.join(row['sites'])} "
+        what = (f"loss {loss:.6g}" if isinstance(loss, (int, float)) else
+                "nothing applied" if not row.get("applied", 1) else "loss not finite")
+        echo(f"round {row['round']}: {what} sites {','.join(row['sites']) or '-'} "
              f"{row.get('seconds', 0.0):.1f} s"
-             + (f" errors {row['errors']}" if row.get("errors") else ""))
+             + (f" errors {row['errors']}" if row.get("errors") else "")
+             + (f" error: {row['error']}" if row.get("error") else ""))
       else:  # round 0: the evaluation of the initial model
         echo(f"round {row['round']}: evaluated")
 
