@@ -1359,6 +1359,16 @@ def serve_secagg(grid: Any, context: Any) -> None:
           context.strategy.halted(int(cfg[WorkflowKey.CURRENT_ROUND]), name, state)
           return
 
+    def share_keys_stage(self, grid, context, state):
+      ok = super().share_keys_stage(grid, context, state)
+      # Flower 1.42 unmasks with every node sampled at setup that sent no masked vector as
+      # "dead", asking the others for its key shares; a node that did not answer the setup or
+      # key-sharing stage (a SuperNode gone, or one the SuperLink still lists) left them none
+      # and is in no one's masks, so the sites' `_unmask` raised KeyError and the round halted.
+      # The nodes that shared their keys are the ones the unmasking must account for.
+      state.sampled_node_ids = set(state.active_node_ids)
+      return ok
+
     def collect_masked_vectors_stage(self, grid, context, state):
       ok = super().collect_masked_vectors_stage(grid, context, state)
       reasons = secagg_refusals(state.failures)
