@@ -283,3 +283,73 @@ def test_a_secure_run_resumes_from_its_checkpoint_each_round_written_once(tmp_pa
   bound = 3 * 3 * 2 * 8.0 / round(60 / 1000 * 2**22)
   for k in ("w", "b"):
     np.testing.assert_allclose(got[k], want[k], atol=bound, rtol=0)
+
+
+# ---------------------------------------------------------------- round-0 evaluation
+
+def evaluated_problem(run_config):
+  """flower_problem's Problem with an evaluation (the least-squares loss on a held-out batch,
+  `eval/loss`) every `eval-every` rounds (run config; fed.eval_every)."""
+  import jax.numpy as jnp
+  import flower_problem as fp
+  problem = fp.make(run_config)
+  batch, _ = fp.site_batches(7, 0, 99, 1)
+
+  def evaluate(params, opt_state, r):
+    del opt_state, r
+    return {"eval/loss": float(fp.loss_fn(params, {k: jnp.asarray(v[0]) for k, v in
+                                                   batch.items()}))}, {}
+  problem.evaluate, problem.eval_every = evaluate, int(run_config.get("eval-every", 0))
+  return problem
+
+
+def _numpy_eval_loss(w, b):
+  import flower_problem as fp
+  batch, _ = fp.site_batches(7, 0, 99, 1)
+  x, y = batch["x"][0].astype(np.float64), batch["y"][0].astype(np.float64)
+  return 0.5 * np.mean(np.square(x @ np.asarray(w, np.float64) + float(b) - y))
+
+
+def test_the_server_evaluates_round_0_when_fed_eval_every_is_set_and_keeps_it_on_resume(
+    tmp_path):
+  """README: the server evaluates the initial model at round 0 when fed.eval_every is set (as
+  `jmtl federated` does), then every fed.eval_every rounds and at the last. Checked: rounds.jsonl
+  line 0 holds the initial parameters' loss (numpy, by hand, at w = 0, b = 0); a server stopped
+  after round 1 and started again keeps that line once and does not evaluate round 0 again;
+  without fed.eval_every there is no round-0 line."""
+  wd = tmp_path / "wd"
+  one = _run_config(wd, 1, problem="test_flower_break:evaluated_problem", **{"eval-every": 2})
+  flower.serve(_Grid(one), one)
+  flower.serve(_Grid({**one, "rounds": 3}), {**one, "rounds": 3})
+  rows = _rows(wd)
+  assert [r["round"] for r in rows] == [0, 1, 2, 3]
+  assert set(rows[0]) == {"round", "eval/loss"}
+  assert rows[0]["eval/loss"] == pytest.approx(_numpy_eval_loss(np.zeros(5), 0.0), rel=1e-5)
+  assert [("eval/loss" in r) for r in rows] == [True, True, True, True]  # 1: the last of run 1
+  _, got, _, _ = _final(wd, {**one, "rounds": 3})
+  assert rows[3]["eval/loss"] == pytest.approx(_numpy_eval_loss(got["w"], got["b"]), rel=1e-5)
+  never = _run_config(tmp_path / "never", 2, problem="test_flower_break:evaluated_problem")
+  flower.serve(_Grid(never), never)
+  assert [(r["round"], "eval/loss" in r) for r in _rows(tmp_path / "never")] == [(1, False),
+                                                                                (2, True)]
+
+
+# ---------------------------------------------------------------- SecAgg+ max_weight too small
+
+def test_a_secagg_max_weight_too_small_stops_the_run_naming_the_config_key(tmp_path):
+  """fed.flower.secagg_max_weight = 0.1 with n_k = 10, 20, 30 examples: the mod would send
+  clip(n_k / 0.1 x delta_k, -8, 8), a silently wrong sum (|delta| here is about 0.28). The round
+  is refused: written with applied 0 and an error naming the user's config key
+  fed.flower.secagg_max_weight (run config secagg-max-weight, which alone it named before) and
+  a value that fits; nothing applied, no checkpoint, and the run ends with that message."""
+  wd = tmp_path / "wd"
+  rc = _run_config(wd, 2, sites="a,b,c", **{"secure-aggregation": True, "round-timeout": 30.0,
+                                           "secagg-max-weight": 0.1})
+  raised = _in_thread(lambda: flower.serve_secagg(_SecAggGrid(rc, "abc"), _secagg_context(rc)),
+                      within_s=120.0)
+  assert isinstance(raised, RuntimeError) and "secure aggregation refused" in str(raised)
+  (row,) = _rows(wd)
+  assert row["round"] == 1 and row["applied"] == 0 and row["sites"] == []
+  assert "fed.flower.secagg_max_weight" in row["error"] and "raise" in row["error"]
+  assert "fed.flower.secagg_max_weight" in str(raised)
+  assert not (wd / "checkpoints").exists() or not any((wd / "checkpoints").iterdir())

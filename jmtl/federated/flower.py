@@ -1085,7 +1085,7 @@ def secagg_check(leaves: list[np.ndarray], n_k: float, max_weight: float, clippi
     raise SecAggRangeError(
         f"{SECAGG_REFUSAL}: site {site!r}: n_k = {n_k:g} examples / secagg-max-weight "
         f"{max_weight:g} rounds to weight 0 of {target_range} levels: lower the run config key "
-        f"secagg-max-weight to <= {n_k * target_range:g}")
+        f"secagg-max-weight (fed.flower.secagg_max_weight) to <= {n_k * target_range:g}")
   top = 0.0
   for x in leaves:
     y = np.asarray(x, np.float32) * dq  # the mod's `parameters_multiply` (float32)
@@ -1100,7 +1100,8 @@ def secagg_check(leaves: list[np.ndarray], n_k: float, max_weight: float, clippi
         f"{SECAGG_REFUSAL}: site {site!r}: n_k = {n_k:g} examples x max|delta| = {big:.4g} / "
         f"secagg-max-weight {max_weight:g} = {top:.4g} exceeds SecAgg+'s clipping range "
         f"{clipping_range:g}, so the masked mean would be clipped (wrong): raise the run config "
-        f"key secagg-max-weight to >= {n_k * big / clipping_range:.4g}")
+        f"key secagg-max-weight (fed.flower.secagg_max_weight) to >= "
+        f"{n_k * big / clipping_range:.4g}")
   return top
 
 
@@ -1288,7 +1289,7 @@ def serve_secagg(grid: Any, context: Any) -> None:
         self.refuse(server_round, [
             f"the sites' weights sum_k round(n_k / secagg-max-weight {max_weight:g} x "
             f"{levels}) = {q} reach the modulus 2**32 and wrap: raise the run config key "
-            f"secagg-max-weight"], failures)
+            f"secagg-max-weight (fed.flower.secagg_max_weight)"], failures)
       like = self.server.params
       mean = parameters_to_ndarrays(results[0][1].parameters)  # every result holds the sum
       delta = jax.tree.unflatten(jax.tree.structure(like),
