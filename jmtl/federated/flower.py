@@ -1085,7 +1085,7 @@ def secagg_check(leaves: list[np.ndarray], n_k: float, max_weight: float, clippi
     raise SecAggRangeError(
         f"{SECAGG_REFUSAL}: site {site!r}: n_k = {n_k:g} examples / secagg-max-weight "
         f"{max_weight:g} rounds to weight 0 of {target_range} levels: lower the run config key "
-        f"secagg-max-weight (fed.flower.secagg_max_weight) to <= {n_k * target_range:g}")
+        f"secagg-max-weight to <= {n_k * target_range:g} (fed.flower.secagg_max_weight)")
   top = 0.0
   for x in leaves:
     y = np.asarray(x, np.float32) * dq  # the mod's `parameters_multiply` (float32)
@@ -1100,8 +1100,8 @@ def secagg_check(leaves: list[np.ndarray], n_k: float, max_weight: float, clippi
         f"{SECAGG_REFUSAL}: site {site!r}: n_k = {n_k:g} examples x max|delta| = {big:.4g} / "
         f"secagg-max-weight {max_weight:g} = {top:.4g} exceeds SecAgg+'s clipping range "
         f"{clipping_range:g}, so the masked mean would be clipped (wrong): raise the run config "
-        f"key secagg-max-weight (fed.flower.secagg_max_weight) to >= "
-        f"{n_k * big / clipping_range:.4g}")
+        f"key secagg-max-weight to >= {n_k * big / clipping_range:.4g} "
+        f"(fed.flower.secagg_max_weight)")
   return top
 
 
@@ -1227,7 +1227,15 @@ def serve_secagg(grid: Any, context: Any) -> None:
   and `error`, nothing is applied, and the run ends (RuntimeError); sites x levels at or above
   2**32 (the quantised sum would wrap) are refused (ValueError). The sites' client optimizer
   states follow the reply tokens of `site_train` (a site's token is recorded as applied when
-  the round's secure sum included it)."""
+  the round's secure sum included it).
+
+  Sites that are gone: each round takes the connected sites after waiting at most
+  `round-timeout` (round 1: `wait-sites`) for all S, and each SecAgg+ stage waits at most
+  `round-timeout` for replies; a node that shared no keys is left out of the unmasking (not
+  "dead"). A round the workflow halts (fewer than S - 1 sites answered a stage) is written as an
+  empty round (`end_round`: applied 0, `error` naming the stage) and counts towards
+  `max-empty-rounds` (EmptyRoundsError, as `serve`). A round's `loss` is the n_k-weighted mean
+  of the sites' `site_loss` (their FitRes metrics, in the clear as n_k is)."""
   from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: PLC0415
   from flwr.server import LegacyContext, ServerConfig  # noqa: PLC0415
   from flwr.server.strategy import Strategy  # noqa: PLC0415
