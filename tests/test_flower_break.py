@@ -455,3 +455,20 @@ def test_cluster_secagg_with_a_supernode_killed_goes_on_with_the_others(tmp_path
   for row in rows[1:]:
     assert row["applied"] == 1 and row["sites"] == ["a", "b"], rows
   assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["3"]
+
+
+def test_a_site_claimed_twice_in_a_secure_run_is_not_summed_twice(tmp_path, capfd):
+  """SecAgg+ with SuperNodes a, b, c and a second one claiming a (node 4). The secure sum
+  cannot drop one participant afterwards, so round 1, which both claimants joined, is written
+  with applied 0 and the claimant named in `errors` (before: site a's update was summed twice
+  and the line listed a twice: `sites` [a, a, b, c], applied); from round 2 on the claimant is
+  left out while node 1 (the lower id, no owner yet) answers: rounds 2-3 applied with a, b, c."""
+  wd = tmp_path / "wd"
+  rc = _run_config(wd, 3, sites="a,b,c", **{"secure-aggregation": True, "round-timeout": 30.0})
+  assert _in_thread(lambda: flower.serve_secagg(_SecAggGrid(rc, "abca"), _secagg_context(rc)),
+                    within_s=180.0) is None
+  rows = _rows(wd)
+  assert [(r["round"], r["applied"], r["sites"]) for r in rows] == [
+      (1, 0, []), (2, 1, ["a", "b", "c"]), (3, 1, ["a", "b", "c"])]
+  assert "node 4 claims site 'a', which node 1 also answered for" in rows[0]["errors"]["4"]
+  assert "round 1: node 4 claims site 'a'" in capfd.readouterr().err

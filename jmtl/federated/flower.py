@@ -1254,6 +1254,7 @@ def serve_secagg(grid: Any, context: Any) -> None:
     def __init__(self, server: _Server):
       self.server, self.problem, self.t0 = server, server.problem, time.time()
       self.empty = 0  # consecutive rounds without an applied secure sum
+      self.claimants: dict[str, str] = {}  # node id -> the site it claimed after its owner
 
     def _leaves(self):
       return ndarrays_to_parameters([np.asarray(x) for x in jax.tree.leaves(self.server.params)])
@@ -1269,6 +1270,13 @@ def serve_secagg(grid: Any, context: Any) -> None:
       # reconstruction threshold halt the round's setup stage (`_Workflow`: a line, applied 0).
       client_manager.wait_for(S, timeout=wait_sites if server_round == 1 else timeout)
       clients = list(client_manager.all().values())
+      # A node refused as a second claimant of a site is left out while the site's owner is
+      # connected (it takes the site over when the owner is gone, as in `_round`).
+      owners = {site: node for node, site in self.server.node_sites.items()}
+      connected = {str(c.node_id) for c in clients}
+      clients = [c for c in clients
+                 if not (str(c.node_id) in self.claimants
+                         and owners.get(self.claimants[str(c.node_id)]) in connected)]
       r = self.server.start + server_round - 1  # a resumed run continues at its round
       applied = " ".join(self.server.applied_replies[k]
                          for k in sorted(self.server.applied_replies))
@@ -1298,6 +1306,8 @@ def serve_secagg(grid: Any, context: Any) -> None:
             f"the sites' weights sum_k round(n_k / secagg-max-weight {max_weight:g} x "
             f"{levels}) = {q} reach the modulus 2**32 and wrap: raise the run config key "
             f"secagg-max-weight (fed.flower.secagg_max_weight)"], failures)
+      if self._claimed_twice(server_round, results, failures):
+        return self._leaves(), {}
       like = self.server.params
       mean = parameters_to_ndarrays(results[0][1].parameters)  # every result holds the sum
       delta = jax.tree.unflatten(jax.tree.structure(like),
@@ -1322,6 +1332,49 @@ def serve_secagg(grid: Any, context: Any) -> None:
       self.server.end_round(r, row)
       self.empty = 0
       return self._leaves(), {}
+
+    def _claimed_twice(self, server_round, results, failures) -> bool:
+      """Two nodes whose replies claim one site (one node config `site` on two SuperNodes):
+      the secure sum holds both and no single update can be taken out of it, so the round is
+      written as an empty round (applied 0, `errors` naming each claimant, as `_round` does)
+      and counts towards max-empty-rounds; the site's owner (the node its last applied round
+      took, else the lowest node id) keeps it, the others are left out of the next rounds
+      while it is connected (`configure_fit`). Returns whether the round was refused."""
+      by_site: dict[str, list[str]] = {}
+      for proxy, res in results:
+        if "site" in res.metrics:
+          by_site.setdefault(self.problem.sites[int(res.metrics["site"])], []).append(
+              str(proxy.node_id))
+      owners = {site: node for node, site in self.server.node_sites.items()}
+      errors = {}
+      for site, nodes in by_site.items():
+        if len(nodes) < 2:
+          continue
+        owner = owners.get(site) if owners.get(site) in nodes else min(nodes, key=int)
+        self.server.node_sites[owner] = site
+        for node in nodes:
+          if node != owner:
+            self.claimants[node] = site
+            errors[node] = (f"node {node} claims site {site!r}, which node {owner} also answered "
+                            f"for: a secure sum cannot leave one out, so the round is not "
+                            f"applied and node {node} is left out while node {owner} answers "
+                            f"(give each SuperNode its own node config site)")
+      if not errors:
+        for proxy, res in results:
+          if "site" in res.metrics:
+            self.server.node_sites[str(proxy.node_id)] = self.problem.sites[
+                int(res.metrics["site"])]
+        return False
+      r = self.server.start + server_round
+      for msg in errors.values():
+        print(f"round {r}: {msg}", file=sys.stderr, flush=True)
+      self.server.end_round(r, {
+          "round": r, "secure_aggregation": "secagg+", "max_weight": max_weight, "sites": [],
+          "failures": len(failures), "applied": 0, "loss": None, "errors": errors,
+          "seconds": time.time() - self.t0})
+      self.empty += 1
+      _stop_if_empty(self.server, self.empty, r, most)
+      return True
 
     def halted(self, server_round, stage, state):
       """A round Flower's workflow halted (too few sites answered a stage: SecAgg+ needs
