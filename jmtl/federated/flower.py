@@ -990,19 +990,27 @@ def serve(grid: Any, run_config: dict) -> Any:
       row = _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
       server.end_round(r + 1, row)
       empty = 0 if row["applied"] else empty + 1
-      if most and empty >= most:
-        c = server.ckpt.latest_step()
-        msg = (f"{empty} consecutive rounds ({r + 2 - empty}-{r + 1}) had no applied reply "
-               f"(max-empty-rounds {most}): stopping at round {r + 1} of {server.rounds}; "
-               f"submit the run again once the sites are back: it resumes from its last "
-               + (f"checkpoint, round {c}" if c is not None else
-                  "checkpoint only if one exists, and none was saved yet "
-                  "(fed.checkpoint_every): it starts at round 1"))
-        print(f"jmtl: error: {msg}", file=sys.stderr, flush=True)
-        raise EmptyRoundsError(msg)
+      _stop_if_empty(server, empty, r + 1, most)
   finally:
     server.close()
   return server.params
+
+
+def _stop_if_empty(server: _Server, empty: int, r: int, most: int) -> None:
+  """After round r (1-based), the `empty`-th consecutive round without an applied reply: when
+  `most` > 0 and empty >= most, one line `jmtl: error: ...` on stderr (the rounds, the limit,
+  the checkpoint a resubmitted run resumes from) and EmptyRoundsError."""
+  if not (most and empty >= most):
+    return
+  c = server.ckpt.latest_step()
+  msg = (f"{empty} consecutive rounds ({r + 1 - empty}-{r}) had no applied reply "
+         f"(max-empty-rounds {most}): stopping at round {r} of {server.rounds}; "
+         f"submit the run again once the sites are back: it resumes from its last "
+         + (f"checkpoint, round {c}" if c is not None else
+            "checkpoint only if one exists, and none was saved yet "
+            "(fed.checkpoint_every): it starts at round 1"))
+  print(f"jmtl: error: {msg}", file=sys.stderr, flush=True)
+  raise EmptyRoundsError(msg)
 
 
 def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord) -> dict:  # noqa: N803
@@ -1031,11 +1039,26 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
   errors: dict[str, str] = {}
   claimed: dict[int, str] = {}  # site -> the node whose reply counts
   answered: set = set()  # the message ids that got a reply
+  # A site's owner (the node whose reply it last applied) goes first, whatever order the replies
+  # came in: with two claimants the owner's reply counts while it answers, and another node
+  # takes the site over only in a round its owner does not answer (its state then moves on).
+  owner = {site: node for node, site in server.node_sites.items()}
+
+  def site_of(rep: Any) -> str | None:
+    try:
+      return None if rep.has_error() else problem.sites[int(rep.content["metrics"]["site"])]
+    except (KeyError, IndexError, TypeError, ValueError):
+      return None
+
+  def node_of(rep: Any) -> str:
+    return str(sent.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id))
+
+  replies = sorted(replies, key=lambda rep: owner.get(site_of(rep)) != node_of(rep))
   for rep in replies:
     answered.add(rep.metadata.reply_to_message_id)
     # The node the message went to (a SuperNode the SuperLink lost gets an error reply whose
     # src_node_id is the SuperLink's own id).
-    node = str(sent.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id))
+    node = node_of(rep)
     if rep.has_error():  # a SuperNode whose ClientApp raised (e.g. an unknown node config site)
       reason = str(getattr(rep.error, "reason", "") or rep.error).strip()
       errors[node] = (reason.splitlines() or [""])[0]
@@ -1046,10 +1069,13 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
     if k in claimed:  # two SuperNodes with one node config site: the first reply counts
       errors[node] = (f"node {node} claims site {problem.sites[k]!r}, which node {claimed[k]} "
                       f"already replied for: its reply is refused (give each SuperNode its own "
-                      f"node config site)")
+                      f"node config site; it takes the site over only in a round node "
+                      f"{claimed[k]} does not answer)")
       print(f"round {r + 1}: {errors[node]}", file=sys.stderr, flush=True)
       continue
     claimed[k] = node
+    for other in [n for n, s in server.node_sites.items() if s == problem.sites[k]]:
+      del server.node_sites[other]  # one owner per site
     server.node_sites[node] = problem.sites[k]
     deltas[k] = (decode_update(problem, k, rep.content["delta"], server.params)
                  if codec_of(problem) is not None
@@ -1166,7 +1192,7 @@ def secagg_check(leaves: list[np.ndarray], n_k: float, max_weight: float, clippi
     raise SecAggRangeError(
         f"{SECAGG_REFUSAL}: site {site!r}: n_k = {n_k:g} examples / secagg-max-weight "
         f"{max_weight:g} rounds to weight 0 of {target_range} levels: lower the run config key "
-        f"secagg-max-weight to <= {n_k * target_range:g}")
+        f"secagg-max-weight to <= {n_k * target_range:g} (fed.flower.secagg_max_weight)")
   top = 0.0
   for x in leaves:
     y = np.asarray(x, np.float32) * dq  # the mod's `parameters_multiply` (float32)
@@ -1181,7 +1207,8 @@ def secagg_check(leaves: list[np.ndarray], n_k: float, max_weight: float, clippi
         f"{SECAGG_REFUSAL}: site {site!r}: n_k = {n_k:g} examples x max|delta| = {big:.4g} / "
         f"secagg-max-weight {max_weight:g} = {top:.4g} exceeds SecAgg+'s clipping range "
         f"{clipping_range:g}, so the masked mean would be clipped (wrong): raise the run config "
-        f"key secagg-max-weight to >= {n_k * big / clipping_range:.4g}")
+        f"key secagg-max-weight to >= {n_k * big / clipping_range:.4g} "
+        f"(fed.flower.secagg_max_weight)")
   return top
 
 
@@ -1307,7 +1334,15 @@ def serve_secagg(grid: Any, context: Any) -> None:
   and `error`, nothing is applied, and the run ends (RuntimeError); sites x levels at or above
   2**32 (the quantised sum would wrap) are refused (ValueError). The sites' client optimizer
   states follow the reply tokens of `site_train` (a site's token is recorded as applied when
-  the round's secure sum included it)."""
+  the round's secure sum included it).
+
+  Sites that are gone: each round takes the connected sites after waiting at most
+  `round-timeout` (round 1: `wait-sites`) for all S, and each SecAgg+ stage waits at most
+  `round-timeout` for replies; a node that shared no keys is left out of the unmasking (not
+  "dead"). A round the workflow halts (fewer than S - 1 sites answered a stage) is written as an
+  empty round (`end_round`: applied 0, `error` naming the stage) and counts towards
+  `max-empty-rounds` (EmptyRoundsError, as `serve`). A round's `loss` is the n_k-weighted mean
+  of the sites' `site_loss` (their FitRes metrics, in the clear as n_k is)."""
   from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: PLC0415
   from flwr.server import LegacyContext, ServerConfig  # noqa: PLC0415
   from flwr.server.strategy import Strategy  # noqa: PLC0415
@@ -1318,10 +1353,15 @@ def serve_secagg(grid: Any, context: Any) -> None:
   run_config = dict(context.run_config)
   max_weight = secagg_max_weight(run_config)
   clipping_range, levels = secagg_ranges(run_config)
+  timeout = float(run_config.get("round-timeout", 60.0))
+  wait_sites = max(timeout, float(run_config.get("wait-sites", 120.0)))
+  most = int(run_config.get("max-empty-rounds", MAX_EMPTY_ROUNDS))
 
   class _Strategy(Strategy):
     def __init__(self, server: _Server):
       self.server, self.problem, self.t0 = server, server.problem, time.time()
+      self.empty = 0  # consecutive rounds without an applied secure sum
+      self.claimants: dict[str, str] = {}  # node id -> the site it claimed after its owner
 
     def _leaves(self):
       return ndarrays_to_parameters([np.asarray(x) for x in jax.tree.leaves(self.server.params)])
@@ -1332,7 +1372,18 @@ def serve_secagg(grid: Any, context: Any) -> None:
     def configure_fit(self, server_round, parameters, client_manager):
       S = len(self.problem.sites)
       self.t0 = time.time()
-      clients = client_manager.sample(num_clients=S, min_num_clients=S)
+      # Every connected site, after waiting at most round-timeout for all S (Flower's
+      # `sample(S, S)` blocks up to a day while a SuperNode is gone); fewer than the
+      # reconstruction threshold halt the round's setup stage (`_Workflow`: a line, applied 0).
+      client_manager.wait_for(S, timeout=wait_sites if server_round == 1 else timeout)
+      clients = list(client_manager.all().values())
+      # A node refused as a second claimant of a site is left out while the site's owner is
+      # connected (it takes the site over when the owner is gone, as in `_round`).
+      owners = {site: node for node, site in self.server.node_sites.items()}
+      connected = {str(c.node_id) for c in clients}
+      clients = [c for c in clients
+                 if not (str(c.node_id) in self.claimants
+                         and owners.get(self.claimants[str(c.node_id)]) in connected)]
       r = self.server.start + server_round - 1  # a resumed run continues at its round
       applied = " ".join(self.server.applied_replies[k]
                          for k in sorted(self.server.applied_replies))
@@ -1361,7 +1412,9 @@ def serve_secagg(grid: Any, context: Any) -> None:
         self.refuse(server_round, [
             f"the sites' weights sum_k round(n_k / secagg-max-weight {max_weight:g} x "
             f"{levels}) = {q} reach the modulus 2**32 and wrap: raise the run config key "
-            f"secagg-max-weight"], failures)
+            f"secagg-max-weight (fed.flower.secagg_max_weight)"], failures)
+      if self._claimed_twice(server_round, results, failures):
+        return self._leaves(), {}
       like = self.server.params
       mean = parameters_to_ndarrays(results[0][1].parameters)  # every result holds the sum
       delta = jax.tree.unflatten(jax.tree.structure(like),
@@ -1372,12 +1425,81 @@ def serve_secagg(grid: Any, context: Any) -> None:
           int(res.metrics["site"]): str(res.metrics["reply"]) for _, res in results
           if "site" in res.metrics and "reply" in res.metrics})
       r = self.server.start + server_round
+      # The round's loss: the n_k-weighted mean of the sites' site_loss (in the clear in their
+      # FitRes metrics, as n_k is), as a plain round's `loss`.
+      losses = [(float(res.num_examples), float(res.metrics["site_loss"])) for _, res in results
+                if "site_loss" in res.metrics]
+      n = sum(w for w, _ in losses)
       row = {"round": r, "secure_aggregation": "secagg+", "max_weight": max_weight,
              "sites": sorted(self.problem.sites[int(res.metrics["site"])] for _, res in results
                              if "site" in res.metrics),
-             "failures": len(failures), "applied": 1, "seconds": time.time() - self.t0}
+             "failures": len(failures), "applied": 1,
+             "loss": _finite(sum(w * v for w, v in losses) / n) if n > 0 else None,
+             "seconds": time.time() - self.t0}
       self.server.end_round(r, row)
+      self.empty = 0
       return self._leaves(), {}
+
+    def _claimed_twice(self, server_round, results, failures) -> bool:
+      """Two nodes whose replies claim one site (one node config `site` on two SuperNodes):
+      the secure sum holds both and no single update can be taken out of it, so the round is
+      written as an empty round (applied 0, `errors` naming each claimant, as `_round` does)
+      and counts towards max-empty-rounds; the site's owner (the node its last applied round
+      took, else the lowest node id) keeps it, the others are left out of the next rounds
+      while it is connected (`configure_fit`). Returns whether the round was refused."""
+      by_site: dict[str, list[str]] = {}
+      for proxy, res in results:
+        if "site" in res.metrics:
+          by_site.setdefault(self.problem.sites[int(res.metrics["site"])], []).append(
+              str(proxy.node_id))
+      owners = {site: node for node, site in self.server.node_sites.items()}
+      errors = {}
+      for site, nodes in by_site.items():
+        if len(nodes) < 2:
+          continue
+        owner = owners.get(site) if owners.get(site) in nodes else min(nodes, key=int)
+        self.server.node_sites[owner] = site
+        for node in nodes:
+          if node != owner:
+            self.claimants[node] = site
+            errors[node] = (f"node {node} claims site {site!r}, which node {owner} also answered "
+                            f"for: a secure sum cannot leave one out, so the round is not "
+                            f"applied and node {node} is left out while node {owner} answers "
+                            f"(give each SuperNode its own node config site)")
+      if not errors:
+        for proxy, res in results:
+          if "site" in res.metrics:
+            self.server.node_sites[str(proxy.node_id)] = self.problem.sites[
+                int(res.metrics["site"])]
+        return False
+      r = self.server.start + server_round
+      for msg in errors.values():
+        print(f"round {r}: {msg}", file=sys.stderr, flush=True)
+      self.server.end_round(r, {
+          "round": r, "secure_aggregation": "secagg+", "max_weight": max_weight, "sites": [],
+          "failures": len(failures), "applied": 0, "loss": None, "errors": errors,
+          "seconds": time.time() - self.t0})
+      self.empty += 1
+      _stop_if_empty(self.server, self.empty, r, most)
+      return True
+
+    def halted(self, server_round, stage, state):
+      """A round Flower's workflow halted (too few sites answered a stage: SecAgg+ needs
+      `reconstruction_threshold` of them): nothing applied; the round is written as a plain
+      round without replies (`end_round`: evaluation, checkpoint, the line with applied 0 and
+      `error`) and counts towards max-empty-rounds."""
+      r = self.server.start + server_round
+      active = len(getattr(state, "active_node_ids", ()) or ())
+      threshold = getattr(state, "threshold", 0) or S - 1
+      msg = (f"secure aggregation halted at its {stage} stage: {active} of {S} sites active, "
+             f"SecAgg+ needs {threshold}; nothing applied")
+      print(f"round {r}: {msg}", file=sys.stderr, flush=True)
+      self.server.end_round(r, {
+          "round": r, "secure_aggregation": "secagg+", "max_weight": max_weight, "sites": [],
+          "failures": len(getattr(state, "failures", ()) or ()), "applied": 0, "loss": None,
+          "error": msg, "seconds": time.time() - self.t0})
+      self.empty += 1
+      _stop_if_empty(self.server, self.empty, r, most)
 
     def configure_evaluate(self, server_round, parameters, client_manager):
       return []
@@ -1391,6 +1513,30 @@ def serve_secagg(grid: Any, context: Any) -> None:
   class _Workflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow, stopping a round that a site refused (`secagg_check`) right
     after the masked vectors come in, whether or not enough sites are left to unmask."""
+
+    def __call__(self, grid, context):
+      """Flower's `SecAggPlusWorkflow.__call__` (its four stages in order), telling the strategy
+      when a stage halts the round (Flower's only logs it and goes on to the next round)."""
+      from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (  # noqa: PLC0415
+          WorkflowState)
+      state = WorkflowState()
+      for name, step in (("setup", self.setup_stage), ("share-keys", self.share_keys_stage),
+                         ("collect-masked-vectors", self.collect_masked_vectors_stage),
+                         ("unmask", self.unmask_stage)):
+        if not step(grid, context, state):
+          cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+          context.strategy.halted(int(cfg[WorkflowKey.CURRENT_ROUND]), name, state)
+          return
+
+    def share_keys_stage(self, grid, context, state):
+      ok = super().share_keys_stage(grid, context, state)
+      # Flower 1.42 unmasks with every node sampled at setup that sent no masked vector as
+      # "dead", asking the others for its key shares; a node that did not answer the setup or
+      # key-sharing stage (a SuperNode gone, or one the SuperLink still lists) left them none
+      # and is in no one's masks, so the sites' `_unmask` raised KeyError and the round halted.
+      # The nodes that shared their keys are the ones the unmasking must account for.
+      state.sampled_node_ids = set(state.active_node_ids)
+      return ok
 
     def collect_masked_vectors_stage(self, grid, context, state):
       ok = super().collect_masked_vectors_stage(grid, context, state)
@@ -1420,7 +1566,7 @@ def serve_secagg(grid: Any, context: Any) -> None:
       DefaultWorkflow(fit_workflow=_Workflow(
           num_shares=S, reconstruction_threshold=S - 1, max_weight=max_weight,
           clipping_range=clipping_range, quantization_range=levels,
-          modulus_range=SECAGG_MODULUS_RANGE))(_FastGrid(grid), legacy)
+          modulus_range=SECAGG_MODULUS_RANGE, timeout=timeout))(_FastGrid(grid), legacy)
   finally:
     server.close()
 
@@ -1627,9 +1773,12 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
       last = int(row["round"])
       if "sites" in row:
         loss = row.get("loss")
-        echo(f"round {row['round']}: loss {loss} sites {','.join(row['sites'])} "
+        what = (f"loss {loss:.6g}" if isinstance(loss, (int, float)) else
+                "nothing applied" if not row.get("applied", 1) else "loss not finite")
+        echo(f"round {row['round']}: {what} sites {','.join(row['sites']) or '-'} "
              f"{row.get('seconds', 0.0):.1f} s"
-             + (f" errors {row['errors']}" if row.get("errors") else ""))
+             + (f" errors {row['errors']}" if row.get("errors") else "")
+             + (f" error: {row['error']}" if row.get("error") else ""))
       else:  # round 0: the evaluation of the initial model
         echo(f"round {row['round']}: evaluated")
 
