@@ -346,7 +346,8 @@ def bytes_to_target(config: Any, *, workdir: str | None = None, out: str | None 
     if not r["reached"]:
       return (f"{name:<28} not reached: best {r['best_score']:.2f} < target "
               f"{result['target_score']:.2f} ({r['total_bytes_up']:,} bytes up in all)")
-    ratio = "" if r["ratio"] is None else f", {r['ratio']:.1f}x fewer than sync"
+    ratio = ("" if r["ratio"] is None or r["arm"] == "sync"
+             else f", {r['ratio']:.1f}x fewer than sync")
     return (f"{name:<28} {r['score_at_target']:.2f} >= {result['target_score']:.2f} at step "
             f"{r['step_to_target']}: {r['bytes_to_target']:,} bytes up{ratio}")
 
