@@ -590,7 +590,8 @@ def run(argv: Sequence[str]) -> int:
       print(f"reference (sync, {result['reference']} dev score): {result['reference_score']:.2f}; "
             f"target {result['target_score']:.2f}; >= {result['target_factor']:g}x fewer bytes "
             f"at <= {result['target_points']:g} point lower: "
-            f"{'met by ' + ', '.join(result['meeting_arms']) if result['meets_target'] else 'not met'}")
+            + ("met by " + ", ".join(result["meeting_arms"]) if result["meets_target"]
+               else "not met"))
     else:
       for k, v in result.items():
         print(f"{k:>28}: {v}")
