@@ -69,7 +69,9 @@ COMMAND_HELP = {
     "bench": "Benchmarks: train-step speed (step), input pipeline (data), the step loop fed "
              "from memory / synchronously / with prefetch (loop), optimizer updates (optimizer), "
              "step speed and per-device bytes across model sizes and mesh layouts (scaling), "
-             "a federated round against the same steps centralised (federated).",
+             "a federated round against the same steps centralised (federated; with "
+             "bench.federated.mode=bytes_to_target: uplink bytes of DiLoCo arms to reach "
+             "synchronous training's dev score).",
     "compile": "Ahead-of-time compile of the train step for a topology (local, or a TPU slice "
                "such as v5e-16): sharding rules that do not divide, per-device memory, fits. "
                "Exit 1 when it does not fit.",
@@ -383,6 +385,10 @@ def _bench(sub: str, config, out: str | None = None) -> dict:
     from jmtl.bench.scaling import bench_scaling
     # Rows go to --out as each finishes (a killed bench keeps them); one line per row here.
     return bench_scaling(config, out=out, echo=lambda s: print(s, file=sys.stderr, flush=True))
+  if sub == "federated" and config.bench.federated.mode == "bytes_to_target":
+    from jmtl.bench.federated import bytes_to_target
+    # One line per arm here as each run finishes; --out is rewritten after each.
+    return bytes_to_target(config, out=out, echo=lambda s: print(s, file=sys.stderr, flush=True))
   if sub == "federated":
     from jmtl.bench.federated import bench_federated
     return bench_federated(config)
@@ -582,6 +588,12 @@ def run(argv: Sequence[str]) -> int:
       print(text)
     elif sub == "scaling":
       print(scaling_table(result))
+    elif sub == "federated" and result.get("mode") == "bytes_to_target":
+      print(f"reference (sync, {result['reference']} dev score): {result['reference_score']:.2f}; "
+            f"target {result['target_score']:.2f}; >= {result['target_factor']:g}x fewer bytes "
+            f"at <= {result['target_points']:g} point lower: "
+            + ("met by " + ", ".join(result["meeting_arms"]) if result["meets_target"]
+               else "not met"))
     else:
       for k, v in result.items():
         print(f"{k:>28}: {v}")

@@ -763,6 +763,37 @@ _key("bench.layouts", (),
      check=(lambda v: len(set(v)) == len(v) and set(v) <= set(BENCH_LAYOUTS),
             f"() or a tuple of distinct names from {', '.join(BENCH_LAYOUTS)}"))
 
+# (`jmtl bench federated`; jmtl.bench.federated)
+_key("bench.federated.mode", "round",
+     "jmtl bench federated: round (a round's seconds against H centralised steps) or "
+     "bytes_to_target (uplink bytes each DiLoCo arm needs to reach synchronous data-parallel "
+     "training's best dev score; jmtl.bench.federated.bytes_to_target)",
+     choices=("round", "bytes_to_target"))
+_key("bench.federated.steps", 600,
+     "bytes_to_target: total optimizer steps T of every arm (sync: T steps of the global batch "
+     "sites x data.batch_size; DiLoCo at H: T / H rounds of H local steps per site)",
+     check=ge(1))
+_key("bench.federated.local_steps", (10, 50),
+     "bytes_to_target: the DiLoCo arms' local steps H, each dividing bench.federated.steps and "
+     "bench.federated.eval_every",
+     check=_ints(1, at_least=1, distinct=True),
+     rules=((lambda v, c: all(c.bench.federated.steps % h == 0
+                              and c.bench.federated.eval_every % h == 0 for h in v),
+             "must divide bench.federated.steps = {c.bench.federated.steps} and "
+             "bench.federated.eval_every = {c.bench.federated.eval_every}"),))
+_key("bench.federated.compress", ("", "int8", "topk:0.01+int8"),
+     "bytes_to_target: the fed.compress specs run at each H ('' = float32)",
+     check=(lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(_compress_ok(x) for x in v),
+            "a non-empty tuple of distinct fed.compress specs (grammar in "
+            "jmtl.federated.compression)"))
+_key("bench.federated.eval_every", 50,
+     "bytes_to_target: steps between dev evaluations of every arm (same steps for all arms)",
+     check=ge(1), rules=((lambda v, c: c.bench.federated.steps % v == 0,
+                          "must divide bench.federated.steps = {c.bench.federated.steps}"),))
+_key("bench.federated.tolerance", 1.0,
+     "bytes_to_target: points (percent) of dev score an arm may stay below the synchronous "
+     "reference and still count as reaching it", check=ge(0))
+
 
 def _fresh(value: Any) -> Any:
   """A new copy of a mutable default (dicts), so configs never share one."""

@@ -1,5 +1,9 @@
 """`jmtl bench federated`: the cost of a federated round against centralised training.
 
+Two modes (`bench.federated.mode`): "round" (below: a round's seconds against H centralised
+steps) and "bytes_to_target" (`bytes_to_target`: uplink bytes DiLoCo arms need to reach
+synchronous data-parallel training's dev score, issue 15 requirement 6).
+
 One round of S sites x H local steps (`jmtl.federated.algorithm.make_round` with the config's
 sites, optimizers, aggregator and backend, every site taking part) against H steps of the
 trainer's own step (`jmtl.train.step.make_train_step`, the client optimizer) over a global batch
@@ -166,3 +170,234 @@ def bench_federated(config: Any, *, warmup: int = 2, iters: int = 5) -> dict[str
       "ratio": ratio, "target_ratio": TARGET_RATIO, "meets_target": bool(ratio <= TARGET_RATIO),
       "round_compilations": round_fn.trace_count(),
   }
+
+
+# --------------------------------------------------------------- bytes to target
+# `bench.federated.mode = "bytes_to_target"`: uplink bytes to synchronous training's dev score.
+
+REFERENCE = "best"  # the synchronous arm's best dev score over its evaluations (not its final)
+TARGET_FACTOR = 100.0  # issue requirement: >= 100x fewer uplink bytes ...
+TARGET_POINTS = 1.0  # ... at <= 1 point lower dev score
+
+
+def first_reaching(curve: list[tuple[int, int, float | None]], target: float
+                   ) -> tuple[int, int, float] | None:
+  """The first (step, cumulative uplink bytes, score) of `curve` (in step order) whose score
+  is >= `target` (percent points); None when no evaluation reaches it (a None score, e.g. a
+  non-finite metric, never does)."""
+  for step, sent, s in curve:
+    if s is not None and s >= target:
+      return int(step), int(sent), float(s)
+  return None
+
+
+def sync_curve(rows: list[dict], keys: list[str], bytes_per_step: int
+               ) -> list[tuple[int, int, float | None]]:
+  """(step, cumulative uplink bytes, dev score) of the synchronous run's eval lines of
+  metrics.jsonl: after step s every site has uploaded s full float32 gradients, so the bytes
+  are s x `bytes_per_step` (= S x 4 x the values each site trains)."""
+  from jmtl.study import fed_report  # noqa: PLC0415
+  out = [(int(r["step"]), int(r["step"]) * int(bytes_per_step), fed_report.score(r, keys))
+         for r in rows if r.get("split") == "eval"]
+  return sorted(out)
+
+
+def federated_curve(rows: list[dict], keys: list[str], local_steps: int
+                    ) -> list[tuple[int, int, float | None]]:
+  """(step = round x H, cumulative uplink bytes, dev score) at each evaluated round >= 1 of a
+  federated run's rounds.jsonl; the bytes are the sum of the rounds' own `bytes_up.total`
+  (`jmtl.federated.loop`'s exact accounting of what the sites sent). The round-0 evaluation
+  (the untrained model) is left out: the synchronous arm has none, and a target it met would
+  count as reached with 0 bytes."""
+  from jmtl.study import fed_report  # noqa: PLC0415
+  out, sent = [], 0
+  for r in sorted(rows, key=lambda x: int(x["round"])):
+    if int(r["round"]) > 0:
+      sent += int((r.get("bytes_up") or {}).get("total", 0))
+    s = fed_report.score(r, keys)
+    if int(r["round"]) > 0 and (s is not None or any(k in r for k in keys)):
+      out.append((int(r["round"]) * int(local_steps), sent, s))
+  return out
+
+
+def _check_bytes_config(config: Any) -> None:
+  """ConfigError (one line naming the keys) for settings that would make the synchronous arm
+  not the federated arms' same-data, same-batch counterpart."""
+  fed = config.fed
+  bad = [k for k, on in (
+      ("fed.partition (must be iid)", fed.partition != "iid"),
+      ("fed.participation (must be 1)", float(fed.participation) != 1.0),
+      ("fed.faults.dropout", float(fed.faults.dropout) > 0),
+      ("fed.deadline_s", float(fed.deadline_s) > 0),
+      ("fed.mode (must be sync)", fed.mode != "sync"),
+      ("fed.backend (flower)", fed.backend == "flower"),
+      ("fed.dp.clip_norm", float(fed.dp.clip_norm) > 0),
+      ("fed.secure_aggregation", bool(fed.secure_aggregation)),
+      ("fed.faults.byzantine", bool(fed.faults.byzantine or fed.faults.byzantine_fraction)))
+      if on]
+  if bad:
+    raise ConfigError(f"jmtl bench federated (bench.federated.mode = bytes_to_target) compares "
+                      f"IID sites that all take part every round; config keys "
+                      f"{', '.join(bad)} are set")
+
+
+def bytes_to_target(config: Any, *, workdir: str | None = None, out: str | None = None,
+                    echo: Any = None, train_fn: Any = None) -> dict[str, Any]:
+  """Uplink bytes each DiLoCo arm needs to reach synchronous data-parallel training's dev score.
+
+  Arms (each a real run on the config's data; S = number of `fed.sites`, B = `data.batch_size`,
+  T = `bench.federated.steps`, k = `bench.federated.eval_every`):
+  - sync: synchronous data-parallel training, `jmtl.study.mtl.centralized_config` of the config
+    (one model, T steps of the global batch S x B, optimizer `fed.client_optimizer` at
+    `fed.client_lr`, evaluation every k steps): each step every site uploads its full float32
+    gradient, S x 4 x n bytes per step (n = the values each site trains, counted by the
+    federated loop as the float32 parameters it downloads, `bytes_down`; a ring all-reduce
+    moves 2(S-1)/S of that per site, so the naive count here favours sync by < 2x);
+  - diloco H spec, for each H of `bench.federated.local_steps` and spec of
+    `bench.federated.compress`: `jmtl federated` with fed.local_steps = H, T / H rounds,
+    fed.compress = spec, evaluation every k / H rounds; the server and client optimizers are
+    the config's (DiLoCo: client AdamW, server Nesterov; Douillard et al. 2023, arXiv
+    2311.08105, Algorithm 1); cumulative uplink bytes = the sum of its rounds' `bytes_up.total`.
+  Every arm processes the same T x S x B training rows. The reference score is the sync arm's
+  best dev score (`REFERENCE`; percent, mean over tasks of each task's first metric, as
+  `jmtl report federated`); an arm reaches the target at its first evaluation whose score is
+  >= reference - `bench.federated.tolerance`; ratio = sync bytes to target (the sync arm's own
+  first reaching evaluation) / the arm's bytes to target (None when not reached).
+
+  Runs go to `workdir` (default: a temporary directory, removed afterwards). With `out`, the
+  JSON is rewritten after each arm ("complete": false until the last); `echo` gets one line
+  per arm. `train_fn(config, run_dir)` defaults to `jmtl.study.mtl.default_train`. Returns a
+  JSON-ready dict ("rows": one per arm). Raises ConfigError for a config that is not IID with
+  full participation (`_check_bytes_config`) or as the runs do (data files, keys).
+  """
+  import json  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+
+  from jmtl import config as config_lib  # noqa: PLC0415
+  from jmtl.eval import metrics as metrics_lib  # noqa: PLC0415
+  from jmtl.study import mtl as study_mtl  # noqa: PLC0415
+  from jmtl.study import report as report_lib  # noqa: PLC0415
+  from jmtl.study import runs as runs_lib  # noqa: PLC0415
+
+  _check_bytes_config(config)
+  b = config.bench.federated
+  T, k, tol = int(b.steps), int(b.eval_every), float(b.tolerance)
+  Hs, specs = [int(h) for h in b.local_steps], [str(s) for s in b.compress]
+  S = len(config.fed.sites)
+  keys = metrics_lib.primary_metric_keys(list(config.tasks))
+  echo = echo or (lambda s: None)
+  train_fn = train_fn or study_mtl.default_train
+
+  def arm_config(H: int, spec: str) -> Any:
+    c = copy.deepcopy(config)
+    with c.unlocked():
+      c.fed.local_steps, c.fed.rounds, c.fed.compress = H, T // H, spec
+      c.fed.eval_every, c.fed.checkpoint_every = k // H, T // H
+      c.bench.federated.mode = "round"  # the run itself is no benchmark
+    return c
+
+  sync_cfg = study_mtl.centralized_config(arm_config(1, ""))
+  with sync_cfg.unlocked():
+    sync_cfg.train.log_every = k
+  configs = [("sync", 1, "", config_lib.validate(sync_cfg, check_files=False))]
+  configs += [("diloco", H, s, config_lib.validate(arm_config(H, s), check_files=False))
+              for H in Hs for s in specs]  # every config checked before the first run
+
+  tmp = workdir is None
+  root = pathlib.Path(tempfile.mkdtemp(prefix="jmtl-bench-") if tmp else workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  result: dict[str, Any] = {
+      **common.device_info(), "mode": "bytes_to_target", "tasks": ",".join(config.tasks),
+      "sites": S, "steps": T, "eval_every": k, "global_batch": S * int(config.data.batch_size),
+      "client_optimizer": str(config.fed.client_optimizer),
+      "client_lr": float(config.fed.client_lr),
+      "server_optimizer": str(config.fed.server_optimizer),
+      "server_lr": float(config.fed.server_lr),
+      "server_momentum": float(config.fed.server_momentum),
+      "layers": int(config.model.layers), "d_model": int(config.model.d_model),
+      "reference": REFERENCE, "tolerance": tol, "reference_score": None, "target_score": None,
+      "sync_bytes_per_step": None, "values_per_site": None, "sync_bytes_to_target": None,
+      "rows": [], "complete": False, "target_factor": TARGET_FACTOR,
+      "target_points": TARGET_POINTS, "meets_target": None}
+
+  def write() -> None:
+    if out:
+      pathlib.Path(out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+  def row_of(arm: str, H: int, spec: str, curve: list, seconds: float) -> dict:
+    hit = first_reaching(curve, result["target_score"])
+    scores = [s for _, _, s in curve if s is not None]
+    sent = int(hit[1]) if hit else None
+    sync_sent = result["sync_bytes_to_target"]
+    return {"arm": arm, "local_steps": H, "compress": spec or "none",
+            "evals": [[int(st), int(by), s] for st, by, s in curve],
+            "best_score": max(scores) if scores else None,
+            "final_score": curve[-1][2] if curve else None,
+            "total_bytes_up": int(curve[-1][1]) if curve else 0,
+            "reached": hit is not None, "step_to_target": hit[0] if hit else None,
+            "score_at_target": hit[2] if hit else None, "bytes_to_target": sent,
+            "ratio": (sync_sent / sent if hit and sent else None) if sync_sent else None,
+            "seconds": round(seconds, 1)}
+
+  def line(r: dict) -> str:
+    name = "sync" if r["arm"] == "sync" else f"diloco H={r['local_steps']} {r['compress']}"
+    if not r["reached"]:
+      return (f"{name:<28} not reached: best {r['best_score']:.2f} < target "
+              f"{result['target_score']:.2f} ({r['total_bytes_up']:,} bytes up in all)")
+    ratio = ("" if r["ratio"] is None or r["arm"] == "sync"
+             else f", {r['ratio']:.1f}x fewer than sync")
+    return (f"{name:<28} {r['score_at_target']:.2f} >= {result['target_score']:.2f} at step "
+            f"{r['step_to_target']}: {r['bytes_to_target']:,} bytes up{ratio}")
+
+  try:
+    if not config.data.tokenizer:  # one tokenizer for every arm: same ids, trained once
+      tok = runs_lib.shared_tokenizer(config, root)
+      configs = [(a, H, s, _with_tokenizer(c, tok)) for a, H, s, c in configs]
+    sync_rows, sync_s = None, 0.0
+    for arm, H, spec, cfg in configs:
+      run_dir = root / (arm if arm == "sync" else f"diloco_H{H}_{spec or 'none'}".replace(
+          ":", "").replace("+", "_"))
+      t0 = time.perf_counter()
+      train_fn(cfg, run_dir)
+      took = time.perf_counter() - t0
+      if arm == "sync":
+        sync_rows, sync_s = report_lib.read_metrics(run_dir), took
+        scores = [s for _, _, s in sync_curve(sync_rows, keys, 0) if s is not None]
+        if not scores:
+          raise ValueError(f"{run_dir / 'metrics.jsonl'}: the synchronous run has no dev score")
+        result["reference_score"] = max(scores)
+        result["target_score"] = max(scores) - tol
+        continue
+      rows = report_lib.read_metrics(run_dir, fed_loop.ROUNDS_FILE)
+      if result["sync_bytes_per_step"] is None:  # S x the float32 bytes each site trains
+        first = next(r for r in rows if int(r["round"]) == 1)
+        result["sync_bytes_per_step"] = int(first["bytes_down"]["total"])
+        result["values_per_site"] = int(first["bytes_down"]["total"]) // (4 * S)
+        curve = sync_curve(sync_rows, keys, result["sync_bytes_per_step"])
+        hit = first_reaching(curve, result["target_score"])
+        result["sync_bytes_to_target"] = hit[1]
+        r0 = row_of("sync", 1, "", curve, sync_s)
+        result["rows"].append(r0)
+        echo(line(r0))
+      r = row_of(arm, H, spec, federated_curve(rows, keys, H), took)
+      result["rows"].append(r)
+      echo(line(r))
+      write()
+  finally:
+    if tmp:
+      shutil.rmtree(root, ignore_errors=True)
+  good = [r for r in result["rows"] if r["arm"] != "sync" and r["reached"]
+          and r["ratio"] is not None and r["ratio"] >= TARGET_FACTOR and tol <= TARGET_POINTS]
+  result["meets_target"] = bool(good)
+  result["meeting_arms"] = [f"H={r['local_steps']} {r['compress']}" for r in good]
+  result["complete"] = True
+  write()
+  return result
+
+
+def _with_tokenizer(cfg: Any, path: str) -> Any:
+  with cfg.unlocked():
+    cfg.data.tokenizer = str(path)
+  return cfg
