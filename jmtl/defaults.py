@@ -458,13 +458,16 @@ _key("fed.backend", "shard_map",
      "Flower ServerApp (`jmtl federated` submits the run to the SuperLink of "
      "fed.flower.superlink; jmtl.federated.flower)", choices=("shard_map", "pmap", "flower"),
      rules=((lambda v, c: v != "flower" or (
-         c.fed.mode == "sync" and c.fed.participation == 1.0
+         c.fed.mode == "sync"
          and not c.fed.faults.dropout and not c.fed.faults.byzantine
          and not c.fed.faults.byzantine_fraction and not c.fed.faults.stragglers
          and not c.fed.deadline_s),
-             "needs fed.mode = 'sync', fed.participation = 1 and no "
-             "fed.faults.* or fed.deadline_s "
+             "needs fed.mode = 'sync' and no fed.faults.* or fed.deadline_s "
              "(Flower rounds are synchronous rounds of every site, for now)"),
+            (lambda v, c: v != "flower" or not c.fed.secure_aggregation
+             or c.fed.participation == 1.0,
+             "with fed.secure_aggregation needs fed.participation = 1 (Flower's SecAgg+ "
+             "workflow asks every connected site)"),
             (lambda v, c: v != "flower" or not c.fed.secure_aggregation
              or c.fed.aggregator == "fedavg",
              lambda c: f"with fed.secure_aggregation needs fed.aggregator = 'fedavg', got "

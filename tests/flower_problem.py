@@ -6,7 +6,8 @@ jmtl.optim.build), local-steps, rounds, sites ("a,b,..."), compress (a `fed.comp
 absent or "" = raw float32 payloads), aggregator (fed.aggregator: fedavg, dynamic, gradient,
 median, trimmed_mean, krum; absent = fedavg), temperature, trim, byzantine-f, krum-m
 (fed.temperature, fed.trim, fed.byzantine_f, fed.krum_m), dp-clip, dp-z, dp-delta (fed.dp.*:
-DP-FedAvg with sampling rate 1; absent or dp-clip 0 = off)."""
+DP-FedAvg with sampling rate m / S; absent or dp-clip 0 = off), participation
+(fed.participation; absent = 1)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,5 +64,12 @@ def make(run_config):
                  byzantine_f=int(run_config.get("byzantine-f", 0)),
                  krum_m=int(run_config.get("krum-m", 0)),
                  dp=(privacy.DPConfig(float(run_config["dp-clip"]), float(run_config["dp-z"]),
-                                      float(run_config.get("dp-delta", 1e-5)), 1.0)
-                     if float(run_config.get("dp-clip", 0)) > 0 else None))
+                                      float(run_config.get("dp-delta", 1e-5)), _rate(run_config))
+                     if float(run_config.get("dp-clip", 0)) > 0 else None),
+                 participation=float(run_config.get("participation", 1.0)))
+
+
+def _rate(run_config):
+  """q = m / S, the sites sampled per round over all sites (`loop.sample_participants`)."""
+  S = len(str(run_config["sites"]).split(","))
+  return max(1, int(round(float(run_config.get("participation", 1.0)) * S))) / S

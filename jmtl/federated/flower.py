@@ -145,8 +145,11 @@ class Problem:
   Byzantine-robust rule of `jmtl.federated.robust.RULES` (median, trimmed_mean with `trim`,
   krum with `byzantine_f`, `krum_m`: fed.aggregator, fed.trim, fed.byzantine_f, fed.krum_m),
   applied by `aggregate`; `dp`: DP-FedAvg (`jmtl.federated.privacy.DPConfig` of fed.dp.*, its
-  sampling rate 1: every site is asked every round; None = off), applied by `aggregate` on the
-  server (central DP: the server sees each update, clips it, and adds the noise).
+  sampling rate m / S of `participation`; None = off), applied by `aggregate` on the server
+  (central DP: the server sees each update, clips it, and adds the noise); `participation`
+  (fed.participation): each round the server samples m = max(1, round(participation S)) sites
+  with the simulation's draw (`loop.sample_participants(seed, round, S, participation)`), and
+  only those train (`_round`, `site_train`).
   `files` {name: text} are written into the workdir when the server starts (config.json,
   tokenizer.json); `evaluate(params, opt_state, round) -> (metrics {"<task>/<metric>": float},
   prediction rows per task)` (None = no evaluation) runs every `eval_every` rounds (0 = only
@@ -179,6 +182,7 @@ class Problem:
   aggregator: str = "fedavg"
   temperature: float = 1.0
   dp: Any = None  # privacy.DPConfig (fed.dp.*) or None
+  participation: float = 1.0
   trim: float = 0.1
   byzantine_f: int = 0
   krum_m: int = 0
@@ -316,7 +320,9 @@ def jmtl_problem(run_config: dict) -> Problem:
                  codec=compression.parse(config.fed.compress, config.fed.compress_block),
                  aggregator=str(config.fed.aggregator),
                  temperature=float(config.fed.temperature), trim=float(config.fed.trim),
-                 dp=privacy.from_config(config.fed, 1.0),
+                 dp=privacy.from_config(config.fed, float(loop.sample_participants(
+                     0, 1, len(sites), float(config.fed.participation)).mean())),
+                 participation=float(config.fed.participation),
                  byzantine_f=int(config.fed.byzantine_f), krum_m=int(config.fed.krum_m))
 
 
@@ -553,8 +559,14 @@ def site_train(content: Any, state: Any, site: str, run_id: int, run_config: dic
   k = problem.sites.index(site)
   cfg = content["config"]
   r = int(cfg["round"])
-  params = from_record(content["params"], like)
   commit_pending(state, str(cfg.get("applied", "")))
+  if "sampled" in cfg and str(k) not in str(cfg["sampled"]).split():
+    # Not sampled this round (fed.participation < 1): no local work, the state as it is (the
+    # simulation's mask-0 site); the reply names the site, so the server learns which node
+    # holds it and sends that node no parameters while it is not sampled.
+    return RecordDict({"metrics": MetricRecord({"site": k, "skipped": 1}),
+                       "info": ConfigRecord({"site": site})})
+  params = from_record(content["params"], like)
   opt = (from_record(state["client_opt"], opt_like) if "client_opt" in state
          else problem.client_tx.init(params))
   residual = (from_record(state["residual"], like)
@@ -1028,9 +1040,28 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
   record = to_record(server.params)
   down = payload_bytes(record)
   applied = " ".join(server.applied_replies[k] for k in sorted(server.applied_replies))
-  msgs = [Message(content=RecordDict({"params": record,
-                                      "config": ConfigRecord({"round": r, "applied": applied})}),
-                  message_type="train", dst_node_id=n) for n in grid.get_node_ids()]
+  # fed.participation < 1: the round's sampled sites, the simulation's draw (round r + 1). A
+  # node known to hold a site that is not sampled gets the round's config without parameters
+  # (and replies `skipped`); a node not heard from yet gets the parameters (it may hold a
+  # sampled site), which `bytes_down`'s total counts.
+  sampled = None
+  if problem.participation < 1.0:
+    from jmtl.federated import loop  # noqa: PLC0415
+    mask = loop.sample_participants(problem.seed, r + 1, S, problem.participation)
+    sampled = [k for k in range(S) if mask[k] > 0]
+  cfg = {"round": r, "applied": applied}
+  if sampled is not None:
+    cfg["sampled"] = " ".join(map(str, sampled))
+  light: set = set()  # the nodes sent no parameters
+  msgs = []
+  for n in grid.get_node_ids():
+    site = server.node_sites.get(str(n))
+    if sampled is not None and site is not None and problem.sites.index(site) not in sampled:
+      light.add(n)
+      content = RecordDict({"config": ConfigRecord(cfg)})
+    else:
+      content = RecordDict({"params": record, "config": ConfigRecord(cfg)})
+    msgs.append(Message(content=content, message_type="train", dst_node_id=n))
   sent: dict = {}  # message id -> the node it went to
   replies = send_and_receive(grid, msgs, timeout, sent)
   deltas: list[Any] = [None] * S
@@ -1066,6 +1097,15 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
             file=sys.stderr, flush=True)
       continue
     k = int(rep.content["metrics"]["site"])
+    if "skipped" in rep.content["metrics"]:  # not sampled: learn the node's site, nothing else
+      if problem.sites[k] not in server.node_sites.values():
+        server.node_sites[node] = problem.sites[k]
+      continue
+    if sampled is not None and k not in sampled:
+      errors[node] = (f"node {node} trained site {problem.sites[k]!r}, which this round did not "
+                      f"sample: its reply is refused")
+      print(f"round {r + 1}: {errors[node]}", file=sys.stderr, flush=True)
+      continue
     if k in claimed:  # two SuperNodes with one node config site: the first reply counts
       errors[node] = (f"node {node} claims site {problem.sites[k]!r}, which node {claimed[k]} "
                       f"already replied for: its reply is refused (give each SuperNode its own "
@@ -1111,7 +1151,8 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
                                  if info[k]["token"] is not None})
   fw = float(sum(examples[k] for k in part))
   return {"round": r + 1, "sites": [problem.sites[k] for k in part],
-          "dropped": [s for k, s in enumerate(problem.sites) if k not in info],
+          "dropped": [s for k, s in enumerate(problem.sites)
+                      if k not in info and (sampled is None or k in sampled)],
           "applied": int(bool(part)),
           "loss": (_finite(sum(examples[k] * info[k]["site_loss"] for k in part) / fw)
                    if part else None),
@@ -1120,7 +1161,7 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
           "bytes_up": {**{problem.sites[k]: info[k]["up"] for k in part},
                        "total": sum(info[k]["up"] for k in part)},
           "bytes_down": {**{problem.sites[k]: down for k in part},
-                         "total": down * len(sent)},
+                         "total": down * (len(sent) - len(light))},
           "seconds": time.time() - t0,
           "site_seconds": {problem.sites[k]: info[k]["seconds"] for k in part},
           **(dp_epsilon(problem.dp, r + 1) if problem.dp is not None else {}),
