@@ -43,8 +43,9 @@ def _port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
+def cache(jax_cache):
+  """The session's JAX compilation cache (conftest.py)."""
+  return jax_cache
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,10 @@ SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  """One JAX compilation cache for the module's runs (they compile the same programs)."""
-  return tmp_path_factory.mktemp("jax_cache")
+def cache(jax_cache):
+  """The session's JAX compilation cache (conftest.py): the module's runs compile the same
+  programs."""
+  return jax_cache
 
 
 @pytest.fixture(scope="module")
