@@ -36,6 +36,15 @@ def data_dir() -> pathlib.Path:
   return root
 
 
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory) -> pathlib.Path:
+  """One persistent JAX compilation cache for the `jmtl` runs the tests start as subprocesses
+  (`faults.env(cache=...)`), shared by the whole session: a program one module's run compiled
+  (same model, shapes, device count and flags, which key the cache) is loaded by the next
+  module's run instead of compiled again. The programs, hence the numbers, are the same."""
+  return tmp_path_factory.mktemp("jax_cache")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_jax_memory() -> Iterator[None]:
   """After each test module: drop JAX's compiled-function caches and collect garbage.

@@ -28,8 +28,9 @@ def _env(data_dir, cache, fault=""):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
+def cache(jax_cache):
+  """The session's JAX compilation cache (conftest.py)."""
+  return jax_cache
 
 
 def _rounds(workdir):
@@ -127,7 +128,8 @@ def test_sigkill_after_a_checkpoint_resumes_to_exactly_the_reference_rounds(
 
 
 @pytest.mark.slow
-def test_eval_and_data_on_a_federated_config(reference, tmp_path, data_dir, cache):
+def test_eval_and_data_on_a_federated_config(reference, tmp_path, data_dir, cache, capfd,
+                                             monkeypatch):
   env = _env(data_dir, cache)
   before = json.loads((reference / "eval.json").read_text())
   sites = {k: v for k, v in before.items() if k.startswith("site/")}
@@ -150,8 +152,10 @@ def test_eval_and_data_on_a_federated_config(reference, tmp_path, data_dir, cach
   assert out.returncode == 0, out.stderr[-2000:]
   assert "eval.json keeps no site/... results" in out.stderr and "eval.max_decode_len" in out.stderr
   assert not any(k.startswith("site/") for k in json.loads((other / "eval.json").read_text()))
-  out = subprocess.run([sys.executable, "-m", "jmtl.cli", "data", "--config", str(TINY)],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  # `jmtl data` reads and partitions the data, compiles nothing: run in this process (8 CPU
+  # devices, as the subprocesses above).
+  out = faults.cli_in_process(["data", "--config", str(TINY)], capfd, monkeypatch,
+                              {"JMTL_DATA_DIR": str(data_dir)})
   assert out.returncode == 0, out.stderr[-2000:]
   assert "partition dirichlet (seed 0) over 4 sites:" in out.stdout
   line_d = next(l for l in out.stdout.splitlines() if l.strip().startswith("d ("))
@@ -161,7 +165,7 @@ def test_eval_and_data_on_a_federated_config(reference, tmp_path, data_dir, cach
 
 @pytest.mark.slow
 def test_fed_rounds_extend_on_resume_and_cannot_shrink_below_the_checkpoint(
-    reference, tmp_path, data_dir, cache):
+    reference, tmp_path, data_dir, cache, capfd, monkeypatch):
   import shutil
   workdir = tmp_path / "w"
   shutil.copytree(reference, workdir)
@@ -172,8 +176,9 @@ def test_fed_rounds_extend_on_resume_and_cannot_shrink_below_the_checkpoint(
   assert out.returncode == 0, out.stderr[-2000:]
   assert "the run already finished at round 6" in out.stdout  # no evaluation again
   assert _rounds(workdir) == _rounds(reference)
-  out = subprocess.run(cmd + ["--config.fed.rounds=5"], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+  # Refused before any work: in this process (`cli.main`, the same exit code and stderr).
+  out = faults.cli_in_process(cmd[3:] + ["--config.fed.rounds=5"], capfd, monkeypatch,
+                              {"JMTL_DATA_DIR": str(data_dir)})
   assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
   assert "holds a checkpoint at round 6, past fed.rounds = 5" in out.stderr
   out = subprocess.run(cmd + ["--config.fed.rounds=7"], env=env, cwd=REPO, capture_output=True,

@@ -379,7 +379,8 @@ def test_a_bad_fault_key_ends_the_process_with_exit_2_and_one_line(tmp_path, dat
 
 
 @pytest.mark.slow
-def test_job_with_dropout_and_a_byzantine_site_under_krum_logs_both(tmp_path, data_dir):
+def test_job_with_dropout_and_a_byzantine_site_under_krum_logs_both(tmp_path, data_dir,
+                                                                    jax_cache):
   # Seed 0, dropout 0.6 over 4 sites (faults.dropout): round 1 loses all four (skipped), round 2
   # keeps a, b, d; a is Byzantine (x10), so Krum (f = 1, m = n - f = 2) keeps b and d.
   wd = tmp_path / "w"
@@ -388,7 +389,7 @@ def test_job_with_dropout_and_a_byzantine_site_under_krum_logs_both(tmp_path, da
        str(wd), "--config.fed.rounds=2", "--config.fed.eval_every=0",
        "--config.fed.aggregator=krum", "--config.fed.faults.dropout=0.6",
        "--config.fed.faults.byzantine=a", "--config.fed.faults.attack=scale"],
-      env=_env(data_dir), cwd=REPO, capture_output=True, text=True, timeout=600)
+      env=_env(data_dir, jax_cache), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "round 1: no site left after the deadline and dropout; round skipped" in out.stderr
   rows = [json.loads(line) for line in (wd / "rounds.jsonl").read_text().splitlines()]

@@ -17,6 +17,7 @@ import json
 import math
 import pathlib
 import re
+import shutil
 import signal
 import socket
 
@@ -43,8 +44,9 @@ def _port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
+def cache(jax_cache):
+  """The session's JAX compilation cache (conftest.py)."""
+  return jax_cache
 
 
 @pytest.fixture(scope="module")
@@ -264,17 +266,19 @@ def _one_error_line(results) -> str:
   return lines.pop()
 
 
-def test_checkpoint_refused_on_one_host_stops_both_with_one_line(tmp_path, data_dir, cache):
+def test_checkpoint_refused_on_one_host_stops_both_with_one_line(tmp_path, data_dir, cache,
+                                                                 sst2_reference):
   """Resuming where process 1 reads other SST-2 labels than the checkpoint was trained on: only
   process 1 can tell, yet both must stop (exit 2, the same line naming process 1) instead of
-  process 0 waiting in the restore for a peer that left."""
-  work, short = tmp_path / "work", ("--config.train.steps=2", *SST2[1:],
-                                     "--config.data.max_eval_examples=16")
-  one(work, data_dir, cache, *short)
+  process 0 waiting in the restore for a peer that left. The checkpoint is a copy of the
+  module's 1-process SST-2 run (its step 6): the check comes before the run could tell it is
+  finished."""
+  work = tmp_path / "work"
+  shutil.copytree(sst2_reference, work)
   kept = faults.checkpoint_steps(work)
-  assert kept == [2]
+  assert kept == [6]
   other = _other_sst2_labels(tmp_path / "data", data_dir)
-  results = two(work, data_dir, cache, *short, data_by_process=(None, other), expect=(2, 2),
+  results = two(work, data_dir, cache, *SST2, data_by_process=(None, other), expect=(2, 2),
                 timeout=240)
   line = _one_error_line(results)
   assert line.startswith(f"jmtl: error: process 1: --workdir {work} holds a checkpoint (step "

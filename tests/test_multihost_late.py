@@ -64,8 +64,11 @@ def test_signature_separates_what_selects_an_executable():
 
 @pytest.mark.slow
 def test_process_reaching_first_train_step_40s_late_gives_the_one_process_run(
-    tmp_path, data_dir):
-  cache = tmp_path / "jax_cache"
+    tmp_path, data_dir, jax_cache):
+  # The session's JAX compilation cache (conftest.py; tests/test_multihost.py's runs compiled
+  # these programs): a cache hit still logs COMPILED (jax_log_compiles times the compile-or-load
+  # step) and gloo's context is still built at the first collective's run, where process 0 waits.
+  cache = jax_cache
   ref, work = tmp_path / "one", tmp_path / "two"
   # The 1-process reference runs alongside (mostly while process 1 holds), to save time.
   reference = faults.Job(faults.cmd(ref, *SST2), _env(data_dir, cache, 8),

@@ -273,10 +273,10 @@ def test_study_configs_pass_preflight(data_dir):
 
 
 @pytest.mark.slow
-def test_tiny_study_and_report_through_the_cli(data_dir, tmp_path):
+def test_tiny_study_and_report_through_the_cli(data_dir, tmp_path, jax_cache):
   """2 arms (multi-task with uncertainty weighting; single-task) x 2 seeds, 4 steps each, on
   real SST-2 + STS-B rows, then the report."""
-  env = faults.env(data_dir, cache=tmp_path / "cache")
+  env = faults.env(data_dir, cache=jax_cache)
   work, out = tmp_path / "w", tmp_path / "report"
   proc = faults.run([sys.executable, "-m", "jmtl.cli", "study", "mtl", "--config",
                      str(REPO / "tests" / "configs" / "tiny_mtl_study.py"), "--workdir",

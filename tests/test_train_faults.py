@@ -29,9 +29,10 @@ SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  """One JAX compilation cache for the module's runs (they compile the same programs)."""
-  return tmp_path_factory.mktemp("jax_cache")
+def cache(jax_cache):
+  """The session's JAX compilation cache (conftest.py): the module's runs compile the same
+  programs."""
+  return jax_cache
 
 
 @pytest.fixture(scope="module")
@@ -254,25 +255,33 @@ def _assert_refused_untouched(workdir, out, *names):
   return line
 
 
-@pytest.mark.parametrize("override,key", [
-    ("--config.model.layers=2", "model.layers"),
-    ("--config.optim.name=sgd", "optim.name"),
-    ("--config.tasks=('sst2','mrpc')", "tasks"),
-    ("--config.data.batch_size=32", "data.batch_size"),
-    ("--config.seed=1", "seed"),
-    ("--config.data.vocab_size=600", "data.vocab_size"),
-    ("--config.data.max_train_examples=256", "data.max_train_examples"),
+@pytest.mark.parametrize("override,key,process", [
+    ("--config.model.layers=2", "model.layers", True),
+    ("--config.optim.name=sgd", "optim.name", False),
+    ("--config.tasks=('sst2','mrpc')", "tasks", False),
+    ("--config.data.batch_size=32", "data.batch_size", False),
+    ("--config.seed=1", "seed", False),
+    ("--config.data.vocab_size=600", "data.vocab_size", False),
+    ("--config.data.max_train_examples=256", "data.max_train_examples", False),
 ], ids=["model.layers", "optim.name", "tasks", "data.batch_size", "seed", "data.vocab_size",
         "data.max_train_examples"])
-def test_resume_with_changed_config_is_refused(override, key, interrupted, tmp_path, env,
-                                               data_dir):
+def test_resume_with_changed_config_is_refused(override, key, process, interrupted, tmp_path,
+                                               env, data_dir, capfd, monkeypatch):
+  """The refusal comes before any work: the first case is checked on the `jmtl` process itself
+  (its exit status, all of its stderr), the others run `jmtl train` in this process
+  (`faults.cli_in_process`: the same exit code and stderr, no interpreter start per case)."""
   if "mrpc" in override:  # real data: missing is a failure (conftest's data_dir rule)
     assert (data_dir / "glue" / "MRPC" / "train.tsv").is_file(), "glue/MRPC/train.tsv is missing"
   workdir = tmp_path / "w"
   shutil.copytree(interrupted, workdir)
   before = (workdir / "config.json").read_bytes()
   steps = faults.checkpoint_steps(workdir)
-  out = faults.run(cmd(workdir, *BASE, override), env(), timeout=300)
+  if process:
+    out = faults.run(cmd(workdir, *BASE, override), env(), timeout=300)
+  else:
+    out = faults.cli_in_process(["train", "--config", str(faults.TINY), "--workdir",
+                                 str(workdir), *BASE, override], capfd, monkeypatch,
+                                {"JMTL_DATA_DIR": str(data_dir)})
   _assert_refused_untouched(workdir, out, key)
   assert (workdir / "config.json").read_bytes() == before, "config.json was rewritten"
   assert faults.checkpoint_steps(workdir) == steps

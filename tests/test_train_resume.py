@@ -29,9 +29,10 @@ _CACHE = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """The module's runs share one JAX compilation cache (they compile the same programs)."""
-  _CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
+def _compilation_cache(jax_cache):
+  """The module's runs use the session's JAX compilation cache (conftest.py: they compile the
+  same programs)."""
+  _CACHE["dir"] = str(jax_cache)
   yield
   _CACHE.clear()
 

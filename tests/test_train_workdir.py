@@ -1,7 +1,12 @@
 """Refusals and repairs on an existing workdir (found by trying to break a finished run):
 a run cannot be shortened below its checkpoint, a broken W/tokenizer.json is named, `jmtl
 eval` refuses a vocabulary that is not the checkpoint's, and an incomplete step directory left
-by a kill during orbax's deletion of an old step is removed."""
+by a kill during orbax's deletion of an old step is removed.
+
+The runs that train use the session's JAX compilation cache (conftest.py). The refusals that end
+before any work (a broken tokenizer file, another vocabulary) run `jmtl` in this process
+(`faults.cli_in_process`: the same exit code and stderr); one refusal, the shortened run, is
+checked on the `jmtl` process itself (its exit status and all of its stderr)."""
 
 import json
 import shutil
@@ -16,9 +21,15 @@ STEPS = ["--config.train.steps=8", "--config.train.checkpoint_every=4",
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, data_dir):
+def env(data_dir, jax_cache):
+  """The subprocess environment with the session's JAX compilation cache (conftest.py)."""
+  return faults.env(data_dir, cache=jax_cache)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, env):
   w = tmp_path_factory.mktemp("finished") / "w"
-  proc = faults.run(faults.cmd(w, *STEPS), faults.env(data_dir))
+  proc = faults.run(faults.cmd(w, *STEPS), env)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return w
 
@@ -29,11 +40,19 @@ def _copy(finished, tmp_path):
   return w
 
 
-def test_fewer_steps_than_the_checkpoint_is_refused(finished, tmp_path, data_dir):
+def _in_process(command, w, data_dir, capfd, monkeypatch, *extra):
+  """`jmtl COMMAND --config TINY --workdir W STEPS... EXTRA...` in this process (a check that
+  ends before any work: no interpreter start, no jax import per case)."""
+  return faults.cli_in_process([command, "--config", str(faults.TINY), "--workdir", str(w),
+                                *STEPS, *extra], capfd, monkeypatch,
+                               {"JMTL_DATA_DIR": str(data_dir)})
+
+
+def test_fewer_steps_than_the_checkpoint_is_refused(finished, tmp_path, env):
+  """On the `jmtl` process itself: exit status 2, one line on all of its stderr."""
   w = _copy(finished, tmp_path)
   before = (w / "eval.json").read_bytes()
-  proc = faults.run(faults.cmd(w, *STEPS, "--config.train.steps=6"),
-                    faults.env(data_dir))
+  proc = faults.run(faults.cmd(w, *STEPS, "--config.train.steps=6"), env)
   assert proc.returncode == 2, proc.stderr[-2000:]
   line = faults.one_error_line(proc.stderr)
   assert "step 8" in line and "train.steps = 6" in line
@@ -42,16 +61,17 @@ def test_fewer_steps_than_the_checkpoint_is_refused(finished, tmp_path, data_dir
 
 @pytest.mark.parametrize("content", ["garbage\n", ""])
 @pytest.mark.parametrize("command", ["train", "eval"])
-def test_broken_tokenizer_file_is_named(finished, tmp_path, data_dir, content, command):
+def test_broken_tokenizer_file_is_named(finished, tmp_path, data_dir, content, command, capfd,
+                                        monkeypatch):
   w = _copy(finished, tmp_path)
   (w / "tokenizer.json").write_text(content)
-  proc = faults.run(faults.cmd(w, *STEPS, command=command), faults.env(data_dir))
+  proc = _in_process(command, w, data_dir, capfd, monkeypatch)
   assert proc.returncode == 2, proc.stderr[-2000:]
   line = faults.one_error_line(proc.stderr)
   assert "tokenizer.json" in line and "not a valid tokenizer file" in line
 
 
-def test_eval_refuses_another_vocabulary(finished, tmp_path, data_dir):
+def test_eval_refuses_another_vocabulary(finished, tmp_path, data_dir, capfd, monkeypatch):
   w = _copy(finished, tmp_path)
   tok = json.loads((w / "tokenizer.json").read_text())
   vocab = tok["model"]["vocab"]
@@ -59,19 +79,18 @@ def test_eval_refuses_another_vocabulary(finished, tmp_path, data_dir):
   vocab[word + "zz"] = vocab.pop(word)  # still a valid file, another vocabulary
   (w / "tokenizer.json").write_text(json.dumps(tok))
   before = (w / "eval.json").read_bytes()
-  proc = faults.run(faults.cmd(w, *STEPS, command="eval"), faults.env(data_dir))
+  proc = _in_process("eval", w, data_dir, capfd, monkeypatch)
   assert proc.returncode == 2, proc.stderr[-2000:]
   line = faults.one_error_line(proc.stderr)
   assert "vocabulary differs" in line
   assert (w / "eval.json").read_bytes() == before
 
 
-def test_incomplete_step_directory_is_removed(finished, tmp_path, data_dir):
+def test_incomplete_step_directory_is_removed(finished, tmp_path, env):
   w = _copy(finished, tmp_path)
   broken = w / "checkpoints" / "4"
   (broken / "_CHECKPOINT_METADATA").unlink()  # what a kill during orbax's deletion leaves
-  proc = faults.run(faults.cmd(w, *STEPS, "--config.train.steps=12"),
-                    faults.env(data_dir))
+  proc = faults.run(faults.cmd(w, *STEPS, "--config.train.steps=12"), env)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "removing" in proc.stderr and str(broken) in proc.stderr
   assert faults.checkpoint_steps(w) == [8, 12]
