@@ -15,7 +15,7 @@ pytest.importorskip("flwr")  # the `flower` extra
 
 import flower_problem as fp  # noqa: E402
 from test_flower_parts import _final, _Grid, _run_config, _task_identity  # noqa: E402,F401
-from test_flower_robust import SITES, STEPS, _simulate  # noqa: E402
+from test_flower_robust import SITES, _simulate, hand_delta  # noqa: E402
 
 from jmtl.federated import flower  # noqa: E402
 from jmtl.federated import privacy  # noqa: E402
@@ -67,13 +67,7 @@ def test_round_one_without_noise_is_the_clipped_mean_by_hand(tmp_path):
   total = np.zeros(fp.D + 1)
   norms = []
   for k in range(len(SITES)):
-    data, _ = fp.site_batches(0, k, 0, STEPS)
-    w, b = np.zeros(fp.D), 0.0
-    for t in range(STEPS):
-      x, y = data["x"][t].astype(np.float64), data["y"][t].astype(np.float64)
-      res = x @ w + b - y
-      w, b = w - 0.2 * x.T @ res / len(y), b - 0.2 * np.mean(res)
-    d = np.concatenate([-w, [-b]])
+    d = hand_delta(k)
     norms.append(np.linalg.norm(d))
     total += d * min(1.0, C / np.linalg.norm(d))
   assert min(norms) < C < max(norms)  # clipped and unclipped sites

@@ -9,17 +9,15 @@ sampling rate 1/2."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 pytest.importorskip("flwr")  # the `flower` extra
 
 import flower_problem as fp  # noqa: E402
-from jax.sharding import AxisType  # noqa: E402
 from test_flower_parts import _final, _Grid, _run_config, _task_identity  # noqa: E402,F401
+from test_flower_robust import _simulate  # noqa: E402
 
-from jmtl.federated import algorithm  # noqa: E402
 from jmtl.federated import flower  # noqa: E402
 from jmtl.federated import loop  # noqa: E402
 from jmtl.federated import privacy  # noqa: E402
@@ -30,24 +28,6 @@ ROUNDS, STEPS, Q = 4, 2, 0.5
 
 def _masks():
   return [loop.sample_participants(0, r + 1, len(SITES), Q) for r in range(ROUNDS)]
-
-
-def _simulate(masks, **kw):
-  S = len(SITES)
-  mesh = jax.make_mesh((S,), ("site",), axis_types=(AxisType.Auto,), devices=jax.devices()[:S])
-  client_tx, server_tx = fp.optimizers("fedavg", len(masks), STEPS)
-  server, clients = algorithm.init(
-      {"w": np.zeros(fp.D, np.float32), "b": np.zeros((), np.float32)}, server_tx, client_tx,
-      mesh)
-  round_fn = algorithm.make_round(fp.loss_fn, client_tx, server_tx, mesh, local_steps=STEPS,
-                                  **kw)
-  for r, mask in enumerate(masks):
-    per_site = [fp.site_batches(0, k, r, STEPS) for k in range(S)]
-    batches = jax.tree.map(lambda *x: np.stack(x), *[b for b, _ in per_site])
-    examples = np.array([n for _, n in per_site], np.float32)
-    server, clients, _ = round_fn(server, clients, batches, examples,
-                                  np.asarray(mask, np.float32))
-  return jax.device_get(server.params)
 
 
 def _rows(wd):
@@ -65,7 +45,7 @@ def test_sampled_rounds_on_the_flower_server_equal_the_simulation(tmp_path):
     assert row["sites"] == [s for s, m in zip(SITES, mask) if m]
     assert row["dropped"] == [] and "errors" not in row and "timed_out" not in row
   _, got, _, _ = _final(wd, run_config)
-  sim = _simulate(masks)
+  sim = _simulate(masks, sites=SITES)
   for k in ("w", "b"):
     np.testing.assert_allclose(got[k], sim[k], rtol=1e-6, atol=1e-6)
   # bytes_down: 4 values of w + 1 of b, float32 = 24 bytes a copy; round 1 sends every node
@@ -90,7 +70,7 @@ def test_a_sampled_site_lost_is_dropped_and_an_unsampled_one_is_not(tmp_path):
   assert row["timed_out"] == sorted([on[0], off[0]])  # the unsampled node did not answer either
   masks[r] = np.array([1.0 if s in on[1:] else 0.0 for s in SITES])
   _, got, _, _ = _final(wd, run_config)
-  np.testing.assert_allclose(got["w"], _simulate(masks)["w"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got["w"], _simulate(masks, sites=SITES)["w"], rtol=1e-6, atol=1e-6)
 
 
 def test_dp_with_sampled_sites_accounts_at_rate_m_over_s(tmp_path):
@@ -102,7 +82,7 @@ def test_dp_with_sampled_sites_accounts_at_rate_m_over_s(tmp_path):
   rows = _rows(wd)
   assert rows[0]["weights"] == {s: pytest.approx(1 / (0.5 * 4)) for s in rows[0]["sites"]}
   _, got, _, _ = _final(wd, run_config)
-  sim = _simulate(_masks(), dp=privacy.DPConfig(C, Z, 1e-5, 0.5))
+  sim = _simulate(_masks(), sites=SITES, dp=privacy.DPConfig(C, Z, 1e-5, 0.5))
   np.testing.assert_allclose(got["w"], sim["w"], rtol=1e-5, atol=1e-6)
   from dp_accounting import dp_event
   from dp_accounting.rdp import rdp_privacy_accountant

@@ -25,9 +25,22 @@ SITES = ("a", "b", "c")
 ROUNDS, STEPS = 3, 2
 
 
-def _simulate(masks, aggregator, **kw):
-  """The same rounds on one 3-site mesh (`algorithm.make_round`, `aggregator`); masks[r]."""
-  S = len(SITES)
+def hand_delta(k):
+  """Site k's round-1 update Delta_k = x - x_k by hand: 2 local SGD steps (lr 0.2) from x = 0
+  in float64 on its flower_problem batches; [w (D values), b]."""
+  data, _ = fp.site_batches(0, k, 0, STEPS)
+  w, b = np.zeros(fp.D), 0.0
+  for t in range(STEPS):
+    x, y = data["x"][t].astype(np.float64), data["y"][t].astype(np.float64)
+    res = x @ w + b - y
+    w, b = w - 0.2 * x.T @ res / len(y), b - 0.2 * np.mean(res)
+  return np.concatenate([-w, [-b]])
+
+
+def _simulate(masks, aggregator="fedavg", sites=SITES, **kw):
+  """The same rounds on one mesh of len(sites) sites (`algorithm.make_round`, `aggregator`);
+  masks[r]."""
+  S = len(sites)
   mesh = jax.make_mesh((S,), ("site",), axis_types=(AxisType.Auto,), devices=jax.devices()[:S])
   client_tx, server_tx = fp.optimizers("fedavg", len(masks), STEPS)
   server, clients = algorithm.init(
@@ -76,16 +89,7 @@ def test_round_one_median_is_numpys_median_of_the_sites_deltas(tmp_path):
   wd = tmp_path / "wd"
   run_config = _run_config(wd, 1, sites=",".join(SITES), aggregator="median")
   flower.serve(_Grid(run_config), run_config)
-  deltas = []
-  for k in range(len(SITES)):
-    data, _ = fp.site_batches(0, k, 0, STEPS)
-    w, b = np.zeros(fp.D), 0.0
-    for t in range(STEPS):
-      x, y = data["x"][t].astype(np.float64), data["y"][t].astype(np.float64)
-      res = x @ w + b - y
-      w, b = w - 0.2 * x.T @ res / len(y), b - 0.2 * np.mean(res)
-    deltas.append(np.concatenate([-w, [-b]]))
-  med = np.median(np.stack(deltas), axis=0)
+  med = np.median(np.stack([hand_delta(k) for k in range(len(SITES))]), axis=0)
   _, got, _, _ = _final(wd, run_config)
   np.testing.assert_allclose(got["w"], -med[:fp.D], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got["b"], -med[fp.D], rtol=1e-5, atol=1e-6)
