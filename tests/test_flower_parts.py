@@ -70,6 +70,28 @@ def test_flower_backend_refuses_what_it_does_not_run_in_one_line(tmp_path):
   assert "fed.mode" in lines[0] and "fed.compress" not in lines[0]  # compress runs now
 
 
+def test_flower_local_simulation_connection_is_refused_before_submitting(tmp_path):
+  """Flower's default connection "local" (address ':local:', what `flwr` writes without a
+  config.toml) is its simulation runtime, whose simulated SuperNodes are no jmtl sites: refused
+  in one line before anything is submitted or written, with and without a config.toml."""
+  out = _cli(tmp_path)  # no $FLWR_HOME/config.toml: flwr's default connection
+  assert out.returncode == 2, out.stdout + out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "jmtl: error: config key 'fed.flower.superlink' = '': Flower's connection 'local'"), lines
+  assert "local simulation runtime" in lines[0]
+  assert not (tmp_path / "wd").exists()
+  assert not (tmp_path / "flwr_home" / "local-superlink").exists()  # no simulation started
+  home = tmp_path / "flwr_home"
+  home.mkdir(exist_ok=True)
+  (home / "config.toml").write_text('[superlink]\ndefault = "prod"\n[superlink.sim]\n'
+                                    'address = ":local:"\n[superlink.prod]\n'
+                                    'address = "127.0.0.1:1"\ninsecure = true\n')
+  out = _cli(tmp_path, "--config.fed.flower.superlink=sim")
+  assert out.returncode == 2 and "Flower's connection 'sim'" in out.stderr, out.stderr
+  assert not (tmp_path / "wd").exists()
+
+
 def test_flower_backend_unknown_superlink_connection_is_one_line(tmp_path):
   out = _cli(tmp_path, "--config.fed.flower.superlink=nowhere")
   assert out.returncode == 2, out.stdout + out.stderr

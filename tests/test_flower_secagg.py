@@ -58,6 +58,11 @@ def test_submit_hands_flwr_run_the_secagg_keys_of_the_config(tmp_path, monkeypat
 
   monkeypatch.setattr(subprocess, "run", fake_run)
   monkeypatch.setattr(shutil, "which", lambda *a, **k: "/bin/true")  # a `flwr` is there
+  # A SuperLink connection (not Flower's local simulation runtime, which submit refuses).
+  monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+  (tmp_path / "flwr").mkdir()
+  (tmp_path / "flwr" / "config.toml").write_text(
+      '[superlink]\ndefault = "prod"\n[superlink.prod]\naddress = "127.0.0.1:9093"\n')
   got = flower.submit(config, CONFIG, [], str(tmp_path / "wd"), echo=lambda s: None)
   assert got["run_id"] == 7
   text = seen["args"][seen["args"].index("--run-config") + 1]

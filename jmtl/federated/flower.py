@@ -1857,6 +1857,37 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
   return last
 
 
+LOCAL_SIMULATION = ":local:"  # the address of Flower's local simulation runtime connection
+
+
+def check_connection(name: str) -> None:
+  """Refuses, before anything is submitted, a `fed.flower.superlink` connection that is Flower's
+  local simulation runtime (address ":local:" in $FLWR_HOME/config.toml, FLWR_HOME default
+  ~/.flwr; the connection "local" that `flwr` writes when there is no config.toml, and its
+  default): it starts a SuperLink with simulated SuperNodes of its own, none of which is a jmtl
+  site (no node config `site`), so every round would fail. ConfigError (one line); an unknown
+  connection or an unreadable file is left to `flwr run`, whose message names it."""
+  import tomllib  # noqa: PLC0415
+  from jmtl.config import ConfigError  # noqa: PLC0415
+  home = os.environ.get("FLWR_HOME") or os.path.join(os.path.expanduser("~"), ".flwr")
+  path = os.path.join(home, "config.toml")
+  try:
+    with open(path, "rb") as f:
+      links = tomllib.load(f).get("superlink", {})
+  except FileNotFoundError:
+    links = {"default": "local", "local": {"address": LOCAL_SIMULATION}}  # what flwr writes
+  except (OSError, tomllib.TOMLDecodeError):
+    return
+  conn = name or str(links.get("default", ""))
+  entry = links.get(conn)
+  if isinstance(entry, dict) and entry.get("address") == LOCAL_SIMULATION:
+    raise ConfigError(
+        f"config key 'fed.flower.superlink' = {name!r}: Flower's connection {conn!r} "
+        f"({path}) is its local simulation runtime (address {LOCAL_SIMULATION}), whose "
+        f"simulated SuperNodes are not jmtl sites; name a connection to your SuperLink there "
+        f"(address host:port, root-certificates; README \"Real sites with Flower\")")
+
+
 def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
            echo: Callable[[str], None] = print) -> dict:
   """`jmtl federated` with fed.backend = flower: submits the run (`flwr run`) to the SuperLink
@@ -1892,6 +1923,7 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
                         f"every site to hold every task (Flower's SecAgg+ averages each leaf "
                         f"over all sites); fed.sites {partial} hold only some")
   resumed = check_workdir(config, workdir)
+  check_connection(str(fed.flower.superlink))
   submission = f"{time.time_ns():x}-{os.getpid()}"  # names this submission in flower.json
   items = {"problem": "jmtl.federated.flower:jmtl_problem",
            "config": os.path.abspath(config_path),
