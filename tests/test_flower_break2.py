@@ -2,11 +2,13 @@
 DP-FedAvg, in process (the stand-in Grid of tests/test_flower_parts.py, no Flower processes).
 
 Each case checks against an independent reference: the 3-site mesh simulation
-(`algorithm.make_round`) with the same masks, rule, codec and DPConfig, or values read off the
-rows by hand. Covered: a site whose reported loss (or update) is not finite is refused and
-does not zero every `dynamic` weight of that round and the rounds after it (the finding fixed
-here); all sites lost in a DP round (nothing applied, not the noise alone); a site that first
-takes part in round 3 (staleness 2, `dynamic`); `dynamic` / `gradient` / DP with int8 and
+(`algorithm.make_round`) with the same masks, rule, codec and DPConfig, or values computed by
+hand in numpy. Covered: a site whose reported loss (or update) is not finite is refused and
+does not zero every `dynamic` weight of that round and the rounds after it (fixed here); a
+Problem with DP and a robust rule is refused before round 1 instead of silently dropping the
+noise (fixed here); `gradient`'s trunk-only cosine and DP's S_g with sites holding different
+heads (`flower.aggregate` against numpy); all sites lost in a DP round (nothing applied,
+not the noise alone); a site that first takes part in round 3 (staleness 2, `dynamic`); `dynamic` / `gradient` / DP with int8 and
 top-k compression (error feedback); epsilons of a DP run stopped and resumed = an
 uninterrupted run's; a resume with another aggregator or with DP switched on is refused."""
 
@@ -175,3 +177,80 @@ def test_a_resume_with_another_rule_or_dp_switched_on_is_refused(tmp_path, chang
   with pytest.raises(ValueError) as e:
     flower.serve(_Grid(rc), rc)
   assert len(str(e.value).splitlines()) == 1 and named in str(e.value)
+
+
+def test_a_problem_with_dp_and_a_robust_rule_is_refused_before_round_one(tmp_path):
+  """A Problem (not a jmtl config, whose fed.dp.clip_norm rule refuses it) with dp and
+  aggregator median: before the fix `aggregate` took the robust path and silently dropped the
+  clipping and noise while rounds.jsonl reported an epsilon each round."""
+  wd = tmp_path / "wd"
+  rc = _run_config(wd, 1, sites=",".join(SITES), aggregator="median", **DP)
+  with pytest.raises(ValueError) as e:
+    flower.serve(_Grid(rc), rc)
+  assert len(str(e.value).splitlines()) == 1 and "'median'" in str(e.value)
+  assert not (wd / "rounds.jsonl").exists()
+
+
+# Sites holding different tasks: 4 sites, trunk t (group 0) and heads h1, h2 (groups 1, 2);
+# site 3 lost. Leaves in tree order: h1, h2, t.
+HOLDS = np.array([[1, 1, 0], [1, 0, 1], [1, 1, 1], [1, 1, 0]], np.float64)
+GROUPS = {"h1": 1, "h2": 2, "t": 0}
+N = np.array([10.0, 20.0, 30.0, 40.0])
+
+
+def _grouped_deltas():
+  rng = np.random.default_rng(7)
+  deltas = [{"h1": rng.normal(size=2), "h2": rng.normal(size=2), "t": rng.normal(size=3)}
+            for _ in range(3)]
+  deltas[1]["t"] = -deltas[1]["t"]  # one site against the others: cosines far apart
+  like = {k: np.zeros(v.shape, np.float32) for k, v in deltas[0].items()}
+  f32 = [{k: v.astype(np.float32) for k, v in d.items()} for d in deltas]
+  return deltas, f32 + [None], like
+
+
+def test_gradient_weights_use_the_trunk_cosine_with_holds_by_hand():
+  """w_k = m_k n_k exp(c_k / T) / sum_j (...), c_k = cos(trunk of Delta_k, trunk of the
+  FedAvg grouped mean) (a head's leaves never enter), then each leaf averaged over its
+  holders: numpy float64 by hand."""
+  deltas, f32, like = _grouped_deltas()
+  m = np.array([1.0, 1.0, 1.0, 0.0])
+  f = m * N / np.sum(m * N)
+
+  def grouped(w):
+    out = {}
+    for leaf, g in GROUPS.items():
+      wg = np.array([w[k] * HOLDS[k, g] for k in range(3)])
+      out[leaf] = sum(wg[k] * deltas[k][leaf] for k in range(3)) / wg.sum()
+    return out
+  mean = grouped(f)
+  cos = np.array([d["t"] @ mean["t"] / np.linalg.norm(d["t"]) / np.linalg.norm(mean["t"])
+                  for d in deltas] + [0.0])
+  w = m * N * np.exp(cos / T)
+  w /= w.sum()
+  want = grouped(w)
+  got, gw = flower.aggregate(f32, N, like, GROUPS, HOLDS, rule="gradient", temperature=T)
+  np.testing.assert_allclose(gw, w, rtol=1e-5, atol=1e-7)
+  for leaf in GROUPS:
+    np.testing.assert_allclose(got[leaf], want[leaf], rtol=1e-5, atol=1e-6)
+
+
+def test_dp_with_holds_divides_each_leaf_by_its_holders_by_hand():
+  """DP-FedAvg, z = 0: each arrived delta with the leaves of groups its site does not hold
+  zeroed, clipped to global norm C, summed, divided by q S_g (S_g = the sites holding the
+  leaf's group, the lost one too: the simulation's `holders`); w_k = m_k / (q S)."""
+  deltas, f32, like = _grouped_deltas()
+  clip = 1.2
+  total = {leaf: np.zeros(np.shape(like[leaf])) for leaf in GROUPS}
+  norms = []
+  for k, d in enumerate(deltas):
+    sent = {leaf: d[leaf] * HOLDS[k, g] for leaf, g in GROUPS.items()}
+    norm = np.sqrt(sum(np.sum(v * v) for v in sent.values()))
+    norms.append(norm)
+    for leaf in GROUPS:
+      total[leaf] += sent[leaf] * min(1.0, clip / norm)
+  assert min(norms) < clip < max(norms)  # clipped and unclipped sites
+  dp = privacy.DPConfig(clip, 0.0, 1e-5, 1.0)
+  got, w = flower.aggregate(f32, N, like, GROUPS, HOLDS, dp=dp, noise_key=flower.noise_key(0, 0))
+  for leaf, g in GROUPS.items():
+    np.testing.assert_allclose(got[leaf], total[leaf] / HOLDS[:, g].sum(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(w, [0.25, 0.25, 0.25, 0.0])

@@ -630,6 +630,8 @@ def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups:
   stack = jax.tree.map(lambda *xs: np.stack(xs), *[zeros if d is None else d for d in deltas])
   groups = jax.tree.map(lambda _: 0, like) if groups is None else groups
   holds = np.ones((S, 1), np.float32) if holds is None else np.asarray(holds, np.float32)
+  if dp is not None and (rule != "fedavg" or noise_key is None):
+    raise ValueError(f"DP-FedAvg needs rule fedavg and a noise_key, got {rule!r}")
   if rule in robust.RULES:
     delta, w = _robust_aggregate(stack, groups, mask, holds, rule, float(trim),
                                  int(byzantine_f), int(krum_m))
@@ -639,8 +641,6 @@ def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups:
                      f"{', '.join(robust.RULES)}, got {rule!r}")
   n, m, held = (jnp.asarray(examples, jnp.float32), jnp.asarray(mask), jnp.asarray(holds))
   if dp is not None:
-    if rule != "fedavg" or noise_key is None:
-      raise ValueError(f"DP-FedAvg needs rule fedavg and a noise_key, got {rule!r}")
     total = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), like)
     for k, d in enumerate(deltas):
       if d is None:
@@ -839,6 +839,11 @@ class _Server:
 
   def _open(self, problem: Problem, run_config: dict) -> None:
     from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
+    if problem.dp is not None and problem.aggregator != "fedavg":
+      # (a jmtl config is refused earlier: fed.dp.clip_norm's rule) A robust rule would
+      # otherwise drop the clipping and noise while rounds.jsonl still reports an epsilon.
+      raise ValueError(f"the Problem's dp (DP-FedAvg) needs aggregator 'fedavg', got "
+                       f"{problem.aggregator!r}: DP-FedAvg weighs every participant 1 / (q S)")
     from jmtl.federated import loop  # noqa: PLC0415
     self.params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
     tx = optax.with_extra_args_support(problem.server_tx)
