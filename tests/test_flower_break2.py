@@ -10,7 +10,8 @@ noise (fixed here); `gradient`'s trunk-only cosine and DP's S_g with sites holdi
 heads (`flower.aggregate` against numpy); all sites lost in a DP round (nothing applied,
 not the noise alone); a site that first takes part in round 3 (staleness 2, `dynamic`);
 `dynamic` / `gradient` / DP with int8 and top-k compression (error feedback); epsilons of a
-DP run stopped and resumed = an uninterrupted run's; a resume with another aggregator or with DP switched on is refused."""
+DP run stopped and resumed = an uninterrupted run's; a resume with another aggregator or
+with DP switched on is refused."""
 
 import json
 
