@@ -118,6 +118,21 @@ def test_all_sites_lost_in_a_dp_round_applies_nothing(tmp_path):
     np.testing.assert_allclose(got[k], sim[k], rtol=1e-5, atol=1e-6)
 
 
+def test_all_sites_lost_with_dynamic_applies_nothing_and_keeps_the_memory(tmp_path):
+  """Round 2 without any reply, `dynamic`: nothing applied, no weights, and round 3 weighs
+  with staleness 1 and the round-1 losses, as the simulation (mask all 0 in round 2)."""
+  wd = tmp_path / "wd"
+  rc = _run_config(wd, 3, sites=",".join(SITES), aggregator="dynamic", temperature=T)
+  flower.serve(_Grid(rc, lost={(s, 1) for s in SITES}), rc)
+  rows = _rows(wd)
+  assert rows[1]["applied"] == 0 and rows[1]["weights"] == {}
+  _, got, _, meta = _final(wd, rc)
+  assert meta["site_memory"]["last_round"] == [2, 2, 2]
+  sim = _simulate([np.ones(3), np.zeros(3), np.ones(3)], "dynamic", temperature=T)
+  for k in ("w", "b"):
+    np.testing.assert_allclose(got[k], sim[k], rtol=1e-6, atol=1e-6)
+
+
 def test_a_site_first_taking_part_in_round_three_is_weighed_as_the_simulation(tmp_path):
   """Site c lost in rounds 1 and 2: in round 3 its staleness is 2 and it has no previous
   loss; `dynamic` weighs it as the simulation's ServerState (last_round -1) does."""
