@@ -164,8 +164,9 @@ def test_a_non_finite_loss_is_written_as_json_null(tmp_path):
   rc = _run_config(wd, 1, problem="test_flower_fixes:nan_problem")
   flower.serve(_Grid(rc), rc)
   (row,) = _rows(wd)  # strict JSON: no bare NaN
-  assert row["loss"] is None and row["site_loss"]["b"] is None
-  assert row["site_loss"]["a"] > 0
+  assert row["site_loss"]["b"] is None and row["site_loss"]["a"] > 0
+  # b's non-finite reply is refused (tests/test_flower_break2.py): the round's loss is a's.
+  assert row["dropped"] == ["b"] and row["loss"] == row["site_loss"]["a"]
 
 
 # ---------------------------------------------------------------- 4: Orbax's barrier name

@@ -642,6 +642,8 @@ def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups:
   stack = jax.tree.map(lambda *xs: np.stack(xs), *[zeros if d is None else d for d in deltas])
   groups = jax.tree.map(lambda _: 0, like) if groups is None else groups
   holds = np.ones((S, 1), np.float32) if holds is None else np.asarray(holds, np.float32)
+  if dp is not None and (rule != "fedavg" or noise_key is None):
+    raise ValueError(f"DP-FedAvg needs rule fedavg and a noise_key, got {rule!r}")
   if rule in robust.RULES:
     delta, w = _robust_aggregate(stack, groups, mask, holds, rule, float(trim),
                                  int(byzantine_f), int(krum_m))
@@ -651,8 +653,6 @@ def aggregate(deltas: list[Any | None], examples: np.ndarray, like: Any, groups:
                      f"{', '.join(robust.RULES)}, got {rule!r}")
   n, m, held = (jnp.asarray(examples, jnp.float32), jnp.asarray(mask), jnp.asarray(holds))
   if dp is not None:
-    if rule != "fedavg" or noise_key is None:
-      raise ValueError(f"DP-FedAvg needs rule fedavg and a noise_key, got {rule!r}")
     total = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), like)
     for k, d in enumerate(deltas):
       if d is None:
@@ -851,6 +851,11 @@ class _Server:
 
   def _open(self, problem: Problem, run_config: dict) -> None:
     from jmtl.train import checkpoint as checkpoint_lib  # noqa: PLC0415
+    if problem.dp is not None and problem.aggregator != "fedavg":
+      # (a jmtl config is refused earlier: fed.dp.clip_norm's rule) A robust rule would
+      # otherwise drop the clipping and noise while rounds.jsonl still reports an epsilon.
+      raise ValueError(f"the Problem's dp (DP-FedAvg) needs aggregator 'fedavg', got "
+                       f"{problem.aggregator!r}: DP-FedAvg weighs every participant 1 / (q S)")
     from jmtl.federated import loop  # noqa: PLC0415
     self.params = jax.tree.map(lambda x: np.asarray(x, np.float32), problem.params)
     tx = optax.with_extra_args_support(problem.server_tx)
@@ -1029,7 +1034,12 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
   """Round r (0-based): the messages out (with each site's latest applied reply token,
   `site_train`), the replies in, aggregation and the server step; returns the round's
   rounds.jsonl row. A second node claiming a site that already replied this round is refused
-  (first reply kept; a line on stderr and in the row's `errors`). An error reply goes into
+  (first reply kept; a line on stderr and in the row's `errors`). A reply whose site_loss or
+  (decoded) update is not finite (NaN / inf) is refused the same way: not aggregated, its
+  site's previous loss and last round kept, the site in `dropped`, its loss null in
+  `site_loss`, a line on stderr and in `errors` (`jmtl federated` stops at such a round;
+  a Flower run goes on without the site, and `max-empty-rounds` ends it when every site's
+  reply is refused). An error reply goes into
   `errors` under the node its message was sent to; the nodes that did not reply within
   `timeout` into `timed_out` (site names, "node <id>" for a node that never replied in this
   run; a line on stderr). `bytes_down` per site: the sites whose reply was applied; its
@@ -1069,6 +1079,7 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
   info: dict[int, dict] = {}
   errors: dict[str, str] = {}
   claimed: dict[int, str] = {}  # site -> the node whose reply counts
+  nonfinite: dict[int, float] = {}  # site -> its reported loss, for a refused non-finite reply
   answered: set = set()  # the message ids that got a reply
   # A site's owner (the node whose reply it last applied) goes first, whatever order the replies
   # came in: with two claimants the owner's reply counts while it answers, and another node
@@ -1113,13 +1124,26 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
                       f"{claimed[k]} does not answer)")
       print(f"round {r + 1}: {errors[node]}", file=sys.stderr, flush=True)
       continue
+    delta_k = (decode_update(problem, k, rep.content["delta"], server.params)
+               if codec_of(problem) is not None
+               else from_record(rep.content["delta"], server.params))
+    loss_k = float(rep.content["metrics"]["site_loss"])
+    if not (np.isfinite(loss_k) and all(np.all(np.isfinite(x))
+                                        for x in jax.tree.leaves(delta_k))):
+      # A non-finite loss or update is refused, as a lost reply: applied, it would make every
+      # weight of `dynamic` 0 (a silent no-op round) or the FedAvg mean NaN, and a NaN
+      # previous loss kept for the site would zero `dynamic`'s weights in every later round.
+      nonfinite[k] = loss_k
+      errors[node] = (f"site {problem.sites[k]!r} (node {node}) reported a non-finite "
+                      + ("loss" if not np.isfinite(loss_k) else "update")
+                      + ": its reply is refused (not aggregated, its previous loss kept)")
+      print(f"round {r + 1}: {errors[node]}", file=sys.stderr, flush=True)
+      continue
     claimed[k] = node
     for other in [n for n, s in server.node_sites.items() if s == problem.sites[k]]:
       del server.node_sites[other]  # one owner per site
     server.node_sites[node] = problem.sites[k]
-    deltas[k] = (decode_update(problem, k, rep.content["delta"], server.params)
-                 if codec_of(problem) is not None
-                 else from_record(rep.content["delta"], server.params))
+    deltas[k] = delta_k
     examples[k] = float(rep.content["metrics"]["examples"])
     token = (str(rep.content["info"]["reply"])
              if "info" in rep.content and "reply" in rep.content["info"] else None)
@@ -1156,7 +1180,9 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
           "applied": int(bool(part)),
           "loss": (_finite(sum(examples[k] * info[k]["site_loss"] for k in part) / fw)
                    if part else None),
-          "site_loss": {problem.sites[k]: _finite(info[k]["site_loss"]) for k in part},
+          "site_loss": {problem.sites[k]: _finite(info[k]["site_loss"] if k in info
+                                                  else nonfinite[k])
+                        for k in sorted(set(part) | set(nonfinite))},
           "weights": {problem.sites[k]: float(w[k]) for k in part},
           "bytes_up": {**{problem.sites[k]: info[k]["up"] for k in part},
                        "total": sum(info[k]["up"] for k in part)},
