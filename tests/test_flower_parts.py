@@ -456,6 +456,42 @@ def test_follow_after_a_resume_prints_only_this_runs_rounds(tmp_path):
                   "round 4: loss 0.6 sites a,b 0.5 s"]
 
 
+def test_follow_a_finished_run_submitted_again_waits_for_its_server(tmp_path):
+  """The workdir's run already finished (rounds 1-4, checkpoint at 4) and is submitted again:
+  follow waits until the new server names its submission (resuming from round 4) and releases
+  the workdir's lock, instead of returning at once while that server still runs."""
+  import threading
+  from etils import epath
+  from jmtl.train import workdir as workdir_lib
+  wd = tmp_path / "wd"
+  _started(wd, "old", [(1, 0.9), (2, 0.8), (3, 0.7), (4, 0.6)])
+  released = []
+
+  def server():
+    time.sleep(0.3)
+    with workdir_lib.lock(epath.Path(wd), "flower server"):
+      (wd / "flower.json").write_text(json.dumps({"run_config": {"submission": "s1"},
+                                                  "resumed_from": 4}))
+      time.sleep(0.3)  # eval.json again, then the lock goes
+      released.append(time.time())
+
+  thread = threading.Thread(target=server)
+  thread.start()
+  said, last = _follow(wd, lambda: ("running", ""), resumed=4)
+  returned = time.time()
+  thread.join()
+  assert last == 4 and said == ["resuming from round 4"]
+  assert released and returned >= released[0]  # not before the new server let the workdir go
+
+
+def test_follow_a_finished_run_submitted_again_whose_server_failed(tmp_path):
+  wd = tmp_path / "wd"
+  _started(wd, "old", [(1, 0.9), (2, 0.8), (3, 0.7), (4, 0.6)])
+  said, err = _follow(wd, lambda: ("finished:failed", "ServerApp raised"), resumed=4)
+  assert said == [] and isinstance(err, flower.RunError)
+  assert str(err).startswith("the Flower run 7 ended (finished:failed) after round 4 of 4")
+
+
 def test_follow_a_completed_run_whose_workdir_is_elsewhere_returns(tmp_path):
   said, last = _follow(tmp_path / "absent", lambda: ("finished:completed", ""))
   assert last == 0 and said == [f"the Flower run 7 ended (finished:completed); its server "

@@ -1791,8 +1791,10 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
   "resuming from round c"; a server that does not write it: `resumed`, the latest complete
   checkpoint's round when submitted; the killed run's later lines are dropped and redone by
   the server). After the last round it waits (within `wait_s`) until the server released the
-  workdir's lock, so a command right after this one finds the workdir free. `status()` (every status_every_s
-  seconds: `run_status`) tells when the Flower run has finished. Returns the last round seen.
+  workdir's lock, so a command right after this one finds the workdir free; so does a finished
+  run submitted again (its server starts, writes eval.json again, ends). `status()` (every
+  status_every_s seconds: `run_status`) tells when the Flower run has finished. Returns the
+  last round seen.
   RunError (one line) when the run finished before round `rounds` or `wait_s` ran out."""
   from etils import epath  # noqa: PLC0415
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
@@ -1849,9 +1851,11 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
       else:  # round 0: the evaluation of the initial model
         echo(f"round {row['round']}: evaluated")
 
-  while last < rounds:
+  # A finished run submitted again (`resumed` = rounds) waits for its new server all the same:
+  # until flower.json names this submission (or the run ends), then for the workdir's lock.
+  while last < rounds or not started:
     read()
-    if last >= rounds:
+    if started and last >= rounds:
       break
     if ended is not None:
       st, details = ended
