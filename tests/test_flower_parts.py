@@ -456,6 +456,21 @@ def test_follow_after_a_resume_prints_only_this_runs_rounds(tmp_path):
                   "round 4: loss 0.6 sites a,b 0.5 s"]
 
 
+def test_overrides_with_quotes_pass_flowers_run_config_parser():
+  """`--config.tasks=('bbc_topic',)` and a dict in fed.sites (quotes in the values) go through
+  `flwr run --run-config` (Flower's own parser, `parse_config_args`) and come back as the same
+  arguments on the server (`decode_overrides`); a plain line decodes to itself."""
+  from flwr.common.config import parse_config_args
+  overrides = ["--config.tasks=('bbc_topic',)", "--config.fed.rounds=2",
+               "--config.fed.sites=({'name': 'a', 'devices': 1}, {'name': 'b'})",
+               '--config.data.tokenizer="x y.txt"', "--config.x=50%"]
+  text = flower.run_config_text({"overrides": flower.encode_overrides(overrides), "rounds": 2})
+  parsed = parse_config_args([text])
+  assert parsed["rounds"] == 2
+  assert flower.decode_overrides(parsed["overrides"]) == overrides
+  assert flower.decode_overrides("--config.a=1 --config.b=2") == ["--config.a=1", "--config.b=2"]
+
+
 def test_follow_a_finished_run_submitted_again_waits_for_its_server(tmp_path):
   """The workdir's run already finished (rounds 1-4, checkpoint at 4) and is submitted again:
   follow waits until the new server names its submission (resuming from round 4) and releases

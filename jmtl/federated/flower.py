@@ -45,7 +45,7 @@ Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --r
   Problem's);  round-timeout (float, seconds);  wait-sites (float, seconds to wait for every
   site's SuperNode before the first round);  max-empty-rounds (int, default 3; 0 = never):
   the server stops the run after that many consecutive rounds without an applied reply
-  (`serve`);  config, overrides (str): `jmtl_problem`'s;
+  (`serve`);  config, overrides (str; `encode_overrides`): `jmtl_problem`'s;
   secure-aggregation (bool, default false; fed.secure_aggregation): the rounds go through
   Flower's SecAgg+ workflow (`serve_secagg` in the ServerApp, `secaggplus_mod` in the
   ClientApp, `secagg_train`) instead of plain payloads;  secagg-max-weight (float > 0,
@@ -216,7 +216,6 @@ def jmtl_problem(run_config: dict) -> Problem:
   its streams (a task it does not hold: its rows with example_weight 0). Data is read on first
   use (the server never reads it). ConfigError for a bad config, as `jmtl federated`.
   """
-  import shlex  # noqa: PLC0415
   from jmtl import cli  # noqa: PLC0415
   from jmtl import config as config_lib  # noqa: PLC0415
   from jmtl import tasks as task_registry  # noqa: PLC0415
@@ -233,7 +232,7 @@ def jmtl_problem(run_config: dict) -> Problem:
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
 
   config = config_lib.complete(config_lib.load_config_file(str(run_config["config"])))
-  cli.apply_overrides(config, shlex.split(str(run_config.get("overrides", ""))))
+  cli.apply_overrides(config, decode_overrides(str(run_config.get("overrides", ""))))
   config = config_lib.validate(config)
   sites = sites_lib.sites_from_config(config)
   tasks = [task_registry.get_task(n) for n in config.tasks]
@@ -1692,6 +1691,28 @@ def write_app(directory: str) -> str:
   return directory
 
 
+# Characters an encoded override keeps as they are: all printable ASCII but the quotes, the
+# backslash and the percent sign, which Flower's `--run-config` parser cannot take inside a
+# quoted value (its pattern is "[^"]*" or '[^']*', no escapes).
+_OVERRIDE_SAFE = " !#$&()*+,-./:;<=>?@[]^_`{|}~"
+
+
+def encode_overrides(overrides: list[str]) -> str:
+  """The run config value `overrides`: the `--config.KEY=VALUE` arguments joined as a shell
+  line (`shlex.quote`), then percent-encoded (`urllib.parse.quote`) outside `_OVERRIDE_SAFE`,
+  so quotes in a value (e.g. `--config.tasks=('sst2',)`) survive `flwr run --run-config`."""
+  import shlex  # noqa: PLC0415
+  import urllib.parse  # noqa: PLC0415
+  return urllib.parse.quote(" ".join(shlex.quote(o) for o in overrides), safe=_OVERRIDE_SAFE)
+
+
+def decode_overrides(text: str) -> list[str]:
+  """`encode_overrides`' inverse (a plain shell line without '%' decodes to itself)."""
+  import shlex  # noqa: PLC0415
+  import urllib.parse  # noqa: PLC0415
+  return shlex.split(urllib.parse.unquote(text))
+
+
 def run_config_text(items: dict) -> str:
   """`flwr run --run-config` text: space-separated key=value, values as TOML (JSON-quoted)."""
   return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
@@ -1931,7 +1952,6 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
   here when the workdir is visible). ConfigError (one line) when `flwr` is missing or the
   SuperLink refuses the run; RunError (one line) when the run ended before its last round
   or wait_s ran out first."""
-  import shlex  # noqa: PLC0415
   import shutil  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
@@ -1957,7 +1977,7 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
   submission = f"{time.time_ns():x}-{os.getpid()}"  # names this submission in flower.json
   items = {"problem": "jmtl.federated.flower:jmtl_problem",
            "config": os.path.abspath(config_path),
-           "overrides": " ".join(shlex.quote(o) for o in overrides),
+           "overrides": encode_overrides(overrides),
            "workdir": os.path.abspath(workdir), "rounds": int(fed.rounds),
            "round-timeout": float(fed.flower.round_timeout),
            "wait-sites": float(fed.flower.wait_sites),
