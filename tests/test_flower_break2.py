@@ -15,17 +15,14 @@ with DP switched on is refused."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 pytest.importorskip("flwr")  # the `flower` extra
 
-import flower_problem as fp  # noqa: E402
 from test_flower_parts import _final, _Grid, _run_config, _task_identity  # noqa: E402,F401
-from test_flower_robust import SITES, STEPS  # noqa: E402
+from test_flower_robust import SITES, _simulate  # noqa: E402
 
-from jmtl.federated import algorithm  # noqa: E402
 from jmtl.federated import compression  # noqa: E402
 from jmtl.federated import flower  # noqa: E402
 from jmtl.federated import privacy  # noqa: E402
@@ -36,27 +33,6 @@ DP = {"dp-clip": C, "dp-z": Z, "dp-delta": DELTA}
 
 def _rows(wd):
   return [json.loads(x) for x in (wd / "rounds.jsonl").read_text().splitlines()]
-
-
-def _simulate(masks, aggregator, **kw):
-  """The rounds on one 3-site mesh (`algorithm.make_round`); masks[r]; error-feedback
-  residuals kept per site (a top-k codec needs them)."""
-  from jax.sharding import AxisType
-  S = len(SITES)
-  mesh = jax.make_mesh((S,), ("site",), axis_types=(AxisType.Auto,), devices=jax.devices()[:S])
-  client_tx, server_tx = fp.optimizers("fedavg", len(masks), STEPS)
-  server, clients = algorithm.init(
-      {"w": np.zeros(fp.D, np.float32), "b": np.zeros((), np.float32)}, server_tx, client_tx,
-      mesh, error_feedback=kw.get("codec") is not None and kw["codec"].error_feedback)
-  round_fn = algorithm.make_round(fp.loss_fn, client_tx, server_tx, mesh, local_steps=STEPS,
-                                  aggregator=aggregator, **kw)
-  for r in range(len(masks)):
-    per_site = [fp.site_batches(0, k, r, STEPS) for k in range(S)]
-    batches = jax.tree.map(lambda *x: np.stack(x), *[b for b, _ in per_site])
-    examples = np.array([n for _, n in per_site], np.float32)
-    server, clients, _ = round_fn(server, clients, batches, examples,
-                                  np.asarray(masks[r], np.float32))
-  return jax.device_get(server.params)
 
 
 def test_a_site_with_a_non_finite_loss_does_not_zero_the_dynamic_weights(tmp_path, capsys):

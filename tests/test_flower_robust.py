@@ -39,13 +39,13 @@ def hand_delta(k):
 
 def _simulate(masks, aggregator="fedavg", sites=SITES, **kw):
   """The same rounds on one mesh of len(sites) sites (`algorithm.make_round`, `aggregator`);
-  masks[r]."""
+  masks[r]; with a `codec` that needs them, error-feedback residuals kept per site."""
   S = len(sites)
   mesh = jax.make_mesh((S,), ("site",), axis_types=(AxisType.Auto,), devices=jax.devices()[:S])
   client_tx, server_tx = fp.optimizers("fedavg", len(masks), STEPS)
   server, clients = algorithm.init(
       {"w": np.zeros(fp.D, np.float32), "b": np.zeros((), np.float32)}, server_tx, client_tx,
-      mesh)
+      mesh, error_feedback=kw.get("codec") is not None and kw["codec"].error_feedback)
   round_fn = algorithm.make_round(fp.loss_fn, client_tx, server_tx, mesh, local_steps=STEPS,
                                   aggregator=aggregator, **kw)
   for r in range(len(masks)):
