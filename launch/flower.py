@@ -44,6 +44,9 @@ def parser() -> C.Parser:
   s.add_argument("--certs", default="certs", help="directory of ca.pem, server.pem, server.key")
   s.add_argument("--port", type=C.positive, default=9093,
                  help="the one HTTPS port of the Fleet, Control and runtime APIs")
+  s.add_argument("--host", default="0.0.0.0",
+                 help="the address it listens on: 0.0.0.0 = every interface (the sites reach "
+                 "it); 127.0.0.1 for a trial on one machine")
   s.add_argument("--database", default="superlink.db", help="the SuperLink's state (SQLite)")
   s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="more environment, e.g. JMTL_DATA_DIR=/data (repeatable)")
@@ -107,7 +110,7 @@ def plan(a, extra: list[str]) -> list:
     d = a.certs
     return [["env", *C.parse_env(a.env), "flower-superlink", "--ssl-ca-certfile", f"{d}/ca.pem",
              "--ssl-certfile", f"{d}/server.pem", "--ssl-keyfile", f"{d}/server.key",
-             "--host", "0.0.0.0", "--port", str(a.port), "--database", a.database,
+             "--host", a.host, "--port", str(a.port), "--database", a.database,
              "--disable-runtime-dependency-installation"]]
   if a.cmd == "supernode":
     if ":" not in a.superlink:

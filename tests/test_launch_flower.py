@@ -41,6 +41,9 @@ def test_superlink_and_supernode_commands():
   assert link[link.index("--ssl-certfile") + 1] == "/etc/jmtl/server.pem"
   assert link[link.index("--port") + 1] == "9443"
   assert "--disable-runtime-dependency-installation" in link and "--insecure" not in link
+  assert link[link.index("--host") + 1] == "0.0.0.0"  # every interface unless told
+  (local,) = dry("superlink", "--host", "127.0.0.1")
+  assert local[local.index("--host") + 1] == "127.0.0.1"
   (node,) = dry("supernode", "--superlink", "link.example.org:9443", "--site", "aws-eu",
                 "--ca", "/etc/jmtl/ca.pem", "--env", "JMTL_DATA_DIR=/data")
   assert node[node.index("--superlink") + 1] == "link.example.org:9443"
