@@ -136,6 +136,27 @@ def test_report_table_matches_hand_computed_statistics(fake_runs, tmp_path):
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
+def test_one_seed_reports_no_spread(tmp_path):
+  """With one seed an arm has no sample std (ddof=1 needs two values): the table prints the
+  value alone and the CSV leaves std empty, instead of a "± 0.00" that claims no spread."""
+  root = tmp_path / "study"
+  _write_run(root / "multi" / "seed0", "multi", 0, ["sst2"], {"sst2/accuracy": 72.5},
+             reference="single")
+  _write_run(root / "single" / "sst2" / "seed0", "single", 0, ["sst2"],
+             {"sst2/accuracy": 70.0}, single=True)
+  out = tmp_path / "report"
+  rep = mtl_report.report_mtl([root], out)
+  cell = rep["table"]["sst2/accuracy"]["multi"]
+  assert (cell["n"], cell["mean"], cell["std"]) == (1, 72.5, None)
+  assert cell["paired"]["mean"] == pytest.approx(2.5) and cell["paired"]["std"] is None
+  md = (out / "mtl_table.md").read_text()
+  assert "| sst2/accuracy | 72.50 (n=1) | 70.00 (n=1) |" in md
+  assert "| sst2/accuracy | +2.50 (1/1) |" in md and "± 0.00" not in md
+  with (out / "mtl_table.csv").open() as f:
+    row = next(r for r in csv.DictReader(f) if r["arm"] == "multi" and r["metric"] == "sst2/accuracy")
+  assert row["std"] == "" and row["delta_std"] == ""
+
+
 def test_report_curves_average_seeds(fake_runs):
   runs, _ = mtl_report.find_runs([fake_runs])
   # weights w = (0.5 + s) * step for sst2: mean over seeds 0-2 = 1.5 * step

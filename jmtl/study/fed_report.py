@@ -353,7 +353,7 @@ def _clouds_csv(report: dict) -> str:
 def _delta(p: dict | None, digits: int = 2) -> str:
   if not p or p["mean"] is None:
     return "—"
-  text = f"{report_lib.signed(p['mean'], digits)} ± {p['std']:.{digits}f}"
+  text = report_lib.signed_pm(p['mean'], p['std'], digits)
   if p["ci95"] is not None:
     text += (f" [{report_lib.signed(p['ci95'][0], digits)}, "
              f"{report_lib.signed(p['ci95'][1], digits)}]")

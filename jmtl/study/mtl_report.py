@@ -221,7 +221,7 @@ def _csv(report: dict, arms: Sequence[str]) -> str:
 def _delta_cell(p: dict | None) -> str:
   if not p or p["mean"] is None:
     return "—"
-  text = f"{report_lib.signed(p['mean'])} ± {p['std']:.2f}"
+  text = report_lib.signed_pm(p['mean'], p['std'])
   if p["ci95"] is not None:
     text += f" [{report_lib.signed(p['ci95'][0])}, {report_lib.signed(p['ci95'][1])}]"
   return text + f" ({p['ahead']}/{p['n']})"

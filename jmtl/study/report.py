@@ -102,15 +102,21 @@ def trailing_mean(values: Sequence[float], window: int) -> list[float]:
 
 
 def fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
-  """'mean ± std' with `digits` decimals; '—' when there is no value."""
+  """'mean ± std' with `digits` decimals; the mean alone when std is None (one seed: no
+  spread to show); '—' when there is no value."""
   if mean is None:
     return "—"
-  return f"{mean:.{digits}f} ± {std:.{digits}f}"
+  return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
 def signed(x: float, digits: int = 2) -> str:
   """`x` with its sign to `digits` decimals; a value that rounds to zero prints as +0.00."""
   return f"{round(x, digits) + 0.0:+.{digits}f}"
+
+
+def signed_pm(mean: float, std: float | None, digits: int = 2) -> str:
+  """A difference: `signed(mean)` and ' ± std' unless std is None (one seed)."""
+  return signed(mean, digits) + ("" if std is None else f" ± {std:.{digits}f}")
 
 
 def _best_runs(data: dict, optimizer: str, variant: str = "") -> list[dict]:
@@ -376,7 +382,7 @@ def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list
       if label == ref:
         continue
       seeds = ", ".join(signed(x) for x in v["per_seed"].values())
-      delta = "—" if v["mean"] is None else f"{signed(v['mean'])} ± {v['std']:.2f}"
+      delta = "—" if v["mean"] is None else signed_pm(v['mean'], v['std'])
       ci = "—" if v.get("ci95") is None else f"[{signed(v['ci95'][0])}, {signed(v['ci95'][1])}]"
       lines.append(f"| {label} | {delta} | {ci} | {v['ahead']}/{v['n']} | {seeds} |")
 
@@ -413,7 +419,7 @@ def _markdown(data: dict, report: dict, optimizers: list[str], metric_keys: list
       sc, p, st = v["score"], v["paired_vs_reference"], v["steps_to_target"]
       delta = ci = ahead = "—"
       if p and name != ref and p["mean"] is not None:
-        delta, ahead = f"{signed(p['mean'])} ± {p['std']:.2f}", f"{p['ahead']}/{p['n']}"
+        delta, ahead = signed_pm(p['mean'], p['std']), f"{p['ahead']}/{p['n']}"
         if p["ci95"] is not None:
           ci = f"[{signed(p['ci95'][0])}, {signed(p['ci95'][1])}]"
       steps = (f"{st['mean']:.1f} ({st['reached']}/{st['n']})" if st["mean"] is not None

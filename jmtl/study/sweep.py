@@ -254,7 +254,7 @@ def select_best(records: Sequence[Mapping[str, Any]], optimizer: str) -> dict[st
   Only learning rates whose runs all finished with a finite score are eligible (a divergence
   disqualifies the lr); ties go to the smaller lr. Returns `{"lr", "score_mean", "score_std",
   "by_lr": {lr: {"mean", "std", "n", "diverged"}}}` with `lr` None when nothing is eligible.
-  Std is the sample standard deviation (ddof=1; 0 for a single seed).
+  Std is the sample standard deviation (ddof=1; None for a single seed).
   """
   by_lr: dict[float, list[float]] = {}
   for r in records:
@@ -274,11 +274,12 @@ def select_best(records: Sequence[Mapping[str, Any]], optimizer: str) -> dict[st
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-  """(mean, sample std with ddof=1) of `values`; std 0 for one value, (None, None) for none."""
+  """(mean, sample std with ddof=1) of `values`; std None for one value (a sample std needs two:
+  a single seed has no spread to report), (None, None) for none."""
   if not values:
     return None, None
   a = np.asarray(values, np.float64)
-  return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+  return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else None
 
 
 # The run executor and its helpers live in `jmtl.study.runs` (shared with `jmtl study mtl`).
