@@ -154,8 +154,10 @@ class UsageError(ConfigError):
 
 
 def _tuple_items(text: str) -> tuple[str, ...]:
-  """A bare word list `a,b` (not a Python literal) as a tuple of strings."""
-  return tuple(part.strip() for part in text.split(",") if part.strip())
+  """A bare word list `a,b` (not a Python literal) as a tuple of strings, every item kept: an
+  empty item stays '' (`,int8` is ('', 'int8'), where '' may mean something, e.g. float32 in
+  bench.federated.compress), so a stray comma reaches the key's check instead of vanishing."""
+  return tuple(part.strip() for part in text.split(","))
 
 
 def _parse_value(key: str, default: Any, text: str) -> Any:

@@ -176,6 +176,8 @@ def test_unknown_command_and_no_command(capsys):
     ("tasks", "sst3", ("sst3",)),
     ("tasks", "sst2,mrpc", ("sst2", "mrpc")),
     ("tasks", "('sst2', 'mrpc')", ("sst2", "mrpc")),
+    ("bench.federated.compress", ",int8", ("", "int8")),  # '' = float32: kept, not dropped
+    ("tasks", "sst2,", ("sst2", "")),  # a stray comma reaches the key's check
     ("sweep.seeds", "[3, 4, 5]", (3, 4, 5)),
     ("optim.eps", "1e-6", 1e-6),
     ("data.lowercase", "False", False),
