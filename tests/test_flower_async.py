@@ -214,6 +214,10 @@ def test_unsupported_async_problems_are_refused_in_one_line(tmp_path, extra, say
     flower_async.serve_async(_ScriptedGrid(rc), rc)
   assert len(str(e.value).splitlines()) == 1 and says in str(e.value)
   assert str(e.value).startswith("asynchronous FedBuff on Flower")
+  if "secure-aggregation" in extra:  # the ServerApp sends such a run to serve_secagg
+    import types
+    with pytest.raises(ValueError, match="^asynchronous FedBuff on Flower.*secure-aggregation"):
+      flower.serve_secagg(_ScriptedGrid(rc), types.SimpleNamespace(run_config=rc))
   assert not (tmp_path / "wd").exists()  # refused before anything was written
 
 

@@ -1625,6 +1625,9 @@ def serve_secagg(grid: Any, context: Any) -> None:
       return ok
 
   problem = load_problem(run_config)
+  if problem.mode == "async":  # refused in one line (flower_async runs no SecAgg+)
+    from jmtl.federated import flower_async  # noqa: PLC0415
+    flower_async.check_problem(problem, run_config)
   S = len(problem.sites)
   if S < 3:
     raise ValueError(f"Flower's SecAgg+ needs at least 3 sites, got {S}")

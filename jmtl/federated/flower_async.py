@@ -61,8 +61,9 @@ when the server stopped are lost (said on stderr and in the row's `resumed_from`
 gets a new job from the checkpointed version (the same j_k, so the same data).
 
 Not supported (refused in one line, `check_problem`; a jmtl config is refused earlier by the
-config rules of fed.backend and fed.mode): SecAgg+ (`secure-aggregation`), DP-FedAvg, an
-aggregator other than fedavg (robust rules, dynamic, gradient) and participation < 1.
+config rules of fed.backend and fed.mode; `flower.serve_secagg` refuses an asynchronous Problem
+with this check too): SecAgg+ (`secure-aggregation`), DP-FedAvg, an aggregator other than fedavg
+(robust rules, dynamic, gradient) and participation < 1.
 """
 
 from __future__ import annotations
