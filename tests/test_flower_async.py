@@ -5,8 +5,9 @@ ClientApp (`flower.site_train`) when its message is pushed and releases the repl
 the test scripts, one per pull. The server parameters are checked against FedBuff written here
 in float64 numpy (Nguyen et al. 2022, Algorithm 1 with n_k weights and s(tau) = 1/sqrt(1 + tau):
 local SGD by hand, the staleness factors by hand), K = S against the synchronous Flower server,
-and the refusals, a lost site and a stopped-and-resumed run. One `long` case runs a real TLS
-cluster of 3 SuperNodes."""
+and the refusals, a lost site and a stopped-and-resumed run. Two `long` cases: a real jmtl
+config (BBC topic) against `jmtl federated`'s asynchronous simulation, and a real TLS cluster
+of 3 SuperNodes."""
 
 import json
 import math
@@ -270,6 +271,63 @@ def test_run_stops_when_nobody_replies_and_resumes_from_its_checkpoint(tmp_path,
   assert [r["sites"] for r in rows[1:]] == [["a", "b"], ["c", "a"]]
   schedule = [[(0, 0, 0), (1, 0, 0)], [(0, 1, 1), (1, 1, 1)], [(2, 1, 0), (0, 2, 2)]]
   _close(_final(wd, rc)[1], numpy_fedbuff(schedule)[3])
+
+
+# ---------------------------------------------------------------- a real jmtl config
+
+@pytest.mark.slow
+@pytest.mark.long  # 131 s on the 2-core host (a simulation subprocess beside the server)
+def test_jmtl_config_async_on_flower_equals_jmtl_federated_async(tmp_path, data_dir):
+  """A real jmtl config (`tiny_fed_flower.py`: BBC topic, a transformer, DiLoCo, 2 equal
+  sites) with fed.mode = async and K = 1 through the asynchronous Flower server (in-process
+  stand-in Grid, the Problem of `flower.jmtl_problem` as every SuperNode builds it) against
+  `jmtl federated`'s event-driven simulation of the same config. With equal job times the
+  simulation's deliveries are a (tau 0), b (tau 1), a (tau 1) (its docstring's queue: ties by
+  site); the Grid delivers in that order. Dropout off: the simulation keys a job by the server
+  version at delivery, Flower by the site's job index. Every step's sites, staleness, site
+  losses (each at the parameters the site started from: x_0, x_0, x_1), weights and per-site
+  bytes agree, and the last step's evaluation (of x_3) equals the simulation's eval.json."""
+  import os
+  import subprocess
+  import sys
+  from test_flower_parts import CONFIG, ROOT
+  spec = ["--config.fed.rounds=3", "--config.fed.mode=async", "--config.fed.buffer_size=1",
+          "--config.model.dropout=0", "--config.model.attention_dropout=0"]
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  sim_wd = tmp_path / "sim"
+  sim = subprocess.Popen([sys.executable, "-m", "jmtl.cli", "federated", "--config", CONFIG,
+                          "--workdir", str(sim_wd), *spec], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+  try:
+    wd = tmp_path / "flower"
+    rc = {"problem": "jmtl.federated.flower:jmtl_problem", "config": CONFIG,
+          "overrides": " ".join(spec), "workdir": str(wd), "rounds": 3,
+          "round-timeout": 120.0, "wait-sites": 0.0}
+    flower.serve(_ScriptedGrid(rc, order=["a", "b", "a"]), rc)  # dispatches on fed.mode
+    log, _ = sim.communicate(timeout=200)
+  finally:
+    sim.kill()
+  assert sim.returncode == 0, log
+  rows = _rows(wd)
+  ref = _rows(sim_wd)
+  assert [r["round"] for r in rows] == [r["round"] for r in ref] == [1, 2, 3]
+  assert [r["sites"] for r in ref] == [["a"], ["b"], ["a"]]
+  assert [r["staleness"] for r in ref] == [{"a": 0}, {"b": 1}, {"a": 1}]
+  for got, want in zip(rows, ref):
+    assert got["sites"] == want["sites"] and got["staleness"] == want["staleness"]
+    assert got["site_loss"] == pytest.approx(want["site_loss"], rel=1e-5, abs=1e-6)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert got["weights"] == pytest.approx(want["weights"], abs=1e-6)
+    assert got["bytes_up"] == want["bytes_up"]
+    assert {s: got["bytes_down"][s] for s in got["sites"]} == {
+        s: want["bytes_down"][s] for s in want["sites"]}
+  assert rows[1]["weights"]["b"] == pytest.approx(1 / math.sqrt(2), rel=1e-6)  # n_b s(1) / n_b
+  sim_eval = json.loads((sim_wd / "eval.json").read_text())
+  metrics = {k: v for k, v in sim_eval.items() if k.startswith("bbc_topic/")}
+  evaluated = json.loads((wd / "eval.json").read_text())
+  assert metrics and evaluated["step"] == 3
+  assert {k: evaluated[k] for k in metrics} == pytest.approx(metrics, rel=1e-4, abs=1e-6)
 
 
 # ---------------------------------------------------------------- a real TLS cluster
