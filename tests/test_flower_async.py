@@ -257,6 +257,7 @@ def test_run_stops_when_nobody_replies_and_resumes_from_its_checkpoint(tmp_path,
     flower_async.serve_async(_ScriptedGrid(rc, lost={"c", ("b", 1)}), rc)
   err = [x for x in capfd.readouterr().err.splitlines() if x.startswith("jmtl: error:")]
   assert len(err) == 1 and "max-empty-rounds 2" in err[0] and "version 1" in err[0], err
+  assert "1 of fed.buffer_size 2 replies buffered" in err[0]  # a's reply, waiting for a second
   rows = _rows(wd)
   assert [r["round"] for r in rows] == [1] and rows[0]["sites"] == ["a", "b"]
   assert _final(wd, rc)[0] == 1

@@ -246,7 +246,7 @@ def serve_async(grid: Any, run_config: dict, problem: flower.Problem | None = No
         record, down_total, t_step, resumed = None, 0, time.time(), None
         errors, timed_out = {}, set()
       if most and time.time() - heard >= most * timeout and v < server.rounds:
-        _stop(server, v, most, timeout)
+        _stop(server, v, most, timeout, len(buffer), K)
       if not got:
         time.sleep(POLL_S)
   finally:
@@ -292,12 +292,13 @@ def _accept(server, problem, rep, job: _Job, buffer: list, errors: dict, v: int)
           "token": str(info["reply"]) if "reply" in info else None}
 
 
-def _stop(server, v: int, most: int, timeout: float) -> None:
+def _stop(server, v: int, most: int, timeout: float, buffered: int, k: int) -> None:
   """No usable reply for `most` x `timeout` seconds: one line `jmtl: error: ...` on stderr
-  (the version, the limit, the checkpoint a resubmitted run resumes from) and
-  flower.EmptyRoundsError (`flower.serve`'s max-empty-rounds, in round-timeouts)."""
+  (the replies buffered of K, the version, the limit, the checkpoint a resubmitted run resumes
+  from) and flower.EmptyRoundsError (`flower.serve`'s max-empty-rounds, in round-timeouts)."""
   c = server.ckpt.latest_step()
-  msg = (f"no usable reply for {most} x round-timeout {timeout:g} s (max-empty-rounds {most}): "
+  msg = (f"no usable reply for {most} x round-timeout {timeout:g} s (max-empty-rounds {most}; "
+         f"{buffered} of fed.buffer_size {k} replies buffered): "
          f"stopping the asynchronous run at server version {v} of {server.rounds}; submit the "
          f"run again once the sites are back: it resumes from its last "
          + (f"checkpoint, version {c}" if c is not None else
