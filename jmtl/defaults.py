@@ -458,12 +458,16 @@ _key("fed.backend", "shard_map",
      "Flower ServerApp (`jmtl federated` submits the run to the SuperLink of "
      "fed.flower.superlink; jmtl.federated.flower)", choices=("shard_map", "pmap", "flower"),
      rules=((lambda v, c: v != "flower" or (
-         c.fed.mode == "sync"
-         and not c.fed.faults.dropout and not c.fed.faults.byzantine
+         not c.fed.faults.dropout and not c.fed.faults.byzantine
          and not c.fed.faults.byzantine_fraction and not c.fed.faults.stragglers
          and not c.fed.deadline_s),
-             "needs fed.mode = 'sync' and no fed.faults.* or fed.deadline_s "
-             "(Flower rounds are synchronous rounds of every site, for now)"),
+             "needs no fed.faults.* or fed.deadline_s (simulated faults; on Flower the sites "
+             "are real processes)"),
+            (lambda v, c: v != "flower" or c.fed.mode == "sync" or (
+                not c.fed.secure_aggregation and not c.fed.dp.clip_norm > 0),
+             "with fed.mode = 'async' needs fed.secure_aggregation = false and "
+             "fed.dp.clip_norm = 0 (asynchronous FedBuff on Flower applies plain, unmasked "
+             "updates: jmtl.federated.flower_async)"),
             (lambda v, c: v != "flower" or not c.fed.secure_aggregation
              or c.fed.participation == 1.0,
              "with fed.secure_aggregation needs fed.participation = 1 (Flower's SecAgg+ "

@@ -7,7 +7,8 @@ absent or "" = raw float32 payloads), aggregator (fed.aggregator: fedavg, dynami
 median, trimmed_mean, krum; absent = fedavg), temperature, trim, byzantine-f, krum-m
 (fed.temperature, fed.trim, fed.byzantine_f, fed.krum_m), dp-clip, dp-z, dp-delta (fed.dp.*:
 DP-FedAvg with sampling rate m / S; absent or dp-clip 0 = off), participation
-(fed.participation; absent = 1)."""
+(fed.participation; absent = 1), mode, buffer-size (fed.mode, fed.buffer_size: "async" runs
+FedBuff, jmtl.federated.flower_async; absent = "sync", 1)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,9 @@ def make(run_config):
                  dp=(privacy.DPConfig(float(run_config["dp-clip"]), float(run_config["dp-z"]),
                                       float(run_config.get("dp-delta", 1e-5)), _rate(run_config))
                      if float(run_config.get("dp-clip", 0)) > 0 else None),
-                 participation=float(run_config.get("participation", 1.0)))
+                 participation=float(run_config.get("participation", 1.0)),
+                 mode=str(run_config.get("mode", "sync")),
+                 buffer_size=int(run_config.get("buffer-size", 1)))
 
 
 def _rate(run_config):

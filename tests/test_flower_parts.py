@@ -63,11 +63,12 @@ def _cli(tmp_path, *overrides):
 
 
 def test_flower_backend_refuses_what_it_does_not_run_in_one_line(tmp_path):
-  out = _cli(tmp_path, "--config.fed.mode=async")
+  out = _cli(tmp_path, "--config.fed.faults.stragglers=0.25")
   assert out.returncode == 2
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("jmtl: error: config key 'fed.backend'")
-  assert "fed.mode" in lines[0] and "fed.compress" not in lines[0]  # compress runs now
+  assert "fed.faults" in lines[0] and "fed.compress" not in lines[0]  # compress runs now
+  assert "fed.mode" not in lines[0]  # fed.mode = async runs now (jmtl.federated.flower_async)
 
 
 def test_flower_local_simulation_connection_is_refused_before_submitting(tmp_path):

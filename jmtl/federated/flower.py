@@ -149,7 +149,9 @@ class Problem:
   (central DP: the server sees each update, clips it, and adds the noise); `participation`
   (fed.participation): each round the server samples m = max(1, round(participation S)) sites
   with the simulation's draw (`loop.sample_participants(seed, round, S, participation)`), and
-  only those train (`_round`, `site_train`).
+  only those train (`_round`, `site_train`). `mode` (fed.mode): "sync" (rounds, `serve`) or
+  "async" (FedBuff with a buffer of `buffer_size` replies, fed.buffer_size:
+  `jmtl.federated.flower_async.serve_async`).
   `files` {name: text} are written into the workdir when the server starts (config.json,
   tokenizer.json); `evaluate(params, opt_state, round) -> (metrics {"<task>/<metric>": float},
   prediction rows per task)` (None = no evaluation) runs every `eval_every` rounds (0 = only
@@ -186,6 +188,8 @@ class Problem:
   trim: float = 0.1
   byzantine_f: int = 0
   krum_m: int = 0
+  mode: str = "sync"
+  buffer_size: int = 1
 
 
 def load_problem(run_config: dict) -> Problem:
@@ -322,7 +326,8 @@ def jmtl_problem(run_config: dict) -> Problem:
                  dp=privacy.from_config(config.fed, float(loop.sample_participants(
                      0, 1, len(sites), float(config.fed.participation)).mean())),
                  participation=float(config.fed.participation),
-                 byzantine_f=int(config.fed.byzantine_f), krum_m=int(config.fed.krum_m))
+                 byzantine_f=int(config.fed.byzantine_f), krum_m=int(config.fed.krum_m),
+                 mode=str(config.fed.mode), buffer_size=int(config.fed.buffer_size))
 
 
 # ---------------------------------------------------------------- payloads (pytree <-> bytes)
@@ -558,6 +563,8 @@ def site_train(content: Any, state: Any, site: str, run_id: int, run_config: dic
   k = problem.sites.index(site)
   cfg = content["config"]
   r = int(cfg["round"])
+  if "jobs" in cfg:  # asynchronous (flower_async): this site's job index picks batches and key
+    r = int(str(cfg["jobs"]).split()[k])
   commit_pending(state, str(cfg.get("applied", "")))
   if "sampled" in cfg and str(k) not in str(cfg["sampled"]).split():
     # Not sampled this round (fed.participation < 1): no local work, the state as it is (the
@@ -876,6 +883,7 @@ class _Server:
         _abstract(loop.flower_checkpoint_tree(self.params, self.opt_state)),
         check=lambda s, m: _check_checkpoint(problem, run_config, self.workdir, s, m))
     self.start, self._outputs = 0, None
+    self.meta_extra: dict = {}  # more checkpoint meta (flower_async: each site's job index)
     # Per site, the token of its latest reply that a round applied (`_round`, `site_train`).
     self.applied_replies: dict[int, str] = {}
     # Node id (str) -> the site its applied replies were for (names a timed-out node).
@@ -964,6 +972,7 @@ class _Server:
       if self.problem.aggregator == "dynamic":  # float32 values: exact in JSON doubles
         meta["site_memory"] = {"prev_loss": [float(v) for v in self.prev_loss],
                                "last_round": [int(v) for v in self.last_round]}
+      meta.update(self.meta_extra)
       self.ckpt.save(r, loop.flower_checkpoint_tree(self.params, self.opt_state), {}, meta)
       self.ckpt.wait()
     _append(self.rounds_path, row)
@@ -993,6 +1002,9 @@ def serve(grid: Any, run_config: dict) -> Any:
   resumes from the checkpoint)."""
   from flwr.app import ConfigRecord, Message, RecordDict  # noqa: PLC0415
   problem = load_problem(run_config)
+  if problem.mode == "async":  # FedBuff (fed.mode = "async")
+    from jmtl.federated import flower_async  # noqa: PLC0415
+    return flower_async.serve_async(grid, run_config, problem)
   timeout = float(run_config.get("round-timeout", 60.0))
   most = int(run_config.get("max-empty-rounds", MAX_EMPTY_ROUNDS))
   server = _Server(problem, run_config)
@@ -1613,6 +1625,9 @@ def serve_secagg(grid: Any, context: Any) -> None:
       return ok
 
   problem = load_problem(run_config)
+  if problem.mode == "async":  # refused in one line (flower_async runs no SecAgg+)
+    from jmtl.federated import flower_async  # noqa: PLC0415
+    flower_async.check_problem(problem, run_config)
   S = len(problem.sites)
   if S < 3:
     raise ValueError(f"Flower's SecAgg+ needs at least 3 sites, got {S}")
