@@ -8,8 +8,8 @@ In process (the stand-in Grid of tests/test_flower_parts.py, answering evaluate 
 a least-squares Problem whose sites' held-out MSE is checked against float64 numpy FedAvg; a
 site that never answers (listed missing, nothing invented, the run goes on); fed.participation
 < 1 (every site evaluated); a resumed run (earlier rounds' metrics stay); fed.holdout = 0 (no
-messages); a real jmtl config against `jmtl federated` (slow). A real TLS cluster with SecAgg+
-(slow, long)."""
+messages); a real jmtl config against `jmtl federated` (slow, long). A real TLS cluster with
+SecAgg+ (slow, long)."""
 
 import json
 import os
@@ -210,6 +210,7 @@ def test_no_site_evaluation_no_messages(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # about 65 s of CPU (two jit compiles of the model, the simulation's and ours)
 def test_jmtl_config_site_metrics_match_jmtl_federated(tmp_path, data_dir):
   """A real jmtl config (`tiny_fed_flower.py`: BBC topic, transformer, DiLoCo, fed.holdout 0.1)
   evaluated every round, 2 rounds, through the Flower server (in-process stand-in Grid, each
@@ -270,7 +271,7 @@ def test_site_evaluation_on_a_tls_cluster_with_secagg_plus(tmp_path):
     out = c.run(wd, secagg=True, algo="fedavg", rounds=2, sites=",".join(sites),
                 problem="test_flower_site_eval:with_site_eval", **{"local-steps": 2})
     assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
-    rows = tf._wait_rounds(c, wd / "rounds.jsonl", 3, timeout=200)
+    rows = tf._wait_rounds(c, wd / "rounds.jsonl", 3, timeout=300)
   finally:
     c.stop()
   assert [r["round"] for r in rows] == [0, 1, 2], c.logs()
