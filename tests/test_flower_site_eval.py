@@ -209,6 +209,22 @@ def test_no_site_evaluation_no_messages(tmp_path):
   assert not [k for r in rows for k in r if k.startswith(("site/", "site_eval"))]
 
 
+def test_follow_says_which_sites_gave_no_metrics(tmp_path):
+  """`jmtl federated --backend flower` prints each line it follows: a round whose per-site
+  evaluation missed a site says so."""
+  from test_flower_parts import _follow
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  (wd / "flower.json").write_text(json.dumps({"run_config": {"submission": "s1"}}))
+  rows = [{"round": 1, "sites": ["a", "b"], "loss": 0.5, "seconds": 0.5},
+          {"round": 2, "sites": ["a"], "loss": 0.25, "seconds": 0.5,
+           "site_eval_missing": ["a", "b"]}]
+  (wd / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  said, _ = _follow(wd, lambda: ("finished:failed", ""))  # ends after round 2 of 4
+  assert said == ["round 1: loss 0.5 sites a,b 0.5 s",
+                  "round 2: loss 0.25 sites a 0.5 s (no site metrics from a,b)"]
+
+
 @pytest.mark.slow
 @pytest.mark.long  # about 65 s of CPU (two jit compiles of the model, the simulation's and ours)
 def test_jmtl_config_site_metrics_match_jmtl_federated(tmp_path, data_dir):

@@ -68,13 +68,29 @@ the node the message was sent to; also printed on the server's stderr), `timed_o
 or "node <id>" for a node not yet heard from, whose reply did not come within round-timeout;
 also on stderr; `bytes_down`'s `total` counts every message sent, theirs included),
 `dp_epsilon_rdp` / `dp_epsilon_pld` with fed.dp.* (`dp_epsilon`), and `<task>/<metric>` at
-evaluation rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
+evaluation rounds, with `site/<name>/<task>/<metric>` from the sites' held-out rows and
+`site_eval_missing` / `site_eval_errors` / `site_eval_bytes_down` / `site_eval_seconds`, see
+below), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
 federated`: written to a temporary directory and renamed, keep-N, meta with the run's
 fingerprint and, for aggregator "dynamic", each site's previous loss and last round
 (`site_memory`); the tree is `loop.flower_checkpoint_tree`: the server parameters and optimizer
 state), and
 with a jmtl config `eval.json` (written after the last round's checkpoint and line: the last round's evaluation, `train.loop._run_eval` as in
 `jmtl federated`; round 0 and every fed.eval_every rounds go into rounds.jsonl).
+
+Per-site held-out evaluation (`Problem.site_evaluate`; a jmtl config: fed.holdout > 0, as
+`jmtl federated` evaluates each site): the server cannot read a site's rows, so at each
+evaluation round (round 0 with fed.eval_every, every fed.eval_every rounds, the last) it sends
+every connected node an evaluate message (Flower `MessageType.EVALUATE`: the parameters it
+evaluates as raw float32 leaves, and the round), each site's ClientApp evaluates them on its
+own held-out rows (`site_evaluate`, `train.loop._run_eval` as in the simulation) and replies
+its metrics, plain numbers; the server writes them as `site/<name>/<task>/<metric>` into the
+round's line and (last round) eval.json, the simulation's keys (`evaluate_sites`). Every site
+is asked, those not sampled for training too; a site without a reply within `round-timeout`
+(gone, or its ClientApp raised) has no metrics and is listed in the line's
+`site_eval_missing`. The evaluate messages are plain in a SecAgg+ run too: the server sends
+the parameters to every site anyway, and each site's held-out metrics are revealed to the
+server, as in the simulation.
 
 Resume: a server started on a workdir with a checkpoint continues from its latest complete one
 (only a checkpoint that exists: `Problem.checkpoint_every`, fed.checkpoint_every rounds, at
@@ -2018,6 +2034,8 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
       if int(row["round"]) <= last:
         continue
       last = int(row["round"])
+      missing = (f" (no site metrics from {','.join(row['site_eval_missing'])})"
+                 if row.get("site_eval_missing") else "")  # `evaluate_sites`
       if "sites" in row:
         loss = row.get("loss")
         what = (f"loss {loss:.6g}" if isinstance(loss, (int, float)) else
@@ -2025,9 +2043,9 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
         echo(f"round {row['round']}: {what} sites {','.join(row['sites']) or '-'} "
              f"{row.get('seconds', 0.0):.1f} s"
              + (f" errors {row['errors']}" if row.get("errors") else "")
-             + (f" error: {row['error']}" if row.get("error") else ""))
+             + (f" error: {row['error']}" if row.get("error") else "") + missing)
       else:  # round 0: the evaluation of the initial model
-        echo(f"round {row['round']}: evaluated")
+        echo(f"round {row['round']}: evaluated{missing}")
 
   # A finished run submitted again (`resumed` = rounds) waits for its new server all the same:
   # until flower.json names this submission (or the run ends), then for the workdir's lock.
