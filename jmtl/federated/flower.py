@@ -1368,9 +1368,11 @@ def evaluate_sites(server: _Server, r: int) -> tuple[dict, dict]:
       continue
     site = site_of(rep)
     if site in problem.sites and site not in got:
-      got[site] = rep.content["metrics"]
-  metrics = {f"site/{s}/{m}": float(v) for s in problem.sites if s in got
-             for m, v in got[s].items()}
+      try:
+        got[site] = {str(m): float(v) for m, v in rep.content["metrics"].items()}
+      except (KeyError, TypeError, ValueError) as e:  # not plain numbers: no metrics
+        errors[node_of(rep)] = f"site {site!r}: malformed evaluate reply ({e})"
+  metrics = {f"site/{s}/{m}": v for s in problem.sites if s in got for m, v in got[s].items()}
   missing = [s for s in problem.sites if s not in got]
   if missing:
     print(f"round {r}: per-site evaluation: no metrics from {', '.join(missing)} (no reply "
