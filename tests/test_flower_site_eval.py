@@ -228,13 +228,17 @@ def test_follow_says_which_sites_gave_no_metrics(tmp_path):
 @pytest.mark.slow
 @pytest.mark.long  # about 65 s of CPU (two jit compiles of the model, the simulation's and ours)
 def test_jmtl_config_site_metrics_match_jmtl_federated(tmp_path, data_dir):
-  """A real jmtl config (`tiny_fed_flower.py`: BBC topic, transformer, DiLoCo, fed.holdout 0.1)
-  evaluated every round, 2 rounds, through the Flower server (in-process stand-in Grid, each
+  """A real jmtl config (`tiny_fed_flower.py`: transformer, DiLoCo; here on STS-B with
+  fed.holdout 0.2) evaluated every round, 2 rounds, through the Flower server (in-process stand-in Grid, each
   site's ClientApp evaluating its held-out rows with `flower.jmtl_problem`'s `site_evaluate`)
   against `jmtl federated`'s mesh simulation of the same config: every evaluated round's
-  `site/<name>/<task>/<metric>` agree (rel 1e-5), as do eval.json's; with fed.holdout = 0 the
-  Problem has no per-site evaluation."""
-  spec = ["--config.fed.rounds=2", "--config.fed.eval_every=1"]
+  `site/<name>/<task>/<metric>` agree (rel 1e-5; the last round's, and eval.json's, rel 1e-4:
+  see below), and they change from round 0 to 2; with fed.holdout = 0 the Problem has no
+  per-site evaluation."""
+  # STS-B (regression: Pearson / Spearman move with any change of the predictions; the tiny
+  # BBC split's 6 held-out rows a site give an accuracy that 2 rounds leave unchanged).
+  spec = ["--config.tasks=stsb", "--config.fed.holdout=0.2", "--config.fed.rounds=2",
+          "--config.fed.eval_every=1"]
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   sim_wd = tmp_path / "sim"
@@ -257,13 +261,19 @@ def test_jmtl_config_site_metrics_match_jmtl_federated(tmp_path, data_dir):
     keys = sorted(k for k in w if k.startswith("site/"))
     assert keys and {k[len("site/"):].split("/")[0] for k in keys} == {"a", "b"}
     assert sorted(k for k in g if k.startswith("site/")) == keys, g["round"]
+    # Rounds 0-1: rel 1e-5. Round 2: rel 1e-4, as the two backends' server parameters after
+    # 2 DiLoCo rounds differ by float32 rounding (measured: at most 1.4e-7 absolute on
+    # parameters of size ~1), which the Pearson correlation of this tiny model's nearly constant
+    # regression outputs over 24 rows amplifies (measured: 3e-5 relative).
+    rel = 1e-5 if g["round"] < 2 else 1e-4
     for k in keys:
-      assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), (g["round"], k)
+      assert g[k] == pytest.approx(w[k], rel=rel, abs=1e-6), (g["round"], k)
     assert "site_eval_missing" not in g
+  assert got[0]["site/a/stsb/pearson"] != pytest.approx(got[2]["site/a/stsb/pearson"], rel=1e-3)
   e_got = json.loads((wd / "eval.json").read_text())
   e_want = json.loads((sim_wd / "eval.json").read_text())
   site = {k: v for k, v in e_want.items() if k.startswith("site/")}
-  assert site and {k: e_got[k] for k in site} == pytest.approx(site, rel=1e-5, abs=1e-6)
+  assert site and {k: e_got[k] for k in site} == pytest.approx(site, rel=1e-4, abs=1e-6)
   no_holdout = flower.jmtl_problem({**rc, "overrides": " ".join(
       [*spec, "--config.fed.holdout=0.0"])})
   assert no_holdout.site_evaluate is None
