@@ -95,7 +95,7 @@ def _rows(wd):
 
 
 def _toy(wd, rounds, **kw):
-  return _run_config(wd, rounds, problem="test_flower_site_eval:with_site_eval", **kw)
+  return _run_config(wd, rounds, **{"problem": "test_flower_site_eval:with_site_eval", **kw})
 
 
 def test_site_metrics_equal_numpy_on_each_sites_held_out_rows(tmp_path):
@@ -186,6 +186,31 @@ def test_a_resumed_run_keeps_the_earlier_rounds_metrics(tmp_path):
   for got, want in zip(_rows(wd), _rows(ref)):
     assert {k: v for k, v in got.items() if k.startswith("site/")} == pytest.approx(
         {k: v for k, v in want.items() if k.startswith("site/")}, rel=1e-6)
+
+
+def with_outputs(run_config):
+  """`with_site_eval` with a server evaluation and an eval.json of the last round's metrics."""
+  problem = with_site_eval(run_config)
+  problem.evaluate = lambda params, opt, r: ({"t/m": float(r)}, {})
+  problem.write_outputs = lambda workdir, metrics, rows, r: (
+      open(os.path.join(workdir, "eval.json"), "w").write(json.dumps({"step": r, **metrics})))
+  return problem
+
+
+def test_a_finished_run_submitted_again_keeps_the_site_metrics_in_eval_json(tmp_path):
+  """eval.json holds the last round's site metrics; a finished run submitted again (eval.json
+  lost by a kill after the last line) writes it again with them, from the checkpoint's line,
+  without asking the sites."""
+  wd = tmp_path / "wd"
+  rc = _toy(wd, 2, problem="test_flower_site_eval:with_outputs")
+  flower.serve(_EvalGrid(rc), rc)
+  first = json.loads((wd / "eval.json").read_text())
+  assert first["step"] == 2 and first["t/m"] == 2.0
+  assert first["site/a/lsq/mse"] == _rows(wd)[-1]["site/a/lsq/mse"] and "site/b/lsq/mse" in first
+  (wd / "eval.json").unlink()
+  grid = _EvalGrid(rc)
+  flower.serve(grid, rc)
+  assert grid.asked == [] and json.loads((wd / "eval.json").read_text()) == first
 
 
 def server_eval_only(run_config):
