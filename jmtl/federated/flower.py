@@ -998,7 +998,9 @@ class _Server:
 
   def evaluate(self, r: int, row: dict) -> None:
     """The Problem's evaluation of the server parameters (a jmtl config: the trainer's
-    `_run_eval` on the tasks' data.eval_split, as `jmtl federated`); metrics go into `row`,
+    `_run_eval` on the tasks' data.eval_split, as `jmtl federated`) and, with
+    `Problem.site_evaluate` and a grid, the sites' own (`evaluate_sites`: `site/<name>/...`
+    and the `site_eval_*` notes); metrics go into `row`,
     and at the last round into eval.json (`train.loop._write_outputs`), which `end_round`
     writes only after that round's checkpoint is committed and its line appended (a kill in
     between leaves no eval.json claiming a round that never completed)."""
