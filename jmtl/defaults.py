@@ -468,6 +468,10 @@ _key("fed.backend", "shard_map",
              "with fed.mode = 'async' needs fed.secure_aggregation = false and "
              "fed.dp.clip_norm = 0 (asynchronous FedBuff on Flower applies plain, unmasked "
              "updates: jmtl.federated.flower_async)"),
+            (lambda v, c: v != "flower" or c.fed.mode == "sync" or not c.fed.holdout > 0,
+             "with fed.mode = 'async' needs fed.holdout = 0 (the sites' held-out evaluation "
+             "runs between synchronous Flower rounds; asynchronous sites always have a job in "
+             "flight)"),
             (lambda v, c: v != "flower" or not c.fed.secure_aggregation
              or c.fed.participation == 1.0,
              "with fed.secure_aggregation needs fed.participation = 1 (Flower's SecAgg+ "

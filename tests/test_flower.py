@@ -234,12 +234,14 @@ def test_jmtl_config_on_flower_matches_jmtl_federated(cluster, data_dir, tmp_pat
     assert got["bytes_up"] == want["bytes_up"] and got["bytes_down"] == want["bytes_down"]
   assert rows[-1]["loss"] < rows[0]["loss"]
   # The server's evaluation of round 2 equals the simulation's (global metrics; the per-site
-  # held-out ones are the simulation's only: the Flower server reads no site's data).
+  # held-out ones computed at the sites, `flower.site_evaluate`: the server reads no site's
+  # data).
   sim_eval = json.loads((sim_wd / "eval.json").read_text())
   metrics = {k: v for k, v in sim_eval.items() if k.startswith("bbc_topic/")}
   assert metrics and evaluated["step"] == 2 and evaluated["split"] == sim_eval["split"]
   assert {k: evaluated[k] for k in metrics} == pytest.approx(metrics, rel=1e-4, abs=1e-6)
-  assert not any(k.startswith("site/") for k in evaluated)
+  site = {k: v for k, v in sim_eval.items() if k.startswith("site/")}
+  assert site and {k: evaluated.get(k) for k in site} == pytest.approx(site, rel=1e-4, abs=1e-6)
   assert {k: rows[-1][k] for k in metrics} == pytest.approx(metrics, rel=1e-4, abs=1e-6)
   # `jmtl eval` on the Flower workdir gives the server's eval.json numbers again.
   assert again.returncode == 0, shown + err

@@ -189,13 +189,16 @@ def test_buffer_of_every_site_is_a_synchronous_round(tmp_path, algo, compress):
 
 def test_config_rules_accept_async_on_flower_and_refuse_secagg_and_dp(tmp_path):
   """fed.mode = async with fed.backend = flower passes the config rules (the run then stops
-  at the SuperLink connection, the next check); with SecAgg+ or DP it is one line, exit 2."""
-  out = _cli(tmp_path, "--config.fed.mode=async", "--config.fed.buffer_size=2")
+  at the SuperLink connection, the next check); with SecAgg+, DP or the sites' held-out
+  evaluation (fed.holdout > 0: it runs between synchronous rounds) it is one line, exit 2."""
+  out = _cli(tmp_path, "--config.fed.mode=async", "--config.fed.buffer_size=2",
+             "--config.fed.holdout=0")
   assert out.returncode == 2, out.stdout + out.stderr
   assert out.stderr.strip().startswith("jmtl: error: config key 'fed.flower.superlink'"), \
       out.stderr
-  for extra in ("--config.fed.dp.clip_norm=1.0", "--config.fed.secure_aggregation=true"):
-    out = _cli(tmp_path, "--config.fed.mode=async", extra)
+  for extra in ("--config.fed.dp.clip_norm=1.0", "--config.fed.secure_aggregation=true",
+                "--config.fed.holdout=0.1"):
+    out = _cli(tmp_path, "--config.fed.mode=async", "--config.fed.holdout=0", extra)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith("jmtl: error: config key 'fed.backend'"), lines
@@ -220,6 +223,17 @@ def test_unsupported_async_problems_are_refused_in_one_line(tmp_path, extra, say
     with pytest.raises(ValueError, match="^asynchronous FedBuff on Flower.*secure-aggregation"):
       flower.serve_secagg(_ScriptedGrid(rc), types.SimpleNamespace(run_config=rc))
   assert not (tmp_path / "wd").exists()  # refused before anything was written
+
+
+def test_async_refuses_a_problem_with_site_evaluation(tmp_path):
+  """A Problem with the sites' held-out evaluation (`site_evaluate`, fed.holdout > 0) is
+  refused in one line: its evaluate messages run between synchronous rounds only, and an
+  asynchronous run would otherwise skip them without a word."""
+  rc = _rc(tmp_path / "wd", 2, 2)
+  problem = flower.load_problem(rc)
+  problem.site_evaluate = lambda params, k, r: {}
+  with pytest.raises(ValueError, match="^asynchronous FedBuff on Flower.*fed.holdout = 0"):
+    flower_async.check_problem(problem, rc)
 
 
 def test_a_site_that_never_replies_is_left_behind(tmp_path, capfd):
@@ -293,6 +307,7 @@ def test_jmtl_config_async_on_flower_equals_jmtl_federated_async(tmp_path, data_
   import sys
   from test_flower_parts import CONFIG, ROOT
   spec = ["--config.fed.rounds=3", "--config.fed.mode=async", "--config.fed.buffer_size=1",
+          "--config.fed.holdout=0",  # the sites' held-out evaluation: sync rounds only
           "--config.model.dropout=0", "--config.model.attention_dropout=0"]
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")

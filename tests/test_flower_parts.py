@@ -123,7 +123,8 @@ class _Grid:
   a RecordDict as a SuperNode's Context.state does within one run. `lost` = sites (or (site, round) pairs)
   that never get the message (never reply); `failing` = sites whose ClientApp raises (their reply carries a Flower `Error`, as a
   SuperNode sends); `late` = (site, round) pairs whose site runs the round but whose reply
-  never arrives (the server's round-timeout drops it)."""
+  never arrives (the server's round-timeout drops it). An evaluate message runs
+  `flower.site_evaluate` (the ClientApp's evaluate handler)."""
 
   runs = 0
 
@@ -154,8 +155,11 @@ class _Grid:
             code=0, reason="ValueError: node config 'site' = 'zz' is not one of ['a', 'b']\n"
                            "Traceback (most recent call last): ..."))
         continue
-      content = flower.site_train(msg.content, self.state[node - 1], site, self.run_id,
-                                  self.run_config)
+      if msg.metadata.message_type == "evaluate":  # the ClientApp's evaluate handler
+        content = flower.site_evaluate(msg.content, site, self.run_id, self.run_config)
+      else:
+        content = flower.site_train(msg.content, self.state[node - 1], site, self.run_id,
+                                    self.run_config)
       if (site, int(msg.content["config"]["round"])) not in self.late:
         self.out[mid] = _Reply(content, mid, node)
     return ids

@@ -68,13 +68,29 @@ the node the message was sent to; also printed on the server's stderr), `timed_o
 or "node <id>" for a node not yet heard from, whose reply did not come within round-timeout;
 also on stderr; `bytes_down`'s `total` counts every message sent, theirs included),
 `dp_epsilon_rdp` / `dp_epsilon_pld` with fed.dp.* (`dp_epsilon`), and `<task>/<metric>` at
-evaluation rounds), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
+evaluation rounds, with `site/<name>/<task>/<metric>` from the sites' held-out rows and
+`site_eval_missing` / `site_eval_errors` / `site_eval_bytes_down` / `site_eval_seconds`, see
+below), `checkpoints/<round>/` (jmtl's `Checkpointer`, the Orbax checkpoints of `jmtl
 federated`: written to a temporary directory and renamed, keep-N, meta with the run's
 fingerprint and, for aggregator "dynamic", each site's previous loss and last round
 (`site_memory`); the tree is `loop.flower_checkpoint_tree`: the server parameters and optimizer
 state), and
 with a jmtl config `eval.json` (written after the last round's checkpoint and line: the last round's evaluation, `train.loop._run_eval` as in
 `jmtl federated`; round 0 and every fed.eval_every rounds go into rounds.jsonl).
+
+Per-site held-out evaluation (`Problem.site_evaluate`; a jmtl config: fed.holdout > 0, as
+`jmtl federated` evaluates each site): the server cannot read a site's rows, so at each
+evaluation round (round 0 with fed.eval_every, every fed.eval_every rounds, the last) it sends
+every connected node an evaluate message (Flower `MessageType.EVALUATE`: the parameters it
+evaluates as raw float32 leaves, and the round), each site's ClientApp evaluates them on its
+own held-out rows (`site_evaluate`, `train.loop._run_eval` as in the simulation) and replies
+its metrics, plain numbers; the server writes them as `site/<name>/<task>/<metric>` into the
+round's line and (last round) eval.json, the simulation's keys (`evaluate_sites`). Every site
+is asked, those not sampled for training too; a site without a reply within `round-timeout`
+(gone, or its ClientApp raised) has no metrics and is listed in the line's
+`site_eval_missing`. The evaluate messages are plain in a SecAgg+ run too: the server sends
+the parameters to every site anyway, and each site's held-out metrics are revealed to the
+server, as in the simulation.
 
 Resume: a server started on a workdir with a checkpoint continues from its latest complete one
 (only a checkpoint that exists: `Problem.checkpoint_every`, fed.checkpoint_every rounds, at
@@ -157,6 +173,10 @@ class Problem:
   prediction rows per task)` (None = no evaluation) runs every `eval_every` rounds (0 = only
   the last) and at the last round, whose results `write_outputs(workdir, metrics, rows, round)`
   writes (eval.json).
+  `site_evaluate(params, k, round) -> {"<task>/<metric>": float}` (None = no per-site
+  evaluation): site k's metrics of the server parameters on its own held-out rows, run AT the
+  site (`site_evaluate` below, the ClientApp's evaluate handler) at the server's evaluation
+  rounds; the server writes them as `site/<name>/<task>/<metric>` (`evaluate_sites`).
   """
 
   sites: tuple[str, ...]
@@ -190,6 +210,7 @@ class Problem:
   krum_m: int = 0
   mode: str = "sync"
   buffer_size: int = 1
+  site_evaluate: Callable[[Any, int, int], dict] | None = None
 
 
 def load_problem(run_config: dict) -> Problem:
@@ -230,6 +251,7 @@ def jmtl_problem(run_config: dict) -> Problem:
   from jmtl.model.multitask import HeadSpec  # noqa: PLC0415
   from jmtl.parallel import mesh as mesh_lib  # noqa: PLC0415
   from etils import epath  # noqa: PLC0415
+  from jmtl.train import evaluate as evaluate_lib  # noqa: PLC0415
   from jmtl.train import loop as train_loop  # noqa: PLC0415
   from jmtl.train import state as state_lib  # noqa: PLC0415
   from jmtl.train import step as step_lib  # noqa: PLC0415
@@ -255,12 +277,12 @@ def jmtl_problem(run_config: dict) -> Problem:
 
   def load():
     records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
-    train, _ = loop.partition_records(config, tasks, sites, records)
+    train, held = loop.partition_records(config, tasks, sites, records)
     sizes = {t: len(r) for t, r in records.items()}
     rates = pipeline.mixture_rates(config.data, sizes, total_steps=R * H)
     rows = (pipeline.rows_per_task(rates, config.data.batch_size) if len(names) > 1
             else {names[0]: int(config.data.batch_size)})
-    data.update(train=train, rows=rows)
+    data.update(train=train, held=held, rows=rows)
 
   def stream(t, recs):
     cfg = copy.deepcopy(config)
@@ -302,6 +324,30 @@ def jmtl_problem(run_config: dict) -> Problem:
                                 opt_state=opt_state, rng=state.rng)
     return train_loop._run_eval(config, sets, view, graphdef, predict, tokenizer, mesh)  # noqa: SLF001
 
+  def site_evaluate(params, k: int, r: int) -> dict:
+    """Site k's held-out rows (`loop.partition_records`, fed.holdout) evaluated at `params`:
+    `train.loop._run_eval`, the call `jmtl federated` makes per site (`loop._federated`'s
+    evaluate); {} when the site holds out no row."""
+    if "held" not in data:
+      load()
+    if ("held", k) not in data:
+      sets = []
+      with train_loop._user_data_errors():  # noqa: SLF001
+        for t in tasks:
+          recs = data["held"][sites[k].name].get(t.name) or []
+          if recs:
+            batches_, meta_ = pipeline.eval_batches(t, recs, tokenizer, config)
+            sets.append(evaluate_lib.EvalSet(t, recs, batches_, meta_))
+      data[("held", k)] = sets
+    if "predict" not in data:
+      data["predict"] = step_lib.make_predict_fn(graphdef, config, shardings, mesh)
+    if not data[("held", k)]:
+      return {}
+    view = state_lib.TrainState(step=jnp.int32(r), params=params, rest=state.rest,
+                                opt_state=None, rng=state.rng)
+    return train_loop._run_eval(config, data[("held", k)], view, graphdef,  # noqa: SLF001
+                                data["predict"], tokenizer, mesh)[0]
+
   def write_outputs(workdir: str, metrics: dict, rows: dict, r: int) -> None:
     train_loop._write_outputs(epath.Path(workdir), config.data.eval_split, metrics, rows, r)  # noqa: SLF001
 
@@ -327,7 +373,8 @@ def jmtl_problem(run_config: dict) -> Problem:
                      0, 1, len(sites), float(config.fed.participation)).mean())),
                  participation=float(config.fed.participation),
                  byzantine_f=int(config.fed.byzantine_f), krum_m=int(config.fed.krum_m),
-                 mode=str(config.fed.mode), buffer_size=int(config.fed.buffer_size))
+                 mode=str(config.fed.mode), buffer_size=int(config.fed.buffer_size),
+                 site_evaluate=site_evaluate if float(config.fed.holdout) > 0 else None)
 
 
 # ---------------------------------------------------------------- payloads (pytree <-> bytes)
@@ -598,6 +645,12 @@ def _make_client_app():
     return Message(content=site_train(msg.content, context.state, site, context.run_id,
                                       dict(context.run_config)), reply_to=msg)
 
+  @app.evaluate()
+  def evaluate(msg: Message, context: Any) -> Message:  # plain also with secure-aggregation
+    site = str(context.node_config.get("site", ""))
+    return Message(content=site_evaluate(msg.content, site, context.run_id,
+                                         dict(context.run_config)), reply_to=msg)
+
   return app
 
 
@@ -839,11 +892,14 @@ class _Server:
   releases the lock; `close` does both after the run (the caller's `finally`; a process killed
   outright, SIGKILL or an unhandled SIGTERM, loses its `flock` with its file descriptors)."""
 
-  def __init__(self, problem: Problem, run_config: dict):
+  def __init__(self, problem: Problem, run_config: dict, grid: Any = None):
     import contextlib  # noqa: PLC0415
     from etils import epath  # noqa: PLC0415
     from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
     self.problem, self.run_config = problem, run_config
+    # The Flower Grid the per-site evaluation messages go through (`evaluate_sites`; None =
+    # no per-site evaluation), and whether it has waited for the sites' nodes once.
+    self.grid, self.sites_waited = grid, False
     self.workdir = str(run_config["workdir"])
     self.rounds = int(run_config.get("rounds") or problem.rounds)
     self.rounds_path = os.path.join(self.workdir, "rounds.jsonl")
@@ -908,7 +964,7 @@ class _Server:
     # again); the checkpoint's own line, when a kill came between the save and the line, is
     # written from the checkpoint's meta.
     from etils import epath  # noqa: PLC0415
-    eval_zero = problem.evaluate is not None and bool(problem.eval_every) and not self.start
+    eval_zero = _evaluates(problem) and bool(problem.eval_every) and not self.start
     loop._truncate_rounds(epath.Path(self.rounds_path),  # noqa: SLF001
                           -1 if eval_zero else self.start)
     if restored is not None and meta.get("row") and _last_round(self.rounds_path) != self.start:
@@ -924,8 +980,11 @@ class _Server:
         and problem.write_outputs is not None):
       # A finished run submitted again: eval.json again (a kill after the last line and
       # before eval.json left none; the evaluation of the same parameters is the same).
-      problem.write_outputs(self.workdir, *problem.evaluate(self.params, self.opt_state,
-                                                            self.start), self.start)
+      # The sites' held-out metrics of that round stay (from the checkpoint's line: the sites
+      # are not asked again).
+      metrics, pred_rows = problem.evaluate(self.params, self.opt_state, self.start)
+      problem.write_outputs(self.workdir, {**metrics, **site_metrics_of(meta.get("row"))},
+                            pred_rows, self.start)
     if eval_zero:
       row = {"round": 0}  # the initial model, as `jmtl federated` evaluates it
       self.evaluate(0, row)
@@ -947,11 +1006,18 @@ class _Server:
 
   def evaluate(self, r: int, row: dict) -> None:
     """The Problem's evaluation of the server parameters (a jmtl config: the trainer's
-    `_run_eval` on the tasks' data.eval_split, as `jmtl federated`); metrics go into `row`,
+    `_run_eval` on the tasks' data.eval_split, as `jmtl federated`) and, with
+    `Problem.site_evaluate` and a grid, the sites' own (`evaluate_sites`: `site/<name>/...`
+    and the `site_eval_*` notes); metrics go into `row`,
     and at the last round into eval.json (`train.loop._write_outputs`), which `end_round`
     writes only after that round's checkpoint is committed and its line appended (a kill in
     between leaves no eval.json claiming a round that never completed)."""
-    metrics, pred_rows = self.problem.evaluate(self.params, self.opt_state, r)
+    metrics, pred_rows = (self.problem.evaluate(self.params, self.opt_state, r)
+                          if self.problem.evaluate is not None else ({}, {}))
+    if self.grid is not None and self.problem.site_evaluate is not None:
+      site_metrics, notes = evaluate_sites(self, r)  # at the sites: `site/<name>/...`
+      metrics = {**metrics, **site_metrics}
+      row.update(notes)
     row.update({k: (float(v) if np.isfinite(v) else None) for k, v in metrics.items()})
     if r == self.rounds and self.problem.write_outputs is not None:
       self._outputs = (metrics, pred_rows)  # written by end_round after checkpoint and line
@@ -963,7 +1029,7 @@ class _Server:
     from jmtl.federated import loop  # noqa: PLC0415
     last = r == self.rounds
     self._outputs = None
-    evaluated = self.problem.evaluate is not None and (
+    evaluated = _evaluates(self.problem) and (
         last or bool(self.problem.eval_every and r % self.problem.eval_every == 0))
     if evaluated:
       self.evaluate(r, row)
@@ -1007,7 +1073,7 @@ def serve(grid: Any, run_config: dict) -> Any:
     return flower_async.serve_async(grid, run_config, problem)
   timeout = float(run_config.get("round-timeout", 60.0))
   most = int(run_config.get("max-empty-rounds", MAX_EMPTY_ROUNDS))
-  server = _Server(problem, run_config)
+  server = _Server(problem, run_config, grid)
   try:
     S = len(problem.sites)
     deadline = time.time() + float(run_config.get("wait-sites", 120.0))
@@ -1218,6 +1284,117 @@ def dp_epsilon(dp: Any, rounds: int) -> dict:
   fed.dp.delta; None for an infinite epsilon (z = 0)."""
   rdp, pld = privacy.epsilon(dp.noise_multiplier, dp.sampling_rate, rounds, dp.delta)
   return {"dp_epsilon_rdp": _finite(rdp), "dp_epsilon_pld": _finite(pld)}
+
+
+# ---------------------------------------------------------------- per-site held-out evaluation
+
+def _evaluates(problem: Problem) -> bool:
+  """Whether the server evaluates at evaluation rounds: the Problem's own evaluation and / or
+  the per-site one (`Problem.site_evaluate`)."""
+  return problem.evaluate is not None or problem.site_evaluate is not None
+
+
+def site_metrics_of(row: dict | None) -> dict:
+  """The `site/<name>/<task>/<metric>` entries of a rounds.jsonl row (None = {})."""
+  return {k: v for k, v in (row or {}).items() if k.startswith("site/")}
+
+
+def site_evaluate(content: Any, site: str, run_id: int, run_config: dict) -> Any:
+  """What site `site`'s ClientApp does with the server's evaluate message `content` (a Flower
+  RecordDict: "params", the parameters to evaluate, raw float32 leaves as `to_record` sends
+  them; "config" {"round": r, the server's round, 0 = the initial model}): its
+  `Problem.site_evaluate(params, k, r)` on its own held-out rows (a jmtl config: fed.holdout's
+  rows of `loop.partition_records`, evaluated with `train.loop._run_eval` as `jmtl federated`
+  evaluates each site). Its state (`Context.state`: client optimizer, residual) is not read
+  or changed. Returns the reply content: "metrics" {"<task>/<metric>": float} (plain numbers;
+  NaN stays NaN), "info" {"site": its name, "round": r, "seconds": the evaluation's measured
+  wall-clock}. ValueError when the Problem has no per-site evaluation (the server asks only
+  when its Problem has one: the same run config on both sides has it too) or the site is not
+  one of the Problem's."""
+  from flwr.app import ConfigRecord, MetricRecord, RecordDict  # noqa: PLC0415
+  problem, _, like, _ = _site(run_id, run_config, site)
+  if problem.site_evaluate is None:
+    raise ValueError(f"site {site!r}: this run's Problem has no per-site evaluation "
+                     f"(fed.holdout = 0?)")
+  k = problem.sites.index(site)
+  r = int(content["config"]["round"])
+  t0 = time.perf_counter()
+  metrics = problem.site_evaluate(from_record(content["params"], like), k, r)
+  return RecordDict({"metrics": MetricRecord({str(m): float(v) for m, v in metrics.items()}),
+                     "info": ConfigRecord({"site": site, "round": r,
+                                           "seconds": time.perf_counter() - t0})})
+
+
+def evaluate_sites(server: _Server, r: int) -> tuple[dict, dict]:
+  """The per-site held-out evaluation of round r (after r rounds; 0 = the initial model), run
+  at the sites: the server sends every connected node an evaluate message (Flower
+  `MessageType.EVALUATE`, plain also in a SecAgg+ run) holding the parameters the server
+  evaluates itself (`optim.eval_params(server opt state, x)`: x, or schedule-free's averaged
+  point) as raw float32 leaves and the round; each site runs `site_evaluate` and replies its
+  metrics. Every site is asked, those not sampled for training too (fed.participation < 1), as
+  the simulation evaluates every site. The first call waits (at most the run config's
+  `wait-sites` seconds) until the Problem's S nodes are connected; each call waits at most
+  `round-timeout` seconds for the replies. With two replies for one site, its owner's (the node
+  whose training reply the server last applied, `_Server.node_sites`) counts, else the first.
+
+  Returns (metrics {"site/<name>/<task>/<metric>": float}, the simulation's keys, for the row
+  and eval.json; notes for the round's row: `site_eval_missing` [the sites without a reply:
+  gone, late, or their ClientApp raised; their metrics are absent, nothing is filled in],
+  `site_eval_errors` {node id: first line of its error} when a ClientApp raised,
+  `site_eval_bytes_down` (the parameter bytes of the evaluate messages sent, 4 per value and
+  message) and `site_eval_seconds` (measured)). The missing sites are also said on stderr."""
+  from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: PLC0415
+  from jmtl import optim  # noqa: PLC0415
+  problem, grid, rc = server.problem, server.grid, server.run_config
+  S = len(problem.sites)
+  if not server.sites_waited:
+    server.sites_waited = True
+    deadline = time.time() + float(rc.get("wait-sites", 120.0))
+    while len(list(grid.get_node_ids())) < S and time.time() < deadline:
+      time.sleep(PULL_INTERVAL_S)
+  t0 = time.time()
+  record = to_record(jax.tree.map(lambda x: np.asarray(x, np.float32),
+                                  optim.eval_params(server.opt_state, server.params)))
+  msgs = [Message(content=RecordDict({"params": record,
+                                      "config": ConfigRecord({"round": int(r)})}),
+                  message_type=MessageType.EVALUATE, dst_node_id=n)
+          for n in grid.get_node_ids()]
+  sent: dict = {}
+  replies = (send_and_receive(grid, msgs, float(rc.get("round-timeout", 60.0)), sent)
+             if msgs else [])
+  owner = {site: node for node, site in server.node_sites.items()}
+
+  def node_of(rep: Any) -> str:
+    return str(sent.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id))
+
+  def site_of(rep: Any) -> str | None:
+    try:
+      return None if rep.has_error() else str(rep.content["info"]["site"])
+    except (KeyError, TypeError, ValueError):
+      return None
+
+  got: dict[str, Any] = {}
+  errors: dict[str, str] = {}
+  for rep in sorted(replies, key=lambda rep: owner.get(site_of(rep)) != node_of(rep)):
+    if rep.has_error():
+      reason = str(getattr(rep.error, "reason", "") or rep.error).strip()
+      errors[node_of(rep)] = (reason.splitlines() or [""])[0]
+      continue
+    site = site_of(rep)
+    if site in problem.sites and site not in got:
+      try:
+        got[site] = {str(m): float(v) for m, v in rep.content["metrics"].items()}
+      except (KeyError, TypeError, ValueError) as e:  # not plain numbers: no metrics
+        errors[node_of(rep)] = f"site {site!r}: malformed evaluate reply ({e})"
+  metrics = {f"site/{s}/{m}": v for s in problem.sites if s in got for m, v in got[s].items()}
+  missing = [s for s in problem.sites if s not in got]
+  if missing:
+    print(f"round {r}: per-site evaluation: no metrics from {', '.join(missing)} (no reply "
+          f"within round-timeout, or an error)", file=sys.stderr, flush=True)
+  return metrics, {**({"site_eval_missing": missing} if missing else {}),
+                   **({"site_eval_errors": errors} if errors else {}),
+                   "site_eval_bytes_down": payload_bytes(record) * len(msgs),
+                   "site_eval_seconds": time.time() - t0}
 
 
 def _make_server_app():
@@ -1638,7 +1815,7 @@ def serve_secagg(grid: Any, context: Any) -> None:
   if problem.holds is not None and not np.all(np.asarray(problem.holds) == 1):
     raise ValueError("Flower's SecAgg+ averages every leaf over every site: each site must "
                      "hold every task (a head's mean over its holders is not a secure sum)")
-  server = _Server(problem, run_config)
+  server = _Server(problem, run_config, _FastGrid(grid))
   try:
     legacy = LegacyContext(context=context,
                            config=ServerConfig(num_rounds=server.rounds - server.start),
@@ -1876,6 +2053,8 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
       if int(row["round"]) <= last:
         continue
       last = int(row["round"])
+      missing = (f" (no site metrics from {','.join(row['site_eval_missing'])})"
+                 if row.get("site_eval_missing") else "")  # `evaluate_sites`
       if "sites" in row:
         loss = row.get("loss")
         what = (f"loss {loss:.6g}" if isinstance(loss, (int, float)) else
@@ -1883,9 +2062,9 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
         echo(f"round {row['round']}: {what} sites {','.join(row['sites']) or '-'} "
              f"{row.get('seconds', 0.0):.1f} s"
              + (f" errors {row['errors']}" if row.get("errors") else "")
-             + (f" error: {row['error']}" if row.get("error") else ""))
+             + (f" error: {row['error']}" if row.get("error") else "") + missing)
       else:  # round 0: the evaluation of the initial model
-        echo(f"round {row['round']}: evaluated")
+        echo(f"round {row['round']}: evaluated{missing}")
 
   # A finished run submitted again (`resumed` = rounds) waits for its new server all the same:
   # until flower.json names this submission (or the run ends), then for the workdir's lock.

@@ -96,7 +96,9 @@ class _Job:
 def check_problem(problem: flower.Problem, run_config: dict) -> None:
   """Refuses (ValueError, one line naming what to change) what asynchronous FedBuff on Flower
   does not run: buffer_size outside [1, S], SecAgg+ (run config `secure-aggregation`), DP
-  (`Problem.dp`), an aggregator other than fedavg, participation < 1."""
+  (`Problem.dp`), an aggregator other than fedavg, participation < 1, per-site held-out
+  evaluation (`Problem.site_evaluate`, fed.holdout > 0: its evaluate messages run between sync
+  rounds, `flower.evaluate_sites`; here every site always has a job in flight)."""
   S, K = len(problem.sites), int(problem.buffer_size)
   why = None
   if not 1 <= K <= S:
@@ -111,6 +113,9 @@ def check_problem(problem: flower.Problem, run_config: dict) -> None:
   elif problem.participation < 1.0:
     why = (f"participation (fed.participation) must be 1 (every site trains concurrently), "
            f"got {problem.participation:g}")
+  elif problem.site_evaluate is not None:
+    why = ("per-site held-out evaluation (fed.holdout > 0) runs in synchronous rounds only; "
+           "set fed.holdout = 0")
   if why:
     raise ValueError(f"asynchronous FedBuff on Flower (fed.mode = 'async'): {why}")
 
