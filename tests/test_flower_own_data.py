@@ -63,7 +63,7 @@ def _tokenizer(tmp_path: Path, data_dir: Path) -> Path:
 
 
 def _config(tmp_path: Path, roots: dict, tokenizer: Path, *, data_dirs: bool = True,
-            extra: str = "") -> Path:
+            extra: str = "", name: str = "own_config.py") -> Path:
   sites = ", ".join(
       f"dict(name={n!r}, devices=1" + (f", data_dir={str(roots[n])!r})" if data_dirs else ")")
       for n in SITES)
@@ -97,7 +97,7 @@ def get_config():
   c.fed.step_time_s = 0.05
 {extra}  return c
 '''
-  path = tmp_path / "own_config.py"
+  path = tmp_path / name
   path.write_text(text)
   return path
 
@@ -280,3 +280,57 @@ def test_jmtl_data_shows_each_sites_rows_from_its_own_root(tmp_path, own):
     rows = len((roots[s] / "glue" / "SST-2" / "train.tsv").read_text().splitlines()) - 1
     assert (f"  {s} (-) from {roots[s]}: sst2 {_n_k(roots[s])} "
             f"(+{rows - _n_k(roots[s])} held out)") in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_tls_cluster_whose_supernodes_hold_only_their_own_files(tmp_path, own):
+  """`jmtl federated` with fed.backend = flower on a local SuperLink + 3 SuperNodes (TLS), each
+  started with `--node-config "site='a' data-dir='<its root>'"`; every process's
+  JMTL_DATA_DIR (and data.dir) is the server root, which holds dev.tsv only. Each round's site
+  losses and weights equal the mesh simulation's over the same roots (fed.sites data_dir)."""
+  from flower_cluster import Cluster
+  roots, tok = own
+
+  class OwnCluster(Cluster):
+    def _start(self, name, args, env=None):
+      if name.startswith("supernode_"):
+        site = name[len("supernode_"):]
+        args = [*args[:-1], f'{args[-1]} data-dir="{roots[site]}"']
+      super()._start(name, args, env)
+
+  config = _config(tmp_path, roots, tok, data_dirs=False, name="flower_config.py")
+  sim_config = _config(tmp_path, roots, tok, name="sim_config.py")
+  c = OwnCluster(tmp_path / "cluster", list(SITES))
+  c.env["JMTL_DATA_DIR"] = str(roots["server"])
+  c.start()
+  sim_wd, wd = tmp_path / "sim", tmp_path / "flower"
+  sim = subprocess.Popen(
+      [sys.executable, "-m", "jmtl.cli", "federated", "--config", str(sim_config),
+       "--workdir", str(sim_wd), "--config.fed.rounds=2"],
+      env=_env(JMTL_DATA_DIR=str(roots["server"]),
+               XLA_FLAGS="--xla_force_host_platform_device_count=3"),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    out = subprocess.run(
+        [sys.executable, "-m", "jmtl.cli", "federated", "--config", str(config),
+         "--workdir", str(wd), "--config.fed.rounds=2", "--config.fed.backend=flower",
+         "--config.fed.flower.superlink=local", "--config.fed.flower.wait_s=240",
+         "--config.fed.flower.round_timeout=200"],
+        env=dict(c.env, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr + c.logs()
+    log, _ = sim.communicate(timeout=300)
+  finally:
+    sim.kill()
+    c.stop()
+  assert sim.returncode == 0, log
+  rows, ref = _rows(wd), _rows(sim_wd)
+  assert [r["round"] for r in rows] == [r["round"] for r in ref] == [1, 2], c.logs()
+  n = {s: _n_k(roots[s]) for s in SITES}
+  for got, want in zip(rows, ref):
+    assert got["sites"] == list(SITES) and "errors" not in got
+    assert got["weights"] == pytest.approx(
+        {s: v / sum(n.values()) for s, v in n.items()}, rel=1e-6)
+    assert got["site_loss"] == pytest.approx(want["site_loss"], rel=1e-5, abs=1e-6)
+  assert _files(roots["server"]) == ["glue/SST-2/dev.tsv"]
