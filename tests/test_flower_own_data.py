@@ -334,3 +334,62 @@ def test_tls_cluster_whose_supernodes_hold_only_their_own_files(tmp_path, own):
         {s: v / sum(n.values()) for s, v in n.items()}, rel=1e-6)
     assert got["site_loss"] == pytest.approx(want["site_loss"], rel=1e-5, abs=1e-6)
   assert _files(roots["server"]) == ["glue/SST-2/dev.tsv"]
+
+
+def test_own_rows_and_padding_by_hand():
+  """A site's rows per task come from ITS sizes (proportional mixture: 300 and 100 rows give
+  6 and 2 of 8; a site holding one task gives it all 8); the simulation pads a site's batch to
+  the largest site's rows with copies of row 0 at example_weight 0."""
+  import numpy as np
+  from jmtl.defaults import base_config
+  from jmtl.federated import loop
+  c = base_config()
+  c.data.batch_size, c.data.mixture = 8, "proportional"
+  assert loop.own_rows(c, ["sst2", "cola"], {"sst2": 300, "cola": 100}) == {"sst2": 6,
+                                                                            "cola": 2}
+  assert loop.own_rows(c, ["sst2", "cola"], {"cola": 100}) == {"cola": 8}
+  b = {"ids": np.arange(6).reshape(3, 2), "example_weight": np.ones(3, np.float32)}
+  p = loop.pad_rows(b, 5)
+  np.testing.assert_array_equal(p["ids"], [[0, 1], [2, 3], [4, 5], [0, 1], [0, 1]])
+  np.testing.assert_array_equal(p["example_weight"], [1, 1, 1, 0, 0])
+  assert loop.pad_rows(b, 3) is b
+
+
+@pytest.mark.slow
+def test_two_tasks_on_sites_with_their_own_sizes(tmp_path, own, data_dir):
+  """Sites a (SST-2 and CoLA) and b (SST-2 only): `jmtl federated` (the mesh simulation) runs
+  with each site's own rows per task (a: 6 + 2 of 8 by its sizes, b: 8 SST-2 rows; padded to one
+  shape) and n_k = its own rows less 10 % held out, counted here."""
+  roots, tok = own
+  cola = (data_dir / "glue" / "CoLA" / "train.tsv").read_text().splitlines()
+  d = roots["a"] / "glue" / "CoLA"
+  d.mkdir(parents=True)
+  (d / "train.tsv").write_text("\n".join(cola[:32]) + "\n")  # no header in CoLA
+  dev = roots["server"] / "glue" / "CoLA"
+  dev.mkdir(parents=True)
+  (dev / "dev.tsv").write_text((data_dir / "glue" / "CoLA" / "dev.tsv").read_text())
+  config = _config(tmp_path, roots, tok, extra=(
+      '  c.tasks = ("sst2", "cola")\n'
+      '  c.data.mixture = "proportional"\n'
+      f'  c.fed.sites = (dict(name="a", data_dir={str(roots["a"])!r}),\n'
+      f'                 dict(name="b", data_dir={str(roots["b"])!r}, tasks=("sst2",)))\n'
+      '  c.fed.rounds = 1\n'))
+  wd = tmp_path / "sim"
+  out = subprocess.run(
+      [sys.executable, "-m", "jmtl.cli", "federated", "--config", str(config), "--workdir",
+       str(wd)], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout + out.stderr
+  (row,) = _rows(wd)
+  n_a = _n_k(roots["a"]) + (32 - 3)  # CoLA: 32 rows, floor(3.2) = 3 held out
+  n_b = _n_k(roots["b"])
+  assert row["weights"] == pytest.approx({"a": n_a / (n_a + n_b), "b": n_b / (n_a + n_b)},
+                                         rel=1e-6)
+  assert all(math.isfinite(v) for v in row["site_loss"].values())
+  # A Flower site's batches: its own rows per task, no rows of a task it does not hold.
+  rc = {"problem": "jmtl.federated.flower:jmtl_problem", "config": str(config), "workdir": ""}
+  a = flower._site(-2000, rc, "a")[0].batches(0, 0)[0]  # noqa: SLF001
+  b = flower._site(-2001, rc, "b")[0].batches(1, 0)[0]  # noqa: SLF001
+  assert {t: v["example_weight"].shape for t, v in a.items()} == {"sst2": (2, 6),
+                                                                   "cola": (2, 2)}
+  assert {t: v["example_weight"].shape for t, v in b.items()} == {"sst2": (2, 8)}
