@@ -393,3 +393,19 @@ def test_two_tasks_on_sites_with_their_own_sizes(tmp_path, own, data_dir):
   assert {t: v["example_weight"].shape for t, v in a.items()} == {"sst2": (2, 6),
                                                                    "cola": (2, 2)}
   assert {t: v["example_weight"].shape for t, v in b.items()} == {"sst2": (2, 8)}
+
+
+def test_launch_supernode_gives_its_data_dir_by_node_config():
+  import shlex
+  script = ROOT / "launch" / "flower.py"
+  out = subprocess.run([sys.executable, str(script), "supernode", "--superlink", "h:9093",
+                        "--site", "east", "--data-dir", "/data/east", "--dry-run"],
+                       capture_output=True, text=True, timeout=30)
+  assert out.returncode == 0, out.stderr
+  cmd = shlex.split(out.stdout.strip())
+  assert cmd[cmd.index("--node-config") + 1] == 'site="east" data-dir="/data/east"'
+  bad = subprocess.run([sys.executable, str(script), "supernode", "--superlink", "h:9093",
+                        "--site", "east", "--data-dir", 'a"b', "--dry-run"],
+                       capture_output=True, text=True, timeout=30)
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+  assert "--data-dir" in bad.stderr

@@ -18,6 +18,9 @@ one site's batch per local step); a site that does not hold a task, or does not 
 the round, gets that task's rows with example_weight 0 (no loss, no gradient), so every round
 has one shape: a new participation pattern never recompiles. Data iterators of a site that does
 not take part do not advance.
+With fed.partition = "own" (cross-silo: each site's own files, `own_records`) a site's rows per
+task come from its own sizes (`own_rows`), as on Flower, and its batch of a task is padded to
+the largest site's rows with zero-weight copies of its first row (`pad_rows`).
 
 Faults (`jmtl.federated.faults`, keys `fed.faults.*`): after sampling and the deadline, each
 remaining site drops out with probability `fed.faults.dropout` (seeded by (seed, round), so a
