@@ -285,12 +285,17 @@ def test_jmtl_data_shows_each_sites_rows_from_its_own_root(tmp_path, own):
 @pytest.mark.slow
 @pytest.mark.long
 def test_tls_cluster_whose_supernodes_hold_only_their_own_files(tmp_path, own):
-  """`jmtl federated` with fed.backend = flower on a local SuperLink + 3 SuperNodes (TLS), each
+  """`jmtl federated` with fed.backend = flower on a local SuperLink + 4 SuperNodes (TLS), each
   started with `--node-config "site='a' data-dir='<its root>'"`; every process's
-  JMTL_DATA_DIR (and data.dir) is the server root, which holds dev.tsv only. Each round's site
-  losses and weights equal the mesh simulation's over the same roots (fed.sites data_dir)."""
+  JMTL_DATA_DIR (and data.dir) is the server root, which holds dev.tsv only. Site d's root has
+  no training file: its ClientApp's line (site, task, path) is in each round's `errors` and its
+  SuperNode's log, and the rounds go on with a, b, c, whose site losses and weights equal the
+  mesh simulation's of sites a, b, c over the same roots (fed.sites data_dir)."""
   from flower_cluster import Cluster
   roots, tok = own
+  roots["d"] = tmp_path / "site_d"
+  (roots["d"] / "glue" / "SST-2").mkdir(parents=True)
+  missing = roots["d"] / "glue" / "SST-2" / "train.tsv"
 
   class OwnCluster(Cluster):
     def _start(self, name, args, env=None):
@@ -299,9 +304,10 @@ def test_tls_cluster_whose_supernodes_hold_only_their_own_files(tmp_path, own):
         args = [*args[:-1], f'{args[-1]} data-dir="{roots[site]}"']
       super()._start(name, args, env)
 
-  config = _config(tmp_path, roots, tok, data_dirs=False, name="flower_config.py")
+  config = _config(tmp_path, roots, tok, data_dirs=False, name="flower_config.py", extra=(
+      '  c.fed.sites = tuple(dict(name=n, devices=1) for n in "abcd")\n'))
   sim_config = _config(tmp_path, roots, tok, name="sim_config.py")
-  c = OwnCluster(tmp_path / "cluster", list(SITES))
+  c = OwnCluster(tmp_path / "cluster", [*SITES, "d"])
   c.env["JMTL_DATA_DIR"] = str(roots["server"])
   c.start()
   sim_wd, wd = tmp_path / "sim", tmp_path / "flower"
@@ -328,11 +334,16 @@ def test_tls_cluster_whose_supernodes_hold_only_their_own_files(tmp_path, own):
   rows, ref = _rows(wd), _rows(sim_wd)
   assert [r["round"] for r in rows] == [r["round"] for r in ref] == [1, 2], c.logs()
   n = {s: _n_k(roots[s]) for s in SITES}
+  line = (f"site 'd' (fed.partition = 'own', its data root from node config data-dir): task "
+          f"'sst2' training file not found: {missing}")
   for got, want in zip(rows, ref):
-    assert got["sites"] == list(SITES) and "errors" not in got
+    assert got["sites"] == list(SITES) and got["dropped"] == ["d"], got
+    (err,) = got["errors"].values()
+    assert line in err
     assert got["weights"] == pytest.approx(
         {s: v / sum(n.values()) for s, v in n.items()}, rel=1e-6)
     assert got["site_loss"] == pytest.approx(want["site_loss"], rel=1e-5, abs=1e-6)
+  assert line in (tmp_path / "cluster" / "supernode_d.log").read_text()
   assert _files(roots["server"]) == ["glue/SST-2/dev.tsv"]
 
 
