@@ -444,8 +444,8 @@ def _site_field(site: Any, field: str) -> Any:
 
 # Sites are slices of the device mesh's outermost `site` axis; each entry of `fed.sites` is a
 # dict whose fields (name, cloud, region, devices, speed, up_mbps, down_mbps, latency_ms,
-# price_device_hour, price_egress_gb, share | examples, tasks, data_dir) are declared and checked, entry
-# by entry, in `jmtl.federated.sites.FIELDS`.
+# price_device_hour, price_egress_gb, share | examples, tasks, data_dir) are declared and
+# checked, entry by entry, in `jmtl.federated.sites.FIELDS`.
 _key("fed.sites", (), "the sites: a tuple of dicts, fields in jmtl.federated.sites.FIELDS",
      check=(lambda v: all(isinstance(s, (dict, ml_collections.ConfigDict)) for s in v),
             "a tuple of dicts (one per site)"))

@@ -5,14 +5,16 @@ layout, tmp dirs), and a server root holding only SST-2's dev.tsv. The tokenizer
 (data.tokenizer, a config rule under "own"), trained here on the dev text.
 1. In process (the stand-in Grid of tests/test_flower_parts.py): the Flower server's per-round
    site losses and FedAvg weights equal `jmtl federated`'s mesh simulation of the same config
-   (the same dirs through fed.sites[].data_dir), and each site's n_k is the row count of its own
-   file less its held-out rows, counted here from the file; the server's root has only dev.tsv.
+   (the same dirs through fed.sites[].data_dir) for 2 rounds, and each site's n_k is the row
+   count of its own file less its held-out rows, counted here from the file; the server's root
+   has only dev.tsv.
 2. A site's root from the node config data-dir (`flower.site_run_config`), and a missing
    training file: one line naming site, task and path (CLI exit 2; on Flower the round goes on
    without that site, the line in rounds.jsonl `errors`).
 3. Refusals: "own" without data.tokenizer, with share / examples, data_dir without "own".
 4. (long) A real TLS cluster whose SuperNodes get their roots by node config data-dir and whose
-   processes' JMTL_DATA_DIR holds no training file.
+   processes' JMTL_DATA_DIR holds no training file (one SuperNode's root has none either: its
+   line is in `errors` and its log).
 """
 
 import json
@@ -136,20 +138,21 @@ def test_flower_sites_on_their_own_files_equal_the_mesh_simulation(tmp_path, own
   sim_wd = tmp_path / "sim"
   sim = subprocess.Popen(
       [sys.executable, "-m", "jmtl.cli", "federated", "--config", str(config), "--workdir",
-       str(sim_wd)], env=_env(JMTL_DATA_DIR=str(roots["server"]),
+       str(sim_wd), "--config.fed.rounds=2"], env=_env(JMTL_DATA_DIR=str(roots["server"]),
                               XLA_FLAGS="--xla_force_host_platform_device_count=3"),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     wd = tmp_path / "flower"
     run_config = {"problem": "jmtl.federated.flower:jmtl_problem", "config": str(config),
-                  "workdir": str(wd), "rounds": 3, "round-timeout": 120.0, "wait-sites": 0.0}
+                  "overrides": "--config.fed.rounds=2", "workdir": str(wd), "rounds": 2,
+                  "round-timeout": 120.0, "wait-sites": 0.0}
     flower.serve(_Grid(run_config), run_config)
     log, _ = sim.communicate(timeout=300)
   finally:
     sim.kill()
   assert sim.returncode == 0, log
   rows, ref = _rows(wd), _rows(sim_wd)
-  assert [r["round"] for r in rows] == [r["round"] for r in ref] == [1, 2, 3]
+  assert [r["round"] for r in rows] == [r["round"] for r in ref] == [1, 2]
   n = {s: _n_k(roots[s]) for s in SITES}
   assert n == {"a": 87, "b": 58, "c": 126}  # 96, 64, 140 rows less 10 % held out
   total = sum(n.values())
@@ -158,8 +161,8 @@ def test_flower_sites_on_their_own_files_equal_the_mesh_simulation(tmp_path, own
     assert got["weights"] == pytest.approx({s: v / total for s, v in n.items()}, rel=1e-6)
     assert want["weights"] == pytest.approx(got["weights"], rel=1e-6)
     assert got["site_loss"] == pytest.approx(want["site_loss"], rel=1e-5, abs=1e-6)
-  # round 3's losses are taken at the parameters after rounds 1-2: they moved
-  assert rows[2]["site_loss"] != pytest.approx(rows[0]["site_loss"], rel=1e-4)
+  # round 2's losses are taken at the parameters after round 1: they moved
+  assert rows[1]["site_loss"] != pytest.approx(rows[0]["site_loss"], rel=1e-4)
   # The server's root holds the dev file alone, and the server evaluated on it.
   assert _files(roots["server"]) == ["glue/SST-2/dev.tsv"]
   assert json.loads((wd / "eval.json").read_text())
@@ -221,6 +224,7 @@ class _SiteErrorGrid(_Grid):
     return ids
 
 
+@pytest.mark.slow
 def test_a_site_without_its_training_file_is_lost_with_one_line(tmp_path, own):
   """Site c's root lacks train.tsv: on Flower its ClientApp's error names site, task and path
   in rounds.jsonl `errors`, and the rounds go on with a and b; `jmtl federated` (the mesh
