@@ -270,7 +270,8 @@ def jmtl_problem(run_config: dict) -> Problem:
   # fed.partition = "own": a site process reads only its own training files (checked when it
   # reads them, naming site, task and path), so its data root need not hold any other file.
   own_files = config.fed.partition == "own"
-  config = config_lib.validate(config, check_files=not (own_files and SITE_DATA_DIR in run_config))
+  config = config_lib.validate(config,
+                               check_files=not (own_files and SITE_DATA_DIR in run_config))
   sites = sites_lib.sites_from_config(config)
   tasks = [task_registry.get_task(n) for n in config.tasks]
   names = [t.name for t in tasks]
