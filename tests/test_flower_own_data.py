@@ -201,11 +201,6 @@ class _SiteErrorGrid(_Grid):
   an Error reply with reason "<class ...>:<'message'>" (flwr's run_clientapp)."""
 
   def push_messages(self, msgs):
-    real = flower.site_train
-
-    def site_train(content, state, site, run_id, run_config):
-      return real(content, state, site, run_id, run_config)
-
     ids = []
     for i, msg in enumerate(msgs):
       node = msg.metadata.dst_node_id
@@ -213,8 +208,8 @@ class _SiteErrorGrid(_Grid):
       mid = f"m{len(self.out)}_{i}_{node}"
       ids.append(mid)
       try:
-        content = site_train(msg.content, self.state[node - 1], site, self.run_id,
-                             self.run_config)
+        content = flower.site_train(msg.content, self.state[node - 1], site, self.run_id,
+                                    self.run_config)
       except Exception as ex:  # noqa: BLE001 -- what a SuperNode does with it
         from flwr.app import Error
         self.out[mid] = _Reply(None, mid, node, Error(
