@@ -247,8 +247,13 @@ def _check_files(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config key 'data.tokenizer': file not found: {cfg.data.tokenizer}")
   if cfg.model.init_from and not pathlib.Path(cfg.model.init_from).is_dir():
     raise ConfigError(f"config key 'model.init_from': directory not found: {cfg.model.init_from}")
+  # fed.partition = "own": the training files are each site's own (checked per site by
+  # `jmtl.federated.loop.check_own_files`); this process's data root needs the eval split only.
+  own = cfg.fed.partition == "own"
   for name in cfg.tasks:
-    missing = sources.check_task_files(task_registry.get_task(name), cfg.data)
+    task = task_registry.get_task(name)
+    splits = [s for s in (cfg.data.eval_split,) if s in task.splits] if own else None
+    missing = sources.check_task_files(task, cfg.data, splits)
     if missing:
       raise ConfigError(f"task {name!r}: data file not found: {missing[0]}")
 

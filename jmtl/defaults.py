@@ -437,10 +437,15 @@ _key("eval.n_best", 20, "SQuAD span candidates per feature", check=ge(1))
 _key("eval.max_answer_len", 30, "SQuAD answer length limit in tokens", check=ge(1))
 
 # ------------------------------------------------------------------ federated (`jmtl federated`)
+def _site_field(site: Any, field: str) -> Any:
+  """One field of a raw `fed.sites` entry (a dict or ConfigDict; None when absent)."""
+  return (site.to_dict() if hasattr(site, "to_dict") else dict(site)).get(field)
+
+
 # Sites are slices of the device mesh's outermost `site` axis; each entry of `fed.sites` is a
 # dict whose fields (name, cloud, region, devices, speed, up_mbps, down_mbps, latency_ms,
-# price_device_hour, price_egress_gb, share | examples, tasks) are declared and checked, entry
-# by entry, in `jmtl.federated.sites.FIELDS`.
+# price_device_hour, price_egress_gb, share | examples, tasks, data_dir) are declared and
+# checked, entry by entry, in `jmtl.federated.sites.FIELDS`.
 _key("fed.sites", (), "the sites: a tuple of dicts, fields in jmtl.federated.sites.FIELDS",
      check=(lambda v: all(isinstance(s, (dict, ml_collections.ConfigDict)) for s in v),
             "a tuple of dicts (one per site)"))
@@ -575,8 +580,18 @@ _key("fed.faults.scale", 10.0, "attack=scale: the factor a Byzantine site multip
 _key("fed.partition", "iid",
      "how each task's training rows are split over its sites: iid (by the sites' shares), "
      "dirichlet (label skew: per class, site proportions ~ Dir(alpha * S * share)), quantity "
-     "(power-law shares k^-fed.power unless the sites give share / examples)",
-     choices=("iid", "dirichlet", "quantity"))
+     "(power-law shares k^-fed.power unless the sites give share / examples), or own: nothing "
+     "is split, each site trains on the whole training split of each task it holds under its "
+     "own data root (Flower: the SuperNode's node config data-dir, else the site's data_dir "
+     "field, else data.dir / $JMTL_DATA_DIR; jmtl.federated.loop.own_records)",
+     choices=("iid", "dirichlet", "quantity", "own"),
+     rules=((lambda v, c: v != "own" or bool(c.data.tokenizer),
+             "needs data.tokenizer set to a tokenizer file (every process must use the same "
+             "vocabulary, and none may train one on pooled training text)"),
+            (lambda v, c: v != "own" or not any(
+                _site_field(s, "share") or _site_field(s, "examples") for s in c.fed.sites),
+             "trains each site on all of its own rows: the fed.sites fields 'share' and "
+             "'examples' split pooled rows and are refused with it")))
 _key("fed.alpha", 0.5, "partition=dirichlet: concentration alpha (small = skewed)", check=gt(0))
 _key("fed.power", 1.0, "partition=quantity: site k (from 1) gets a share ~ k^-power", check=ge(0))
 _key("fed.min_per_site", 1, "training rows per task each holding site keeps at least (moved "

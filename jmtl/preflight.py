@@ -109,6 +109,8 @@ def _checks(config: ml_collections.ConfigDict, command: str, workdir: str | None
   tasks = _tasks(config)
   _optimizer(config)
   shards = _federated(config, jax.device_count()) if federated else _mesh(config, device_count)
+  if federated and files:
+    _own_files(config)
   _mixed_rows(config, shards)
   check_val_metric(config.train.val_metric, [t.name for t in tasks])
   tokenizer = _tokenizer(config) if command not in ("bench", "prepare") else None
@@ -118,6 +120,18 @@ def _checks(config: ml_collections.ConfigDict, command: str, workdir: str | None
     from jmtl.study import sweep  # noqa: PLC0415
     sweep.check_sweep_config(config)
   return config
+
+
+def _own_files(config: ml_collections.ConfigDict) -> None:
+  """fed.partition = "own" simulated on one mesh (not Flower, whose sites' roots are on their
+  own machines): every site's data root holds the training file of each task it holds
+  (`jmtl.federated.loop.check_own_files`: one line naming the site, the task and the path)."""
+  if config.fed.partition != "own" or config.fed.backend == "flower":
+    return
+  from jmtl.federated import loop as fed_loop  # noqa: PLC0415
+  from jmtl.federated import sites as sites_lib  # noqa: PLC0415
+  for site in sites_lib.sites_from_config(config):
+    fed_loop.check_own_files(config, site, _tasks(config))
 
 
 def _join(config: ml_collections.ConfigDict) -> bool:

@@ -10,8 +10,9 @@ Standard library only; never imports jmtl. --dry-run prints the exact commands a
   flower.py superlink [--certs DIR] [--port 9093] [--database PATH] [--env KEY=VALUE ...]
       the SuperLink (Fleet, Control and runtime APIs on one HTTPS port), on the server machine
   flower.py supernode --superlink H:PORT --site NAME [--ca PATH] [--port 9094]
-                      [--cache DIR] [--env KEY=VALUE ...]
-      one site's SuperNode (it dials out to the SuperLink: the site needs no inbound port)
+                      [--cache DIR] [--data-dir DIR] [--env KEY=VALUE ...]
+      one site's SuperNode (it dials out to the SuperLink: the site needs no inbound port);
+      --data-dir: the site's own data root, node config data-dir (fed.partition = "own")
   flower.py run --config C --workdir W [--connection NAME] [--wait-s S] [-- more jmtl args]
       jmtl federated with fed.backend = flower: submits the run to the SuperLink connection
       NAME of the Flower configuration file ($FLWR_HOME/config.toml, default ~/.flwr)
@@ -57,6 +58,9 @@ def parser() -> C.Parser:
   n.add_argument("--port", type=C.positive, default=9094,
                  help="the SuperNode's local runtime API port (localhost only; several "
                  "SuperNodes on one host need one port each)")
+  n.add_argument("--data-dir", default="",
+                 help="the site's own data root (node config data-dir; read with "
+                      "fed.partition = 'own'; '' = the process's JMTL_DATA_DIR)")
   n.add_argument("--cache", default="jax-cache", help="JAX persistent compilation cache dir")
   n.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="more environment, e.g. JMTL_DATA_DIR=/data (repeatable)")
@@ -117,10 +121,13 @@ def plan(a, extra: list[str]) -> list:
       raise C.LaunchError(f"--superlink {a.superlink!r} must be HOST:PORT")
     if not a.site or "/" in a.site or '"' in a.site:
       raise C.LaunchError(f"--site {a.site!r} must be a site name from fed.sites")
+    if '"' in a.data_dir:
+      raise C.LaunchError(f"--data-dir {a.data_dir!r} must not contain '\"'")
+    node = f'site="{a.site}"' + (f' data-dir="{a.data_dir}"' if a.data_dir else "")
     env = [f"JAX_COMPILATION_CACHE_DIR={a.cache}", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0",
            *C.parse_env(a.env)]
     return [["env", *env, "flower-supernode", "--root-certificates", a.ca,
-             "--superlink", a.superlink, "--node-config", f'site="{a.site}"',
+             "--superlink", a.superlink, "--node-config", node,
              "--host", "127.0.0.1", "--port", str(a.port)]]
   keys = ["--config.fed.backend=flower", f"--config.fed.flower.wait_s={a.wait_s}"]
   if a.connection:

@@ -54,7 +54,8 @@ Run config keys (Flower `[tool.flwr.app.config]`, overridable with `flwr run --r
   fed.secagg.quantization_range): the SecAgg+ workflow's max_weight, clipping_range and
   quantization_range (see `secagg_check`: a site whose scaled update would be clipped
   refuses, and the round stops with `applied` 0 and `error` in rounds.jsonl).
-SuperNode node config: site (str): this SuperNode's site name (one of Problem.sites).
+SuperNode node config: site (str): this SuperNode's site name (one of Problem.sites);
+data-dir (str, optional): the site's own data root with fed.partition = "own" (`site_run_config`).
 
 Files in `workdir` (written by the server process only, which holds the workdir's lock,
 `jmtl.train.workdir.lock`, while it runs; lines appended by `jmtl federated`'s writer):
@@ -227,6 +228,33 @@ def load_problem(run_config: dict) -> Problem:
   return problem
 
 
+SITE_DATA_DIR = "site-data-dir"  # run config key the ClientApp adds: node config data-dir
+
+
+def site_run_config(context: Any) -> dict:
+  """The run config a site's ClientApp builds its Problem with: Flower's run config plus
+  SITE_DATA_DIR = the SuperNode's node config `data-dir` ('' when not given), the site's own
+  data root under fed.partition = "own" (`flower-supernode --node-config "site='east'
+  data-dir='/data/east'"`)."""
+  return {**dict(context.run_config),
+          SITE_DATA_DIR: str(context.node_config.get("data-dir", ""))}
+
+
+def own_site_data(config: Any, tasks: list, site: Any, data_dir: str) -> dict:
+  """fed.partition = "own" at one site: {"train": {site name: {task: train records}}, "held":
+  {site name: {task: held-out records}}, "rows": {task: rows per batch}} from the site's own
+  files only (`loop.own_records` under `data_dir`,
+  else its `data_dir` field, else data.dir / $JMTL_DATA_DIR; `loop.own_split` holds out
+  fed.holdout of them; `loop.own_rows` from its own sizes), as the mesh simulation computes
+  them for that site. ConfigError naming site, task and path for a missing training file."""
+  from jmtl.federated import loop  # noqa: PLC0415
+  names = [t.name for t in tasks]
+  records = loop.own_records(config, tasks, site, data_dir)
+  train, held = loop.own_split(config, site, records)
+  return {"train": {site.name: train}, "held": {site.name: held},
+          "rows": loop.own_rows(config, names, {t: len(r) for t, r in records.items()})}
+
+
 def jmtl_problem(run_config: dict) -> Problem:
   """The Problem of a jmtl federated config: run config `config` (a jmtl config file, the same
   file on every machine) and `overrides` ("--config.KEY=VALUE ..." separated by spaces).
@@ -240,6 +268,13 @@ def jmtl_problem(run_config: dict) -> Problem:
   (site, task) with `loop`'s rows per task; a site's round r reads batches r*H .. r*H + H - 1 of
   its streams (a task it does not hold: its rows with example_weight 0). Data is read on first
   use (the server never reads it). ConfigError for a bad config, as `jmtl federated`.
+
+  fed.partition = "own" (`own_site_data`): site k reads only the training files of its own
+  data root (the run config's SITE_DATA_DIR, which the ClientApp sets from the SuperNode's node
+  config `data-dir`; else the site's `data_dir` field; else data.dir / $JMTL_DATA_DIR), all
+  their rows less its fed.holdout, n_k = that count, rows per task from its own sizes; a task
+  it does not hold is left out of its batches (no rows: nothing to read it from). The tokenizer
+  is data.tokenizer's file (a config rule); the server reads the eval split only.
   """
   from jmtl import cli  # noqa: PLC0415
   from jmtl import config as config_lib  # noqa: PLC0415
@@ -259,7 +294,11 @@ def jmtl_problem(run_config: dict) -> Problem:
 
   config = config_lib.complete(config_lib.load_config_file(str(run_config["config"])))
   cli.apply_overrides(config, decode_overrides(str(run_config.get("overrides", ""))))
-  config = config_lib.validate(config)
+  # fed.partition = "own": a site process reads only its own training files (checked when it
+  # reads them, naming site, task and path), so its data root need not hold any other file.
+  own_files = config.fed.partition == "own"
+  config = config_lib.validate(config,
+                               check_files=not (own_files and SITE_DATA_DIR in run_config))
   sites = sites_lib.sites_from_config(config)
   tasks = [task_registry.get_task(n) for n in config.tasks]
   names = [t.name for t in tasks]
@@ -284,6 +323,9 @@ def jmtl_problem(run_config: dict) -> Problem:
             else {names[0]: int(config.data.batch_size)})
     data.update(train=train, held=held, rows=rows)
 
+  def load_own(k: int):  # fed.partition = "own": site k's own files only (`own_site_data`)
+    data.update(own_site_data(config, tasks, sites[k], str(run_config.get(SITE_DATA_DIR, ""))))
+
   def stream(t, recs):
     cfg = copy.deepcopy(config)
     cfg.data.batch_size, cfg.data.mixing, cfg.data.mixture = data["rows"][t.name], \
@@ -292,7 +334,7 @@ def jmtl_problem(run_config: dict) -> Problem:
 
   def batches(k: int, r: int):
     if not data:
-      load()
+      load_own(k) if own_files else load()
     own = data["train"][sites[k].name]
     steps = []
     iters = {t.name: stream(t, own[t.name]) for t in tasks if t.name in own}
@@ -301,7 +343,7 @@ def jmtl_problem(run_config: dict) -> Problem:
         next(it)
     blank = {}
     for t in tasks:
-      if t.name not in iters:
+      if t.name not in iters and not own_files:
         holder = next(s.name for s in sites if t.name in data["train"][s.name])
         b = dict(stream(t, data["train"][holder][t.name][:data["rows"][t.name]])
                  .streams[t.name][0])
@@ -309,7 +351,7 @@ def jmtl_problem(run_config: dict) -> Problem:
         blank[t.name] = b
     for _ in range(H):
       steps.append({t.name: (next(iters[t.name])[t.name] if t.name in iters else blank[t.name])
-                    for t in tasks})
+                    for t in tasks if t.name in iters or t.name in blank})
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *steps)
     return stacked, float(sum(len(v) for v in own.values()))
 
@@ -328,8 +370,8 @@ def jmtl_problem(run_config: dict) -> Problem:
     """Site k's held-out rows (`loop.partition_records`, fed.holdout) evaluated at `params`:
     `train.loop._run_eval`, the call `jmtl federated` makes per site (`loop._federated`'s
     evaluate); {} when the site holds out no row."""
-    if "held" not in data:
-      load()
+    if "held" not in data:  # under "own": the site's own held-out rows, never a pooled split
+      load_own(k) if own_files else load()
     if ("held", k) not in data:
       sets = []
       with train_loop._user_data_errors():  # noqa: SLF001
@@ -643,7 +685,7 @@ def _make_client_app():
       return secagg_train(msg, context)
     site = str(context.node_config.get("site", ""))
     return Message(content=site_train(msg.content, context.state, site, context.run_id,
-                                      dict(context.run_config)), reply_to=msg)
+                                      site_run_config(context)), reply_to=msg)
 
   @app.evaluate()
   def evaluate(msg: Message, context: Any) -> Message:  # plain also with secure-aggregation
@@ -1535,7 +1577,7 @@ def _secagg_site(context: Any):
     def fit(self, parameters, config):
       import uuid  # noqa: PLC0415
       site = str(context.node_config.get("site", ""))
-      problem, update, like, opt_like = _site(context.run_id, dict(context.run_config), site)
+      problem, update, like, opt_like = _site(context.run_id, site_run_config(context), site)
       k = problem.sites.index(site)
       params = jax.tree.unflatten(jax.tree.structure(like),
                                   [np.asarray(p, np.float32).reshape(np.shape(x))

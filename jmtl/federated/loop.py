@@ -18,6 +18,9 @@ one site's batch per local step); a site that does not hold a task, or does not 
 the round, gets that task's rows with example_weight 0 (no loss, no gradient), so every round
 has one shape: a new participation pattern never recompiles. Data iterators of a site that does
 not take part do not advance.
+With fed.partition = "own" (cross-silo: each site's own files, `own_records`) a site's rows per
+task come from its own sizes (`own_rows`), as on Flower, and its batch of a task is padded to
+the largest site's rows with zero-weight copies of its first row (`pad_rows`).
 
 Faults (`jmtl.federated.faults`, keys `fed.faults.*`): after sampling and the deadline, each
 remaining site drops out with probability `fed.faults.dropout` (seeded by (seed, round), so a
@@ -74,6 +77,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -271,14 +275,119 @@ def partition_records(config, tasks, sites, records):
   return train, held
 
 
+def site_data_config(config, site: sites_lib.Site, data_dir: str = "") -> Any:
+  """The `data` section site `site` reads its training rows with under fed.partition = "own":
+  `config.data` with `dir` = `data_dir` (on Flower: the SuperNode's node config data-dir), else
+  the site's `data_dir` field, else unchanged (data.dir / $JMTL_DATA_DIR of this process)."""
+  cfg = copy.deepcopy(config.data)
+  root = data_dir or site.data_dir
+  if root:
+    cfg.dir = root
+  return cfg
+
+
+def _own_where(site: sites_lib.Site, data_dir: str) -> str:
+  return ("node config data-dir" if data_dir else
+          "field 'data_dir'" if site.data_dir else "data.dir / $JMTL_DATA_DIR")
+
+
+def check_own_files(config, site: sites_lib.Site, tasks, data_dir: str = "") -> None:
+  """fed.partition = "own": ConfigError naming the site, the task and the path when the site's
+  data root (`site_data_config`) lacks the training file of a task it holds."""
+  data_cfg = site_data_config(config, site, data_dir)
+  for t in tasks:
+    if t.name not in site.tasks:
+      continue
+    missing = sources.check_task_files(t, data_cfg, ["train"])
+    if missing:
+      raise config_lib.ConfigError(
+          f"site {site.name!r} (fed.partition = 'own', its data root from "
+          f"{_own_where(site, data_dir)}): task {t.name!r} training file not found: "
+          f"{missing[0]}")
+
+
+def own_records(config, tasks, site: sites_lib.Site, data_dir: str = "") -> dict[str, list]:
+  """fed.partition = "own": {task: records} of the whole training split of each task `site`
+  holds, read from the site's own data root (`site_data_config`; `data.max_train_examples`
+  applies to each site's file). ConfigError (`check_own_files`) for a missing file, or for a
+  file without rows."""
+  check_own_files(config, site, tasks, data_dir)
+  data_cfg = site_data_config(config, site, data_dir)
+  out = {}
+  with train_loop._user_data_errors():  # noqa: SLF001
+    for t in tasks:
+      if t.name in site.tasks:
+        out[t.name] = sources.load_records(t, "train", data_cfg)
+        if not out[t.name]:
+          raise config_lib.ConfigError(
+              f"site {site.name!r} (fed.partition = 'own'): task {t.name!r}: its training "
+              f"file under {sources.data_root(data_cfg)} has no rows")
+  return out
+
+
+def own_split(config, site: sites_lib.Site, records: dict[str, list]
+              ) -> tuple[dict[str, list], dict[str, list]]:
+  """fed.partition = "own": (train, held-out) records per task of one site's own `records`:
+  `partition.holdout` with fed.holdout, seeded by (`partition.task_seed(seed, task)`,
+  crc32(site name)), so each site holds out from its own rows alone, the same in every process
+  that reads them (a Flower SuperNode and the simulation)."""
+  train, held = {}, {}
+  for task, recs in records.items():
+    rng = np.random.default_rng(partition_lib.task_seed(int(config.seed), task)
+                                + [zlib.crc32(site.name.encode())])
+    kept, out = partition_lib.holdout([np.arange(len(recs))], float(config.fed.holdout), rng)
+    train[task] = [recs[i] for i in kept[0]]
+    held[task] = [recs[i] for i in out[0]]
+  return train, held
+
+
+def own_partition(config, tasks, sites) -> tuple[dict, dict]:
+  """fed.partition = "own" in one process that reads every site's root (the mesh simulation,
+  `jmtl data`): ({site: {task: train records}}, {site: {task: held-out records}}) from
+  `own_records` and `own_split`."""
+  train, held = {}, {}
+  for s in sites:
+    train[s.name], held[s.name] = own_split(config, s, own_records(config, tasks, s))
+  return train, held
+
+
+def own_rows(config, names: list[str], sizes: dict[str, int]) -> dict[str, int]:
+  """fed.partition = "own": one site's rows per task of a local batch from ITS OWN training
+  sizes `sizes` {task it holds: rows}: `pipeline.rows_per_task(mixture_rates(data.*, sizes,
+  total_steps = fed.rounds x fed.local_steps), data.batch_size)` over the tasks it holds (one
+  task: all data.batch_size rows). Tasks it does not hold get no rows."""
+  held = [t for t in names if t in sizes]
+  if len(held) == 1:
+    return {held[0]: int(config.data.batch_size)}
+  rates = pipeline.mixture_rates(config.data, {t: sizes[t] for t in held},
+                                 total_steps=int(config.fed.rounds) * int(config.fed.local_steps))
+  return pipeline.rows_per_task(rates, int(config.data.batch_size))
+
+
+def pad_rows(batch: dict, rows: int) -> dict:
+  """One task's batch (arrays with a leading row axis) grown to `rows` rows by copies of its
+  first row with example_weight 0 (no loss, no gradient: the task losses are example-weighted
+  means, `jmtl.model.losses`); the mesh simulation's one batch shape for sites whose own rows
+  per task differ (fed.partition = "own")."""
+  n = len(batch["example_weight"])
+  if n >= rows:
+    return batch
+  out = {k: np.concatenate([v, np.repeat(v[:1], rows - n, axis=0)]) for k, v in batch.items()}
+  out["example_weight"][n:] = 0
+  return out
+
+
 def partition_table(config) -> str:
   """The per-site table of `jmtl data` for a config with `fed.sites`: rows per task (train /
   held-out) and, for classification tasks, train rows per label."""
   sites = sites_lib.sites_from_config(config)
   tasks = [task_registry.get_task(n) for n in config.tasks]
-  with train_loop._user_data_errors():  # noqa: SLF001
-    records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
-  train, held = partition_records(config, tasks, sites, records)
+  if config.fed.partition == "own":  # each site's rows from its own data root
+    train, held = own_partition(config, tasks, sites)
+  else:
+    with train_loop._user_data_errors():  # noqa: SLF001
+      records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
+    train, held = partition_records(config, tasks, sites, records)
   lines = [f"partition {config.fed.partition} (seed {config.seed}) over {len(sites)} sites:"]
   for s in sites:
     parts = []
@@ -292,7 +401,9 @@ def partition_table(config) -> str:
         names = t.label_names or tuple(str(i) for i in range(t.num_labels))
         text += " [" + ", ".join(f"{n} {c}" for n, c in zip(names, counts)) + "]"
       parts.append(text)
-    lines.append(f"  {s.name} ({s.cloud or '-'}): " + "; ".join(parts))
+    root = (f" from {sources.data_root(site_data_config(config, s))}"
+            if config.fed.partition == "own" else "")
+    lines.append(f"  {s.name} ({s.cloud or '-'}){root}: " + "; ".join(parts))
   return "\n".join(lines)
 
 
@@ -423,22 +534,38 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       secure=secure_fixed_point(config), codec=codec, dp=dp)
   modes = faults.modes(S)
 
-  # Data: each task's train split partitioned over the sites that hold it.
-  with train_loop._user_data_errors():  # noqa: SLF001
-    records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
-  fp = workdir_lib.fingerprint(
-      config, data={n: workdir_lib.digest_records(r) for n, r in records.items()},
-      tokenizer=workdir_lib.digest_text(tokenizer.backend.to_str()))
-  site_train, site_held = partition_records(config, tasks, sites, records)
-  sizes = {t: len(r) for t, r in records.items()}
-  rates = pipeline.mixture_rates(config.data, sizes, total_steps=R * H)
-  rows = (pipeline.rows_per_task(rates, config.data.batch_size) if len(names) > 1
-          else {names[0]: int(config.data.batch_size)})
+  # Data: each task's train split partitioned over the sites that hold it, or (fed.partition
+  # = "own") each site's own files, its rows per task from its own sizes (`own_rows`; the
+  # batches of sites with fewer rows are padded with zero-weight rows, `pad_rows`).
+  own = fed.partition == "own"
+  if own:
+    site_train, site_held = own_partition(config, tasks, sites)
+    fp = workdir_lib.fingerprint(
+        config, data={f"{s.name}/{t}": workdir_lib.digest_records(r + site_held[s.name][t])
+                      for s in sites for t, r in site_train[s.name].items()},
+        tokenizer=workdir_lib.digest_text(tokenizer.backend.to_str()))
+    site_rows = {s.name: own_rows(config, names, {t: len(r) + len(site_held[s.name][t])
+                                                  for t, r in site_train[s.name].items()})
+                 for s in sites}
+    rows = {t: max(v[t] for v in site_rows.values() if t in v) for t in names}
+  else:
+    with train_loop._user_data_errors():  # noqa: SLF001
+      records = {t.name: sources.load_records(t, "train", config.data) for t in tasks}
+    fp = workdir_lib.fingerprint(
+        config, data={n: workdir_lib.digest_records(r) for n, r in records.items()},
+        tokenizer=workdir_lib.digest_text(tokenizer.backend.to_str()))
+    site_train, site_held = partition_records(config, tasks, sites, records)
+    sizes = {t: len(r) for t, r in records.items()}
+    rates = pipeline.mixture_rates(config.data, sizes, total_steps=R * H)
+    rows = (pipeline.rows_per_task(rates, config.data.batch_size) if len(names) > 1
+            else {names[0]: int(config.data.batch_size)})
+    site_rows = {s.name: rows for s in sites}
+    del records
   iters: dict[str, dict[str, pipeline.TrainIterator]] = {}
   with train_loop._user_data_errors():  # noqa: SLF001
-    def site_iterator(t, recs):
+    def site_iterator(t, recs, n_rows=None):
       cfg = copy.deepcopy(config)
-      cfg.data.batch_size, cfg.data.mixing, cfg.data.mixture = rows[t.name], \
+      cfg.data.batch_size, cfg.data.mixing, cfg.data.mixture = n_rows or rows[t.name], \
           "task_per_batch", "proportional"
       return pipeline.TrainIterator(cfg, [t], tokenizer, records={t.name: recs},
                                     fixed_length=multi)
@@ -447,7 +574,8 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       iters[s.name] = {}
       for t in tasks:
         if t.name in site_train[s.name] and k in local:
-          iters[s.name][t.name] = site_iterator(t, site_train[s.name][t.name])
+          iters[s.name][t.name] = site_iterator(t, site_train[s.name][t.name],
+                                                site_rows[s.name][t.name])
     # A task's zero-weight batch (same shape as its real ones): for sites without it or idle
     # (from a local site's stream, else from a few rows of a holder's, shapes being fixed).
     blank = {}
@@ -458,12 +586,11 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
       else:
         recs = next(site_train[s.name][t.name] for s in sites if t.name in site_train[s.name])
         stream = site_iterator(t, recs[:rows[t.name]])
-      b = dict(stream.streams[t.name][0])
+      b = pad_rows(dict(stream.streams[t.name][0]), rows[t.name])
       b["example_weight"] = np.zeros_like(b["example_weight"])
       blank[t.name] = b
   examples = np.array([sum(len(v) for v in site_train[s.name].values()) for s in sites],
                       np.float32)
-  del records
 
   global_sets = train_loop._eval_sets(config, tasks, tokenizer)  # noqa: SLF001
   held_sets: dict[str, list] = {}
@@ -674,8 +801,8 @@ def _federated(config, wd, stop, ckpt, closers) -> dict[str, float]:
     for h in range(H):
       per_site = []
       for k, s in enumerate(sites):
-        per_site.append({t: (next(iters[s.name][t])[t] if mask[k] and t in iters[s.name]
-                             else blank[t]) for t in names})
+        per_site.append({t: (pad_rows(next(iters[s.name][t])[t], rows[t])
+                             if mask[k] and t in iters[s.name] else blank[t]) for t in names})
       steps.append(per_site)
     site_batches = _stack([_stack([steps[h][k] for h in range(H)]) for k in range(S)])
     if multi:  # each process supplies the blocks of its own sites

@@ -9,7 +9,8 @@ names the entry (index and name) and the field, e.g.
 Rules across entries: names are distinct; every site spans the same number of devices (one SPMD
 program: the `site` mesh axis has equal slices); either no site or every site gives `share`, and
 likewise `examples` (never both kinds); a site's `tasks` are names from `tasks`, and every task
-of `tasks` is held by at least one site.
+of `tasks` is held by at least one site; `data_dir` is given only with fed.partition = "own"
+(each site's rows are then its own files, `jmtl.federated.loop.own_records`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ FIELDS: dict[str, tuple[Any, str, tuple[Any, str]]] = {
     "tasks": ((), "tasks the site holds; () = every task of `tasks`",
               (lambda v: isinstance(v, (tuple, list)) and all(isinstance(t, str) for t in v),
                "a tuple of task names")),
+    "data_dir": ("", "fed.partition = 'own': the site's data root (its training files, in the "
+                 "layout of data.dir); '' = the process's data root (data.dir / $JMTL_DATA_DIR); "
+                 "on Flower the SuperNode's node config data-dir comes first",
+                 (lambda v: isinstance(v, str), "a string (a path)")),
 }
 
 
@@ -77,6 +82,7 @@ class Site:
   share: float
   examples: int
   tasks: tuple[str, ...]
+  data_dir: str = ""
 
 
 def _entry(i: int, raw: Any, all_tasks: tuple[str, ...]) -> Site:
@@ -145,6 +151,12 @@ def sites_from_config(config: Any) -> list[Site]:
       raise ConfigError(f"config key 'fed.sites' entry {i} ({sites[i].name!r}): field "
                         f"{field!r} is unset while other sites set it; set it on every site "
                         f"or none")
+  own = config.fed.get("partition", "iid") == "own"
+  for i, s in enumerate(sites):
+    if s.data_dir and not own:
+      raise ConfigError(f"config key 'fed.sites' entry {i} ({s.name!r}): field 'data_dir' is "
+                        f"read only with fed.partition = 'own' (got "
+                        f"{config.fed.get('partition')!r})")
   if any(s.share > 0 for s in sites) and any(s.examples > 0 for s in sites):
     raise ConfigError("config key 'fed.sites': sites give both 'share' and 'examples'; use one")
   for t in all_tasks:
