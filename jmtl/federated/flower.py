@@ -691,7 +691,7 @@ def _make_client_app():
   def evaluate(msg: Message, context: Any) -> Message:  # plain also with secure-aggregation
     site = str(context.node_config.get("site", ""))
     return Message(content=site_evaluate(msg.content, site, context.run_id,
-                                         dict(context.run_config)), reply_to=msg)
+                                         site_run_config(context)), reply_to=msg)
 
   return app
 
