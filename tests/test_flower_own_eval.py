@@ -53,3 +53,20 @@ def test_the_clientapps_evaluate_handler_reads_the_node_config_data_dir(tmp_path
   correct = metrics["sst2/accuracy"] * held / 100.0
   assert correct == pytest.approx(round(correct), abs=1e-4)
   assert metrics == pytest.approx(problem.site_evaluate(like, 1, 0), rel=1e-6)
+
+
+def test_follow_says_why_a_site_gave_no_metrics(tmp_path):
+  """The followed line of a round whose sites' evaluation raised gives the first error (the
+  reason a user needs, e.g. a site without its data), not only the sites' names."""
+  import json
+  from test_flower_parts import _follow
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  (wd / "flower.json").write_text(json.dumps({"run_config": {"submission": "s1"}}))
+  err = "<class 'jmtl.config.ConfigError'>:<'task 'sst2': data file not found: no data root'>"
+  rows = [{"round": 1, "sites": ["a", "b"], "loss": 0.5, "seconds": 0.5,
+           "site_eval_missing": ["a", "b"], "site_eval_errors": {"11": err, "12": err}}]
+  (wd / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  said, _ = _follow(wd, lambda: ("finished:failed", ""))
+  assert said == [f"round 1: loss 0.5 sites a,b 0.5 s (no site metrics from a,b: {err}; "
+                  "see the line's site_eval_errors)"]

@@ -2095,8 +2095,14 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
       if int(row["round"]) <= last:
         continue
       last = int(row["round"])
-      missing = (f" (no site metrics from {','.join(row['site_eval_missing'])})"
-                 if row.get("site_eval_missing") else "")  # `evaluate_sites`
+      missing = ""  # `evaluate_sites`: the sites without metrics, and why (first error)
+      if row.get("site_eval_missing"):
+        errs = sorted(set((row.get("site_eval_errors") or {}).values()))
+        why = ""
+        if errs:
+          more = f" and {len(errs) - 1} other error(s)" if len(errs) > 1 else ""
+          why = f": {errs[0]}{more}; see the line's site_eval_errors"
+        missing = f" (no site metrics from {','.join(row['site_eval_missing'])}{why})"
       if "sites" in row:
         loss = row.get("loss")
         what = (f"loss {loss:.6g}" if isinstance(loss, (int, float)) else
