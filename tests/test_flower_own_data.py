@@ -353,6 +353,13 @@ def test_tls_cluster_whose_supernodes_hold_only_their_own_files(tmp_path, own):
     assert got["site_loss"] == pytest.approx(want["site_loss"], rel=1e-5, abs=1e-6)
   assert line in (tmp_path / "cluster" / "supernode_d.log").read_text()
   assert _files(roots["server"]) == ["glue/SST-2/dev.tsv"]
+  # The last round's per-site evaluation ran at a, b, c on their node config roots (the
+  # ClientApp's evaluate handler), = the simulation's; d, without rows, is missing.
+  got_site = {k: v for k, v in rows[-1].items() if k.startswith("site/")}
+  want_site = {k: v for k, v in ref[-1].items() if k.startswith("site/")}
+  assert {k.split("/")[1] for k in want_site} == set(SITES)
+  assert got_site == pytest.approx(want_site, rel=1e-4, abs=1e-5), rows[-1]
+  assert rows[-1]["site_eval_missing"] == ["d"]
 
 
 def test_own_rows_and_padding_by_hand():
