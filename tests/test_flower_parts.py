@@ -424,6 +424,9 @@ def test_follow_ends_with_one_line_when_the_flower_run_failed(tmp_path):
   assert isinstance(err, flower.RunError) and len(str(err).splitlines()) == 1
   assert str(err).startswith("the Flower run 7 ended (finished:failed) after round 2 of 4")
   assert "ServerApp raised" in str(err)
+  assert "its server's log: `flwr log 7`;" in str(err)  # Flower's default connection
+  _, err = _follow(wd, lambda: ("finished:failed", ""), superlink="prod")
+  assert "its server's log: `flwr log 7 prod`;" in str(err)  # the run's connection named
 
 
 def test_follow_says_when_wait_s_runs_out(tmp_path):

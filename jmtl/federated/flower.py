@@ -2037,7 +2037,7 @@ def resume_hint(workdir: str) -> str:
 def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: int | None,
            wait_s: float, status: Callable[[], tuple[str, str] | None],
            echo: Callable[[str], None] = print, poll_s: float = 0.2,
-           status_every_s: float = 5.0) -> int:
+           status_every_s: float = 5.0, superlink: str = "") -> int:
   """Follows the rounds.jsonl lines that THIS run's server writes until round `rounds`.
 
   A line counts only once `workdir`/flower.json names `submission` (the run config key the
@@ -2050,7 +2050,9 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
   run submitted again (its server starts, writes eval.json again, ends). `status()` (every
   status_every_s seconds: `run_status`) tells when the Flower run has finished. Returns the
   last round seen.
-  RunError (one line) when the run finished before round `rounds` or `wait_s` ran out."""
+  RunError (one line) when the run finished before round `rounds` or `wait_s` ran out; it
+  names the command that shows the server's log (`flwr log RUN_ID SUPERLINK`, `superlink` =
+  fed.flower.superlink, the Flower connection; '' = Flower's default connection)."""
   from etils import epath  # noqa: PLC0415
   from jmtl.train import workdir as workdir_lib  # noqa: PLC0415
   path, meta = os.path.join(workdir, "rounds.jsonl"), os.path.join(workdir, "flower.json")
@@ -2124,7 +2126,8 @@ def follow(workdir: str, rounds: int, run_id: Any, *, submission: str, resumed: 
       st, details = ended
       raise RunError(f"the Flower run {run_id} ended ({st}) after round {max(last, start)} of "
                      f"{rounds}" + (f" ({' '.join(details.split())[:300]})" if details else "")
-                     + f"; its server's log: `flwr log {run_id}`; " + resume_hint(workdir))
+                     + f"; its server's log: `{' '.join(['flwr', 'log', str(run_id), superlink]).strip()}`; "
+                     + resume_hint(workdir))
     now = time.time()
     if now >= deadline:
       got = status()
@@ -2252,7 +2255,8 @@ def submit(config: Any, config_path: str, overrides: list[str], workdir: str, *,
   if float(fed.flower.wait_s) > 0:
     last = follow(items["workdir"], int(fed.rounds), run_id, submission=submission,
                   resumed=resumed, wait_s=float(fed.flower.wait_s), echo=echo,
-                  status=lambda: run_status(flwr, fed.flower.superlink, run_id))
+                  status=lambda: run_status(flwr, fed.flower.superlink, run_id),
+                  superlink=str(fed.flower.superlink))
   return {"run_id": run_id, "workdir": items["workdir"], "rounds": max(last, 0)}
 
 
