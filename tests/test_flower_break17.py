@@ -6,20 +6,30 @@ FedBuff (issue 17): the cases that failed before their fix.
    directory where the file should be): every site's file has the same relative name
    (glue/SST-2/train.tsv), so the one line must name the site and its root, not only
    `glue/SST-2/train.tsv:7` (before the fix it did not; for non-UTF-8 bytes it named nothing).
+2. A training reply whose example count n_k is NaN or negative (own data: n_k is the site's
+   own count, which only the site knows): before the fix every FedAvg weight of the round was
+   0 and the round was written `applied` 1 with parameters that did not move, one site
+   silencing all; a reply without `examples` or `site_loss` crashed the server (KeyError, no
+   checkpoint). Now the reply is refused as an error reply (the site `dropped`, the line in
+   `errors`), the round goes on with the others, sync and async.
 """
 
+import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flwr")  # the `flower` extra
 
 from test_flower_own_data import _config, _env, own  # noqa: E402,F401
-from test_flower_parts import _task_identity  # noqa: E402,F401
+from test_flower_parts import _final, _Grid, _run_config, _task_identity  # noqa: E402,F401
 
 from jmtl import config as config_lib  # noqa: E402
 from jmtl import tasks as task_registry  # noqa: E402
+from jmtl.federated import flower  # noqa: E402
 from jmtl.federated import loop  # noqa: E402
 from jmtl.federated import sites as sites_lib  # noqa: E402
 
@@ -79,3 +89,83 @@ def test_a_malformed_site_file_is_named_by_its_site_and_root(tmp_path, own, how,
                          timeout=120)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [f"jmtl: error: {msg}"]
+
+
+def _rows(wd):
+  return [json.loads(x) for x in (wd / "rounds.jsonl").read_text().splitlines()]
+
+
+def _tampered(grid_class, site, key, value):
+  """`grid_class` whose `site`'s training replies carry metrics `key` = `value` (None: the
+  entry removed), as a SuperNode running other code, or a hostile one, could send."""
+  from flwr.app import MetricRecord
+
+  class Tampered(grid_class):
+    def push_messages(self, msgs):
+      msgs = list(msgs)
+      ids = super().push_messages(msgs)
+      replies = dict(self.out) if hasattr(self, "out") else {}
+      replies.update({i: r for i, (_, r) in getattr(self, "waiting", {}).items()})
+      for rep in replies.values():
+        if rep.content is None or "delta" not in rep.content:
+          continue
+        if self.problem.sites[int(rep.content["metrics"]["site"])] == site:
+          m = dict(rep.content["metrics"])
+          m.pop(key) if value is None else m.__setitem__(key, value)
+          rep.content["metrics"] = MetricRecord(m)
+      return ids
+  return Tampered
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("examples", math.nan, "site 'b' reported nan training examples"),
+    ("examples", -30.0, "site 'b' reported -30 training examples"),
+    ("examples", None, "site 'b': malformed training reply (metrics 'examples' missing"),
+    ("site_loss", None, "site 'b': malformed training reply (metrics 'site_loss' missing"),
+])
+def test_a_reply_with_a_bad_example_count_is_refused_not_a_silent_zero_round(
+    tmp_path, capfd, key, value, says):
+  """Site b's replies carry a bad `examples` / no `site_loss`: each round applies site a alone
+  (weight 1), b `dropped` with its line in `errors` and on stderr, and the final parameters
+  equal float64 numpy FedAvg of site a alone (test_flower's reference)."""
+  import test_flower as tf
+  wd = tmp_path / "wd"
+  rc = _run_config(wd, 2)
+  flower.serve(_tampered(_Grid, "b", key, value)(rc), rc)
+  rows = _rows(wd)
+  assert [r["round"] for r in rows] == [1, 2]
+  for row in rows:
+    assert row["sites"] == ["a"] and row["dropped"] == ["b"] and row["applied"] == 1
+    assert row["weights"] == {"a": 1.0}
+    (err,) = row["errors"].values()
+    assert says in err and err.endswith("its reply is refused"), err
+  assert says in capfd.readouterr().err
+  ref = tf._numpy_fedavg([np.array([1.0, 0.0])] * 2)
+  got = _final(wd, rc)[1]
+  np.testing.assert_allclose(got["w"], ref["w"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got["b"], ref["b"], rtol=1e-5, atol=1e-6)
+
+
+def test_async_a_reply_with_a_nan_example_count_is_refused(tmp_path, monkeypatch):
+  """FedBuff (K = 2 of sites a, b, c): c's replies say n_k = NaN. Before the fix one was
+  buffered (server step 2 used it, with a NaN weight); now they are refused (line in `errors`), every
+  buffer holds a and b, and the parameters equal numpy FedBuff of the schedule the rows
+  report (test_flower_async's reference)."""
+  import test_flower_async as ta
+  monkeypatch.setattr(ta.flower_async, "POLL_S", 0.002)
+  wd = tmp_path / "wd"
+  rc = ta._rc(wd, 3, 2)
+  ta.flower_async.serve_async(_tampered(ta._ScriptedGrid, "c", "examples", math.nan)(rc), rc)
+  rows = _rows(wd)
+  assert len(rows) == 3 and all(sorted(r["sites"]) == ["a", "b"] for r in rows), rows
+  assert any("site 'c' reported nan training examples" in e
+             for r in rows for e in r.get("errors", {}).values()), rows
+  used, schedule = {"a": 0, "b": 0}, []
+  for r in rows:
+    buf = []
+    for s in r["sites"]:
+      buf.append(("abc".index(s), r["versions"][s], used[s]))
+      used[s] += 1
+    schedule.append(buf)
+  xs = ta.numpy_fedbuff(schedule)
+  ta._close(_final(wd, rc)[1], xs[3])
