@@ -12,6 +12,9 @@ FedBuff (issue 17): the cases that failed before their fix.
    silencing all; a reply without `examples` or `site_loss` crashed the server (KeyError, no
    checkpoint). Now the reply is refused as an error reply (the site `dropped`, the line in
    `errors`), the round goes on with the others, sync and async.
+3. Two SuperNodes claiming one site answer its evaluate message: the second reply's metrics
+   were dropped without a word (the training rounds refuse such a claimant in `errors`); now
+   the row's `site_eval_errors` says which node's were not used.
 """
 
 import json
@@ -169,3 +172,25 @@ def test_async_a_reply_with_a_nan_example_count_is_refused(tmp_path, monkeypatch
     schedule.append(buf)
   xs = ta.numpy_fedbuff(schedule)
   ta._close(_final(wd, rc)[1], xs[3])
+
+
+def test_a_second_node_claiming_a_site_in_evaluation_is_said_not_dropped_silently(tmp_path):
+  """Nodes 1 and 3 both run site a (node 2 runs b), one evaluation round each round: a's
+  metrics are node 1's (it replied first at round 0, then it owns a: its training replies are
+  applied), equal to float64 numpy's MSE of a's held-out rows; every row's
+  `site_eval_errors` names node 3's claim, and site a is not listed missing."""
+  import test_flower as tf
+  import test_flower_site_eval as se
+  wd = tmp_path / "wd"
+  rc = se._toy(wd, 2)
+  flower.serve(se._EvalGrid(rc, nodes=["a", "b", "a"]), rc)
+  rows = _rows(wd)
+  assert [r["round"] for r in rows] == [0, 1, 2]
+  for row in rows:
+    r = row["round"]
+    params = tf._numpy_fedavg([np.ones(2)] * r)
+    assert row["site/a/lsq/mse"] == pytest.approx(se._numpy_mse(params, 0), rel=1e-5)
+    assert "site_eval_missing" not in row
+    assert row["site_eval_errors"] == {
+        "3": "node 3 claims site 'a', which node 1 already replied for: its metrics are not "
+             "used"}, row

@@ -1420,7 +1420,9 @@ def evaluate_sites(server: _Server, r: int) -> tuple[dict, dict]:
   the simulation evaluates every site. The first call waits (at most the run config's
   `wait-sites` seconds) until the Problem's S nodes are connected; each call waits at most
   `round-timeout` seconds for the replies. With two replies for one site, its owner's (the node
-  whose training reply the server last applied, `_Server.node_sites`) counts, else the first.
+  whose training reply the server last applied, `_Server.node_sites`) counts, else the first;
+  the other, and a reply naming a site that is not one of the Problem's, is not used and said
+  in `site_eval_errors` under its node.
 
   Returns (metrics {"site/<name>/<task>/<metric>": float}, the simulation's keys, for the row
   and eval.json; notes for the round's row: `site_eval_missing` [the sites without a reply:
@@ -1459,6 +1461,7 @@ def evaluate_sites(server: _Server, r: int) -> tuple[dict, dict]:
       return None
 
   got: dict[str, Any] = {}
+  claimed: dict[str, str] = {}  # site -> the node whose metrics are used
   errors: dict[str, str] = {}
   for rep in sorted(replies, key=lambda rep: owner.get(site_of(rep)) != node_of(rep)):
     if rep.has_error():
@@ -1466,9 +1469,17 @@ def evaluate_sites(server: _Server, r: int) -> tuple[dict, dict]:
       errors[node_of(rep)] = (reason.splitlines() or [""])[0]
       continue
     site = site_of(rep)
-    if site in problem.sites and site not in got:
+    if site not in problem.sites:  # said, not dropped silently: the reply names no site of ours
+      errors[node_of(rep)] = (f"evaluate reply for site {site!r}, which is not one of "
+                              f"{list(problem.sites)}: not used")
+    elif site in got:  # two SuperNodes with one node config site (the training rounds refuse
+      # the second the same way): the metrics written are the first's, and the row says so
+      errors[node_of(rep)] = (f"node {node_of(rep)} claims site {site!r}, which node "
+                              f"{claimed[site]} already replied for: its metrics are not used")
+    else:
       try:
         got[site] = {str(m): float(v) for m, v in rep.content["metrics"].items()}
+        claimed[site] = node_of(rep)
       except (KeyError, TypeError, ValueError) as e:  # not plain numbers: no metrics
         errors[node_of(rep)] = f"site {site!r}: malformed evaluate reply ({e})"
   metrics = {f"site/{s}/{m}": v for s in problem.sites if s in got for m, v in got[s].items()}
