@@ -1149,6 +1149,39 @@ def _stop_if_empty(server: _Server, empty: int, r: int, most: int) -> None:
   raise EmptyRoundsError(msg)
 
 
+def train_reply(content: Any, problem: Problem) -> tuple[int, dict[str, float]]:
+  """The site index k and the numbers of a training reply's content (`site_train`'s "metrics":
+  "site", and unless "skipped": "site_loss", "train_loss", "seconds" and "examples", n_k, the
+  FedAvg weight's count; a "delta" payload). ValueError naming what is wrong with a malformed
+  one: a missing or non-numeric entry, a site index not in 0..S-1, no delta, or an example count
+  that is not a finite number > 0 (FedAvg's n_k, McMahan et al. 2017, Algorithm 1: a NaN or
+  negative one made every weight of the round 0 or NaN, a round written `applied` that moved
+  nothing)."""
+  try:
+    metrics = content["metrics"]
+    k = int(metrics["site"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"malformed training reply (no site index: {e!r})") from None
+  if not 0 <= k < len(problem.sites):
+    raise ValueError(f"malformed training reply: site index {k} is not one of "
+                     f"0..{len(problem.sites) - 1}")
+  if "skipped" in metrics:
+    return k, {"skipped": 1.0}
+  out = {}
+  for key in ("site_loss", "train_loss", "seconds", "examples"):
+    try:
+      out[key] = float(metrics[key])
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"site {problem.sites[k]!r}: malformed training reply (metrics "
+                       f"{key!r} missing or not a number)") from None
+  if "delta" not in content:
+    raise ValueError(f"site {problem.sites[k]!r}: malformed training reply (no delta)")
+  if not (np.isfinite(out["examples"]) and out["examples"] > 0):
+    raise ValueError(f"site {problem.sites[k]!r} reported {out['examples']:g} training "
+                     f"examples (n_k must be a finite number > 0)")
+  return k, out
+
+
 def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord) -> dict:  # noqa: N803
   """Round r (0-based): the messages out (with each site's latest applied reply token,
   `site_train`), the replies in, aggregation and the server step; returns the round's
@@ -1226,8 +1259,13 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
       print(f"round {r + 1}: node {node} replied with an error: {errors[node]}",
             file=sys.stderr, flush=True)
       continue
-    k = int(rep.content["metrics"]["site"])
-    if "skipped" in rep.content["metrics"]:  # not sampled: learn the node's site, nothing else
+    try:  # a malformed reply (`train_reply`) is refused as an error reply, the round goes on
+      k, nums = train_reply(rep.content, problem)
+    except ValueError as e:
+      errors[node] = f"node {node}: {e}: its reply is refused"
+      print(f"round {r + 1}: {errors[node]}", file=sys.stderr, flush=True)
+      continue
+    if "skipped" in nums:  # not sampled: learn the node's site, nothing else
       if problem.sites[k] not in server.node_sites.values():
         server.node_sites[node] = problem.sites[k]
       continue
@@ -1243,10 +1281,16 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
                       f"{claimed[k]} does not answer)")
       print(f"round {r + 1}: {errors[node]}", file=sys.stderr, flush=True)
       continue
-    delta_k = (decode_update(problem, k, rep.content["delta"], server.params)
-               if codec_of(problem) is not None
-               else from_record(rep.content["delta"], server.params))
-    loss_k = float(rep.content["metrics"]["site_loss"])
+    try:
+      delta_k = (decode_update(problem, k, rep.content["delta"], server.params)
+                 if codec_of(problem) is not None
+                 else from_record(rep.content["delta"], server.params))
+    except (KeyError, TypeError, ValueError) as e:  # leaves missing, or of another shape
+      errors[node] = (f"node {node}: site {problem.sites[k]!r}: malformed update ({e}): its "
+                      f"reply is refused")
+      print(f"round {r + 1}: {errors[node]}", file=sys.stderr, flush=True)
+      continue
+    loss_k = nums["site_loss"]
     if not (np.isfinite(loss_k) and all(np.all(np.isfinite(x))
                                         for x in jax.tree.leaves(delta_k))):
       # A non-finite loss or update is refused, as a lost reply: applied, it would make every
@@ -1263,12 +1307,11 @@ def _round(grid, server, problem, r, timeout, Message, RecordDict, ConfigRecord)
       del server.node_sites[other]  # one owner per site
     server.node_sites[node] = problem.sites[k]
     deltas[k] = delta_k
-    examples[k] = float(rep.content["metrics"]["examples"])
+    examples[k] = nums["examples"]
     token = (str(rep.content["info"]["reply"])
              if "info" in rep.content and "reply" in rep.content["info"] else None)
     info[k] = {"up": payload_bytes(rep.content["delta"]), "token": token,
-               **{m: float(rep.content["metrics"][m])
-                  for m in ("site_loss", "train_loss", "seconds")}}
+               **{m: nums[m] for m in ("site_loss", "train_loss", "seconds")}}
   # Nodes whose reply did not come within round-timeout: named by the site they last replied
   # for in this run (`_Server.node_sites`), else "node <id>".
   timed_out = sorted({server.node_sites.get(str(n), f"node {n}")
@@ -1377,7 +1420,9 @@ def evaluate_sites(server: _Server, r: int) -> tuple[dict, dict]:
   the simulation evaluates every site. The first call waits (at most the run config's
   `wait-sites` seconds) until the Problem's S nodes are connected; each call waits at most
   `round-timeout` seconds for the replies. With two replies for one site, its owner's (the node
-  whose training reply the server last applied, `_Server.node_sites`) counts, else the first.
+  whose training reply the server last applied, `_Server.node_sites`) counts, else the first;
+  the other, and a reply naming a site that is not one of the Problem's, is not used and said
+  in `site_eval_errors` under its node.
 
   Returns (metrics {"site/<name>/<task>/<metric>": float}, the simulation's keys, for the row
   and eval.json; notes for the round's row: `site_eval_missing` [the sites without a reply:
@@ -1416,6 +1461,7 @@ def evaluate_sites(server: _Server, r: int) -> tuple[dict, dict]:
       return None
 
   got: dict[str, Any] = {}
+  claimed: dict[str, str] = {}  # site -> the node whose metrics are used
   errors: dict[str, str] = {}
   for rep in sorted(replies, key=lambda rep: owner.get(site_of(rep)) != node_of(rep)):
     if rep.has_error():
@@ -1423,9 +1469,17 @@ def evaluate_sites(server: _Server, r: int) -> tuple[dict, dict]:
       errors[node_of(rep)] = (reason.splitlines() or [""])[0]
       continue
     site = site_of(rep)
-    if site in problem.sites and site not in got:
+    if site not in problem.sites:  # said, not dropped silently: the reply names no site of ours
+      errors[node_of(rep)] = (f"evaluate reply for site {site!r}, which is not one of "
+                              f"{list(problem.sites)}: not used")
+    elif site in got:  # two SuperNodes with one node config site (the training rounds refuse
+      # the second the same way): the metrics written are the first's, and the row says so
+      errors[node_of(rep)] = (f"node {node_of(rep)} claims site {site!r}, which node "
+                              f"{claimed[site]} already replied for: its metrics are not used")
+    else:
       try:
         got[site] = {str(m): float(v) for m, v in rep.content["metrics"].items()}
+        claimed[site] = node_of(rep)
       except (KeyError, TypeError, ValueError) as e:  # not plain numbers: no metrics
         errors[node_of(rep)] = f"site {site!r}: malformed evaluate reply ({e})"
   metrics = {f"site/{s}/{m}": v for s in problem.sites if s in got for m, v in got[s].items()}

@@ -261,8 +261,8 @@ def serve_async(grid: Any, run_config: dict, problem: flower.Problem | None = No
 
 def _accept(server, problem, rep, job: _Job, buffer: list, errors: dict, v: int) -> dict | None:
   """A reply to `job`: the buffer entry, or None when it is refused (an error reply, a
-  non-finite loss or update, a site already in the buffer; a line on stderr and in `errors`
-  under the node)."""
+  malformed one (`flower.train_reply`), a non-finite loss or update, a site already in the
+  buffer; a line on stderr and in `errors` under the node)."""
   node = str(job.node)
   if rep.has_error():
     reason = str(getattr(rep.error, "reason", "") or rep.error).strip()
@@ -270,18 +270,24 @@ def _accept(server, problem, rep, job: _Job, buffer: list, errors: dict, v: int)
     print(f"server version {v}: node {node} replied with an error: {errors[node]}",
           file=sys.stderr, flush=True)
     return None
-  k = int(rep.content["metrics"]["site"])
+  try:  # a malformed reply (`flower.train_reply`: missing entries, n_k not finite > 0)
+    k, nums = flower.train_reply(rep.content, problem)
+    if "skipped" in nums:
+      raise ValueError(f"site {problem.sites[k]!r}: a 'skipped' reply to an asynchronous job")
+    delta = (flower.decode_update(problem, k, rep.content["delta"], server.params)
+             if flower.codec_of(problem) is not None
+             else flower.from_record(rep.content["delta"], server.params))
+  except (KeyError, TypeError, ValueError) as e:
+    errors[node] = f"node {node}: {e}: its reply is refused"
+    print(f"server version {v}: {errors[node]}", file=sys.stderr, flush=True)
+    return None
   name = problem.sites[k]
   if any(b["k"] == k for b in buffer):
     errors[node] = (f"node {node} claims site {name!r}, whose reply is already in the buffer: "
                     f"its reply is refused (give each SuperNode its own node config site)")
     print(f"server version {v}: {errors[node]}", file=sys.stderr, flush=True)
     return None
-  delta = (flower.decode_update(problem, k, rep.content["delta"], server.params)
-           if flower.codec_of(problem) is not None
-           else flower.from_record(rep.content["delta"], server.params))
-  metrics = rep.content["metrics"]
-  loss = float(metrics["site_loss"])
+  loss = nums["site_loss"]
   if not (np.isfinite(loss) and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(delta))):
     errors[node] = (f"site {name!r} (node {node}) reported a non-finite "
                     + ("loss" if not np.isfinite(loss) else "update") + ": its reply is refused")
@@ -291,8 +297,8 @@ def _accept(server, problem, rep, job: _Job, buffer: list, errors: dict, v: int)
     del server.node_sites[other]  # one owner per site
   server.node_sites[node] = name
   info = rep.content["info"] if "info" in rep.content else {}
-  return {"k": k, "node": job.node, "delta": delta, "n": float(metrics["examples"]),
-          "version": job.version, "loss": loss, "seconds": float(metrics["seconds"]),
+  return {"k": k, "node": job.node, "delta": delta, "n": nums["examples"],
+          "version": job.version, "loss": loss, "seconds": nums["seconds"],
           "up": flower.payload_bytes(rep.content["delta"]), "down": job.down,
           "token": str(info["reply"]) if "reply" in info else None}
 

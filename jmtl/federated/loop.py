@@ -309,19 +309,28 @@ def check_own_files(config, site: sites_lib.Site, tasks, data_dir: str = "") -> 
 def own_records(config, tasks, site: sites_lib.Site, data_dir: str = "") -> dict[str, list]:
   """fed.partition = "own": {task: records} of the whole training split of each task `site`
   holds, read from the site's own data root (`site_data_config`; `data.max_train_examples`
-  applies to each site's file). ConfigError (`check_own_files`) for a missing file, or for a
-  file without rows."""
+  applies to each site's file). ConfigError (`check_own_files`) for a missing file, for a
+  file without rows, and for a malformed or unreadable file (the reader's `file:line: ...`
+  prefixed with the site, its root and where the root came from)."""
   check_own_files(config, site, tasks, data_dir)
   data_cfg = site_data_config(config, site, data_dir)
   out = {}
-  with train_loop._user_data_errors():  # noqa: SLF001
-    for t in tasks:
-      if t.name in site.tasks:
-        out[t.name] = sources.load_records(t, "train", data_cfg)
-        if not out[t.name]:
-          raise config_lib.ConfigError(
-              f"site {site.name!r} (fed.partition = 'own'): task {t.name!r}: its training "
-              f"file under {sources.data_root(data_cfg)} has no rows")
+  for t in tasks:
+    if t.name in site.tasks:
+      # Every site's file has the same relative name (glue/SST-2/train.tsv:7): a malformed one
+      # is named by its site and root too, or the line would not say whose file it is.
+      try:
+        with train_loop._user_data_errors():  # noqa: SLF001
+          out[t.name] = sources.load_records(t, "train", data_cfg)
+      except (config_lib.ConfigError, OSError) as e:
+        raise config_lib.ConfigError(
+            f"site {site.name!r} (fed.partition = 'own', its data root "
+            f"{sources.data_root(data_cfg)} from {_own_where(site, data_dir)}): task "
+            f"{t.name!r} training file: {e}") from e
+      if not out[t.name]:
+        raise config_lib.ConfigError(
+            f"site {site.name!r} (fed.partition = 'own'): task {t.name!r}: its training "
+            f"file under {sources.data_root(data_cfg)} has no rows")
   return out
 
 
