@@ -288,6 +288,24 @@ def test_run_stops_when_nobody_replies_and_resumes_from_its_checkpoint(tmp_path,
   _close(_final(wd, rc)[1], numpy_fedbuff(schedule)[3])
 
 
+@pytest.mark.parametrize("change", [{"buffer-size": 1}, {"mode": "sync"}])
+def test_resume_with_a_changed_buffer_or_mode_is_refused(tmp_path, change):
+  """A run checkpointed with K = 2 (async) and submitted again with another K, or as a
+  synchronous run, is refused by the checkpoint's fingerprint (one line naming the workdir)
+  instead of mixing the two runs; nothing of the first run is changed."""
+  wd = tmp_path / "wd"
+  rc = _rc(wd, 1, 2)
+  flower_async.serve_async(_ScriptedGrid(rc), rc)
+  before = (wd / "rounds.jsonl").read_text()
+  rc2 = {**rc, **change, "rounds": 2}
+  with pytest.raises(ValueError) as e:
+    flower.serve(_ScriptedGrid(rc2), rc2)
+  key = next(iter(change))
+  assert len(str(e.value).splitlines()) == 1, e.value
+  assert "holds a checkpoint at round 1 of another run" in str(e.value) and key in str(e.value)
+  assert (wd / "rounds.jsonl").read_text() == before
+
+
 # ---------------------------------------------------------------- a real jmtl config
 
 @pytest.mark.slow
