@@ -37,11 +37,12 @@ def test_the_clientapps_evaluate_handler_reads_the_node_config_data_dir(tmp_path
   run_config = {"problem": "jmtl.federated.flower:jmtl_problem", "config": str(config),
                 "workdir": "unused"}
   node_config = {"site": "b", "data-dir": str(roots["b"])}
-  problem, _, like, _ = flower._site(-2000, {**run_config, flower.SITE_DATA_DIR:  # noqa: SLF001
+  # run ids unique in the test session: flower._SITES caches a site per (run id, site)
+  problem, _, like, _ = flower._site(-4100, {**run_config, flower.SITE_DATA_DIR:  # noqa: SLF001
                                              str(roots["b"])}, "b")
   content = RecordDict({"params": flower.to_record(like), "config": ConfigRecord({"round": 0})})
   msg = Message(content=content, dst_node_id=1, message_type=MessageType.EVALUATE)
-  ctx = Context(run_id=-2001, node_id=1, node_config=node_config, state=RecordDict(),
+  ctx = Context(run_id=-4101, node_id=1, node_config=node_config, state=RecordDict(),
                 run_config=run_config)
   reply = flower._make_client_app()(message=msg, context=ctx)  # noqa: SLF001
   assert not reply.has_error(), reply.error
