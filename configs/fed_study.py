@@ -20,13 +20,10 @@ accuracy of only about 57; changed before any run). 70 is 17 points above the un
 a point a learning model passes mid-run, so rounds to it measure the speed of convergence the
 paper claims for dynamic weighting, not final quality (the report's final scores show that).
 
-Cost, measured on a 2-core CPU host shared with other jobs: one round of fedavg (4 sites x
-10 local steps of 16 rows of 64 tokens) took a median 2.0 s (1.6-2.5 s; rounds 2-8 of
-`jmtl federated --config configs/fed_study_fedavg.py --config.fed.rounds=8`, load average
-9-12) and a median 3.4 s (2.1-4.1 s; rounds 2-20 of a 20-round run, load average 14-18);
-that 20-round run took 299 s of wall time in all (start-up, compilation, 5 evaluations of dev
-and the sites' held-out rows). At that pace a 60-round run takes about 10-15 minutes, and the
-48 runs 8-12 hours of this host. The 4 sites are 4 devices: on a CPU host run it with
+Cost, measured on a 2-core CPU host with nothing else running (2026-12-01): the 48 runs took
+88 min 52 s of wall time, a median 73 s per run (37 s for the centralized arm); dp_z01 took
+about 10 minutes per run, most of it the PLD accountant at noise multiplier 0.1. Results and
+what they show: docs/results/federated/. The 4 sites are 4 devices: on a CPU host run it with
 XLA_FLAGS=--xla_force_host_platform_device_count=4:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 jmtl study federated \
