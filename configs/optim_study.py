@@ -33,7 +33,7 @@ def get_config():
   c.data.mixture = "uniform"  # one task per batch, in turn
   c.data.mixing = "task_per_batch"
   c.data.max_train_examples = 4000
-  c.data.max_eval_examples = 128  # the first 128 dev rows / questions of each task
+  c.data.max_eval_examples = 128  # 128 dev rows / questions of each task (a seeded subset)
   c.optim.warmup_steps = 4
   c.optim.schedule = "linear"
   c.optim.weight_decay = 0.01
