@@ -13,20 +13,18 @@ Arms (each a config file beside this one; the shared setting is configs/fed_stud
 
 Target (`study.target`, `study.target_metric`, fixed before any run of the study): SST-2
 accuracy 70 on 256 dev rows (a seeded random subset, data.max_eval_examples; the untrained
-models of seeds 0-2 score 48.0-52.7). The runs train on
-SST-2 and MRPC, but MRPC is not in the target: a model that predicts "paraphrase" for every
-MRPC pair already scores F1 82.8 there, so a mean with MRPC F1 would reward the trivial answer
+models of seeds 0-2 score 48.0-52.7). The runs train on SST-2 and MRPC, but MRPC is not in
+the target: a model that predicts "paraphrase" for every MRPC pair already scores F1 82.8 there, so a mean with MRPC F1 would reward the trivial answer
 (the first design's target, 70 on the mean of SST-2 accuracy and MRPC F1, asked for SST-2
-accuracy of only about 57; changed before any run). 70 is 17-22 points above the untrained scores,
-a point a learning model passes mid-run, so rounds to it measure the speed of convergence the
-paper claims for dynamic weighting, not final quality (the report's final scores show that).
+accuracy of only about 57; changed before any run). 70 is 17-22 points above the untrained
+scores, a point a learning model passes mid-run, so rounds to it measure the speed of convergence
+the paper claims for dynamic weighting, not final quality (the report's final scores show that).
 
 Cost, measured on a 2-core CPU host with nothing else running (2026-12-01): the 48 runs took
 88 min 52 s of wall time, a median 75 s per run (40-61 s for the centralized arm); dp_z01 took
 about 10 minutes per run, about 7 of them computing epsilon (RDP and PLD) after every round at
-noise multiplier 0.1. Results and
-what they show: docs/results/federated/. The 4 sites are 4 devices: on a CPU host run it with
-XLA_FLAGS=--xla_force_host_platform_device_count=4:
+noise multiplier 0.1. Results and what they show: docs/results/federated/. The 4 sites are 4
+devices: on a CPU host run it with XLA_FLAGS=--xla_force_host_platform_device_count=4:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 jmtl study federated \
       --config configs/fed_study.py --workdir runs/fed_study

@@ -9,8 +9,8 @@ compression, differential privacy, the deadline or asynchrony, or no federation 
 
 The shared setting, fixed before any run of the study and not tuned per arm:
 - tasks SST-2 + MRPC (GLUE), every local step holding 8 rows of each (`data.mixing = mixed`);
-  training data capped at 8,000 SST-2 records (MRPC has 3,668), dev on 256
-  records of each task; sentences cut at 64 tokens; one 4,000-word tokenizer for every arm;
+  training data capped at 8,000 SST-2 records (MRPC has 3,668), dev on 256 records of each
+  task (seeded subsets); sentences cut at 64 tokens; one 4,000-word tokenizer for every arm;
 - a small trunk from scratch: 2 layers, d_model 64, 2 heads, d_ff 256, pre-LN, mean pooling;
 - 4 sites, one device each, with the clouds' bandwidth, latency, speed and prices below
   (list-price-like figures for the simulation, not quotes); each task's rows split by label

@@ -14,16 +14,16 @@ hyperparameters below are one fixed setting for every arm, not tuned per arm, an
 without looking at any dev score of this study:
 - AdamW, peak lr 3e-4, 24 warm-up steps (10 %), linear decay to 0, weight decay 0.01,
   gradient clip 1.0, dropout 0.1. 3e-4 is AdamW's rate in the optimizer study
-  (docs/results/optim_study), which chose it on 128 dev rows (a seeded subset) of SST-2, MRPC and SQuAD
-  with a 2-layer MiniLM trunk: another study, but the same dev sets for those three tasks.
+  (docs/results/optim_study), which chose it on 128 dev rows (a seeded subset) of SST-2, MRPC
+  and SQuAD with a 2-layer MiniLM trunk: another study, but the same dev sets for those three tasks.
 - 240 steps of 8 rows per task: each task sees 1,920 training examples (about one pass over
   its capped train split). A single-task arm trains each task's model for the same 240 steps
   of that task's 8 rows (`study.single_task`), so every arm has the same per-task step and
   example budget.
 
 Budgets sized for a 2-core CPU host (this is not the paper's scale; scores are far below
-published ones): training data subsampled to 2,000 records of each task (a seeded subset in file order,
-`data.max_train_examples`; SST-2 has 67k, DialogSum 12k), evaluation on 256 dev
+published ones): training data subsampled to 2,000 records of each task (a seeded subset in
+file order, `data.max_train_examples`; SST-2 has 67k, DialogSum 12k), evaluation on 256 dev
 records / questions of each task (`data.max_eval_examples`), sources cut at 128 tokens
 (DialogSum dialogues are often longer: its ROUGE suffers), summaries at 64, greedy decoding,
 3 evaluations per run. Run it with `jmtl study mtl --config configs/mtl_study.py`.

@@ -235,8 +235,10 @@ _key("data.rates", ml_collections.ConfigDict(), "mixture=explicit: {task: rate >
 _key("data.mixing", "task_per_batch",
      "task_per_batch: each step one task drawn by the rates; mixed: every task in every batch",
      choices=("task_per_batch", "mixed"))
-_key("data.max_train_examples", 0, "training records per task (a seeded subset, file order kept); 0 = all", check=ge(0))
-_key("data.max_eval_examples", 0, "evaluation records per task (a seeded subset, file order kept); 0 = all", check=ge(0))
+_key("data.max_train_examples", 0,
+     "training records per task (a seeded subset, file order kept); 0 = all", check=ge(0))
+_key("data.max_eval_examples", 0,
+     "evaluation records per task (a seeded subset, file order kept); 0 = all", check=ge(0))
 _key("data.doc_stride", 64, "SQuAD windows: tokens between window starts", check=ge(1),
      rules=((lambda v, c: v < c.data.max_len or not _has_span_qa(c),
              "must be < data.max_len = {c.data.max_len} (windows would skip context)"),))
