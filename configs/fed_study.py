@@ -14,8 +14,8 @@ Arms (each a config file beside this one; the shared setting is configs/fed_stud
 Target (`study.target`, `study.target_metric`, fixed before any run of the study): SST-2
 accuracy 70 on 256 dev rows (a seeded random subset, data.max_eval_examples; the untrained
 models of seeds 0-2 score 48.0-52.7). The runs train on SST-2 and MRPC, but MRPC is not in
-the target: a model that predicts "paraphrase" for every MRPC pair already scores F1 82.8 there, so a mean with MRPC F1 would reward the trivial answer
-(the first design's target, 70 on the mean of SST-2 accuracy and MRPC F1, asked for SST-2
+the target: a model that predicts "paraphrase" for every MRPC pair already scores F1 82.8
+there, so a mean with MRPC F1 would reward the trivial answer (the first design's target, 70 on the mean of SST-2 accuracy and MRPC F1, asked for SST-2
 accuracy of only about 57; changed before any run). 70 is 17-22 points above the untrained
 scores, a point a learning model passes mid-run, so rounds to it measure the speed of convergence
 the paper claims for dynamic weighting, not final quality (the report's final scores show that).
